@@ -1,0 +1,51 @@
+# meshnode — every target works on a fresh clone; `make test` installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned to the CPU build that lies on the test machines' disk; a bare `torch`
+# would pull a multi-GB CUDA build. On a GPU box, install your CUDA torch first and
+# run `make install TORCH_SPEC=` to keep it.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test test-fast bench bench-setup lint proto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install --quiet "$(TORCH_SPEC)"; fi
+	$(PIP) install --quiet -e ".[local,dev]"
+	$(MAKE) --no-print-directory proto
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: | $(VENV)/bin/python
+	$(PY) -m meshnode.rpc.build_proto
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet grpcio-tools
+
+run: $(STAMP)
+	$(VENV)/bin/meshnode run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench-setup: $(STAMP)
+	$(PY) -m bench.setup_litellm
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check meshnode tests bench
+	$(VENV)/bin/mypy meshnode
+
+clean:
+	rm -rf $(VENV) .bench-venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""Domain types shared by every layer: requests, answers, offers, usage, capacity.
+
+Wire types (OpenAI JSON, protobuf) stay at the edges (`api/`, `rpc/`, adapters). What crosses a
+layer boundary is one of these. They hold no behaviour beyond small derived values.
+
+A note on `body`: an `InferenceRequest` carries the client's OpenAI JSON body, already validated
+by `api.protocol`. It is shared, never mutated: an adapter that needs another shape builds a new
+dict (`{**request.body, "model": offer.upstream_model}`). Keeping the parsed body avoids a second
+parse and a second serialisation on the hot path.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+NodeId = NewType("NodeId", str)
+ModelId = NewType("ModelId", str)
+ProviderName = NewType("ProviderName", str)
+
+
+class RequestKind(str, enum.Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    IMAGE = "image"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # True when a count was estimated because the upstream gave none.
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_openai(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOffer:
+    """One provider's offer of one model: what routing chooses between."""
+
+    model: str  # the public name clients ask for
+    provider: str  # the provider's name (its config key), e.g. "openai", "together", "local"
+    provider_kind: str  # openai | openai_compatible | anthropic | cloudflare | local | mesh
+    upstream_model: str  # what the provider calls it
+    kinds: frozenset[RequestKind] = frozenset({RequestKind.CHAT, RequestKind.COMPLETION})
+    cost_per_1k_input: float = 0.0
+    cost_per_1k_output: float = 0.0
+    priority: int = 100
+    max_context_tokens: int | None = None
+    node: str | None = None  # the serving node for mesh offers; None for this node
+
+    def cost(self, usage: Usage) -> float:
+        return (
+            usage.prompt_tokens * self.cost_per_1k_input
+            + usage.completion_tokens * self.cost_per_1k_output
+        ) / 1000.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Identity for per-candidate stats and cooldowns."""
+        return (self.provider if self.node is None else f"{self.provider}:{self.node}", self.model)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    kind: RequestKind
+    model: str
+    body: dict[str, Any]  # the validated OpenAI JSON body; never mutated
+    request_id: str
+    deadline: float  # time.monotonic() value after which the request is abandoned
+    stream: bool = False
+    include_usage: bool = False
+    key_name: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased x-aiproxy-* headers
+    visited: tuple[str, ...] = ()  # node ids already on the path (mesh forwarding)
+    prompt_tokens_estimate: int = 0
+    max_output_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole (non-stream) answer from a provider, OpenAI-shaped, without `x_aiproxy`."""
+
+    body: dict[str, Any]
+    usage: Usage
+    node: str | None = None  # who served it, when it was a peer
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """One OpenAI stream chunk (`chat.completion.chunk` or `text_completion`).
+
+    `usage` is set on the chunk that reports the final token counts (OpenAI's
+    `stream_options.include_usage` chunk, or a translated equivalent). Adapters always ask their
+    upstream for usage; the API layer strips it when the client did not ask.
+    """
+
+    data: dict[str, Any]
+    usage: Usage | None = None
+    node: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What a provider can take now; feeds `least_loaded` and gossip."""
+
+    slots_total: int = 0
+    slots_free: int = 0
+    queue_depth: int = 0
+    tokens_per_s: float = 0.0
+    memory_used_bytes: int = 0
+
+    @property
+    def load(self) -> float:
+        """0.0 idle .. 1.0 full, > 1.0 queueing."""
+        if self.slots_total <= 0:
+            return 0.0
+        busy = self.slots_total - self.slots_free + self.queue_depth
+        return busy / self.slots_total
