@@ -492,6 +492,24 @@ def embedded_default(env: Mapping[str, str]) -> dict[str, Any]:
     return {"providers": providers}
 
 
+def _fill_preset_credentials(doc: dict[str, Any], env: Mapping[str, str]) -> None:
+    """A preset provider (`together`) with no api_key takes it from its usual variable."""
+    providers = doc.get("providers")
+    if not isinstance(providers, dict):
+        return
+    for name, provider in providers.items():
+        if not isinstance(provider, dict):
+            continue
+        preset = PRESETS.get(str(provider.get("type") or name))
+        if preset is None:
+            continue
+        creds = provider.get("credentials")
+        if creds is None:
+            creds = provider["credentials"] = {}
+        if isinstance(creds, dict) and not creds.get("api_key") and env.get(preset["api_key_env"]):
+            creds["api_key"] = env[preset["api_key_env"]]
+
+
 def _set_path(doc: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     cur = doc
@@ -516,6 +534,7 @@ def load_config(
     env = os.environ if env is None else env
     doc = read_document(Path(path)) if path is not None else embedded_default(env)
     doc = expand_env(doc, env)
+    _fill_preset_credentials(doc, env)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_path(doc, dotted, value)

@@ -20,7 +20,7 @@ ModelId = NewType("ModelId", str)
 ProviderName = NewType("ProviderName", str)
 
 
-class RequestKind(str, enum.Enum):
+class RequestKind(enum.StrEnum):
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"

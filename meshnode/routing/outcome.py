@@ -91,9 +91,14 @@ class RoutedStream:
 
     async def __aiter__(self) -> AsyncIterator[StreamChunk]:
         error: BaseException | None = None
+        served = self.served
         try:
+            if self.first.usage is not None:
+                served.usage = self.first.usage
             yield self.first
             async for chunk in self._rest:
+                if chunk.usage is not None:
+                    served.usage = chunk.usage
                 yield chunk
         except BaseException as exc:  # noqa: BLE001 - re-raised; recorded for stats
             error = exc

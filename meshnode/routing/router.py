@@ -1,18 +1,51 @@
 """The router: candidates, strategy, failover loop, per-candidate stats and cooldowns.
 
-INTERFACE STUB — the implementation lands next; the signatures below are the contract the API
-layer codes against.
+For one request it
+1. collects the offers of every provider for the model and request kind, keeps those the fallback
+   chain and the applying policy allow (and, for peers, those not already visited and within
+   `max_hops`);
+2. ranks them with the strategy (pure functions in `strategies.py`), cooled-down ones last;
+3. tries them in order until one answers, at most `1 + max_retries` attempts, all before the
+   first byte reaches the client and within one overall deadline. A non-retryable error (the
+   client's bad request, the operator's bad credentials) ends the loop at once. Backoff with
+   jitter is slept only before trying a candidate that already failed this request: moving on to
+   another provider is immediate.
+
+It never touches HTTP: the front end hands it an `InferenceRequest` and gets back a
+`RoutedCompletion` or a `RoutedStream` (see `outcome.py`), or a `MeshError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from meshnode.config import RoutingConfig
+from meshnode.errors import (
+    DeadlineExceeded,
+    MeshError,
+    ModelNotFound,
+    NoCapacity,
+    UpstreamError,
+    UpstreamRateLimited,
+)
 from meshnode.providers.base import Provider
-from meshnode.routing.outcome import RoutedCompletion, RoutedStream
-from meshnode.types import InferenceRequest, RequestKind
+from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
+from meshnode.routing.policy import allows, match_policy
+from meshnode.routing.stats import CandidateStats
+from meshnode.routing.strategies import Candidate, Ranked, demote, rank
+from meshnode.types import InferenceRequest, ModelOffer, RequestKind
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT_TOKENS = 256  # for ranking by cost when the client gives no max_tokens
+# Errors that say nothing about the candidate's health: they neither cool it down nor count
+# in its error rate.
+NEUTRAL_CODES = frozenset({"local_queue_full"})
 
 
 class Router:
@@ -22,38 +55,477 @@ class Router:
         chain: Sequence[str],
         providers: Sequence[Provider],
         node_id: str,
+        *,
+        max_hops: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
-        raise NotImplementedError
+        self._config = routing
+        self._chain = list(chain)
+        self._providers: list[Provider] = list(providers)
+        self.node_id = node_id
+        self._max_hops = max_hops
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._stats: dict[tuple[str, str], CandidateStats] = {}
+        self._turn = 0
+        self._created = int(time.time())
 
+    # ------------------------------------------------------------------ providers
     def add_provider(self, provider: Provider) -> None:
         """Providers may be added after start (the mesh provider)."""
-        raise NotImplementedError
+        self._providers.append(provider)
 
     @property
     def providers(self) -> Sequence[Provider]:
-        raise NotImplementedError
+        return tuple(self._providers)
+
+    @property
+    def timeouts(self) -> Any:
+        return self._config.timeouts
+
+    def _all_offers(self) -> list[tuple[Provider, ModelOffer]]:
+        return [(p, o) for p in self._providers for o in p.offers()]
 
     def models(self) -> list[dict[str, Any]]:
-        """Distinct models for /v1/models: [{"id", "object": "model", "created", "owned_by",
-        "kinds": [...], "providers": [...]}]."""
-        raise NotImplementedError
+        """Distinct models for /v1/models, each with the kinds and providers offering it."""
+        by_name: dict[str, dict[str, Any]] = {}
+        for _, offer in self._all_offers():
+            entry = by_name.get(offer.model)
+            if entry is None:
+                entry = by_name[offer.model] = {
+                    "id": offer.model,
+                    "object": "model",
+                    "created": self._created,
+                    "owned_by": "meshnode",
+                    "kinds": set(),
+                    "providers": [],
+                }
+            entry["kinds"].update(k.value for k in offer.kinds)
+            where = offer.provider if offer.node is None else f"{offer.provider}:{offer.node}"
+            if where not in entry["providers"]:
+                entry["providers"].append(where)
+        out = []
+        for entry in by_name.values():
+            entry["kinds"] = sorted(entry["kinds"])
+            out.append(entry)
+        out.sort(key=lambda e: e["id"])
+        return out
 
     def has_model(self, model: str, kind: RequestKind | None = None) -> bool:
-        raise NotImplementedError
+        for _, offer in self._all_offers():
+            if offer.model == model and (kind is None or kind in offer.kinds):
+                return True
+        return False
 
+    # ------------------------------------------------------------------ stats
+    def _stats_for(self, offer: ModelOffer) -> CandidateStats:
+        key = offer.key
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = CandidateStats(provider=key[0], model=offer.model)
+        return stats
+
+    def stats(self) -> dict[str, Any]:
+        """For /admin/stats: `{"candidates": [per provider and model], "totals": {...}}`."""
+        now = self._clock()
+        rows = [s.snapshot(now) for s in self._stats.values()]
+        rows.sort(key=lambda r: (r["provider"], r["model"]))
+        return {
+            "candidates": rows,
+            "totals": {
+                "requests": sum(r["requests"] for r in rows),
+                "errors": sum(r["errors"] for r in rows),
+                "cost": round(sum(r["cost"] for r in rows), 8),
+                "tokens": sum(r["tokens"]["total"] for r in rows),
+            },
+        }
+
+    def latency_snapshot(self) -> dict[str, dict[str, float | None]]:
+        """Per model, this node's own measured latency over its non-mesh providers (for gossip)."""
+        out: dict[str, dict[str, float | None]] = {}
+        for (provider, model), s in self._stats.items():
+            if provider.startswith("mesh") or s.latency_ewma_ms is None:
+                continue
+            lat = sorted(s.latencies)
+            cur = out.get(model)
+            if cur is None or (cur["ewma_ms"] or 1e18) > s.latency_ewma_ms:
+                out[model] = {
+                    "ewma_ms": s.latency_ewma_ms,
+                    "p95_ms": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))] if lat else None,
+                    "ttft_ms": s.ttft_ewma_ms,
+                }
+        return out
+
+    # ------------------------------------------------------------------ candidates
+    def _chain_index(self, offer: ModelOffer) -> int | None:
+        for i, entry in enumerate(self._chain):
+            if entry == offer.provider or entry == offer.provider_kind:
+                return i
+        return None
+
+    def _plan(self, request: InferenceRequest) -> tuple[list[Ranked], str, str | None, list[str]]:
+        """Rank the candidates for a request. Returns (ranking, strategy, policy name, excluded
+        with reasons)."""
+        policy = match_policy(
+            self._config.policies,
+            request.model,
+            request.headers,
+            request.key_name,
+            request.prompt_tokens_estimate,
+        )
+        strategy = (policy.strategy if policy and policy.strategy else None) or self._config.strategy
+        now = self._clock()
+        out_tokens = request.max_output_tokens or DEFAULT_OUTPUT_TOKENS
+        candidates: list[Candidate] = []
+        excluded: list[str] = []
+        known = False
+        for provider, offer in self._all_offers():
+            if offer.model != request.model:
+                continue
+            known = True
+            label = offer.provider if offer.node is None else f"{offer.provider}:{offer.node}"
+            if request.kind not in offer.kinds:
+                excluded.append(f"{label}: does not serve {request.kind.value}")
+                continue
+            idx = self._chain_index(offer)
+            if idx is None:
+                excluded.append(f"{label}: not in the fallback chain")
+                continue
+            if not allows(policy, offer):
+                excluded.append(f"{label}: forbidden by policy {policy.name if policy else ''}")
+                continue
+            if offer.node is not None:
+                if offer.node in request.visited or offer.node == self.node_id:
+                    excluded.append(f"{label}: already on this request's path")
+                    continue
+                if len(request.visited) >= self._max_hops:
+                    excluded.append(f"{label}: max_hops {self._max_hops} reached")
+                    continue
+            stats = self._stats_for(offer)
+            capacity = provider.capacity()
+            candidates.append(
+                Candidate(
+                    offer=offer,
+                    chain_index=idx,
+                    estimated_cost=(
+                        request.prompt_tokens_estimate * offer.cost_per_1k_input
+                        + out_tokens * offer.cost_per_1k_output
+                    )
+                    / 1000.0,
+                    latency_ms=stats.latency_ewma_ms,
+                    error_rate=stats.error_rate,
+                    in_flight=stats.in_flight,
+                    load=capacity.load if capacity is not None else None,
+                    max_concurrency=getattr(provider, "max_concurrency", 256),
+                )
+            )
+        if not known:
+            raise ModelNotFound(
+                f"The model '{request.model}' does not exist on this mesh",
+                param="model",
+            )
+        self._turn += 1
+        ranking = rank(strategy, candidates, self._turn)
+        cooled = {c.offer.key for c in candidates if self._stats_for(c.offer).cooled_down(now)}
+        if cooled:
+            ranking = demote(ranking, cooled, "cooling down after failures")
+        return ranking, strategy, policy.name if policy else None, excluded
+
+    def _attempt_plan(self, ranking: list[Ranked]) -> list[Ranked]:
+        """The sequence of candidates to try: the ranking, cycled, capped by max_retries."""
+        if not ranking:
+            return []
+        failover = self._config.failover
+        total = 1 + failover.max_retries if failover.enabled else 1
+        return [ranking[i % len(ranking)] for i in range(total)]
+
+    def _backoff_s(self, retry_no: int) -> float:
+        b = self._config.failover.backoff
+        delay = min(b.max_ms, b.initial_ms * (b.multiplier ** max(0, retry_no - 1))) / 1000.0
+        return max(0.0, delay * (1.0 + self._rng.uniform(-b.jitter, b.jitter)))
+
+    def _no_candidates(self, request: InferenceRequest, policy: str | None,
+                       excluded: list[str]) -> MeshError:
+        why = "; ".join(excluded) if excluded else "no provider offers it now"
+        if policy is not None:
+            return NoCapacity(
+                f"No allowed provider can serve '{request.model}' under policy '{policy}' ({why})",
+                retry_after=1.0,
+            )
+        return NoCapacity(f"Nothing can serve '{request.model}' now ({why})", retry_after=1.0)
+
+    # ------------------------------------------------------------------ serving
     async def complete(self, request: InferenceRequest) -> RoutedCompletion:
         """Serve a non-stream request with failover. Raises MeshError."""
-        raise NotImplementedError
+        ranking, strategy, policy, excluded = self._plan(request)
+        plan = self._attempt_plan(ranking)
+        if not plan:
+            raise self._no_candidates(request, policy, excluded)
+        start = self._clock()
+        attempts: list[Attempt] = []
+        tried: set[tuple[str, str]] = set()
+        last: MeshError | None = None
+        for ranked in plan:
+            offer = ranked.candidate.offer
+            provider = self._provider_for(offer)
+            if provider is None:
+                continue
+            await self._pause_before(offer, tried, len(attempts), request)
+            tried.add(offer.key)
+            stats = self._stats_for(offer)
+            t0 = self._clock()
+            stats.in_flight += 1
+            try:
+                async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                    completion = await provider.complete(request, offer, self._config.timeouts)
+            except TimeoutError:
+                last = DeadlineExceeded(
+                    f"The request's deadline passed while {offer.provider} was answering",
+                    provider=offer.provider,
+                )
+                self._failed(stats, offer, last, attempts, t0)
+                raise self._final_error(last, attempts) from None
+            except MeshError as exc:
+                last = exc
+                self._failed(stats, offer, exc, attempts, t0)
+                if not exc.retryable:
+                    raise
+                continue
+            finally:
+                stats.in_flight -= 1
+            t1 = self._clock()
+            latency_ms = (t1 - t0) * 1000.0
+            cost = offer.cost(completion.usage)
+            stats.record_success(latency_ms, completion.usage, cost)
+            node = completion.node or offer.node or self.node_id
+            attempts.append(Attempt(offer.provider, node, "ok", latency_ms))
+            served = Served(
+                offer=offer,
+                node=node,
+                strategy=strategy,
+                attempts=attempts,
+                usage=completion.usage,
+                cost=cost,
+                latency_ms=(t1 - start) * 1000.0,
+                policy=policy,
+            )
+            return RoutedCompletion(completion, served)
+        raise self._final_error(last, attempts, request, policy, excluded)
 
     async def open_stream(self, request: InferenceRequest) -> RoutedStream:
         """Fail over until a candidate yields its first chunk, then commit to it."""
-        raise NotImplementedError
+        ranking, strategy, policy, excluded = self._plan(request)
+        plan = self._attempt_plan(ranking)
+        if not plan:
+            raise self._no_candidates(request, policy, excluded)
+        start = self._clock()
+        attempts: list[Attempt] = []
+        tried: set[tuple[str, str]] = set()
+        last: MeshError | None = None
+        for ranked in plan:
+            offer = ranked.candidate.offer
+            provider = self._provider_for(offer)
+            if provider is None:
+                continue
+            await self._pause_before(offer, tried, len(attempts), request)
+            tried.add(offer.key)
+            stats = self._stats_for(offer)
+            t0 = self._clock()
+            stats.in_flight += 1
+            agen = provider.stream(request, offer, self._config.timeouts)
+            try:
+                async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                    first = await agen.__anext__()
+            except StopAsyncIteration:
+                stats.in_flight -= 1
+                last = UpstreamError(f"{offer.provider} ended the stream before any chunk",
+                                     provider=offer.provider)
+                self._failed(stats, offer, last, attempts, t0)
+                continue
+            except TimeoutError:
+                stats.in_flight -= 1
+                await _close_quietly(agen)
+                last = DeadlineExceeded(
+                    f"The request's deadline passed before {offer.provider} sent a first chunk",
+                    provider=offer.provider,
+                )
+                self._failed(stats, offer, last, attempts, t0)
+                raise self._final_error(last, attempts) from None
+            except MeshError as exc:
+                stats.in_flight -= 1
+                await _close_quietly(agen)
+                last = exc
+                self._failed(stats, offer, exc, attempts, t0)
+                if not exc.retryable:
+                    raise
+                continue
+            except BaseException:
+                stats.in_flight -= 1
+                await _close_quietly(agen)
+                raise
+            t1 = self._clock()
+            stats.record_ttft((t1 - t0) * 1000.0)
+            node = first.node or offer.node or self.node_id
+            attempts.append(Attempt(offer.provider, node, "ok", (t1 - t0) * 1000.0))
+            served = Served(
+                offer=offer,
+                node=node,
+                strategy=strategy,
+                attempts=attempts,
+                policy=policy,
+            )
+            return RoutedStream(
+                first, agen, served, self._stream_finisher(stats, offer, start, t0)
+            )
+        raise self._final_error(last, attempts, request, policy, excluded)
 
-    def explain(self, model: str, headers: dict[str, str] | None = None,
-                key_name: str | None = None) -> dict[str, Any]:
-        """For /admin/route: every candidate with score and why the winner won."""
-        raise NotImplementedError
+    def _stream_finisher(
+        self, stats: CandidateStats, offer: ModelOffer, start: float, t0: float
+    ) -> Callable[[Served, BaseException | None], None]:
+        def finish(served: Served, error: BaseException | None) -> None:
+            stats.in_flight -= 1
+            now = self._clock()
+            served.latency_ms = (now - start) * 1000.0
+            served.cost = offer.cost(served.usage)
+            if error is None or isinstance(error, (GeneratorExit, asyncio.CancelledError)):
+                stats.record_success((now - t0) * 1000.0, served.usage, served.cost)
+            else:
+                code = error.code if isinstance(error, MeshError) and error.code else "error"
+                stats.record_failure(str(code), now, self._config.failover.cooldown)
 
-    def stats(self) -> dict[str, Any]:
-        """For /admin/stats: per provider and model counters."""
-        raise NotImplementedError
+        return finish
+
+    def _provider_for(self, offer: ModelOffer) -> Provider | None:
+        for provider in self._providers:
+            if provider.name == offer.provider:
+                return provider
+        return None
+
+    async def _pause_before(
+        self, offer: ModelOffer, tried: set[tuple[str, str]], n_attempts: int,
+        request: InferenceRequest,
+    ) -> None:
+        """Back off only before re-trying a candidate this request already tried."""
+        if offer.key not in tried:
+            return
+        delay = self._backoff_s(n_attempts)
+        remaining = request.deadline - self._clock()
+        if delay >= remaining:
+            raise DeadlineExceeded("The request's deadline passed while retrying")
+        await asyncio.sleep(delay)
+
+    def _failed(
+        self,
+        stats: CandidateStats,
+        offer: ModelOffer,
+        exc: MeshError,
+        attempts: list[Attempt],
+        t0: float,
+    ) -> None:
+        now = self._clock()
+        code = exc.code or type(exc).__name__
+        retry_after = exc.retry_after if isinstance(exc, UpstreamRateLimited) else None
+        # The client's bad request says nothing about the provider's health.
+        counts = exc.retryable and code not in NEUTRAL_CODES
+        stats.record_failure(code, now, self._config.failover.cooldown, retry_after, counts)
+        attempts.append(Attempt(offer.provider, offer.node or self.node_id, code, (now - t0) * 1000))
+        log.info(
+            "attempt failed: provider=%s model=%s code=%s retryable=%s",
+            offer.provider, offer.model, code, exc.retryable,
+        )
+
+    def _final_error(
+        self,
+        last: MeshError | None,
+        attempts: list[Attempt],
+        request: InferenceRequest | None = None,
+        policy: str | None = None,
+        excluded: list[str] | None = None,
+    ) -> MeshError:
+        if last is None:
+            assert request is not None
+            return self._no_candidates(request, policy, excluded or [])
+        if len(attempts) <= 1 or isinstance(last, DeadlineExceeded):
+            return last
+        tried = ", ".join(f"{a.provider}:{a.outcome}" for a in attempts)
+        cls = type(last)
+        err = cls(
+            f"All {len(attempts)} attempts failed ({tried}); last: {last.message}",
+            code=last.code,
+            retry_after=last.retry_after,
+            provider=last.provider,
+        )
+        return err
+
+    # ------------------------------------------------------------------ explaining
+    def explain(
+        self,
+        model: str,
+        headers: dict[str, str] | None = None,
+        key_name: str | None = None,
+        kind: RequestKind = RequestKind.CHAT,
+    ) -> dict[str, Any]:
+        """For /admin/route: every candidate with its score and why the winner won."""
+        request = InferenceRequest(
+            kind=kind,
+            model=model,
+            body={},
+            request_id="explain",
+            deadline=self._clock() + 1.0,
+            headers=headers or {},
+            key_name=key_name,
+        )
+        turn = self._turn
+        ranking, strategy, policy, excluded = self._plan(request)
+        self._turn = turn  # explaining is not a request: round robin keeps its place
+        now = self._clock()
+        rows = []
+        for pos, r in enumerate(ranking):
+            o = r.candidate.offer
+            rows.append(
+                {
+                    "rank": pos + 1,
+                    "provider": o.provider,
+                    "provider_kind": o.provider_kind,
+                    "node": o.node or self.node_id,
+                    "model": o.model,
+                    "upstream_model": o.upstream_model,
+                    "score": round(r.score, 8),
+                    "reason": r.reason,
+                    "cost_per_1k_input": o.cost_per_1k_input,
+                    "cost_per_1k_output": o.cost_per_1k_output,
+                    "latency_ewma_ms": r.candidate.latency_ms,
+                    "error_rate": r.candidate.error_rate,
+                    "in_flight": r.candidate.in_flight,
+                    "load": r.candidate.load,
+                    "cooling_down": self._stats_for(o).cooled_down(now),
+                }
+            )
+        winner = rows[0] if rows else None
+        why = (
+            f"{winner['provider']} ranks first by {strategy}: {winner['reason']}"
+            if winner
+            else "no candidate can serve this model now"
+        )
+        return {
+            "model": model,
+            "strategy": strategy,
+            "policy": policy,
+            "fallback_chain": list(self._chain),
+            "candidates": rows,
+            "excluded": excluded,
+            "winner": winner,
+            "why": why,
+        }
+
+
+async def _close_quietly(agen: Any) -> None:
+    aclose = getattr(agen, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:  # noqa: BLE001 - the attempt already failed; closing is best effort
+        log.debug("closing a failed stream raised", exc_info=True)
+

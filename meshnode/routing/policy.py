@@ -1,0 +1,57 @@
+"""Routing policies: the first rule whose match fits a request decides what may serve it.
+
+Pure: a policy list and a request's facts in, the applying rule (or None) out. A policy's `allow`
+names provider names or kinds (`local`, `mesh`, `openai`, ...); nothing outside it is ever tried,
+not through failover and not through a peer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+from meshnode.config import PolicyConfig
+from meshnode.types import ModelOffer
+
+
+def match_policy(
+    policies: Sequence[PolicyConfig],
+    model: str,
+    headers: Mapping[str, str],
+    key_name: str | None,
+    prompt_tokens: int,
+) -> PolicyConfig | None:
+    for policy in policies:
+        m = policy.match
+        if m.model is not None and not fnmatch.fnmatchcase(model, m.model):
+            continue
+        if m.key is not None and m.key != key_name:
+            continue
+        if m.min_prompt_tokens is not None and prompt_tokens < m.min_prompt_tokens:
+            continue
+        if m.header and not all(_header_has(headers, k, v) for k, v in m.header.items()):
+            continue
+        return policy
+    return None
+
+
+def _header_has(headers: Mapping[str, str], name: str, wanted: str) -> bool:
+    """A header matches when one of its comma-separated values equals the wanted one, so
+    `x-aiproxy-tags: pii, eu` matches `{x-aiproxy-tags: pii}`."""
+    value = headers.get(name.lower())
+    if value is None:
+        return False
+    return wanted.strip().lower() in {v.strip().lower() for v in value.split(",")}
+
+
+def allows(policy: PolicyConfig | None, offer: ModelOffer) -> bool:
+    if policy is None:
+        return True
+    if policy.allow is not None and not (
+        offer.provider in policy.allow or offer.provider_kind in policy.allow
+    ):
+        return False
+    if policy.max_cost_per_1k is not None:
+        if max(offer.cost_per_1k_input, offer.cost_per_1k_output) > policy.max_cost_per_1k:
+            return False
+    return True

@@ -1,0 +1,246 @@
+"""The router's failover loop, cooldowns, policies and stream commit, over FakeProviders."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from meshnode.config import (
+    CooldownConfig,
+    FailoverConfig,
+    PolicyConfig,
+    PolicyMatch,
+    RoutingConfig,
+)
+from meshnode.errors import (
+    DeadlineExceeded,
+    ModelNotFound,
+    NoCapacity,
+    StreamBroken,
+    UpstreamAuthError,
+    UpstreamBadRequest,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from meshnode.providers.fake import BreakAfter, FakeProvider, Hang
+from meshnode.routing.router import Router
+from meshnode.types import InferenceRequest, RequestKind
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(model: str = "m", *, stream: bool = False, deadline_s: float = 5.0,
+            headers: dict[str, str] | None = None, visited: tuple[str, ...] = ()) -> InferenceRequest:
+    return InferenceRequest(
+        kind=RequestKind.CHAT, model=model, body={"messages": [{"role": "user", "content": "hi"}]},
+        request_id="r1", deadline=time.monotonic() + deadline_s, stream=stream,
+        headers=headers or {}, visited=visited,
+    )
+
+
+def routing(**kw) -> RoutingConfig:
+    failover = kw.pop("failover", FailoverConfig(
+        backoff={"initial_ms": 1, "max_ms": 2, "multiplier": 2.0, "jitter": 0.0}))
+    return RoutingConfig(failover=failover, **kw)
+
+
+async def test_cheapest_provider_serves_and_outcome_is_reported() -> None:
+    cheap, dear = FakeProvider("cheap", cost_per_1k=0.001), FakeProvider("dear", cost_per_1k=0.01)
+    router = Router(routing(), ["dear", "cheap"], [dear, cheap], "n1")
+    routed = await router.complete(request())
+    assert routed.served.offer.provider == "cheap"
+    assert routed.served.node == "n1"
+    assert [a.outcome for a in routed.served.attempts] == ["ok"]
+    assert routed.served.cost == pytest.approx((10 + 3) * 0.001 / 1000)
+    assert len(dear.calls) == 0
+
+
+async def test_retryable_failure_fails_over_to_next_candidate() -> None:
+    a, b = FakeProvider("a"), FakeProvider("b")
+    a.script(UpstreamUnavailable("boom", provider="a"))
+    router = Router(routing(strategy="availability"), ["a", "b"], [a, b], "n1")
+    routed = await router.complete(request())
+    assert routed.served.offer.provider == "b"
+    assert [(x.provider, x.outcome) for x in routed.served.attempts] == [
+        ("a", "upstream_error"), ("b", "ok")]
+
+
+@pytest.mark.parametrize("error", [
+    UpstreamBadRequest("bad field"), UpstreamAuthError("bad key")])
+async def test_non_retryable_errors_do_not_fail_over(error) -> None:
+    a, b = FakeProvider("a"), FakeProvider("b")
+    a.script(error)
+    router = Router(routing(strategy="availability"), ["a", "b"], [a, b], "n1")
+    with pytest.raises(type(error)):
+        await router.complete(request())
+    assert len(b.calls) == 0
+
+
+async def test_max_retries_bounds_attempts_and_last_error_lists_them() -> None:
+    a = FakeProvider("a")
+    a.script(*[UpstreamUnavailable("down") for _ in range(10)])
+    router = Router(routing(failover=FailoverConfig(
+        max_retries=2, backoff={"initial_ms": 1, "max_ms": 1, "jitter": 0.0})), ["a"], [a], "n1")
+    with pytest.raises(UpstreamUnavailable) as info:
+        await router.complete(request())
+    assert len(a.calls) == 3
+    assert "All 3 attempts failed" in info.value.message
+
+
+async def test_failover_disabled_tries_once() -> None:
+    a, b = FakeProvider("a"), FakeProvider("b")
+    a.script(UpstreamUnavailable("down"))
+    router = Router(routing(strategy="availability", failover=FailoverConfig(enabled=False)),
+                    ["a", "b"], [a, b], "n1")
+    with pytest.raises(UpstreamUnavailable):
+        await router.complete(request())
+    assert len(b.calls) == 0
+
+
+async def test_unknown_model_is_404_and_calls_nothing() -> None:
+    a = FakeProvider("a")
+    router = Router(routing(), ["a"], [a], "n1")
+    with pytest.raises(ModelNotFound):
+        await router.complete(request("nope"))
+    assert a.calls == []
+
+
+async def test_consecutive_failures_cool_down_then_probe_back_in() -> None:
+    clock = Clock()
+    a, b = FakeProvider("a"), FakeProvider("b", cost_per_1k=0.01)
+    cfg = routing(failover=FailoverConfig(
+        max_retries=1, cooldown=CooldownConfig(failures=2, seconds=10),
+        backoff={"initial_ms": 1, "max_ms": 1, "jitter": 0.0}))
+    router = Router(cfg, ["a", "b"], [a, b], "n1", clock=clock)
+    a.script(UpstreamUnavailable("x"), UpstreamUnavailable("x"))
+    await router.complete(request())
+    await router.complete(request())
+    assert router.explain("m")["candidates"][0]["provider"] == "b"
+    assert router.explain("m")["candidates"][1]["cooling_down"] is True
+    calls_before = len(a.calls)
+    await router.complete(request())
+    assert len(a.calls) == calls_before  # cooled down: b served without trying a
+    clock.now += 11
+    routed = await router.complete(request())
+    assert routed.served.offer.provider == "a"  # probed back in and healthy
+
+
+async def test_upstream_429_cools_down_for_its_retry_after_capped() -> None:
+    clock = Clock()
+    a, b = FakeProvider("a"), FakeProvider("b")
+    a.script(UpstreamRateLimited("slow down", retry_after=10_000))
+    cfg = routing(strategy="availability", failover=FailoverConfig(
+        cooldown=CooldownConfig(max_retry_after_s=30),
+        backoff={"initial_ms": 1, "max_ms": 1, "jitter": 0.0}))
+    router = Router(cfg, ["a", "b"], [a, b], "n1", clock=clock)
+    routed = await router.complete(request())
+    assert routed.served.offer.provider == "b"
+    row = next(r for r in router.stats()["candidates"] if r["provider"] == "a")
+    assert row["cooldown_s_left"] == pytest.approx(30)
+
+
+async def test_deadline_bounds_a_hanging_provider() -> None:
+    a = FakeProvider("a")
+    a.script(Hang())
+    router = Router(routing(), ["a"], [a], "n1")
+    with pytest.raises(DeadlineExceeded):
+        await router.complete(request(deadline_s=0.2))
+    assert a.cancelled == 1
+
+
+async def test_policy_restricts_candidates_even_when_all_allowed_fail() -> None:
+    local = FakeProvider("local", kind="local")
+    cloud = FakeProvider("cloud", kind="openai")
+    local.script(UpstreamUnavailable("down"), UpstreamUnavailable("down"),
+                 UpstreamUnavailable("down"), UpstreamUnavailable("down"))
+    cfg = routing(policies=[PolicyConfig(name="pii", match=PolicyMatch(
+        header={"x-aiproxy-tags": "pii"}), allow=["local", "mesh"])])
+    router = Router(cfg, ["local", "cloud"], [local, cloud], "n1")
+    with pytest.raises(UpstreamUnavailable):
+        await router.complete(request(headers={"x-aiproxy-tags": "eu, pii"}))
+    assert cloud.calls == []
+    only_cloud = Router(cfg, ["cloud"], [cloud], "n1")
+    with pytest.raises(NoCapacity) as info:
+        await only_cloud.complete(request(headers={"x-aiproxy-tags": "pii"}))
+    assert "policy 'pii'" in info.value.message
+
+
+async def test_peers_already_visited_or_beyond_max_hops_are_skipped() -> None:
+    peer = FakeProvider("mesh", kind="mesh", node="n2")
+    router = Router(routing(), ["mesh"], [peer], "n1", max_hops=2)
+    with pytest.raises(NoCapacity):
+        await router.complete(request(visited=("n2",)))
+    with pytest.raises(NoCapacity):
+        await router.complete(request(visited=("a", "b")))
+    routed = await router.complete(request(visited=("a",)))
+    assert routed.served.node == "n2"
+
+
+async def test_stream_fails_over_before_first_chunk_then_commits() -> None:
+    a, b = FakeProvider("a"), FakeProvider("b", text="one two three four")
+    a.script(UpstreamUnavailable("down"))
+    router = Router(routing(strategy="availability"), ["a", "b"], [a, b], "n1")
+    routed = await router.open_stream(request(stream=True))
+    texts = [c.data["choices"][0]["delta"].get("content", "") async for c in routed
+             if c.data["choices"]]
+    assert "".join(texts) == "one two three four"
+    assert routed.served.offer.provider == "b"
+    assert routed.served.usage.completion_tokens == 4
+    assert [x.outcome for x in routed.served.attempts] == ["upstream_error", "ok"]
+    assert router.stats()["candidates"][1]["in_flight"] == 0
+
+
+async def test_stream_break_after_first_chunk_is_not_retried() -> None:
+    a, b = FakeProvider("a", text="w1 w2 w3 w4", chunks=4), FakeProvider("b")
+    a.script(BreakAfter(2))
+    router = Router(routing(strategy="availability"), ["a", "b"], [a, b], "n1")
+    routed = await router.open_stream(request(stream=True))
+    got = []
+    with pytest.raises(StreamBroken):
+        async for chunk in routed:
+            got.append(chunk)
+    assert len(got) == 2
+    assert b.calls == []
+
+
+async def test_stream_aclose_releases_upstream_and_in_flight() -> None:
+    a = FakeProvider("a", text="w1 w2 w3 w4", chunks=4)
+    router = Router(routing(), ["a"], [a], "n1")
+    routed = await router.open_stream(request(stream=True))
+    await routed.aclose()
+    assert a.closed_streams == 1
+    assert router.stats()["candidates"][0]["in_flight"] == 0
+
+
+async def test_round_robin_spreads_requests() -> None:
+    a, b = FakeProvider("a"), FakeProvider("b")
+    router = Router(routing(strategy="round_robin"), ["a", "b"], [a, b], "n1")
+    served = [(await router.complete(request())).served.offer.provider for _ in range(4)]
+    assert sorted(served) == ["a", "a", "b", "b"]
+
+
+async def test_explain_names_winner_and_exclusions() -> None:
+    a, b = FakeProvider("a", cost_per_1k=0.002), FakeProvider("b", cost_per_1k=0.001)
+    c = FakeProvider("c")
+    router = Router(routing(), ["a", "b"], [a, b, c], "n1")
+    out = router.explain("m")
+    assert out["winner"]["provider"] == "b"
+    assert "cost_optimized" in out["why"]
+    assert any("c: not in the fallback chain" in e for e in out["excluded"])
+
+
+async def test_concurrent_requests_track_in_flight() -> None:
+    a = FakeProvider("a")
+    router = Router(routing(), ["a"], [a], "n1")
+    results = await asyncio.gather(*[router.complete(request()) for _ in range(20)])
+    assert len(results) == 20
+    row = router.stats()["candidates"][0]
+    assert row["requests"] == 20 and row["in_flight"] == 0
