@@ -1,0 +1,266 @@
+"""The Cloudflare Workers AI adapter against a loopback server speaking Workers AI's wire
+(tests/kit/fake_cloudflare.py), which checks path, account, bearer token and body shape."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshnode.config import TimeoutsConfig, validate
+from meshnode.errors import (
+    ConfigError,
+    InvalidRequest,
+    StreamBroken,
+    UpstreamAuthError,
+    UpstreamBadRequest,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from meshnode.providers.cloudflare import CloudflareProvider, envelope_error
+from meshnode.providers.registry import ProviderContext, build_provider
+from meshnode.routing.outcome import Served
+from meshnode.types import InferenceRequest, ModelOffer, RequestKind, StreamChunk
+from tests.kit.fake_cloudflare import (
+    ACCOUNT_ID,
+    API_TOKEN,
+    Fail,
+    FakeCloudflare,
+    Reply,
+    tiny_png,
+)
+
+TIMEOUTS = TimeoutsConfig(connect_ms=5000, first_byte_ms=20000, total_ms=30000)
+MODELS = [
+    {"name": "llama", "cloudflare_model": "@cf/meta/llama-3.1-8b-instruct",
+     "cost_per_1k_tokens": 0.001},
+    {"name": "bge", "cloudflare_model": "@cf/baai/bge-base-en-v1.5"},  # kind guessed
+    {"name": "sdxl", "cloudflare_model": "@cf/stabilityai/stable-diffusion-xl-base-1.0",
+     "kind": "image"},
+]
+
+
+def provider_for(fake: FakeCloudflare, token: str = API_TOKEN) -> CloudflareProvider:
+    config = validate({"providers": {"cloudflare": {
+        "base_url": fake.base_url,
+        "credentials": {"account_id": ACCOUNT_ID, "api_token": token},
+        "models": MODELS,
+    }}})
+    (resolved,) = config.resolved_providers()
+    provider = build_provider(resolved, ProviderContext("n1", Path("."), TIMEOUTS))
+    assert isinstance(provider, CloudflareProvider)
+    return provider
+
+
+def offer(provider: CloudflareProvider, name: str) -> ModelOffer:
+    return next(o for o in provider.offers() if o.model == name)
+
+
+def req(kind: RequestKind, model: str, body: dict[str, Any], stream: bool = False
+        ) -> InferenceRequest:
+    return InferenceRequest(kind=kind, model=model, body=body, request_id="r1",
+                            deadline=time.monotonic() + 30, stream=stream)
+
+
+HELLO = {"messages": [{"role": "system", "content": "sys"},
+                      {"role": "user", "content": [{"type": "text", "text": "hi there"}]}],
+         "max_tokens": 64, "temperature": 0.2, "stop": ["x"]}
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeCloudflare]:
+    async with FakeCloudflare() as server:
+        yield server
+
+
+@pytest.fixture
+async def provider(fake: FakeCloudflare) -> AsyncIterator[CloudflareProvider]:
+    p = provider_for(fake)
+    await p.start()
+    yield p
+    await p.close()
+
+
+def test_offers_kinds_from_config_or_model_name(fake: FakeCloudflare) -> None:
+    p = provider_for(fake)
+    kinds = {o.model: o.kinds for o in p.offers()}
+    assert kinds["llama"] == {RequestKind.CHAT, RequestKind.COMPLETION}
+    assert kinds["bge"] == {RequestKind.EMBEDDING}
+    assert kinds["sdxl"] == {RequestKind.IMAGE}
+    assert offer(p, "llama").upstream_model == "@cf/meta/llama-3.1-8b-instruct"
+
+
+async def test_chat_without_upstream_usage_is_estimated(
+    fake: FakeCloudflare, provider: CloudflareProvider
+) -> None:
+    done = await provider.complete(req(RequestKind.CHAT, "llama", HELLO), offer(provider, "llama"),
+                                   TIMEOUTS)
+    assert fake.violations == []
+    model, sent = fake.requests[0]
+    assert model == "@cf/meta/llama-3.1-8b-instruct"
+    assert sent == {"messages": [{"role": "system", "content": "sys"},
+                                 {"role": "user", "content": "hi there"}],
+                    "max_tokens": 64, "temperature": 0.2}
+    assert done.body["object"] == "chat.completion" and done.body["model"] == "llama"
+    assert done.body["choices"][0]["message"] == {"role": "assistant", "content": "echo: hi there"}
+    assert done.body["choices"][0]["finish_reason"] == "stop"
+    assert done.usage.estimated and done.usage.prompt_tokens > 0
+    assert done.usage.completion_tokens == 4  # "echo: hi there" is 14 chars, about 4 tokens
+    # what the API layer then reports
+    served = Served(offer=offer(provider, "llama"), node="n1", strategy="cost_optimized",
+                    usage=done.usage)
+    assert served.to_json()["cost_estimated"] is True
+
+
+async def test_chat_with_upstream_usage_is_exact(fake: FakeCloudflare) -> None:
+    fake.include_usage = True
+    p = provider_for(fake)
+    await p.start()
+    try:
+        done = await p.complete(req(RequestKind.CHAT, "llama", HELLO), offer(p, "llama"),
+                                TIMEOUTS)
+        chunks = [c async for c in p.stream(req(RequestKind.CHAT, "llama", HELLO, True),
+                                            offer(p, "llama"), TIMEOUTS)]
+    finally:
+        await p.close()
+    assert not done.usage.estimated and done.usage.completion_tokens == 3
+    assert chunks[-1].usage is not None and not chunks[-1].usage.estimated
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+async def test_completion_kind_uses_prompt(
+    fake: FakeCloudflare, provider: CloudflareProvider
+) -> None:
+    done = await provider.complete(
+        req(RequestKind.COMPLETION, "llama", {"prompt": "Once upon"}), offer(provider, "llama"),
+        TIMEOUTS)
+    assert fake.requests[0][1] == {"prompt": "Once upon"}
+    assert done.body["object"] == "text_completion"
+    assert done.body["choices"][0]["text"] == "echo: Once upon"
+
+
+async def collect(provider: CloudflareProvider, request: InferenceRequest) -> list[StreamChunk]:
+    return [c async for c in provider.stream(request, offer(provider, request.model), TIMEOUTS)]
+
+
+async def test_stream_relays_pieces_then_finish_then_estimated_usage(
+    fake: FakeCloudflare, provider: CloudflareProvider
+) -> None:
+    fake.script(Reply(text="one two three"))
+    chunks = await collect(provider, req(RequestKind.CHAT, "llama", HELLO, True))
+    assert fake.requests[0][1]["stream"] is True and fake.violations == []
+    deltas = [c.data["choices"][0]["delta"] for c in chunks if c.data["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": "one "}
+    assert "".join(d.get("content", "") for d in deltas) == "one two three"
+    assert chunks[-2].data["choices"][0]["finish_reason"] == "stop"
+    last = chunks[-1]
+    assert last.data["choices"] == [] and last.usage is not None and last.usage.estimated
+    assert last.data["usage"]["completion_tokens"] == last.usage.completion_tokens == 4
+    assert all(c.data["object"] == "chat.completion.chunk" for c in chunks)
+
+
+async def test_completion_stream(fake: FakeCloudflare, provider: CloudflareProvider) -> None:
+    chunks = await collect(provider, req(RequestKind.COMPLETION, "llama", {"prompt": "a b"}, True))
+    texts = [c.data["choices"][0]["text"] for c in chunks if c.data["choices"]]
+    assert "".join(texts) == "echo: a b"
+    assert chunks[0].data["object"] == "text_completion"
+
+
+async def test_embeddings(fake: FakeCloudflare, provider: CloudflareProvider) -> None:
+    done = await provider.complete(
+        req(RequestKind.EMBEDDING, "bge", {"input": ["a", "bb"]}), offer(provider, "bge"),
+        TIMEOUTS)
+    assert fake.requests[0] == ("@cf/baai/bge-base-en-v1.5", {"text": ["a", "bb"]})
+    assert done.body["object"] == "list" and done.body["model"] == "bge"
+    assert [d["index"] for d in done.body["data"]] == [0, 1]
+    assert done.body["data"][1]["embedding"] == [2.0, 0.5, -0.25, 1.0]
+    assert done.usage.estimated
+    with pytest.raises(InvalidRequest):
+        await provider.complete(req(RequestKind.EMBEDDING, "bge", {"input": [1, 2]}),
+                                offer(provider, "bge"), TIMEOUTS)
+
+
+async def test_images_png_bytes_become_b64_json(
+    fake: FakeCloudflare, provider: CloudflareProvider
+) -> None:
+    body = {"prompt": "a red square", "n": 2, "size": "512x256"}
+    done = await provider.complete(req(RequestKind.IMAGE, "sdxl", body), offer(provider, "sdxl"),
+                                   TIMEOUTS)
+    assert fake.violations == []
+    assert [b for _, b in fake.requests] == [{"prompt": "a red square", "width": 512,
+                                              "height": 256}] * 2
+    assert len(done.body["data"]) == 2
+    assert base64.b64decode(done.body["data"][0]["b64_json"]) == tiny_png()
+    url = await provider.complete(
+        req(RequestKind.IMAGE, "sdxl", {"prompt": "x", "response_format": "url"}),
+        offer(provider, "sdxl"), TIMEOUTS)
+    assert url.body["data"][0]["url"].startswith("data:image/png;base64,")
+
+
+@pytest.mark.parametrize(("fail", "error", "retryable"), [
+    (Fail(429, retry_after=3), UpstreamRateLimited, True),
+    (Fail(500), UpstreamUnavailable, True),
+    (Fail(400, message="AiError: Bad input"), UpstreamBadRequest, False),
+    (Fail(401), UpstreamAuthError, False),
+])
+async def test_error_envelopes_map(
+    fake: FakeCloudflare, provider: CloudflareProvider, fail: Fail, error: type, retryable: bool
+) -> None:
+    for stream in (False, True):
+        fake.script(fail)
+        request = req(RequestKind.CHAT, "llama", HELLO, stream)
+        with pytest.raises(error) as info:
+            if stream:
+                await collect(provider, request)
+            else:
+                await provider.complete(request, offer(provider, "llama"), TIMEOUTS)
+        assert info.value.retryable is retryable
+        if fail.retry_after:
+            assert info.value.retry_after == 3
+        if fail.status == 400:
+            assert "Bad input" in info.value.message
+
+
+def test_envelope_codes_on_a_200() -> None:
+    def env(code: int) -> dict[str, Any]:
+        return {"success": False, "errors": [{"code": code, "message": "m"}], "result": None}
+    assert isinstance(envelope_error(env(3040), "cf"), UpstreamRateLimited)
+    assert isinstance(envelope_error(env(5007), "cf"), UpstreamBadRequest)
+    assert isinstance(envelope_error(env(10000), "cf"), UpstreamAuthError)
+    assert isinstance(envelope_error(env(9999), "cf"), UpstreamUnavailable)
+    assert isinstance(envelope_error({}, "cf"), UpstreamUnavailable)
+
+
+async def test_wrong_token_is_auth_error_without_leaking_it(fake: FakeCloudflare) -> None:
+    p = provider_for(fake, token="cf-wrong-token-123")
+    await p.start()
+    try:
+        with pytest.raises(UpstreamAuthError) as info:
+            await p.complete(req(RequestKind.CHAT, "llama", HELLO), offer(p, "llama"), TIMEOUTS)
+    finally:
+        await p.close()
+    assert "cf-wrong-token-123" not in info.value.message
+
+
+async def test_stream_broken_midway_is_stream_broken(
+    fake: FakeCloudflare, provider: CloudflareProvider
+) -> None:
+    fake.script(Reply(text="a b c d", break_after=2))
+    got: list[str] = []
+    with pytest.raises(StreamBroken):
+        async for chunk in provider.stream(req(RequestKind.CHAT, "llama", HELLO, True),
+                                           offer(provider, "llama"), TIMEOUTS):
+            got.append(chunk.data["choices"][0]["delta"]["content"])
+    assert got == ["a ", "b "]
+
+
+def test_missing_credentials_are_config_errors() -> None:
+    config = validate({"providers": {"cloudflare": {"models": MODELS}}})
+    (resolved,) = config.resolved_providers()
+    with pytest.raises(ConfigError) as info:
+        CloudflareProvider(resolved, ProviderContext("n", Path("."), TIMEOUTS))
+    assert len(info.value.errors) == 2
