@@ -1,0 +1,618 @@
+"""Shared HTTP plumbing for the cloud adapters (OpenAI-compatible, Anthropic, Cloudflare).
+
+Owns, for every HTTP upstream:
+- `HttpUpstream`: ONE long-lived `aiohttp.ClientSession` per provider (opened in `start()`,
+  closed in `close()`), keep-alive connection pool sized by `max_concurrency`, DNS cache; the
+  adapter gives it the auth headers. Every call is bounded by `TimeoutsConfig` (connect,
+  first byte) and by the request's deadline (`time.monotonic()`), never waiting past it.
+- the one translation of foreign failures into `MeshError` (SPEC/errors.py): HTTP statuses and
+  upstream error bodies (`error_for_status`), aiohttp/OS exceptions (`error_for_exception`).
+  Every error carries `provider=`; messages are sanitised (our credentials redacted, length
+  capped, control characters dropped).
+- `parse_retry_after`: the `Retry-After` header, both forms.
+- `SseParser` / `iter_sse`: server-sent events read as bytes arrive, never buffering the body.
+
+It knows nothing of any vendor's JSON beyond the common error shapes
+(`{"error": {"message"}}`, `{"error": "..."}`, `{"message"}`, `{"detail"}`, `{"errors": [...]}`):
+request and answer shapes belong to each adapter.
+
+How an adapter uses it (see `openai_compat.py` for the full pattern):
+
+    self._http = HttpUpstream(provider=name, base_url=url,
+                              headers={"Authorization": f"Bearer {key}"}, secrets=[key],
+                              max_concurrency=cfg.max_concurrency)
+    await self._http.start()
+    data = await self._http.post_json("/chat/completions", orjson.dumps(body),
+                                      deadline=request.deadline, timeouts=timeouts)
+    async with self._http.stream("/chat/completions", payload, deadline=..., timeouts=...) as resp:
+        async for event in iter_sse(resp):      # SseEvent(event, data)
+            ...                                  # wrap aiohttp errors: error_for_exception
+
+Errors raised by `post_json`/`request`/`stream` (before the body is read) are already
+`MeshError`s. Errors while iterating a stream body are aiohttp's: the adapter translates them
+with `HttpUpstream.error_for_exception` and, once it has yielded a chunk, re-raises them as
+`StreamBroken` (see `as_stream_broken`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, NamedTuple
+
+import aiohttp
+import orjson
+
+from meshnode.config import TimeoutsConfig
+from meshnode.errors import (
+    DeadlineExceeded,
+    MeshError,
+    StreamBroken,
+    UpstreamAuthError,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "meshnode/0.1"
+# An upstream error message longer than this is cut: it ends up in a client-visible error.
+MAX_MESSAGE_CHARS = 500
+# Error bodies are read up to this size: enough for any JSON error, bounded against a flood.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# parse_retry_after never returns more (about 31 years): keeps arithmetic finite.
+MAX_RETRY_AFTER_S = 1e9
+# A TimeoutError this close to the request's deadline is the deadline's (the loop's clock and
+# time.monotonic() may differ by a tick).
+_DEADLINE_SLACK_S = 0.02
+
+
+# --------------------------------------------------------------------------- Retry-After
+_SECONDS = re.compile(r"^[+-]?\d+(\.\d*)?$")
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header value.
+
+    Accepts delta-seconds (`"3"`, `"1.5"`) and HTTP-dates (`"Wed, 21 Oct 2015 07:28:00 GMT"`).
+    A negative value or a date in the past gives 0. Garbage or an absent header gives None.
+    Absurdly large values are returned as they are (bounded to `MAX_RETRY_AFTER_S` to stay
+    finite): capping them is the router's policy, not the parser's.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if _SECONDS.match(text):
+        seconds = float(text)
+        if math.isnan(seconds):
+            return None
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:  # some Python versions return None instead of raising
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=UTC)
+    current = now or datetime.now(UTC)
+    return min(max((when - current).total_seconds(), 0.0), MAX_RETRY_AFTER_S)
+
+
+def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
+    """`retry-after-ms` (OpenAI's precise form) when present and valid, else `Retry-After`."""
+    precise = headers.get("retry-after-ms")
+    if precise is not None:
+        ms = parse_retry_after(precise)
+        if ms is not None:
+            return ms / 1000.0
+    return parse_retry_after(headers.get("retry-after"))
+
+
+# --------------------------------------------------------------------------- error translation
+_KEYLIKE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}|\b(sk|pk|rk)-[A-Za-z0-9_-]{8,}")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """`text` safe to show a client: our secrets and anything key-shaped replaced, control
+    characters dropped, length capped."""
+    for secret in secrets:
+        # short "secrets" (empty, "x") would shred the message and protect nothing
+        if len(secret) >= 4:
+            text = text.replace(secret, "[redacted]")
+    text = _KEYLIKE.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+    text = _CONTROL.sub(" ", text).strip()
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 3] + "..."
+    return text
+
+
+def upstream_message(body: bytes) -> tuple[str | None, str | None]:
+    """(message, param) from an upstream error body in any common shape, or (None, None).
+
+    Shapes: OpenAI/Anthropic `{"error": {"message", "param"}}`, `{"error": "text"}`,
+    `{"message": ...}`, FastAPI/vLLM `{"detail": ...}`, Cloudflare `{"errors": [{"message"}]}`;
+    a short non-JSON body is taken as plain text.
+    """
+    if not body:
+        return None, None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body[:MAX_MESSAGE_CHARS].decode("utf-8", "replace").strip()
+        # an HTML error page says nothing useful and may be long
+        if not text or text.startswith("<"):
+            return None, None
+        return text, None
+    if not isinstance(data, dict):
+        return None, None
+    err = data.get("error")
+    if isinstance(err, dict):
+        message = err.get("message")
+        param = err.get("param")
+        return (
+            str(message) if message is not None else None,
+            str(param) if isinstance(param, str) else None,
+        )
+    if isinstance(err, str):
+        return err, None
+    for key in ("message", "detail"):
+        value = data.get(key)
+        if isinstance(value, str):
+            return value, None
+        if value is not None:  # FastAPI validation details are a list
+            return orjson.dumps(value).decode(), None
+    errors = data.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        message = errors[0].get("message")
+        if message is not None:
+            return str(message), None
+    return None, None
+
+
+def error_for_status(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    provider: str,
+    secrets: Sequence[str] = (),
+) -> UpstreamError:
+    """The MeshError for a non-2xx answer (why each is retryable or not: see errors.py).
+
+    429 → UpstreamRateLimited (retry_after from the headers); 400/404/413/422 and other 4xx →
+    UpstreamBadRequest with the upstream's sanitised message and param; 401/403 →
+    UpstreamAuthError (the upstream's text is not shown: it may quote our key); 408 →
+    UpstreamTimeout; 5xx and anything else → UpstreamUnavailable.
+    """
+    message, param = upstream_message(body)
+    shown = redact(message, secrets) if message else ""
+    suffix = f": {shown}" if shown else ""
+    if status == 429:
+        return UpstreamRateLimited(
+            f"{provider} is rate limiting (HTTP 429){suffix}",
+            retry_after=retry_after_from_headers(headers),
+            provider=provider,
+        )
+    if status in (401, 403):
+        return UpstreamAuthError(
+            f"{provider} rejected this node's credentials (HTTP {status}); "
+            "check the provider's credentials in the node's config",
+            provider=provider,
+        )
+    if status == 408:
+        return UpstreamTimeout(f"{provider} timed out (HTTP 408){suffix}", provider=provider)
+    if 400 <= status < 500:
+        return UpstreamBadRequest(
+            f"{provider} rejected the request (HTTP {status}){suffix}",
+            param=param,
+            provider=provider,
+        )
+    return UpstreamUnavailable(f"{provider} failed (HTTP {status}){suffix}", provider=provider)
+
+
+def error_for_exception(
+    exc: BaseException,
+    *,
+    provider: str,
+    deadline: float | None = None,
+    secrets: Sequence[str] = (),
+) -> MeshError:
+    """The MeshError for an exception raised while talking to an upstream.
+
+    A MeshError passes through unchanged. Timeouts: `DeadlineExceeded` when the request's
+    deadline has passed (no time is left for any retry), else `UpstreamTimeout` (another
+    candidate may be faster). Connection refused/reset, ServerDisconnected, a truncated or
+    malformed body (ClientPayloadError) and any other aiohttp/OS error → `UpstreamUnavailable`.
+    """
+    if isinstance(exc, MeshError):
+        return exc
+    detail = redact(str(exc), secrets) or type(exc).__name__
+    if isinstance(exc, TimeoutError):  # aiohttp's timeout errors are TimeoutErrors too
+        if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
+            return DeadlineExceeded(
+                f"the request's deadline passed while waiting for {provider}", provider=provider
+            )
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            what = "connecting"
+        else:
+            what = "waiting for data"
+        return UpstreamTimeout(f"{provider} timed out {what}", provider=provider)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamUnavailable(
+            f"{provider} sent a broken response body ({detail})", provider=provider
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamUnavailable(f"{provider} closed the connection", provider=provider)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(f"cannot connect to {provider} ({detail})", provider=provider)
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return UpstreamUnavailable(
+            f"connection to {provider} failed ({detail})", provider=provider
+        )
+    return UpstreamUnavailable(f"{provider} failed ({detail})", provider=provider)
+
+
+def as_stream_broken(error: MeshError) -> MeshError:
+    """The error to raise once a stream has yielded a chunk: never retryable.
+
+    A deadline stays a DeadlineExceeded (not retryable either); everything else becomes
+    StreamBroken with the original message, since text already went to the client.
+    """
+    if isinstance(error, (StreamBroken, DeadlineExceeded)):
+        return error
+    return StreamBroken(
+        f"stream broke after it started: {error.message}", provider=error.provider
+    )
+
+
+# --------------------------------------------------------------------------- server-sent events
+class SseEvent(NamedTuple):
+    """One server-sent event: its `event:` type ("message" when absent) and its data lines
+    joined by "\\n"."""
+
+    event: str
+    data: str
+
+
+class SseParser:
+    """Incremental server-sent-events parser (WHATWG rules): feed it bytes as they arrive.
+
+    Handles `event:`, `data:` (several lines joined by "\\n"), `id:`/`retry:` (kept/ignored),
+    comments (`:` lines, e.g. keep-alive pings), LF and CRLF line ends, lines split across
+    feeds. A lone CR as a line end is not supported (no upstream we speak uses it). Unlike the
+    spec, an event not closed by a blank line before EOF is still delivered by `close()`:
+    servers that end on `data: [DONE]` without the blank line are common.
+    """
+
+    __slots__ = ("_buffer", "_data", "_event", "last_event_id")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self._event = ""
+        self.last_event_id = ""
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        buf = self._buffer + chunk if self._buffer else chunk
+        events: list[SseEvent] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        self._buffer = buf[start:]
+        return events
+
+    def close(self) -> list[SseEvent]:
+        """End of input: the pending event, if any (see the class note)."""
+        events: list[SseEvent] = []
+        if self._buffer:
+            line = self._buffer[:-1] if self._buffer.endswith(b"\r") else self._buffer
+            self._buffer = b""
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        event = self._line(b"")
+        if event is not None:
+            events.append(event)
+        return events
+
+    def _line(self, line: bytes) -> SseEvent | None:
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            event = SseEvent(self._event or "message", b"\n".join(self._data).decode("utf-8", "replace"))
+            self._data = []
+            self._event = ""
+            return event
+        if line[0] == 0x3A:  # ":" comment / ping
+            return None
+        name, sep, value = line.partition(b":")
+        if sep and value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id":
+            self.last_event_id = value.decode("utf-8", "replace")
+        # "retry" and unknown fields are ignored, as the spec says
+        return None
+
+
+async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
+    """The events of a response body, each yielded as soon as its bytes arrive.
+
+    Raises aiohttp's errors as they are (the caller translates, knowing whether a chunk has
+    already gone out).
+    """
+    parser = SseParser()
+    async for data in response.content.iter_any():
+        for event in parser.feed(data):
+            yield event
+    for event in parser.close():
+        yield event
+
+
+# --------------------------------------------------------------------------- the session
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """A whole 2xx answer: its status, raw body and content type."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+class HttpUpstream:
+    """One provider's HTTP client: one long-lived session, keep-alive pool, bounded waits.
+
+    Concurrency: safe to call from many tasks on one event loop. `max_concurrency` bounds open
+    connections; a call waiting for a free connection is still bounded by its deadline.
+    Timeouts: `connect_ms` bounds the TCP/TLS connect, `first_byte_ms` bounds every wait for
+    data (the headers, and each read of the body: a stream that stalls that long mid-way is
+    broken), the request's `deadline` bounds the whole call including reading a stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        base_url: str,
+        headers: Mapping[str, str] | None = None,
+        max_concurrency: int = 256,
+        secrets: Sequence[str] = (),
+        keepalive_s: float = 30.0,
+        dns_cache_s: int = 300,
+    ) -> None:
+        self.provider = provider
+        self.base_url = base_url.rstrip("/")
+        self._headers = {
+            "User-Agent": USER_AGENT,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            **(headers or {}),
+        }
+        self._secrets = tuple(s for s in secrets if s)
+        self._max_concurrency = max_concurrency
+        self._keepalive_s = keepalive_s
+        self._dns_cache_s = dns_cache_s
+        self._session: aiohttp.ClientSession | None = None
+
+    # ---- lifecycle
+    async def start(self) -> None:
+        self._ensure_session()
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_concurrency,
+                limit_per_host=0,
+                use_dns_cache=True,
+                ttl_dns_cache=self._dns_cache_s,
+                keepalive_timeout=self._keepalive_s,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._headers,
+                # no HTTP(S)_PROXY or netrc from the environment: the operator's base_url is
+                # where traffic goes, nothing else
+                trust_env=False,
+                auto_decompress=True,
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+            self._session = session
+        return session
+
+    # ---- errors (bound to this provider and its secrets)
+    def error_for_status(
+        self, status: int, body: bytes, headers: Mapping[str, str]
+    ) -> UpstreamError:
+        return error_for_status(
+            status, body, headers, provider=self.provider, secrets=self._secrets
+        )
+
+    def error_for_exception(self, exc: BaseException, deadline: float | None = None) -> MeshError:
+        return error_for_exception(
+            exc, provider=self.provider, deadline=deadline, secrets=self._secrets
+        )
+
+    def redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    # ---- calls
+    def timeout_for(self, deadline: float, timeouts: TimeoutsConfig) -> aiohttp.ClientTimeout:
+        """aiohttp's timeout for one call; raises DeadlineExceeded when no time is left."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(
+                f"the request's deadline passed before calling {self.provider}",
+                provider=self.provider,
+            )
+        return aiohttp.ClientTimeout(
+            total=remaining,
+            sock_connect=timeouts.connect_ms / 1000.0,
+            sock_read=timeouts.first_byte_ms / 1000.0,
+            # aiohttp rounds timeouts over the threshold up to a whole second; the deadline
+            # must not be overshot by up to a second
+            ceil_threshold=math.inf,
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        payload: bytes | None,
+        *,
+        deadline: float,
+        timeouts: TimeoutsConfig,
+        headers: Mapping[str, str] | None = None,
+    ) -> UpstreamResponse:
+        """One whole call: a 2xx answer's raw body, or a MeshError (already translated)."""
+        timeout = self.timeout_for(deadline, timeouts)
+        session = self._ensure_session()
+        try:
+            async with session.request(
+                method, self.base_url + path, data=payload, headers=headers, timeout=timeout
+            ) as resp:
+                if resp.status >= 300:
+                    body = await resp.content.read(MAX_ERROR_BODY_BYTES)
+                    raise self.error_for_status(resp.status, body, resp.headers)
+                body = await resp.read()
+                return UpstreamResponse(resp.status, body, resp.content_type)
+        except MeshError:
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise self.error_for_exception(exc, deadline) from exc
+
+    async def post_json(
+        self,
+        path: str,
+        payload: bytes,
+        *,
+        deadline: float,
+        timeouts: TimeoutsConfig,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """POST a serialized JSON body; the parsed JSON object of a 2xx answer. A 2xx whose body
+        is not a JSON object is UpstreamUnavailable (a broken proxy or gateway page)."""
+        resp = await self.request(
+            "POST", path, payload, deadline=deadline, timeouts=timeouts, headers=headers
+        )
+        return self.parse_json_object(resp.body)
+
+    def parse_json_object(self, body: bytes) -> dict[str, Any]:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable(
+                f"{self.provider} answered with a body that is not JSON", provider=self.provider
+            ) from None
+        if not isinstance(data, dict):
+            raise UpstreamUnavailable(
+                f"{self.provider} answered with JSON that is not an object",
+                provider=self.provider,
+            )
+        return data
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        path: str,
+        payload: bytes,
+        *,
+        deadline: float,
+        timeouts: TimeoutsConfig,
+        headers: Mapping[str, str] | None = None,
+        method: str = "POST",
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open a streamed call: yields the 2xx response with its body unread.
+
+        Before the body: failures are MeshErrors (already translated), and a 2xx that is not an
+        event stream (a JSON error, a gateway page) is UpstreamUnavailable. On leaving the
+        block, the connection goes back to the pool when the body was read to its end, and is
+        closed otherwise (cancelled, abandoned, broken), which stops the upstream's work.
+        """
+        timeout = self.timeout_for(deadline, timeouts)
+        session = self._ensure_session()
+        try:
+            resp = await session.request(
+                method,
+                self.base_url + path,
+                data=payload,
+                headers=headers or {"Accept": "text/event-stream"},
+                timeout=timeout,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise self.error_for_exception(exc, deadline) from exc
+        try:
+            if resp.status >= 300:
+                body = await resp.content.read(MAX_ERROR_BODY_BYTES)
+                raise self.error_for_status(resp.status, body, resp.headers)
+            if "event-stream" not in resp.content_type:
+                body = await resp.content.read(MAX_ERROR_BODY_BYTES)
+                message, _ = upstream_message(body)
+                shown = f": {self.redact(message)}" if message else ""
+                raise UpstreamUnavailable(
+                    f"{self.provider} answered a stream request with "
+                    f"{resp.content_type or 'no content type'}{shown}",
+                    provider=self.provider,
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            resp.close()
+            raise self.error_for_exception(exc, deadline) from exc
+        except BaseException:
+            resp.close()
+            raise
+        try:
+            yield resp
+        finally:
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                # not read to the end: drop the connection so the upstream stops generating
+                resp.close()
+
+
+__all__ = [
+    "HttpUpstream",
+    "SseEvent",
+    "SseParser",
+    "UpstreamResponse",
+    "as_stream_broken",
+    "error_for_exception",
+    "error_for_status",
+    "iter_sse",
+    "parse_retry_after",
+    "redact",
+    "retry_after_from_headers",
+    "upstream_message",
+]
