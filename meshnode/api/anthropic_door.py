@@ -1,0 +1,526 @@
+"""The Anthropic-compatible door: `POST /v1/messages` (and `/v1/messages/count_tokens`).
+
+Tools that speak Anthropic's Messages API (the `anthropic` SDK, Claude Code) use the mesh through
+this door. A Messages request is translated into our OpenAI chat body once, validated by
+`meshnode.api.protocol.parse_chat` like any chat request, and routed by the same router to any
+provider, local, cloud or peer. The OpenAI answer comes back translated into an Anthropic
+message; a stream's OpenAI chunks become Anthropic's SSE events (`message_start`,
+`content_block_start/delta/stop`, `message_delta`, `message_stop`) as they arrive.
+
+Errors at this door use Anthropic's envelope `{"type": "error", "error": {"type", "message"}}`
+with the status the MeshError carries (so the SDK raises its matching exception); a failure
+after the first event is an `error` event with no `message_stop` after it.
+
+This module owns the translation and the thin handler; it does not route, retry or know any
+provider. `x_aiproxy` rides on the message (non-stream) and on `message_delta` (stream); the
+`x-aiproxy-*` headers are set as on the OpenAI routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from meshnode.api.errors import JSON, retry_after_header
+from meshnode.api.handlers import _aiproxy_headers, _served_headers
+from meshnode.api.protocol import loads_body, parse_chat
+from meshnode.api.state import CONTEXT, STATE, ApiState
+from meshnode.errors import InvalidRequest, MeshError, ModelNotFound
+from meshnode.observability.logging import redact
+from meshnode.providers.tokens import estimate_prompt_tokens
+from meshnode.routing.outcome import RoutedStream
+from meshnode.types import InferenceRequest, RequestKind
+
+log = logging.getLogger(__name__)
+
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+# Our HTTP status -> Anthropic's error type (what its SDK and Claude Code switch on).
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+# --------------------------------------------------------------------------- request
+def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list):
+        for j, block in enumerate(content):
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise InvalidRequest("a content block needs a type", param=f"{where}.content.{j}")
+        return content
+    raise InvalidRequest("content must be a string or a list of blocks", param=f"{where}.content")
+
+
+def _text(content: Any, where: str) -> str:
+    texts = []
+    for j, block in enumerate(_blocks(content, where)):
+        if block["type"] == "text":
+            texts.append(str(block.get("text", "")))
+        else:
+            raise InvalidRequest(
+                f"only text blocks are supported here, not {block['type']!r}",
+                param=f"{where}.content.{j}",
+            )
+    return "".join(texts)
+
+
+def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    source = block.get("source") or {}
+    if source.get("type") == "base64" and source.get("media_type") and source.get("data"):
+        url = f"data:{source['media_type']};base64,{source['data']}"
+    elif source.get("type") == "url" and source.get("url"):
+        url = str(source["url"])
+    else:
+        raise InvalidRequest("image source must be base64 or url", param=f"{where}.source")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _user_messages(content: Any, where: str) -> list[dict[str, Any]]:
+    """One Anthropic user turn -> OpenAI `tool` messages (its tool results) then a user one."""
+    tools: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for j, block in enumerate(_blocks(content, where)):
+        kind = block["type"]
+        at = f"{where}.content.{j}"
+        if kind == "text":
+            parts.append({"type": "text", "text": str(block.get("text", ""))})
+        elif kind == "image":
+            parts.append(_image_part(block, at))
+        elif kind == "tool_result":
+            result = block.get("content")
+            text = result if isinstance(result, str) else _text(result or "", at)
+            if block.get("is_error"):
+                text = f"Error: {text}"
+            tools.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id")),
+                          "content": text})
+        else:
+            raise InvalidRequest(f"content block type {kind!r} is not supported", param=at)
+    out = tools
+    if parts:
+        only_text = all(p["type"] == "text" for p in parts)
+        user_content: Any = "".join(p["text"] for p in parts) if only_text else parts
+        out.append({"role": "user", "content": user_content})
+    return out
+
+
+def _assistant_message(content: Any, where: str) -> dict[str, Any]:
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, block in enumerate(_blocks(content, where)):
+        kind = block["type"]
+        if kind == "text":
+            texts.append(str(block.get("text", "")))
+        elif kind == "tool_use":
+            calls.append({"id": str(block.get("id")), "type": "function", "function": {
+                "name": str(block.get("name")),
+                "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # no OpenAI equivalent; the model does not need its old thoughts
+        else:
+            raise InvalidRequest(f"content block type {kind!r} is not supported",
+                                 param=f"{where}.content.{j}")
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    if calls:
+        message["tool_calls"] = calls
+    elif message["content"] is None:
+        message["content"] = ""
+    return message
+
+
+def _tool_choice(choice: Any) -> tuple[Any, bool]:
+    """Anthropic tool_choice -> (OpenAI tool_choice, parallel tool calls allowed)."""
+    if not isinstance(choice, dict):
+        raise InvalidRequest("tool_choice must be an object", param="tool_choice")
+    kind = choice.get("type")
+    parallel = not choice.get("disable_parallel_tool_use", False)
+    if kind == "auto":
+        return "auto", parallel
+    if kind == "any":
+        return "required", parallel
+    if kind == "none":
+        return "none", parallel
+    if kind == "tool" and choice.get("name"):
+        return {"type": "function", "function": {"name": choice["name"]}}, parallel
+    raise InvalidRequest("tool_choice.type must be auto, any, tool or none", param="tool_choice")
+
+
+def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages request body -> an OpenAI chat request body."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: Field required", param="model")
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidRequest("max_tokens: Field required (an integer >= 1)", param="max_tokens")
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise InvalidRequest("messages: at least one message is required", param="messages")
+    messages: list[dict[str, Any]] = []
+    system = body.get("system")
+    if system:
+        messages.append({"role": "system", "content": _text(system, "system")})
+    for i, message in enumerate(raw_messages):
+        where = f"messages.{i}"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "user":
+            messages.extend(_user_messages(message.get("content"), where))
+        elif role == "assistant":
+            messages.append(_assistant_message(message.get("content"), where))
+        else:
+            raise InvalidRequest("role must be 'user' or 'assistant'", param=f"{where}.role")
+    out: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    stops = body.get("stop_sequences")
+    if stops:
+        out["stop"] = stops
+    tools = []
+    for i, tool in enumerate(body.get("tools") or ()):
+        if not isinstance(tool, dict) or not tool.get("name"):
+            raise InvalidRequest("tools: a tool needs a name", param=f"tools.{i}.name")
+        if tool.get("type") not in (None, "custom"):
+            # Anthropic's server tools (web search, code execution) exist only there.
+            raise InvalidRequest(f"server tool {tool['type']!r} is not supported here",
+                                 param=f"tools.{i}.type")
+        function = {"name": tool["name"],
+                    "parameters": tool.get("input_schema") or {"type": "object"}}
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        tools.append({"type": "function", "function": function})
+    if tools:
+        out["tools"] = tools
+        if body.get("tool_choice") is not None:
+            choice, parallel = _tool_choice(body["tool_choice"])
+            out["tool_choice"] = choice
+            if not parallel:
+                out["parallel_tool_calls"] = False
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        out["user"] = metadata["user_id"]
+    if body.get("stream"):
+        out["stream"] = True
+    return out
+
+
+def parse_messages(
+    raw: bytes,
+    *,
+    request_id: str,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+    key_name: str | None = None,
+) -> InferenceRequest:
+    """Parse a raw `/v1/messages` body into a validated chat `InferenceRequest`."""
+    chat = messages_to_chat(loads_body(raw))
+    return parse_chat(chat, request_id=request_id, deadline=time.monotonic() + timeout_s,
+                      headers=headers, key_name=key_name)
+
+
+# --------------------------------------------------------------------------- answer
+def _tool_input(arguments: Any) -> dict[str, Any]:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        value = orjson.loads(arguments or "{}")
+    except orjson.JSONDecodeError:
+        # A model's malformed arguments are still handed over rather than dropped.
+        return {"_raw_arguments": str(arguments)}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _message_id(openai_id: Any, request_id: str) -> str:
+    text = str(openai_id or request_id)
+    return text if text.startswith("msg_") else f"msg_{text}"
+
+
+def chat_to_message(body: dict[str, Any], model: str, request_id: str) -> dict[str, Any]:
+    """An OpenAI chat.completion body -> an Anthropic message (no x_aiproxy)."""
+    choices = body.get("choices") or [{}]
+    choice = choices[0]
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if message.get("content"):
+        content.append({"type": "text", "text": str(message["content"])})
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": str(call.get("id")),
+                        "name": str(function.get("name")),
+                        "input": _tool_input(function.get("arguments"))})
+    usage = body.get("usage") or {}
+    return {
+        "id": _message_id(body.get("id"), request_id),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
+        "stop_sequence": None,
+        "usage": {"input_tokens": int(usage.get("prompt_tokens") or 0),
+                  "output_tokens": int(usage.get("completion_tokens") or 0)},
+    }
+
+
+def error_type_for(exc: MeshError) -> str:
+    return _ERROR_TYPES.get(exc.status, "api_error")
+
+
+def error_envelope(exc: MeshError) -> dict[str, Any]:
+    return {"type": "error",
+            "error": {"type": error_type_for(exc), "message": redact(exc.message)}}
+
+
+def event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class EventWriter:
+    """Turns OpenAI chat chunks into Anthropic stream events, one chunk at a time.
+
+    `start()` gives `message_start` (and a `ping`, as Anthropic sends); `feed(chunk)` the
+    events a chunk makes; `finish(x_aiproxy)` closes the open block and sends `message_delta`
+    (stop reason, usage, `x_aiproxy`) and `message_stop`; `error(exc)` the `error` event.
+    """
+
+    def __init__(self, model: str, request_id: str, input_tokens_estimate: int = 0) -> None:
+        self.model = model
+        self.id = _message_id(None, request_id)
+        self.input_tokens = input_tokens_estimate
+        self.output_tokens = 0
+        self.stop_reason = "end_turn"
+        self._next_index = 0
+        self._open: tuple[str, int] | None = None  # ("text", index) or ("tool", index)
+        self._tool_blocks: dict[int, int] = {}  # OpenAI tool_call index -> block index
+
+    def start(self) -> bytes:
+        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}
+        return (event("message_start", {"type": "message_start", "message": message})
+                + event("ping", {"type": "ping"}))
+
+    def _close(self) -> bytes:
+        if self._open is None:
+            return b""
+        index = self._open[1]
+        self._open = None
+        return event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def _open_block(self, kind: str, block: dict[str, Any]) -> tuple[bytes, int]:
+        out = self._close()
+        index = self._next_index
+        self._next_index += 1
+        self._open = (kind, index)
+        out += event("content_block_start",
+                     {"type": "content_block_start", "index": index, "content_block": block})
+        return out, index
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.input_tokens = int(usage.get("prompt_tokens") or self.input_tokens)
+            self.output_tokens = int(usage.get("completion_tokens") or 0)
+        out = b""
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # the door asks for one choice
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                if self._open is None or self._open[0] != "text":
+                    opened, _ = self._open_block("text", {"type": "text", "text": ""})
+                    out += opened
+                assert self._open is not None  # noqa: S101 - opened just above
+                out += event("content_block_delta", {
+                    "type": "content_block_delta", "index": self._open[1],
+                    "delta": {"type": "text_delta", "text": text}})
+            for call in delta.get("tool_calls") or ():
+                tool_index = int(call.get("index", 0))
+                function = call.get("function") or {}
+                if tool_index not in self._tool_blocks:
+                    opened, block_index = self._open_block("tool", {
+                        "type": "tool_use", "id": str(call.get("id") or f"toolu_{tool_index}"),
+                        "name": str(function.get("name") or ""), "input": {}})
+                    self._tool_blocks[tool_index] = block_index
+                    out += opened
+                arguments = function.get("arguments")
+                if arguments:
+                    out += event("content_block_delta", {
+                        "type": "content_block_delta", "index": self._tool_blocks[tool_index],
+                        "delta": {"type": "input_json_delta", "partial_json": arguments}})
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                self.stop_reason = STOP_REASONS.get(str(reason), "end_turn")
+        return out
+
+    def finish(self, x_aiproxy: dict[str, Any] | None = None) -> bytes:
+        delta: dict[str, Any] = {
+            "type": "message_delta",
+            "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
+        }
+        if x_aiproxy is not None:
+            delta["x_aiproxy"] = x_aiproxy
+        return (self._close() + event("message_delta", delta)
+                + event("message_stop", {"type": "message_stop"}))
+
+    @staticmethod
+    def error(exc: MeshError) -> bytes:
+        return event("error", error_envelope(exc))
+
+
+# --------------------------------------------------------------------------- handlers
+def anthropic_error_response(exc: MeshError, request_id: str, node_id: str) -> web.Response:
+    """The HTTP answer for a MeshError at this door, in Anthropic's envelope."""
+    headers = {"x-request-id": request_id, "request-id": request_id, "x-aiproxy-node": node_id}
+    retry_after = retry_after_header(exc)
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
+    if exc.provider:
+        headers["x-aiproxy-provider"] = exc.provider
+    return web.Response(body=orjson.dumps(error_envelope(exc)), status=exc.status,
+                        content_type=JSON, headers=headers)
+
+
+def _check_model(state: ApiState, model: str) -> None:
+    if not state.router.has_model(model, RequestKind.CHAT):
+        if state.router.has_model(model):
+            raise InvalidRequest(f"model {model!r} does not serve chat here", param="model")
+        raise ModelNotFound(
+            f"the model {model!r} does not exist on this node or its mesh; "
+            "GET /v1/models lists what is served", param="model")
+
+
+async def messages_handler(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/messages`: an Anthropic Messages request served by the router."""
+    state = request.app[STATE]
+    ctx = request[CONTEXT]
+    ctx.kind = RequestKind.CHAT.value
+    try:
+        inference = parse_messages(
+            await request.read(), request_id=ctx.request_id, timeout_s=state.timeout_s,
+            headers=_aiproxy_headers(request),
+        )
+        _check_model(state, inference.model)
+        ctx.model = inference.model
+        ctx.stream = inference.stream
+        state.metrics.in_flight.inc()
+        try:
+            if inference.stream:
+                return await _stream(request, state, inference)
+            routed = await state.router.complete(inference)
+        finally:
+            state.metrics.in_flight.dec()
+    except MeshError as exc:
+        ctx.error_code = exc.code or exc.error_type
+        ctx.error_provider = exc.provider
+        return anthropic_error_response(exc, ctx.request_id, state.node_id)
+    ctx.served = routed.served
+    message = chat_to_message(routed.completion.body, inference.model, ctx.request_id)
+    message["x_aiproxy"] = routed.served.to_json()
+    headers = _served_headers(routed.served)
+    headers["request-id"] = ctx.request_id
+    return web.Response(body=orjson.dumps(message), content_type=JSON, headers=headers)
+
+
+async def _stream(
+    request: web.Request, state: ApiState, inference: InferenceRequest
+) -> web.StreamResponse:
+    ctx = request[CONTEXT]
+    routed = await state.router.open_stream(inference)
+    ctx.served = routed.served
+    response = web.StreamResponse(status=200, headers=_served_headers(routed.served))
+    response.content_type = "text/event-stream"
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["x-request-id"] = ctx.request_id
+    response.headers["request-id"] = ctx.request_id
+    try:
+        await response.prepare(request)
+    except BaseException:
+        await routed.aclose()
+        raise
+    await _relay(response, routed, inference, ctx)
+    return response
+
+
+async def _relay(
+    response: web.StreamResponse, routed: RoutedStream, inference: InferenceRequest, ctx: Any
+) -> None:
+    """Write Anthropic events for each chunk as it arrives (never buffered)."""
+    writer = EventWriter(inference.model, ctx.request_id, inference.prompt_tokens_estimate)
+    iterator = routed.__aiter__()
+    try:
+        await response.write(writer.start())
+        try:
+            async for chunk in iterator:
+                data = writer.feed(chunk.data)
+                if data:
+                    if ctx.ttft_s is None:
+                        ctx.ttft_s = time.perf_counter() - ctx.started
+                    await response.write(data)
+        except MeshError as exc:
+            ctx.error_code = exc.code or exc.error_type
+            await response.write(writer.error(exc))
+            return
+        except Exception:  # noqa: BLE001 - a bug mid-stream still ends as an error event
+            log.exception("unhandled error in stream %s", ctx.request_id)
+            ctx.error_code = "internal_error"
+            await response.write(writer.error(MeshError(
+                f"internal error; quote request id {ctx.request_id} when reporting it")))
+            return
+        await response.write(writer.finish(routed.served.to_json()))
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        ctx.error_code = "client_closed"
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await routed.aclose()
+
+
+async def count_tokens_handler(request: web.Request) -> web.Response:
+    """`POST /v1/messages/count_tokens`: an estimate (Claude Code asks before long requests)."""
+    state = request.app[STATE]
+    try:
+        chat = messages_to_chat({"max_tokens": 1, **loads_body(await request.read())})
+    except MeshError as exc:
+        return anthropic_error_response(exc, request[CONTEXT].request_id, state.node_id)
+    tokens = estimate_prompt_tokens(RequestKind.CHAT, chat)
+    return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type=JSON)
+
+
+def add_anthropic_routes(app: web.Application) -> None:
+    """Register the door's routes (a `RouteRegistrar` for `create_app(extra_routes=...)`)."""
+    app.router.add_post("/v1/messages", messages_handler)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens_handler)
+
+
+__all__ = [
+    "EventWriter",
+    "add_anthropic_routes",
+    "anthropic_error_response",
+    "chat_to_message",
+    "count_tokens_handler",
+    "messages_handler",
+    "messages_to_chat",
+    "parse_messages",
+]
