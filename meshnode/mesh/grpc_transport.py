@@ -1,0 +1,44 @@
+"""The real mesh transport: membership traffic over the `Mesh` gRPC service.
+
+Every call has a deadline (the probe or gossip timeout); any gRPC failure becomes
+`TransportError` here, so the driver never sees a gRPC type.
+"""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+
+from meshnode.mesh.transport import (
+    Ack,
+    GossipMessage,
+    GossipReply,
+    Probe,
+    Transport,
+    TransportError,
+)
+from meshnode.rpc import convert
+from meshnode.rpc.client import PeerChannels
+
+
+class GrpcTransport(Transport):
+    def __init__(self, channels: PeerChannels) -> None:
+        self._channels = channels
+
+    async def probe(self, address: str, probe: Probe, timeout: float) -> Ack:
+        try:
+            reply = await self._channels.stub(address).Health(
+                convert.probe_to_pb(probe), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(f"{address}: {exc.code().name}") from None
+        return convert.ack_from_pb(reply)
+
+    async def gossip(self, address: str, message: GossipMessage, timeout: float) -> GossipReply:
+        try:
+            reply = await self._channels.stub(address).Gossip(
+                convert.gossip_request_to_pb(message), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(f"{address}: {exc.code().name}") from None
+        return convert.gossip_reply_from_pb(reply)

@@ -1,0 +1,417 @@
+"""The membership table: SWIM with suspicion, as a pure state machine (no sockets, no sleeps).
+
+It owns who is in the mesh and in what state, and decides every transition; the async driver
+(`meshnode.mesh.service`) only performs the I/O the table asks for and feeds the results back.
+Time comes from an injected clock and randomness from an injected `random.Random`, so every
+decision is reproducible in tests.
+
+Rules (as hashicorp/memberlist's `state.go`):
+- Each interval the driver probes `next_probe_target()` (round-robin over a shuffled list, so
+  every member is probed once per round). No ack within the probe timeout, and none through
+  `indirect_helpers()` either: `probe_failed()` marks it suspect.
+- A suspect becomes dead when its suspicion timeout passes
+  (`suspicion_mult * max(1, log10(n)) * probe_interval`), unless it refutes first.
+- Only a member raises its own incarnation: when it hears a suspect/dead/left rumour about itself
+  at its incarnation or above, it refutes with `alive` at that incarnation + 1.
+- Rumours order by (incarnation, status); at equal incarnation suspect > alive, dead > suspect,
+  left > dead. Stale rumours are dropped and not spread further, which ends every epidemic.
+- Dead and left members are forgotten `dead_forget_s` after the transition; a rumour that they
+  are dead is not accepted for a member we do not know (it would resurrect forgotten ones).
+
+Not here (issue 6): Lifeguard's local health multiplier and suspicion confirmations,
+authentication, partition healing. `MemberInfo.suspectors` is kept for the confirmations.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from meshnode.config import MeshConfig
+from meshnode.mesh.state import (
+    DigestEntry,
+    GossipRecord,
+    MemberStatus,
+    MemberUpdate,
+    NodeState,
+)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipSettings:
+    """The timing knobs, in seconds; built once from `MeshConfig`."""
+
+    probe_interval_s: float = 0.5
+    probe_timeout_s: float = 0.3
+    indirect_probes: int = 3
+    suspicion_mult: float = 4.0
+    dead_forget_s: float = 60.0
+    max_members: int = 4096
+    max_records_per_message: int = 256
+
+    @classmethod
+    def from_config(cls, mesh: MeshConfig) -> MembershipSettings:
+        return cls(
+            probe_interval_s=mesh.probe_interval_ms / 1000.0,
+            probe_timeout_s=mesh.probe_timeout_ms / 1000.0,
+            indirect_probes=mesh.indirect_probes,
+            suspicion_mult=mesh.suspicion_mult,
+            dead_forget_s=mesh.dead_forget_s,
+        )
+
+    def suspicion_timeout(self, members: int) -> float:
+        """memberlist's formula: grows with log10 of the mesh size so rumours can spread."""
+        return self.suspicion_mult * max(1.0, math.log10(max(members, 1))) * self.probe_interval_s
+
+
+@dataclass(slots=True)
+class MemberInfo:
+    """One member as this node sees it (mutable inside the table; callers get copies)."""
+
+    node_id: str
+    address: str
+    incarnation: int
+    status: MemberStatus
+    status_since: float
+    last_heard: float
+    state: NodeState | None = None
+    suspect_deadline: float | None = None
+    suspectors: frozenset[str] = field(default_factory=frozenset)
+
+    def rumour(self, from_node: str = "") -> MemberUpdate:
+        return MemberUpdate(self.node_id, self.address, self.incarnation, self.status, from_node)
+
+    @property
+    def state_version(self) -> int:
+        return self.state.version if self.state is not None else 0
+
+    def snapshot(self) -> MemberInfo:
+        return replace(self)
+
+
+LIVE = (MemberStatus.ALIVE, MemberStatus.SUSPECT)
+
+
+class Membership:
+    """The table. Every method is synchronous and cheap; nothing here awaits."""
+
+    def __init__(
+        self,
+        self_id: str,
+        address: str,
+        settings: MembershipSettings,
+        clock: Clock,
+        rng: random.Random | None = None,
+        initial_state: NodeState | None = None,
+    ) -> None:
+        self.self_id = self_id
+        self.settings = settings
+        self._clock = clock
+        self._rng = rng or random.Random()
+        now = clock()
+        self._members: dict[str, MemberInfo] = {
+            self_id: MemberInfo(
+                self_id, address, 0, MemberStatus.ALIVE, now, now, state=initial_state
+            )
+        }
+        self._probe_order: list[str] = []
+        self._leaving = False
+        # Bumped on every change a reader may care about (offers are cached per generation).
+        self.generation = 0
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def me(self) -> MemberInfo:
+        return self._members[self.self_id]
+
+    def get(self, node_id: str) -> MemberInfo | None:
+        member = self._members.get(node_id)
+        return member.snapshot() if member is not None else None
+
+    def members(self) -> list[MemberInfo]:
+        """Every member, self included, as copies."""
+        return [m.snapshot() for m in self._members.values()]
+
+    def peers(self, statuses: Sequence[MemberStatus] = LIVE) -> list[MemberInfo]:
+        return [
+            m.snapshot()
+            for m in self._members.values()
+            if m.node_id != self.self_id and m.status in statuses
+        ]
+
+    def live_count(self) -> int:
+        return sum(1 for m in self._members.values() if m.status in LIVE)
+
+    # ------------------------------------------------------------------ own state
+    def publish(self, state: NodeState) -> bool:
+        """Set this node's own state; a new version only when the content changed."""
+        me = self.me
+        if me.state is not None and me.state.same_content(state):
+            return False
+        version = max(state.version, me.state_version + 1)
+        me.state = replace(state, node_id=self.self_id, version=version)
+        self.generation += 1
+        if state.grpc_address and state.grpc_address != me.address:
+            me.address = state.grpc_address
+        return True
+
+    def leave(self) -> MemberUpdate:
+        """Graceful leave: we are `left` at our incarnation; spread this to everyone."""
+        self._leaving = True
+        self.generation += 1
+        me = self.me
+        me.status = MemberStatus.LEFT
+        me.status_since = self._clock()
+        if me.state is not None:
+            me.state = replace(me.state, status="left", version=me.state.version + 1)
+        return me.rumour(self.self_id)
+
+    # ------------------------------------------------------------------ rumours
+    def apply(self, update: MemberUpdate) -> MemberUpdate | None:
+        """Take in one liveness rumour. Returns the rumour to spread further (the accepted one,
+        or our own refutation), or None when it was stale or irrelevant."""
+        if update.node_id == self.self_id:
+            return self._about_me(update)
+        now = self._clock()
+        member = self._members.get(update.node_id)
+        if member is None:
+            if update.status not in LIVE or len(self._members) >= self.settings.max_members:
+                return None
+            member = MemberInfo(
+                update.node_id, update.address, update.incarnation, update.status, now, now
+            )
+            self._members[update.node_id] = member
+            self._probe_order.append(update.node_id)  # probed in this round too
+            self.generation += 1
+            if update.status is MemberStatus.SUSPECT:
+                self._start_suspicion(member, update.from_node)
+            return update
+        if not update.supersedes(member.incarnation, member.status):
+            if (
+                update.status is MemberStatus.SUSPECT
+                and member.status is MemberStatus.SUSPECT
+                and update.incarnation == member.incarnation
+                and update.from_node
+            ):
+                member.suspectors = member.suspectors | {update.from_node}
+            return None
+        was = member.status
+        self.generation += 1
+        member.incarnation = update.incarnation
+        member.status = update.status
+        if update.address:
+            member.address = update.address
+        if update.status is not was:
+            member.status_since = now
+        if update.status is MemberStatus.SUSPECT:
+            if was is not MemberStatus.SUSPECT:
+                self._start_suspicion(member, update.from_node)
+        else:
+            member.suspect_deadline = None
+            member.suspectors = frozenset()
+        if update.status is MemberStatus.ALIVE:
+            member.last_heard = now
+        return update
+
+    def _about_me(self, update: MemberUpdate) -> MemberUpdate | None:
+        me = self.me
+        if self._leaving:
+            # We are leaving: answer any other rumour about us with `left`, above it.
+            if update.status is not MemberStatus.LEFT and update.incarnation >= me.incarnation:
+                me.incarnation = update.incarnation + 1
+                return me.rumour(self.self_id)
+            return None
+        if update.status is MemberStatus.ALIVE and update.incarnation <= me.incarnation:
+            return None
+        if update.status is not MemberStatus.ALIVE and update.incarnation < me.incarnation:
+            return None
+        # Suspect/dead/left at or above our incarnation, or an alive from a past life: refute.
+        me.incarnation = update.incarnation + 1
+        return me.rumour(self.self_id)
+
+    def _start_suspicion(self, member: MemberInfo, from_node: str) -> None:
+        timeout = self.settings.suspicion_timeout(self.live_count())
+        member.suspect_deadline = self._clock() + timeout
+        member.suspectors = frozenset({from_node}) if from_node else frozenset()
+
+    # ------------------------------------------------------------------ probing
+    def next_probe_target(self) -> MemberInfo | None:
+        """The next member to probe: round-robin over a shuffled list, reshuffled each round."""
+        for _ in range(2):
+            while self._probe_order:
+                node_id = self._probe_order.pop()
+                member = self._members.get(node_id)
+                if member is not None and member.status in LIVE and node_id != self.self_id:
+                    return member.snapshot()
+            self._probe_order = [
+                m.node_id
+                for m in self._members.values()
+                if m.node_id != self.self_id and m.status in LIVE
+            ]
+            self._rng.shuffle(self._probe_order)
+        return None
+
+    def indirect_helpers(self, target_id: str, k: int | None = None) -> list[MemberInfo]:
+        """Up to k alive members (not the target) to ask for an indirect probe."""
+        k = self.settings.indirect_probes if k is None else k
+        pool = [
+            m
+            for m in self._members.values()
+            if m.node_id not in (self.self_id, target_id) and m.status is MemberStatus.ALIVE
+        ]
+        picked = self._rng.sample(pool, min(k, len(pool)))
+        return [m.snapshot() for m in picked]
+
+    def probe_succeeded(self, target_id: str, incarnation: int) -> MemberUpdate | None:
+        """An ack (direct or indirect). A higher incarnation in it is the target's refutation."""
+        member = self._members.get(target_id)
+        if member is None:
+            return None
+        member.last_heard = self._clock()
+        if incarnation > member.incarnation:
+            return self.apply(
+                MemberUpdate(target_id, member.address, incarnation, MemberStatus.ALIVE, target_id)
+            )
+        return None
+
+    def probe_failed(self, target_id: str) -> MemberUpdate | None:
+        """No ack, direct or indirect: suspect it (the returned rumour must be spread)."""
+        member = self._members.get(target_id)
+        if member is None or member.status is not MemberStatus.ALIVE:
+            return None
+        return self.apply(
+            MemberUpdate(
+                target_id, member.address, member.incarnation, MemberStatus.SUSPECT, self.self_id
+            )
+        )
+
+    def heard_from(self, node_id: str) -> None:
+        member = self._members.get(node_id)
+        if member is not None:
+            member.last_heard = self._clock()
+
+    def tick(self) -> list[MemberUpdate]:
+        """Expire suspicions (-> dead, to spread) and forget long-dead members."""
+        now = self._clock()
+        out: list[MemberUpdate] = []
+        forget: list[str] = []
+        for member in self._members.values():
+            if member.node_id == self.self_id:
+                continue
+            if (
+                member.status is MemberStatus.SUSPECT
+                and member.suspect_deadline is not None
+                and now >= member.suspect_deadline
+            ):
+                update = MemberUpdate(
+                    member.node_id,
+                    member.address,
+                    member.incarnation,
+                    MemberStatus.DEAD,
+                    self.self_id,
+                )
+                member.status = MemberStatus.DEAD
+                member.status_since = now
+                member.suspect_deadline = None
+                out.append(update)
+            elif (
+                member.status in (MemberStatus.DEAD, MemberStatus.LEFT)
+                and now - member.status_since >= self.settings.dead_forget_s
+            ):
+                forget.append(member.node_id)
+        for node_id in forget:
+            del self._members[node_id]
+        if out or forget:
+            self.generation += 1
+        return out
+
+    # ------------------------------------------------------------------ gossip
+    def digest(self) -> list[DigestEntry]:
+        return [
+            DigestEntry(m.node_id, m.incarnation, m.status, m.state_version)
+            for m in self._members.values()
+        ]
+
+    def own_record(self) -> GossipRecord:
+        me = self.me
+        return GossipRecord(me.rumour(self.self_id), me.state)
+
+    def newer_than(self, digest: Iterable[DigestEntry]) -> list[GossipRecord]:
+        """Records the digest's sender lacks: rumours it has older, states it has older.
+        Bounded by `max_records_per_message`; the rest follow in later rounds."""
+        theirs = {d.node_id: d for d in digest}
+        out: list[GossipRecord] = []
+        members = list(self._members.values())
+        self._rng.shuffle(members)  # a bounded answer must not always starve the same ones
+        for member in members:
+            known = theirs.get(member.node_id)
+            if known is None:
+                if member.status in LIVE:
+                    out.append(GossipRecord(member.rumour(), member.state))
+            else:
+                rumour_newer = (member.incarnation, int(member.status)) > (
+                    known.incarnation,
+                    int(known.status),
+                )
+                state_newer = member.state_version > known.state_version
+                if rumour_newer or state_newer:
+                    out.append(GossipRecord(member.rumour(), member.state if state_newer else None))
+            if len(out) >= self.settings.max_records_per_message:
+                break
+        return out
+
+    def wants(self, digest: Iterable[DigestEntry]) -> list[str]:
+        """Ids whose digest entry is newer than ours: ask the sender to push them."""
+        out: list[str] = []
+        for entry in digest:
+            member = self._members.get(entry.node_id)
+            if member is None:
+                if entry.status in LIVE:
+                    out.append(entry.node_id)
+            elif (entry.incarnation, int(entry.status)) > (
+                member.incarnation,
+                int(member.status),
+            ) or entry.state_version > member.state_version:
+                out.append(entry.node_id)
+            if len(out) >= self.settings.max_records_per_message:
+                break
+        return out
+
+    def records_for(self, node_ids: Iterable[str]) -> list[GossipRecord]:
+        out: list[GossipRecord] = []
+        for node_id in node_ids:
+            member = self._members.get(node_id)
+            if member is not None:
+                out.append(GossipRecord(member.rumour(), member.state))
+            if len(out) >= self.settings.max_records_per_message:
+                break
+        return out
+
+    def merge(self, records: Iterable[GossipRecord]) -> list[MemberUpdate]:
+        """Take in gossip records. Returns the rumours that changed something (to spread on)."""
+        changed: list[MemberUpdate] = []
+        for record in records:
+            spread = self.apply(record.member)
+            if spread is not None:
+                changed.append(spread)
+            if record.state is not None:
+                self._merge_state(record.state)
+        return changed
+
+    def _merge_state(self, state: NodeState) -> None:
+        member = self._members.get(state.node_id)
+        if member is None:
+            return
+        if state.node_id == self.self_id:
+            # A state of ours from a past life that is newer than our own: jump past it.
+            me = self.me
+            if me.state is not None and state.version >= me.state.version:
+                me.state = replace(me.state, version=state.version + 1)
+            return
+        if state.version > member.state_version:
+            member.state = state
+            self.generation += 1

@@ -1,0 +1,119 @@
+"""Seeds: turn `mesh.seeds` into peer addresses and join through them, retrying with backoff.
+
+A seed is `host:port`; a DNS name may resolve to several addresses (a Kubernetes headless
+Service) and each is tried. The joiner keeps trying, with exponential backoff and jitter, until
+one answers; afterwards it watches and re-joins whenever this node finds itself alone (the seed
+restarted, or a partition healed), so a mesh never stays split by an unlucky start order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def resolve_seed(seed: str) -> list[str]:
+    """Every address a seed names (an IP literal is itself). Empty when DNS fails."""
+    host, port = split_host_port(seed)
+    try:
+        ipaddress.ip_address(host)
+        return [join_host_port(host, port)]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        log.debug("seed %s does not resolve: %s", seed, exc)
+        return []
+    out: list[str] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        addr = join_host_port(str(sockaddr[0]), port)
+        if addr not in out:
+            out.append(addr)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    initial_s: float = 0.2
+    max_s: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.max_s, self.initial_s * self.multiplier**attempt)
+        return base * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
+
+
+class SeedJoiner:
+    """Joins through the seeds and re-joins when alone. `join(address) -> answered`."""
+
+    def __init__(
+        self,
+        seeds: Sequence[str],
+        join: Callable[[str], Awaitable[bool]],
+        alone: Callable[[], bool],
+        own_addresses: Sequence[str] = (),
+        backoff: Backoff | None = None,
+        resolve: Callable[[str], Awaitable[list[str]]] = resolve_seed,
+        rng: random.Random | None = None,
+        check_interval_s: float = 5.0,
+    ) -> None:
+        self._seeds = list(seeds)
+        self._join = join
+        self._alone = alone
+        self._own = set(own_addresses)
+        self._backoff = backoff or Backoff()
+        self._resolve = resolve
+        self._rng = rng or random.Random()
+        self._check_interval_s = check_interval_s
+        self.joined = asyncio.Event()
+
+    async def try_once(self) -> bool:
+        """Resolve every seed and try each address until one answers."""
+        for seed in self._seeds:
+            for address in await self._resolve(seed):
+                if address in self._own:
+                    continue
+                if await self._join(address):
+                    log.info("mesh: joined through seed %s (%s)", seed, address)
+                    return True
+        return False
+
+    async def run(self) -> None:
+        if not self._seeds:
+            self.joined.set()
+            return
+        attempt = 0
+        while True:
+            if self._alone():
+                if await self.try_once():
+                    self.joined.set()
+                    attempt = 0
+                else:
+                    delay = self._backoff.delay(attempt, self._rng)
+                    attempt += 1
+                    if attempt == 1 or attempt % 10 == 0:
+                        log.warning("mesh: no seed answered (%s); retrying", ", ".join(self._seeds))
+                    await asyncio.sleep(delay)
+                    continue
+            else:
+                self.joined.set()
+            await asyncio.sleep(self._check_interval_s)

@@ -1,0 +1,257 @@
+"""`MeshService`: the mesh as one component the node starts and stops.
+
+It owns the gRPC server, the peer channels, the membership table and its driver, the seed
+joiner, the `mesh` provider it adds to the router, and the publisher that turns this node's local
+offers, capacity and latency into its gossiped `NodeState`. It does no routing and no HTTP
+beyond the `/admin/mesh` handler it exposes.
+
+Start order: bind gRPC (port 0 allowed; the real port is advertised and printed as
+`MESHNODE_GRPC=host:port`), publish the first state, add the provider, start the loops, join the
+seeds in the background. Stop: `leave()` tells every peer we go (they stop routing to us at
+once) while in-flight forwarded calls may still finish; `stop()` then closes the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from meshnode.config import MeshConfig
+from meshnode.errors import UpstreamUnavailable
+from meshnode.mesh.admin import mesh_json
+from meshnode.mesh.driver import MeshDriver
+from meshnode.mesh.grpc_transport import GrpcTransport
+from meshnode.mesh.membership import Membership, MembershipSettings
+from meshnode.mesh.seeds import SeedJoiner, join_host_port, split_host_port
+from meshnode.mesh.state import (
+    CapacityAd,
+    LatencyAd,
+    MemberStatus,
+    MemberUpdate,
+    ModelAd,
+    NodeState,
+)
+from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
+from meshnode.providers.base import Provider
+from meshnode.providers.peer import MeshProvider
+from meshnode.rpc.client import PeerChannels
+from meshnode.rpc.server import InferBackend, MeshServicer, start_server
+
+log = logging.getLogger(__name__)
+
+
+class MeshService:
+    def __init__(
+        self,
+        config: MeshConfig,
+        node_id: str,
+        router: Any,
+        *,
+        http_address: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        announce: bool = True,
+    ) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.router = router
+        self.http_address = http_address
+        self._clock = clock
+        self._announce = announce
+        self.settings = MembershipSettings.from_config(config)
+        self.channels = PeerChannels()
+        self.membership: Membership | None = None
+        self.driver: MeshDriver | None = None
+        self.provider: MeshProvider | None = None
+        self.joiner: SeedJoiner | None = None
+        self.advertise_address = ""
+        self.port = 0
+        self._server: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._left = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        rng = random.Random()
+        # The servicer needs the driver and the driver needs the bound address: bind first,
+        # then hand the servicer its handler.
+        servicer = MeshServicer(self.node_id, _Pending(), backend=self.router)
+        self._server, self.port = await start_server(self.config.listen_addr, servicer)
+        self.advertise_address = self._advertise(self.port)
+        boot_version = int(time.time() * 1000)
+        self.membership = Membership(
+            self.node_id,
+            self.advertise_address,
+            self.settings,
+            self._clock,
+            rng,
+            initial_state=self._local_state(boot_version),
+        )
+        self.driver = MeshDriver(
+            self.membership,
+            GrpcTransport(self.channels),
+            gossip_interval_s=self.config.gossip_interval_ms / 1000.0,
+            rng=rng,
+            on_change=self._log_change,
+        )
+        servicer.set_handler(self.driver)
+        self.provider = MeshProvider(
+            self.node_id, self.membership, self.channels, rtt_ms=self.driver.rtt_ms.get
+        )
+        self.router.add_provider(self.provider)
+        self.driver.start()
+        own = {self.advertise_address, self.config.listen_addr}
+        self.joiner = SeedJoiner(
+            self.config.seeds,
+            self.driver.join,
+            alone=lambda: not self.membership.peers(),  # type: ignore[union-attr]
+            own_addresses=sorted(own),
+            rng=rng,
+        )
+        self._tasks = [
+            asyncio.create_task(self.joiner.run(), name="mesh-seeds"),
+            asyncio.create_task(self._publish_loop(), name="mesh-publish"),
+        ]
+        if self._announce:
+            print(f"MESHNODE_GRPC={self.advertise_address}", file=sys.stdout, flush=True)
+        log.info("mesh: node %s serving gRPC on %s", self.node_id, self.advertise_address)
+
+    async def leave(self, timeout: float = 1.0) -> None:
+        """Graceful leave: stop the loops and tell every peer at once. In-flight forwarded
+        calls keep running until `stop()`."""
+        if self._left or self.driver is None:
+            return
+        self._left = True
+        await self._cancel_tasks()
+        await self.driver.stop()
+        acked = await self.driver.leave(timeout)
+        log.info("mesh: left the mesh (%d peers acknowledged)", acked)
+
+    async def stop(self, graceful: bool = True, grace_s: float = 5.0) -> None:
+        if graceful:
+            await self.leave()
+        else:
+            await self._cancel_tasks()
+            if self.driver is not None:
+                await self.driver.stop()
+        if self._server is not None:
+            await self._server.stop(grace_s if graceful else None)
+            self._server = None
+        await self.channels.close()
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    # ------------------------------------------------------------------ own state
+    def _advertise(self, port: int) -> str:
+        if self.config.advertise_addr:
+            return self.config.advertise_addr
+        host, _ = split_host_port(self.config.listen_addr)
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostbyname(socket.gethostname())
+        return join_host_port(host, port)
+
+    def _local_providers(self) -> Sequence[Provider]:
+        return [p for p in self.router.providers if p.kind != "mesh"]
+
+    def _local_state(self, version: int = 0) -> NodeState:
+        ads: dict[tuple[str, str], ModelAd] = {}
+        slots_total = slots_free = queue = 0
+        tokens_per_s = 0.0
+        for provider in self._local_providers():
+            for offer in provider.offers():
+                key = (offer.model, offer.provider_kind)
+                ad = ModelAd(
+                    offer.model, offer.provider_kind, offer.kinds, offer.cost_per_1k_input,
+                    offer.cost_per_1k_output, offer.max_context_tokens,
+                )
+                known = ads.get(key)
+                if known is None or (ad.cost_per_1k_input + ad.cost_per_1k_output) < (
+                    known.cost_per_1k_input + known.cost_per_1k_output
+                ):
+                    ads[key] = ad
+            capacity = provider.capacity()
+            if capacity is not None:
+                slots_total += capacity.slots_total
+                slots_free += capacity.slots_free
+                queue += capacity.queue_depth
+                tokens_per_s += capacity.tokens_per_s
+        latency: list[LatencyAd] = []
+        snapshot = getattr(self.router, "latency_snapshot", None)
+        if snapshot is not None:
+            for model, values in sorted(snapshot().items()):
+                latency.append(
+                    LatencyAd(
+                        model,
+                        round(values.get("ewma_ms") or 0.0, 1),
+                        round(values.get("p95_ms") or 0.0, 1),
+                        round(values.get("ttft_ms") or 0.0, 1),
+                    )
+                )
+        return NodeState(
+            node_id=self.node_id,
+            version=version,
+            grpc_address=self.advertise_address,
+            http_address=self.http_address,
+            status="left" if self._left else "alive",
+            models=tuple(sorted(ads.values(), key=lambda a: (a.name, a.provider_kind))),
+            capacity=CapacityAd(slots_total, slots_free, queue, round(tokens_per_s, 1)),
+            latency=tuple(latency),
+        )
+
+    async def _publish_loop(self) -> None:
+        interval = self.config.gossip_interval_ms / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            assert self.membership is not None
+            try:
+                self.membership.publish(self._local_state())
+            except Exception:  # noqa: BLE001 - a provider's bad report must not stop gossip
+                log.exception("mesh: could not build this node's state")
+
+    def _log_change(self, update: MemberUpdate) -> None:
+        if update.node_id == self.node_id:
+            if update.status is MemberStatus.ALIVE:
+                log.info("mesh: refuted a rumour about us (incarnation %d)", update.incarnation)
+            return
+        log.info("mesh: %s is %s (incarnation %d, from %s)", update.node_id,
+                 update.status.label, update.incarnation, update.from_node or "?")
+
+    # ------------------------------------------------------------------ admin
+    def snapshot(self) -> dict[str, Any]:
+        assert self.membership is not None and self.driver is not None
+        return mesh_json(
+            self.membership.members(), self.node_id, self._clock(), self.driver.rtt_ms
+        )
+
+    async def admin_handler(self, request: web.Request) -> web.Response:
+        """GET /admin/mesh (the node puts it behind admin auth)."""
+        return web.Response(body=orjson.dumps(self.snapshot()), content_type="application/json")
+
+
+class _Pending:
+    """Answers mesh traffic that arrives in the instant between bind and wiring: the caller
+    sees a failed call, as if we were not there yet."""
+
+    async def on_probe(self, probe: Probe) -> Ack:
+        raise UpstreamUnavailable("mesh not started")
+
+    async def on_gossip(self, message: GossipMessage) -> GossipReply:
+        raise UpstreamUnavailable("mesh not started")
+
+
+__all__ = ["InferBackend", "MeshService"]

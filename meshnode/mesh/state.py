@@ -1,0 +1,132 @@
+"""Mesh domain types: member liveness and the versioned state each node gossips about itself.
+
+Two things are known about every member, and they are ordered differently:
+- `MemberUpdate` is the SWIM liveness rumour (alive / suspect / dead / left). Anyone may spread
+  one; they are ordered by (incarnation, status): a higher incarnation wins, and at the same
+  incarnation suspect beats alive, dead beats suspect, left beats dead. Only the member itself
+  raises its incarnation (to refute a suspicion or to rejoin).
+- `NodeState` is what a node says about itself (addresses, models, capacity, latency). Only its
+  owner writes it; `version` orders it. A node's first version is its boot time in milliseconds,
+  so a restarted node's state is newer than whatever the mesh remembers of its previous life.
+
+Wire types (protobuf) stay in `meshnode.rpc.convert`; these are what the mesh code passes around.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshnode.types import RequestKind
+
+# The protocol version this code speaks (SPEC §5 messages carry it).
+PROTOCOL_VERSION = 1
+
+
+class MemberStatus(enum.IntEnum):
+    """Liveness; the integer order is the tie-break at equal incarnation."""
+
+    ALIVE = 1
+    SUSPECT = 2
+    DEAD = 3
+    LEFT = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class MemberUpdate:
+    """A liveness rumour about one member."""
+
+    node_id: str
+    address: str
+    incarnation: int
+    status: MemberStatus
+    from_node: str = ""
+
+    def supersedes(self, incarnation: int, status: MemberStatus) -> bool:
+        """Whether this rumour is newer than a member known at (incarnation, status)."""
+        return (self.incarnation, int(self.status)) > (incarnation, int(status))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAd:
+    """One model a node offers, as gossip carries it (one per model and provider kind)."""
+
+    name: str
+    provider_kind: str
+    kinds: frozenset[RequestKind] = frozenset({RequestKind.CHAT, RequestKind.COMPLETION})
+    cost_per_1k_input: float = 0.0
+    cost_per_1k_output: float = 0.0
+    max_context_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityAd:
+    slots_total: int = 0
+    slots_free: int = 0
+    queue_depth: int = 0
+    tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyAd:
+    """A node's own measured latency for one model (milliseconds)."""
+
+    model: str
+    ewma_ms: float = 0.0
+    p95_ms: float = 0.0
+    ttft_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """Everything a node says about itself. Only the owner creates new versions."""
+
+    node_id: str
+    version: int
+    grpc_address: str
+    http_address: str = ""
+    status: str = "alive"  # alive | draining | left: the owner's own word
+    models: tuple[ModelAd, ...] = ()
+    capacity: CapacityAd = field(default_factory=CapacityAd)
+    latency: tuple[LatencyAd, ...] = ()
+    counters: Mapping[str, float] = field(default_factory=dict)
+    protocol_version: int = PROTOCOL_VERSION
+
+    def latency_for(self, model: str) -> LatencyAd | None:
+        for entry in self.latency:
+            if entry.model == model:
+                return entry
+        return None
+
+    def same_content(self, other: NodeState) -> bool:
+        """Equal but for the version: no new version needs to be published."""
+        return (
+            self.grpc_address == other.grpc_address
+            and self.http_address == other.http_address
+            and self.status == other.status
+            and self.models == other.models
+            and self.capacity == other.capacity
+            and self.latency == other.latency
+            and dict(self.counters) == dict(other.counters)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DigestEntry:
+    node_id: str
+    incarnation: int
+    status: MemberStatus
+    state_version: int  # 0: no state known
+
+
+@dataclass(frozen=True, slots=True)
+class GossipRecord:
+    """A liveness rumour, with the owner's state when the receiver needs it."""
+
+    member: MemberUpdate
+    state: NodeState | None = None

@@ -1,0 +1,358 @@
+"""protobuf <-> domain conversion for the mesh protocol. The only module that reads or builds
+`mesh_pb2` messages besides the generated code; everything else passes domain types.
+
+Bounds: strings and lists coming from a peer are cut to sane sizes here, so a confused peer
+cannot make a node hold unbounded state (issue 6 adds authentication and stricter checks).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgpack
+
+from meshnode.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    MeshError,
+    ModelNotFound,
+    NoCapacity,
+    StreamBroken,
+    UpstreamAuthError,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from meshnode.mesh.state import (
+    PROTOCOL_VERSION,
+    CapacityAd,
+    DigestEntry,
+    GossipRecord,
+    LatencyAd,
+    MemberStatus,
+    MemberUpdate,
+    ModelAd,
+    NodeState,
+)
+from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
+from meshnode.rpc.generated import mesh_pb2 as pb
+from meshnode.types import InferenceRequest, RequestKind, Usage
+
+MAX_ID = 256
+MAX_MODELS = 512
+MAX_COUNTERS = 64
+MAX_RECORDS = 4096
+
+_KINDS = {k.value: k for k in RequestKind}
+
+
+def _cut(text: str, limit: int = MAX_ID) -> str:
+    return text[:limit]
+
+
+# ------------------------------------------------------------------------------ msgpack
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+# ------------------------------------------------------------------------------ gossip
+def member_to_pb(u: MemberUpdate) -> pb.MemberUpdate:
+    return pb.MemberUpdate(
+        node_id=u.node_id, address=u.address, incarnation=u.incarnation,
+        status=int(u.status), from_node=u.from_node,  # type: ignore[arg-type]
+    )
+
+
+def member_from_pb(m: pb.MemberUpdate) -> MemberUpdate | None:
+    if not m.node_id or m.status not in (1, 2, 3, 4):
+        return None
+    return MemberUpdate(
+        _cut(m.node_id), _cut(m.address), m.incarnation, MemberStatus(m.status), _cut(m.from_node)
+    )
+
+
+def state_to_pb(s: NodeState) -> pb.NodeState:
+    return pb.NodeState(
+        node_id=s.node_id,
+        version=s.version,
+        grpc_address=s.grpc_address,
+        http_address=s.http_address,
+        status=s.status,
+        models=[
+            pb.ModelAd(
+                name=m.name, provider_kind=m.provider_kind, kinds=sorted(k.value for k in m.kinds),
+                cost_per_1k_input=m.cost_per_1k_input, cost_per_1k_output=m.cost_per_1k_output,
+                max_context_tokens=m.max_context_tokens or 0,
+            )
+            for m in s.models
+        ],
+        capacity=pb.CapacityAd(
+            slots_total=s.capacity.slots_total, slots_free=s.capacity.slots_free,
+            queue_depth=s.capacity.queue_depth, tokens_per_s=s.capacity.tokens_per_s,
+        ),
+        latency=[
+            pb.LatencyAd(model=la.model, ewma_ms=la.ewma_ms, p95_ms=la.p95_ms, ttft_ms=la.ttft_ms)
+            for la in s.latency
+        ],
+        counters=dict(s.counters),
+        protocol_version=s.protocol_version,
+    )
+
+
+def state_from_pb(s: pb.NodeState) -> NodeState | None:
+    if not s.node_id:
+        return None
+    models = tuple(
+        ModelAd(
+            name=_cut(m.name),
+            provider_kind=_cut(m.provider_kind, 64),
+            kinds=frozenset(_KINDS[k] for k in m.kinds if k in _KINDS),
+            cost_per_1k_input=max(0.0, m.cost_per_1k_input),
+            cost_per_1k_output=max(0.0, m.cost_per_1k_output),
+            max_context_tokens=m.max_context_tokens or None,
+        )
+        for m in s.models[:MAX_MODELS]
+        if m.name
+    )
+    counters = dict(list(s.counters.items())[:MAX_COUNTERS])
+    return NodeState(
+        node_id=_cut(s.node_id),
+        version=s.version,
+        grpc_address=_cut(s.grpc_address),
+        http_address=_cut(s.http_address),
+        status=_cut(s.status, 16) or "alive",
+        models=models,
+        capacity=CapacityAd(
+            s.capacity.slots_total, s.capacity.slots_free, s.capacity.queue_depth,
+            s.capacity.tokens_per_s,
+        ),
+        latency=tuple(
+            LatencyAd(_cut(la.model), la.ewma_ms, la.p95_ms, la.ttft_ms)
+            for la in s.latency[:MAX_MODELS]
+        ),
+        counters=counters,
+        protocol_version=s.protocol_version,
+    )
+
+
+def records_to_pb(records: tuple[GossipRecord, ...] | list[GossipRecord]) -> list[pb.GossipRecord]:
+    out = []
+    for r in records:
+        rec = pb.GossipRecord(member=member_to_pb(r.member))
+        if r.state is not None:
+            rec.state.CopyFrom(state_to_pb(r.state))
+        out.append(rec)
+    return out
+
+
+def records_from_pb(records: Any) -> tuple[GossipRecord, ...]:
+    out: list[GossipRecord] = []
+    for r in list(records)[:MAX_RECORDS]:
+        member = member_from_pb(r.member)
+        if member is None:
+            continue
+        state = state_from_pb(r.state) if r.HasField("state") else None
+        if state is not None and state.node_id != member.node_id:
+            state = None  # a state travels only with its own member's record
+        out.append(GossipRecord(member, state))
+    return tuple(out)
+
+
+def gossip_request_to_pb(m: GossipMessage) -> pb.GossipRequest:
+    return pb.GossipRequest(
+        protocol_version=PROTOCOL_VERSION,
+        from_node=m.from_node,
+        digest=[
+            pb.DigestEntry(node_id=d.node_id, incarnation=d.incarnation,
+                           status=int(d.status),  # type: ignore[arg-type]
+                           state_version=d.state_version)
+            for d in m.digest
+        ],
+        records=records_to_pb(m.records),
+        join=m.join,
+    )
+
+
+def gossip_request_from_pb(r: pb.GossipRequest) -> GossipMessage:
+    digest = tuple(
+        DigestEntry(_cut(d.node_id), d.incarnation, MemberStatus(d.status), d.state_version)
+        for d in list(r.digest)[:MAX_RECORDS]
+        if d.node_id and d.status in (1, 2, 3, 4)
+    )
+    return GossipMessage(
+        _cut(r.from_node), digest, records_from_pb(r.records), r.join, r.protocol_version
+    )
+
+
+def gossip_reply_to_pb(m: GossipReply) -> pb.GossipResponse:
+    return pb.GossipResponse(
+        protocol_version=PROTOCOL_VERSION, from_node=m.from_node,
+        records=records_to_pb(m.records), wants=list(m.wants),
+    )
+
+
+def gossip_reply_from_pb(r: pb.GossipResponse) -> GossipReply:
+    return GossipReply(
+        _cut(r.from_node), records_from_pb(r.records),
+        tuple(_cut(w) for w in list(r.wants)[:MAX_RECORDS]), r.protocol_version,
+    )
+
+
+def probe_to_pb(p: Probe) -> pb.HealthRequest:
+    req = pb.HealthRequest(
+        protocol_version=PROTOCOL_VERSION, from_node=p.from_node, seq=p.seq,
+        target_node=p.target_node, target_address=p.target_address, timeout_ms=p.timeout_ms,
+    )
+    if p.about_you is not None:
+        req.about_you.CopyFrom(member_to_pb(p.about_you))
+    return req
+
+
+def probe_from_pb(r: pb.HealthRequest) -> Probe:
+    about = member_from_pb(r.about_you) if r.HasField("about_you") else None
+    return Probe(
+        _cut(r.from_node), r.seq, _cut(r.target_node), _cut(r.target_address),
+        min(r.timeout_ms, 60_000), about, r.protocol_version,
+    )
+
+
+def ack_to_pb(a: Ack) -> pb.HealthResponse:
+    return pb.HealthResponse(
+        protocol_version=PROTOCOL_VERSION, node_id=a.node_id, seq=a.seq, ok=a.ok,
+        incarnation=a.incarnation,
+    )
+
+
+def ack_from_pb(r: pb.HealthResponse) -> Ack:
+    return Ack(_cut(r.node_id), r.seq, r.ok, r.incarnation, r.protocol_version)
+
+
+# ------------------------------------------------------------------------------ infer
+def infer_request_to_pb(
+    request: InferenceRequest, visited: tuple[str, ...], origin: str, remaining_s: float
+) -> pb.InferRequest:
+    return pb.InferRequest(
+        protocol_version=PROTOCOL_VERSION,
+        request_id=request.request_id,
+        kind=request.kind.value,
+        model=request.model,
+        body=pack(request.body),
+        stream=request.stream,
+        include_usage=request.include_usage,
+        visited=list(visited),
+        deadline_ms=max(1, int(remaining_s * 1000)),
+        key_name=request.key_name or "",
+        headers=request.headers,
+        prompt_tokens_estimate=max(0, request.prompt_tokens_estimate),
+        max_output_tokens=request.max_output_tokens or 0,
+        origin_node=origin,
+    )
+
+
+def infer_request_from_pb(
+    r: pb.InferRequest, self_id: str, remaining_s: float | None
+) -> InferenceRequest:
+    """The serving node's request: visited is the caller chain plus this node."""
+    kind = _KINDS.get(r.kind)
+    if kind is None:
+        raise InvalidRequest(f"unknown request kind {r.kind!r}")
+    try:
+        body = unpack(r.body)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise InvalidRequest("request body is not valid msgpack") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    budget_s = r.deadline_ms / 1000.0 if r.deadline_ms else 30.0
+    if remaining_s is not None:
+        budget_s = min(budget_s, remaining_s)
+    visited = tuple(_cut(v) for v in list(r.visited)[:32])
+    if self_id not in visited:
+        visited = (*visited, self_id)
+    return InferenceRequest(
+        kind=kind,
+        model=r.model,
+        body=body,
+        request_id=r.request_id,
+        deadline=time.monotonic() + budget_s,
+        stream=r.stream,
+        include_usage=r.include_usage,
+        key_name=r.key_name or None,
+        headers=dict(r.headers),
+        visited=visited,
+        prompt_tokens_estimate=r.prompt_tokens_estimate,
+        max_output_tokens=r.max_output_tokens or None,
+    )
+
+
+def usage_to_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, estimated=u.estimated
+    )
+
+
+def usage_from_pb(u: pb.Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.estimated)
+
+
+# ------------------------------------------------------------------------------ errors
+# Errors a peer reports that say nothing against trying another candidate.
+_RETRYABLE_ELSEWHERE = (UpstreamError, NoCapacity, ModelNotFound)
+
+
+def error_to_pb(exc: MeshError, node: str) -> pb.Error:
+    """A failure on the serving node. `retryable`: whether the caller may try elsewhere."""
+    retryable = isinstance(exc, _RETRYABLE_ELSEWHERE) and (
+        exc.retryable or isinstance(exc, NoCapacity | ModelNotFound)
+    )
+    return pb.Error(
+        type=exc.error_type, code=exc.code or "", message=exc.message, param=exc.param or "",
+        status=exc.status, retryable=retryable, retry_after=exc.retry_after or 0.0, node=node,
+    )
+
+
+_BY_CODE: dict[str, type[MeshError]] = {
+    "upstream_timeout": UpstreamTimeout,
+    "upstream_rate_limited": UpstreamRateLimited,
+    "upstream_bad_request": UpstreamBadRequest,
+    "upstream_auth_error": UpstreamAuthError,
+    "deadline_exceeded": DeadlineExceeded,
+    "model_not_found": UpstreamUnavailable,
+}
+
+
+def error_from_pb(e: pb.Error, provider: str, *, after_first_chunk: bool) -> MeshError:
+    """The caller's view of a peer's error. Retryable ones become `UpstreamUnavailable` (or
+    their own retryable class); the rest keep their meaning for the client."""
+    node = e.node or "peer"
+    message = f"{node}: {e.message}" if e.message else f"{node}: {e.code or 'error'}"
+    retry_after = e.retry_after or None
+    if after_first_chunk:
+        return StreamBroken(message, provider=provider)
+    cls = _BY_CODE.get(e.code)
+    if e.retryable:
+        if cls is None or not cls.retryable:
+            cls = UpstreamUnavailable
+        return cls(message, provider=provider, retry_after=retry_after)
+    if cls is not None and not cls.retryable:
+        return cls(message, provider=provider, retry_after=retry_after)
+    if 400 <= e.status < 500 and e.status not in (408, 429):
+        err = InvalidRequest(message, param=e.param or None, provider=provider)
+        err.code = e.code or None
+        return err
+    # A non-retryable failure of a kind we do not know: keep it non-retryable.
+    return UpstreamBadRequest(message, provider=provider) if e.status == 400 else _Final(
+        message, provider=provider
+    )
+
+
+class _Final(UpstreamError):
+    """A peer's failure that it said must not be retried elsewhere."""
+
+    retryable = False

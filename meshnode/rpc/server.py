@@ -1,0 +1,146 @@
+"""The gRPC server side: the `Mesh` servicer and the server it runs in.
+
+`Infer` hands the forwarded request to this node's router (which may serve it locally or, within
+`max_hops`, forward it again); `Gossip` and `Health` go to the membership driver through the
+`MeshHandler` interface. Nothing here decides anything: it converts and delegates.
+
+The servicer never lets an exception escape as a gRPC status for a request it understood: errors
+travel in-band as an `Error` chunk carrying the OpenAI error type and whether retrying elsewhere
+is safe. gRPC statuses are left for transport-level failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import grpc
+import grpc.aio
+
+from meshnode.errors import DeadlineExceeded, MeshError, UpstreamUnavailable
+from meshnode.mesh.state import PROTOCOL_VERSION
+from meshnode.mesh.transport import MeshHandler
+from meshnode.routing.outcome import RoutedCompletion, RoutedStream
+from meshnode.rpc import convert
+from meshnode.rpc.generated import mesh_pb2 as pb
+from meshnode.rpc.generated import mesh_pb2_grpc
+from meshnode.rpc.options import SERVER_OPTIONS
+from meshnode.types import InferenceRequest
+
+log = logging.getLogger(__name__)
+
+
+class InferBackend(Protocol):
+    """What `Infer` needs from this node: the router's two entry points."""
+
+    async def complete(self, request: InferenceRequest) -> RoutedCompletion: ...
+
+    async def open_stream(self, request: InferenceRequest) -> RoutedStream: ...
+
+
+class MeshServicer(mesh_pb2_grpc.MeshServicer):
+    def __init__(self, node_id: str, handler: MeshHandler, backend: InferBackend | None) -> None:
+        self._node_id = node_id
+        self._handler = handler
+        self._backend = backend
+
+    def set_backend(self, backend: InferBackend) -> None:
+        self._backend = backend
+
+    def set_handler(self, handler: MeshHandler) -> None:
+        self._handler = handler
+
+    async def Health(  # noqa: N802 - gRPC method name
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        ack = await self._handler.on_probe(convert.probe_from_pb(request))
+        return convert.ack_to_pb(ack)
+
+    async def Gossip(  # noqa: N802 - gRPC method name
+        self, request: pb.GossipRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GossipResponse:
+        reply = await self._handler.on_gossip(convert.gossip_request_from_pb(request))
+        return convert.gossip_reply_to_pb(reply)
+
+    async def Infer(  # noqa: N802 - gRPC method name
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.InferChunk]:
+        try:
+            if self._backend is None:
+                raise UpstreamUnavailable(f"{self._node_id}: not serving yet")
+            req = convert.infer_request_from_pb(request, self._node_id, context.time_remaining())
+            if req.deadline <= time.monotonic():
+                raise DeadlineExceeded("deadline passed before the peer started")
+            if request.stream:
+                async for chunk in self._stream(req):
+                    yield chunk
+            else:
+                routed = await self._backend.complete(req)
+                served = routed.served
+                yield pb.InferChunk(
+                    protocol_version=PROTOCOL_VERSION,
+                    final=pb.Final(
+                        usage=convert.usage_to_pb(served.usage),
+                        cost=served.cost,
+                        node=served.node or self._node_id,
+                        provider=served.offer.provider,
+                        model=served.offer.model,
+                        latency_ms=served.latency_ms,
+                        body=convert.pack(routed.completion.body),
+                    ),
+                )
+        except MeshError as exc:
+            yield pb.InferChunk(
+                protocol_version=PROTOCOL_VERSION, error=convert.error_to_pb(exc, self._node_id)
+            )
+
+    async def _stream(self, req: InferenceRequest) -> AsyncIterator[pb.InferChunk]:
+        assert self._backend is not None
+        routed = await self._backend.open_stream(req)
+        served = routed.served
+        try:
+            first = True
+            async for chunk in routed:
+                msg = pb.Chunk(data=convert.pack(chunk.data))
+                if chunk.usage is not None:
+                    msg.usage.CopyFrom(convert.usage_to_pb(chunk.usage))
+                if first:
+                    msg.node = chunk.node or served.node or self._node_id
+                    first = False
+                yield pb.InferChunk(protocol_version=PROTOCOL_VERSION, chunk=msg)
+        finally:
+            # The caller went away (or we finished): release the upstream stream.
+            await routed.aclose()
+        yield pb.InferChunk(
+            protocol_version=PROTOCOL_VERSION,
+            final=pb.Final(
+                usage=convert.usage_to_pb(served.usage),
+                cost=served.cost,
+                node=served.node or self._node_id,
+                provider=served.offer.provider,
+                model=served.offer.model,
+                latency_ms=served.latency_ms,
+            ),
+        )
+
+
+async def start_server(
+    listen_addr: str,
+    servicer: MeshServicer,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the port it bound (listen port 0 picks one).
+    `interceptors` is the authentication hook (issue 6)."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    mesh_pb2_grpc.add_MeshServicer_to_server(servicer, server)
+    if credentials is not None:
+        port = server.add_secure_port(listen_addr, credentials)
+    else:
+        port = server.add_insecure_port(listen_addr)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC on {listen_addr}")
+    await server.start()
+    return server, port
