@@ -755,9 +755,16 @@ class FakeOpenAIProcess:
         return self.base_url.removesuffix("/v1")
 
     def start(self) -> str:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        path = [str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+        # unbuffered: the selector below must see every byte the child writes
         self._proc = subprocess.Popen(
-            self._args, cwd=_REPO_ROOT, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            self._args,
+            cwd=_REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            bufsize=0,
         )
         assert self._proc.stdout is not None
         selector = selectors.DefaultSelector()
