@@ -23,6 +23,7 @@ are not (the request or the operator's key is wrong, another provider would not 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -32,7 +33,6 @@ import orjson
 
 from meshnode.config import ResolvedProvider, TimeoutsConfig
 from meshnode.errors import (
-    ConfigError,
     InvalidRequest,
     MeshError,
     UpstreamAuthError,
@@ -51,6 +51,8 @@ from meshnode.types import (
     StreamChunk,
     Usage,
 )
+
+log = logging.getLogger(__name__)
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic requires max_tokens; OpenAI clients usually leave it out. 4096 is the largest value
@@ -504,11 +506,15 @@ class AnthropicProvider(Provider):
         self.kind = resolved.type
         config = resolved.config
         api_key = config.credentials.get("api_key", "")
+        # Like every cloud adapter: an empty key (its variable unset) disables the provider
+        # with a warning instead of stopping the node; /health/ready says why.
+        self.disabled_reason: str | None = None
         if not api_key:
-            raise ConfigError(
-                [f"providers.{resolved.name}.credentials.api_key: required "
-                 "(or set ANTHROPIC_API_KEY with no config file)"]
+            self.disabled_reason = (
+                f"providers.{resolved.name}.credentials.api_key is empty (is "
+                "ANTHROPIC_API_KEY set?); this provider serves nothing"
             )
+            log.warning("provider %s disabled: %s", resolved.name, self.disabled_reason)
         base_url = (resolved.base_url or "https://api.anthropic.com").rstrip("/")
         # Accept both spellings: the SDK's `https://api.anthropic.com` and `.../v1`.
         self._path = "/messages" if base_url.endswith("/v1") else "/v1/messages"
@@ -536,14 +542,20 @@ class AnthropicProvider(Provider):
                 max_context_tokens=model.max_context_tokens,
             )
             for model in config.models
-            if model.kind == "chat"
+            if model.kind == "chat" and self.disabled_reason is None
         ]
 
     def offers(self) -> Sequence[ModelOffer]:
         return self._offers
 
+    def ready(self) -> tuple[bool, str]:
+        if self.disabled_reason is not None:
+            return False, self.disabled_reason
+        return True, ""
+
     async def start(self) -> None:
-        await self._http.start()
+        if self.disabled_reason is None:
+            await self._http.start()
 
     async def close(self) -> None:
         await self._http.close()

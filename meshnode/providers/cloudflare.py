@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -32,7 +33,6 @@ import orjson
 
 from meshnode.config import ModelConfig, ResolvedProvider, TimeoutsConfig
 from meshnode.errors import (
-    ConfigError,
     InvalidRequest,
     MeshError,
     UpstreamAuthError,
@@ -53,6 +53,8 @@ from meshnode.types import (
     StreamChunk,
     Usage,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
 # OpenAI sampling fields Workers AI text models accept under the same name.
@@ -192,12 +194,16 @@ class CloudflareProvider(Provider):
         account_id = config.credentials.get("account_id", "")
         api_token = config.credentials.get("api_token", "")
         missing = [k for k, v in (("account_id", account_id), ("api_token", api_token)) if not v]
+        # Like every cloud adapter: empty credentials (their variables unset) disable the
+        # provider with a warning instead of stopping the node; /health/ready says why.
+        self.disabled_reason: str | None = None
         if missing:
-            raise ConfigError([
-                f"providers.{resolved.name}.credentials.{key}: required (or set "
-                "CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN with no config file)"
-                for key in missing
-            ])
+            self.disabled_reason = (
+                f"providers.{resolved.name}.credentials: {' and '.join(missing)} empty (are "
+                "CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN set?); this provider serves "
+                "nothing"
+            )
+            log.warning("provider %s disabled: %s", resolved.name, self.disabled_reason)
         self._prefix = f"/accounts/{account_id}/ai/run/"
         self._http = HttpUpstream(
             provider=resolved.name,
@@ -207,7 +213,7 @@ class CloudflareProvider(Provider):
             max_concurrency=config.max_concurrency,
         )
         self._offers = []
-        for model in config.models:
+        for model in config.models if self.disabled_reason is None else ():
             kind = infer_kind(model)
             kinds = (frozenset({RequestKind.CHAT, RequestKind.COMPLETION})
                      if kind in (RequestKind.CHAT, RequestKind.COMPLETION) else frozenset({kind}))
@@ -226,8 +232,14 @@ class CloudflareProvider(Provider):
     def offers(self) -> Sequence[ModelOffer]:
         return self._offers
 
+    def ready(self) -> tuple[bool, str]:
+        if self.disabled_reason is not None:
+            return False, self.disabled_reason
+        return True, ""
+
     async def start(self) -> None:
-        await self._http.start()
+        if self.disabled_reason is None:
+            await self._http.start()
 
     async def close(self) -> None:
         await self._http.close()

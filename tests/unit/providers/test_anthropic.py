@@ -12,7 +12,6 @@ import pytest
 
 from meshnode.config import ResolvedProvider, TimeoutsConfig, validate
 from meshnode.errors import (
-    ConfigError,
     InvalidRequest,
     StreamBroken,
     UpstreamAuthError,
@@ -353,7 +352,7 @@ async def test_stream_broken_after_first_chunk_is_not_retryable(
         assert got and "".join(got) in ("a ", "a b ")
 
 
-async def test_wrong_key_is_auth_error_and_missing_key_is_config_error(
+async def test_wrong_key_is_auth_error_and_missing_key_disables(
     fake: FakeAnthropic,
 ) -> None:
     p = provider_for(fake, api_key="sk-ant-wrong-key")
@@ -368,8 +367,11 @@ async def test_wrong_key_is_auth_error_and_missing_key_is_config_error(
         {"name": "c", "anthropic_model": "claude"}]}}})
     (resolved,) = config.resolved_providers()
     assert isinstance(resolved, ResolvedProvider)
-    with pytest.raises(ConfigError):
-        AnthropicProvider(resolved, ProviderContext("n", Path("."), TIMEOUTS))
+    # an unset key variable disables the provider (the node still starts) and says why
+    disabled = AnthropicProvider(resolved, ProviderContext("n", Path("."), TIMEOUTS))
+    assert disabled.offers() == []
+    ready, why = disabled.ready()
+    assert not ready and "credentials.api_key" in why
 
 
 async def test_connection_refused_is_retryable(fake: FakeAnthropic) -> None:

@@ -13,7 +13,6 @@ import pytest
 
 from meshnode.config import TimeoutsConfig, validate
 from meshnode.errors import (
-    ConfigError,
     InvalidRequest,
     StreamBroken,
     UpstreamAuthError,
@@ -258,9 +257,11 @@ async def test_stream_broken_midway_is_stream_broken(
     assert got == ["a ", "b "]
 
 
-def test_missing_credentials_are_config_errors() -> None:
-    config = validate({"providers": {"cloudflare": {"models": MODELS}}})
+def test_missing_credentials_disable_the_provider() -> None:
+    config = validate({"providers": {"cloudflare": {
+        "credentials": {"account_id": "a", "api_token": ""}, "models": MODELS}}})
     (resolved,) = config.resolved_providers()
-    with pytest.raises(ConfigError) as info:
-        CloudflareProvider(resolved, ProviderContext("n", Path("."), TIMEOUTS))
-    assert len(info.value.errors) == 2
+    disabled = CloudflareProvider(resolved, ProviderContext("n", Path("."), TIMEOUTS))
+    assert disabled.offers() == []
+    ready, why = disabled.ready()
+    assert not ready and "api_token" in why and "account_id" not in why
