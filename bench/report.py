@@ -1,0 +1,258 @@
+"""The results of one benchmark run: typed records, the SPEC §6 checks, the table, JSON and markdown.
+
+It owns turning raw samples into numbers (percentiles, added latency, ratios) and rendering them.
+It measures nothing itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# SPEC §6 targets.
+SPEC_ADDED_P50_MS = 1.0
+SPEC_ADDED_P99_MS = 2.0
+SPEC_ADDED_TTFT_MS = 2.0
+SPEC_RPS_RATIO = 25.0
+SPEC_CPU_US_PER_REQUEST = 400.0
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of unsorted samples; NaN when there are none."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    n: int
+    errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+
+    @classmethod
+    def from_seconds(cls, samples: Sequence[float], errors: int) -> LatencyStats:
+        ms = [s * 1e3 for s in samples]
+        mean = sum(ms) / len(ms) if ms else math.nan
+        return cls(
+            len(ms), errors, percentile(ms, 50), percentile(ms, 90), percentile(ms, 99), mean
+        )
+
+
+@dataclass(frozen=True)
+class ThroughputStats:
+    tool: str
+    connections: int
+    requests: int
+    errors: int
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_s: float  # CPU of the target's process tree during the run
+    cpu_us_per_request: float
+
+
+@dataclass(frozen=True)
+class SlowStreamStats:
+    """A stream whose backend waits `chunk_delay_ms` between chunks: buffered or relayed?"""
+
+    n: int
+    errors: int
+    chunk_delay_ms: float
+    ttft_p50_ms: float
+    total_p50_ms: float
+
+    @property
+    def relayed_incrementally(self) -> bool:
+        # A buffering proxy delivers the first token only when the whole stream is in.
+        return self.ttft_p50_ms < self.total_p50_ms - 2 * self.chunk_delay_ms
+
+
+@dataclass
+class TargetResult:
+    name: str
+    base_url: str = ""
+    error: str | None = None
+    latency: LatencyStats | None = None
+    throughput: ThroughputStats | None = None
+    ttft: LatencyStats | None = None
+    slow_stream: SlowStreamStats | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Check:
+    metric: str
+    value: float
+    target: str
+    passed: bool
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    targets: dict[str, TargetResult] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- derived numbers
+    def added(self, name: str) -> dict[str, float]:
+        """Latency a proxy adds over calling the backend directly (ms)."""
+        direct, via = self.targets.get("direct"), self.targets.get(name)
+        out: dict[str, float] = {}
+        if direct is None or via is None:
+            return out
+        if direct.latency and via.latency:
+            out["p50_ms"] = via.latency.p50_ms - direct.latency.p50_ms
+            out["p99_ms"] = via.latency.p99_ms - direct.latency.p99_ms
+        if direct.ttft and via.ttft:
+            out["ttft_p50_ms"] = via.ttft.p50_ms - direct.ttft.p50_ms
+            out["ttft_p99_ms"] = via.ttft.p99_ms - direct.ttft.p99_ms
+        return out
+
+    def ratios(self) -> dict[str, float]:
+        node, litellm = self.targets.get("meshnode"), self.targets.get("litellm")
+        out: dict[str, float] = {}
+        if node and litellm and node.throughput and litellm.throughput:
+            if litellm.throughput.rps > 0:
+                out["rps_meshnode_over_litellm"] = node.throughput.rps / litellm.throughput.rps
+            if node.throughput.cpu_us_per_request > 0:
+                out["cpu_per_request_litellm_over_meshnode"] = (
+                    litellm.throughput.cpu_us_per_request / node.throughput.cpu_us_per_request
+                )
+        if node and litellm and node.latency and litellm.latency and node.latency.p50_ms > 0:
+            out["p50_litellm_over_meshnode"] = litellm.latency.p50_ms / node.latency.p50_ms
+        return out
+
+    def checks(self) -> list[Check]:
+        out: list[Check] = []
+        added = self.added("meshnode")
+        if "p50_ms" in added:
+            out.append(Check("added p50 (1 client)", added["p50_ms"], f"<= {SPEC_ADDED_P50_MS} ms",
+                             added["p50_ms"] <= SPEC_ADDED_P50_MS))  # fmt: skip
+            out.append(Check("added p99 (1 client)", added["p99_ms"], f"<= {SPEC_ADDED_P99_MS} ms",
+                             added["p99_ms"] <= SPEC_ADDED_P99_MS))  # fmt: skip
+        if "ttft_p50_ms" in added:
+            out.append(Check("added TTFT p50 (stream)", added["ttft_p50_ms"],
+                             f"<= {SPEC_ADDED_TTFT_MS} ms",
+                             added["ttft_p50_ms"] <= SPEC_ADDED_TTFT_MS))  # fmt: skip
+        node = self.targets.get("meshnode")
+        if node and node.throughput:
+            cpu = node.throughput.cpu_us_per_request
+            out.append(Check("CPU per proxied request", cpu, f"<= {SPEC_CPU_US_PER_REQUEST:.0f} µs",
+                             cpu <= SPEC_CPU_US_PER_REQUEST))  # fmt: skip
+        ratio = self.ratios().get("rps_meshnode_over_litellm")
+        if ratio is not None:
+            out.append(Check("requests/s vs LiteLLM (32 clients)", ratio, f">= {SPEC_RPS_RATIO:.0f}x",
+                             ratio >= SPEC_RPS_RATIO))  # fmt: skip
+        if node and node.slow_stream:
+            relayed = node.slow_stream.relayed_incrementally
+            out.append(
+                Check("stream chunks relayed as they arrive", float(relayed), "yes", relayed)
+            )
+        return out
+
+    # ----------------------------------------------------------------- rendering
+    def to_json(self) -> dict[str, Any]:
+        targets: dict[str, Any] = {}
+        for name, result in self.targets.items():
+            data = asdict(result)
+            if result.slow_stream is not None:
+                data["slow_stream"]["relayed_incrementally"] = (
+                    result.slow_stream.relayed_incrementally
+                )
+            targets[name] = data
+        return {
+            "machine": self.machine,
+            "settings": self.settings,
+            "targets": targets,
+            "added": {name: self.added(name) for name in self.targets if name != "direct"},
+            "ratios": self.ratios(),
+            "checks": [asdict(c) for c in self.checks()],
+        }
+
+    def _rows(self) -> list[list[str]]:
+        rows = []
+        for name, result in self.targets.items():
+            if not result.ok:
+                rows.append([name, f"unavailable: {(result.error or '').splitlines()[0][:60]}"]
+                            + [""] * 8)  # fmt: skip
+                continue
+            added = self.added(name) if name != "direct" else {}
+            lat, thr, ttft = result.latency, result.throughput, result.ttft
+            rows.append(
+                [
+                    name,
+                    _ms(lat.p50_ms if lat else None),
+                    _ms(lat.p99_ms if lat else None),
+                    _signed(added.get("p50_ms")) + " / " + _signed(added.get("p99_ms")),
+                    f"{thr.rps:,.0f}" if thr else "-",
+                    f"{thr.cpu_us_per_request:,.0f}" if thr else "-",
+                    _ms(thr.p99_ms if thr else None),
+                    _ms(ttft.p50_ms if ttft else None),
+                    _signed(added.get("ttft_p50_ms")),
+                    f"{thr.errors}/{thr.requests}" if thr else "-",
+                ]
+            )
+        return rows
+
+    _HEADERS = [
+        "target", "p50 ms", "p99 ms", "added p50/p99 ms", "req/s (32c)", "CPU µs/req",
+        "p99 ms (32c)", "TTFT p50 ms", "added TTFT ms", "errors (32c)",
+    ]  # fmt: skip
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self._HEADERS) + " |", "|" + "---|" * len(self._HEADERS)]
+        lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
+        checks = self.checks()
+        if checks:
+            lines += ["", "| SPEC §6 | measured | target | |", "|---|---|---|---|"]
+            for c in checks:
+                value = ("yes" if c.value else "no") if c.target == "yes" else _num(c.value)
+                lines.append(
+                    f"| {c.metric} | {value} | {c.target} | {'✅' if c.passed else '❌'} |"
+                )
+        return "\n".join(lines) + "\n"
+
+    def text(self) -> str:
+        rows = [self._HEADERS, *self._rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADERS))]
+        out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+        out.insert(1, "  ".join("-" * w for w in widths))
+        ratios = self.ratios()
+        if ratios:
+            out.append("")
+            for key, value in ratios.items():
+                out.append(f"{key}: {value:.1f}x")
+        checks = self.checks()
+        if checks:
+            out.append("")
+            out.append("SPEC §6:")
+            for c in checks:
+                value = ("yes" if c.value else "no") if c.target == "yes" else _num(c.value)
+                out.append(
+                    f"  [{'PASS' if c.passed else 'FAIL'}] {c.metric}: {value} (target {c.target})"
+                )
+        return "\n".join(out)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:+.3f}"
+
+
+def _num(value: float) -> str:
+    return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
