@@ -17,8 +17,10 @@ is empty every request gets `default` (an echo of the last user text). A reply w
 for a tool call; `break_after=` cuts the connection after that many content deltas.
 
 In-process: `async with FakeAnthropic() as fake: fake.url ...`.
-Subprocess: `python -m tests.kit.fake_anthropic [--port N] [--api-key K]` prints `PORT <n>`;
-`POST /_fake/script` (a JSON list of behaviours) and `GET /_fake/requests` drive it.
+Subprocess: `python -m tests.kit.fake_anthropic [--port N] [--api-key K]` prints
+`FAKE_ANTHROPIC_URL=http://127.0.0.1:<port>` (the provider's base_url); `POST /_fake/script` (a
+JSON list of `behaviour_to_json(...)`) and `GET /_fake/requests` drive it
+(`tests.kit.fake_process.FakeServerProcess` does both).
 """
 
 from __future__ import annotations
@@ -432,7 +434,7 @@ def behaviour_to_json(behaviour: Reply | Fail) -> dict[str, Any]:
 
 async def _serve(port: int, api_key: str) -> None:
     fake = await FakeAnthropic(api_key=api_key, port=port).start()
-    print(f"PORT {fake.port}", flush=True)
+    print(f"FAKE_ANTHROPIC_URL={fake.url}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

@@ -18,7 +18,8 @@ It speaks the public wire of `POST /client/v4/accounts/{account_id}/ai/run/{mode
 It checks the path, the account id, the bearer token and the body shape for the model's kind;
 a violation gets Cloudflare's 400 envelope and is recorded in `violations`.
 
-Scripting, in-process and subprocess modes work like `tests/kit/fake_anthropic.py`.
+Scripting, in-process and subprocess modes work like `tests/kit/fake_anthropic.py`; the
+subprocess prints `FAKE_CLOUDFLARE_URL=http://127.0.0.1:<port>/client/v4` (the base_url).
 """
 
 from __future__ import annotations
@@ -305,7 +306,7 @@ def behaviour_to_json(behaviour: Reply | Fail) -> dict[str, Any]:
 async def _serve(port: int, account_id: str, api_token: str, include_usage: bool) -> None:
     fake = await FakeCloudflare(account_id, api_token, port=port,
                                 include_usage=include_usage).start()
-    print(f"PORT {fake.port}", flush=True)
+    print(f"FAKE_CLOUDFLARE_URL={fake.base_url}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

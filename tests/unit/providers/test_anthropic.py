@@ -28,7 +28,15 @@ from meshnode.providers.anthropic import (
 )
 from meshnode.providers.registry import ProviderContext, build_provider
 from meshnode.types import InferenceRequest, RequestKind, StreamChunk
-from tests.kit.fake_anthropic import API_KEY, Fail, FakeAnthropic, Reply, check_messages_request
+from tests.kit.fake_anthropic import (
+    API_KEY,
+    Fail,
+    FakeAnthropic,
+    Reply,
+    behaviour_to_json,
+    check_messages_request,
+)
+from tests.kit.fake_process import FakeServerProcess
 
 TIMEOUTS = TimeoutsConfig(connect_ms=5000, first_byte_ms=20000, total_ms=30000)
 TOOLS = [{"type": "function", "function": {
@@ -385,3 +393,20 @@ async def test_connection_refused_is_retryable(fake: FakeAnthropic) -> None:
             await collect(p, HELLO)
     finally:
         await p.close()
+
+
+@pytest.mark.slow
+async def test_fake_in_its_own_process_is_scriptable() -> None:
+    with FakeServerProcess("tests.kit.fake_anthropic") as proc:
+        proc.script(behaviour_to_json(Fail(529)))
+        p = provider_for(proc)  # type: ignore[arg-type]
+        await p.start()
+        try:
+            with pytest.raises(UpstreamUnavailable):
+                await p.complete(chat(HELLO), p.offers()[0], TIMEOUTS)
+            done = await p.complete(chat(HELLO), p.offers()[0], TIMEOUTS)
+        finally:
+            await p.close()
+        recorded = proc.recorded()
+    assert done.body["choices"][0]["message"]["content"] == "echo: hello there"
+    assert len(recorded["requests"]) == 2 and recorded["violations"] == []

@@ -30,8 +30,10 @@ from tests.kit.fake_cloudflare import (
     Fail,
     FakeCloudflare,
     Reply,
+    behaviour_to_json,
     tiny_png,
 )
+from tests.kit.fake_process import FakeServerProcess
 
 TIMEOUTS = TimeoutsConfig(connect_ms=5000, first_byte_ms=20000, total_ms=30000)
 MODELS = [
@@ -265,3 +267,25 @@ def test_missing_credentials_disable_the_provider() -> None:
     assert disabled.offers() == []
     ready, why = disabled.ready()
     assert not ready and "api_token" in why and "account_id" not in why
+
+
+@pytest.mark.slow
+async def test_fake_in_its_own_process_is_scriptable() -> None:
+    with FakeServerProcess("tests.kit.fake_cloudflare") as proc:
+        proc.script(behaviour_to_json(Fail(429, retry_after=2)))
+        config = validate({"providers": {"cloudflare": {
+            "base_url": proc.url, "credentials": {"account_id": ACCOUNT_ID, "api_token": API_TOKEN},
+            "models": MODELS}}})
+        (resolved,) = config.resolved_providers()
+        p = build_provider(resolved, ProviderContext("n1", Path("."), TIMEOUTS))
+        await p.start()
+        try:
+            request = req(RequestKind.CHAT, "llama", HELLO)
+            with pytest.raises(UpstreamRateLimited):
+                await p.complete(request, offer(p, "llama"), TIMEOUTS)  # type: ignore[arg-type]
+            done = await p.complete(request, offer(p, "llama"), TIMEOUTS)  # type: ignore[arg-type]
+        finally:
+            await p.close()
+        recorded = proc.recorded()
+    assert done.body["choices"][0]["message"]["content"] == "echo: hi there"
+    assert [r["model"] for r in recorded["requests"]] == ["@cf/meta/llama-3.1-8b-instruct"] * 2
