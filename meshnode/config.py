@@ -94,10 +94,12 @@ class MeshConfig(_Strict):
     mdns: bool = True
     mdns_interfaces: list[str] = Field(default_factory=list)
     gossip_interval_ms: int = Field(default=500, gt=0)
-    probe_interval_ms: int = Field(default=1000, gt=0)
-    probe_timeout_ms: int = Field(default=500, gt=0)
+    # SWIM timing, sized for SPEC §6 (a killed node known dead by all within 5 s, <= 10 nodes):
+    # first probe <= ~2 s, suspicion 4 * max(1, log10 n) * 0.5 s = 2 s, then an urgent broadcast.
+    probe_interval_ms: int = Field(default=500, gt=0)
+    probe_timeout_ms: int = Field(default=400, gt=0)
     indirect_probes: int = Field(default=3, ge=0)
-    suspicion_mult: float = Field(default=2.0, gt=0)
+    suspicion_mult: float = Field(default=4.0, gt=0)
     dead_forget_s: float = Field(default=60.0, gt=0)
     secret: str | None = None
     tls: TLSConfig = Field(default_factory=TLSConfig)
