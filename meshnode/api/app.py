@@ -1,0 +1,197 @@
+"""The aiohttp application factory: typed state, middlewares, routes, resource lifetimes.
+
+`create_app(router, ...)` is used by production (`meshnode.node.Node`) and by tests alike. The
+app owns the providers' lifetime through a `cleanup_ctx` (started when the app starts, closed on
+cleanup, which aiohttp runs only after the server stopped accepting and in-flight handlers
+drained). It does not bind sockets; the caller runs it (build the runner with
+`handler_cancellation=True` so a client that disconnects cancels its upstream call).
+
+Middlewares, outermost first:
+- `request_middleware`: the request id (a sane client `x-request-id` is honoured, else one is
+  generated; echoed in the response), the error mapping (`meshnode.api.errors`, the one place),
+  and the per-request log line and metrics;
+- `body_limit_middleware`: a declared body over `server.max_body_bytes` is refused with 413
+  before it is read (aiohttp's `client_max_size` catches bodies without a length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from meshnode.api import handlers
+from meshnode.api.errors import error_response, http_error_response, unexpected_error_response
+from meshnode.api.state import CONTEXT, STATE, ApiState, RequestContext, new_request_id
+from meshnode.config import ServerConfig, TimeoutsConfig
+from meshnode.errors import MeshError, PayloadTooLarge
+from meshnode.observability.logging import log_request
+from meshnode.observability.metrics import Metrics
+from meshnode.routing.router import Router
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RouteRegistrar = Callable[[web.Application], None]
+
+# Status logged when the client went away before the answer (nginx's convention).
+CLIENT_CLOSED = 499
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("x-request-id")
+    if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
+        request_id = incoming
+    else:
+        request_id = new_request_id()
+    ctx = RequestContext(request_id=request_id, started=time.perf_counter())
+    request[CONTEXT] = ctx
+    state = request.app[STATE]
+    try:
+        response = await handler(request)
+    except MeshError as exc:
+        ctx.error_code = exc.code or exc.error_type
+        ctx.error_provider = exc.provider
+        response = error_response(exc, request_id, state.node_id)
+    except web.HTTPException as exc:
+        # aiohttp's own refusals (no such route, wrong method, body over client_max_size).
+        ctx.error_code = "http_" + str(exc.status)
+        response = http_error_response(exc, request_id, state.node_id, state.max_body_bytes)
+    except asyncio.CancelledError:
+        # The client disconnected (handler_cancellation): record it, let cancellation go on.
+        ctx.error_code = "client_closed"
+        _finish(state, ctx, request, CLIENT_CLOSED)
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a generic 500
+        ctx.error_code = "internal_error"
+        response = unexpected_error_response(exc, request_id, state.node_id)
+    if not response.prepared:
+        headers = response.headers
+        headers["x-request-id"] = request_id
+        if "x-aiproxy-node" not in headers:
+            headers["x-aiproxy-node"] = state.node_id
+    _finish(state, ctx, request, response.status)
+    return response
+
+
+def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: int) -> None:
+    """Metrics and the request log line, for inference requests only (health checks and
+    scrapes would drown the log)."""
+    if ctx.kind is None:
+        return
+    latency_s = time.perf_counter() - ctx.started
+    served = ctx.served
+    if served is not None:
+        state.metrics.record_served(
+            served, kind=ctx.kind, status=status, latency_s=latency_s, ttft_s=ctx.ttft_s,
+            error_code=ctx.error_code,
+        )
+        log_request(
+            request_id=ctx.request_id, method=request.method, path=request.path, status=status,
+            started=ctx.started, model=ctx.model, provider=served.offer.provider,
+            node=served.node, attempts=len(served.attempts),
+            prompt_tokens=served.usage.prompt_tokens,
+            completion_tokens=served.usage.completion_tokens, cost=served.cost,
+            stream=ctx.stream, error=ctx.error_code,
+        )
+    else:
+        state.metrics.record_failed(
+            model=ctx.model, kind=ctx.kind, status=status, code=ctx.error_code or str(status),
+            provider=ctx.error_provider,
+        )
+        log_request(
+            request_id=ctx.request_id, method=request.method, path=request.path, status=status,
+            started=ctx.started, model=ctx.model, provider=ctx.error_provider,
+            stream=ctx.stream, error=ctx.error_code,
+        )
+
+
+@web.middleware
+async def body_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    length = request.content_length
+    if length is not None:
+        limit = request.app[STATE].max_body_bytes
+        if length > limit:
+            # Refused on the declared length alone: the body is never read into memory.
+            raise PayloadTooLarge(
+                f"request body is {length} bytes; this node accepts at most {limit}"
+            )
+    return await handler(request)
+
+
+def _providers_ctx(router: Router) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
+        started = []
+        try:
+            for provider in router.providers:
+                await provider.start()
+                started.append(provider)
+            yield
+        finally:
+            # Runs after the server drained in-flight handlers; close in reverse start order.
+            for provider in reversed(started):
+                try:
+                    await provider.close()
+                except Exception:  # noqa: BLE001 - one bad close must not skip the others
+                    log.exception("closing provider %s failed", provider.name)
+
+    return providers_ctx
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/chat/completions", handlers.chat_completions)
+    r.add_post("/v1/completions", handlers.completions)
+    r.add_post("/v1/embeddings", handlers.embeddings)
+    r.add_get("/v1/models", handlers.list_models)
+    r.add_get("/v1/models/{model_id:.+}", handlers.get_model)
+    r.add_get("/health/live", handlers.live)
+    r.add_get("/health/ready", handlers.ready)
+    r.add_get("/metrics", handlers.metrics)
+    r.add_get("/admin/route", handlers.admin_route)
+    r.add_get("/admin/stats", handlers.admin_stats)
+
+
+def create_app(
+    router: Router,
+    *,
+    node_id: str,
+    server: ServerConfig | None = None,
+    timeouts: TimeoutsConfig | None = None,
+    metrics: Metrics | None = None,
+    extra_routes: Sequence[RouteRegistrar] = (),
+    manage_providers: bool = True,
+) -> web.Application:
+    """Build the HTTP app around `router`.
+
+    `extra_routes`: callables that add routes (e.g. the mesh's `/admin/mesh`); they run after
+    the built-in routes and may use `app[STATE]` in their handlers. With `manage_providers` the
+    app starts `router.providers` on startup and closes them on cleanup.
+    """
+    server = server or ServerConfig()
+    # The router's own slice by default: one deadline for the front end and the failover loop.
+    timeouts = timeouts or getattr(router, "timeouts", None) or TimeoutsConfig()
+    app = web.Application(
+        middlewares=[request_middleware, body_limit_middleware],
+        # Bodies without a Content-Length are cut off here while being read.
+        client_max_size=server.max_body_bytes,
+    )
+    app[STATE] = ApiState(
+        router=router,
+        node_id=node_id,
+        metrics=metrics or Metrics(),
+        max_body_bytes=server.max_body_bytes,
+        timeout_s=timeouts.total_ms / 1000.0,
+    )
+    add_routes(app)
+    for registrar in extra_routes:
+        registrar(app)
+    if manage_providers:
+        app.cleanup_ctx.append(_providers_ctx(router))
+    return app

@@ -1,0 +1,143 @@
+"""The one place where errors become HTTP answers in OpenAI's shape.
+
+`MeshError` subclasses carry their status, type and code (see `meshnode.errors`); this module
+adds the headers (`Retry-After` on 429 and 503, `x-request-id`) and the body
+`{"error": {"message", "type", "param", "code"}}`. Anything else (a bug) becomes a 500 with a
+generic message naming the request id, and is logged with its traceback; the body never carries
+a stack trace or a secret (messages pass through redaction too, since an adapter may quote an
+upstream body).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from meshnode.errors import MeshError, NoCapacity, PayloadTooLarge
+from meshnode.observability.logging import redact
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+# When we have no better hint, tell clients to come back in a second rather than hammer us.
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+def error_body(exc: MeshError) -> dict[str, Any]:
+    """OpenAI's error object for `exc`, with the message redacted."""
+    return {
+        "error": {
+            "message": redact(exc.message),
+            "type": exc.error_type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+
+
+def internal_error_body(request_id: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"internal error; quote request id {request_id} when reporting it",
+            "type": "internal_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+
+
+def retry_after_header(exc: MeshError) -> str | None:
+    """`Retry-After` in whole seconds for 429 and 503 answers, else None."""
+    if exc.status != 429 and exc.status != 503:
+        return None
+    seconds = exc.retry_after
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        seconds = DEFAULT_RETRY_AFTER_S
+    return str(max(1, math.ceil(seconds)))
+
+
+def error_response(exc: MeshError, request_id: str, node_id: str) -> web.Response:
+    """The HTTP answer for a MeshError."""
+    headers = {"x-request-id": request_id, "x-aiproxy-node": node_id}
+    retry_after = retry_after_header(exc)
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
+    if exc.provider:
+        headers["x-aiproxy-provider"] = exc.provider
+    return web.Response(
+        body=orjson.dumps(error_body(exc)),
+        status=exc.status,
+        content_type=JSON,
+        headers=headers,
+    )
+
+
+def unexpected_error_response(
+    exc: BaseException, request_id: str, node_id: str
+) -> web.Response:
+    """A 500 for a bug: logged with its traceback here, generic in the body."""
+    log.error(
+        "unhandled error serving request %s: %s",
+        request_id,
+        type(exc).__name__,
+        exc_info=exc,
+        extra={"request_id": request_id},
+    )
+    return web.Response(
+        body=orjson.dumps(internal_error_body(request_id)),
+        status=500,
+        content_type=JSON,
+        headers={"x-request-id": request_id, "x-aiproxy-node": node_id},
+    )
+
+
+def stream_error_event(exc: BaseException, request_id: str) -> bytes:
+    """The SSE event that ends a stream which broke after its first byte (no `[DONE]` follows)."""
+    if isinstance(exc, MeshError):
+        body = error_body(exc)
+    else:
+        log.error(
+            "unhandled error in stream %s: %s",
+            request_id,
+            type(exc).__name__,
+            exc_info=exc,
+            extra={"request_id": request_id},
+        )
+        body = internal_error_body(request_id)
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def no_capacity(reason: str) -> NoCapacity:
+    return NoCapacity(reason, retry_after=DEFAULT_RETRY_AFTER_S)
+
+
+def http_error_response(
+    exc: web.HTTPException, request_id: str, node_id: str, max_body_bytes: int
+) -> web.Response:
+    """aiohttp's own refusals (unknown route, wrong method, body too large) in OpenAI's shape."""
+    if exc.status == 413:
+        return error_response(
+            PayloadTooLarge(f"request body is larger than {max_body_bytes} bytes"),
+            request_id,
+            node_id,
+        )
+    error_type = "invalid_request_error" if exc.status < 500 else "internal_error"
+    body = {
+        "error": {
+            "message": exc.reason if exc.status != 404 else "no such route",
+            "type": error_type,
+            "param": None,
+            "code": {404: "not_found", 405: "method_not_allowed"}.get(exc.status),
+        }
+    }
+    headers = {"x-request-id": request_id, "x-aiproxy-node": node_id}
+    allow = exc.headers.get("Allow")
+    if allow:
+        headers["Allow"] = allow
+    return web.Response(
+        body=orjson.dumps(body), status=exc.status, content_type=JSON, headers=headers
+    )

@@ -1,0 +1,213 @@
+"""The route layer: thin handlers that parse, call the router, and write the answer.
+
+Each handler reads its body once (`protocol` parses it once with orjson), asks the router, and
+serialises the answer once. Errors are raised as `MeshError` and turned into HTTP by the request
+middleware (`meshnode.api.errors`); handlers never build error bodies themselves. No routing,
+retry or provider logic lives here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from meshnode.api import sse
+from meshnode.api.errors import JSON, no_capacity
+from meshnode.api.protocol import parse_request
+from meshnode.api.state import CONTEXT, STATE, ApiState
+from meshnode.errors import InvalidRequest, ModelNotFound
+from meshnode.routing.outcome import Served
+from meshnode.types import InferenceRequest, RequestKind
+
+_KIND_NAMES = {
+    RequestKind.CHAT: "chat completions",
+    RequestKind.COMPLETION: "completions",
+    RequestKind.EMBEDDING: "embeddings",
+}
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
+
+
+def _aiproxy_headers(request: web.Request) -> dict[str, str]:
+    """The client's `x-aiproxy-*` headers, lower-cased (policies match on them)."""
+    out: dict[str, str] = {}
+    for name, value in request.headers.items():
+        if len(name) > 10 and name[:10].lower() == "x-aiproxy-":
+            out[name.lower()] = value
+    return out
+
+
+def _served_headers(served: Served) -> dict[str, str]:
+    return {
+        "x-aiproxy-provider": served.offer.provider,
+        "x-aiproxy-node": served.node,
+        "x-aiproxy-cost": f"{served.cost:.8f}",
+    }
+
+
+# --------------------------------------------------------------------------- inference
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _infer(request, RequestKind.CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _infer(request, RequestKind.COMPLETION)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _infer(request, RequestKind.EMBEDDING)
+
+
+async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
+    state = request.app[STATE]
+    ctx = request[CONTEXT]
+    ctx.kind = kind.value
+    raw = await request.read()
+    inference = parse_request(
+        kind, raw, request_id=ctx.request_id, timeout_s=state.timeout_s,
+        headers=_aiproxy_headers(request),
+    )
+    router = state.router
+    if not router.has_model(inference.model, kind):
+        if router.has_model(inference.model):
+            raise InvalidRequest(
+                f"model {inference.model!r} does not serve {_KIND_NAMES[kind]} here",
+                param="model",
+            )
+        raise ModelNotFound(
+            f"the model {inference.model!r} does not exist on this node or its mesh; "
+            "GET /v1/models lists what is served",
+            param="model",
+        )
+    ctx.model = inference.model
+    ctx.stream = inference.stream
+    metrics = state.metrics
+    metrics.in_flight.inc()
+    try:
+        if inference.stream:
+            return await _stream(request, state, inference)
+        routed = await router.complete(inference)
+        served = routed.served
+        ctx.served = served
+        # One serialisation: the provider's body plus our block (a shallow copy, never a
+        # mutation of the provider's dict).
+        return _json(
+            {**routed.completion.body, "x_aiproxy": served.to_json()},
+            headers=_served_headers(served),
+        )
+    finally:
+        metrics.in_flight.dec()
+
+
+async def _stream(
+    request: web.Request, state: ApiState, inference: InferenceRequest
+) -> web.StreamResponse:
+    ctx = request[CONTEXT]
+    routed = await state.router.open_stream(inference)
+    ctx.served = routed.served
+    response = web.StreamResponse(status=200, headers=_served_headers(routed.served))
+    response.content_type = "text/event-stream"
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["x-request-id"] = ctx.request_id
+    try:
+        await response.prepare(request)
+    except BaseException:
+        await routed.aclose()
+        raise
+    report = await sse.relay(
+        response, routed, include_usage=inference.include_usage, request_id=ctx.request_id
+    )
+    if report.first_write_at is not None:
+        ctx.ttft_s = report.first_write_at - ctx.started
+    if report.client_gone:
+        ctx.error_code = "client_closed"
+        return response
+    if report.error is not None:
+        error = report.error
+        ctx.error_code = getattr(error, "code", None) or "internal_error"
+    await response.write_eof()
+    return response
+
+
+# --------------------------------------------------------------------------- models
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return _json(
+        {
+            "object": "list",
+            "data": state.router.models(),
+            "x_aiproxy": {"node": state.node_id},
+        }
+    )
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model_id = request.match_info["model_id"]
+    for entry in state.router.models():
+        if entry.get("id") == model_id:
+            return _json(entry)
+    raise ModelNotFound(f"the model {model_id!r} does not exist on this node", param="model")
+
+
+# --------------------------------------------------------------------------- health, metrics
+async def live(request: web.Request) -> web.Response:
+    return _json({"status": "live", "node": request.app[STATE].node_id})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """200 when at least one provider can serve; else 503 with every provider's reason."""
+    state = request.app[STATE]
+    providers: dict[str, dict[str, Any]] = {}
+    any_ready = False
+    for provider in state.router.providers:
+        ok, why = provider.ready()
+        any_ready = any_ready or ok
+        providers[provider.name] = {"ready": ok, "reason": why or None}
+    reasons = [f"{name}: {p['reason'] or 'not ready'}" for name, p in providers.items()
+               if not p["ready"]]
+    if not providers:
+        reasons.append("no provider is configured")
+    body = {
+        "status": "ready" if any_ready else "not_ready",
+        "node": state.node_id,
+        "providers": providers,
+        "reasons": reasons,
+    }
+    if any_ready:
+        return _json(body)
+    retry = no_capacity("not ready")
+    return _json(body, status=503, headers={"Retry-After": str(int(retry.retry_after or 1))})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    response = web.Response(body=state.metrics.render())
+    response.headers["Content-Type"] = state.metrics.content_type
+    return response
+
+
+# --------------------------------------------------------------------------- admin
+async def admin_route(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model = request.query.get("model")
+    if not model:
+        raise InvalidRequest("query parameter 'model' is required", param="model")
+    if not state.router.has_model(model):
+        raise ModelNotFound(f"the model {model!r} does not exist on this node", param="model")
+    return _json(state.router.explain(model, headers=_aiproxy_headers(request)))
+
+
+async def admin_stats(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body: dict[str, Any] = {
+        "node": state.node_id,
+        "uptime_s": round(time.time() - state.started_at, 3),
+    }
+    body.update(state.router.stats())
+    return _json(body)
