@@ -242,6 +242,9 @@ class BudgetConfig(_Strict):
     daily_limit: float | None = Field(default=None, ge=0)
     monthly_limit: float | None = Field(default=None, ge=0)
     scope: Literal["node", "mesh"] = "mesh"
+    # What a call reserves when its worst case cannot be bounded (no max_tokens and a model of
+    # unknown maximum context), in USD.
+    max_reservation: float = Field(default=1.0, gt=0)
 
 
 class KeyConfig(_Strict):

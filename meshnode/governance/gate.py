@@ -1,0 +1,144 @@
+"""The router's budget hook: price a call's worst case, reserve it, settle or release it.
+
+The router calls `SpendGate.reserve(request, offer)` right before it tries a candidate, and on
+the returned `Hold` exactly one of `settle(usage, chunks)` (the call answered, or a stream ended
+for any reason: the client pays what was incurred) or `release()` (the attempt failed before
+any answer). `reserve` raises `BudgetExceeded` when the candidate cannot be afforded; the router
+then moves on to the next candidate, so when the budget is spent only free offers (both prices
+0) still serve, and a request nobody free can serve is refused with 429 `budget_exceeded`.
+
+Both methods are synchronous and never block on the network (a local SQLite commit).
+
+Worst case of a call (`worst_case_cost`): the prompt estimate at the input price plus, per
+choice (`n`, `best_of`), `max_tokens` clamped to what the model's context leaves after the
+prompt, at the output price. A request with no `max_tokens` on a model of unknown maximum
+cannot be priced: it reserves the ceiling `budget.max_reservation`.
+
+Forwarded requests (`request.visited` not empty) are not charged here: the entry node, which
+knows the client's key, reserved and settles them with the cost this node reports back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from meshnode.governance.budget import BudgetLedger, Reservation, SpendLimits
+from meshnode.types import InferenceRequest, ModelOffer, RequestKind, Usage
+
+
+class Hold(Protocol):
+    def settle(self, usage: Usage | None, chunks: int = 0) -> float:
+        """Charge what the call incurred; returns the cost charged (USD)."""
+        ...
+
+    def release(self) -> None:
+        """The attempt failed before any answer: it costs nothing."""
+        ...
+
+
+class SpendGate(Protocol):
+    def reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
+        """Hold the worst case of serving `request` with `offer`; raises BudgetExceeded."""
+        ...
+
+
+class FreeHold:
+    """The hold of a free call: nothing to settle."""
+
+    __slots__ = ()
+
+    def settle(self, usage: Usage | None, chunks: int = 0) -> float:
+        return 0.0
+
+    def release(self) -> None:
+        return None
+
+
+FREE = FreeHold()
+
+
+def is_free(offer: ModelOffer) -> bool:
+    return offer.cost_per_1k_input <= 0.0 and offer.cost_per_1k_output <= 0.0
+
+
+def _choices(request: InferenceRequest) -> int:
+    n = 1
+    for name in ("n", "best_of"):
+        value = request.body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > n:
+            n = value
+    return n
+
+
+def worst_case_cost(request: InferenceRequest, offer: ModelOffer, ceiling: float) -> float:
+    """The most the call can cost; `ceiling` when that cannot be bounded."""
+    prompt = max(0, request.prompt_tokens_estimate)
+    prompt_cost = prompt * offer.cost_per_1k_input / 1000.0
+    if request.kind is RequestKind.EMBEDDING or offer.cost_per_1k_output <= 0.0:
+        return prompt_cost
+    out = request.max_output_tokens
+    if offer.max_context_tokens is not None:
+        room = max(0, offer.max_context_tokens - prompt)
+        out = room if out is None else min(out, room)
+    if out is None:
+        return max(ceiling, prompt_cost)
+    return prompt_cost + _choices(request) * out * offer.cost_per_1k_output / 1000.0
+
+
+def incurred_cost(request: InferenceRequest, offer: ModelOffer, usage: Usage | None,
+                  chunks: int) -> float:
+    """The real cost when usage is known; else (a stream cut short) the prompt estimate plus
+    one output token per chunk relayed (streams carry about one token per chunk)."""
+    if usage is not None and usage.total_tokens > 0:
+        return offer.cost(usage)
+    return (
+        max(0, request.prompt_tokens_estimate) * offer.cost_per_1k_input
+        + max(0, chunks) * offer.cost_per_1k_output
+    ) / 1000.0
+
+
+class LedgerHold:
+    __slots__ = ("_ledger", "_reservation", "_request", "_offer")
+
+    def __init__(self, ledger: BudgetLedger, reservation: Reservation,
+                 request: InferenceRequest, offer: ModelOffer) -> None:
+        self._ledger = ledger
+        self._reservation = reservation
+        self._request = request
+        self._offer = offer
+
+    @property
+    def amount(self) -> float:
+        return self._reservation.amount
+
+    def settle(self, usage: Usage | None, chunks: int = 0) -> float:
+        cost = incurred_cost(self._request, self._offer, usage, chunks)
+        self._ledger.settle(self._reservation, cost)
+        return cost
+
+    def release(self) -> None:
+        self._ledger.release(self._reservation)
+
+
+class BudgetGate:
+    """`SpendGate` over a `BudgetLedger`; per-key limits come from `key_limits(name)`."""
+
+    def __init__(
+        self,
+        ledger: BudgetLedger,
+        key_limits: Callable[[str], SpendLimits | None],
+        max_reservation: float,
+    ) -> None:
+        self._ledger = ledger
+        self._key_limits = key_limits
+        self._ceiling = max_reservation
+
+    def reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
+        if is_free(offer) or request.visited:
+            return FREE
+        key = request.key_name
+        limits = self._key_limits(key) if key is not None else None
+        amount = worst_case_cost(request, offer, self._ceiling)
+        reservation = self._ledger.reserve(amount, key, limits)
+        return LedgerHold(self._ledger, reservation, request, offer)
