@@ -1,0 +1,90 @@
+"""Streams to whole answers and back (pure)."""
+
+from __future__ import annotations
+
+from meshnode.cache.replay import assemble, chunks_of
+from meshnode.types import RequestKind, Usage
+
+USAGE = Usage(5, 3)
+HEAD = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+
+def chunk(choices: list, **extra: object) -> dict:
+    return {**HEAD, "choices": choices, **extra}
+
+
+def test_chat_stream_assembles_into_a_completion() -> None:
+    chunks = [
+        chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        chunk([], usage=USAGE.to_openai()),
+    ]
+    body = assemble(RequestKind.CHAT, chunks, USAGE)
+    assert body is not None
+    assert body["object"] == "chat.completion"
+    assert body["id"] == "c1" and body["model"] == "m"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+def test_tool_call_deltas_merge_by_index() -> None:
+    chunks = [
+        chunk([{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": '{"city":'}}]}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": '"Paris"}'}}]}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]),
+    ]
+    body = assemble(RequestKind.CHAT, chunks, USAGE)
+    assert body is not None
+    message = body["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city":"Paris"}'}}]
+    # And back: the replayed stream assembles into the same answer.
+    again = assemble(RequestKind.CHAT, [c.data for c in chunks_of(RequestKind.CHAT, body, USAGE)],
+                     USAGE)
+    assert again == body
+
+
+def test_unfinished_or_unknown_streams_are_not_kept() -> None:
+    unfinished = [chunk([{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}])]
+    assert assemble(RequestKind.CHAT, unfinished, USAGE) is None
+    audio = [chunk([{"index": 0, "delta": {"audio": {"data": "x"}}, "finish_reason": "stop"}])]
+    assert assemble(RequestKind.CHAT, audio, USAGE) is None
+    assert assemble(RequestKind.CHAT, [], USAGE) is None
+
+
+def test_replayed_chat_stream_is_shaped_like_openais() -> None:
+    body = {"id": "c9", "object": "chat.completion", "created": 7, "model": "m",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "one"},
+                 "finish_reason": "stop"},
+                {"index": 1, "message": {"role": "assistant", "content": "two"},
+                 "finish_reason": "length"}],
+            "usage": USAGE.to_openai()}
+    chunks = chunks_of(RequestKind.CHAT, body, USAGE)
+    assert all(c.data["object"] == "chat.completion.chunk" and c.data["id"] == "c9"
+               for c in chunks)
+    assert chunks[-1].data["choices"] == [] and chunks[-1].usage == USAGE
+    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    rebuilt = assemble(RequestKind.CHAT, [c.data for c in chunks], USAGE)
+    assert rebuilt is not None
+    assert [c["message"]["content"] for c in rebuilt["choices"]] == ["one", "two"]
+    assert [c["finish_reason"] for c in rebuilt["choices"]] == ["stop", "length"]
+
+
+def test_text_completion_round_trip() -> None:
+    body = {"id": "cmpl-1", "object": "text_completion", "created": 3, "model": "m",
+            "choices": [{"index": 0, "text": "upon a time", "logprobs": None,
+                         "finish_reason": "length"}],
+            "usage": USAGE.to_openai()}
+    chunks = chunks_of(RequestKind.COMPLETION, body, USAGE)
+    assert chunks[0].data["object"] == "text_completion"
+    assert assemble(RequestKind.COMPLETION, [c.data for c in chunks], USAGE) == body
