@@ -16,13 +16,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from meshnode.api.anthropic_door import (
     EventWriter,
-    add_anthropic_routes,
     chat_to_message,
     messages_to_chat,
     parse_messages,
 )
 from meshnode.api.app import create_app
-from meshnode.api.images import add_image_routes
 from meshnode.config import RoutingConfig, TimeoutsConfig, validate
 from meshnode.errors import InvalidRequest, UpstreamUnavailable
 from meshnode.providers.fake import BreakAfter, FakeProvider
@@ -169,8 +167,7 @@ async def start_app(providers: list[Any], chain: list[str]) -> TestClient:
     routing = RoutingConfig.model_validate(
         {"failover": {"backoff": {"initial_ms": 1, "max_ms": 2, "jitter": 0.0}}})
     router = Router(routing, chain, providers, "node-test")
-    app = create_app(router, node_id="node-test",
-                     extra_routes=[add_anthropic_routes, add_image_routes])
+    app = create_app(router, node_id="node-test")  # app.py registers the door's routes
     client = TestClient(TestServer(app, host="127.0.0.1", handler_cancellation=True))
     await client.start_server()
     return client
