@@ -58,6 +58,14 @@ class ThroughputStats:
     p99_ms: float
     cpu_s: float  # CPU of the target's process tree during the run
     cpu_us_per_request: float
+    # CPU seconds per wall second: below ~0.95 on a saturated proxy means neighbours took
+    # part of its core, which lowers req/s but not CPU µs per request.
+    cores_used: float
+
+    @property
+    def rps_per_core(self) -> float:
+        """What one whole core would serve at this CPU cost per request."""
+        return 1e6 / self.cpu_us_per_request if self.cpu_us_per_request > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,8 @@ class Report:
         targets: dict[str, Any] = {}
         for name, result in self.targets.items():
             data = asdict(result)
+            if result.throughput is not None:
+                data["throughput"]["rps_per_core"] = result.throughput.rps_per_core
             if result.slow_stream is not None:
                 data["slow_stream"]["relayed_incrementally"] = (
                     result.slow_stream.relayed_incrementally
@@ -186,7 +196,7 @@ class Report:
         for name, result in self.targets.items():
             if not result.ok:
                 rows.append([name, f"unavailable: {(result.error or '').splitlines()[0][:60]}"]
-                            + [""] * 8)  # fmt: skip
+                            + [""] * 10)  # fmt: skip
                 continue
             added = self.added(name) if name != "direct" else {}
             lat, thr, ttft = result.latency, result.throughput, result.ttft
@@ -198,6 +208,8 @@ class Report:
                     _signed(added.get("p50_ms")) + " / " + _signed(added.get("p99_ms")),
                     f"{thr.rps:,.0f}" if thr else "-",
                     f"{thr.cpu_us_per_request:,.0f}" if thr else "-",
+                    f"{thr.cores_used:.2f}" if thr else "-",
+                    f"{thr.rps_per_core:,.0f}" if thr else "-",
                     _ms(thr.p99_ms if thr else None),
                     _ms(ttft.p50_ms if ttft else None),
                     _signed(added.get("ttft_p50_ms")),
@@ -208,6 +220,7 @@ class Report:
 
     _HEADERS = [
         "target", "p50 ms", "p99 ms", "added p50/p99 ms", "req/s (32c)", "CPU µs/req",
+        "cores used", "req/s per core",
         "p99 ms (32c)", "TTFT p50 ms", "added TTFT ms", "errors (32c)",
     ]  # fmt: skip
 

@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.loadgen import pick_tool, run_load
+from bench.loadgen import LoadResult, pick_tool, run_load
 from bench.probes import Samples, sequential_latency, stream_ttft, warm_up
 from bench.procs import BenchProcessError, ProcessSet, cpu_count
 from bench.report import (
@@ -66,9 +65,9 @@ class CorePlan:
                f"load generator and probe on {fmt(self.loadgen)}"  # fmt: skip
 
 
-def plan_cores() -> CorePlan:
+def plan_cores(pin: bool = True) -> CorePlan:
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
+    if len(cores) < 2 or not pin:
         return CorePlan(None, None, None)
     if len(cores) == 2:
         return CorePlan({cores[0]}, {cores[1]}, {cores[1]})
@@ -131,8 +130,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-requests", type=int, help="streams per target for TTFT (500)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds for the probes (5)")
     parser.add_argument("--duration", type=float, help="seconds of 32-client load per target (10)")
+    parser.add_argument("--load-rounds", type=int,
+                        help="interleaved segments the 32-client time is split into (2)")  # fmt: skip
     parser.add_argument("--warmup", type=float, help="seconds of load before each measured run (2)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the OS place every process (default: pin, see above)")  # fmt: skip
     parser.add_argument("--chunk-delay-ms", type=float, default=10.0,
                         help="backend pause between chunks of the slow stream")  # fmt: skip
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
@@ -140,8 +143,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-litellm", action="store_true", help="measure direct and meshnode only"
     )
     parser.add_argument("--litellm-venv", type=Path, default=BENCH_VENV)
-    parser.add_argument("--meshnode", type=Path, default=Path(sys.executable).parent / "meshnode",
-                        help="the meshnode executable (default: beside this Python)")  # fmt: skip
+    parser.add_argument("--meshnode", type=Path, default=None,
+                        help="the meshnode executable (default: beside this Python, "
+                             "else `python -m meshnode`)")  # fmt: skip
     parser.add_argument("--start-timeout", type=float, default=120.0)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
     parser.add_argument("--markdown", type=Path, default=RESULTS_DIR / "latest.md")
@@ -153,6 +157,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "rounds": 2 if quick else 5,
         "duration": 2.0 if quick else 10.0,
         "warmup": 1.0 if quick else 2.0,
+        "load_rounds": 1 if quick else 2,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -167,7 +172,7 @@ def measure(args: argparse.Namespace, procs: ProcessSet, report: Report, plan: C
     report.targets["direct"] = TargetResult("direct", backend.base_url)
     targets: list[Target] = [backend]
 
-    _note(f"starting meshnode ({args.meshnode})")
+    _note(f"starting meshnode ({args.meshnode or 'default'})")
     try:
         node = start_meshnode(
             procs, plan.proxy, backend, work_dir, args.meshnode, args.start_timeout
@@ -224,27 +229,46 @@ def measure(args: argparse.Namespace, procs: ProcessSet, report: Report, plan: C
         )
 
     body = chat_body()
+    segments = max(1, args.load_rounds)
+    seg_s = max(1.0, args.duration / segments)
     for target in targets:
-        _note(f"{args.connections} clients: {target.name}, {args.duration:g} s ({tool})")
+        _note(f"{args.connections} clients: warming up {target.name} ({args.warmup:g} s)")
         run_load(procs, target.chat_url, body, args.connections, args.warmup, plan.loadgen, tool,
                  name=f"warmup-{target.name}")  # fmt: skip
-        cpu_before = target.process.cpu_seconds()
-        load = run_load(procs, target.chat_url, body, args.connections, args.duration,
-                        plan.loadgen, tool, name=f"load-{target.name}")  # fmt: skip
-        cpu = target.process.cpu_seconds() - cpu_before
-        ok = max(0, load.requests - load.errors)
-        report.targets[target.name].throughput = ThroughputStats(
-            tool=load.tool,
-            connections=load.connections,
-            requests=load.requests,
-            errors=load.errors,
-            duration_s=load.duration_s,
-            rps=load.rps,
-            p50_ms=load.p50_ms,
-            p99_ms=load.p99_ms,
-            cpu_s=cpu,
-            cpu_us_per_request=cpu * 1e6 / ok if ok else 0.0,
-        )
+    loads: dict[str, list[tuple[LoadResult, float]]] = {t.name: [] for t in targets}
+    for segment in range(segments):
+        # Interleaved segments: a burst of load from a neighbour hits every target alike.
+        for target in targets:
+            _note(f"{args.connections} clients: {target.name}, {seg_s:g} s "
+                  f"(segment {segment + 1}/{segments}, {tool})")  # fmt: skip
+            cpu_before = target.process.cpu_seconds()
+            load = run_load(procs, target.chat_url, body, args.connections, seg_s, plan.loadgen,
+                            tool, name=f"load-{target.name}")  # fmt: skip
+            loads[target.name].append((load, target.process.cpu_seconds() - cpu_before))
+    for name, parts in loads.items():
+        report.targets[name].throughput = _throughput(parts)
+
+
+def _throughput(parts: list[tuple[LoadResult, float]]) -> ThroughputStats:
+    requests = sum(load.requests for load, _ in parts)
+    errors = sum(load.errors for load, _ in parts)
+    duration = sum(load.duration_s for load, _ in parts)
+    cpu = sum(c for _, c in parts)
+    ok = max(0, requests - errors)
+    weight = max(1, requests)
+    return ThroughputStats(
+        tool=parts[0][0].tool,
+        connections=parts[0][0].connections,
+        requests=requests,
+        errors=errors,
+        duration_s=duration,
+        rps=ok / duration if duration > 0 else 0.0,
+        p50_ms=sum(load.p50_ms * load.requests for load, _ in parts) / weight,
+        p99_ms=max(load.p99_ms for load, _ in parts),
+        cpu_s=cpu,
+        cpu_us_per_request=cpu * 1e6 / ok if ok else 0.0,
+        cores_used=cpu / duration if duration > 0 else 0.0,
+    )
 
 
 def write_outputs(report: Report, json_path: Path, md_path: Path) -> None:
@@ -253,7 +277,7 @@ def write_outputs(report: Report, json_path: Path, md_path: Path) -> None:
     m = report.machine
     header = (
         f"Measured {m['date_utc']} on {m['cpu']} ({m['cores']} cores, load average "
-        f"{m['loadavg_at_start']:.2f} at start), Python {m['python']}, meshnode {m['meshnode_commit']}, "
+        f"{m['loadavg_at_start']:.2f} at start, {m.get('loadavg_at_end', 0):.2f} at end), Python {m['python']}, meshnode {m['meshnode_commit']}, "
         f"LiteLLM {m['litellm_version'] or 'not installed'}, load generator {m['load_generator']}; "
         f"{m['placement']}.\n\n"
     )
@@ -263,7 +287,7 @@ def write_outputs(report: Report, json_path: Path, md_path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = plan_cores()
+    plan = plan_cores(pin=not args.no_pin)
     tool = pick_tool(args.loadgen)
     if tool == "pyload":
         _note("wrk not found (`make bench-setup` installs it): using the Python load generator")
@@ -283,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    report.machine["loadavg_at_end"] = os.getloadavg()[0]
     write_outputs(report, args.output, args.markdown)
     print()
     print(report.text())

@@ -122,23 +122,34 @@ def meshnode_config(backend_url: str, listen_port: int, grpc_port: int, data_dir
     }
 
 
+def meshnode_argv(meshnode_bin: Path | None) -> list[str]:
+    """The installed `meshnode` script, else `python -m meshnode` from this checkout."""
+    if meshnode_bin is not None:
+        if not meshnode_bin.exists():
+            raise BenchProcessError(f"{meshnode_bin} not found (run `make install`)")
+        return [str(meshnode_bin)]
+    beside = Path(sys.executable).parent / "meshnode"
+    if beside.exists():
+        return [str(beside)]
+    return [sys.executable, "-m", "meshnode"]
+
+
 def start_meshnode(
     procs: ProcessSet,
     cores: set[int] | None,
     backend: Target,
     work_dir: Path,
-    meshnode_bin: Path,
+    meshnode_bin: Path | None,
     timeout_s: float,
 ) -> Target:
-    if not meshnode_bin.exists():
-        raise BenchProcessError(f"{meshnode_bin} not found (run `make install`)")
-    port, grpc_port = free_port(), free_port()
     config_path = work_dir / "meshnode.yaml"
-    config = meshnode_config(backend.base_url, port, grpc_port, work_dir / "meshnode-data")
+    config = meshnode_config(backend.base_url, 0, free_port(), work_dir / "meshnode-data")
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = [str(meshnode_bin), "run", "--config", str(config_path), "--listen", f"127.0.0.1:{port}"]
-    managed = procs.start("meshnode", argv, cores=cores, env=_clean_env(), cwd=work_dir)
-    url = f"http://127.0.0.1:{port}"
+    argv = [*meshnode_argv(meshnode_bin), "run", "--config", str(config_path),
+            "--listen", "127.0.0.1:0"]  # fmt: skip
+    managed = procs.start("meshnode", argv, cores=cores, env=_clean_env(), cwd=REPO)
+    # The node binds port 0 and says where it listens.
+    url = managed.wait_for_line(r"^MESHNODE_HTTP=(http://\S+?)/?$", timeout_s).group(1)
     _wait_chat_ok(managed, url, timeout_s)
     return Target("meshnode", url, managed)
 

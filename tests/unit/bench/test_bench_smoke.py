@@ -1,0 +1,56 @@
+"""`python -m bench.run --quick` end to end: a real backend, a real `meshnode run` process, the
+real load generator. It asserts the report's shape and that every phase counted requests; it
+asserts no timing (speed is what `make bench` reports, not what tests check)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_quick_bench_measures_direct_and_meshnode(tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "latest.json", tmp_path / "latest.md"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run", "--quick", "--no-litellm",
+            "--requests", "40", "--stream-requests", "10", "--duration", "1", "--warmup", "1",
+            "--output", str(out_json), "--markdown", str(out_md),
+        ],  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+
+    assert set(report["targets"]) == {"direct", "meshnode"}
+    for name in ("direct", "meshnode"):
+        target = report["targets"][name]
+        assert target["error"] is None
+        assert target["latency"]["n"] == 40 and target["latency"]["errors"] == 0
+        assert target["latency"]["p50_ms"] > 0 and target["latency"]["p99_ms"] > 0
+        assert target["ttft"]["n"] == 10 and target["ttft"]["errors"] == 0
+        assert target["slow_stream"]["n"] > 0
+        throughput = target["throughput"]
+        assert throughput["connections"] == 32
+        assert throughput["requests"] > 0
+        assert throughput["errors"] == 0
+        assert throughput["rps"] > 0
+        assert throughput["cpu_s"] > 0
+
+    assert report["targets"]["meshnode"]["throughput"]["cpu_us_per_request"] > 0
+    assert set(report["added"]["meshnode"]) >= {"p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms"}
+    metrics = {check["metric"] for check in report["checks"]}
+    assert {"added p50 (1 client)", "added p99 (1 client)", "CPU per proxied request"} <= metrics
+    assert report["machine"]["load_generator"] in ("wrk", "pyload")
+    assert "| meshnode |" in out_md.read_text()
+    assert "SPEC §6" in run.stdout
