@@ -17,7 +17,7 @@ from aiohttp import web
 from meshnode.api import sse
 from meshnode.api.errors import JSON, no_capacity
 from meshnode.api.protocol import parse_request
-from meshnode.api.state import CONTEXT, STATE, ApiState
+from meshnode.api.state import CACHE, CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, ModelNotFound
 from meshnode.routing.outcome import Served
 from meshnode.types import InferenceRequest, RequestKind
@@ -91,7 +91,11 @@ async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
     try:
         if inference.stream:
             return await _stream(request, state, inference)
-        routed = await router.complete(inference)
+        cache = request.app.get(CACHE)
+        if cache is not None:
+            routed = await cache.complete(router, inference, request.headers.get("Cache-Control"))
+        else:
+            routed = await router.complete(inference)
         served = routed.served
         ctx.served = served
         # One serialisation: the provider's body plus our block (a shallow copy, never a
@@ -108,7 +112,12 @@ async def _stream(
     request: web.Request, state: ApiState, inference: InferenceRequest
 ) -> web.StreamResponse:
     ctx = request[CONTEXT]
-    routed = await state.router.open_stream(inference)
+    cache = request.app.get(CACHE)
+    if cache is not None:
+        routed = await cache.open_stream(
+            state.router, inference, request.headers.get("Cache-Control"))
+    else:
+        routed = await state.router.open_stream(inference)
     ctx.served = routed.served
     response = web.StreamResponse(status=200, headers=_served_headers(routed.served))
     response.content_type = "text/event-stream"

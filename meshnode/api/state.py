@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from meshnode.cache.service import ResponseCache
 from meshnode.observability.metrics import Metrics
 from meshnode.routing.outcome import Served
 from meshnode.routing.router import Router
@@ -46,6 +47,8 @@ class RequestContext:
 
 
 STATE = web.AppKey("meshnode_api_state", ApiState)
+# The response cache, when the node has one (`meshnode.cache`); handlers go through it.
+CACHE = web.AppKey("meshnode_response_cache", ResponseCache)
 CONTEXT = web.RequestKey("meshnode_request_context", RequestContext)
 
 
