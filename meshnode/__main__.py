@@ -1,0 +1,7 @@
+"""`python -m meshnode ...` is `meshnode ...`."""
+
+import sys
+
+from meshnode.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""The `meshnode` command: `run` a node, `check-config` a file.
+
+This module only parses arguments, loads the config (flags override the file through
+`load_config(overrides=...)`), sets up logging and the event loop (uvloop), and hands over to
+`meshnode.node.Node`. It holds no serving logic. `meshctl` lives in `meshnode.cli.meshctl`.
+
+Exit status: 0 on a clean run or a valid config, 2 on an invalid config or bad arguments,
+1 when the node fails to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from meshnode.config import Config, load_config
+from meshnode.errors import ConfigError
+
+log = logging.getLogger("meshnode")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshnode",
+        description="A federated peer-to-peer mesh of AI inference nodes that speaks the "
+        "OpenAI API.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        help="run a node",
+        description="Run a node. With no config, the embedded default: HTTP 127.0.0.1:8080, the "
+        "built-in local models, and each cloud provider whose key is in the environment. Flags "
+        "override the file.",
+    )
+    run.add_argument("--config", "--aiproxy-config", dest="config", metavar="PATH",
+                     help="YAML or JSON config file (--aiproxy-config is an alias)")
+    run.add_argument("--listen", metavar="ADDR",
+                     help="HTTP address HOST:PORT (server.listen_addr); port 0 picks a free one")
+    run.add_argument("--grpc-listen", metavar="ADDR", help="gRPC address (mesh.listen_addr)")
+    run.add_argument("--seed", action="append", metavar="HOST:PORT", dest="seeds",
+                     help="a peer to join through (mesh.seeds); repeat for several")
+    run.add_argument("--node-id", metavar="ID", help="this node's id (node.id)")
+    run.add_argument("--data-dir", metavar="DIR", help="state directory (node.data_dir)")
+    run.add_argument("--log-format", choices=("json", "text"), help="logging.format")
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file: exit 0 when valid, else exit 2 listing every "
+        "error as `path: message`, one per line.",
+    )
+    check.add_argument("path", metavar="PATH")
+    return parser
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted config paths set by `run` flags (None means: keep the file's value)."""
+    return {
+        "server.listen_addr": args.listen,
+        "mesh.listen_addr": args.grpc_listen,
+        "mesh.seeds": args.seeds,
+        "node.id": args.node_id,
+        "node.data_dir": args.data_dir,
+        "logging.format": args.log_format,
+    }
+
+
+def _print_errors(errors: Sequence[str]) -> None:
+    for error in errors:
+        print(error, file=sys.stderr)
+
+
+def check_config(path: str) -> int:
+    try:
+        load_config(Path(path))
+    except ConfigError as exc:
+        _print_errors(exc.errors)
+        return EXIT_INVALID
+    print(f"{path}: valid")
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshnode.observability.logging import configure_logging
+
+    try:
+        config = load_config(args.config, overrides=run_overrides(args))
+    except ConfigError as exc:
+        print("meshnode: invalid configuration:", file=sys.stderr)
+        _print_errors(exc.errors)
+        return EXIT_INVALID
+    configure_logging(config.logging.format, config.logging.level)
+    return _serve(config, embedded_default=args.config is None)
+
+
+def _serve(config: Config, *, embedded_default: bool) -> int:
+    from meshnode.node import Node
+
+    try:
+        node = Node(config, embedded_default=embedded_default)
+    except ConfigError as exc:
+        print("meshnode: invalid configuration:", file=sys.stderr)
+        _print_errors(exc.errors)
+        return EXIT_INVALID
+    try:
+        return _event_loop_run(node.run_until_signal())
+    except OSError as exc:
+        # Typically the address is in use; say so plainly rather than with a traceback.
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILED
+
+
+def _event_loop_run(coro: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return int(asyncio.run(coro))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return int(runner.run(coro))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.path)
+    if args.command == "run":
+        return run(args)
+    return EXIT_INVALID  # pragma: no cover - argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The node: builds every component from a `Config` and owns their start and stop order.
+
+No business logic lives here. `Node(config)` builds the providers (`providers.registry`), the
+`Router` and the HTTP app (`api.app.create_app`); `start()` brings them up, `stop()` takes them
+down; `run_until_signal()` does both around SIGTERM/SIGINT and is what `meshnode run` calls.
+
+Start order: providers start → HTTP binds (port 0 allowed; the real address is logged and
+printed as `MESHNODE_HTTP=http://HOST:PORT` on stdout) → extra services start.
+Stop order: services `leave()` (tell the mesh we go) → HTTP stops accepting and drains in-flight
+requests for up to `server.shutdown_grace_s` → services `stop()` → providers close.
+
+Extension hook (how the mesh plugs in): pass `services=[factory, ...]`; each factory is called
+with the `Node` once its router exists, before the app is built, and returns a `NodeService`.
+A service may register HTTP routes (`register_routes(app)`, e.g. `/admin/mesh`), and may add
+providers to `node.router` in `start()`. `node.http_address` is set by the time `start()` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from aiohttp import web
+
+from meshnode.api.app import create_app
+from meshnode.config import Config, ResolvedProvider, node_id
+from meshnode.errors import ConfigError
+from meshnode.observability.metrics import Metrics
+from meshnode.providers.base import Provider
+from meshnode.providers.registry import ProviderContext, build_provider
+from meshnode.routing.router import Router
+
+log = logging.getLogger(__name__)
+
+# The variables that switch cloud providers on in the embedded default (SPEC §2).
+CLOUD_KEYS: dict[str, tuple[str, ...]] = {
+    "openai": ("OPENAI_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+    "cloudflare": ("CLOUDFLARE_ACCOUNT_ID", "CLOUDFLARE_API_TOKEN"),
+    "together": ("TOGETHER_API_KEY",),
+}
+
+
+@runtime_checkable
+class NodeService(Protocol):
+    """A component started after the HTTP server and stopped before the providers close.
+
+    Optional methods, called when present:
+    - `register_routes(app: web.Application) -> None`: before the app starts;
+    - `async leave() -> None`: first thing at shutdown, before HTTP drains (announce we go).
+    """
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+ServiceFactory = Callable[["Node"], NodeService]
+
+
+class Node:
+    """One meshnode process's components, built from one config."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        services: Sequence[ServiceFactory] = (),
+        embedded_default: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`embedded_default`: the config came from no file (SPEC §2); then a provider whose
+        adapter cannot be imported yet is skipped with a warning instead of stopping the node.
+        Raises ConfigError when a provider cannot be built."""
+        self.config = config
+        self.embedded_default = embedded_default
+        self._env = os.environ if env is None else env
+        self.node_id = node_id(config)
+        self.metrics = Metrics()
+        ctx = ProviderContext(
+            node_id=self.node_id,
+            data_dir=config.node.data_dir,
+            timeouts=config.routing.timeouts,
+        )
+        self.providers: list[Provider] = self._build_providers(ctx)
+        self.router = Router(
+            config.routing,
+            config.fallback_chain(),
+            self.providers,
+            self.node_id,
+            max_hops=config.mesh.max_hops,
+        )
+        self.services: list[NodeService] = [factory(self) for factory in services]
+        self.app = create_app(
+            self.router,
+            node_id=self.node_id,
+            server=config.server,
+            timeouts=config.routing.timeouts,
+            metrics=self.metrics,
+            extra_routes=[
+                s.register_routes for s in self.services if hasattr(s, "register_routes")
+            ],
+            # The node closes providers itself, after services stopped (see the stop order).
+            manage_providers=False,
+        )
+        self.http_address = ""  # host:port once bound
+        self._runner: web.AppRunner | None = None
+        self._started_providers: list[Provider] = []
+        self._started_services: list[NodeService] = []
+
+    # ------------------------------------------------------------------ building
+    def _build_providers(self, ctx: ProviderContext) -> list[Provider]:
+        providers: list[Provider] = []
+        errors: list[str] = []
+        for resolved in self.config.resolved_providers():
+            try:
+                providers.append(build_provider(resolved, ctx))
+            except ConfigError as exc:
+                errors.extend(exc.errors)
+            except ImportError as exc:
+                if not self.embedded_default:
+                    errors.append(
+                        f"providers.{resolved.name}: the {resolved.type} adapter cannot be "
+                        f"loaded ({exc})"
+                    )
+                    continue
+                log.warning(
+                    "provider %s (%s) is not available in this build, skipped: %s",
+                    resolved.name, resolved.type, exc,
+                )
+        if errors:
+            raise ConfigError(errors)
+        return providers
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_address}" if self.http_address else ""
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Bring everything up; on failure, take down what was started and re-raise."""
+        try:
+            for provider in self.providers:
+                await provider.start()
+                self._started_providers.append(provider)
+            await self._start_http()
+            for service in self.services:
+                await service.start()
+                self._started_services.append(service)
+        except BaseException:
+            await self.stop()
+            raise
+        self._log_serving()
+
+    async def _start_http(self) -> None:
+        host, _, port = self.config.server.listen_addr.rpartition(":")
+        host = host.strip("[]")
+        grace = self.config.server.shutdown_grace_s
+        runner = web.AppRunner(
+            self.app,
+            # A client that disconnects cancels its handler, and so its upstream call.
+            handler_cancellation=True,
+            shutdown_timeout=grace,
+            access_log=None,
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, host, int(port), shutdown_timeout=grace)
+        await site.start()
+        bound = runner.addresses[0]
+        bound_host, bound_port = bound[0], bound[1]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.http_address = f"{shown}:{bound_port}"
+        log.info("HTTP API listening on %s", self.http_url, extra={"node": self.node_id})
+        # Machine-readable, for scripts and tests that start nodes on port 0.
+        print(f"MESHNODE_HTTP={self.http_url}", file=sys.stdout, flush=True)
+
+    async def stop(self) -> None:
+        """Leave, drain, stop services, close providers. Safe to call more than once."""
+        for service in reversed(self._started_services):
+            leave = getattr(service, "leave", None)
+            if leave is not None:
+                try:
+                    await leave()
+                except Exception:  # noqa: BLE001 - shutting down: report and go on
+                    log.exception("service %s failed to leave", type(service).__name__)
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            # Stops accepting, waits up to shutdown_grace_s for in-flight requests.
+            await runner.cleanup()
+        while self._started_services:
+            service = self._started_services.pop()
+            try:
+                await service.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("service %s failed to stop", type(service).__name__)
+        while self._started_providers:
+            provider = self._started_providers.pop()
+            try:
+                await provider.close()
+            except Exception:  # noqa: BLE001
+                log.exception("provider %s failed to close", provider.name)
+
+    async def run_until_signal(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop gracefully. Returns the exit status."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+            log.info(
+                "signal received: draining in-flight requests (up to %.1f s), then exiting",
+                self.config.server.shutdown_grace_s,
+            )
+            await self.stop()
+            log.info("node %s stopped", self.node_id)
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    # ------------------------------------------------------------------ reporting
+    def _log_serving(self) -> None:
+        """Say clearly what this node serves (and, with no config, which keys were found)."""
+        if self.embedded_default:
+            found = [
+                provider for provider, keys in CLOUD_KEYS.items()
+                if all(self._env.get(k) for k in keys)
+            ]
+            missing = [
+                "+".join(keys) for provider, keys in CLOUD_KEYS.items() if provider not in found
+            ]
+            log.info(
+                "no config file: embedded default; cloud keys found for: %s; not set: %s",
+                ", ".join(found) or "none",
+                ", ".join(missing) or "none",
+            )
+        resolved = {r.name: r for r in self.config.resolved_providers()}
+        for provider in self.router.providers:
+            ok, why = provider.ready()
+            models = ", ".join(
+                f"{o.model}" + (f" ({o.upstream_model})" if o.upstream_model != o.model else "")
+                for o in provider.offers()
+            )
+            log.info(
+                "provider %s (%s)%s: %s%s",
+                provider.name,
+                provider.kind,
+                _where(resolved.get(provider.name)),
+                models or "no models",
+                "" if ok else f" [NOT READY: {why}]",
+            )
+        if not self.router.providers:
+            log.warning("this node serves no provider: every inference request will fail")
+        served = sorted({o.model for p in self.router.providers for o in p.offers()})
+        log.info(
+            "node %s serving %d model(s) at %s/v1: %s",
+            self.node_id, len(served), self.http_url, ", ".join(served) or "none",
+        )
+
+
+def _where(resolved: ResolvedProvider | None) -> str:
+    if resolved is None or not resolved.base_url:
+        return ""
+    return f" at {resolved.base_url}"
