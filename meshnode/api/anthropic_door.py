@@ -30,6 +30,7 @@ from meshnode.api.handlers import _aiproxy_headers, _served_headers
 from meshnode.api.protocol import loads_body, parse_chat
 from meshnode.api.state import CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, MeshError, ModelNotFound
+from meshnode.governance.http import key_name_of
 from meshnode.observability.logging import redact
 from meshnode.providers.tokens import estimate_prompt_tokens
 from meshnode.routing.outcome import RoutedStream
@@ -417,7 +418,7 @@ async def messages_handler(request: web.Request) -> web.StreamResponse:
     try:
         inference = parse_messages(
             await request.read(), request_id=ctx.request_id, timeout_s=state.timeout_s,
-            headers=_aiproxy_headers(request),
+            headers=_aiproxy_headers(request), key_name=key_name_of(request),
         )
         _check_model(state, inference.model)
         ctx.model = inference.model

@@ -22,6 +22,7 @@ from meshnode.api.handlers import _aiproxy_headers, _served_headers
 from meshnode.api.protocol import loads_body, strip_redirects
 from meshnode.api.state import CONTEXT, STATE
 from meshnode.errors import InvalidRequest, ModelNotFound
+from meshnode.governance.http import key_name_of
 from meshnode.providers.tokens import estimate_tokens
 from meshnode.routing.router import Router
 from meshnode.types import InferenceRequest, RequestKind
@@ -97,6 +98,7 @@ async def images_generations(request: web.Request) -> web.Response:
     inference = parse_images(
         loads_body(await request.read()), state.router, request_id=ctx.request_id,
         deadline=time.monotonic() + state.timeout_s, headers=_aiproxy_headers(request),
+        key_name=key_name_of(request),
     )
     if not state.router.has_model(inference.model, RequestKind.IMAGE):
         if state.router.has_model(inference.model):

@@ -1,13 +1,15 @@
 """The router's budget hook: price a call's worst case, reserve it, settle or release it.
 
 The router calls `SpendGate.reserve(request, offer)` right before it tries a candidate, and on
-the returned `Hold` exactly one of `settle(usage, chunks)` (the call answered, or a stream ended
-for any reason: the client pays what was incurred) or `release()` (the attempt failed before
-any answer). `reserve` raises `BudgetExceeded` when the candidate cannot be afforded; the router
-then moves on to the next candidate, so when the budget is spent only free offers (both prices
-0) still serve, and a request nobody free can serve is refused with 429 `budget_exceeded`.
+the returned `Hold` exactly one of: `settle(usage, chunks)` (the call answered, or a stream
+ended for any reason: the client pays what was incurred), `release()` (the attempt failed
+before any answer), or `abandon()` (the client left during a non-stream call: its worst case is
+charged, since the upstream may finish and bill it). `reserve` raises `BudgetExceeded` when the
+candidate cannot be afforded; the router then moves on to the next candidate, so when the
+budget is spent only free offers (both prices 0) still serve, and a request nobody free can
+serve is refused with 429 `budget_exceeded`.
 
-Both methods are synchronous and never block on the network (a local SQLite commit).
+Every method is synchronous and never block on the network (a local SQLite commit).
 
 Worst case of a call (`worst_case_cost`): the prompt estimate at the input price plus, per
 choice (`n`, `best_of`), `max_tokens` clamped to what the model's context leaves after the
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from meshnode.governance.budget import BudgetLedger, Reservation, SpendLimits
+from meshnode.providers.tokens import estimate_prompt_tokens
 from meshnode.types import InferenceRequest, ModelOffer, RequestKind, Usage
 
 
@@ -34,6 +37,11 @@ class Hold(Protocol):
 
     def release(self) -> None:
         """The attempt failed before any answer: it costs nothing."""
+        ...
+
+    def abandon(self) -> None:
+        """The client left during a non-stream call: the upstream may still finish it and
+        bill it, so it pays its worst case."""
         ...
 
 
@@ -54,6 +62,9 @@ class FreeHold:
     def release(self) -> None:
         return None
 
+    def abandon(self) -> None:
+        return None
+
 
 FREE = FreeHold()
 
@@ -71,9 +82,15 @@ def _choices(request: InferenceRequest) -> int:
     return n
 
 
+def prompt_tokens(request: InferenceRequest) -> int:
+    """The larger of the front end's estimate and `providers.tokens`' (which also counts chat
+    framing): under-estimating the prompt is the one way a priced call overspends."""
+    return max(request.prompt_tokens_estimate, estimate_prompt_tokens(request.kind, request.body))
+
+
 def worst_case_cost(request: InferenceRequest, offer: ModelOffer, ceiling: float) -> float:
     """The most the call can cost; `ceiling` when that cannot be bounded."""
-    prompt = max(0, request.prompt_tokens_estimate)
+    prompt = prompt_tokens(request)
     prompt_cost = prompt * offer.cost_per_1k_input / 1000.0
     if request.kind is RequestKind.EMBEDDING or offer.cost_per_1k_output <= 0.0:
         return prompt_cost
@@ -93,7 +110,7 @@ def incurred_cost(request: InferenceRequest, offer: ModelOffer, usage: Usage | N
     if usage is not None and usage.total_tokens > 0:
         return offer.cost(usage)
     return (
-        max(0, request.prompt_tokens_estimate) * offer.cost_per_1k_input
+        prompt_tokens(request) * offer.cost_per_1k_input
         + max(0, chunks) * offer.cost_per_1k_output
     ) / 1000.0
 
@@ -119,6 +136,9 @@ class LedgerHold:
 
     def release(self) -> None:
         self._ledger.release(self._reservation)
+
+    def abandon(self) -> None:
+        self._ledger.settle(self._reservation, self._reservation.amount)
 
 
 class BudgetGate:

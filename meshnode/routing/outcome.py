@@ -43,6 +43,7 @@ class Served:
     latency_ms: float = 0.0
     cache: str | None = None  # "hit" when answered from the cache
     policy: str | None = None
+    chunks: int = 0  # stream chunks relayed (prices a stream cut short, with no usage)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -95,10 +96,12 @@ class RoutedStream:
         try:
             if self.first.usage is not None:
                 served.usage = self.first.usage
+            served.chunks = 1
             yield self.first
             async for chunk in self._rest:
                 if chunk.usage is not None:
                     served.usage = chunk.usage
+                served.chunks += 1
                 yield chunk
         except BaseException as exc:  # noqa: BLE001 - re-raised; recorded for stats
             error = exc

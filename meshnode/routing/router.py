@@ -26,6 +26,7 @@ from typing import Any
 
 from meshnode.config import RoutingConfig
 from meshnode.errors import (
+    BudgetExceeded,
     DeadlineExceeded,
     MeshError,
     ModelNotFound,
@@ -33,6 +34,7 @@ from meshnode.errors import (
     UpstreamError,
     UpstreamRateLimited,
 )
+from meshnode.governance.gate import FREE, Hold, SpendGate
 from meshnode.providers.base import Provider
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
 from meshnode.routing.policy import allows, match_policy
@@ -59,6 +61,7 @@ class Router:
         max_hops: int = 2,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        spend: SpendGate | None = None,
     ) -> None:
         self._config = routing
         self._chain = list(chain)
@@ -67,6 +70,8 @@ class Router:
         self._max_hops = max_hops
         self._clock = clock
         self._rng = rng or random.Random()
+        # Budget hook: reserve before each attempt, settle or release after (governance/gate.py).
+        self._spend = spend
         self._stats: dict[tuple[str, str], CandidateStats] = {}
         self._turn = 0
         self._created = int(time.time())
@@ -266,12 +271,20 @@ class Router:
         attempts: list[Attempt] = []
         tried: set[tuple[str, str]] = set()
         last: MeshError | None = None
+        unaffordable: set[tuple[str, str]] = set()
         for ranked in plan:
             offer = ranked.candidate.offer
             provider = self._provider_for(offer)
-            if provider is None:
+            if provider is None or offer.key in unaffordable:
                 continue
             await self._pause_before(offer, tried, len(attempts), request)
+            try:
+                hold = self._reserve(request, offer)
+            except BudgetExceeded as exc:
+                # Spent budget: skip paid candidates, free ones may still serve.
+                last = exc
+                unaffordable.add(offer.key)
+                continue
             tried.add(offer.key)
             stats = self._stats_for(offer)
             t0 = self._clock()
@@ -280,6 +293,7 @@ class Router:
                 async with asyncio.timeout(max(0.0, request.deadline - t0)):
                     completion = await provider.complete(request, offer, self._config.timeouts)
             except TimeoutError:
+                hold.release()
                 last = DeadlineExceeded(
                     f"The request's deadline passed while {offer.provider} was answering",
                     provider=offer.provider,
@@ -287,16 +301,22 @@ class Router:
                 self._failed(stats, offer, last, attempts, t0)
                 raise self._final_error(last, attempts) from None
             except MeshError as exc:
+                hold.release()
                 last = exc
                 self._failed(stats, offer, exc, attempts, t0)
                 if not exc.retryable:
                     raise
                 continue
+            except BaseException:
+                # The client went away mid-call: the upstream may finish and bill it anyway.
+                hold.abandon()
+                raise
             finally:
                 stats.in_flight -= 1
             t1 = self._clock()
             latency_ms = (t1 - t0) * 1000.0
             cost = offer.cost(completion.usage)
+            hold.settle(completion.usage)
             stats.record_success(latency_ms, completion.usage, cost)
             node = completion.node or offer.node or self.node_id
             attempts.append(Attempt(offer.provider, node, "ok", latency_ms))
@@ -323,12 +343,19 @@ class Router:
         attempts: list[Attempt] = []
         tried: set[tuple[str, str]] = set()
         last: MeshError | None = None
+        unaffordable: set[tuple[str, str]] = set()
         for ranked in plan:
             offer = ranked.candidate.offer
             provider = self._provider_for(offer)
-            if provider is None:
+            if provider is None or offer.key in unaffordable:
                 continue
             await self._pause_before(offer, tried, len(attempts), request)
+            try:
+                hold = self._reserve(request, offer)
+            except BudgetExceeded as exc:
+                last = exc
+                unaffordable.add(offer.key)
+                continue
             tried.add(offer.key)
             stats = self._stats_for(offer)
             t0 = self._clock()
@@ -338,12 +365,14 @@ class Router:
                 async with asyncio.timeout(max(0.0, request.deadline - t0)):
                     first = await agen.__anext__()
             except StopAsyncIteration:
+                hold.release()
                 stats.in_flight -= 1
                 last = UpstreamError(f"{offer.provider} ended the stream before any chunk",
                                      provider=offer.provider)
                 self._failed(stats, offer, last, attempts, t0)
                 continue
             except TimeoutError:
+                hold.release()
                 stats.in_flight -= 1
                 await _close_quietly(agen)
                 last = DeadlineExceeded(
@@ -353,6 +382,7 @@ class Router:
                 self._failed(stats, offer, last, attempts, t0)
                 raise self._final_error(last, attempts) from None
             except MeshError as exc:
+                hold.release()
                 stats.in_flight -= 1
                 await _close_quietly(agen)
                 last = exc
@@ -361,6 +391,7 @@ class Router:
                     raise
                 continue
             except BaseException:
+                hold.settle(None)  # the client left before a first chunk: the prompt was read
                 stats.in_flight -= 1
                 await _close_quietly(agen)
                 raise
@@ -376,18 +407,24 @@ class Router:
                 policy=policy,
             )
             return RoutedStream(
-                first, agen, served, self._stream_finisher(stats, offer, start, t0)
+                first, agen, served, self._stream_finisher(stats, offer, start, t0, hold)
             )
         raise self._final_error(last, attempts, request, policy, excluded)
 
     def _stream_finisher(
-        self, stats: CandidateStats, offer: ModelOffer, start: float, t0: float
+        self, stats: CandidateStats, offer: ModelOffer, start: float, t0: float,
+        hold: Hold = FREE,
     ) -> Callable[[Served, BaseException | None], None]:
         def finish(served: Served, error: BaseException | None) -> None:
             stats.in_flight -= 1
             now = self._clock()
             served.latency_ms = (now - start) * 1000.0
             served.cost = offer.cost(served.usage)
+            # A stream cut short has no usage: it pays its prompt and the chunks relayed.
+            charged = hold.settle(served.usage if served.usage.total_tokens else None,
+                                  served.chunks)
+            if not served.usage.total_tokens:
+                served.cost = charged
             if error is None or isinstance(error, (GeneratorExit, asyncio.CancelledError)):
                 stats.record_success((now - t0) * 1000.0, served.usage, served.cost)
             else:
@@ -395,6 +432,9 @@ class Router:
                 stats.record_failure(str(code), now, self._config.failover.cooldown)
 
         return finish
+
+    def _reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
+        return FREE if self._spend is None else self._spend.reserve(request, offer)
 
     def _provider_for(self, offer: ModelOffer) -> Provider | None:
         for provider in self._providers:

@@ -1,0 +1,192 @@
+"""The aiohttp side of governance: the auth + rate-limit middleware, the `x-ratelimit-*`
+headers, and the key-management routes `/admin/keys`.
+
+`install(app, governance)` (via `Governance.install`, which has the `RouteRegistrar` shape that
+`create_app(extra_routes=...)` takes) appends the middleware, so it runs inside the request
+middleware: our `AuthenticationError` / `PermissionDenied` / `RateLimited` become OpenAI-shaped
+401 / 403 / 429 answers in the one place that maps errors. Headers are added in
+`on_response_prepare`, the one moment that sees streamed and error answers alike before their
+headers leave.
+
+Per request, on `POST /v1/*` with a key that has limits: one request is taken from the key's
+request bucket before the handler runs, and the answer's real token usage is taken from its
+token bucket after it (`ratelimit.py` explains why after). A key limited to some models has its
+body's `model` checked here (the body is read once; aiohttp keeps it for the handler).
+
+The request's key (its record) is put on the request (`key_of(request)`), for the handler to
+pass the key name to the router (policies, per-key budgets) and to the request log line.
+Nothing here writes the Authorization header, the key or its hash anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from meshnode.api.state import CONTEXT
+from meshnode.errors import InvalidRequest, RateLimited
+from meshnode.governance.auth import Authenticator, RouteClass, route_class
+from meshnode.governance.keys import KeyRecord
+from meshnode.governance.ratelimit import RateDecision
+
+if TYPE_CHECKING:
+    from meshnode.governance.service import Governance
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+KEY = web.RequestKey("meshnode_api_key", KeyRecord)
+RATE = web.RequestKey("meshnode_rate_decision", RateDecision)
+GOVERNANCE: web.AppKey[Any] = web.AppKey("meshnode_governance", object)
+
+
+def key_of(request: web.Request) -> KeyRecord | None:
+    """The API key that authenticated this request (None when auth is off or the route is
+    public)."""
+    return request.get(KEY)
+
+
+def key_name_of(request: web.Request) -> str | None:
+    record = request.get(KEY)
+    return record.name if record is not None else None
+
+
+def _presented(request: web.Request) -> str | None:
+    """`Authorization: Bearer ...`, or Anthropic clients' `x-api-key` (the /v1/messages door)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        api_key = request.headers.get("x-api-key")
+        if api_key:
+            return "Bearer " + api_key
+    return header
+
+
+async def _peek_model(request: web.Request) -> str | None:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None  # the handler answers 400 with the details
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def make_middleware(gov: Governance) -> Callable[..., Awaitable[web.StreamResponse]]:
+    authenticator = gov.authenticator
+    limiter = gov.limiter
+
+    @web.middleware
+    async def governance_middleware(
+        request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        if not gov.auth_enabled:
+            return await handler(request)
+        route = route_class(request.path)
+        if route is RouteClass.PUBLIC:
+            return await handler(request)
+        record = authenticator.authenticate(_presented(request))
+        Authenticator.authorize(record, route)
+        request[KEY] = record
+        if request.method != "POST" or not request.path.startswith("/v1/"):
+            return await handler(request)
+        if record.models is not None:
+            model = await _peek_model(request)
+            if model is not None:
+                Authenticator.authorize_model(record, model)
+        if record.rpm is None and record.tpm is None:
+            return await handler(request)
+        decision = limiter.acquire(record.name, record.rpm, record.tpm)
+        request[RATE] = decision
+        if not decision.allowed:
+            per = "requests" if decision.limited_by == "requests" else "tokens"
+            limit = decision.limit_requests if per == "requests" else decision.limit_tokens
+            raise RateLimited(
+                f"Rate limit reached for API key '{record.name}': {limit} {per} per minute. "
+                f"Try again in {decision.retry_after_s:.3g}s.",
+                retry_after=decision.retry_after_s,
+            )
+        try:
+            return await handler(request)
+        finally:
+            ctx = request.get(CONTEXT)
+            served = ctx.served if ctx is not None else None
+            if served is not None:
+                limiter.charge_tokens(record.name, record.tpm, served.usage.total_tokens)
+
+    return governance_middleware
+
+
+async def _rate_headers(request: web.Request, response: web.StreamResponse) -> None:
+    decision = request.get(RATE)
+    if decision is not None:
+        response.headers.update(decision.headers())
+
+
+# --------------------------------------------------------------------------- /admin/keys
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _opt_number(body: dict[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise InvalidRequest(f"'{name}' must be a number >= 0", param=name)
+    if kind is int and not float(value).is_integer():
+        raise InvalidRequest(f"'{name}' must be an integer", param=name)
+    return kind(value)
+
+
+async def create_key(request: web.Request) -> web.Response:
+    gov = request.app[GOVERNANCE]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the body must be a JSON object") from None
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        raise InvalidRequest("'name' is required", param="name")
+    models = body.get("models")
+    if models is not None and (
+        not isinstance(models, list) or not all(isinstance(m, str) for m in models)
+    ):
+        raise InvalidRequest("'models' must be a list of model names", param="models")
+    record, secret = gov.keys.create(
+        body["name"],
+        rpm=_opt_number(body, "rpm", int),
+        tpm=_opt_number(body, "tpm", int),
+        daily_limit=_opt_number(body, "daily_limit", float),
+        monthly_limit=_opt_number(body, "monthly_limit", float),
+        models=models,
+        admin=bool(body.get("admin", False)),
+    )
+    return _json({**record.public(), "key": secret}, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    gov = request.app[GOVERNANCE]
+    return _json({"object": "list", "data": [r.public() for r in gov.keys.records()]})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    gov = request.app[GOVERNANCE]
+    record = gov.keys.revoke(request.match_info["name"])
+    return _json(record.public())
+
+
+async def admin_budget(request: web.Request) -> web.Response:
+    gov = request.app[GOVERNANCE]
+    return _json(gov.budget_summary())
+
+
+def install(app: web.Application, gov: Governance) -> None:
+    app[GOVERNANCE] = gov
+    if gov.auth_enabled:  # with auth off the middleware would only cost time
+        app.middlewares.append(make_middleware(gov))
+    app.on_response_prepare.append(_rate_headers)
+    app.router.add_post("/admin/keys", create_key)
+    app.router.add_get("/admin/keys", list_keys)
+    app.router.add_delete("/admin/keys/{name}", revoke_key)
+    app.router.add_get("/admin/budget", admin_budget)
