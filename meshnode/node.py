@@ -95,7 +95,12 @@ class Node:
             self.node_id,
             max_hops=config.mesh.max_hops,
         )
-        self.services: list[NodeService] = [factory(self) for factory in services]
+        factories = list(services)
+        if config.mesh.enabled:
+            from meshnode.mesh.service import mesh_service  # gRPC is imported only when used
+
+            factories.append(mesh_service)
+        self.services: list[NodeService] = [factory(self) for factory in factories]
         self.app = create_app(
             self.router,
             node_id=self.node_id,

@@ -57,14 +57,18 @@ class MeshService:
         node_id: str,
         router: Any,
         *,
-        http_address: str = "",
+        http_address: str | Callable[[], str] = "",
         clock: Callable[[], float] = time.monotonic,
         announce: bool = True,
+        grace_s: float = 5.0,
     ) -> None:
         self.config = config
         self.node_id = node_id
         self.router = router
-        self.http_address = http_address
+        # The node binds HTTP before it starts services: read the address when we start.
+        self._http_address = http_address
+        self.http_address = ""
+        self._grace_s = grace_s
         self._clock = clock
         self._announce = announce
         self.settings = MembershipSettings.from_config(config)
@@ -82,6 +86,8 @@ class MeshService:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         rng = random.Random()
+        address = self._http_address
+        self.http_address = address() if callable(address) else address
         # The servicer needs the driver and the driver needs the bound address: bind first,
         # then hand the servicer its handler.
         servicer = MeshServicer(self.node_id, _Pending(), backend=self.router)
@@ -136,7 +142,10 @@ class MeshService:
         acked = await self.driver.leave(timeout)
         log.info("mesh: left the mesh (%d peers acknowledged)", acked)
 
-    async def stop(self, graceful: bool = True, grace_s: float = 5.0) -> None:
+    async def stop(self, graceful: bool = True, grace_s: float | None = None) -> None:
+        """Close everything; `graceful` leaves first (if not yet) and lets in-flight forwarded
+        calls finish for up to `grace_s`."""
+        grace_s = self._grace_s if grace_s is None else grace_s
         if graceful:
             await self.leave()
         else:
@@ -232,6 +241,9 @@ class MeshService:
                  update.status.label, update.incarnation, update.from_node or "?")
 
     # ------------------------------------------------------------------ admin
+    def register_routes(self, app: web.Application) -> None:
+        app.router.add_get("/admin/mesh", self.admin_handler)
+
     def snapshot(self) -> dict[str, Any]:
         assert self.membership is not None and self.driver is not None
         return mesh_json(
@@ -241,6 +253,17 @@ class MeshService:
     async def admin_handler(self, request: web.Request) -> web.Response:
         """GET /admin/mesh (the node puts it behind admin auth)."""
         return web.Response(body=orjson.dumps(self.snapshot()), content_type="application/json")
+
+
+def mesh_service(node: Any) -> MeshService:
+    """The `Node` service factory: `Node(config, services=[mesh_service])` when mesh.enabled."""
+    return MeshService(
+        node.config.mesh,
+        node.node_id,
+        node.router,
+        http_address=lambda: str(node.http_address),
+        grace_s=node.config.server.shutdown_grace_s,
+    )
 
 
 class _Pending:
@@ -254,4 +277,4 @@ class _Pending:
         raise UpstreamUnavailable("mesh not started")
 
 
-__all__ = ["InferBackend", "MeshService"]
+__all__ = ["InferBackend", "MeshService", "mesh_service"]
