@@ -19,6 +19,7 @@ from meshnode.api.errors import JSON, no_capacity
 from meshnode.api.protocol import parse_request
 from meshnode.api.state import CACHE, CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, ModelNotFound
+from meshnode.governance.http import key_name_of
 from meshnode.routing.outcome import Served
 from meshnode.types import InferenceRequest, RequestKind
 
@@ -70,7 +71,7 @@ async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
     raw = await request.read()
     inference = parse_request(
         kind, raw, request_id=ctx.request_id, timeout_s=state.timeout_s,
-        headers=_aiproxy_headers(request),
+        headers=_aiproxy_headers(request), key_name=key_name_of(request),
     )
     router = state.router
     if not router.has_model(inference.model, kind):

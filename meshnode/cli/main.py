@@ -1,4 +1,4 @@
-"""The `meshnode` command: `run` a node, `check-config` a file.
+"""The `meshnode` command: `run` a node, `check-config` a file, manage `keys`.
 
 This module only parses arguments, loads the config (flags override the file through
 `load_config(overrides=...)`), sets up logging and the event loop (uvloop), and hands over to
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "error as `path: message`, one per line.",
     )
     check.add_argument("path", metavar="PATH")
+
+    from meshnode.governance.cli import add_keys_parser
+
+    add_keys_parser(commands)  # keys create|list|revoke
     return parser
 
 
@@ -137,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.path)
     if args.command == "run":
         return run(args)
+    if args.command == "keys":
+        from meshnode.governance.cli import run_keys
+
+        return run_keys(args)
     return EXIT_INVALID  # pragma: no cover - argparse requires a command
 
 
