@@ -1,4 +1,5 @@
-"""`make bench-setup`: the LiteLLM baseline's own venv (`.bench-venv`) and the `wrk` load generator.
+"""`make bench-setup`: the LiteLLM baseline's own venv (`.bench-venv`, with py-spy for
+`bench.profile`) and the `wrk` load generator.
 
 LiteLLM lives in a venv of its own so that its many pins never touch meshnode's `.venv`.
 `wrk` comes from the distribution (Debian package `wrk`) when we are root and apt-get is there;
@@ -45,7 +46,8 @@ def install_litellm(venv: Path = BENCH_VENV, spec: str = LITELLM_SPEC) -> None:
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
     pip = [str(litellm_python(venv)), "-m", "pip"]
     subprocess.run([*pip, "install", "--quiet", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", "--quiet", spec], check=True)
+    # py-spy rides along: `python -m bench.profile` samples the node with it.
+    subprocess.run([*pip, "install", "--quiet", spec, "py-spy"], check=True)
 
 
 def install_wrk() -> bool:
