@@ -30,6 +30,7 @@ from aiohttp import web
 from meshnode.api.app import create_app
 from meshnode.config import Config, ResolvedProvider, node_id
 from meshnode.errors import ConfigError
+from meshnode.governance.service import Governance
 from meshnode.observability.metrics import Metrics
 from meshnode.providers.base import Provider
 from meshnode.providers.registry import ProviderContext, build_provider
@@ -88,12 +89,20 @@ class Node:
             timeouts=config.routing.timeouts,
         )
         self.providers: list[Provider] = self._build_providers(ctx)
+        # Keys, rate limits and the budget ledger (SQLite in data_dir); opened before the router
+        # takes its budget gate.
+        self.governance = Governance(
+            config.auth, config.budget, config.node.data_dir, self.node_id,
+            mesh_secret=config.mesh.secret,
+        )
+        self.governance.open()
         self.router = Router(
             config.routing,
             config.fallback_chain(),
             self.providers,
             self.node_id,
             max_hops=config.mesh.max_hops,
+            spend=self.governance.spend_gate,
         )
         factories = list(services)
         if config.mesh.enabled:
@@ -108,7 +117,8 @@ class Node:
             timeouts=config.routing.timeouts,
             metrics=self.metrics,
             extra_routes=[
-                s.register_routes for s in self.services if hasattr(s, "register_routes")
+                self.governance.install,  # auth + rate-limit middleware, /admin/keys
+                *[s.register_routes for s in self.services if hasattr(s, "register_routes")],
             ],
             # The node closes providers itself, after services stopped (see the stop order).
             manage_providers=False,
@@ -210,6 +220,7 @@ class Node:
                 await provider.close()
             except Exception:  # noqa: BLE001
                 log.exception("provider %s failed to close", provider.name)
+        self.governance.close()
 
     async def run_until_signal(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop gracefully. Returns the exit status."""
