@@ -40,7 +40,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -343,7 +343,8 @@ class SseParser:
             if not self._data:
                 self._event = ""
                 return None
-            event = SseEvent(self._event or "message", b"\n".join(self._data).decode("utf-8", "replace"))
+            data = b"\n".join(self._data).decode("utf-8", "replace")
+            event = SseEvent(self._event or "message", data)
             self._data = []
             self._event = ""
             return event
@@ -362,7 +363,7 @@ class SseParser:
         return None
 
 
-async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
+async def iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[SseEvent, None]:
     """The events of a response body, each yielded as soon as its bytes arrive.
 
     Raises aiohttp's errors as they are (the caller translates, knowing whether a chunk has

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -208,7 +208,7 @@ class OpenAICompatProvider(Provider):
 
     async def stream(
         self, request: InferenceRequest, offer: ModelOffer, timeouts: TimeoutsConfig
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         if request.kind not in (RequestKind.CHAT, RequestKind.COMPLETION):
             raise InvalidRequest(f"{request.kind.value} requests cannot be streamed")
         path = _path(request.kind)
@@ -244,8 +244,8 @@ class OpenAICompatProvider(Provider):
         except MeshError as err:
             raise (as_stream_broken(err) if started else err) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            err = http.error_for_exception(exc, request.deadline)
-            raise (as_stream_broken(err) if started else err) from exc
+            error = http.error_for_exception(exc, request.deadline)
+            raise (as_stream_broken(error) if started else error) from exc
         if last is None:
             raise UpstreamUnavailable(
                 f"{self.name} ended the stream without a chunk", provider=self.name

@@ -35,6 +35,7 @@ from meshnode.providers.openai_compat import (
     upstream_body,
 )
 from meshnode.providers.registry import ProviderContext, build_provider
+from meshnode.providers.tokens import estimate_prompt_tokens, estimate_tokens
 from meshnode.types import InferenceRequest, ModelOffer, RequestKind, StreamChunk, Usage
 from tests.kit.fake_openai import (
     DEFAULT_TEXT,
@@ -682,3 +683,40 @@ async def test_the_fake_as_a_subprocess(tmp_path: Path) -> None:
         assert fake.stats()["requests"] == 2
         fake.reset()
         assert fake.requests() == [] and fake.stats()["queued"] == 0
+
+
+# --------------------------------------------------------------------------- token estimates
+def test_estimate_tokens() -> None:
+    assert [estimate_tokens(t) for t in ("", "a", "abcd", "abcde")] == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "expected"),
+    [
+        # 3 priming + (4 + 2) + (4 + 1 + name 1)
+        (RequestKind.CHAT, {"messages": [{"role": "system", "content": "abcdefgh"},
+                                         {"role": "user", "content": "abc", "name": "bob"}]}, 15),
+        # multi-part content: text parts counted, an image part at its flat price
+        (RequestKind.CHAT, {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "abcd"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
+         3 + 4 + 1 + 85),
+        (RequestKind.COMPLETION, {"prompt": "abcdefgh"}, 2),
+        (RequestKind.COMPLETION, {"prompt": [1, 2, 3]}, 3),  # pre-tokenized: exact
+        (RequestKind.COMPLETION, {"prompt": ["abcd", "abcd"]}, 2),
+        (RequestKind.EMBEDDING, {"input": [[1, 2], [3]]}, 3),
+        (RequestKind.EMBEDDING, {"input": "abcd"}, 1),
+        (RequestKind.CHAT, {"messages": "garbage"}, 0),
+        (RequestKind.CHAT, {"messages": [None, 5]}, 3),
+        (RequestKind.EMBEDDING, {"input": None}, 0),
+    ],
+)
+def test_estimate_prompt_tokens(kind: RequestKind, body: dict[str, Any], expected: int) -> None:
+    assert estimate_prompt_tokens(kind, body) == expected
+
+
+def test_tools_count_toward_the_prompt() -> None:
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    assert estimate_prompt_tokens(RequestKind.CHAT, {**base, "tools": tools}) > (
+        estimate_prompt_tokens(RequestKind.CHAT, base)
+    )
