@@ -1,0 +1,410 @@
+"""The local provider: models served by PyTorch worker processes on this machine.
+
+Owns the worker processes (one per CUDA device, or one CPU worker) through
+`meshnode.worker.client.WorkerProcess`, and turns their events into OpenAI-shaped answers.
+It never imports torch: model code runs only in the workers, so the node's event loop never
+blocks on it.
+
+Errors, translated here once:
+- bad sampling values, a prompt over the context: `InvalidRequest` (400, not retryable);
+- no worker ready, the queue over its bound (`local_queue_full`), a worker that died before
+  anything was streamed: `UpstreamUnavailable` (retryable: the router fails over);
+- a worker that died after chunks were streamed: `StreamBroken` (never retried);
+- no first token within `first_byte_ms`: `UpstreamTimeout` (retryable).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from meshnode.config import ResolvedProvider, TimeoutsConfig
+from meshnode.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    InvalidRequest,
+    StreamBroken,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from meshnode.providers.base import Provider
+from meshnode.providers.registry import ProviderContext
+from meshnode.types import (
+    Capacity,
+    Completion,
+    InferenceRequest,
+    ModelOffer,
+    RequestKind,
+    StreamChunk,
+    Usage,
+)
+from meshnode.worker.client import (
+    Call,
+    Embedded,
+    Event,
+    Finished,
+    Rejected,
+    TextDelta,
+    WorkerGone,
+    WorkerProcess,
+    WorkerState,
+)
+from meshnode.worker.main import WorkerConfig
+from meshnode.worker.models import ModelSpec, check_spec
+from meshnode.worker.params import (
+    chat_messages,
+    completion_prompt,
+    embedding_inputs,
+    parse_sampling,
+)
+
+log = logging.getLogger(__name__)
+
+_TEXT_KINDS = frozenset({RequestKind.CHAT, RequestKind.COMPLETION})
+
+
+class LocalProvider(Provider):
+    kind = "local"
+
+    def __init__(
+        self,
+        resolved: ResolvedProvider,
+        ctx: ProviderContext,
+        *,
+        hang_timeout_s: float = 60.0,
+        load_timeout_s: float = 600.0,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        threads: int = 0,
+    ) -> None:
+        self.name = resolved.name
+        self._config = resolved.config
+        self._ctx = ctx
+        self._worker_options: dict[str, Any] = {
+            "hang_timeout_s": hang_timeout_s, "load_timeout_s": load_timeout_s,
+            "backoff_initial_s": backoff_initial_s, "backoff_max_s": backoff_max_s,
+        }
+        self._threads = threads
+        device = resolved.config.device
+        if device not in ("auto", "cpu", "cuda") and not (
+            device.startswith("cuda:") and device[5:].isdigit()
+        ):
+            raise ConfigError([f"providers.{self.name}.device: must be auto, cpu, cuda or "
+                               f"cuda:N (got {device!r})"])
+        errors: list[str] = []
+        specs: list[ModelSpec] = []
+        offers: list[ModelOffer] = []
+        for i, model in enumerate(resolved.config.models):
+            if model.kind not in ("chat", "completion", "embedding"):
+                errors.append(f"providers.{self.name}.models[{i}].kind: local models serve "
+                              f"chat, completion or embedding (got {model.kind!r})")
+                continue
+            spec = ModelSpec(model.name, model.kind,
+                             str(model.path) if model.path is not None else None, model.builtin)
+            problem = check_spec(spec)
+            if problem:
+                field = "path" if model.path is not None else "builtin"
+                errors.append(f"providers.{self.name}.models[{i}].{field}: {problem}")
+                continue
+            specs.append(spec)
+            kinds = (frozenset({RequestKind.EMBEDDING}) if model.kind == "embedding"
+                     else _TEXT_KINDS)
+            offers.append(ModelOffer(
+                model=model.name, provider=self.name, provider_kind="local",
+                upstream_model=model.name, kinds=kinds,
+                cost_per_1k_input=model.input_price, cost_per_1k_output=model.output_price,
+                priority=resolved.config.priority, max_context_tokens=model.max_context_tokens,
+            ))
+        if errors:
+            raise ConfigError(errors)
+        self._specs = tuple(specs)
+        self._offers = tuple(offers)
+        self._workers: list[WorkerProcess] = []
+        self._rr = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def offers(self) -> Sequence[ModelOffer]:
+        return self._offers
+
+    async def start(self) -> None:
+        """Spawn the worker(s) and return at once; `ready()` turns true after warm-up."""
+        if not self._specs or self._workers:
+            return
+        device = self._config.device
+        first = "cuda:0" if device == "cuda" else device
+        self._add_worker(first, on_hello=self._on_first_hello if device == "auto" else None)
+
+    def _add_worker(self, device: str, on_hello: Any = None) -> None:
+        config = WorkerConfig(
+            device=device, data_dir=str(Path(self._ctx.data_dir).resolve()),
+            max_batch=self._config.max_batch, models=tuple(s.to_wire() for s in self._specs),
+            threads=self._threads,
+        )
+        worker = WorkerProcess(config, name=f"{self.name}/{device}", on_hello=on_hello,
+                               **self._worker_options)
+        self._workers.append(worker)
+        worker.start()
+
+    def _on_first_hello(self, worker: WorkerProcess, hello: dict[str, Any]) -> None:
+        # `auto` found several GPUs: one more worker per extra device (once).
+        count = int(hello.get("cuda_count", 0))
+        if len(self._workers) == 1 and count > 1:
+            for index in range(1, count):
+                self._add_worker(f"cuda:{index}")
+
+    async def close(self) -> None:
+        workers, self._workers = self._workers, []
+        await asyncio.gather(*(w.close() for w in workers))
+
+    @property
+    def workers(self) -> Sequence[WorkerProcess]:
+        return tuple(self._workers)
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._specs:
+            return True, ""
+        if not self._workers:
+            return False, f"{self.name}: workers not started"
+        ready = [w for w in self._workers if w.state is WorkerState.READY]
+        if ready:
+            return True, ""
+        reasons = "; ".join(
+            f"{w.name} {w.state.value}" + (f" ({w.last_error})" if w.last_error else "")
+            for w in self._workers
+        )
+        return False, f"{self.name}: {reasons}"
+
+    def capacity(self) -> Capacity:
+        total = busy = queued = memory = 0
+        tps = 0.0
+        for worker in self._workers:
+            if worker.state is not WorkerState.READY:
+                continue
+            slots = self._config.max_batch
+            in_use = worker.slots_busy
+            total += slots
+            busy += min(in_use, slots)
+            queued += max(0, in_use - slots)
+            tps += worker.heartbeat.tokens_per_s
+            memory += worker.heartbeat.memory_bytes
+        return Capacity(slots_total=total, slots_free=total - busy, queue_depth=queued,
+                        tokens_per_s=tps, memory_used_bytes=memory)
+
+    # ------------------------------------------------------------------ dispatch
+    async def _pick_worker(self, timeouts: TimeoutsConfig, deadline: float,
+                           slots: int) -> WorkerProcess:
+        """The least loaded ready worker; waits up to `connect_ms` for one that is starting."""
+        ready = [w for w in self._workers if w.state is WorkerState.READY]
+        if not ready:
+            starting = [w for w in self._workers if w.state is not WorkerState.STOPPED]
+            wait = min(timeouts.connect_ms / 1000.0, max(0.0, deadline - time.monotonic()))
+            if starting and wait > 0:
+                waits = [asyncio.ensure_future(w.wait_ready(wait)) for w in starting]
+                done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+                ready = [w for w in self._workers if w.state is WorkerState.READY]
+            if not ready:
+                _, why = self.ready()
+                raise UpstreamUnavailable(f"local worker not ready ({why})",
+                                          code="local_not_ready", provider=self.name)
+        worker = min(ready, key=lambda w: w.slots_busy)
+        if slots and worker.slots_busy + slots > self._config.max_batch + self._config.max_queue:
+            raise UpstreamUnavailable(
+                f"local worker queue is full ({worker.slots_busy} sequences in flight)",
+                code="local_queue_full", provider=self.name,
+            )
+        return worker
+
+    async def _open_text(self, request: InferenceRequest, offer: ModelOffer,
+                         timeouts: TimeoutsConfig) -> tuple[WorkerProcess, Call, int]:
+        if request.kind not in _TEXT_KINDS:
+            raise InvalidRequest(f"{offer.model} does not serve {request.kind.value} requests",
+                                 param="model")
+        body = request.body
+        params = parse_sampling(body)
+        if request.kind is RequestKind.CHAT:
+            messages: list[dict[str, str]] | None = chat_messages(body)
+            prompt = None
+        else:
+            messages, prompt = None, completion_prompt(body)
+        worker = await self._pick_worker(timeouts, request.deadline, params.n)
+        call = worker.generate(offer.upstream_model, messages, prompt, params.to_wire(),
+                               params.n)
+        return worker, call, params.n
+
+    async def _next(self, call: Call, timeout: float, streamed: bool) -> Event:
+        try:
+            return await asyncio.wait_for(call.events.get(), timeout)
+        except TimeoutError:
+            if streamed:
+                raise DeadlineExceeded("the request's deadline passed while generating",
+                                       provider=self.name) from None
+            raise UpstreamTimeout("the local worker made no first token in time",
+                                  provider=self.name) from None
+
+    def _gone(self, event: WorkerGone, streamed: bool) -> Exception:
+        if streamed:
+            return StreamBroken(f"local worker failed mid-stream: {event.reason}",
+                                provider=self.name)
+        return UpstreamUnavailable(f"local worker failed: {event.reason}",
+                                   code="local_worker_failed", provider=self.name)
+
+    @staticmethod
+    def _first_timeout(request: InferenceRequest, timeouts: TimeoutsConfig) -> float:
+        return max(0.0, min(timeouts.first_byte_ms / 1000.0, request.deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------ non-stream
+    async def complete(self, request: InferenceRequest, offer: ModelOffer,
+                       timeouts: TimeoutsConfig) -> Completion:
+        if request.kind is RequestKind.EMBEDDING:
+            return await self._embed(request, offer, timeouts)
+        worker, call, n = await self._open_text(request, offer, timeouts)
+        texts = [""] * n
+        finishes: list[str | None] = [None] * n
+        got_any = False
+        finished = False
+        try:
+            while True:
+                timeout = (self._first_timeout(request, timeouts) if not got_any
+                           else max(0.0, request.deadline - time.monotonic()))
+                event = await self._next(call, timeout, streamed=False)
+                if isinstance(event, TextDelta):
+                    got_any = True
+                    texts[event.choice] += event.text
+                    if event.finish is not None:
+                        finishes[event.choice] = event.finish
+                elif isinstance(event, Finished):
+                    finished = True
+                    usage = Usage(event.prompt_tokens, event.completion_tokens)
+                    break
+                elif isinstance(event, Rejected):
+                    finished = True
+                    raise InvalidRequest(event.message, param=event.param)
+                elif isinstance(event, WorkerGone):
+                    finished = True
+                    raise self._gone(event, streamed=False)
+        finally:
+            worker.release(call, cancel=not finished)
+        body = _text_body(request, offer, texts, finishes, usage)
+        return Completion(body=body, usage=usage)
+
+    async def _embed(self, request: InferenceRequest, offer: ModelOffer,
+                     timeouts: TimeoutsConfig) -> Completion:
+        texts = embedding_inputs(request.body)
+        worker = await self._pick_worker(timeouts, request.deadline, 0)
+        call = worker.embed(offer.upstream_model, texts)
+        finished = False
+        try:
+            event = await self._next(call, self._first_timeout(request, timeouts), False)
+            finished = True
+        finally:
+            worker.release(call, cancel=not finished)
+        if isinstance(event, Rejected):
+            raise InvalidRequest(event.message, param=event.param)
+        if isinstance(event, WorkerGone):
+            raise self._gone(event, streamed=False)
+        if not isinstance(event, Embedded):
+            raise UpstreamUnavailable("local worker sent an unexpected answer",
+                                      provider=self.name)
+        flat = array.array("f")
+        flat.frombytes(event.vectors)
+        values = flat.tolist()
+        dim = event.dim
+        data = [
+            {"object": "embedding", "index": i, "embedding": values[i * dim:(i + 1) * dim]}
+            for i in range(len(texts))
+        ]
+        usage = Usage(prompt_tokens=event.tokens, completion_tokens=0)
+        body = {
+            "object": "list", "data": data, "model": offer.model,
+            "usage": {"prompt_tokens": event.tokens, "total_tokens": event.tokens},
+        }
+        return Completion(body=body, usage=usage)
+
+    # ------------------------------------------------------------------ stream
+    async def stream(self, request: InferenceRequest, offer: ModelOffer,
+                     timeouts: TimeoutsConfig) -> AsyncIterator[StreamChunk]:
+        worker, call, n = await self._open_text(request, offer, timeouts)
+        chat = request.kind is RequestKind.CHAT
+        chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        base = {"id": chunk_id, "object": obj, "created": created, "model": offer.model}
+        started = [False] * n
+        streamed = False
+        finished = False
+        try:
+            while True:
+                timeout = (self._first_timeout(request, timeouts) if not streamed
+                           else max(0.0, request.deadline - time.monotonic()))
+                event = await self._next(call, timeout, streamed)
+                if isinstance(event, TextDelta):
+                    i = event.choice
+                    if event.text or not started[i]:
+                        if chat:
+                            delta: dict[str, Any] = {"content": event.text}
+                            if not started[i]:
+                                delta = {"role": "assistant", "content": event.text}
+                            choice: dict[str, Any] = {"index": i, "delta": delta,
+                                                      "logprobs": None, "finish_reason": None}
+                        else:
+                            choice = {"text": event.text, "index": i, "logprobs": None,
+                                      "finish_reason": None}
+                        started[i] = True
+                        streamed = True
+                        yield StreamChunk({**base, "choices": [choice]})
+                    if event.finish is not None:
+                        if chat:
+                            choice = {"index": i, "delta": {}, "logprobs": None,
+                                      "finish_reason": event.finish}
+                        else:
+                            choice = {"text": "", "index": i, "logprobs": None,
+                                      "finish_reason": event.finish}
+                        yield StreamChunk({**base, "choices": [choice]})
+                elif isinstance(event, Finished):
+                    finished = True
+                    usage = Usage(event.prompt_tokens, event.completion_tokens)
+                    yield StreamChunk({**base, "choices": [], "usage": usage.to_openai()},
+                                      usage=usage)
+                    return
+                elif isinstance(event, Rejected):
+                    finished = True
+                    raise InvalidRequest(event.message, param=event.param)
+                elif isinstance(event, WorkerGone):
+                    finished = True
+                    raise self._gone(event, streamed)
+        finally:
+            # Also reached on aclose()/cancellation: the worker stops generating for it.
+            worker.release(call, cancel=not finished)
+
+
+def _text_body(request: InferenceRequest, offer: ModelOffer, texts: list[str],
+               finishes: list[str | None], usage: Usage) -> dict[str, Any]:
+    created = int(time.time())
+    if request.kind is RequestKind.CHAT:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+            "created": created, "model": offer.model,
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": text},
+                 "logprobs": None, "finish_reason": finishes[i] or "stop"}
+                for i, text in enumerate(texts)
+            ],
+            "usage": usage.to_openai(),
+        }
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+        "created": created, "model": offer.model,
+        "choices": [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": finishes[i] or "stop"}
+            for i, text in enumerate(texts)
+        ],
+        "usage": usage.to_openai(),
+    }

@@ -1,0 +1,267 @@
+"""The worker process: loads the models of one device and serves frames until told to stop.
+
+Started by `meshnode.worker.client.WorkerProcess` as
+`python -m meshnode.worker.main --fd N --spec JSON`. Threads: one reads frames into an inbox;
+the main thread owns every model and loops: take new work from the inbox, run one batching step
+per busy chat model, send what it made, send a heartbeat at least every HEARTBEAT_S. A step that
+never returns therefore stops the heartbeats, which is how the node sees a hung worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("meshnode.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    device: str  # auto | cpu | cuda | cuda:N
+    data_dir: str
+    max_batch: int
+    models: tuple[dict[str, Any], ...]  # ModelSpec.to_wire()
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "device": self.device, "data_dir": self.data_dir, "max_batch": self.max_batch,
+            "models": list(self.models), "threads": self.threads,
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        raw = json.loads(text)
+        return cls(raw["device"], raw["data_dir"], int(raw["max_batch"]),
+                   tuple(raw["models"]), int(raw.get("threads", 0)))
+
+
+def _resolve_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        return torch.device("cuda:0")
+    return torch.device(name)
+
+
+def _memory_bytes(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, channel: Any) -> None:
+        self.config = config
+        self.channel = channel
+        self.inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.engines: dict[str, Any] = {}
+        self.embedders: dict[str, Any] = {}
+        self.device: Any = None
+
+    # ------------------------------------------------------------------ start
+    def load(self) -> dict[str, dict[str, Any]]:
+        from meshnode.worker.embedder import Embedder, max_seq_length
+        from meshnode.worker.engine import GenerationEngine
+        from meshnode.worker.models import ModelSpec, load_causal_lm, load_encoder, model_dir
+
+        info: dict[str, dict[str, Any]] = {}
+        for raw in self.config.models:
+            spec = ModelSpec.from_wire(raw)
+            path = model_dir(spec, Path(self.config.data_dir))
+            if spec.kind == "embedding":
+                model, tokenizer = load_encoder(path, self.device)
+                self.embedders[spec.name] = Embedder(
+                    model, tokenizer, self.device, max_seq_length(path, tokenizer))
+                info[spec.name] = {"kind": spec.kind, "context": max_seq_length(path, tokenizer)}
+            else:
+                model, tokenizer = load_causal_lm(path, self.device)
+                engine = GenerationEngine(model, tokenizer, self.device, self.config.max_batch)
+                self.engines[spec.name] = engine
+                info[spec.name] = {"kind": spec.kind, "context": engine.context}
+        return info
+
+    def warm_up(self) -> None:
+        """One short pass through every model, so the first request is not the slow one."""
+        from meshnode.worker.models import encode_prompt
+        from meshnode.worker.params import SamplingParams
+
+        for embedder in self.embedders.values():
+            embedder.embed(["warm up"])
+        for engine in self.engines.values():
+            ids = encode_prompt(engine.tokenizer, [{"role": "user", "content": "warm up"}], None)
+            engine.submit(-1, ids, SamplingParams(max_tokens=2, temperature=1.0, seed=0))
+            while engine.has_work():
+                engine.step()
+
+    # ------------------------------------------------------------------ serve
+    def _reader(self) -> None:
+        while True:
+            try:
+                message = self.channel.recv()
+            except (OSError, ValueError):
+                message = None
+            self.inbox.put(message)
+            if message is None or message.get("t") == "stop":
+                return
+
+    def serve(self) -> None:
+        from meshnode.worker.engine import ThroughputMeter
+        from meshnode.worker.protocol import HEARTBEAT_S
+
+        threading.Thread(target=self._reader, name="worker-reader", daemon=True).start()
+        meter = ThroughputMeter()
+        last_beat = 0.0
+        while True:
+            busy = any(e.has_work() for e in self.engines.values())
+            timeout = 0.0 if busy else HEARTBEAT_S
+            try:
+                message = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
+            except queue.Empty:
+                message = {"t": "idle"}
+            while True:
+                if message is None or message.get("t") == "stop":
+                    return
+                self._handle(message)
+                try:
+                    message = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+            for engine in self.engines.values():
+                if engine.has_work():
+                    result = engine.step()
+                    meter.add(result.tokens)
+                    if result.events or result.done:
+                        self.channel.send({
+                            "t": "step",
+                            "ev": [[e.request_id, e.choice, e.text, e.finish]
+                                   for e in result.events],
+                            "done": [[d.request_id, d.prompt_tokens, d.completion_tokens]
+                                     for d in result.done],
+                        })
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_S:
+                last_beat = now
+                self.channel.send({
+                    "t": "hb", "tps": meter.sample(), "mem": _memory_bytes(self.device),
+                    "active": sum(e.active_rows for e in self.engines.values()),
+                    "queued": sum(e.queued for e in self.engines.values()),
+                })
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind == "gen":
+            self._generate(message)
+        elif kind == "emb":
+            self._embed(message)
+        elif kind == "cancel":
+            for engine in self.engines.values():
+                engine.cancel(message["id"])
+
+    def _generate(self, message: dict[str, Any]) -> None:
+        from meshnode.worker.engine import RequestRejected
+        from meshnode.worker.models import encode_prompt
+        from meshnode.worker.params import SamplingParams
+
+        engine = self.engines.get(message["model"])
+        if engine is None:
+            self._reject(message["id"], f"model {message['model']!r} is not a text model here",
+                         "model")
+            return
+        try:
+            ids = encode_prompt(engine.tokenizer, message.get("messages"), message.get("prompt"))
+            engine.submit(message["id"], ids, SamplingParams.from_wire(message["params"]))
+        except RequestRejected as exc:
+            self._reject(message["id"], exc.message, exc.param)
+        except (ValueError, TypeError, KeyError) as exc:
+            # A chat template that rejects the conversation (roles out of order ...).
+            self._reject(message["id"], f"cannot build the prompt: {exc}", "messages")
+
+    def _embed(self, message: dict[str, Any]) -> None:
+        embedder = self.embedders.get(message["model"])
+        if embedder is None:
+            self._reject(message["id"], f"model {message['model']!r} is not an embedding "
+                         "model here", "model")
+            return
+        vectors, tokens = embedder.embed(list(message["input"]))
+        self.channel.send({
+            "t": "emb", "id": message["id"], "dim": int(vectors.shape[1]),
+            "vectors": vectors.numpy().tobytes(), "tokens": tokens,
+        })
+
+    def _reject(self, request_id: int, text: str, param: str | None) -> None:
+        self.channel.send({"t": "err", "id": request_id, "message": text, "param": param})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshnode-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--spec", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    # No hub access, ever; and no progress bars on the node's stderr.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = WorkerConfig.from_json(args.spec)
+
+    from meshnode.worker.protocol import BlockingChannel
+
+    sock = socket.socket(fileno=args.fd)
+    channel = BlockingChannel(sock)
+    worker = Worker(config, channel)
+    try:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        worker.device = _resolve_device(config.device)
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        channel.send({"t": "hello", "pid": os.getpid(), "device": str(worker.device),
+                      "cuda_count": cuda_count})
+        info = worker.load()
+        worker.warm_up()
+    except Exception as exc:  # noqa: BLE001 - anything at load time is reported, then we exit
+        log.exception("worker failed to start")
+        try:
+            channel.send({"t": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+        except OSError:
+            pass
+        return 3
+    # A first heartbeat before `ready`, so capacity has memory figures from the start.
+    channel.send({"t": "hb", "tps": 0.0, "mem": _memory_bytes(worker.device), "active": 0,
+                  "queued": 0})
+    channel.send({"t": "ready", "models": info})
+    log.info("worker ready on %s: %s", worker.device, ", ".join(info))
+    try:
+        worker.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # the node went away
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

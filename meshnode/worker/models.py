@@ -1,0 +1,103 @@
+"""Model specs (torch-free, shared with the node) and model loading (worker side).
+
+A `ModelSpec` names one configured local model: its public name, kind, and where its weights
+are (`path` or `builtin`). The node checks specs when the provider is built (a missing path is a
+ConfigError before anything starts); the worker loads them with transformers: causal LMs for
+chat/completion, encoders for embeddings. float32 on the CPU, bfloat16 on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+ModelKind = Literal["chat", "completion", "embedding"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    name: str
+    kind: ModelKind
+    path: str | None = None
+    builtin: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "path": self.path, "builtin": self.builtin}
+
+    @classmethod
+    def from_wire(cls, frame: dict[str, Any]) -> ModelSpec:
+        return cls(frame["name"], frame["kind"], frame.get("path"), frame.get("builtin"))
+
+
+def check_spec(spec: ModelSpec) -> str | None:
+    """A problem with the spec that can be seen without loading anything, or None."""
+    from meshnode.worker.builtins import BUILTINS
+
+    if spec.builtin is not None:
+        if spec.builtin not in BUILTINS:
+            return f"unknown built-in model {spec.builtin!r} (one of {', '.join(BUILTINS)})"
+        wanted = "embedding" if spec.builtin == "minilm" else "chat"
+        if (spec.kind == "embedding") != (wanted == "embedding"):
+            return f"built-in {spec.builtin!r} is a{'n embedding' if wanted == 'embedding' else ' text'} model, not kind {spec.kind!r}"
+        return None
+    if spec.path is None:
+        return "a local model needs `path` or `builtin`"
+    path = Path(spec.path)
+    if not path.is_dir():
+        return f"no such model directory: {path}"
+    if not (path / "config.json").is_file():
+        return f"{path} is not a Hugging Face model directory (no config.json)"
+    return None
+
+
+def model_dir(spec: ModelSpec, data_dir: Path) -> Path:
+    from meshnode.worker.builtins import builtin_dir
+
+    if spec.builtin is not None:
+        return builtin_dir(spec.builtin, data_dir)
+    assert spec.path is not None
+    return Path(spec.path)
+
+
+def dtype_for(device: Any) -> Any:
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_causal_lm(path: Path, device: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype_for(device), local_files_only=True
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def load_encoder(path: Path, device: Any) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, dtype=dtype_for(device), local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]] | None,
+                  prompt: str | None) -> list[int]:
+    """Prompt token ids: chat messages through the tokenizer's chat template when it has one
+    (a plain `role: content` transcript otherwise), or a completion prompt as is."""
+    if messages is not None:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        # The template already wrote any special tokens it wants.
+        ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+        return ids
+    assert prompt is not None
+    ids = tokenizer.encode(prompt)
+    return ids
