@@ -6,10 +6,16 @@ mesh_secret=config.mesh.secret)`), calls `open()` before building the router (th
 `close()` after the app is cleaned up. `install` also starts the one background task: re-reading
 `keys.db` every `refresh_interval_s` when the CLI changed it.
 
-Gossip (the mesh engineer's extension point): `export_gossip() -> bytes` is this node's signed
-governance digest (its key records and the spend counters of the current day and month);
-`merge_gossip(blob)` merges a peer's digest (or raises `GossipRejected`). Both are synchronous,
-fast (a few SQLite writes at most) and must be called from the event loop thread.
+Gossip (the mesh engineer's extension points), synchronous, fast (a few SQLite writes at most),
+called from the event loop thread:
+- spend, through the existing `NodeState.counters` map: put `gossip_counters()` (this node's
+  own slots) in the state this node publishes, and call `merge_peer_counters(node_id,
+  state.counters)` for every peer state received. A G-counter needs nothing more: each node
+  carries only its own slots, every node takes the maximum per slot.
+- key records (and, redundantly, counters) as one opaque signed blob: `export_gossip() -> bytes`
+  (HMAC with the mesh secret), `merge_gossip(blob)` (raises `GossipRejected` on a bad MAC).
+  Key records are not node-owned, so every node carries every record it knows; merging is
+  last-writer-wins per name. This needs a bytes field in `NodeState` (e.g. `bytes governance`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,7 @@ from meshnode.config import AuthConfig, BudgetConfig
 from meshnode.governance import http
 from meshnode.governance.auth import Authenticator
 from meshnode.governance.budget import BudgetLedger, SpendLimits
+from meshnode.governance.counters import GLOBAL_SCOPE, CounterEntry
 from meshnode.governance.gate import BudgetGate, SpendGate
 from meshnode.governance.gossip import decode_digest, encode_digest
 from meshnode.governance.keys import KeyStore
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 
 KEYS_FILE = "keys.db"
 SPEND_FILE = "spend.db"
+COUNTER_PREFIX = "spend|"
 
 
 class Governance:
@@ -128,6 +136,29 @@ class Governance:
         return self.keys.merge_records(digest.records), self.ledger.merge_counters(
             digest.counters
         )
+
+    def gossip_counters(self, limit: int = 64) -> dict[str, float]:
+        """This node's own spend slots of the current day and month, for the
+        `NodeState.counters` map (`spend|SCOPE|PERIOD` -> USD). The global slots come first, so
+        they survive the map's size cap (`limit`)."""
+        own = [e for e in self.ledger.export_counters() if e.node == self.node_id]
+        own.sort(key=lambda e: (e.scope != GLOBAL_SCOPE, e.scope, e.period))
+        return {f"{COUNTER_PREFIX}{e.scope}|{e.period}": e.amount for e in own[:limit]}
+
+    def merge_peer_counters(self, node_id: str, counters: Mapping[str, float]) -> int:
+        """Merge the `spend|...` entries of a peer's `NodeState.counters` (its own slots);
+        other entries are ignored. Returns how many slots grew."""
+        if node_id == self.node_id:
+            return 0
+        entries = []
+        for name, amount in counters.items():
+            if not name.startswith(COUNTER_PREFIX):
+                continue
+            scope, sep, period = name[len(COUNTER_PREFIX):].rpartition("|")
+            entry = CounterEntry.from_json([node_id, scope, period, amount]) if sep else None
+            if entry is not None:
+                entries.append(entry)
+        return self.ledger.merge_counters(entries) if entries else 0
 
     # ------------------------------------------------------------------ reading
     def budget_summary(self) -> dict[str, Any]:
