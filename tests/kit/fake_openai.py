@@ -257,7 +257,7 @@ class FakeOpenAI:
 
     async def stop(self) -> None:
         self._closing.set()
-        self._release.set()
+        self.release()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -276,15 +276,17 @@ class FakeOpenAI:
             self._queue.append(_Queued(behaviour, behaviour.times))
 
     def reset(self) -> None:
+        self.release()
         self._queue.clear()
         self.requests.clear()
         self.request_count = 0
         self.disconnects = 0
-        self._release = asyncio.Event()
 
     def release(self) -> None:
-        """Let paused streams (`pause_after`) go on."""
+        """Let the streams paused now (`pause_after`) go on; later pauses wait for the next
+        release."""
         self._release.set()
+        self._release = asyncio.Event()
 
     async def wait_until(
         self, predicate: Callable[[FakeOpenAI], bool], timeout: float = 10.0
@@ -426,7 +428,8 @@ class FakeOpenAI:
                 _tcp_reset(request)
                 raise _Reset
             if behaviour.pause_after is not None and sent == behaviour.pause_after:
-                await self._release.wait()
+                if not self._closing.is_set():
+                    await self._release.wait()
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
