@@ -312,7 +312,7 @@ class EventWriter:
         self._tool_blocks: dict[int, int] = {}  # OpenAI tool_call index -> block index
 
     def start(self) -> bytes:
-        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+        message: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}
         return (event("message_start", {"type": "message_start", "message": message})

@@ -469,9 +469,9 @@ class StreamTranslator:
         if kind == "message_start":
             message = data.get("message") or {}
             self.id = str(message.get("id") or self.id)
-            usage = usage_from_anthropic(message.get("usage"))
-            self.prompt_tokens = usage.prompt_tokens
-            self.completion_tokens = usage.completion_tokens
+            started = usage_from_anthropic(message.get("usage"))
+            self.prompt_tokens = started.prompt_tokens
+            self.completion_tokens = started.completion_tokens
             return []
         if kind == "message_delta":
             usage = data.get("usage")
