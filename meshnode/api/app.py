@@ -25,7 +25,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from aiohttp import web
 
 from meshnode.api import handlers
+from meshnode.api.anthropic_door import add_anthropic_routes
 from meshnode.api.errors import error_response, http_error_response, unexpected_error_response
+from meshnode.api.images import add_image_routes
 from meshnode.api.state import CONTEXT, STATE, ApiState, RequestContext, new_request_id
 from meshnode.config import ServerConfig, TimeoutsConfig
 from meshnode.errors import MeshError, PayloadTooLarge
@@ -156,6 +158,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/metrics", handlers.metrics)
     r.add_get("/admin/route", handlers.admin_route)
     r.add_get("/admin/stats", handlers.admin_stats)
+    add_image_routes(app)  # POST /v1/images/generations
+    add_anthropic_routes(app)  # POST /v1/messages, /v1/messages/count_tokens
 
 
 def create_app(
