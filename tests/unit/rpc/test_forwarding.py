@@ -20,7 +20,7 @@ from meshnode.mesh.service import MeshService
 from meshnode.mesh.state import MemberStatus
 from meshnode.providers.fake import BreakAfter, Delay, FakeProvider, Hang
 from meshnode.routing.router import Router
-from meshnode.types import InferenceRequest, RequestKind
+from meshnode.types import InferenceRequest, RequestKind, StreamChunk
 
 MESH = dict(listen_addr="127.0.0.1:0", probe_interval_ms=50, probe_timeout_ms=100,
             gossip_interval_ms=50, mdns=False)
@@ -159,3 +159,37 @@ async def test_graceful_leave_removes_offers_at_once(pair: Pair) -> None:
     await pair.b.leave()
     await wait_for(lambda: pair.a.membership.get("node-b").status is MemberStatus.LEFT)
     assert [o for o in pair.a.provider.offers() if o.model == "m"] == []
+
+
+class _FirstChunkThenWait(FakeProvider):
+    """Streams one chunk, then waits until cancelled: a peer that dies mid-stream."""
+
+    async def stream(self, request, offer, timeouts):  # type: ignore[no-untyped-def, override]
+        self.calls.append(request)
+        yield StreamChunk({"object": "chat.completion.chunk", "model": offer.model,
+                           "choices": [{"index": 0, "delta": {"content": "first"},
+                                        "finish_reason": None}]})
+        await asyncio.Event().wait()
+
+
+async def test_peer_dying_after_first_chunk_is_stream_broken() -> None:
+    waiting = _FirstChunkThenWait("fakeai", models=["m"])
+    router_b = Router(RoutingConfig(), ["fakeai", "mesh"], [waiting], "node-b")
+    b = MeshService(MeshConfig(**MESH), "node-b", router_b, announce=False)
+    await b.start()
+    a = MeshService(MeshConfig(**MESH, seeds=[b.advertise_address]), "node-a",
+                    Router(RoutingConfig(), ["mesh"], [], "node-a"), announce=False)
+    await a.start()
+    try:
+        await wait_for(lambda: any(o.model == "m" for o in a.provider.offers()))
+        offer = next(o for o in a.provider.offers() if o.model == "m")
+        stream = a.provider.stream(request(stream=True), offer, RoutingConfig().timeouts)
+        first = await stream.__anext__()
+        assert first.data["choices"][0]["delta"]["content"] == "first"
+        assert first.node == "node-b"
+        await b.stop(graceful=False, grace_s=0)
+        with pytest.raises(StreamBroken):
+            await stream.__anext__()
+    finally:
+        await a.stop(graceful=False, grace_s=0)
+        await b.stop(graceful=False, grace_s=0)
