@@ -30,8 +30,13 @@ def start_mesh_node(
     Returns its target and its gRPC address."""
     config = meshnode_config(backend_url or "http://127.0.0.1:9", 0, 0, work_dir / f"{name}-data")
     config["node"]["id"] = name
-    config["mesh"] = {"enabled": True, "listen_addr": "127.0.0.1:0", "mdns": False,
-                      "seeds": seeds, **(mesh or {})}
+    config["mesh"] = {
+        "enabled": True,
+        "listen_addr": "127.0.0.1:0",
+        "mdns": False,
+        "seeds": seeds,
+        **(mesh or {}),
+    }
     if backend_url is None:
         config["providers"] = {"local": {"enabled": False}}
         config["routing"] = {"failover": {"fallback_chain": ["mesh"]}}

@@ -38,8 +38,9 @@ def _views(nodes: list[Target]) -> list[dict[str, str]]:
     return out
 
 
-def _wait_all(nodes: list[Target], subject: str, status: str, cap_s: float,
-              false_deaths: set[str]) -> float:
+def _wait_all(
+    nodes: list[Target], subject: str, status: str, cap_s: float, false_deaths: set[str]
+) -> float:
     start = time.monotonic()
     while True:
         views = _views(nodes)
@@ -88,10 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             dead_s, left_s, false_deaths = trial(args.nodes, Path(tmp))
         good = dead_s <= SPEC_DEAD_S and left_s <= SPEC_LEFT_S and not false_deaths
         ok = ok and good
-        print(f"trial {t + 1}: {args.nodes} nodes; SIGKILL known dead by all in {dead_s:.2f} s "
-              f"(SPEC <= {SPEC_DEAD_S}); SIGTERM leave seen by all in {left_s:.2f} s "
-              f"(SPEC <= {SPEC_LEFT_S}); false deaths: {sorted(false_deaths) or 'none'}"
-              f" -> {'PASS' if good else 'FAIL'}", flush=True)
+        print(
+            f"trial {t + 1}: {args.nodes} nodes; SIGKILL known dead by all in {dead_s:.2f} s "
+            f"(SPEC <= {SPEC_DEAD_S}); SIGTERM leave seen by all in {left_s:.2f} s "
+            f"(SPEC <= {SPEC_LEFT_S}); false deaths: {sorted(false_deaths) or 'none'}"
+            f" -> {'PASS' if good else 'FAIL'}",
+            flush=True,
+        )
     return 0 if ok else 1
 
 

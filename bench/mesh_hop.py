@@ -30,7 +30,9 @@ def _wait_forwarding(via: Target, timeout_s: float = 60.0) -> None:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     while True:
         request = urllib.request.Request(
-            via.base_url + CHAT_PATH, data=chat_body(), method="POST",
+            via.base_url + CHAT_PATH,
+            data=chat_body(),
+            method="POST",
             headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
         )
         try:
@@ -52,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, ProcessSet(Path(tmp) / "logs") as procs:
         work = Path(tmp)
         backend = start_backend(procs, None, 0.0)
-        b, b_grpc = start_mesh_node(procs, "node-b", work, backend_url=backend.base_url,
-                                    seeds=[])
+        b, b_grpc = start_mesh_node(procs, "node-b", work, backend_url=backend.base_url, seeds=[])
         a, _ = start_mesh_node(procs, "node-a", work, backend_url=None, seeds=[b_grpc])
         _wait_forwarding(a)
         assert mesh_view(a.base_url).get("node-b") == "alive"
@@ -69,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"through A:    p50 {v50:.3f} ms  p99 {v99:.3f} ms  (n={len(v)})")
     added = v50 - d50
     ok = added <= SPEC_HOP_P50_MS and errors == 0
-    print(f"one peer hop adds p50 {added:.3f} ms, p99 {v99 - d99:.3f} ms; errors {errors}; "
-          f"SPEC <= {SPEC_HOP_P50_MS} ms p50: {'PASS' if ok else 'FAIL'}")
+    print(
+        f"one peer hop adds p50 {added:.3f} ms, p99 {v99 - d99:.3f} ms; errors {errors}; "
+        f"SPEC <= {SPEC_HOP_P50_MS} ms p50: {'PASS' if ok else 'FAIL'}"
+    )
     return 0 if ok else 1
 
 

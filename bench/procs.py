@@ -194,16 +194,19 @@ class ProcessSet:
                 os.sched_setaffinity(0, pinned)
 
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=cwd,
-                preexec_fn=_pin,
-                start_new_session=True,  # own process group: we can stop its children too
-            )
+            try:
+                proc = subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    preexec_fn=_pin,
+                    start_new_session=True,  # own process group: we can stop its children too
+                )
+            except OSError as exc:
+                raise BenchProcessError(f"cannot start {name}: {exc}") from exc
         managed = Managed(name, proc, log_path, pinned)
         self._procs.append(managed)
         return managed

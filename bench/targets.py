@@ -184,7 +184,7 @@ def start_litellm(
     venv: Path,
     timeout_s: float,
 ) -> Target:
-    binary = litellm_bin(venv)
+    binary = litellm_bin(venv.resolve())
     if not binary.exists():
         raise BenchProcessError(f"{binary} not found: run `make bench-setup` to measure LiteLLM")
     port = free_port()
