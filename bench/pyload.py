@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -96,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args(argv)
+    runner: Callable[[Coroutine[Any, Any, dict[str, float]]], dict[str, float]] = asyncio.run
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:  # plain asyncio still works, only slower
-        runner = asyncio.run
+        pass
     result = runner(
         _run(args.url, args.body.encode(), args.api_key, args.connections, args.duration)
     )

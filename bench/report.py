@@ -245,8 +245,8 @@ class Report:
         ratios = self.ratios()
         if ratios:
             out.append("")
-            for key, value in ratios.items():
-                out.append(f"{key}: {value:.1f}x")
+            for key, ratio in ratios.items():
+                out.append(f"{key}: {ratio:.1f}x")
         checks = self.checks()
         if checks:
             out.append("")
