@@ -20,7 +20,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -61,8 +61,14 @@ class MeshService:
         clock: Callable[[], float] = time.monotonic,
         announce: bool = True,
         grace_s: float = 5.0,
+        counters: Callable[[], Mapping[str, float]] | None = None,
+        on_peer_counters: Callable[[str, Mapping[str, float]], object] | None = None,
     ) -> None:
         self.config = config
+        # Extra counters this node gossips in its state (governance: its own spend slots), and
+        # who merges the counters of every member's state (governance: the G-counter merge).
+        self._counters = counters
+        self._on_peer_counters = on_peer_counters
         self.node_id = node_id
         self.router = router
         # The node binds HTTP before it starts services: read the address when we start.
@@ -220,6 +226,7 @@ class MeshService:
             models=tuple(sorted(ads.values(), key=lambda a: (a.name, a.provider_kind))),
             capacity=CapacityAd(slots_total, slots_free, queue, round(tokens_per_s, 1)),
             latency=tuple(latency),
+            counters=self._counters() if self._counters is not None else {},
         )
 
     async def _publish_loop(self) -> None:
@@ -231,6 +238,14 @@ class MeshService:
                 self.membership.publish(self._local_state())
             except Exception:  # noqa: BLE001 - a provider's bad report must not stop gossip
                 log.exception("mesh: could not build this node's state")
+            if self._on_peer_counters is not None:
+                # Dead and left members too: what they spent stays spent.
+                for member in self.membership.members():
+                    if member.node_id != self.node_id and member.state is not None:
+                        try:
+                            self._on_peer_counters(member.node_id, member.state.counters)
+                        except Exception:  # noqa: BLE001 - a bad peer must not stop gossip
+                            log.exception("mesh: could not merge counters of a peer")
 
     def _log_change(self, update: MemberUpdate) -> None:
         if update.node_id == self.node_id:
@@ -257,12 +272,15 @@ class MeshService:
 
 def mesh_service(node: Any) -> MeshService:
     """The `Node` service factory: `Node(config, services=[mesh_service])` when mesh.enabled."""
+    governance = getattr(node, "governance", None)
     return MeshService(
         node.config.mesh,
         node.node_id,
         node.router,
         http_address=lambda: str(node.http_address),
         grace_s=node.config.server.shutdown_grace_s,
+        counters=governance.gossip_counters if governance is not None else None,
+        on_peer_counters=governance.merge_peer_counters if governance is not None else None,
     )
 
 

@@ -304,3 +304,46 @@ async def test_planted_secrets_never_leak(secured: NodeProcess) -> None:
         for body in bodies:
             assert secret not in body
             assert hash_secret(secret) not in body
+
+
+# --------------------------------------------------------------------------- mesh-wide spend
+async def test_mesh_scope_budget_counts_every_nodes_spend(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    fake.reset()
+    worst = worst_case_tokens()
+    fake.script(Behaviour.ok(text=" ".join(["w"] * (worst - len(CONTENT.split()))), times=-1))
+    worst_cost = worst * PRICE_PER_1K / 1000.0
+    mesh = {"enabled": True, "mdns": False, "gossip_interval_ms": 100,
+            "probe_interval_ms": 250, "probe_timeout_ms": 250}
+    # Room for one worst case and a half: after B spent one call, A cannot afford another.
+    budget = {"daily_limit": 1.5 * worst_cost, "scope": "mesh"}
+    a = await NodeProcess({**node_config(fake, budget=budget), "mesh": mesh}, tmp_path,
+                          name="a", grpc_listen="127.0.0.1:0", node_id="a").astart()
+    try:
+        seed = a.refresh_announcements()["MESHNODE_GRPC"]
+        b = await NodeProcess({**node_config(fake, budget=budget), "mesh": mesh}, tmp_path,
+                              name="b", grpc_listen="127.0.0.1:0", node_id="b",
+                              seeds=[seed]).astart()
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(b.base_url + "/chat/completions",
+                                        json=chat_body()) as r:
+                    assert r.status == 200
+                    cost = (await r.json())["x_aiproxy"]["cost"]
+
+                async def a_knows() -> bool:
+                    got = await get_json(session, a.url + "/admin/budget")
+                    return bool(abs(got["spent_today"] - cost) < 1e-9)
+
+                await wait_until(a_knows)  # B's slot reached A by gossip
+                got = await get_json(session, a.url + "/admin/budget")
+                assert got["spent_today_this_node"] == 0
+                async with session.post(a.base_url + "/chat/completions",
+                                        json=chat_body()) as r:
+                    assert r.status == 429
+                    assert (await r.json())["error"]["code"] == "budget_exceeded"
+        finally:
+            await b.astop()
+    finally:
+        await a.astop()
