@@ -18,6 +18,7 @@ It never touches HTTP: the front end hands it an `InferenceRequest` and gets bac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -264,6 +265,7 @@ class Router:
     async def complete(self, request: InferenceRequest) -> RoutedCompletion:
         """Serve a non-stream request with failover. Raises MeshError."""
         ranking, strategy, policy, excluded = self._plan(request)
+        request = self._bounded_by_policy(request, policy)
         plan = self._attempt_plan(ranking)
         if not plan:
             raise self._no_candidates(request, policy, excluded)
@@ -336,6 +338,7 @@ class Router:
     async def open_stream(self, request: InferenceRequest) -> RoutedStream:
         """Fail over until a candidate yields its first chunk, then commit to it."""
         ranking, strategy, policy, excluded = self._plan(request)
+        request = self._bounded_by_policy(request, policy)
         plan = self._attempt_plan(ranking)
         if not plan:
             raise self._no_candidates(request, policy, excluded)
@@ -436,6 +439,18 @@ class Router:
     def _reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
         return FREE if self._spend is None else self._spend.reserve(request, offer)
 
+    def _bounded_by_policy(self, request: InferenceRequest, policy: str | None) -> InferenceRequest:
+        """A policy's `deadline_ms` shortens the request's deadline (never lengthens it)."""
+        if policy is None:
+            return request
+        rule = next((p for p in self._config.policies if p.name == policy), None)
+        if rule is None or rule.deadline_ms is None:
+            return request
+        deadline = min(request.deadline, self._clock() + rule.deadline_ms / 1000.0)
+        if deadline == request.deadline:
+            return request
+        return dataclasses.replace(request, deadline=deadline)
+
     def _provider_for(self, offer: ModelOffer) -> Provider | None:
         for provider in self._providers:
             if provider.name == offer.provider:
@@ -486,6 +501,18 @@ class Router:
         if last is None:
             assert request is not None
             return self._no_candidates(request, policy, excluded or [])
+        forbidden = [e for e in excluded or [] if "forbidden by policy" in e]
+        if request is not None and policy is not None and forbidden and attempts and not isinstance(
+            last, DeadlineExceeded
+        ):
+            # Every allowed candidate failed and the policy kept the rest out: say so, so the
+            # client knows why nothing else was tried.
+            tried = ", ".join(f"{a.provider}:{a.outcome}" for a in attempts)
+            return NoCapacity(
+                f"No provider allowed by policy '{policy}' could serve '{request.model}': "
+                f"all {len(attempts)} attempts failed ({tried}); not tried: {'; '.join(forbidden)}",
+                retry_after=1.0,
+            )
         if len(attempts) <= 1 or isinstance(last, DeadlineExceeded):
             return last
         tried = ", ".join(f"{a.provider}:{a.outcome}" for a in attempts)

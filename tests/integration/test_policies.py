@@ -114,11 +114,6 @@ async def test_pii_never_reaches_the_cloud_even_when_every_allowed_candidate_fai
     assert error.status_code in (502, 503)
 
 
-# TODO(lead): Router._final_error returns the last upstream error (502 "All N attempts failed")
-# when every candidate the policy allowed has failed; the issue asks for a 503 that names the
-# policy. Proposed change in docs/policies.md ("What the router must do"). strict=True: once
-# the router does it, this XPASSes and the marker must go.
-@pytest.mark.xfail(strict=True, reason="router: a policy-limited exhaustion is not yet a 503")
 @pytest.mark.parametrize("stream", [False, True])
 async def test_exhausted_policy_gives_a_503_naming_the_policy(node: Node, stream: bool) -> None:
     error = await pii_request(node, stream)

@@ -164,9 +164,10 @@ async def test_policy_restricts_candidates_even_when_all_allowed_fail() -> None:
     cfg = routing(policies=[PolicyConfig(name="pii", match=PolicyMatch(
         header={"x-aiproxy-tags": "pii"}), allow=["local", "mesh"])])
     router = Router(cfg, ["local", "cloud"], [local, cloud], "n1")
-    with pytest.raises(UpstreamUnavailable):
+    with pytest.raises(NoCapacity) as exhausted:
         await router.complete(request(headers={"x-aiproxy-tags": "eu, pii"}))
     assert cloud.calls == []
+    assert "policy 'pii'" in exhausted.value.message and "cloud" in exhausted.value.message
     only_cloud = Router(cfg, ["cloud"], [cloud], "n1")
     with pytest.raises(NoCapacity) as info:
         await only_cloud.complete(request(headers={"x-aiproxy-tags": "pii"}))
@@ -244,3 +245,15 @@ async def test_concurrent_requests_track_in_flight() -> None:
     assert len(results) == 20
     row = router.stats()["candidates"][0]
     assert row["requests"] == 20 and row["in_flight"] == 0
+
+
+async def test_policy_deadline_shortens_the_request_deadline() -> None:
+    a = FakeProvider("a")
+    a.script(Hang())
+    cfg = routing(policies=[PolicyConfig(name="quick", match=PolicyMatch(model="m"),
+                                         deadline_ms=100)])
+    router = Router(cfg, ["a"], [a], "n1")
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await router.complete(request(deadline_s=30))
+    assert time.monotonic() - started < 10  # bounded by the policy, not the 30 s request
