@@ -93,6 +93,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_pressure() -> float | None:
+    """Linux PSI: % of the last 60 s in which some runnable task waited for a CPU (busy box)."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(part.split("=", 1) for part in first.split()[1:])
+    return float(fields.get("avg60", "nan"))
+
+
 def _litellm_version(venv: Path) -> str | None:
     for dist in sorted(venv.glob("lib/python*/site-packages/litellm-*.dist-info")):
         return dist.name.removeprefix("litellm-").removesuffix(".dist-info")
@@ -105,6 +115,7 @@ def machine_info(plan: CorePlan, tool: str, venv: Path) -> dict[str, object]:
         "cpu": _cpu_model(),
         "cores": cpu_count(),
         "loadavg_at_start": os.getloadavg()[0],
+        "cpu_pressure_at_start": cpu_pressure(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "meshnode_commit": _git_commit(),
@@ -271,18 +282,27 @@ def _throughput(parts: list[tuple[LoadResult, float]]) -> ThroughputStats:
     )
 
 
+def _pct(value: object) -> str:
+    return f"{value:.0f}%" if isinstance(value, float) else "n/a"
+
+
+def describe_machine(report: Report) -> str:
+    m = report.machine
+    return (
+        f"Measured {m['date_utc']} on {m['cpu']} ({m['cores']} cores, load average "
+        f"{m['loadavg_at_start']:.2f} at start, {m.get('loadavg_at_end', 0):.2f} at end; "
+        f"CPU pressure {_pct(m.get('cpu_pressure_at_start'))} at start, "
+        f"{_pct(m.get('cpu_pressure_at_end'))} at end), Python {m['python']}, meshnode {m['meshnode_commit']}, "
+        f"LiteLLM {m['litellm_version'] or 'not installed'}, load generator {m['load_generator']}; "
+        f"{m['placement']}."
+    )
+
+
 def write_outputs(report: Report, json_path: Path, md_path: Path) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
-    m = report.machine
-    header = (
-        f"Measured {m['date_utc']} on {m['cpu']} ({m['cores']} cores, load average "
-        f"{m['loadavg_at_start']:.2f} at start, {m.get('loadavg_at_end', 0):.2f} at end), Python {m['python']}, meshnode {m['meshnode_commit']}, "
-        f"LiteLLM {m['litellm_version'] or 'not installed'}, load generator {m['load_generator']}; "
-        f"{m['placement']}.\n\n"
-    )
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(header + report.markdown())
+    md_path.write_text(describe_machine(report) + "\n\n" + report.markdown())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -308,7 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     report.machine["loadavg_at_end"] = os.getloadavg()[0]
+    report.machine["cpu_pressure_at_end"] = cpu_pressure()
     write_outputs(report, args.output, args.markdown)
+    print()
+    print(describe_machine(report))
     print()
     print(report.text())
     print()
