@@ -21,6 +21,8 @@ class Samples:
     totals: list[float] = field(default_factory=list)  # streams: time to the end of the stream
     errors: int = 0
     last_error: str = ""
+    on_cpu_s: float = 0.0  # target's process tree, summed over the batches (schedstat)
+    runqueue_wait_s: float = 0.0  # ... and the time it was runnable but had no CPU
 
 
 def _client(target: Target) -> KeepAliveClient:
@@ -56,6 +58,7 @@ def sequential_latency(targets: Sequence[Target], requests: int, rounds: int) ->
             batch = min(per_round, requests - done)
             for target in targets:
                 client, raw, samples = clients[target.name], raws[target.name], out[target.name]
+                cpu_before, wait_before = target.process.schedstat()
                 for _ in range(batch):
                     t0 = time.perf_counter()
                     try:
@@ -71,6 +74,9 @@ def sequential_latency(targets: Sequence[Target], requests: int, rounds: int) ->
                     else:
                         samples.errors += 1
                         samples.last_error = f"HTTP {answer.status}: {answer.body[:200]!r}"
+                cpu_after, wait_after = target.process.schedstat()
+                samples.on_cpu_s += cpu_after - cpu_before
+                samples.runqueue_wait_s += wait_after - wait_before
             done += batch
     finally:
         for client in clients.values():

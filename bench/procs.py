@@ -82,6 +82,37 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def _tree(pid: int) -> list[int]:
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        if current in out:
+            continue
+        out.append(current)
+        stack += _children(current)
+    return out
+
+
+def tree_schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for a CPU) of every thread of `pid` and
+    its descendants, from /proc/<tid>/schedstat. The second number is what a busy box costs."""
+    on_cpu = waiting = 0
+    for member in _tree(pid):
+        try:
+            tasks = list(Path(f"/proc/{member}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                fields = (task / "schedstat").read_text().split()
+            except OSError:
+                continue
+            on_cpu += int(fields[0])
+            waiting += int(fields[1])
+    return on_cpu / 1e9, waiting / 1e9
+
+
 @dataclass
 class Managed:
     """One started child: its handle, its log file, the cores it is pinned to."""
@@ -156,6 +187,9 @@ class Managed:
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.pid)
+
+    def schedstat(self) -> tuple[float, float]:
+        return tree_schedstat(self.pid)
 
 
 class ProcessSet:

@@ -37,12 +37,35 @@ class LatencyStats:
     p99_ms: float
     mean_ms: float
 
+    # The target's process tree per request during this phase (schedstat; sequential probes
+    # only): time on a CPU, and time runnable but waiting for one (a busy box's share of the tail).
+    cpu_us_per_request: float | None = None
+    runqueue_wait_us_per_request: float | None = None
+
     @classmethod
-    def from_seconds(cls, samples: Sequence[float], errors: int) -> LatencyStats:
+    def from_seconds(
+        cls,
+        samples: Sequence[float],
+        errors: int,
+        on_cpu_s: float | None = None,
+        runqueue_wait_s: float | None = None,
+    ) -> LatencyStats:
         ms = [s * 1e3 for s in samples]
-        mean = sum(ms) / len(ms) if ms else math.nan
+        n = len(ms)
+        mean = sum(ms) / n if ms else math.nan
+
+        def per_request(total: float | None) -> float | None:
+            return total * 1e6 / n if n and total is not None else None
+
         return cls(
-            len(ms), errors, percentile(ms, 50), percentile(ms, 90), percentile(ms, 99), mean
+            n=n,
+            errors=errors,
+            p50_ms=percentile(ms, 50),
+            p90_ms=percentile(ms, 90),
+            p99_ms=percentile(ms, 99),
+            mean_ms=mean,
+            cpu_us_per_request=per_request(on_cpu_s),
+            runqueue_wait_us_per_request=per_request(runqueue_wait_s),
         )
 
 
@@ -196,7 +219,7 @@ class Report:
         for name, result in self.targets.items():
             if not result.ok:
                 rows.append([name, f"unavailable: {(result.error or '').splitlines()[0][:60]}"]
-                            + [""] * 10)  # fmt: skip
+                            + [""] * 12)  # fmt: skip
                 continue
             added = self.added(name) if name != "direct" else {}
             lat, thr, ttft = result.latency, result.throughput, result.ttft
@@ -206,6 +229,8 @@ class Report:
                     _ms(lat.p50_ms if lat else None),
                     _ms(lat.p99_ms if lat else None),
                     _signed(added.get("p50_ms")) + " / " + _signed(added.get("p99_ms")),
+                    _us(lat.cpu_us_per_request if lat else None),
+                    _us(lat.runqueue_wait_us_per_request if lat else None),
                     f"{thr.rps:,.0f}" if thr else "-",
                     f"{thr.cpu_us_per_request:,.0f}" if thr else "-",
                     f"{thr.cores_used:.2f}" if thr else "-",
@@ -219,7 +244,7 @@ class Report:
         return rows
 
     _HEADERS = [
-        "target", "p50 ms", "p99 ms", "added p50/p99 ms", "req/s (32c)", "CPU µs/req",
+        "target", "p50 ms", "p99 ms", "added p50/p99 ms", "CPU µs/req (1c)", "CPU wait µs/req (1c)", "req/s (32c)", "CPU µs/req",
         "cores used", "req/s per core",
         "p99 ms (32c)", "TTFT p50 ms", "added TTFT ms", "errors (32c)",
     ]  # fmt: skip
@@ -261,6 +286,10 @@ class Report:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:,.0f}"
 
 
 def _signed(value: float | None) -> str:

@@ -218,7 +218,9 @@ def measure(args: argparse.Namespace, procs: ProcessSet, report: Report, plan: C
 
     _note(f"1 client: {args.requests} sequential requests per target")
     for name, samples in sequential_latency(targets, args.requests, args.rounds).items():
-        report.targets[name].latency = _latency(samples)
+        report.targets[name].latency = LatencyStats.from_seconds(
+            samples.seconds, samples.errors, samples.on_cpu_s, samples.runqueue_wait_s
+        )
         if samples.errors:
             _note(f"{name}: {samples.errors} errors, last: {samples.last_error}")
 

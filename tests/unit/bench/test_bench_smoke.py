@@ -47,7 +47,10 @@ def test_quick_bench_measures_direct_and_meshnode(tmp_path: Path) -> None:
         assert throughput["rps"] > 0
         assert throughput["cpu_s"] > 0
 
-    assert report["targets"]["meshnode"]["throughput"]["cpu_us_per_request"] > 0
+    node = report["targets"]["meshnode"]
+    assert node["throughput"]["cpu_us_per_request"] > 0
+    assert node["latency"]["cpu_us_per_request"] > 0
+    assert node["latency"]["runqueue_wait_us_per_request"] >= 0
     assert set(report["added"]["meshnode"]) >= {"p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms"}
     metrics = {check["metric"] for check in report["checks"]}
     assert {"added p50 (1 client)", "added p99 (1 client)", "CPU per proxied request"} <= metrics
