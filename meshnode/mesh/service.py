@@ -212,9 +212,9 @@ class MeshService:
                 latency.append(
                     LatencyAd(
                         model,
-                        round(values.get("ewma_ms") or 0.0, 1),
-                        round(values.get("p95_ms") or 0.0, 1),
-                        round(values.get("ttft_ms") or 0.0, 1),
+                        round(values.get("ewma_ms") or 0.0, 3),
+                        round(values.get("p95_ms") or 0.0, 3),
+                        round(values.get("ttft_ms") or 0.0, 3),
                     )
                 )
         return NodeState(

@@ -128,6 +128,18 @@ class MeshProvider(Provider):
         ad = state.latency_for(model) or LatencyAd(model)
         return PeerLatency(self._rtt_ms(node), ad.ewma_ms, ad.p95_ms, ad.ttft_ms)
 
+    def capacity_for(self, offer: ModelOffer) -> Capacity | None:
+        """Per-offer capacity for `least_loaded`: the serving peer's gossiped capacity."""
+        return self.peer_capacity(offer.node or "")
+
+    def latency_ms_for(self, offer: ModelOffer) -> float | None:
+        """Per-offer latency for `latency_optimized`: measured RTT to the peer plus the peer's
+        own EWMA for the model. None until the peer has measured the model."""
+        latency = self.peer_latency(offer.node or "", offer.model)
+        if latency is None or latency.ewma_ms <= 0:
+            return None
+        return (latency.rtt_ms or 0.0) + latency.ewma_ms
+
     def ready(self) -> tuple[bool, str]:
         return True, ""
 

@@ -20,7 +20,7 @@ from meshnode.mesh.service import MeshService
 from meshnode.mesh.state import MemberStatus
 from meshnode.providers.fake import BreakAfter, Delay, FakeProvider, Hang
 from meshnode.routing.router import Router
-from meshnode.types import InferenceRequest, RequestKind, StreamChunk
+from meshnode.types import Capacity, InferenceRequest, RequestKind, StreamChunk
 
 MESH = dict(listen_addr="127.0.0.1:0", probe_interval_ms=50, probe_timeout_ms=100,
             gossip_interval_ms=50, mdns=False)
@@ -190,6 +190,28 @@ async def test_peer_dying_after_first_chunk_is_stream_broken() -> None:
         await b.stop(graceful=False, grace_s=0)
         with pytest.raises(StreamBroken):
             await stream.__anext__()
+    finally:
+        await a.stop(graceful=False, grace_s=0)
+        await b.stop(graceful=False, grace_s=0)
+
+
+async def test_per_offer_capacity_and_latency_come_from_gossip() -> None:
+    capacity = Capacity(slots_total=8, slots_free=2, queue_depth=1, tokens_per_s=50.0)
+    fake = FakeProvider("fakeai", models=["m"], capacity=capacity)
+    router_b = Router(RoutingConfig(), ["fakeai", "mesh"], [fake], "node-b")
+    fake.script(Delay(0.01))
+    await router_b.complete(request())  # B measures its own latency for m (>= 10 ms)
+    b = MeshService(MeshConfig(**MESH), "node-b", router_b, announce=False)
+    await b.start()
+    a = MeshService(MeshConfig(**MESH, seeds=[b.advertise_address]), "node-a",
+                    Router(RoutingConfig(), ["mesh"], [], "node-a"), announce=False)
+    await a.start()
+    try:
+        await wait_for(lambda: any(o.model == "m" for o in a.provider.offers()))
+        offer = next(o for o in a.provider.offers() if o.model == "m")
+        assert a.provider.capacity_for(offer) == capacity
+        await wait_for(lambda: a.provider.latency_ms_for(offer) is not None)
+        assert a.provider.latency_ms_for(offer) >= 10.0
     finally:
         await a.stop(graceful=False, grace_s=0)
         await b.stop(graceful=False, grace_s=0)
