@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         sys.stdout.write(json.dumps(view, indent=2, sort_keys=True) + "\n")
     else:
-        Console().print(view)
+        # Piped output is not cut to 80 columns: addresses and ids must survive intact.
+        Console(width=None if sys.stdout.isatty() else 200).print(view)
     return 0
 
 
