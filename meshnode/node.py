@@ -28,6 +28,9 @@ from typing import Protocol, runtime_checkable
 from aiohttp import web
 
 from meshnode.api.app import create_app
+from meshnode.api.state import CACHE
+from meshnode.cache.embedders import RouterEmbedder
+from meshnode.cache.service import ResponseCache
 from meshnode.config import Config, ResolvedProvider, node_id
 from meshnode.errors import ConfigError
 from meshnode.governance.service import Governance
@@ -104,6 +107,15 @@ class Node:
             max_hops=config.mesh.max_hops,
             spend=self.governance.spend_gate,
         )
+        # Installed even when disabled: it strips the `cache` request field before routing.
+        semantic = config.cache.semantic
+        self.cache = ResponseCache(
+            config.cache,
+            node_id=self.node_id,
+            data_dir=config.node.data_dir,
+            embedder=RouterEmbedder(self.router, semantic.model) if semantic.enabled else None,
+            registry=self.metrics.registry,
+        )
         factories = list(services)
         if config.mesh.enabled:
             from meshnode.mesh.service import mesh_service  # gRPC is imported only when used
@@ -123,6 +135,7 @@ class Node:
             # The node closes providers itself, after services stopped (see the stop order).
             manage_providers=False,
         )
+        self.app[CACHE] = self.cache
         self.http_address = ""  # host:port once bound
         self._runner: web.AppRunner | None = None
         self._started_providers: list[Provider] = []
@@ -163,6 +176,7 @@ class Node:
             for provider in self.providers:
                 await provider.start()
                 self._started_providers.append(provider)
+            await self.cache.start()
             await self._start_http()
             for service in self.services:
                 await service.start()
@@ -214,6 +228,7 @@ class Node:
                 await service.stop()
             except Exception:  # noqa: BLE001
                 log.exception("service %s failed to stop", type(service).__name__)
+        await self.cache.close()
         while self._started_providers:
             provider = self._started_providers.pop()
             try:

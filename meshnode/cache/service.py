@@ -177,8 +177,10 @@ class ResponseCache:
         log.info("response cache: %d answers loaded from %s", len(rows), self.persist.path)
 
     async def close(self) -> None:
-        if self.persist is not None:
-            await self.persist.close()
+        """Flush and close the persistent store. Safe to call more than once."""
+        persist, self.persist = self.persist, None
+        if persist is not None:
+            await persist.close()
 
     def semantic_enabled_for(self, model: str) -> bool:
         return self.embedder is not None and (self._semantic_all or model in self._semantic_models)
