@@ -63,12 +63,19 @@ class MeshService:
         grace_s: float = 5.0,
         counters: Callable[[], Mapping[str, float]] | None = None,
         on_peer_counters: Callable[[str, Mapping[str, float]], object] | None = None,
+        blobs: Callable[[], Mapping[str, bytes]] | None = None,
+        on_peer_blobs: Callable[[str, Mapping[str, bytes]], object] | None = None,
     ) -> None:
         self.config = config
         # Extra counters this node gossips in its state (governance: its own spend slots), and
         # who merges the counters of every member's state (governance: the G-counter merge).
         self._counters = counters
         self._on_peer_counters = on_peer_counters
+        # Opaque payloads gossiped the same way (governance: signed key records); a member's
+        # blobs are handed over once per new state version of that member.
+        self._blobs = blobs
+        self._on_peer_blobs = on_peer_blobs
+        self._blob_versions: dict[str, int] = {}
         self.node_id = node_id
         self.router = router
         # The node binds HTTP before it starts services: read the address when we start.
@@ -227,6 +234,7 @@ class MeshService:
             capacity=CapacityAd(slots_total, slots_free, queue, round(tokens_per_s, 1)),
             latency=tuple(latency),
             counters=self._counters() if self._counters is not None else {},
+            blobs=self._blobs() if self._blobs is not None else {},
         )
 
     async def _publish_loop(self) -> None:
@@ -246,6 +254,22 @@ class MeshService:
                             self._on_peer_counters(member.node_id, member.state.counters)
                         except Exception:  # noqa: BLE001 - a bad peer must not stop gossip
                             log.exception("mesh: could not merge counters of a peer")
+            if self._on_peer_blobs is not None:
+                self._merge_peer_blobs()
+
+    def _merge_peer_blobs(self) -> None:
+        assert self.membership is not None and self._on_peer_blobs is not None
+        for member in self.membership.members():
+            state = member.state
+            if member.node_id == self.node_id or state is None or not state.blobs:
+                continue
+            if self._blob_versions.get(member.node_id) == state.version:
+                continue
+            self._blob_versions[member.node_id] = state.version
+            try:
+                self._on_peer_blobs(member.node_id, state.blobs)
+            except Exception:  # noqa: BLE001 - a bad peer must not stop gossip
+                log.exception("mesh: could not merge blobs of a peer")
 
     def _log_change(self, update: MemberUpdate) -> None:
         if update.node_id == self.node_id:

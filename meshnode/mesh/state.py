@@ -96,6 +96,8 @@ class NodeState:
     latency: tuple[LatencyAd, ...] = ()
     counters: Mapping[str, float] = field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
+    # Opaque payloads other components gossip through this state, by name (bounded in rpc).
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
 
     def latency_for(self, model: str) -> LatencyAd | None:
         for entry in self.latency:
@@ -113,6 +115,7 @@ class NodeState:
             and self.capacity == other.capacity
             and self.latency == other.latency
             and dict(self.counters) == dict(other.counters)
+            and dict(self.blobs) == dict(other.blobs)
         )
 
 

@@ -44,6 +44,8 @@ from meshnode.types import InferenceRequest, RequestKind, Usage
 MAX_ID = 256
 MAX_MODELS = 512
 MAX_COUNTERS = 64
+MAX_BLOBS = 16
+MAX_BLOB_BYTES = 64 * 1024
 MAX_RECORDS = 4096
 
 _KINDS = {k.value: k for k in RequestKind}
@@ -103,6 +105,7 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
         ],
         counters=dict(s.counters),
         protocol_version=s.protocol_version,
+        blobs=dict(s.blobs),
     )
 
 
@@ -122,6 +125,9 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
         if m.name
     )
     counters = dict(list(s.counters.items())[:MAX_COUNTERS])
+    blobs = {
+        _cut(k): v for k, v in list(s.blobs.items())[:MAX_BLOBS] if len(v) <= MAX_BLOB_BYTES
+    }
     return NodeState(
         node_id=_cut(s.node_id),
         version=s.version,
@@ -139,6 +145,7 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
         ),
         counters=counters,
         protocol_version=s.protocol_version,
+        blobs=blobs,
     )
 
 

@@ -184,7 +184,7 @@ class LatencyAd(_message.Message):
     def __init__(self, model: _Optional[str] = ..., ewma_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
 
 class NodeState(_message.Message):
-    __slots__ = ("node_id", "version", "grpc_address", "http_address", "status", "models", "capacity", "latency", "counters", "protocol_version")
+    __slots__ = ("node_id", "version", "grpc_address", "http_address", "status", "models", "capacity", "latency", "counters", "protocol_version", "blobs")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,13 @@ class NodeState(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class BlobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +209,7 @@ class NodeState(_message.Message):
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     version: int
     grpc_address: str
@@ -212,7 +220,8 @@ class NodeState(_message.Message):
     latency: _containers.RepeatedCompositeFieldContainer[LatencyAd]
     counters: _containers.ScalarMap[str, float]
     protocol_version: int
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., status: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelAd, _Mapping]]] = ..., capacity: _Optional[_Union[CapacityAd, _Mapping]] = ..., latency: _Optional[_Iterable[_Union[LatencyAd, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    blobs: _containers.ScalarMap[str, bytes]
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., status: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelAd, _Mapping]]] = ..., capacity: _Optional[_Union[CapacityAd, _Mapping]] = ..., latency: _Optional[_Iterable[_Union[LatencyAd, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., protocol_version: _Optional[int] = ..., blobs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class DigestEntry(_message.Message):
     __slots__ = ("node_id", "incarnation", "status", "state_version")

@@ -215,3 +215,24 @@ async def test_per_offer_capacity_and_latency_come_from_gossip() -> None:
     finally:
         await a.stop(graceful=False, grace_s=0)
         await b.stop(graceful=False, grace_s=0)
+
+
+async def test_blobs_travel_in_node_state_and_are_handed_over_once_per_version() -> None:
+    received: list[tuple[str, dict[str, bytes]]] = []
+    payload = {"governance.keys": b"\x00signed-records\xff"}
+    b = MeshService(MeshConfig(**MESH), "node-b",
+                    Router(RoutingConfig(), ["mesh"], [], "node-b"), announce=False,
+                    blobs=lambda: payload)
+    await b.start()
+    a = MeshService(MeshConfig(**MESH, seeds=[b.advertise_address]), "node-a",
+                    Router(RoutingConfig(), ["mesh"], [], "node-a"), announce=False,
+                    on_peer_blobs=lambda node, blobs: received.append((node, dict(blobs))))
+    await a.start()
+    try:
+        await wait_for(lambda: len(received) >= 1)
+        assert received[0] == ("node-b", payload)
+        await asyncio.sleep(0.2)  # several publish ticks: no new version, no new hand-over
+        assert len(received) == 1
+    finally:
+        await a.stop(graceful=False, grace_s=0)
+        await b.stop(graceful=False, grace_s=0)
