@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_OUTPUT_TOKENS = 256  # for ranking by cost when the client gives no max_tokens
 # Errors that say nothing about the candidate's health: they neither cool it down nor count
 # in its error rate.
-NEUTRAL_CODES = frozenset({"local_queue_full"})
+NEUTRAL_CODES = frozenset({"local_queue_full", "local_not_ready"})
 
 
 class Router:
@@ -184,6 +184,7 @@ class Router:
         now = self._clock()
         out_tokens = request.max_output_tokens or DEFAULT_OUTPUT_TOKENS
         candidates: list[Candidate] = []
+        queues: dict[tuple[str, str], int] = {}
         excluded: list[str] = []
         known = False
         for provider, offer in self._all_offers():
@@ -210,6 +211,8 @@ class Router:
                     continue
             stats = self._stats_for(offer)
             capacity = provider.capacity()
+            if capacity is not None:
+                queues[offer.key] = capacity.queue_depth
             candidates.append(
                 Candidate(
                     offer=offer,
@@ -236,6 +239,12 @@ class Router:
         cooled = {c.offer.key for c in candidates if self._stats_for(c.offer).cooled_down(now)}
         if cooled:
             ranking = demote(ranking, cooled, "cooling down after failures")
+        # A provider whose queue is over the bound overflows to the next candidate instead of
+        # queueing the request behind it (it stays as the last resort).
+        bound = self._config.overflow_queue_depth
+        overflowing = {k for k, q in queues.items() if q > bound}
+        if overflowing and len(overflowing) < len(ranking):
+            ranking = demote(ranking, overflowing, f"queue over {bound}: overflow")
         return ranking, strategy, policy.name if policy else None, excluded
 
     def _attempt_plan(self, ranking: list[Ranked]) -> list[Ranked]:

@@ -26,7 +26,7 @@ from meshnode.errors import (
 )
 from meshnode.providers.fake import BreakAfter, FakeProvider, Hang
 from meshnode.routing.router import Router
-from meshnode.types import InferenceRequest, RequestKind
+from meshnode.types import Capacity, InferenceRequest, RequestKind
 
 
 class Clock:
@@ -257,3 +257,15 @@ async def test_policy_deadline_shortens_the_request_deadline() -> None:
     with pytest.raises(DeadlineExceeded):
         await router.complete(request(deadline_s=30))
     assert time.monotonic() - started < 10  # bounded by the policy, not the 30 s request
+
+
+async def test_a_provider_with_its_queue_over_the_bound_overflows_to_the_next() -> None:
+    busy = FakeProvider("local", kind="local",
+                        capacity=Capacity(slots_total=4, slots_free=0, queue_depth=9))
+    cloud = FakeProvider("cloud", cost_per_1k=0.01)
+    router = Router(routing(overflow_queue_depth=8), ["local", "cloud"], [busy, cloud], "n1")
+    routed = await router.complete(request())
+    assert routed.served.offer.provider == "cloud"
+    assert "overflow" in router.explain("m")["candidates"][1]["reason"]
+    calm = Router(routing(overflow_queue_depth=16), ["local", "cloud"], [busy, cloud], "n1")
+    assert (await calm.complete(request())).served.offer.provider == "local"
