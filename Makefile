@@ -40,8 +40,10 @@ test-fast: $(STAMP)
 bench-setup: $(STAMP)
 	$(PY) -m bench.setup_litellm
 
+# The proxy (direct vs node vs LiteLLM), then the local worker (1 vs 16 streams on the CPU).
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.local_tokens
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshnode tests bench
