@@ -7,6 +7,7 @@ Kept apart from `app.py` so handlers can import it without a cycle.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -52,5 +53,11 @@ CACHE = web.AppKey("meshnode_response_cache", ResponseCache)
 CONTEXT = web.RequestKey("meshnode_request_context", RequestContext)
 
 
+# A random per-process prefix and a counter: unique across nodes and restarts without a
+# syscall per request (os.urandom showed up at ~2% of the node's CPU under load).
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"

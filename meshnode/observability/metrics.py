@@ -34,6 +34,21 @@ _LATENCY_BUCKETS = (
 )
 
 
+class Level:
+    """An up-down count kept by the event loop's thread alone (no lock needed)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
 class Metrics:
     """The node's metrics. One instance per node (per app in tests)."""
 
@@ -69,9 +84,11 @@ class Metrics:
             "meshnode_upstream_attempts", "Upstream attempts by outcome",
             ("provider", "outcome"), registry=r,
         )
-        self.in_flight = Gauge(
+        # A plain counter read at scrape time: a Gauge's inc/dec take a lock twice per request.
+        self.in_flight = Level()
+        Gauge(
             "meshnode_in_flight_requests", "Inference requests being served now", registry=r,
-        )
+        ).set_function(lambda: self.in_flight.value)
         self._children: dict[tuple[str, ...], Any] = {}
 
     # Cached children: prometheus-client resolves labels with locks and validation each call.

@@ -501,6 +501,8 @@ class AnthropicProvider(Provider):
     to every call (e.g. `anthropic-beta`). One keep-alive session for the provider's lifetime.
     """
 
+    enforces_deadline = True  # every upstream call carries the request's deadline
+
     def __init__(self, resolved: ResolvedProvider, ctx: ProviderContext) -> None:
         self.name = resolved.name
         self.kind = resolved.type

@@ -34,15 +34,19 @@ class Provider(abc.ABC):
     name: str
     #: its effective type (`openai_compatible`, `anthropic`, `cloudflare`, `local`, `mesh`)
     kind: str
+    #: True when every call is bounded by `request.deadline` by the provider itself (an HTTP
+    #: client timeout, a gRPC deadline). The router then skips its own timer, which costs a
+    #: timer handle per request on the hot path; otherwise the router enforces the deadline.
+    enforces_deadline: bool = False
 
     @abc.abstractmethod
     def offers(self) -> Sequence[ModelOffer]:
         """The models this provider serves now. Cheap; called on every routing decision."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Open long-lived resources (client sessions, worker processes). Called once."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release everything `start` opened. Called once, after in-flight calls drained."""
 
     @abc.abstractmethod

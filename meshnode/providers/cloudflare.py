@@ -187,6 +187,8 @@ def image_to_cloudflare(body: dict[str, Any]) -> dict[str, Any]:
 class CloudflareProvider(Provider):
     """Serves Workers AI models. Credentials: `credentials.account_id` and `api_token`."""
 
+    enforces_deadline = True  # every upstream call carries the request's deadline
+
     def __init__(self, resolved: ResolvedProvider, ctx: ProviderContext) -> None:
         self.name = resolved.name
         self.kind = resolved.type

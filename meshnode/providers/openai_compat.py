@@ -114,6 +114,8 @@ _DRAIN_AFTER_DONE_S = 0.5
 class OpenAICompatProvider(Provider):
     """One OpenAI-compatible upstream (see the module docstring)."""
 
+    enforces_deadline = True  # every upstream call carries the request's deadline
+
     def __init__(self, resolved: ResolvedProvider, ctx: ProviderContext) -> None:
         self.name = resolved.name
         self.kind = resolved.type

@@ -51,6 +51,7 @@ class PeerLatency:
 class MeshProvider(Provider):
     name = "mesh"
     kind = "mesh"
+    enforces_deadline = True  # every forwarded call carries the request's gRPC deadline
 
     def __init__(
         self,
@@ -200,7 +201,8 @@ class MeshProvider(Provider):
                     if yielded:
                         msg = await call.read()
                     else:
-                        msg = await asyncio.wait_for(call.read(), first_byte_s)
+                        async with asyncio.timeout(first_byte_s):
+                            msg = await call.read()
                 except TimeoutError:
                     raise UpstreamTimeout(
                         f"peer {address}: no first chunk in {first_byte_s:.1f}s",

@@ -301,8 +301,13 @@ class Router:
             t0 = self._clock()
             stats.in_flight += 1
             try:
-                async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                if provider.enforces_deadline:
                     completion = await provider.complete(request, offer, self._config.timeouts)
+                else:
+                    async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                        completion = await provider.complete(
+                            request, offer, self._config.timeouts
+                        )
             except TimeoutError:
                 hold.release()
                 last = DeadlineExceeded(
@@ -374,8 +379,11 @@ class Router:
             stats.in_flight += 1
             agen = provider.stream(request, offer, self._config.timeouts)
             try:
-                async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                if provider.enforces_deadline:
                     first = await agen.__anext__()
+                else:
+                    async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                        first = await agen.__anext__()
             except StopAsyncIteration:
                 hold.release()
                 stats.in_flight -= 1

@@ -43,7 +43,15 @@ class Candidate:
 class Ranked:
     candidate: Candidate
     score: float
-    reason: str
+    strategy: str
+    note: str = ""
+
+    @property
+    def reason(self) -> str:
+        """Why it scored so, in words. Built only when asked (`/admin/route`), never on the
+        request path."""
+        why = REASONS[self.strategy](self.candidate, self.score)
+        return f"{why}; {self.note}" if self.note else why
 
 
 Strategy = Callable[[Sequence[Candidate], int], list[Ranked]]
@@ -59,31 +67,27 @@ def _sorted(ranked: list[Ranked]) -> list[Ranked]:
 
 def cost_optimized(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
     """Cheapest estimated cost for this request; free local and peer offers win."""
-    return _sorted(
-        [Ranked(c, c.estimated_cost, f"estimated cost ${c.estimated_cost:.6f}") for c in candidates]
-    )
+    return _sorted([Ranked(c, c.estimated_cost, "cost_optimized") for c in candidates])
 
 
 def latency_optimized(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
     """Lowest measured latency. An offer never measured scores 0 so it gets measured once;
     a flaky one pays for its errors (each error counts as a full second)."""
-    out = []
-    for c in candidates:
-        base = c.latency_ms if c.latency_ms is not None else 0.0
-        score = base + 1000.0 * c.error_rate
-        what = f"ewma {base:.1f} ms" if c.latency_ms is not None else "not measured yet"
-        out.append(Ranked(c, score, f"{what}, error rate {c.error_rate:.0%}"))
-    return _sorted(out)
+    return _sorted(
+        [
+            Ranked(
+                c,
+                (c.latency_ms if c.latency_ms is not None else 0.0) + 1000.0 * c.error_rate,
+                "latency_optimized",
+            )
+            for c in candidates
+        ]
+    )
 
 
 def availability(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
     """Follow the fallback chain, demoting whatever has been failing recently."""
-    return _sorted(
-        [
-            Ranked(c, round(c.error_rate, 2), f"error rate {c.error_rate:.0%}, chain #{c.chain_index}")
-            for c in candidates
-        ]
-    )
+    return _sorted([Ranked(c, round(c.error_rate, 2), "availability") for c in candidates])
 
 
 def round_robin(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
@@ -94,23 +98,51 @@ def round_robin(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
         return []
     start = turn % n
     return [
-        Ranked(c, float(i), f"turn {turn}: position {i}")
+        Ranked(c, float(i), "round_robin")
         for i, c in enumerate(ordered[start:] + ordered[:start])
     ]
+
+
+def _load(c: Candidate) -> float:
+    return c.load if c.load is not None else c.in_flight / max(1, c.max_concurrency)
 
 
 def least_loaded(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
     """Lowest load: the provider's own capacity report when it has one (local worker, peers'
     gossip), else our in-flight count over its concurrency limit."""
-    out = []
-    for c in candidates:
-        if c.load is not None:
-            score, why = c.load, f"load {c.load:.2f} (reported)"
-        else:
-            score = c.in_flight / max(1, c.max_concurrency)
-            why = f"{c.in_flight} in flight of {c.max_concurrency}"
-        out.append(Ranked(c, score, why))
-    return _sorted(out)
+    return _sorted([Ranked(c, _load(c), "least_loaded") for c in candidates])
+
+
+def _why_cost(c: Candidate, score: float) -> str:
+    return f"estimated cost ${c.estimated_cost:.6f}"
+
+
+def _why_latency(c: Candidate, score: float) -> str:
+    what = f"ewma {c.latency_ms:.1f} ms" if c.latency_ms is not None else "not measured yet"
+    return f"{what}, error rate {c.error_rate:.0%}"
+
+
+def _why_availability(c: Candidate, score: float) -> str:
+    return f"error rate {c.error_rate:.0%}, chain #{c.chain_index}"
+
+
+def _why_round_robin(c: Candidate, score: float) -> str:
+    return f"position {int(score)} this turn"
+
+
+def _why_load(c: Candidate, score: float) -> str:
+    if c.load is not None:
+        return f"load {c.load:.2f} (reported)"
+    return f"{c.in_flight} in flight of {c.max_concurrency}"
+
+
+REASONS: dict[str, Callable[[Candidate, float], str]] = {
+    "cost_optimized": _why_cost,
+    "latency_optimized": _why_latency,
+    "availability": _why_availability,
+    "round_robin": _why_round_robin,
+    "least_loaded": _why_load,
+}
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -129,5 +161,9 @@ def rank(strategy: str, candidates: Sequence[Candidate], turn: int = 0) -> list[
 def demote(ranked: list[Ranked], cooled: set[tuple[str, str]], reason: str) -> list[Ranked]:
     """Move cooled-down candidates to the end (last resort), keeping the order otherwise."""
     ok = [r for r in ranked if r.candidate.offer.key not in cooled]
-    late = [replace(r, reason=f"{r.reason}; {reason}") for r in ranked if r.candidate.offer.key in cooled]
+    late = [
+        replace(r, note=f"{r.note}; {reason}" if r.note else reason)
+        for r in ranked
+        if r.candidate.offer.key in cooled
+    ]
     return ok + late
