@@ -36,6 +36,19 @@ log = logging.getLogger(__name__)
 ChangeListener = Callable[[MemberUpdate], None]
 
 
+async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait until they are done, cancelling again if one swallowed it."""
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, still = await asyncio.wait(pending, timeout=1.0)
+        pending = list(still)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("mesh task %s failed: %r", task.get_name(), task.exception())
+
+
 class MeshDriver:
     def __init__(
         self,
@@ -79,11 +92,8 @@ class MeshDriver:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._wake.set()
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     async def join(self, address: str) -> bool:
@@ -135,7 +145,7 @@ class MeshDriver:
     async def _probe_loop(self) -> None:
         interval = self.membership.settings.probe_interval_s
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             started = loop.time()
             target = self.membership.next_probe_target()
             if target is not None:
@@ -186,11 +196,16 @@ class MeshDriver:
         self.rtt_ms[node_id] = rtt_ms if previous is None else 0.8 * previous + 0.2 * rtt_ms
 
     async def _gossip_loop(self) -> None:
-        while True:
+        while not self._stopping:
             urgent = False
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the event, and the loop would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.gossip_interval_s)
+                async with asyncio.timeout(self.gossip_interval_s):
+                    await self._wake.wait()
                 urgent = True
+            if self._stopping:
+                return
             self._wake.clear()
             self._spread_all(self.membership.tick())
             await self._gossip_round(urgent)

@@ -14,7 +14,6 @@ once) while in-flight forwarded calls may still finish; `stop()` then closes the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -29,7 +28,7 @@ from aiohttp import web
 from meshnode.config import MeshConfig
 from meshnode.errors import UpstreamUnavailable
 from meshnode.mesh.admin import mesh_json
-from meshnode.mesh.driver import MeshDriver
+from meshnode.mesh.driver import MeshDriver, cancel_and_wait
 from meshnode.mesh.grpc_transport import GrpcTransport
 from meshnode.mesh.membership import Membership, MembershipSettings
 from meshnode.mesh.seeds import SeedJoiner, join_host_port, split_host_port
@@ -171,11 +170,7 @@ class MeshService:
         await self.channels.close()
 
     async def _cancel_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     # ------------------------------------------------------------------ own state

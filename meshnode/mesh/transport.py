@@ -134,7 +134,8 @@ class MockTransport(Transport):
     async def probe(self, address: str, probe: Probe, timeout: float) -> Ack:
         handler = self._net._reach(self._address, address)
         try:
-            ack = await asyncio.wait_for(handler.on_probe(probe), timeout)
+            async with asyncio.timeout(timeout):
+                ack = await handler.on_probe(probe)
         except TimeoutError as exc:
             raise TransportError(f"{address}: probe timed out") from exc
         self._net._reach(address, self._address)  # the answer can be lost too

@@ -13,6 +13,9 @@ from meshnode.mesh.membership import Membership, MembershipSettings
 from meshnode.mesh.state import MemberStatus, NodeState
 from meshnode.mesh.transport import MockNetwork
 
+# A hang (a stop that never returns) must fail fast, not after the global 300 s.
+pytestmark = pytest.mark.timeout(60)
+
 FAST = MembershipSettings(
     probe_interval_s=0.05, probe_timeout_s=0.04, indirect_probes=2, suspicion_mult=3.0,
     dead_forget_s=60.0,

@@ -22,6 +22,9 @@ from meshnode.providers.fake import BreakAfter, Delay, FakeProvider, Hang
 from meshnode.routing.router import Router
 from meshnode.types import Capacity, InferenceRequest, RequestKind, StreamChunk
 
+# A hang (a stop that never returns) must fail fast, not after the global 300 s.
+pytestmark = pytest.mark.timeout(60)
+
 MESH = dict(listen_addr="127.0.0.1:0", probe_interval_ms=50, probe_timeout_ms=100,
             gossip_interval_ms=50, mdns=False)
 
