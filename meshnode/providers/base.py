@@ -65,6 +65,16 @@ class Provider(abc.ABC):
         """What this provider can take now, or None when it does not know (clouds)."""
         return None
 
+    def capacity_for(self, offer: ModelOffer) -> Capacity | None:
+        """Capacity behind one offer: the provider's own by default; a provider that fronts
+        several machines (the mesh) answers for the machine serving `offer`."""
+        return self.capacity()
+
+    def latency_ms_for(self, offer: ModelOffer) -> float | None:
+        """A latency estimate for `offer` before this node has measured it itself (the mesh
+        knows peers' RTT and their own model latency); None when there is none."""
+        return None
+
     def ready(self) -> tuple[bool, str]:
         """(can serve now, why not). Feeds `/health/ready`."""
         return True, ""

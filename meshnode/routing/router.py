@@ -210,9 +210,13 @@ class Router:
                     excluded.append(f"{label}: max_hops {self._max_hops} reached")
                     continue
             stats = self._stats_for(offer)
-            capacity = provider.capacity()
+            capacity = provider.capacity_for(offer)
             if capacity is not None:
                 queues[offer.key] = capacity.queue_depth
+            # What this node measured itself outweighs an estimate (a peer's gossip).
+            latency = stats.latency_ewma_ms
+            if latency is None:
+                latency = provider.latency_ms_for(offer)
             candidates.append(
                 Candidate(
                     offer=offer,
@@ -222,7 +226,7 @@ class Router:
                         + out_tokens * offer.cost_per_1k_output
                     )
                     / 1000.0,
-                    latency_ms=stats.latency_ewma_ms,
+                    latency_ms=latency,
                     error_rate=stats.error_rate,
                     in_flight=stats.in_flight,
                     load=capacity.load if capacity is not None else None,

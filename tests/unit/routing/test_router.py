@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -26,7 +27,7 @@ from meshnode.errors import (
 )
 from meshnode.providers.fake import BreakAfter, FakeProvider, Hang
 from meshnode.routing.router import Router
-from meshnode.types import Capacity, InferenceRequest, RequestKind
+from meshnode.types import Capacity, InferenceRequest, ModelOffer, RequestKind, Usage
 
 
 class Clock:
@@ -269,3 +270,32 @@ async def test_a_provider_with_its_queue_over_the_bound_overflows_to_the_next() 
     assert "overflow" in router.explain("m")["candidates"][1]["reason"]
     calm = Router(routing(overflow_queue_depth=16), ["local", "cloud"], [busy, cloud], "n1")
     assert (await calm.complete(request())).served.offer.provider == "local"
+
+
+class _PeersProvider(FakeProvider):
+    """Two peers behind one provider, each with its own gossiped capacity and latency."""
+
+    def __init__(self) -> None:
+        super().__init__("mesh", kind="mesh", node="b")
+        self._offers = [*self._offers, replace(self._offers[0], node="c")]
+
+    def capacity_for(self, offer: ModelOffer) -> Capacity | None:
+        return Capacity(slots_total=4, slots_free=0 if offer.node == "b" else 4)
+
+    def latency_ms_for(self, offer: ModelOffer) -> float | None:
+        return 50.0 if offer.node == "b" else 5.0
+
+
+async def test_peers_are_ranked_by_their_own_gossiped_capacity_and_latency() -> None:
+    for strategy in ("least_loaded", "latency_optimized"):
+        router = Router(routing(strategy=strategy), ["mesh"], [_PeersProvider()], "a")
+        assert router.explain("m")["winner"]["node"] == "c", strategy
+
+
+async def test_own_measurement_outweighs_a_peers_estimate() -> None:
+    peers = _PeersProvider()
+    router = Router(routing(strategy="latency_optimized"), ["mesh"], [peers], "a")
+    # c claims 5 ms but we measured it slow; b was never measured and claims 50 ms
+    c_offer = next(o for o in peers.offers() if o.node == "c")
+    router._stats_for(c_offer).record_success(500.0, Usage(), 0.0)
+    assert router.explain("m")["winner"]["node"] == "b"
