@@ -27,6 +27,7 @@ from aiohttp import web
 
 from meshnode.config import MeshConfig
 from meshnode.errors import UpstreamUnavailable
+from meshnode.governance.gossip import GossipRejected
 from meshnode.mesh.admin import mesh_json
 from meshnode.mesh.driver import MeshDriver, cancel_and_wait
 from meshnode.mesh.grpc_transport import GrpcTransport
@@ -47,6 +48,8 @@ from meshnode.rpc.client import PeerChannels
 from meshnode.rpc.server import InferBackend, MeshServicer, start_server
 
 log = logging.getLogger(__name__)
+
+GOVERNANCE_BLOB = "governance.keys"  # NodeState.blobs entry: signed key records and spend
 
 
 class MeshService:
@@ -292,6 +295,22 @@ class MeshService:
 def mesh_service(node: Any) -> MeshService:
     """The `Node` service factory: `Node(config, services=[mesh_service])` when mesh.enabled."""
     governance = getattr(node, "governance", None)
+    blobs = on_peer_blobs = None
+    if governance is not None:
+        # Key records (created, changed, revoked) travel in the owner's state, signed with the
+        # mesh secret; a peer's digest that fails the check is refused and logged.
+        def blobs() -> dict[str, bytes]:
+            return {GOVERNANCE_BLOB: governance.export_gossip()}
+
+        def on_peer_blobs(peer: str, peer_blobs: Mapping[str, bytes]) -> None:
+            blob = peer_blobs.get(GOVERNANCE_BLOB)
+            if blob is None:
+                return
+            try:
+                governance.merge_gossip(blob)
+            except GossipRejected as exc:
+                log.warning("mesh: governance records from %s refused: %s", peer, exc)
+
     return MeshService(
         node.config.mesh,
         node.node_id,
@@ -300,6 +319,8 @@ def mesh_service(node: Any) -> MeshService:
         grace_s=node.config.server.shutdown_grace_s,
         counters=governance.gossip_counters if governance is not None else None,
         on_peer_counters=governance.merge_peer_counters if governance is not None else None,
+        blobs=blobs,
+        on_peer_blobs=on_peer_blobs,
     )
 
 

@@ -347,3 +347,56 @@ async def test_mesh_scope_budget_counts_every_nodes_spend(
             await b.astop()
     finally:
         await a.astop()
+
+
+# --------------------------------------------------------------------------- keys across the mesh
+async def test_a_key_created_on_one_node_works_on_another_and_revocation_travels(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    """Key records travel in the owner's gossiped state, signed with the mesh secret: created
+    on A, accepted by B; revoked on B, refused by A; a node with another secret learns nothing."""
+    fake.reset()
+    mesh = {"enabled": True, "mdns": False, "gossip_interval_ms": 100,
+            "probe_interval_ms": 250, "probe_timeout_ms": 250, "secret": "mesh-secret-1"}
+    auth = {"enabled": True, "keys": [
+        {"name": "root", "key_sha256": hash_secret(ADMIN_SECRET), "admin": True}]}
+
+    def config(secret: str) -> dict[str, Any]:
+        return {**node_config(fake, auth=auth), "mesh": {**mesh, "secret": secret}}
+
+    a = await NodeProcess(config("mesh-secret-1"), tmp_path, name="ka",
+                          grpc_listen="127.0.0.1:0", node_id="ka").astart()
+    try:
+        seed = a.refresh_announcements()["MESHNODE_GRPC"]
+        b = await NodeProcess(config("mesh-secret-1"), tmp_path, name="kb",
+                              grpc_listen="127.0.0.1:0", node_id="kb", seeds=[seed]).astart()
+        stranger = await NodeProcess(config("another-secret"), tmp_path, name="kc",
+                                     grpc_listen="127.0.0.1:0", node_id="kc",
+                                     seeds=[seed]).astart()
+        try:
+            created = keys_cli(a, "create", "--name", "travelling")
+            assert created.returncode == 0, created.stderr
+            secret = json.loads(created.stdout)["key"]
+            async with aiohttp.ClientSession() as session:
+                async def status_on(node: NodeProcess) -> int:
+                    async with session.get(node.base_url + "/models",
+                                           headers={"Authorization": f"Bearer {secret}"}) as r:
+                        return r.status
+
+                async def b_accepts() -> bool:
+                    return await status_on(b) == 200
+
+                await wait_until(b_accepts)
+                assert keys_cli(b, "revoke", "travelling").returncode == 0
+
+                async def a_refuses() -> bool:
+                    return await status_on(a) == 401
+
+                await wait_until(a_refuses)
+                assert await status_on(stranger) == 401
+        finally:
+            await stranger.astop()
+            await b.astop()
+    finally:
+        await a.astop()
+    assert "governance records from ka refused" in stranger.logs()
