@@ -19,7 +19,7 @@ from meshnode.api.errors import JSON, no_capacity
 from meshnode.api.protocol import parse_request
 from meshnode.api.state import CACHE, CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, ModelNotFound
-from meshnode.governance.http import key_name_of
+from meshnode.governance.http import GOVERNANCE, key_name_of
 from meshnode.routing.outcome import Served
 from meshnode.types import InferenceRequest, RequestKind
 
@@ -220,4 +220,7 @@ async def admin_stats(request: web.Request) -> web.Response:
         "uptime_s": round(time.time() - state.started_at, 3),
     }
     body.update(state.router.stats())
+    governance = request.app.get(GOVERNANCE)
+    if governance is not None:
+        body["budget"] = governance.budget_summary()  # spent and left (SPEC §4)
     return _json(body)

@@ -282,6 +282,11 @@ def test_ready_and_admin(node: NodeProcess) -> None:
     assert route["winner"]["provider"] == "up"
     stats = orjson.loads(http("GET", node.url + "/admin/stats")[2])
     assert stats["node"] == "node-int"
+    row = next(r for r in stats["candidates"] if r["provider"] == "up" and r["model"] == "gpt-4o")
+    assert row["requests"] >= 1 and row["tokens"]["total"] > 0
+    assert stats["totals"]["cost"] >= row["cost"] > 0
+    assert stats["budget"]["enabled"] is True
+    assert {"spent_today", "spent_this_month"} <= set(stats["budget"])
 
 
 def test_sigterm_exits_zero(upstream: FakeOpenAIProcess, tmp_path: Path) -> None:
