@@ -30,7 +30,9 @@ from meshnode.api.errors import error_response, http_error_response, unexpected_
 from meshnode.api.images import add_image_routes
 from meshnode.api.state import CONTEXT, STATE, ApiState, RequestContext, new_request_id
 from meshnode.config import ServerConfig, TimeoutsConfig
+from meshnode.dashboard import add_dashboard_routes
 from meshnode.errors import MeshError, PayloadTooLarge
+from meshnode.governance.http import key_name_of
 from meshnode.observability.logging import log_request
 from meshnode.observability.metrics import Metrics
 from meshnode.routing.router import Router
@@ -84,9 +86,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: int) -> None:
     """Metrics and the request log line, for inference requests only (health checks and
-    scrapes would drown the log)."""
+    scrapes would drown the log). A `/v1/` request refused before its handler ran (auth, rate
+    limit) is an inference request too."""
     if ctx.kind is None:
-        return
+        if not request.path.startswith("/v1/"):
+            return
+        ctx.kind = "_unknown"
     latency_s = time.perf_counter() - ctx.started
     served = ctx.served
     if served is not None:
@@ -100,7 +105,7 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
             node=served.node, attempts=len(served.attempts),
             prompt_tokens=served.usage.prompt_tokens,
             completion_tokens=served.usage.completion_tokens, cost=served.cost,
-            stream=ctx.stream, error=ctx.error_code,
+            stream=ctx.stream, error=ctx.error_code, key=key_name_of(request),
         )
     else:
         state.metrics.record_failed(
@@ -110,7 +115,7 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
         log_request(
             request_id=ctx.request_id, method=request.method, path=request.path, status=status,
             started=ctx.started, model=ctx.model, provider=ctx.error_provider,
-            stream=ctx.stream, error=ctx.error_code,
+            stream=ctx.stream, error=ctx.error_code, key=key_name_of(request),
         )
 
 
@@ -160,6 +165,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/stats", handlers.admin_stats)
     add_image_routes(app)  # POST /v1/images/generations
     add_anthropic_routes(app)  # POST /v1/messages, /v1/messages/count_tokens
+    add_dashboard_routes(app)  # GET /dashboard (static page over /admin/*)
 
 
 def create_app(

@@ -128,8 +128,10 @@ def log_request(
     cost: float = 0.0,
     stream: bool = False,
     error: str | None = None,
+    key: str | None = None,
 ) -> None:
-    """The one line per request. `started` is a `time.perf_counter()` value."""
+    """The one line per request. `started` is a `time.perf_counter()` value. `key` is the API
+    key's name (never the key or its hash)."""
     if not _request_log.isEnabledFor(logging.INFO):
         return
     latency_ms = (time.perf_counter() - started) * 1000.0
@@ -140,6 +142,7 @@ def log_request(
         status,
         extra={
             "request_id": request_id,
+            "key": key,
             "status": status,
             "model": model,
             "provider": provider,
