@@ -171,18 +171,25 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """200 when at least one provider can serve; else 503 with every provider's reason."""
+    """200 when the node can serve: a provider that offers models is ready, and no local worker
+    is still warming up (a node is not put in a load balancer while its models load). Else 503
+    with every provider's reason. A provider offering nothing (the mesh with no peers yet)
+    neither makes the node ready nor holds it back."""
     state = request.app[STATE]
     providers: dict[str, dict[str, Any]] = {}
     any_ready = False
+    warming = False
     for provider in state.router.providers:
         ok, why = provider.ready()
-        any_ready = any_ready or ok
-        providers[provider.name] = {"ready": ok, "reason": why or None}
+        offers = bool(provider.offers())
+        any_ready = any_ready or (ok and offers)
+        warming = warming or (provider.kind == "local" and offers and not ok)
+        providers[provider.name] = {"ready": ok, "models": offers, "reason": why or None}
+    any_ready = any_ready and not warming
     reasons = [f"{name}: {p['reason'] or 'not ready'}" for name, p in providers.items()
                if not p["ready"]]
-    if not providers:
-        reasons.append("no provider is configured")
+    if not any(p["models"] for p in providers.values()):
+        reasons.append("no provider offers a model")
     body = {
         "status": "ready" if any_ready else "not_ready",
         "node": state.node_id,

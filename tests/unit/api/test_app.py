@@ -236,3 +236,26 @@ async def test_unknown_route_is_openai_shaped(api_client, fake) -> None:
     assert (await resp.json())["error"]["code"] == "not_found"
     resp = await client.get("/v1/chat/completions")
     assert resp.status == 405
+
+
+async def test_ready_waits_for_a_warming_local_worker_and_ignores_empty_providers(
+    api_client,
+) -> None:
+    class Warming(FakeProvider):
+        warm = False
+
+        def ready(self) -> tuple[bool, str]:
+            return (True, "") if self.warm else (False, "local/cpu loading")
+
+    local = Warming("local", models=["tiny"], kind="local")
+    cloud = FakeProvider("cloud", models=["gpt"])
+    empty_mesh = FakeProvider("mesh", models=[], kind="mesh")
+    client = await api_client([local, cloud, empty_mesh])
+    resp = await client.get("/health/ready")
+    assert resp.status == 503  # a cloud could serve, but the local models are still loading
+    assert (await resp.json())["reasons"] == ["local: local/cpu loading"]
+    local.warm = True
+    assert (await client.get("/health/ready")).status == 200
+    only_mesh = await api_client([empty_mesh])
+    body = await (await only_mesh.get("/health/ready")).json()
+    assert body["status"] == "not_ready" and "no provider offers a model" in body["reasons"]
