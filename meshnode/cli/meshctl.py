@@ -1,15 +1,18 @@
 """`meshctl`: inspect a running mesh through one node's HTTP admin API (it talks HTTP, nothing
 else).
 
-    meshctl [--node URL] [--api-key KEY] peers|topology [--json]
+    meshctl [--node URL] [--api-key KEY] peers|topology|models|route MODEL|stats|top [--json]
 
 `--node` defaults to `$MESHNODE_URL`, else http://127.0.0.1:8080; `--api-key` to
-`$MESHNODE_API_KEY`. Tables by default; `--json` prints stable JSON (documented in docs/mesh.md):
+`$MESHNODE_API_KEY` (sent as `Authorization: Bearer`). Tables by default; `--json` prints stable
+JSON whose schemas are in docs/meshctl.md:
 - `peers --json`: `{"node": <asked node>, "peers": [<member>, ...]}`, the `/admin/mesh` members
   other than the asked node;
 - `topology --json`: `{"node", "nodes": [<member>, ...], "models": {<model>: [<node id>, ...]}}`,
-  every member and, per model, the live nodes that offer it.
-Exit status: 0 done, 1 the node could not be asked, 2 bad usage.
+  every member and, per model, the live nodes that offer it;
+- `models`, `route MODEL`, `stats`: built in `meshctl_views`; `top`: `meshctl_top`.
+Exit status (`meshctl_http.ExitCode`): 0 ok, 1 the node answered an error, 2 bad usage,
+3 node unreachable, 4 auth refused, 5 not found.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 from rich.console import Console
@@ -27,29 +28,15 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from meshnode.cli import meshctl_top, meshctl_views
+from meshnode.cli.meshctl_http import EXIT_CODES_HELP, MeshctlError, NodeClient, NotFound
+
 DEFAULT_NODE = "http://127.0.0.1:8080"
 
 
-class MeshctlError(Exception):
-    """The node could not be asked, or answered something else than expected."""
-
-
 def fetch(node: str, path: str, api_key: str | None, timeout: float = 10.0) -> Any:
-    request = urllib.request.Request(node.rstrip("/") + path, method="GET")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = ""
-        try:
-            detail = json.loads(exc.read()).get("error", {}).get("message", "")
-        except (ValueError, AttributeError):
-            pass
-        raise MeshctlError(f"{node}{path}: HTTP {exc.code} {detail}".rstrip()) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise MeshctlError(f"{node}{path}: {exc}") from None
+    """GET one admin path as JSON; raises a `MeshctlError` subclass carrying the exit status."""
+    return NodeClient(node, api_key, timeout).get(path)
 
 
 # ------------------------------------------------------------------------------ views
@@ -131,30 +118,91 @@ def topology_tree(mesh: dict[str, Any]) -> Tree:
 
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshctl", description="Inspect a meshnode mesh.")
+    parser = argparse.ArgumentParser(
+        prog="meshctl", description="Inspect a meshnode mesh through any node's HTTP API.",
+        epilog=EXIT_CODES_HELP + ". JSON schemas: docs/meshctl.md.",
+    )
     parser.add_argument("--node", default=os.environ.get("MESHNODE_URL", DEFAULT_NODE),
-                        help="a node's HTTP address (env MESHNODE_URL)")
+                        help="a node's HTTP address (env MESHNODE_URL; default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("MESHNODE_API_KEY"),
-                        help="an admin API key, when the node has auth on")
-    sub = parser.add_subparsers(dest="command", required=True)
+                        help="an admin API key, when the node has auth on, sent as Bearer "
+                             "(env MESHNODE_API_KEY)")
+    # The same two options after the subcommand too (`meshctl peers --node URL`); SUPPRESS
+    # keeps a value given before the subcommand when they are not repeated after it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--node", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--api-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", help="stable JSON output (docs/meshctl.md)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("peers", "the peers this node knows"),
-                       ("topology", "every node and the models it offers")):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--json", action="store_true", help="stable JSON output")
+                       ("topology", "the mesh as a tree: every node, its links' RTT, its models"),
+                       ("models", "which node and provider offers which model, at what price, "
+                                  "warm or not"),
+                       ("stats", "traffic per provider and model, budget spent and left")):
+        sub.add_parser(name, help=text, parents=[common], epilog=EXIT_CODES_HELP)
+    route = sub.add_parser("route", help="what the node would do for MODEL now, and why",
+                           parents=[common], epilog=EXIT_CODES_HELP)
+    route.add_argument("model", metavar="MODEL")
+    top = sub.add_parser("top", help="a live full-screen view (q quits)", parents=[common],
+                         epilog=EXIT_CODES_HELP + "; 130 after Ctrl-C")
+    top.add_argument("--interval", type=float, default=1.0, metavar="S",
+                     help="seconds between refreshes (default %(default)s)")
+    top.add_argument("-n", "--iterations", type=int, default=None, metavar="N",
+                     help="stop after N refreshes (default: until q; 1 with --json)")
     return parser
+
+
+def _view(args: argparse.Namespace, client: NodeClient) -> Any:
+    """What the subcommand prints: a JSON-able dict with --json, else a rich renderable."""
+    if args.command in ("peers", "topology"):
+        try:
+            mesh = client.get("/admin/mesh")
+        except NotFound as exc:
+            raise NotFound(f"{exc} (is mesh.enabled false on this node?)") from None
+        if args.command == "peers":
+            return peers_json(mesh) if args.json else peers_table(mesh)
+        return topology_json(mesh) if args.json else topology_tree(mesh)
+    if args.command == "models":
+        models = meshctl_views.models_json(
+            client.get("/admin/mesh"), client.get("/v1/models"), _health(client))
+        return models if args.json else meshctl_views.models_table(models)
+    if args.command == "route":
+        explained = client.get("/admin/route", {"model": args.model})
+        node = client.get("/health/live").get("node", "")
+        route = meshctl_views.route_json(node, explained)
+        return route if args.json else meshctl_views.route_view(route)
+    # stats
+    try:
+        budget = client.get("/admin/budget")
+    except NotFound:
+        budget = None
+    stats = meshctl_views.stats_json(client.get("/admin/stats"), budget)
+    return stats if args.json else meshctl_views.stats_view(stats)
+
+
+def _health(client: NodeClient) -> dict[str, Any]:
+    """`/health/ready`: 503 (nothing ready) still carries each provider's readiness."""
+    try:
+        return client.get("/health/ready")
+    except MeshctlError:
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "top" and (args.interval <= 0 or (args.iterations or 1) < 1):
+        print("meshctl: top: --interval must be > 0 and -n >= 1", file=sys.stderr)
+        return 2
+    client = NodeClient(args.node, args.api_key)
     try:
-        mesh = fetch(args.node, "/admin/mesh", args.api_key)
+        if args.command == "top":
+            if args.json:
+                return meshctl_top.run_json(client, args.interval, args.iterations or 1)
+            return meshctl_top.run_screen(client, args.interval, args.iterations)
+        view = _view(args, client)
     except MeshctlError as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
-        return 1
-    if args.command == "peers":
-        view: Any = peers_json(mesh) if args.json else peers_table(mesh)
-    else:
-        view = topology_json(mesh) if args.json else topology_tree(mesh)
+        return int(exc.exit_code)
     if args.json:
         sys.stdout.write(json.dumps(view, indent=2, sort_keys=True) + "\n")
     else:

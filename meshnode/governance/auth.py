@@ -2,6 +2,8 @@
 
 Route classes (when `auth.enabled`):
 - public: `/health/*` (load balancers and orchestrators probe without a key);
+  `/dashboard` and its assets too: a static shell without data (a browser cannot send a
+  Bearer token on a page load); the page reads `/admin/*` with an admin key;
 - admin: `/admin/*` and `/metrics`: an admin key only (403 for another valid key);
 - everything else (`/v1/*`, and unknown paths, so that a 404 does not tell a stranger what
   exists): any valid key (401 without one).
@@ -25,7 +27,7 @@ class RouteClass(enum.Enum):
 
 
 def route_class(path: str) -> RouteClass:
-    if path.startswith("/health/"):
+    if path.startswith("/health/") or path == "/dashboard" or path.startswith("/dashboard/"):
         return RouteClass.PUBLIC
     if path.startswith("/admin/") or path == "/admin" or path == "/metrics":
         return RouteClass.ADMIN

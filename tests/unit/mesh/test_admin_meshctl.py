@@ -63,6 +63,7 @@ async def test_tables_are_readable(
     assert "node-a" in out and "(this node)" in out and "m  [openai_compatible]" in out
 
 
-def test_unreachable_node_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    assert meshctl.main(["--node", "http://127.0.0.1:9", "peers"]) == 1
+def test_unreachable_node_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    # 3: node unreachable (meshctl_http.ExitCode, issue 8)
+    assert meshctl.main(["--node", "http://127.0.0.1:9", "peers"]) == 3
     assert "meshctl:" in capsys.readouterr().err
