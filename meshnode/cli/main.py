@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-id", metavar="ID", help="this node's id (node.id)")
     run.add_argument("--data-dir", metavar="DIR", help="state directory (node.data_dir)")
     run.add_argument("--log-format", choices=("json", "text"), help="logging.format")
+    run.add_argument("--insecure", action="store_true", default=None,
+                     help="allow a mesh reachable from the network without mesh.secret or "
+                     "mesh.tls (mesh.insecure)")
 
     check = commands.add_parser(
         "check-config",
@@ -79,6 +82,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "node.id": args.node_id,
         "node.data_dir": args.data_dir,
         "logging.format": args.log_format,
+        "mesh.insecure": args.insecure,
     }
 
 

@@ -1,7 +1,8 @@
 """The real mesh transport: membership traffic over the `Mesh` gRPC service.
 
-Every call has a deadline (the probe or gossip timeout); any gRPC failure becomes
-`TransportError` here, so the driver never sees a gRPC type.
+Every call has a deadline (the probe or gossip timeout); any gRPC failure, and any answer that
+fails authentication or does not parse, becomes `TransportError` here, so the driver never sees
+a gRPC type.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from meshnode.mesh.transport import (
     TransportError,
 )
 from meshnode.rpc import convert
-from meshnode.rpc.client import PeerChannels
+from meshnode.rpc.client import PeerAnswerError, PeerChannels
 
 
 class GrpcTransport(Transport):
@@ -32,6 +33,8 @@ class GrpcTransport(Transport):
             )
         except grpc.aio.AioRpcError as exc:
             raise TransportError(f"{address}: {exc.code().name}") from None
+        except PeerAnswerError as exc:
+            raise TransportError(f"{address}: {exc}") from None
         return convert.ack_from_pb(reply)
 
     async def gossip(self, address: str, message: GossipMessage, timeout: float) -> GossipReply:
@@ -41,4 +44,6 @@ class GrpcTransport(Transport):
             )
         except grpc.aio.AioRpcError as exc:
             raise TransportError(f"{address}: {exc.code().name}") from None
+        except PeerAnswerError as exc:
+            raise TransportError(f"{address}: {exc}") from None
         return convert.gossip_reply_from_pb(reply)

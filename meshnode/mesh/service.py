@@ -45,6 +45,7 @@ from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
 from meshnode.providers.base import Provider
 from meshnode.providers.peer import MeshProvider
 from meshnode.rpc.client import PeerChannels
+from meshnode.rpc.security import MeshSecurity
 from meshnode.rpc.server import InferBackend, MeshServicer, start_server
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class MeshService:
         on_peer_counters: Callable[[str, Mapping[str, float]], object] | None = None,
         blobs: Callable[[], Mapping[str, bytes]] | None = None,
         on_peer_blobs: Callable[[str, Mapping[str, bytes]], object] | None = None,
+        security: MeshSecurity | None = None,
     ) -> None:
         self.config = config
         # Extra counters this node gossips in its state (governance: its own spend slots), and
@@ -87,7 +89,12 @@ class MeshService:
         self._clock = clock
         self._announce = announce
         self.settings = MembershipSettings.from_config(config)
-        self.channels = PeerChannels()
+        # Refuses (ConfigError) an unauthenticated mesh beyond loopback; reads the TLS files.
+        self.security = security or MeshSecurity.from_config(config)
+        self.channels = PeerChannels(
+            credentials=self.security.channel_credentials, node_id=node_id,
+            auth=self.security.auth,
+        )
         self.membership: Membership | None = None
         self.driver: MeshDriver | None = None
         self.provider: MeshProvider | None = None
@@ -106,7 +113,11 @@ class MeshService:
         # The servicer needs the driver and the driver needs the bound address: bind first,
         # then hand the servicer its handler.
         servicer = MeshServicer(self.node_id, _Pending(), backend=self.router)
-        self._server, self.port = await start_server(self.config.listen_addr, servicer)
+        self._server, self.port = await start_server(
+            self.config.listen_addr, servicer,
+            interceptors=self.security.server_interceptors(),
+            credentials=self.security.server_credentials,
+        )
         self.advertise_address = self._advertise(self.port)
         boot_version = int(time.time() * 1000)
         self.membership = Membership(
@@ -144,7 +155,8 @@ class MeshService:
         ]
         if self._announce:
             print(f"MESHNODE_GRPC={self.advertise_address}", file=sys.stdout, flush=True)
-        log.info("mesh: node %s serving gRPC on %s", self.node_id, self.advertise_address)
+        log.info("mesh: node %s serving gRPC on %s (authentication: %s)", self.node_id,
+                 self.advertise_address, self.security.mode)
 
     async def leave(self, timeout: float = 1.0) -> None:
         """Graceful leave: stop the loops and tell every peer at once. In-flight forwarded

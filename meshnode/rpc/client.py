@@ -1,21 +1,84 @@
-"""The gRPC client side: one reusable channel per peer address, and the translation of gRPC
-failures into mesh errors.
+"""The gRPC client side: one reusable channel per peer address, the signed calls made on it,
+and the translation of gRPC failures into mesh errors.
 
 `PeerChannels` is the only owner of client channels; `GrpcTransport` (membership traffic) and
-`MeshProvider` (Infer) both take their stubs from it, so a peer costs one HTTP/2 connection.
-`interceptors` is the hook for authentication (issue 6: HMAC metadata or mTLS credentials).
+`MeshProvider` (Infer) both take their `PeerStub` from it, so a peer costs one HTTP/2 connection.
+`PeerStub` serializes each request once, itself, so that with `mesh.secret` the HMAC covers the
+exact bytes on the wire (`meshnode.rpc.auth`); `credentials` carries mTLS (`meshnode.rpc.tls`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError, Message
 
 from meshnode.errors import MeshError, UpstreamTimeout, UpstreamUnavailable
-from meshnode.rpc.generated import mesh_pb2_grpc
+from meshnode.rpc.auth import AuthError, MeshAuth
+from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.rpc.options import CHANNEL_OPTIONS
+
+HEALTH = "/meshnode.v1.Mesh/Health"
+GOSSIP = "/meshnode.v1.Mesh/Gossip"
+INFER = "/meshnode.v1.Mesh/Infer"
+
+M = TypeVar("M", bound=Message)
+
+
+class PeerAnswerError(Exception):
+    """A peer's answer that fails authentication or does not parse: treated as no answer."""
+
+
+class PeerStub:
+    """The three `Mesh` calls to one peer, signed when the mesh has a secret."""
+
+    def __init__(self, channel: grpc.aio.Channel, node_id: str, auth: MeshAuth | None) -> None:
+        self._node_id = node_id
+        self._auth = auth
+        self._health = channel.unary_unary(HEALTH)
+        self._gossip = channel.unary_unary(GOSSIP)
+        self._infer = channel.unary_stream(INFER, response_deserializer=pb.InferChunk.FromString)
+
+    async def _unary(
+        self, call: Any, method: str, request: Message, answer: type[M], timeout: float
+    ) -> M:
+        body = request.SerializeToString()
+        if self._auth is None:
+            data = await call(body, timeout=timeout)
+        else:
+            metadata, nonce = self._auth.sign_request(self._node_id, method, body)
+            pending = call(body, timeout=timeout, metadata=metadata)
+            data = await pending
+            try:
+                self._auth.verify_response(method, nonce, data, await pending.trailing_metadata())
+            except AuthError as exc:
+                raise PeerAnswerError(exc.reason) from None
+        try:
+            return answer.FromString(data)
+        except DecodeError:
+            raise PeerAnswerError("answer does not parse") from None
+
+    async def Health(  # noqa: N802 - the gRPC method's name
+        self, request: pb.HealthRequest, timeout: float
+    ) -> pb.HealthResponse:
+        return await self._unary(self._health, HEALTH, request, pb.HealthResponse, timeout)
+
+    async def Gossip(  # noqa: N802 - the gRPC method's name
+        self, request: pb.GossipRequest, timeout: float
+    ) -> pb.GossipResponse:
+        return await self._unary(self._gossip, GOSSIP, request, pb.GossipResponse, timeout)
+
+    def Infer(  # noqa: N802 - the gRPC method's name
+        self, request: pb.InferRequest, timeout: float
+    ) -> grpc.aio.UnaryStreamCall:
+        body = request.SerializeToString()
+        metadata = None
+        if self._auth is not None:
+            metadata, _ = self._auth.sign_request(self._node_id, INFER, body)
+        return self._infer(body, timeout=timeout, metadata=metadata)  # type: ignore[no-any-return]
 
 
 class PeerChannels:
@@ -25,13 +88,18 @@ class PeerChannels:
         self,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         credentials: grpc.ChannelCredentials | None = None,
+        *,
+        node_id: str = "",
+        auth: MeshAuth | None = None,
     ) -> None:
         self._interceptors = list(interceptors)
         self._credentials = credentials
+        self._node_id = node_id
+        self._auth = auth
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, mesh_pb2_grpc.MeshStub] = {}
+        self._stubs: dict[str, PeerStub] = {}
 
-    def stub(self, address: str) -> mesh_pb2_grpc.MeshStub:
+    def stub(self, address: str) -> PeerStub:
         stub = self._stubs.get(address)
         if stub is None:
             if self._credentials is not None:
@@ -44,7 +112,7 @@ class PeerChannels:
                     address, options=CHANNEL_OPTIONS, interceptors=self._interceptors
                 )
             self._channels[address] = channel
-            stub = self._stubs[address] = mesh_pb2_grpc.MeshStub(channel)
+            stub = self._stubs[address] = PeerStub(channel, self._node_id, self._auth)
         return stub
 
     async def drop(self, address: str) -> None:

@@ -1,0 +1,66 @@
+"""How this node secures the mesh, decided once from `MeshConfig` at start-up.
+
+- `mesh.secret`: every RPC is HMAC'd (`meshnode.rpc.auth`);
+- `mesh.tls`: mTLS (`meshnode.rpc.tls`); both may be on (the HMAC then rides inside TLS);
+- neither: allowed only when `mesh.listen_addr` is a loopback address, or with `mesh.insecure`
+  (`meshnode run --insecure`): a mesh reachable from the network with no authentication lets
+  anyone join it, read every gossiped state and spend this node's providers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from meshnode.config import MeshConfig
+from meshnode.errors import ConfigError
+from meshnode.rpc import tls
+from meshnode.rpc.auth import AuthServerInterceptor, MeshAuth
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(mesh: MeshConfig) -> None:
+    """Refuse to serve an unauthenticated mesh beyond loopback unless told to."""
+    host = mesh.listen_addr.rpartition(":")[0]
+    if mesh.secret or mesh.tls.enabled or mesh.insecure or is_loopback_host(host):
+        return
+    raise ConfigError([
+        f"mesh.listen_addr: {mesh.listen_addr} is reachable from the network but neither "
+        "mesh.secret nor mesh.tls is set, so anyone could join the mesh; set one of them, or "
+        "pass --insecure (mesh.insecure: true) to run without authentication"
+    ])
+
+
+@dataclass(frozen=True)
+class MeshSecurity:
+    auth: MeshAuth | None = None
+    server_credentials: grpc.ServerCredentials | None = None
+    channel_credentials: grpc.ChannelCredentials | None = None
+
+    @classmethod
+    def from_config(cls, mesh: MeshConfig) -> MeshSecurity:
+        check_exposure(mesh)
+        auth = MeshAuth(mesh.secret) if mesh.secret else None
+        if mesh.tls.enabled or mesh.tls.ca_file is not None or mesh.tls.key_file is not None:
+            return cls(auth, tls.server_credentials(mesh.tls), tls.channel_credentials(mesh.tls))
+        return cls(auth)
+
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [AuthServerInterceptor(self.auth)] if self.auth is not None else []
+
+    @property
+    def mode(self) -> str:
+        """For logs and /admin: what protects the mesh (never the secret)."""
+        parts = [p for p, on in (("hmac", self.auth), ("mtls", self.server_credentials)) if on]
+        return "+".join(parts) or "none"
