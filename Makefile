@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench bench-setup lint proto clean
+.PHONY: install run test test-fast bench bench-setup bench-gossip lint proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +40,17 @@ test-fast: $(STAMP)
 bench-setup: $(STAMP)
 	$(PY) -m bench.setup_litellm
 
-# The proxy (direct vs node vs LiteLLM), then the local worker (1 vs 16 streams on the CPU).
+# The proxy (direct vs node vs LiteLLM), the local worker (1 vs 16 streams on the CPU), one
+# peer hop, failure detection with 5 real nodes. The 1,000-node gossip simulation takes about
+# two minutes: `make bench-gossip`.
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.local_tokens
+	$(PY) -m bench.mesh_hop
+	$(PY) -m bench.mesh_failure
+
+bench-gossip: $(STAMP)
+	$(PY) -m bench.mesh_gossip_sim
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshnode tests bench
