@@ -321,15 +321,16 @@ class Config(_Strict):
                 continue
             declared = provider.type or name
             preset = PRESETS.get(declared)
-            eff_type = preset["type"] if preset else declared
             base_url = provider.base_url or DEFAULT_BASE_URLS.get(declared)
             out.append(
-                ResolvedProvider(
-                    name=name,
-                    type=eff_type,
-                    preset=declared if preset else None,
-                    config=provider,
-                    base_url=base_url,
+                ResolvedProvider.model_validate(
+                    dict(
+                        name=name,
+                        type=_effective_type(name, provider),
+                        preset=declared if preset else None,
+                        config=provider,
+                        base_url=base_url,
+                    )
                 )
             )
         out.sort(key=lambda r: (r.config.priority, r.name))
