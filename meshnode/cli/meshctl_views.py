@@ -211,8 +211,9 @@ def stats_table(view: dict[str, Any], title: str | None = None) -> Table:
             str(r["requests"]),
             f"[{err_style}]{r['errors']}[/]" if err_style else str(r["errors"]),
             f"{100 * (r['error_rate'] or 0):.1f}",
-            _ms(r["latency_ms"]["p50"]),
-            _ms(r["latency_ms"]["p95"]),
+            # No requests yet: no latency, not a latency of 0.
+            _ms(r["latency_ms"]["p50"] if r["requests"] else None),
+            _ms(r["latency_ms"]["p95"] if r["requests"] else None),
             str(r["tokens"]["total"]),
             _money(r["cost"]),
             str(r["in_flight"]),
