@@ -155,16 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _view(args: argparse.Namespace, client: NodeClient) -> Any:
     """What the subcommand prints: a JSON-able dict with --json, else a rich renderable."""
     if args.command in ("peers", "topology"):
-        try:
-            mesh = client.get("/admin/mesh")
-        except NotFound as exc:
-            raise NotFound(f"{exc} (is mesh.enabled false on this node?)") from None
+        mesh = _mesh(client)
         if args.command == "peers":
             return peers_json(mesh) if args.json else peers_table(mesh)
         return topology_json(mesh) if args.json else topology_tree(mesh)
     if args.command == "models":
         models = meshctl_views.models_json(
-            client.get("/admin/mesh"), client.get("/v1/models"), _health(client))
+            _mesh(client), client.get("/v1/models"), _health(client))
         return models if args.json else meshctl_views.models_table(models)
     if args.command == "route":
         explained = client.get("/admin/route", {"model": args.model})
@@ -178,6 +175,13 @@ def _view(args: argparse.Namespace, client: NodeClient) -> Any:
         budget = None
     stats = meshctl_views.stats_json(client.get("/admin/stats"), budget)
     return stats if args.json else meshctl_views.stats_view(stats)
+
+
+def _mesh(client: NodeClient) -> dict[str, Any]:
+    try:
+        return dict(client.get("/admin/mesh"))
+    except NotFound as exc:
+        raise NotFound(f"{exc} (is mesh.enabled false on this node?)") from None
 
 
 def _health(client: NodeClient) -> dict[str, Any]:

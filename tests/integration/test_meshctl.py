@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.kit.node_proc import REPO_ROOT
+from tests.kit.node_proc import REPO_ROOT, NodeProcess
 from tests.kit.three_nodes import ADMIN_SECRET, DAILY_LIMIT, USER_SECRET, ThreeNodes
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra")
@@ -218,3 +218,21 @@ def test_bad_usage_exits_2_and_help_documents_the_exit_codes() -> None:
     for phrase in ("3 node unreachable", "4 auth refused", "5 not found", "MESHNODE_URL",
                    "MESHNODE_API_KEY", "top"):
         assert phrase in text, phrase
+
+
+def test_a_node_without_mesh_exits_5_for_the_mesh_views_and_still_has_stats(
+    mesh: ThreeNodes, tmp_path: Path
+) -> None:
+    config = {"mesh": {"enabled": False, "mdns": False}, "providers": {"upstream": {
+        "type": "openai_compatible", "base_url": mesh.fake.base_url,
+        "credentials": {"api_key": "sk-upstream"},
+        "models": [{"name": "m1", "openai_model": "m1", "cost_per_1k_tokens": 0.001}]}}}
+    with NodeProcess(config, tmp_path, name="alone") as alone:
+        for args in (["peers"], ["topology", "--json"], ["models"]):
+            result = meshctl(*args, node=alone.url)
+            assert result.returncode == 5, (args, result)
+            assert "mesh.enabled" in result.stderr
+        validate("stats", ok_json(meshctl("stats", "--json", node=alone.url)))
+        top = ok_json(meshctl("top", "--json", node=alone.url))
+        validate("top", top)
+        assert top["nodes"] == []
