@@ -18,8 +18,8 @@ Rules (as hashicorp/memberlist's `state.go`):
 - Dead and left members are forgotten `dead_forget_s` after the transition; a rumour that they
   are dead is not accepted for a member we do not know (it would resurrect forgotten ones).
 
-Not here (issue 6): Lifeguard's local health multiplier and suspicion confirmations,
-authentication, partition healing. `MemberInfo.suspectors` is kept for the confirmations.
+Hostile rumours: a forged "X is dead" reaches X through anti-entropy and X refutes it like any
+suspicion; incarnations are bounded (`MAX_INCARNATION`) so a refutation always fits the wire.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 
 from meshnode.config import MeshConfig
 from meshnode.mesh.state import (
+    MAX_INCARNATION,
     DigestEntry,
     GossipRecord,
     MemberStatus,
@@ -174,6 +175,10 @@ class Membership:
     def apply(self, update: MemberUpdate) -> MemberUpdate | None:
         """Take in one liveness rumour. Returns the rumour to spread further (the accepted one,
         or our own refutation), or None when it was stale or irrelevant."""
+        if update.incarnation > MAX_INCARNATION or (
+            update.incarnation == MAX_INCARNATION and update.status is not MemberStatus.ALIVE
+        ):
+            return None  # nobody could refute it: a forgery or a broken peer
         if update.node_id == self.self_id:
             return self._about_me(update)
         now = self._clock()

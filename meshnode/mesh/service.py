@@ -91,6 +91,7 @@ class MeshService:
         self.settings = MembershipSettings.from_config(config)
         # Refuses (ConfigError) an unauthenticated mesh beyond loopback; reads the TLS files.
         self.security = security or MeshSecurity.from_config(config)
+        self.guard = self.security.guard()
         self.channels = PeerChannels(
             credentials=self.security.channel_credentials, node_id=node_id,
             auth=self.security.auth,
@@ -115,7 +116,7 @@ class MeshService:
         servicer = MeshServicer(self.node_id, _Pending(), backend=self.router)
         self._server, self.port = await start_server(
             self.config.listen_addr, servicer,
-            interceptors=self.security.server_interceptors(),
+            interceptors=[self.guard],
             credentials=self.security.server_credentials,
         )
         self.advertise_address = self._advertise(self.port)

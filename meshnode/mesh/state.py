@@ -23,6 +23,10 @@ from meshnode.types import RequestKind
 # The protocol version this code speaks (SPEC §5 messages carry it).
 PROTOCOL_VERSION = 1
 
+# Incarnations stop here: a suspect/dead/left rumour must be below it, so the accused can always
+# refute one higher (a forged "dead at 2**64 - 1" would otherwise be unanswerable on the wire).
+MAX_INCARNATION = 2**62
+
 
 class MemberStatus(enum.IntEnum):
     """Liveness; the integer order is the tie-break at equal incarnation."""

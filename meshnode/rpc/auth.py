@@ -14,8 +14,8 @@ away from its own clock, and any MAC it has already accepted (`ReplayCache`). Un
 feed us records through an answer, nor replay an old answer. `Infer` answer chunks are not
 MAC'd (they are not membership; use mTLS when answers need integrity or secrecy on the wire).
 
-Owns: `MeshAuth` (sign/verify), `ReplayCache`, `AuthServerInterceptor` (the server side) and
-the signing helpers `PeerStub` uses (the client side, `meshnode.rpc.client`).
+Owns: `MeshAuth` (sign/verify) and `ReplayCache`. The server side checks in
+`meshnode.rpc.guard.MeshGuard`, the client side signs in `meshnode.rpc.client.PeerStub`.
 """
 
 from __future__ import annotations
@@ -23,16 +23,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
-import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
-
-import grpc
-import grpc.aio
-
-log = logging.getLogger(__name__)
+from collections.abc import Callable, Sequence
 
 KEY_LABEL = b"meshnode mesh auth v1"
 NODE_KEY = "mesh-node"
@@ -113,7 +106,6 @@ class MeshAuth:
         self.skew_ms = int(skew_s * 1000)
         self._clock = clock
         self.replay = replay or ReplayCache()
-        self.refused: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:  # never the key
         return f"MeshAuth(skew_s={self.skew_ms / 1000:g})"
@@ -165,78 +157,3 @@ class MeshAuth:
             raise AuthError("malformed_answer") from None
         if not mac or not hmac.compare_digest(mac, self._response_mac(method, nonce, body)):
             raise AuthError("bad_answer_mac")
-
-    def note_refusal(self, reason: str, peer: str) -> None:
-        first = self.refused[reason] == 0
-        self.refused[reason] += 1
-        # The first of each kind at warning, the rest at debug: a hostile peer must not flood logs.
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "mesh: refused an unauthenticated call from %s (%s)", peer, reason)
-
-
-# ------------------------------------------------------------------------------ server side
-def _raw_unary(
-    auth: MeshAuth, method: str, handler: grpc.RpcMethodHandler
-) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
-    deserialize = handler.request_deserializer
-    serialize = handler.response_serializer
-    behaviour = handler.unary_unary
-
-    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            _, nonce = auth.verify_request(context.invocation_metadata(), method, raw)
-        except AuthError as exc:
-            auth.note_refusal(exc.reason, context.peer())
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "mesh authentication failed")
-            raise  # abort raises; this keeps type checkers calm
-        answer = serialize(await behaviour(deserialize(raw), context))
-        context.set_trailing_metadata(auth.sign_response(method, nonce, answer))
-        return answer  # type: ignore[no-any-return]
-
-    return call
-
-
-def _raw_stream(
-    auth: MeshAuth, method: str, handler: grpc.RpcMethodHandler
-) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
-    deserialize = handler.request_deserializer
-    behaviour = handler.unary_stream
-
-    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            auth.verify_request(context.invocation_metadata(), method, raw)
-        except AuthError as exc:
-            auth.note_refusal(exc.reason, context.peer())
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "mesh authentication failed")
-            return
-        async for item in behaviour(deserialize(raw), context):
-            yield item
-
-    return call
-
-
-class AuthServerInterceptor(grpc.aio.ServerInterceptor):
-    """Checks every incoming call before the servicer sees it (unknown methods pass through to
-    gRPC's own UNIMPLEMENTED). The request is MAC'd as the exact bytes received, so the handler
-    takes raw bytes and deserializes only after the check."""
-
-    def __init__(self, auth: MeshAuth) -> None:
-        self._auth = auth
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_raw_unary(self._auth, method, handler))
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _raw_stream(self._auth, method, handler),
-                response_serializer=handler.response_serializer,
-            )
-        return handler

@@ -1,12 +1,18 @@
 """protobuf <-> domain conversion for the mesh protocol. The only module that reads or builds
 `mesh_pb2` messages besides the generated code; everything else passes domain types.
 
-Bounds: strings and lists coming from a peer are cut to sane sizes here, so a confused peer
-cannot make a node hold unbounded state (issue 6 adds authentication and stricter checks).
+Bounds (hostile or broken peers): strings and lists coming from a peer are cut to sane sizes
+here, so a peer cannot make a node hold unbounded state; numbers are clamped to finite ranges (a
+claimed infinite capacity, a NaN price or latency never reaches routing: a NaN price reads as the
+highest, a NaN latency as unknown); incarnations and state versions above 2**62 are dropped (membership refuses a suspicion at
+2**62 itself, so a refutation always fits). A message
+carries at most 256 records and a digest of at most 4,096 entries; the rest is ignored.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from typing import Any
 
@@ -27,6 +33,7 @@ from meshnode.errors import (
     UpstreamUnavailable,
 )
 from meshnode.mesh.state import (
+    MAX_INCARNATION,
     PROTOCOL_VERSION,
     CapacityAd,
     DigestEntry,
@@ -46,13 +53,28 @@ MAX_MODELS = 512
 MAX_COUNTERS = 64
 MAX_BLOBS = 16
 MAX_BLOB_BYTES = 64 * 1024
-MAX_RECORDS = 4096
+MAX_RECORDS = 256  # records per gossip message (Membership's max_records_per_message)
+MAX_DIGEST = 4096  # digest entries per message (Membership's max_members)
+MAX_COUNTER = MAX_INCARNATION  # incarnations and state versions (uint64 on the wire)
+MAX_PRICE = 1_000_000.0  # USD per 1k tokens
+MAX_SLOTS = 65_536
+MAX_QUEUE = 1_000_000
+MAX_TOKENS_PER_S = 10_000_000.0
+MAX_LATENCY_MS = 3_600_000.0
+MAX_COUNTER_VALUE = 1e15
 
 _KINDS = {k.value: k for k in RequestKind}
 
 
 def _cut(text: str, limit: int = MAX_ID) -> str:
     return text[:limit]
+
+
+def clamp(value: float, low: float, high: float, nan: float) -> float:
+    """`value` within [low, high]; `nan` when it is not a number (infinities clamp)."""
+    if math.isnan(value):
+        return nan
+    return min(high, max(low, value))
 
 
 # ------------------------------------------------------------------------------ msgpack
@@ -73,7 +95,7 @@ def member_to_pb(u: MemberUpdate) -> pb.MemberUpdate:
 
 
 def member_from_pb(m: pb.MemberUpdate) -> MemberUpdate | None:
-    if not m.node_id or m.status not in (1, 2, 3, 4):
+    if not m.node_id or m.status not in (1, 2, 3, 4) or m.incarnation > MAX_COUNTER:
         return None
     return MemberUpdate(
         _cut(m.node_id), _cut(m.address), m.incarnation, MemberStatus(m.status), _cut(m.from_node)
@@ -109,24 +131,38 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
     )
 
 
+def _price(value: float) -> float:
+    return clamp(value, 0.0, MAX_PRICE, MAX_PRICE)
+
+
+def _ms(value: float) -> float:
+    return clamp(value, 0.0, MAX_LATENCY_MS, 0.0)
+
+
 def state_from_pb(s: pb.NodeState) -> NodeState | None:
-    if not s.node_id:
+    if not s.node_id or s.version > MAX_COUNTER:
         return None
     models = tuple(
         ModelAd(
             name=_cut(m.name),
             provider_kind=_cut(m.provider_kind, 64),
-            kinds=frozenset(_KINDS[k] for k in m.kinds if k in _KINDS),
-            cost_per_1k_input=max(0.0, m.cost_per_1k_input),
-            cost_per_1k_output=max(0.0, m.cost_per_1k_output),
+            kinds=frozenset(_KINDS[k] for k in m.kinds[:8] if k in _KINDS),
+            cost_per_1k_input=_price(m.cost_per_1k_input),
+            cost_per_1k_output=_price(m.cost_per_1k_output),
             max_context_tokens=m.max_context_tokens or None,
         )
         for m in s.models[:MAX_MODELS]
         if m.name
     )
-    counters = dict(list(s.counters.items())[:MAX_COUNTERS])
+    counters = {
+        _cut(k): v
+        for k, v in itertools.islice(s.counters.items(), MAX_COUNTERS)
+        if math.isfinite(v) and abs(v) <= MAX_COUNTER_VALUE
+    }
     blobs = {
-        _cut(k): v for k, v in list(s.blobs.items())[:MAX_BLOBS] if len(v) <= MAX_BLOB_BYTES
+        _cut(k): v
+        for k, v in itertools.islice(s.blobs.items(), MAX_BLOBS)
+        if len(v) <= MAX_BLOB_BYTES
     }
     return NodeState(
         node_id=_cut(s.node_id),
@@ -135,17 +171,23 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
         http_address=_cut(s.http_address),
         status=_cut(s.status, 16) or "alive",
         models=models,
-        capacity=CapacityAd(
-            s.capacity.slots_total, s.capacity.slots_free, s.capacity.queue_depth,
-            s.capacity.tokens_per_s,
-        ),
+        capacity=_capacity(s.capacity),
         latency=tuple(
-            LatencyAd(_cut(la.model), la.ewma_ms, la.p95_ms, la.ttft_ms)
+            LatencyAd(_cut(la.model), _ms(la.ewma_ms), _ms(la.p95_ms), _ms(la.ttft_ms))
             for la in s.latency[:MAX_MODELS]
         ),
         counters=counters,
         protocol_version=s.protocol_version,
         blobs=blobs,
+    )
+
+
+def _capacity(c: pb.CapacityAd) -> CapacityAd:
+    """A claimed capacity, bounded: free slots never exceed total ones."""
+    total = min(c.slots_total, MAX_SLOTS)
+    return CapacityAd(
+        total, min(c.slots_free, total), min(c.queue_depth, MAX_QUEUE),
+        clamp(c.tokens_per_s, 0.0, MAX_TOKENS_PER_S, 0.0),
     )
 
 
@@ -161,7 +203,7 @@ def records_to_pb(records: tuple[GossipRecord, ...] | list[GossipRecord]) -> lis
 
 def records_from_pb(records: Any) -> tuple[GossipRecord, ...]:
     out: list[GossipRecord] = []
-    for r in list(records)[:MAX_RECORDS]:
+    for r in records[:MAX_RECORDS]:
         member = member_from_pb(r.member)
         if member is None:
             continue
@@ -190,8 +232,9 @@ def gossip_request_to_pb(m: GossipMessage) -> pb.GossipRequest:
 def gossip_request_from_pb(r: pb.GossipRequest) -> GossipMessage:
     digest = tuple(
         DigestEntry(_cut(d.node_id), d.incarnation, MemberStatus(d.status), d.state_version)
-        for d in list(r.digest)[:MAX_RECORDS]
+        for d in r.digest[:MAX_DIGEST]
         if d.node_id and d.status in (1, 2, 3, 4)
+        and d.incarnation <= MAX_COUNTER and d.state_version <= MAX_COUNTER
     )
     return GossipMessage(
         _cut(r.from_node), digest, records_from_pb(r.records), r.join, r.protocol_version
@@ -208,7 +251,7 @@ def gossip_reply_to_pb(m: GossipReply) -> pb.GossipResponse:
 def gossip_reply_from_pb(r: pb.GossipResponse) -> GossipReply:
     return GossipReply(
         _cut(r.from_node), records_from_pb(r.records),
-        tuple(_cut(w) for w in list(r.wants)[:MAX_RECORDS]), r.protocol_version,
+        tuple(_cut(w) for w in r.wants[:MAX_RECORDS]), r.protocol_version,
     )
 
 

@@ -3,13 +3,16 @@
 Keepalive: clients ping an idle connection every 20 s and servers allow pings every 10 s, so a
 healthy peer is never told "too_many_pings" and a dead one is found without traffic. Reconnect
 backoff is short because mesh peers are on a LAN and membership decides liveness, not gRPC.
-Message sizes are bounded in both directions (hostile-input bounds tighten in issue 6).
+Message sizes are bounded in both directions; `meshnode.rpc.guard` bounds each method tighter.
 """
 
 from __future__ import annotations
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # an OpenAI body or answer; gossip stays far below
-MAX_GOSSIP_BYTES = 4 * 1024 * 1024
+# Gossip carries at most 256 records (each state bounded in rpc/convert.py: blobs 16 x 64 KiB),
+# and a digest of at most 4,096 members; anything bigger is refused before it is parsed.
+MAX_GOSSIP_BYTES = 8 * 1024 * 1024
+MAX_HEALTH_BYTES = 64 * 1024
 
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 5_000

@@ -18,7 +18,8 @@ import grpc.aio
 from meshnode.config import MeshConfig
 from meshnode.errors import ConfigError
 from meshnode.rpc import tls
-from meshnode.rpc.auth import AuthServerInterceptor, MeshAuth
+from meshnode.rpc.auth import MeshAuth
+from meshnode.rpc.guard import MeshGuard
 
 
 def is_loopback_host(host: str) -> bool:
@@ -56,8 +57,9 @@ class MeshSecurity:
             return cls(auth, tls.server_credentials(mesh.tls), tls.channel_credentials(mesh.tls))
         return cls(auth)
 
-    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [AuthServerInterceptor(self.auth)] if self.auth is not None else []
+    def guard(self) -> MeshGuard:
+        """A new server guard: size bounds, parsing and (with a secret) HMAC checks."""
+        return MeshGuard(self.auth)
 
     @property
     def mode(self) -> str:

@@ -99,7 +99,7 @@ async def test_nodes_with_the_secret_join_and_forward(nodes: Nodes,
     routed = await a.router.complete(request)
     assert routed.served.node == "b"
     assert a.security.mode == "hmac"
-    assert not a.security.auth.refused and not b.security.auth.refused
+    assert not a.guard.refused and not b.guard.refused
     assert all(SECRET not in r.getMessage() for r in caplog.records)
     assert SECRET not in repr(a.security)
 
@@ -107,7 +107,7 @@ async def test_nodes_with_the_secret_join_and_forward(nodes: Nodes,
 async def test_wrong_secret_is_refused_and_never_a_member(nodes: Nodes) -> None:
     a = await nodes.start("a", secret=SECRET)
     intruder = await nodes.start("intruder", secret="not-the-secret", seeds=[a.advertise_address])
-    await wait_for(lambda: a.security.auth.refused["bad_mac"] >= 2)
+    await wait_for(lambda: a.guard.refused["bad_mac"] >= 2)
     await settle(a)
     assert members(a) == {"a"}
     assert members(intruder) == {"intruder"}
@@ -116,7 +116,7 @@ async def test_wrong_secret_is_refused_and_never_a_member(nodes: Nodes) -> None:
 async def test_no_secret_at_all_is_refused(nodes: Nodes) -> None:
     a = await nodes.start("a", secret=SECRET)
     intruder = await nodes.start("plain", seeds=[a.advertise_address])
-    await wait_for(lambda: a.security.auth.refused["missing"] >= 2)
+    await wait_for(lambda: a.guard.refused["missing"] >= 2)
     await settle(a)
     assert members(a) == {"a"} and members(intruder) == {"plain"}
 
@@ -150,7 +150,7 @@ async def test_stale_timestamp_is_refused_and_never_a_member(nodes: Nodes) -> No
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await channel.unary_unary(GOSSIP)(body, metadata=metadata, timeout=5)
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
-    assert a.security.auth.refused["stale"] == 1
+    assert a.guard.refused["stale"] == 1
     assert members(a) == {"a"}
     # The same message signed now is accepted: the refusal was the timestamp, nothing else.
     fresh = MeshAuth(SECRET)
@@ -179,7 +179,7 @@ async def test_replayed_message_is_refused(nodes: Nodes) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await channel.unary_unary(GOSSIP)(gossip, metadata=gossip_metadata, timeout=5)
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
-    assert a.security.auth.refused["replayed"] == 2
+    assert a.guard.refused["replayed"] == 2
 
 
 async def test_tampered_body_is_refused(nodes: Nodes) -> None:

@@ -1,0 +1,222 @@
+"""Hostile or broken input on real gRPC over loopback: garbage bytes, oversized messages, a
+message claiming hundreds of thousands of members, numbers out of range, and a lying peer
+(cost 0, infinite capacity) whose measured failures outweigh its claims."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import grpc.aio
+import pytest
+
+from meshnode.config import MeshConfig, RoutingConfig
+from meshnode.errors import UpstreamUnavailable
+from meshnode.mesh.service import MeshService
+from meshnode.mesh.state import MAX_INCARNATION
+from meshnode.providers.fake import FakeProvider
+from meshnode.routing.router import Router
+from meshnode.rpc import convert
+from meshnode.rpc.client import GOSSIP, HEALTH, INFER
+from meshnode.rpc.generated import mesh_pb2 as pb
+from meshnode.types import Capacity, InferenceRequest, RequestKind
+
+pytestmark = pytest.mark.timeout(90)
+
+MESH = dict(listen_addr="127.0.0.1:0", probe_interval_ms=50, probe_timeout_ms=100,
+            gossip_interval_ms=50, mdns=False)
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+class Nodes:
+    def __init__(self) -> None:
+        self.services: list[MeshService] = []
+
+    async def start(self, node_id: str, providers: list[FakeProvider] | None = None,
+                    relay: bool = True, **mesh: object) -> MeshService:
+        chain = [p.name for p in providers or []] + (["mesh"] if relay else [])
+        router = Router(RoutingConfig(), chain, providers or [], node_id)
+        svc = MeshService(MeshConfig(**{**MESH, **mesh}), node_id, router, announce=False)
+        await svc.start()
+        self.services.append(svc)
+        return svc
+
+    async def stop(self) -> None:
+        for svc in self.services:
+            await svc.stop(graceful=False, grace_s=0)
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[Nodes]:
+    n = Nodes()
+    yield n
+    await n.stop()
+
+
+def members(svc: MeshService) -> set[str]:
+    assert svc.membership is not None
+    return {m.node_id for m in svc.membership.members()}
+
+
+async def call(address: str, method: str, body: bytes) -> grpc.StatusCode:
+    """Send raw bytes; the status code the node answers with (OK when it answered)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            if method == INFER:
+                async for _ in channel.unary_stream(method)(body, timeout=10):
+                    pass
+            else:
+                await channel.unary_unary(method)(body, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def still_serves(a: MeshService, nodes: Nodes, name: str) -> None:
+    """An honest node can still join afterwards: the node survived."""
+    b = await nodes.start(name, seeds=[a.advertise_address])
+    await wait_for(lambda: name in members(a) and a.node_id in members(b))
+
+
+# ------------------------------------------------------------------------------ bytes
+async def test_garbage_bytes_are_refused_and_the_node_survives(nodes: Nodes) -> None:
+    a = await nodes.start("a")
+    truncated = b"\x0a\xff\xff\xff\x0f" + b"x" * 10  # field 1, a length far past the end
+    for method in (HEALTH, GOSSIP, INFER):
+        assert await call(a.advertise_address, method, truncated) is \
+            grpc.StatusCode.INVALID_ARGUMENT
+    # Random bytes either fail to parse or parse into nonsense that is bounded; never a crash.
+    rng = random.Random(6)
+    for _ in range(20):
+        noise = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 2048)))
+        for method in (HEALTH, GOSSIP, INFER):
+            code = await call(a.advertise_address, method, noise)
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), code
+    assert a.guard.refused["garbage"] >= 3
+    await still_serves(a, nodes, "b")
+
+
+async def test_oversized_messages_are_refused_before_parsing(nodes: Nodes) -> None:
+    a = await nodes.start("a")
+    big_probe = pb.HealthRequest(from_node="x" * (100 * 1024)).SerializeToString()
+    assert await call(a.advertise_address, HEALTH, big_probe) is \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    big_gossip = pb.GossipRequest(
+        from_node="x", records=[pb.GossipRecord(state=pb.NodeState(
+            node_id="x", blobs={str(i): b"\0" * 60_000 for i in range(16)}))] * 10,
+    ).SerializeToString()
+    assert len(big_gossip) > 8 * 1024 * 1024
+    assert await call(a.advertise_address, GOSSIP, big_gossip) is \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    huge_infer = b"\x2a" + b"\xff\xff\xff\x08" + b"\0" * (17 * 1024 * 1024)  # body field 5
+    assert await call(a.advertise_address, INFER, huge_infer) is \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert a.guard.refused["oversized"] == 2  # the 17 MiB one gRPC itself refused
+    await still_serves(a, nodes, "b")
+
+
+def _record_bytes(i: int) -> bytes:
+    record = pb.GossipRecord(member=pb.MemberUpdate(
+        node_id=f"g{i}", address=f"127.0.0.1:{1 + i % 60000}", incarnation=0, status=1))
+    # Field 4 (records) of GossipRequest, length-delimited.
+    raw = record.SerializeToString()
+    return b"\x22" + bytes([len(raw)]) + raw
+
+
+async def test_a_message_claiming_huge_membership_is_bounded(nodes: Nodes) -> None:
+    a = await nodes.start("a")
+    b = await nodes.start("b", seeds=[a.advertise_address])
+    await wait_for(lambda: members(a) == {"a", "b"})
+    # A million members does not even fit the gossip bound: refused unread.
+    head = pb.GossipRequest(from_node="mallory", join=True).SerializeToString()
+    million = head + b"".join(_record_bytes(i) for i in range(1_000_000))
+    assert await call(a.advertise_address, GOSSIP, million) is \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    # 200,000 that fit: one message brings at most 256 of them in, and the answer is bounded.
+    many = head + b"".join(_record_bytes(i) for i in range(200_000))
+    async with grpc.aio.insecure_channel(a.advertise_address) as channel:
+        reply = pb.GossipResponse.FromString(
+            await channel.unary_unary(GOSSIP)(many, timeout=20))
+    assert len(reply.records) <= 256 and len(reply.wants) <= 256
+    assert len(members(a)) <= 2 + 256
+    assert {"a", "b"} <= members(a)
+    assert "b" in members(a) and b.membership is not None
+
+
+# ------------------------------------------------------------------------------ numbers
+def test_claimed_numbers_are_clamped() -> None:
+    state = pb.NodeState(
+        node_id="liar", version=5, grpc_address="x:1",
+        models=[pb.ModelAd(name="m", provider_kind="p", kinds=["chat"],
+                           cost_per_1k_input=-3.0, cost_per_1k_output=math.nan)],
+        capacity=pb.CapacityAd(slots_total=2**32 - 1, slots_free=2**32 - 1,
+                               queue_depth=2**32 - 1, tokens_per_s=math.inf),
+        latency=[pb.LatencyAd(model="m", ewma_ms=-1.0, p95_ms=math.inf, ttft_ms=math.nan)],
+        counters={"spend": math.inf, "ok": 1.5, "nan": math.nan},
+    )
+    got = convert.state_from_pb(state)
+    assert got is not None
+    model = got.models[0]
+    assert model.cost_per_1k_input == 0.0
+    assert model.cost_per_1k_output == convert.MAX_PRICE  # unknown price: the most expensive
+    assert got.capacity.slots_total == convert.MAX_SLOTS
+    assert got.capacity.slots_free == convert.MAX_SLOTS
+    assert got.capacity.queue_depth == convert.MAX_QUEUE
+    assert got.capacity.tokens_per_s == convert.MAX_TOKENS_PER_S
+    latency = got.latency[0]
+    assert (latency.ewma_ms, latency.p95_ms, latency.ttft_ms) == (0.0, convert.MAX_LATENCY_MS, 0.0)
+    assert dict(got.counters) == {"ok": 1.5}
+    free_over_total = convert.state_from_pb(pb.NodeState(
+        node_id="x", version=1, capacity=pb.CapacityAd(slots_total=2, slots_free=9)))
+    assert free_over_total is not None and free_over_total.capacity.slots_free == 2
+
+
+def test_counters_beyond_the_bound_are_dropped() -> None:
+    state = pb.NodeState(node_id="x", version=2**63)
+    assert convert.state_from_pb(state) is None
+    member = pb.MemberUpdate(node_id="x", incarnation=MAX_INCARNATION + 1, status=3)
+    assert convert.member_from_pb(member) is None
+
+
+async def test_liar_with_cost_zero_and_infinite_capacity_loses_to_measurement(
+    nodes: Nodes,
+) -> None:
+    liar_fake = FakeProvider("liarai", models=["m"], cost_per_1k=0.0,
+                             capacity=Capacity(2**32 - 1, 2**32 - 1, 0, math.inf))
+    liar_fake.script(*[UpstreamUnavailable("I lied") for _ in range(100)])
+    honest_fake = FakeProvider("honestai", models=["m"], cost_per_1k=1.0,
+                               capacity=Capacity(4, 4, 0, 50.0))
+    liar = await nodes.start("liar", [liar_fake], relay=False)
+    await nodes.start("honest", [honest_fake], seeds=[liar.advertise_address])
+    a = await nodes.start("a", seeds=[liar.advertise_address])
+    assert a.provider is not None
+    await wait_for(lambda: {o.node for o in a.provider.offers() if o.model == "m"}
+                   == {"liar", "honest"})
+    # What the liar claims arrives bounded.
+    claimed = a.provider.peer_capacity("liar")
+    assert claimed is not None and claimed.slots_total == convert.MAX_SLOTS
+    assert math.isfinite(claimed.tokens_per_s)
+    served = []
+    tried_liar = 0
+    for _ in range(10):
+        routed = await a.router.complete(InferenceRequest(
+            kind=RequestKind.CHAT, model="m", body={"model": "m", "messages": []},
+            request_id=uuid.uuid4().hex, deadline=time.monotonic() + 10))
+        served.append(routed.served.node)
+        tried_liar += sum(1 for t in routed.served.attempts if t.node == "liar")
+    assert served == ["honest"] * 10
+    # Its failures, measured here, cooled it down: the cheapest claim stopped being tried.
+    assert 1 <= tried_liar <= 3
