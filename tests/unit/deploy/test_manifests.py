@@ -202,6 +202,12 @@ def test_k8s_manifests() -> None:
     data = next(m for m in container["volumeMounts"] if m["name"] == "data")
     assert str(config.node.data_dir) == data["mountPath"]
     assert objs["PodDisruptionBudget/meshnode"]["spec"]["selector"]["matchLabels"] == labels
+    # the mesh port admits only meshnode pods; HTTP is open to the cluster
+    policy = objs["NetworkPolicy/meshnode"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == labels
+    by_port = {rule["ports"][0]["port"]: rule.get("from") for rule in policy["ingress"]}
+    assert by_port["grpc"] == [{"podSelector": {"matchLabels": labels}}]
+    assert by_port["http"] is None
 
 
 def _load_text(text: str, env: dict[str, str]) -> Any:
