@@ -28,7 +28,7 @@ from bench.soak.report import render
 class SoakSettings:
     seconds: float = 600.0
     clients: int = 6
-    max_requests: int = 0  # 0: 100 per second of load (a bound, not a target)
+    max_requests: int = 0  # 0: 400 per second of load (a bound, not a target)
     cycle_s: float = 60.0
     settle_s: float = 12.0
     workdir: Path | None = None
@@ -101,7 +101,7 @@ def _chaos_totals(events: list[ChaosEvent]) -> tuple[int, int, int]:
 async def _drive(settings: SoakSettings, cluster: SoakCluster, workdir: Path) -> SoakResult:
     started = time.monotonic()
     deadline = started + settings.seconds
-    max_requests = settings.max_requests or int(settings.seconds * 100)
+    max_requests = settings.max_requests or int(settings.seconds * 400)
     log = ClientLog(workdir / "client.jsonl")
     load = Load(lambda: {n: cluster.url(n) for n in ("a", "b")}, log,
                 clients=settings.clients, deadline=deadline, max_requests=max_requests)
