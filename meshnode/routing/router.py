@@ -22,8 +22,9 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from meshnode.config import RoutingConfig
 from meshnode.errors import (
@@ -41,9 +42,27 @@ from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Se
 from meshnode.routing.policy import allows, match_policy
 from meshnode.routing.stats import CandidateStats
 from meshnode.routing.strategies import Candidate, Ranked, demote, rank
-from meshnode.types import InferenceRequest, ModelOffer, RequestKind
+from meshnode.types import Completion, InferenceRequest, ModelOffer, RequestKind, StreamChunk
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Won(Generic[T]):
+    """The attempt that answered, as the failover loop hands it back."""
+
+    result: T
+    offer: ModelOffer
+    stats: CandidateStats
+    hold: Hold
+    t0: float  # when the winning attempt started
+    t1: float  # when it answered (first chunk for a stream)
+    start: float  # when the request's first attempt started
+    attempts: list[Attempt]
+    strategy: str
+    policy: str | None
 
 DEFAULT_OUTPUT_TOKENS = 256  # for ranking by cost when the client gives no max_tokens
 # Errors that say nothing about the candidate's health: they neither cool it down nor count
@@ -277,6 +296,77 @@ class Router:
     # ------------------------------------------------------------------ serving
     async def complete(self, request: InferenceRequest) -> RoutedCompletion:
         """Serve a non-stream request with failover. Raises MeshError."""
+
+        async def call(provider: Provider, offer: ModelOffer, req: InferenceRequest) -> Completion:
+            return await provider.complete(req, offer, self._config.timeouts)
+
+        # A client gone mid-call: the upstream may finish and bill it anyway.
+        won = await self._failover(request, call, "was answering", lambda hold: hold.abandon())
+        completion, offer = won.result, won.offer
+        latency_ms = (won.t1 - won.t0) * 1000.0
+        cost = offer.cost(completion.usage)
+        won.hold.settle(completion.usage)
+        won.stats.in_flight -= 1
+        won.stats.record_success(latency_ms, completion.usage, cost)
+        node = completion.node or offer.node or self.node_id
+        won.attempts.append(Attempt(offer.provider, node, "ok", latency_ms))
+        served = Served(
+            offer=offer,
+            node=node,
+            strategy=won.strategy,
+            attempts=won.attempts,
+            usage=completion.usage,
+            cost=cost,
+            latency_ms=(won.t1 - won.start) * 1000.0,
+            policy=won.policy,
+        )
+        return RoutedCompletion(completion, served)
+
+    async def open_stream(self, request: InferenceRequest) -> RoutedStream:
+        """Fail over until a candidate yields its first chunk, then commit to it."""
+
+        async def call(
+            provider: Provider, offer: ModelOffer, req: InferenceRequest
+        ) -> tuple[StreamChunk, AsyncIterator[StreamChunk]]:
+            agen = provider.stream(req, offer, self._config.timeouts)
+            try:
+                first = await agen.__anext__()
+            except StopAsyncIteration:
+                raise UpstreamError(
+                    f"{offer.provider} ended the stream before any chunk", provider=offer.provider
+                ) from None
+            except BaseException:
+                await _close_quietly(agen)
+                raise
+            return first, agen
+
+        # A client gone before the first chunk: the prompt was read, nothing generated.
+        won = await self._failover(
+            request, call, "sent a first chunk", lambda hold: hold.settle(None)
+        )
+        (first, agen), offer = won.result, won.offer
+        won.stats.record_ttft((won.t1 - won.t0) * 1000.0)
+        node = first.node or offer.node or self.node_id
+        won.attempts.append(Attempt(offer.provider, node, "ok", (won.t1 - won.t0) * 1000.0))
+        served = Served(
+            offer=offer, node=node, strategy=won.strategy, attempts=won.attempts,
+            policy=won.policy,
+        )
+        # in_flight stays counted until the stream ends (the finisher releases it).
+        return RoutedStream(
+            first, agen, served,
+            self._stream_finisher(won.stats, offer, won.start, won.t0, won.hold),
+        )
+
+    async def _failover(
+        self,
+        request: InferenceRequest,
+        call: Callable[[Provider, ModelOffer, InferenceRequest], Awaitable[T]],
+        doing: str,
+        on_client_gone: Callable[[Hold], object],
+    ) -> _Won[T]:
+        """The failover loop shared by both verbs: try the ranked candidates until `call`
+        returns. The winner comes back still counted in flight, its budget hold open."""
         ranking, strategy, policy, excluded = self._plan(request)
         request = self._bounded_by_policy(request, policy)
         plan = self._attempt_plan(ranking)
@@ -306,101 +396,15 @@ class Router:
             stats.in_flight += 1
             try:
                 if provider.enforces_deadline:
-                    completion = await provider.complete(request, offer, self._config.timeouts)
+                    result = await call(provider, offer, request)
                 else:
                     async with asyncio.timeout(max(0.0, request.deadline - t0)):
-                        completion = await provider.complete(
-                            request, offer, self._config.timeouts
-                        )
-            except TimeoutError:
-                hold.release()
-                last = DeadlineExceeded(
-                    f"The request's deadline passed while {offer.provider} was answering",
-                    provider=offer.provider,
-                )
-                self._failed(stats, offer, last, attempts, t0)
-                raise self._final_error(last, attempts) from None
-            except MeshError as exc:
-                hold.release()
-                last = exc
-                self._failed(stats, offer, exc, attempts, t0)
-                if not exc.retryable:
-                    raise
-                continue
-            except BaseException:
-                # The client went away mid-call: the upstream may finish and bill it anyway.
-                hold.abandon()
-                raise
-            finally:
-                stats.in_flight -= 1
-            t1 = self._clock()
-            latency_ms = (t1 - t0) * 1000.0
-            cost = offer.cost(completion.usage)
-            hold.settle(completion.usage)
-            stats.record_success(latency_ms, completion.usage, cost)
-            node = completion.node or offer.node or self.node_id
-            attempts.append(Attempt(offer.provider, node, "ok", latency_ms))
-            served = Served(
-                offer=offer,
-                node=node,
-                strategy=strategy,
-                attempts=attempts,
-                usage=completion.usage,
-                cost=cost,
-                latency_ms=(t1 - start) * 1000.0,
-                policy=policy,
-            )
-            return RoutedCompletion(completion, served)
-        raise self._final_error(last, attempts, request, policy, excluded)
-
-    async def open_stream(self, request: InferenceRequest) -> RoutedStream:
-        """Fail over until a candidate yields its first chunk, then commit to it."""
-        ranking, strategy, policy, excluded = self._plan(request)
-        request = self._bounded_by_policy(request, policy)
-        plan = self._attempt_plan(ranking)
-        if not plan:
-            raise self._no_candidates(request, policy, excluded)
-        start = self._clock()
-        attempts: list[Attempt] = []
-        tried: set[tuple[str, str]] = set()
-        last: MeshError | None = None
-        unaffordable: set[tuple[str, str]] = set()
-        for ranked in plan:
-            offer = ranked.candidate.offer
-            provider = self._provider_for(offer)
-            if provider is None or offer.key in unaffordable:
-                continue
-            await self._pause_before(offer, tried, len(attempts), request)
-            try:
-                hold = self._reserve(request, offer)
-            except BudgetExceeded as exc:
-                last = exc
-                unaffordable.add(offer.key)
-                continue
-            tried.add(offer.key)
-            stats = self._stats_for(offer)
-            t0 = self._clock()
-            stats.in_flight += 1
-            agen = provider.stream(request, offer, self._config.timeouts)
-            try:
-                if provider.enforces_deadline:
-                    first = await agen.__anext__()
-                else:
-                    async with asyncio.timeout(max(0.0, request.deadline - t0)):
-                        first = await agen.__anext__()
-            except StopAsyncIteration:
-                hold.release()
-                stats.in_flight -= 1
-                last = UpstreamError(f"{offer.provider} ended the stream before any chunk",
-                                     provider=offer.provider)
-                self._failed(stats, offer, last, attempts, t0)
-                continue
+                        result = await call(provider, offer, request)
             except TimeoutError:
                 hold.release()
                 stats.in_flight -= 1
-                await _close_quietly(agen)
                 last = DeadlineExceeded(
-                    f"The request's deadline passed before {offer.provider} sent a first chunk",
+                    f"The request's deadline passed before {offer.provider} {doing}",
                     provider=offer.provider,
                 )
                 self._failed(stats, offer, last, attempts, t0)
@@ -408,31 +412,17 @@ class Router:
             except MeshError as exc:
                 hold.release()
                 stats.in_flight -= 1
-                await _close_quietly(agen)
                 last = exc
                 self._failed(stats, offer, exc, attempts, t0)
                 if not exc.retryable:
                     raise
                 continue
             except BaseException:
-                hold.settle(None)  # the client left before a first chunk: the prompt was read
+                on_client_gone(hold)
                 stats.in_flight -= 1
-                await _close_quietly(agen)
                 raise
-            t1 = self._clock()
-            stats.record_ttft((t1 - t0) * 1000.0)
-            node = first.node or offer.node or self.node_id
-            attempts.append(Attempt(offer.provider, node, "ok", (t1 - t0) * 1000.0))
-            served = Served(
-                offer=offer,
-                node=node,
-                strategy=strategy,
-                attempts=attempts,
-                policy=policy,
-            )
-            return RoutedStream(
-                first, agen, served, self._stream_finisher(stats, offer, start, t0, hold)
-            )
+            return _Won(result, offer, stats, hold, t0, self._clock(), start, attempts,
+                        strategy, policy)
         raise self._final_error(last, attempts, request, policy, excluded)
 
     def _stream_finisher(

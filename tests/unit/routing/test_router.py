@@ -299,3 +299,65 @@ async def test_own_measurement_outweighs_a_peers_estimate() -> None:
     c_offer = next(o for o in peers.offers() if o.node == "c")
     router._stats_for(c_offer).record_success(500.0, Usage(), 0.0)
     assert router.explain("m")["winner"]["node"] == "b"
+
+
+class _RecordingGate:
+    """A SpendGate that records what the router did with each hold."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def reserve(self, request: InferenceRequest, offer: ModelOffer) -> object:
+        gate, provider = self, offer.provider
+
+        class _Hold:
+            def settle(self, usage: Usage | None, chunks: int = 0) -> float:
+                gate.events.append((provider, "settle" if usage else "settle-prompt"))
+                return 0.0
+
+            def release(self) -> None:
+                gate.events.append((provider, "release"))
+
+            def abandon(self) -> None:
+                gate.events.append((provider, "abandon"))
+
+        return _Hold()
+
+
+async def test_budget_holds_are_released_settled_or_abandoned_exactly_once() -> None:
+    gate = _RecordingGate()
+    a, b = FakeProvider("a"), FakeProvider("b", cost_per_1k=0.01)
+    router = Router(routing(), ["a", "b"], [a, b], "n1", spend=gate)  # type: ignore[arg-type]
+    a.script(UpstreamUnavailable("down"))
+    await router.complete(request())
+    assert gate.events == [("a", "release"), ("b", "settle")]
+
+    gate.events.clear()
+    a.script(Hang())
+    before = len(a.calls)
+    task = asyncio.create_task(router.complete(request()))
+    while len(a.calls) == before:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gate.events == [("a", "abandon")]  # the upstream may still bill a whole call
+
+    gate.events.clear()
+    a.script(Hang())
+    before = len(a.calls)
+    task = asyncio.create_task(router.open_stream(request(stream=True)))
+    while len(a.calls) == before:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gate.events == [("a", "settle-prompt")]  # gone before a first chunk
+    assert a.cancelled == 2  # both upstream calls were cancelled with the client
+
+    gate.events.clear()
+    routed = await router.open_stream(request(stream=True))
+    assert gate.events == []  # held until the stream ends
+    [c async for c in routed]
+    assert gate.events == [("a", "settle")]
+    assert all(r["in_flight"] == 0 for r in router.stats()["candidates"])
