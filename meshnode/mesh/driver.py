@@ -4,6 +4,11 @@ It owns the timing and the I/O; every decision (whom to probe, when to suspect, 
 belongs to the pure `Membership` table. It also answers incoming probes and gossip
 (`MeshHandler`), whatever transport delivers them.
 
+Lifeguard: probe interval and timeout come from the table (stretched by its local health
+score); the driver raises that score when its own loop is late (a timer firing well after it was
+due) and never accuses a peer when its probe's timeouts fired late, since the silence then says
+more about this node than about the peer.
+
 Spreading: anti-entropy every `gossip_interval` with `fanout` random live peers (digest first,
 then only newer records, then the records the peer wants). A rumour that changed something here
 (suspect, dead, left, a refutation, a new member) is "urgent": it triggers an immediate round to
@@ -78,6 +83,8 @@ class MeshDriver:
         self._stopping = False
         # Round-trip time of direct probes per peer (EWMA, ms): feeds latency_optimized.
         self.rtt_ms: dict[str, float] = {}
+        # Times our own event loop was found late (Lifeguard raised our awareness).
+        self.lagged = 0
 
     @property
     def self_id(self) -> str:
@@ -143,7 +150,6 @@ class MeshDriver:
 
     # ------------------------------------------------------------------ loops
     async def _probe_loop(self) -> None:
-        interval = self.membership.settings.probe_interval_s
         loop = asyncio.get_running_loop()
         while not self._stopping:
             started = loop.time()
@@ -155,18 +161,30 @@ class MeshDriver:
                 except Exception:  # noqa: BLE001 - a bug in one probe must not stop probing
                     log.exception("probe of %s failed unexpectedly", target.node_id)
             self._spread_all(self.membership.tick())
-            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+            # Lifeguard: the interval stretches with our own ill health.
+            delay = max(0.0, self.membership.probe_interval() - (loop.time() - started))
+            wake = loop.time() + delay
+            await asyncio.sleep(delay)
+            if loop.time() - wake > self._lag_threshold():
+                self.membership.adjust_awareness(1)  # our event loop is late: we are slow
+                self.lagged += 1
+
+    def _lag_threshold(self) -> float:
+        """How late a timer may fire before we blame our own event loop."""
+        return max(0.05, self.membership.settings.probe_timeout_s / 2)
 
     async def _probe(
         self, node_id: str, address: str, status: MemberStatus, incarnation: int
     ) -> None:
-        timeout = self.membership.settings.probe_timeout_s
+        m = self.membership
+        timeout = m.probe_timeout()
         about = None
         if status is MemberStatus.SUSPECT:
             about = MemberUpdate(node_id, address, incarnation, status, self.self_id)
         seq = next(self._seq)
         loop = asyncio.get_running_loop()
         sent = loop.time()
+        expected = timeout
         try:
             ack = await self.transport.probe(address, Probe(self.self_id, seq, about_you=about),
                                              timeout)
@@ -174,18 +192,29 @@ class MeshDriver:
         except TransportError:
             ack = None
         if ack is None or not ack.ok:
-            helpers = self.membership.indirect_helpers(node_id)
+            helpers = m.indirect_helpers(node_id)
             if helpers:
+                expected += timeout * 2
                 ask = Probe(self.self_id, seq, node_id, address, int(timeout * 1000))
                 results = await asyncio.gather(
                     *(self.transport.probe(h.address, ask, timeout * 2) for h in helpers),
                     return_exceptions=True,
                 )
                 ack = next((r for r in results if isinstance(r, Ack) and r.ok), None)
+                if ack is None and not any(isinstance(r, Ack) for r in results):
+                    # No helper answered at all, not even "no": the trouble is likely ours.
+                    m.adjust_awareness(1)
         if ack is not None and ack.ok:
-            spread = self.membership.probe_succeeded(node_id, ack.incarnation)
+            m.adjust_awareness(-1)
+            spread = m.probe_succeeded(node_id, ack.incarnation)
+        elif loop.time() - sent > expected + self._lag_threshold():
+            # The timeouts fired late: our loop was starved, so the silence proves nothing
+            # about the target. Do not accuse it; slow ourselves down instead.
+            m.adjust_awareness(1)
+            self.lagged += 1
+            spread = None
         else:
-            spread = self.membership.probe_failed(node_id)
+            spread = m.probe_failed(node_id)
             if spread is not None:
                 log.info("mesh: %s did not answer probes; suspect", node_id)
         if spread is not None:
@@ -225,7 +254,7 @@ class MeshDriver:
                         chosen.append(subject)
         records = self._urgent_records()
         self._age_urgent()
-        timeout = max(self.membership.settings.probe_timeout_s, self.gossip_interval_s)
+        timeout = max(self.membership.probe_timeout(), self.gossip_interval_s)
         await asyncio.gather(
             *(self._exchange_quietly(p.address, records, timeout) for p in chosen)
         )

@@ -18,6 +18,16 @@ Rules (as hashicorp/memberlist's `state.go`):
 - Dead and left members are forgotten `dead_forget_s` after the transition; a rumour that they
   are dead is not accepted for a member we do not know (it would resurrect forgotten ones).
 
+Lifeguard (as memberlist's `awareness.go` and `suspicion.go`):
+- Local health: `awareness` (0..`max_awareness`) rises when this node looks like the slow one
+  (its event loop lagged through a probe, no helper answered an indirect probe, it had to refute
+  a suspicion of itself) and falls with each successful probe. Probe interval, probe timeout and
+  new suspicion timeouts are multiplied by `awareness + 1`, so a starved node stops accusing
+  healthy peers instead of spreading false suspicions.
+- Suspicion confirmations: a suspicion starts at `suspicion_max_mult` times the base timeout and
+  shrinks toward the base as independent members confirm it (their own failed probes),
+  `max - (max - min) * log(C + 1) / log(K + 1)` for C confirmations of K expected.
+
 Hostile rumours: a forged "X is dead" reaches X through anti-entropy and X refutes it like any
 suspicion; incarnations are bounded (`MAX_INCARNATION`) so a refutation always fits the wire.
 """
@@ -53,6 +63,9 @@ class MembershipSettings:
     dead_forget_s: float = 60.0
     max_members: int = 4096
     max_records_per_message: int = 256
+    # Lifeguard: a lone suspicion waits this many times the base timeout; confirmations shrink it.
+    suspicion_max_mult: float = 3.0
+    max_awareness: int = 8
 
     @classmethod
     def from_config(cls, mesh: MeshConfig) -> MembershipSettings:
@@ -82,6 +95,7 @@ class MemberInfo:
     state: NodeState | None = None
     suspect_deadline: float | None = None
     suspectors: frozenset[str] = field(default_factory=frozenset)
+    suspicion_base: float = 0.0
 
     def rumour(self, from_node: str = "") -> MemberUpdate:
         return MemberUpdate(self.node_id, self.address, self.incarnation, self.status, from_node)
@@ -121,6 +135,8 @@ class Membership:
         }
         self._probe_order: list[str] = []
         self._leaving = False
+        # Lifeguard's local health score: 0 is healthy; timeouts scale by awareness + 1.
+        self.awareness = 0
         # Bumped on every change a reader may care about (offers are cached per generation).
         self.generation = 0
 
@@ -146,6 +162,20 @@ class Membership:
 
     def live_count(self) -> int:
         return sum(1 for m in self._members.values() if m.status in LIVE)
+
+    # ------------------------------------------------------------------ local health
+    @property
+    def health_multiplier(self) -> int:
+        return self.awareness + 1
+
+    def adjust_awareness(self, delta: int) -> None:
+        self.awareness = max(0, min(self.settings.max_awareness, self.awareness + delta))
+
+    def probe_interval(self) -> float:
+        return self.settings.probe_interval_s * self.health_multiplier
+
+    def probe_timeout(self) -> float:
+        return self.settings.probe_timeout_s * self.health_multiplier
 
     # ------------------------------------------------------------------ own state
     def publish(self, state: NodeState) -> bool:
@@ -202,7 +232,7 @@ class Membership:
                 and update.incarnation == member.incarnation
                 and update.from_node
             ):
-                member.suspectors = member.suspectors | {update.from_node}
+                self._confirm(member, update.from_node)
             return None
         was = member.status
         self.generation += 1
@@ -235,13 +265,37 @@ class Membership:
         if update.status is not MemberStatus.ALIVE and update.incarnation < me.incarnation:
             return None
         # Suspect/dead/left at or above our incarnation, or an alive from a past life: refute.
+        if update.status is not MemberStatus.ALIVE:
+            self.adjust_awareness(1)  # others could not reach us: maybe we are the slow one
         me.incarnation = update.incarnation + 1
         return me.rumour(self.self_id)
 
     def _start_suspicion(self, member: MemberInfo, from_node: str) -> None:
-        timeout = self.settings.suspicion_timeout(self.live_count())
-        member.suspect_deadline = self._clock() + timeout
+        member.status_since = self._clock()
         member.suspectors = frozenset({from_node}) if from_node else frozenset()
+        # Fixed at the start: a later change of our health does not move a running timer.
+        member.suspicion_base = (
+            self.settings.suspicion_timeout(self.live_count()) * self.health_multiplier
+        )
+        member.suspect_deadline = member.status_since + self._suspicion_timeout(member)
+
+    def _confirm(self, member: MemberInfo, from_node: str) -> bool:
+        """An independent suspicion of a suspect: the deadline moves closer."""
+        if from_node in member.suspectors:
+            return False
+        member.suspectors = member.suspectors | {from_node}
+        member.suspect_deadline = member.status_since + self._suspicion_timeout(member)
+        return True
+
+    def _suspicion_timeout(self, member: MemberInfo) -> float:
+        base = member.suspicion_base
+        expected = min(self.settings.indirect_probes, self.live_count() - 2)
+        if expected < 1:
+            return base
+        high = base * self.settings.suspicion_max_mult
+        confirmations = max(0, len(member.suspectors) - 1)
+        shrink = min(1.0, math.log(confirmations + 1) / math.log(expected + 1))
+        return max(base, high - (high - base) * shrink)
 
     # ------------------------------------------------------------------ probing
     def next_probe_target(self) -> MemberInfo | None:
@@ -284,9 +338,17 @@ class Membership:
         return None
 
     def probe_failed(self, target_id: str) -> MemberUpdate | None:
-        """No ack, direct or indirect: suspect it (the returned rumour must be spread)."""
+        """No ack, direct or indirect: suspect it, or confirm a suspicion others started (the
+        returned rumour must be spread; a confirmation shortens everyone's timer)."""
         member = self._members.get(target_id)
-        if member is None or member.status is not MemberStatus.ALIVE:
+        if member is None:
+            return None
+        if member.status is MemberStatus.SUSPECT:
+            if self._confirm(member, self.self_id):
+                return MemberUpdate(target_id, member.address, member.incarnation,
+                                    MemberStatus.SUSPECT, self.self_id)
+            return None
+        if member.status is not MemberStatus.ALIVE:
             return None
         return self.apply(
             MemberUpdate(

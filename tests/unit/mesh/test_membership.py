@@ -52,7 +52,9 @@ def test_suspect_then_dead_after_timeout() -> None:
     spread = m.probe_failed("b")
     assert spread == MemberUpdate("b", "b:1", 0, S.SUSPECT, "a")
     assert m.get("b").status is S.SUSPECT
-    timeout = SETTINGS.suspicion_timeout(3)
+    # Lifeguard: one confirmation is expected here (c); unconfirmed, the suspicion waits the
+    # maximum (suspicion_max_mult times the base timeout).
+    timeout = SETTINGS.suspicion_timeout(3) * SETTINGS.suspicion_max_mult
     clock.advance(timeout - 0.01)
     assert m.tick() == []
     clock.advance(0.02)
@@ -61,6 +63,58 @@ def test_suspect_then_dead_after_timeout() -> None:
     assert m.get("b").status is S.DEAD
     # A dead member is no longer probed.
     assert {m.next_probe_target().node_id for _ in range(4)} == {"c"}
+
+
+def test_independent_confirmations_shrink_the_suspicion_timeout() -> None:
+    m, clock = table()
+    for name in ("b", "c", "d", "e"):
+        m.apply(alive(name))
+    base = SETTINGS.suspicion_timeout(5)
+    high = base * SETTINGS.suspicion_max_mult
+    m.probe_failed("b")
+    assert m.get("b").suspect_deadline == clock.now + high
+    # The same suspector again is no confirmation.
+    assert m.apply(MemberUpdate("b", "b:1", 0, S.SUSPECT, "a")) is None
+    assert m.get("b").suspect_deadline == clock.now + high
+    m.apply(MemberUpdate("b", "b:1", 0, S.SUSPECT, "c"))
+    one = m.get("b").suspect_deadline
+    assert clock.now + base < one < clock.now + high
+    m.apply(MemberUpdate("b", "b:1", 0, S.SUSPECT, "d"))  # K = 2 confirmations expected
+    assert m.get("b").suspect_deadline == clock.now + base
+    clock.advance(base + 0.01)
+    assert [u.node_id for u in m.tick()] == ["b"]
+
+
+def test_own_failed_probe_of_a_suspect_is_a_confirmation_to_spread() -> None:
+    m, clock = table()
+    for name in ("b", "c", "d"):
+        m.apply(alive(name))
+    m.apply(MemberUpdate("b", "b:1", 0, S.SUSPECT, "c"))
+    before = m.get("b").suspect_deadline
+    spread = m.probe_failed("b")
+    assert spread == MemberUpdate("b", "b:1", 0, S.SUSPECT, "a")
+    assert m.get("b").suspect_deadline < before
+    assert m.probe_failed("b") is None  # confirmed once only
+
+
+def test_local_health_stretches_probe_and_suspicion_timeouts() -> None:
+    m, clock = table()
+    m.apply(alive("b"))
+    assert (m.probe_interval(), m.probe_timeout()) == (0.5, 0.2)
+    m.adjust_awareness(3)
+    assert (m.probe_interval(), m.probe_timeout()) == (2.0, 0.8)
+    m.probe_failed("b")  # 2 members: no confirmations expected, the base times 4
+    assert m.get("b").suspect_deadline == clock.now + SETTINGS.suspicion_timeout(2) * 4
+    m.adjust_awareness(100)
+    assert m.awareness == SETTINGS.max_awareness
+    m.adjust_awareness(-100)
+    assert m.awareness == 0
+
+
+def test_refuting_a_suspicion_of_ourselves_raises_awareness() -> None:
+    m, _ = table()
+    assert m.apply(MemberUpdate("a", "a:1", 0, S.SUSPECT, "b")) is not None
+    assert m.awareness == 1 and m.me.incarnation == 1
 
 
 def test_refutation_with_higher_incarnation_clears_suspicion() -> None:
