@@ -808,6 +808,16 @@ class FakeOpenAIProcess:
         if proc.stdout is not None:
             proc.stdout.close()
 
+    def kill(self) -> None:
+        """SIGKILL: the upstream dies at once, mid-request, without closing anything cleanly."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
     def __enter__(self) -> FakeOpenAIProcess:
         self.start()
         return self
