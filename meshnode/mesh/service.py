@@ -31,7 +31,8 @@ from meshnode.governance.gossip import GossipRejected
 from meshnode.mesh.admin import mesh_json
 from meshnode.mesh.driver import MeshDriver, cancel_and_wait
 from meshnode.mesh.grpc_transport import GrpcTransport
-from meshnode.mesh.membership import Membership, MembershipSettings
+from meshnode.mesh.mdns import MdnsDiscovery, interface_addresses
+from meshnode.mesh.membership import LIVE, Membership, MembershipSettings
 from meshnode.mesh.seeds import SeedJoiner, join_host_port, split_host_port
 from meshnode.mesh.state import (
     CapacityAd,
@@ -100,6 +101,7 @@ class MeshService:
         self.driver: MeshDriver | None = None
         self.provider: MeshProvider | None = None
         self.joiner: SeedJoiner | None = None
+        self.mdns: MdnsDiscovery | None = None
         self.advertise_address = ""
         self.port = 0
         self._server: Any = None
@@ -154,10 +156,29 @@ class MeshService:
             asyncio.create_task(self.joiner.run(), name="mesh-seeds"),
             asyncio.create_task(self._publish_loop(), name="mesh-publish"),
         ]
+        if self.config.mdns:
+            await self._start_mdns()
         if self._announce:
             print(f"MESHNODE_GRPC={self.advertise_address}", file=sys.stdout, flush=True)
         log.info("mesh: node %s serving gRPC on %s (authentication: %s)", self.node_id,
                  self.advertise_address, self.security.mode)
+
+    async def _start_mdns(self) -> None:
+        assert self.driver is not None and self.membership is not None
+        membership = self.membership
+
+        def is_member(node_id: str, address: str) -> bool:
+            member = membership.get(node_id)
+            return member is not None and member.status in LIVE and member.address == address
+
+        auth = self.security.auth
+        self.mdns = MdnsDiscovery(
+            self.node_id, self.advertise_address,
+            interface_addresses(self.config.mdns_interfaces, self.config.listen_addr,
+                                self.advertise_address),
+            self.driver.join, is_member, auth.mesh_tag() if auth is not None else "open",
+        )
+        await self.mdns.start()
 
     async def leave(self, timeout: float = 1.0) -> None:
         """Graceful leave: stop the loops and tell every peer at once. In-flight forwarded
@@ -165,6 +186,7 @@ class MeshService:
         if self._left or self.driver is None:
             return
         self._left = True
+        await self._close_mdns()
         await self._cancel_tasks()
         await self.driver.stop()
         acked = await self.driver.leave(timeout)
@@ -177,6 +199,7 @@ class MeshService:
         if graceful:
             await self.leave()
         else:
+            await self._close_mdns()
             await self._cancel_tasks()
             if self.driver is not None:
                 await self.driver.stop()
@@ -184,6 +207,11 @@ class MeshService:
             await self._server.stop(grace_s if graceful else None)
             self._server = None
         await self.channels.close()
+
+    async def _close_mdns(self) -> None:
+        if self.mdns is not None:
+            await self.mdns.close()
+            self.mdns = None
 
     async def _cancel_tasks(self) -> None:
         await cancel_and_wait(self._tasks)

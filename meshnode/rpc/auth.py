@@ -107,6 +107,11 @@ class MeshAuth:
         self._clock = clock
         self.replay = replay or ReplayCache()
 
+    def mesh_tag(self) -> str:
+        """A short public tag of this mesh (mDNS TXT `mesh`): equal secrets give equal tags; it
+        says nothing usable about the secret."""
+        return hmac.new(self._key, b"mdns tag", hashlib.sha256).hexdigest()[:16]
+
     def __repr__(self) -> str:  # never the key
         return f"MeshAuth(skew_s={self.skew_ms / 1000:g})"
 
