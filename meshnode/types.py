@@ -74,6 +74,16 @@ class ModelOffer:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConstraint:
+    """A routing policy's constraints as they travel with a forwarded request (the origin's
+    matched rule, merged with any it received): `allow` None means unrestricted providers."""
+
+    name: str
+    allow: tuple[str, ...] | None = None
+    max_cost_per_1k: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class InferenceRequest:
     kind: RequestKind
     model: str
@@ -87,6 +97,7 @@ class InferenceRequest:
     visited: tuple[str, ...] = ()  # node ids already on the path (mesh forwarding)
     prompt_tokens_estimate: int = 0
     max_output_tokens: int | None = None
+    policy: PolicyConstraint | None = None  # constraints from the origin's policy (forwarded)
 
 
 @dataclass(slots=True)

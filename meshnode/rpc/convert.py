@@ -46,7 +46,7 @@ from meshnode.mesh.state import (
 )
 from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
 from meshnode.rpc.generated import mesh_pb2 as pb
-from meshnode.types import InferenceRequest, RequestKind, Usage
+from meshnode.types import InferenceRequest, PolicyConstraint, RequestKind, Usage
 
 MAX_ID = 256
 MAX_MODELS = 512
@@ -285,10 +285,33 @@ def ack_from_pb(r: pb.HealthResponse) -> Ack:
 
 
 # ------------------------------------------------------------------------------ infer
+MAX_ALLOW = 64
+
+
+def policy_to_pb(policy: PolicyConstraint) -> pb.PolicyConstraint:
+    msg = pb.PolicyConstraint(
+        name=policy.name, restricts_providers=policy.allow is not None,
+        allow=list(policy.allow or ()),
+    )
+    if policy.max_cost_per_1k is not None:
+        msg.max_cost_per_1k = policy.max_cost_per_1k
+    return msg
+
+
+def policy_from_pb(msg: pb.PolicyConstraint) -> PolicyConstraint:
+    """`allow` None when the origin's rule did not restrict providers; an empty tuple when it
+    allowed none. A NaN or negative cap reads as 0 (nothing is cheap enough): the strictest."""
+    cap = clamp(msg.max_cost_per_1k, 0.0, MAX_PRICE, 0.0) if msg.HasField("max_cost_per_1k") \
+        else None
+    allow = tuple(_cut(a, 128) for a in msg.allow[:MAX_ALLOW]) \
+        if msg.restricts_providers else None
+    return PolicyConstraint(name=_cut(msg.name, 128), allow=allow, max_cost_per_1k=cap)
+
+
 def infer_request_to_pb(
     request: InferenceRequest, visited: tuple[str, ...], origin: str, remaining_s: float
 ) -> pb.InferRequest:
-    return pb.InferRequest(
+    msg = pb.InferRequest(
         protocol_version=PROTOCOL_VERSION,
         request_id=request.request_id,
         kind=request.kind.value,
@@ -304,6 +327,9 @@ def infer_request_to_pb(
         max_output_tokens=request.max_output_tokens or 0,
         origin_node=origin,
     )
+    if request.policy is not None:
+        msg.policy.CopyFrom(policy_to_pb(request.policy))
+    return msg
 
 
 def infer_request_from_pb(
@@ -338,6 +364,7 @@ def infer_request_from_pb(
         visited=visited,
         prompt_tokens_estimate=r.prompt_tokens_estimate,
         max_output_tokens=r.max_output_tokens or None,
+        policy=policy_from_pb(r.policy) if r.HasField("policy") else None,
     )
 
 

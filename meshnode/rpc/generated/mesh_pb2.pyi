@@ -21,7 +21,7 @@ DEAD: MemberStatus
 LEFT: MemberStatus
 
 class InferRequest(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "kind", "model", "body", "stream", "include_usage", "visited", "deadline_ms", "key_name", "headers", "prompt_tokens_estimate", "max_output_tokens", "origin_node")
+    __slots__ = ("protocol_version", "request_id", "kind", "model", "body", "stream", "include_usage", "visited", "deadline_ms", "key_name", "headers", "prompt_tokens_estimate", "max_output_tokens", "origin_node", "policy")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class InferRequest(_message.Message):
     PROMPT_TOKENS_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_NODE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     kind: str
@@ -57,7 +58,20 @@ class InferRequest(_message.Message):
     prompt_tokens_estimate: int
     max_output_tokens: int
     origin_node: str
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., body: _Optional[bytes] = ..., stream: _Optional[bool] = ..., include_usage: _Optional[bool] = ..., visited: _Optional[_Iterable[str]] = ..., deadline_ms: _Optional[int] = ..., key_name: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., prompt_tokens_estimate: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., origin_node: _Optional[str] = ...) -> None: ...
+    policy: PolicyConstraint
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., body: _Optional[bytes] = ..., stream: _Optional[bool] = ..., include_usage: _Optional[bool] = ..., visited: _Optional[_Iterable[str]] = ..., deadline_ms: _Optional[int] = ..., key_name: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., prompt_tokens_estimate: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., origin_node: _Optional[str] = ..., policy: _Optional[_Union[PolicyConstraint, _Mapping]] = ...) -> None: ...
+
+class PolicyConstraint(_message.Message):
+    __slots__ = ("name", "restricts_providers", "allow", "max_cost_per_1k")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RESTRICTS_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_PER_1K_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    restricts_providers: bool
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    max_cost_per_1k: float
+    def __init__(self, name: _Optional[str] = ..., restricts_providers: _Optional[bool] = ..., allow: _Optional[_Iterable[str]] = ..., max_cost_per_1k: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "estimated")
