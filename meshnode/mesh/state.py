@@ -22,6 +22,8 @@ from meshnode.types import RequestKind
 
 # The protocol version this code speaks (SPEC §5 messages carry it).
 PROTOCOL_VERSION = 1
+# The oldest version this code reads; newer ones are read too (they only add fields).
+MIN_PROTOCOL_VERSION = 1
 
 # Incarnations stop here: a suspect/dead/left rumour must be below it, so the accused can always
 # refute one higher (a forged "dead at 2**64 - 1" would otherwise be unanswerable on the wire).

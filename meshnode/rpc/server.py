@@ -20,7 +20,7 @@ import grpc
 import grpc.aio
 
 from meshnode.errors import DeadlineExceeded, MeshError, UpstreamUnavailable
-from meshnode.mesh.state import PROTOCOL_VERSION
+from meshnode.mesh.state import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from meshnode.mesh.transport import MeshHandler
 from meshnode.routing.outcome import RoutedCompletion, RoutedStream
 from meshnode.rpc import convert
@@ -40,6 +40,18 @@ class InferBackend(Protocol):
     async def open_stream(self, request: InferenceRequest) -> RoutedStream: ...
 
 
+async def check_version(version: int, context: grpc.aio.ServicerContext) -> None:
+    """Versioning (docs/protocol.md): any version from MIN_PROTOCOL_VERSION up is read, newer
+    ones included (they only add fields, which protobuf skips); below it (0: the field is
+    missing, so not a meshnode message) is refused."""
+    if version < MIN_PROTOCOL_VERSION:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"protocol_version {version} is not supported (this node speaks {PROTOCOL_VERSION}, "
+            f"reads {MIN_PROTOCOL_VERSION} and newer)",
+        )
+
+
 class MeshServicer(mesh_pb2_grpc.MeshServicer):
     def __init__(self, node_id: str, handler: MeshHandler, backend: InferBackend | None) -> None:
         self._node_id = node_id
@@ -55,18 +67,21 @@ class MeshServicer(mesh_pb2_grpc.MeshServicer):
     async def Health(  # noqa: N802 - gRPC method name
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthResponse:
+        await check_version(request.protocol_version, context)
         ack = await self._handler.on_probe(convert.probe_from_pb(request))
         return convert.ack_to_pb(ack)
 
     async def Gossip(  # noqa: N802 - gRPC method name
         self, request: pb.GossipRequest, context: grpc.aio.ServicerContext
     ) -> pb.GossipResponse:
+        await check_version(request.protocol_version, context)
         reply = await self._handler.on_gossip(convert.gossip_request_from_pb(request))
         return convert.gossip_reply_to_pb(reply)
 
     async def Infer(  # noqa: N802 - gRPC method name
         self, request: pb.InferRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InferChunk]:
+        await check_version(request.protocol_version, context)
         try:
             if self._backend is None:
                 raise UpstreamUnavailable(f"{self._node_id}: not serving yet")

@@ -141,7 +141,7 @@ async def test_a_message_claiming_huge_membership_is_bounded(nodes: Nodes) -> No
     b = await nodes.start("b", seeds=[a.advertise_address])
     await wait_for(lambda: members(a) == {"a", "b"})
     # A million members does not even fit the gossip bound: refused unread.
-    head = pb.GossipRequest(from_node="mallory", join=True).SerializeToString()
+    head = pb.GossipRequest(protocol_version=1, from_node="mallory", join=True).SerializeToString()
     million = head + b"".join(_record_bytes(i) for i in range(1_000_000))
     assert await call(a.advertise_address, GOSSIP, million) is \
         grpc.StatusCode.RESOURCE_EXHAUSTED
