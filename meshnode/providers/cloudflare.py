@@ -5,7 +5,9 @@ Every call is `POST {base_url}/accounts/{account_id}/ai/run/{cloudflare_model}` 
 Workers AI's: text models take `messages` (string contents only) or `prompt` and answer
 `{"result": {"response": ...}}` inside Cloudflare's envelope, or an SSE stream of
 `{"response": "<piece>"}` events ending with `[DONE]`; embedding models (`@cf/baai/bge-*`) take
-`{"text": [...]}` and answer `result.data`; image models (`@cf/stabilityai/...`) answer raw PNG
+`{"text": [...]}` and answer `result.data`; tools are sent, and the tool calls Workers AI
+answers with (`result.tool_calls`, or `tool_calls` entries of stream events, in its flat or its
+OpenAI-style shape) become OpenAI `tool_calls` in answers and streams alike; image models (`@cf/stabilityai/...`) answer raw PNG
 bytes, which become OpenAI's images response with `b64_json`. HTTP mechanics are
 `meshnode.providers.http`'s.
 
@@ -133,10 +135,18 @@ def chat_to_cloudflare(body: dict[str, Any], stream: bool) -> dict[str, Any]:
         role = str(message.get("role"))
         role = "system" if role == "developer" else role
         text = _content_text(message.get("content"), f"messages[{i}]")
-        if role == "assistant" and message.get("tool_calls") and not text:
-            # Workers AI takes string contents only: a past tool call is told as its JSON.
-            text = orjson.dumps([c.get("function") for c in message["tool_calls"]]).decode()
-        out_messages.append({"role": role, "content": text})
+        out_message: dict[str, Any] = {"role": role, "content": text}
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls:
+            if not text:
+                # Older models read string contents only: a past tool call is told as its JSON.
+                out_message["content"] = orjson.dumps(
+                    [c.get("function") for c in calls if isinstance(c, dict)]).decode()
+            # Newer ones (OpenAI-style function calling) pair results with calls by id.
+            out_message["tool_calls"] = calls
+        if role == "tool" and message.get("tool_call_id"):
+            out_message["tool_call_id"] = str(message["tool_call_id"])
+        out_messages.append(out_message)
     out = _sampling(body, stream)
     out["messages"] = out_messages
     tools = [t["function"] for t in body.get("tools") or () if isinstance(t, dict)
@@ -291,7 +301,10 @@ class CloudflareProvider(Provider):
         response = result.get("response")
         text = response if isinstance(response, str) else (
             "" if response is None else orjson.dumps(response).decode())
-        usage = self._usage(request, result.get("usage"), text)
+        calls = (_tool_calls(result.get("tool_calls"), request.request_id)
+                 if request.kind is RequestKind.CHAT else [])
+        usage = self._usage(request, result.get("usage"),
+                            text + "".join(c["function"]["arguments"] for c in calls))
         finish = self._finish_reason(request, usage)
         created = int(time.time())
         if request.kind is RequestKind.COMPLETION:
@@ -303,7 +316,6 @@ class CloudflareProvider(Provider):
             }
         else:
             message: dict[str, Any] = {"role": "assistant", "content": text}
-            calls = _tool_calls(result.get("tool_calls"), request.request_id)
             if calls:
                 message["tool_calls"] = calls
                 message["content"] = text or None
@@ -391,6 +403,7 @@ class CloudflareProvider(Provider):
         else:
             raise InvalidRequest(f"{request.kind.value} requests cannot be streamed")
         framer = _ChunkFramer(request, chat)
+        calls = _StreamedToolCalls(request.request_id)
         pieces: list[str] = []
         reported: Any = None
         yielded = done = False
@@ -420,6 +433,10 @@ class CloudflareProvider(Provider):
                         pieces.append(piece)
                         yielded = True
                         yield StreamChunk(framer.piece(piece))
+                    deltas = calls.feed(data.get("tool_calls")) if chat else []
+                    if deltas:
+                        yielded = True
+                        yield StreamChunk(framer.tool_calls(deltas))
             if not done:
                 raise UpstreamUnavailable(f"{self.name} ended the stream before [DONE]",
                                           provider=self.name)
@@ -428,25 +445,96 @@ class CloudflareProvider(Provider):
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             error = self._http.error_for_exception(exc, request.deadline)
             raise as_stream_broken(error) if yielded else error from exc
-        usage = self._usage(request, reported, "".join(pieces))
-        yield StreamChunk(framer.finish(self._finish_reason(request, usage)))
+        usage = self._usage(request, reported, "".join(pieces) + calls.arguments_text)
+        finish = "tool_calls" if calls.count else self._finish_reason(request, usage)
+        yield StreamChunk(framer.finish(finish))
         yield StreamChunk(framer.usage(usage), usage=usage)
 
 
+def _call_parts(call: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(id, name, arguments) of a Workers AI tool call entry in either of its shapes: flat
+    `{"name", "arguments"}` (older models, arguments an object) or OpenAI's `{"id", "type",
+    "function": {"name", "arguments"}}` (newer models, arguments a JSON string)."""
+    function = call.get("function")
+    if isinstance(function, dict):
+        return call.get("id"), function.get("name"), function.get("arguments")
+    return call.get("id"), call.get("name"), call.get("arguments")
+
+
+def _arguments_text(arguments: Any) -> str:
+    if isinstance(arguments, str):
+        return arguments
+    return orjson.dumps(arguments if arguments is not None else {}).decode()
+
+
 def _tool_calls(raw: Any, request_id: str) -> list[dict[str, Any]]:
-    """Workers AI `result.tool_calls` ([{"name", "arguments"}]) -> OpenAI `tool_calls`."""
+    """Workers AI `result.tool_calls` (either shape) -> OpenAI `tool_calls`."""
     if not isinstance(raw, list):
         return []
     calls = []
     for i, call in enumerate(raw):
-        if not isinstance(call, dict) or not call.get("name"):
+        if not isinstance(call, dict):
             continue
-        arguments = call.get("arguments")
-        if not isinstance(arguments, str):
-            arguments = orjson.dumps(arguments or {}).decode()
-        calls.append({"id": f"call_{request_id}_{i}", "type": "function",
-                      "function": {"name": call["name"], "arguments": arguments}})
+        call_id, name, arguments = _call_parts(call)
+        if not name:
+            continue
+        calls.append({"id": str(call_id or f"call_{request_id}_{i}"), "type": "function",
+                      "function": {"name": str(name), "arguments": _arguments_text(arguments)}})
     return calls
+
+
+class _StreamedToolCalls:
+    """Turns the `tool_calls` entries of Workers AI stream events into OpenAI tool call deltas.
+
+    Newer models stream a call as a start (`id`, `index`, `function.name`), argument pieces
+    (`index`, `function.arguments`) and a finalization entry with every field null; older ones
+    send each call whole (`{"name", "arguments": {...}}`, no index). Both become OpenAI's form:
+    the first delta of a call carries `index`, `id`, `type` and `function.name`, later ones
+    only argument pieces.
+    """
+
+    def __init__(self, request_id: str) -> None:
+        self._request_id = request_id
+        self._by_upstream_index: dict[int, int] = {}  # upstream index -> our index
+        self._pieces: list[str] = []
+        self.count = 0
+
+    @property
+    def arguments_text(self) -> str:
+        return "".join(self._pieces)
+
+    def feed(self, raw: Any) -> list[dict[str, Any]]:
+        if not isinstance(raw, list):
+            return []
+        deltas: list[dict[str, Any]] = []
+        for call in raw:
+            if not isinstance(call, dict):
+                continue
+            call_id, name, arguments = _call_parts(call)
+            if not call_id and not name and not arguments:
+                continue  # the null finalization entry
+            upstream_index = call.get("index")
+            index: int | None = None
+            if isinstance(upstream_index, int):
+                index = self._by_upstream_index.get(upstream_index)
+            elif not name and self.count:
+                index = self.count - 1  # a piece without index continues the last call
+            args = "" if arguments is None else _arguments_text(arguments)
+            if args:
+                self._pieces.append(args)
+            if index is None:
+                if not name:
+                    continue  # arguments for a call whose start was never seen
+                index = self.count
+                self.count += 1
+                if isinstance(upstream_index, int):
+                    self._by_upstream_index[upstream_index] = index
+                deltas.append({"index": index, "type": "function",
+                               "id": str(call_id or f"call_{self._request_id}_{index}"),
+                               "function": {"name": str(name), "arguments": args}})
+            elif args:
+                deltas.append({"index": index, "function": {"arguments": args}})
+        return deltas
 
 
 class _ChunkFramer:
@@ -473,6 +561,14 @@ class _ChunkFramer:
 
     def piece(self, text: str) -> dict[str, Any]:
         return {**self._base, "choices": [self._choice(text, None)]}
+
+    def tool_calls(self, deltas: list[dict[str, Any]]) -> dict[str, Any]:
+        delta: dict[str, Any] = {"tool_calls": deltas}
+        if not self._sent_role:
+            self._sent_role = True
+            delta = {"role": "assistant", "content": None, **delta}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return {**self._base, "choices": [choice]}
 
     def finish(self, reason: str) -> dict[str, Any]:
         return {**self._base, "choices": [self._choice(None, reason)]}

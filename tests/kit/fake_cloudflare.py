@@ -6,7 +6,8 @@ It speaks the public wire of `POST /client/v4/accounts/{account_id}/ai/run/{mode
   envelope `{"result": {"response": "..."}, "success": true, "errors": [], "messages": []}`
   (with `result.usage` only when `include_usage` is on: many models send none); with
   `"stream": true` an SSE stream of `data: {"response": "...", "p": "..."}` events, then
-  `data: [DONE]`;
+  `data: [DONE]`; a `Reply(tool=...)` answers with a tool call, in `result.tool_calls` or, in a
+  stream, in `tool_calls` entries of the events (see `Reply.tool_style` for the two shapes);
 - embedding models (`@cf/baai/bge-*`): `{"text": str | [str]}` -> `result: {"shape", "data",
   "pooling"}`;
 - image models (`@cf/stabilityai/...`, `@cf/bytedance/...`, `@cf/lykon/...`): `{"prompt", ...}`
@@ -28,7 +29,7 @@ import argparse
 import asyncio
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
@@ -40,8 +41,15 @@ API_TOKEN = "cf-token-test"
 
 @dataclass(frozen=True)
 class Reply:
-    text: str | None = None  # None: echo the last user text
+    text: str | None = None  # None: echo the last user text (no text when `tool` is set)
     break_after: int | None = None  # streams: cut the connection after N events
+    tool: str | None = None  # answer with a call of this tool, its input `tool_input`
+    tool_input: dict[str, Any] = field(default_factory=lambda: {"city": "Paris"})
+    # "openai": newer models (llama-3.3/4, qwen, gpt-oss): `{"id", "type", "function":
+    # {"name", "arguments": "<json>"}}`, streamed as a start, argument pieces, then a null
+    # finalization entry; "flat": older ones (hermes-2-pro, llama-3.1): `{"name", "arguments":
+    # {...}}`, whole in one event.
+    tool_style: str = "openai"
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,12 @@ def check_run_request(kind: str, body: Any) -> None:
                 )
     elif not isinstance(body.get("prompt"), str):
         raise RequestInvalid("required properties at '/' are 'prompt' or 'messages'")
+    for i, tool in enumerate(body.get("tools") or ()):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        named = isinstance(tool, dict) and isinstance(tool.get("name"), str) or (
+            isinstance(function, dict) and isinstance(function.get("name"), str))
+        if not named:
+            raise RequestInvalid(f"required properties at '/tools/{i}' are 'name'")
     allowed = {
         "messages", "prompt", "stream", "max_tokens", "temperature", "top_p", "top_k", "seed",
         "repetition_penalty", "frequency_penalty", "presence_penalty", "raw", "lora", "tools",
@@ -261,6 +275,8 @@ class FakeCloudflare:
         if kind == "image":
             return web.Response(body=tiny_png(), content_type="image/png")
         text = behaviour.text
+        if text is None and behaviour.tool is not None:
+            text = ""
         if text is None:
             if "messages" in body:
                 users = [m["content"] for m in body["messages"] if m["role"] == "user"]
@@ -272,7 +288,9 @@ class FakeCloudflare:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
             return await self._stream(request, text, usage, behaviour)
-        result: dict[str, Any] = {"response": text}
+        result: dict[str, Any] = {"response": (text or None) if behaviour.tool else text}
+        if behaviour.tool is not None:
+            result["tool_calls"] = [_tool_call(behaviour)]
         if self.include_usage:
             result["usage"] = usage
         return self._ok(result)
@@ -290,6 +308,8 @@ class FakeCloudflare:
             await response.write(
                 b"data: " + orjson.dumps({"response": piece, "p": "abcdefgh"[: n % 8]}) + b"\n\n"
             )
+        for event in _tool_events(reply):
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
         if self.include_usage:
             await response.write(
                 b"data: " + orjson.dumps({"response": "", "usage": usage}) + b"\n\n"
@@ -297,6 +317,32 @@ class FakeCloudflare:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _tool_call(reply: Reply) -> dict[str, Any]:
+    """The whole call, as a non-streamed `result.tool_calls` entry."""
+    if reply.tool_style == "flat":
+        return {"name": reply.tool, "arguments": reply.tool_input}
+    return {"id": "chatcmpl-tool-0001", "type": "function",
+            "function": {"name": reply.tool, "arguments": orjson.dumps(reply.tool_input).decode()}}
+
+
+def _tool_events(reply: Reply) -> list[dict[str, Any]]:
+    """The stream events that carry the call (after any text)."""
+    if reply.tool is None:
+        return []
+    if reply.tool_style == "flat":
+        return [{"response": "", "tool_calls": [_tool_call(reply)]}]
+    raw = orjson.dumps(reply.tool_input).decode()
+    half = len(raw) // 2
+    return [
+        {"response": "", "tool_calls": [{"id": "chatcmpl-tool-0001", "type": "function",
+                                         "index": 0, "function": {"name": reply.tool}}]},
+        {"response": "", "tool_calls": [{"index": 0, "function": {"arguments": raw[:half]}}]},
+        {"response": "", "tool_calls": [{"index": 0, "function": {"arguments": raw[half:]}}]},
+        {"response": "", "tool_calls": [{"id": None, "type": None, "index": 0,
+                                         "function": {"name": None, "arguments": None}}]},
+    ]
 
 
 def behaviour_to_json(behaviour: Reply | Fail) -> dict[str, Any]:

@@ -289,3 +289,63 @@ async def test_fake_in_its_own_process_is_scriptable() -> None:
         recorded = proc.recorded()
     assert done.body["choices"][0]["message"]["content"] == "echo: hi there"
     assert [r["model"] for r in recorded["requests"]] == ["@cf/meta/llama-3.1-8b-instruct"] * 2
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+ASK_TOOL = {"messages": [{"role": "user", "content": "Weather in Oslo?"}],
+            "tools": [WEATHER_TOOL]}
+
+
+@pytest.mark.parametrize("style", ["openai", "flat"])
+async def test_tool_calls_in_answers_both_wire_shapes(
+    fake: FakeCloudflare, provider: CloudflareProvider, style: str
+) -> None:
+    fake.script(Reply(tool="weather", tool_input={"city": "Oslo"}, tool_style=style))
+    done = await provider.complete(req(RequestKind.CHAT, "llama", ASK_TOOL),
+                                   offer(provider, "llama"), TIMEOUTS)
+    assert fake.requests[0][1]["tools"] == [WEATHER_TOOL["function"]]
+    choice = done.body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "weather", "arguments": '{"city":"Oslo"}'}
+    assert call["id"] == ("chatcmpl-tool-0001" if style == "openai" else "call_r1_0")
+
+
+@pytest.mark.parametrize("style", ["openai", "flat"])
+async def test_tool_calls_in_streams_both_wire_shapes(
+    fake: FakeCloudflare, provider: CloudflareProvider, style: str
+) -> None:
+    fake.script(Reply(text="Let me look. ", tool="weather", tool_input={"city": "Oslo"},
+                      tool_style=style))
+    chunks = await collect(provider, req(RequestKind.CHAT, "llama", ASK_TOOL, True))
+    assert fake.violations == []
+    deltas = [c.data["choices"][0]["delta"] for c in chunks if c.data["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Let me look. "
+    calls = [tc for d in deltas for tc in d.get("tool_calls") or ()]
+    # OpenAI's form: the first delta names the call, the later ones carry argument pieces
+    assert calls[0]["index"] == 0 and calls[0]["type"] == "function"
+    assert calls[0]["function"]["name"] == "weather" and calls[0]["id"]
+    assert all(set(c) == {"index", "function"} and c["index"] == 0 for c in calls[1:])
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"city":"Oslo"}'
+    assert len(calls) == (3 if style == "openai" else 1)  # the null finalization is dropped
+    assert chunks[-2].data["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_tool_round_trip_keeps_ids_for_newer_models(
+    fake: FakeCloudflare, provider: CloudflareProvider
+) -> None:
+    call = {"id": "call_9", "type": "function",
+            "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}}
+    body = {"messages": [*ASK_TOOL["messages"],
+                         {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "call_9", "content": "-3C"}],
+            "tools": [WEATHER_TOOL]}
+    await provider.complete(req(RequestKind.CHAT, "llama", body), offer(provider, "llama"),
+                            TIMEOUTS)
+    assert fake.violations == []
+    sent = fake.requests[0][1]["messages"]
+    assert sent[1]["tool_calls"] == [call]
+    assert sent[1]["content"] == '[{"name":"weather","arguments":"{\\"city\\":\\"Oslo\\"}"}]'
+    assert sent[2] == {"role": "tool", "content": "-3C", "tool_call_id": "call_9"}
