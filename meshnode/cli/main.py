@@ -93,12 +93,45 @@ def _print_errors(errors: Sequence[str]) -> None:
 
 def check_config(path: str) -> int:
     try:
-        load_config(Path(path))
+        config = load_config(Path(path))
     except ConfigError as exc:
         _print_errors(exc.errors)
         return EXIT_INVALID
+    errors = startup_errors(config)
+    if errors:
+        _print_errors(errors)
+        return EXIT_INVALID
     print(f"{path}: valid")
     return EXIT_OK
+
+
+def startup_errors(config: Config) -> list[str]:
+    """What `meshnode run` refuses to start on beyond the config model's own checks, so that
+    `check-config` never calls valid a file that `run` rejects: each provider's build-time
+    checks (an unknown built-in model, a missing model directory, a bad device) and the mesh's
+    security (an unauthenticated mesh beyond loopback, unreadable TLS files). Nothing is
+    started: adapters open sessions and spawn workers only in `start()`."""
+    from meshnode.providers.registry import ProviderContext, build_provider
+
+    errors: list[str] = []
+    ctx = ProviderContext(node_id=config.node.id or "check-config",
+                          data_dir=config.node.data_dir, timeouts=config.routing.timeouts)
+    for resolved in config.resolved_providers():
+        try:
+            build_provider(resolved, ctx)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+        except ImportError as exc:
+            errors.append(f"providers.{resolved.name}: the {resolved.type} adapter cannot be "
+                          f"loaded ({exc})")
+    if config.mesh.enabled:
+        from meshnode.rpc.security import MeshSecurity
+
+        try:
+            MeshSecurity.from_config(config.mesh)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+    return errors
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,60 @@
+"""`meshnode check-config` finds every error `meshnode run` would refuse to start on, not only
+the config model's own: a file it calls valid must start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshnode.cli.main import main as meshnode_main
+
+
+def _check(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    path = tmp_path / "meshnode.yaml"
+    path.write_text(text)
+    capsys.readouterr()
+    code = meshnode_main(["check-config", str(path)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_local_model_problems_are_reported(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, errors = _check(tmp_path, (
+        "mesh: {enabled: false}\n"
+        "providers:\n"
+        "  local:\n"
+        "    models:\n"
+        "      - {name: foo, builtin: nosuch}\n"
+        f"      - {{name: bar, path: {tmp_path / 'absent'}, kind: chat}}\n"
+    ), capsys)
+    assert code == 2
+    assert any(e.startswith("providers.local.models[0].builtin: unknown built-in model 'nosuch'")
+               for e in errors), errors
+    assert any(e.startswith("providers.local.models[1].path: no such model directory")
+               for e in errors), errors
+
+
+def test_unauthenticated_mesh_beyond_loopback_is_reported(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, errors = _check(tmp_path, "mesh: {listen_addr: '0.0.0.0:50051'}\nproviders: {}\n",
+                          capsys)
+    assert code == 2
+    assert any(e.startswith("mesh.listen_addr: 0.0.0.0:50051 is reachable") for e in errors)
+    code, errors = _check(tmp_path, ("mesh: {listen_addr: '0.0.0.0:50051', secret: s3cret-s3cret}"
+                                     "\nproviders: {}\n"), capsys)
+    assert code == 0, errors
+
+
+def test_valid_local_builtins_pass_without_starting_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, errors = _check(tmp_path, (
+        f"node: {{data_dir: {tmp_path / 'data'}}}\n"
+        "mesh: {enabled: false}\n"
+        "providers:\n"
+        "  local:\n"
+        "    models:\n"
+        "      - {name: minilm, builtin: minilm, kind: embedding}\n"
+    ), capsys)
+    assert code == 0, errors
+    assert not (tmp_path / "data").exists()  # nothing built, nothing written
