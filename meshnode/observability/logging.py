@@ -25,10 +25,12 @@ _SECRET_PATTERNS = (
     re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-]{8,}"),
     # Authorization headers.
     re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}"),
-    # key=value / "key": "value" pairs whose key names a secret.
+    # key=value / "key": "value" pairs whose key names a secret. The value is never the scheme
+    # word of `Authorization: Bearer ...` (the pattern above masks the token after it): masking
+    # "Bearer" hid nothing and turned our own 401 hint into "Authorization: *** <API key>".
     re.compile(
         r"(?i)([\"']?\b[\w\-]*(?:api[_\-]?key|token|secret|password|passwd|authorization)"
-        r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',}]{4,})"
+        r"[\"']?\s*[:=]\s*[\"']?)(?!(?:bearer|basic)\b)([^\s\"',}]{4,})"
     ),
 )
 MASK = "***"
