@@ -110,7 +110,9 @@ def topology_tree(mesh: dict[str, Any]) -> Tree:
         latency = m.get("latency", {})
         for model in m.get("models", []):
             lat = latency.get(model["name"], {})
-            cost = f"${model['cost_per_1k_input']:g}/${model['cost_per_1k_output']:g} per 1k"
+            cost = (f"{meshctl_views.money(model['cost_per_1k_input'])}/"
+                    f"{meshctl_views.money(model['cost_per_1k_output'])}"
+                    " per 1k")
             extra = f"  ewma {lat['ewma_ms']:.1f} ms" if lat.get("ewma_ms") else ""
             branch.add(escape(f"{model['name']}  [{model['provider_kind']}]  {cost}{extra}"))
     return tree

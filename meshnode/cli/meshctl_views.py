@@ -8,6 +8,7 @@ only, so a field the node adds later does not change meshctl's output.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from rich.console import Group
@@ -18,8 +19,11 @@ from rich.text import Text
 STATUS_STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
 
 
-def _money(value: float | None) -> str:
-    return "-" if value is None else f"${value:.6g}"
+def money(value: float | None) -> str:
+    """USD to 6 significant digits, never in exponent form: `$0.000028`, not `$2.8e-05`."""
+    if value is None:
+        return "-"
+    return "$" + format(Decimal(f"{value:.6g}"), "f")
 
 
 def _ms(value: float | None) -> str:
@@ -100,8 +104,8 @@ def models_table(view: dict[str, Any]) -> Table:
             escape(row["node"]) + (" (this node)" if row["self"] else ""),
             escape(f"{provider} [{row['provider_kind']}]"),
             escape(",".join(row["kinds"])),
-            _money(row["cost_per_1k_input"]),
-            _money(row["cost_per_1k_output"]),
+            money(row["cost_per_1k_input"]),
+            money(row["cost_per_1k_output"]),
             "[green]warm[/]" if row["warm"] else "[yellow]cold[/]",
             _ms(row["latency_ewma_ms"]),
             status_text(row["status"]),
@@ -149,8 +153,8 @@ def route_view(view: dict[str, Any]) -> Group:
             escape(str(c["node"])),
             f"{c['score']:.6g}" if isinstance(c["score"], (int, float)) else "-",
             escape(str(c["reason"] or "")),
-            _money(c["cost_per_1k_input"]),
-            _money(c["cost_per_1k_output"]),
+            money(c["cost_per_1k_input"]),
+            money(c["cost_per_1k_output"]),
             _ms(c["latency_ewma_ms"]),
             "-" if err is None else f"{100 * err:.1f}",
             str(c["in_flight"] if c["in_flight"] is not None else "-"),
@@ -215,13 +219,13 @@ def stats_table(view: dict[str, Any], title: str | None = None) -> Table:
             _ms(r["latency_ms"]["p50"] if r["requests"] else None),
             _ms(r["latency_ms"]["p95"] if r["requests"] else None),
             str(r["tokens"]["total"]),
-            _money(r["cost"]),
+            money(r["cost"]),
             str(r["in_flight"]),
         )
     t = view["totals"]
     table.add_section()
     table.add_row("[bold]total[/]", "", str(t["requests"]), str(t["errors"]), "", "", "",
-                  str(t["tokens"]), _money(t["cost"]), "")
+                  str(t["tokens"]), money(t["cost"]), "")
     return table
 
 
@@ -229,14 +233,14 @@ def budget_line(budget: dict[str, Any] | None) -> Text:
     if budget is None:
         return Text("budget: this node reports none", style="dim")
     if not budget.get("enabled"):
-        return Text(f"budget: off (spent today {_money(budget.get('spent_today'))})", style="dim")
+        return Text(f"budget: off (spent today {money(budget.get('spent_today'))})", style="dim")
 
     def part(spent: float | None, limit: float | None, left: float | None, period: str) -> str:
         if limit is None:
-            return f"{period}: spent {_money(spent)}, no limit"
+            return f"{period}: spent {money(spent)}, no limit"
         style = "red" if (left or 0) <= 0 else ("yellow" if (left or 0) < 0.1 * limit else "green")
-        return (f"{period}: spent {_money(spent)} of {_money(limit)}, "
-                f"[{style}]left {_money(left)}[/]")
+        return (f"{period}: spent {money(spent)} of {money(limit)}, "
+                f"[{style}]left {money(left)}[/]")
 
     scope = escape(str(budget.get("scope")))
     return Text.from_markup(
