@@ -11,6 +11,9 @@ OpenAI-style shape) become OpenAI `tool_calls` in answers and streams alike; ima
 bytes, which become OpenAI's images response with `b64_json`. HTTP mechanics are
 `meshnode.providers.http`'s.
 
+Some models (gpt-oss, kimi) answer in OpenAI's chat shape even on `/ai/run` (`choices[0].message`,
+streamed `choices[0].delta`); both shapes are read.
+
 Usage: many Workers AI models report no token counts. Then the counts are estimated with
 `meshnode.providers.tokens` and marked `Usage(estimated=True)`, so `x_aiproxy` says
 `cost_estimated: true`.
@@ -298,10 +301,10 @@ class CloudflareProvider(Provider):
         if not isinstance(result, dict):
             raise UpstreamUnavailable(f"{self.name} answered without a result object",
                                       provider=self.name)
-        response = result.get("response")
+        response, raw_calls = _output_parts(result, "message")
         text = response if isinstance(response, str) else (
             "" if response is None else orjson.dumps(response).decode())
-        calls = (_tool_calls(result.get("tool_calls"), request.request_id)
+        calls = (_tool_calls(raw_calls, request.request_id)
                  if request.kind is RequestKind.CHAT else [])
         usage = self._usage(request, result.get("usage"),
                             text + "".join(c["function"]["arguments"] for c in calls))
@@ -428,12 +431,12 @@ class CloudflareProvider(Provider):
                         raise envelope_error(data, self.name)
                     if data.get("usage") is not None:
                         reported = data["usage"]
-                    piece = data.get("response")
+                    piece, raw_calls = _output_parts(data, "delta")
                     if isinstance(piece, str) and piece:
                         pieces.append(piece)
                         yielded = True
                         yield StreamChunk(framer.piece(piece))
-                    deltas = calls.feed(data.get("tool_calls")) if chat else []
+                    deltas = calls.feed(raw_calls) if chat else []
                     if deltas:
                         yielded = True
                         yield StreamChunk(framer.tool_calls(deltas))
@@ -449,6 +452,20 @@ class CloudflareProvider(Provider):
         finish = "tool_calls" if calls.count else self._finish_reason(request, usage)
         yield StreamChunk(framer.finish(finish))
         yield StreamChunk(framer.usage(usage), usage=usage)
+
+
+def _output_parts(output: dict[str, Any], where: str) -> tuple[Any, Any]:
+    """(text, tool calls) of a Workers AI answer or stream event. Most models answer in the
+    native shape (`response`, `tool_calls`); some (gpt-oss, kimi, ...) in OpenAI's, even on
+    `/ai/run`: `choices[0].message` in answers, `choices[0].delta` in stream events."""
+    choices = output.get("choices")
+    if "response" not in output and isinstance(choices, list):
+        first = choices[0] if choices and isinstance(choices[0], dict) else {}
+        part = first.get(where)
+        if not isinstance(part, dict):
+            return None, None
+        return part.get("content"), part.get("tool_calls")
+    return output.get("response"), output.get("tool_calls")
 
 
 def _call_parts(call: dict[str, Any]) -> tuple[Any, Any, Any]:

@@ -50,6 +50,9 @@ class Reply:
     # finalization entry; "flat": older ones (hermes-2-pro, llama-3.1): `{"name", "arguments":
     # {...}}`, whole in one event.
     tool_style: str = "openai"
+    # answer in OpenAI's chat shape (`choices[0].message`, streamed `choices[0].delta`), as
+    # some Workers AI models (gpt-oss, kimi) do even on /ai/run
+    openai_shape: bool = False
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,12 @@ class FakeCloudflare:
         result: dict[str, Any] = {"response": (text or None) if behaviour.tool else text}
         if behaviour.tool is not None:
             result["tool_calls"] = [_tool_call(behaviour)]
+        if behaviour.openai_shape:
+            message = {"role": "assistant", "content": result.pop("response"),
+                       **({"tool_calls": result.pop("tool_calls")} if behaviour.tool else {})}
+            result = {"id": "chatcmpl-cf", "object": "chat.completion", "model": model,
+                      "choices": [{"index": 0, "message": message,
+                                   "finish_reason": "tool_calls" if behaviour.tool else "stop"}]}
         if self.include_usage:
             result["usage"] = usage
         return self._ok(result)
@@ -305,11 +314,10 @@ class FakeCloudflare:
                 assert request.transport is not None  # noqa: S101
                 request.transport.abort()
                 return response
-            await response.write(
-                b"data: " + orjson.dumps({"response": piece, "p": "abcdefgh"[: n % 8]}) + b"\n\n"
-            )
+            event: dict[str, Any] = {"response": piece, "p": "abcdefgh"[: n % 8]}
+            await response.write(b"data: " + orjson.dumps(_shaped(event, reply)) + b"\n\n")
         for event in _tool_events(reply):
-            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            await response.write(b"data: " + orjson.dumps(_shaped(event, reply)) + b"\n\n")
         if self.include_usage:
             await response.write(
                 b"data: " + orjson.dumps({"response": "", "usage": usage}) + b"\n\n"
@@ -317,6 +325,17 @@ class FakeCloudflare:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _shaped(event: dict[str, Any], reply: Reply) -> dict[str, Any]:
+    """A native stream event, or its OpenAI-shaped twin for `Reply(openai_shape=True)`."""
+    if not reply.openai_shape:
+        return event
+    delta: dict[str, Any] = {"content": event["response"]} if event.get("response") else {}
+    if "tool_calls" in event:
+        delta["tool_calls"] = event["tool_calls"]
+    return {"id": "chatcmpl-cf", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
 
 
 def _tool_call(reply: Reply) -> dict[str, Any]:

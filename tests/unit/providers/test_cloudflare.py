@@ -349,3 +349,25 @@ async def test_tool_round_trip_keeps_ids_for_newer_models(
     assert sent[1]["tool_calls"] == [call]
     assert sent[1]["content"] == '[{"name":"weather","arguments":"{\\"city\\":\\"Oslo\\"}"}]'
     assert sent[2] == {"role": "tool", "content": "-3C", "tool_call_id": "call_9"}
+
+
+async def test_openai_shaped_answers_are_read(
+    fake: FakeCloudflare, provider: CloudflareProvider
+) -> None:
+    # gpt-oss / kimi on /ai/run answer `choices[0].message` and stream `choices[0].delta`
+    fake.script(Reply(text="plain words", openai_shape=True),
+                Reply(text="streamed words", openai_shape=True),
+                Reply(tool="weather", tool_input={"city": "Oslo"}, openai_shape=True))
+    done = await provider.complete(req(RequestKind.CHAT, "llama", HELLO),
+                                   offer(provider, "llama"), TIMEOUTS)
+    assert done.body["choices"][0]["message"]["content"] == "plain words"
+    chunks = await collect(provider, req(RequestKind.CHAT, "llama", HELLO, True))
+    deltas = [c.data["choices"][0]["delta"] for c in chunks if c.data["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "streamed words"
+    chunks = await collect(provider, req(RequestKind.CHAT, "llama", ASK_TOOL, True))
+    calls = [tc for c in chunks if c.data["choices"]
+             for tc in c.data["choices"][0]["delta"].get("tool_calls") or ()]
+    assert calls[0]["function"]["name"] == "weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"city":"Oslo"}'
+    assert chunks[-2].data["choices"][0]["finish_reason"] == "tool_calls"
+    assert fake.violations == []
