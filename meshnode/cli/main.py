@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A federated peer-to-peer mesh of AI inference nodes that speaks the "
         "OpenAI API.",
     )
+    parser.add_argument("--version", action="version", version=f"meshnode {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_parser(commands)  # keys create|list|revoke
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meshnode")
+    except PackageNotFoundError:  # pragma: no cover - run from a tree that was never installed
+        return "unknown"
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""`meshnode check-config` finds every error `meshnode run` would refuse to start on, not only
-the config model's own: a file it calls valid must start."""
+"""The `meshnode` command: `check-config` finds every error `meshnode run` would refuse to start
+on, not only the config model's own (a file it calls valid must start); `--version`."""
 
 from __future__ import annotations
 
@@ -58,3 +58,10 @@ def test_valid_local_builtins_pass_without_starting_anything(
     ), capsys)
     assert code == 0, errors
     assert not (tmp_path / "data").exists()  # nothing built, nothing written
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        meshnode_main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("meshnode ")
