@@ -9,6 +9,7 @@ come from a healed mesh; every process is stopped in `finally`.
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ async def _drive(settings: SoakSettings, cluster: SoakCluster, workdir: Path) ->
         stop_sampling.set()
         await sampling
         log.close()
+    # every RSS sample, for a look at the trend beyond the table's medians
+    (workdir / "rss.json").write_text(json.dumps(
+        [{"node": s.node, "pid": s.pid, "samples": s.samples} for s in sampler.series]))
     await _settle_budgets(cluster, read_log(workdir / "client.jsonl"))
     return SoakResult(read_log(workdir / "client.jsonl"), {}, sampler.series, chaos.events,
                       load_s=load_s)
