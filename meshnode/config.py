@@ -290,9 +290,12 @@ class Config(_Strict):
                     f"routing.failover.fallback_chain[{i}]: no provider named {entry!r} "
                     f"(configured: {', '.join(sorted(self.providers)) or 'none'}, and 'mesh')"
                 )
+        # A policy may name any provider kind, configured here or not: it also constrains what
+        # peers do with a forwarded request ("[local, mesh]" on a node without local models).
+        allowable = known | set(PROVIDER_TYPES)
         for i, policy in enumerate(self.routing.policies):
             for j, entry in enumerate(policy.allow or []):
-                if entry not in known:
+                if entry not in allowable:
                     errors.append(
                         f"routing.policies[{i}].allow[{j}]: no provider or kind named {entry!r}"
                     )

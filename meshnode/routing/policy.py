@@ -11,7 +11,7 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 
 from meshnode.config import PolicyConfig
-from meshnode.types import ModelOffer
+from meshnode.types import ModelOffer, PolicyConstraint
 
 
 def match_policy(
@@ -55,3 +55,44 @@ def allows(policy: PolicyConfig | None, offer: ModelOffer) -> bool:
         if max(offer.cost_per_1k_input, offer.cost_per_1k_output) > policy.max_cost_per_1k:
             return False
     return True
+
+
+def constraint_allows(constraint: PolicyConstraint | None, offer: ModelOffer) -> bool:
+    """The same test as `allows`, for constraints that arrived with a forwarded request."""
+    if constraint is None:
+        return True
+    if constraint.allow is not None and not (
+        offer.provider in constraint.allow or offer.provider_kind in constraint.allow
+    ):
+        return False
+    if constraint.max_cost_per_1k is not None:
+        if max(offer.cost_per_1k_input, offer.cost_per_1k_output) > constraint.max_cost_per_1k:
+            return False
+    return True
+
+
+def carried_constraint(
+    policy: PolicyConfig | None, incoming: PolicyConstraint | None
+) -> PolicyConstraint | None:
+    """What a request forwarded from here must carry: this node's matched rule merged with the
+    one it arrived with (allowed providers intersected, the smaller price cap), so a peer can
+    only narrow what the origin allowed, never widen it."""
+    if policy is None:
+        return incoming
+    own = PolicyConstraint(
+        name=policy.name,
+        allow=tuple(policy.allow) if policy.allow is not None else None,
+        max_cost_per_1k=policy.max_cost_per_1k,
+    )
+    if incoming is None:
+        return own
+    if own.allow is None:
+        allow = incoming.allow
+    elif incoming.allow is None:
+        allow = own.allow
+    else:
+        allow = tuple(a for a in incoming.allow if a in own.allow)
+    caps = [c for c in (own.max_cost_per_1k, incoming.max_cost_per_1k) if c is not None]
+    return PolicyConstraint(
+        name=incoming.name, allow=allow, max_cost_per_1k=min(caps) if caps else None
+    )

@@ -39,7 +39,7 @@ from meshnode.errors import (
 from meshnode.governance.gate import FREE, Hold, SpendGate
 from meshnode.providers.base import Provider
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
-from meshnode.routing.policy import allows, match_policy
+from meshnode.routing.policy import allows, carried_constraint, constraint_allows, match_policy
 from meshnode.routing.stats import CandidateStats
 from meshnode.routing.strategies import Candidate, Ranked, demote, rank
 from meshnode.types import Completion, InferenceRequest, ModelOffer, RequestKind, StreamChunk
@@ -199,6 +199,7 @@ class Router:
             request.key_name,
             request.prompt_tokens_estimate,
         )
+        incoming = request.policy  # the origin's constraints, when a peer forwarded this
         strategy = (policy.strategy if policy and policy.strategy else None) or self._config.strategy
         now = self._clock()
         out_tokens = request.max_output_tokens or DEFAULT_OUTPUT_TOKENS
@@ -220,6 +221,12 @@ class Router:
                 continue
             if not allows(policy, offer):
                 excluded.append(f"{label}: forbidden by policy {policy.name if policy else ''}")
+                continue
+            if not constraint_allows(incoming, offer):
+                excluded.append(
+                    f"{label}: forbidden by policy {incoming.name if incoming else ''} "
+                    "(from the origin)"
+                )
                 continue
             if offer.node is not None:
                 if offer.node in request.visited or offer.node == self.node_id:
@@ -268,7 +275,8 @@ class Router:
         overflowing = {k for k, q in queues.items() if q > bound}
         if overflowing and len(overflowing) < len(ranking):
             ranking = demote(ranking, overflowing, f"queue over {bound}: overflow")
-        return ranking, strategy, policy.name if policy else None, excluded
+        name = policy.name if policy else (incoming.name if incoming else None)
+        return ranking, strategy, name, excluded
 
     def _attempt_plan(self, ranking: list[Ranked]) -> list[Ranked]:
         """The sequence of candidates to try: the ranking, cycled, capped by max_retries."""
@@ -369,6 +377,7 @@ class Router:
         returns. The winner comes back still counted in flight, its budget hold open."""
         ranking, strategy, policy, excluded = self._plan(request)
         request = self._bounded_by_policy(request, policy)
+        request = self._carrying_policy(request)
         plan = self._attempt_plan(ranking)
         if not plan:
             raise self._no_candidates(request, policy, excluded)
@@ -450,6 +459,16 @@ class Router:
     def _reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
         return FREE if self._spend is None else self._spend.reserve(request, offer)
 
+    def _carrying_policy(self, request: InferenceRequest) -> InferenceRequest:
+        """Attach the constraints a forwarded copy must carry (this node's matched rule merged
+        with the one the request arrived with), so a peer honours them too."""
+        rule = match_policy(
+            self._config.policies, request.model, request.headers, request.key_name,
+            request.prompt_tokens_estimate,
+        )
+        carried = carried_constraint(rule, request.policy)
+        return request if carried == request.policy else dataclasses.replace(request, policy=carried)
+
     def _bounded_by_policy(self, request: InferenceRequest, policy: str | None) -> InferenceRequest:
         """A policy's `deadline_ms` shortens the request's deadline (never lengthens it)."""
         if policy is None:
@@ -512,16 +531,18 @@ class Router:
         if last is None:
             assert request is not None
             return self._no_candidates(request, policy, excluded or [])
-        forbidden = [e for e in excluded or [] if "forbidden by policy" in e]
-        if request is not None and policy is not None and forbidden and attempts and not isinstance(
-            last, DeadlineExceeded
+        if request is not None and policy is not None and attempts and not isinstance(
+            last, DeadlineExceeded | BudgetExceeded
         ):
-            # Every allowed candidate failed and the policy kept the rest out: say so, so the
-            # client knows why nothing else was tried.
+            # A policy narrowed the choice and everything it allowed failed (here, or on the
+            # peer it was forwarded to): say which policy, so the client knows why nothing
+            # else was tried.
+            forbidden = [e for e in excluded or [] if "forbidden by policy" in e]
             tried = ", ".join(f"{a.provider}:{a.outcome}" for a in attempts)
+            kept_out = f"; not tried: {'; '.join(forbidden)}" if forbidden else ""
             return NoCapacity(
                 f"No provider allowed by policy '{policy}' could serve '{request.model}': "
-                f"all {len(attempts)} attempts failed ({tried}); not tried: {'; '.join(forbidden)}",
+                f"all {len(attempts)} attempts failed ({tried}); last: {last.message}{kept_out}",
                 retry_after=1.0,
             )
         if len(attempts) <= 1 or isinstance(last, DeadlineExceeded):

@@ -26,8 +26,16 @@ from meshnode.errors import (
     UpstreamUnavailable,
 )
 from meshnode.providers.fake import BreakAfter, FakeProvider, Hang
+from meshnode.routing.policy import carried_constraint
 from meshnode.routing.router import Router
-from meshnode.types import Capacity, InferenceRequest, ModelOffer, RequestKind, Usage
+from meshnode.types import (
+    Capacity,
+    InferenceRequest,
+    ModelOffer,
+    PolicyConstraint,
+    RequestKind,
+    Usage,
+)
 
 
 class Clock:
@@ -361,3 +369,41 @@ async def test_budget_holds_are_released_settled_or_abandoned_exactly_once() -> 
     [c async for c in routed]
     assert gate.events == [("a", "settle")]
     assert all(r["in_flight"] == 0 for r in router.stats()["candidates"])
+
+
+def test_carried_constraint_only_narrows() -> None:
+    rule = PolicyConfig(name="mine", allow=["local", "mesh", "openai"], max_cost_per_1k=0.01)
+    incoming = PolicyConstraint(name="origin", allow=("local", "mesh"), max_cost_per_1k=0.02)
+    merged = carried_constraint(rule, incoming)
+    assert merged == PolicyConstraint(name="origin", allow=("local", "mesh"), max_cost_per_1k=0.01)
+    assert carried_constraint(None, incoming) is incoming
+    assert carried_constraint(rule, None) == PolicyConstraint(
+        name="mine", allow=("local", "mesh", "openai"), max_cost_per_1k=0.01)
+    unrestricted = PolicyConfig(name="cap-only", max_cost_per_1k=0.5)
+    assert carried_constraint(unrestricted, incoming).allow == ("local", "mesh")
+
+
+async def test_a_forwarded_policy_is_honoured_here_and_carried_further() -> None:
+    cloud = FakeProvider("cloud", kind="openai")
+    peer = FakeProvider("mesh", kind="mesh", node="n3")
+    router = Router(routing(), ["cloud", "mesh"], [cloud, peer], "n2")
+    forwarded = replace(request(visited=("n1",)),
+                        policy=PolicyConstraint(name="pii", allow=("local", "mesh")))
+    routed = await router.complete(forwarded)
+    assert routed.served.offer.provider == "mesh" and cloud.calls == []
+    assert peer.calls[0].policy == forwarded.policy  # carried on to the next hop
+    peer.script(*[UpstreamUnavailable("down") for _ in range(4)])
+    with pytest.raises(NoCapacity) as info:
+        await router.complete(forwarded)
+    assert "policy 'pii'" in info.value.message and cloud.calls == []
+
+
+async def test_this_nodes_matched_policy_travels_with_the_request() -> None:
+    peer = FakeProvider("mesh", kind="mesh", node="n2")
+    cfg = routing(policies=[PolicyConfig(name="pii", match=PolicyMatch(
+        header={"x-aiproxy-tags": "pii"}), allow=["local", "mesh"])])
+    router = Router(cfg, ["mesh"], [peer], "n1")
+    await router.complete(request(headers={"x-aiproxy-tags": "pii"}))
+    assert peer.calls[-1].policy == PolicyConstraint(name="pii", allow=("local", "mesh"))
+    await router.complete(request())
+    assert peer.calls[-1].policy is None
