@@ -7,8 +7,9 @@ Covers: each adapter stream and non-stream through the OpenAI API; failover acro
 first chunk ends with an error event, no [DONE] and no duplicated text; the Anthropic door with
 the `anthropic` client routed to a non-Anthropic provider.
 
-TODO(lead): when `meshnode.node` and `tests/kit/node_proc.py` land, the same cases can run
-against a real node process; the in-process build below mirrors what the node does.
+The same cases against a real `meshnode run` process started from the seed's full example are
+in `test_cloud_nodes.py`; this in-process build (which mirrors what the node does) keeps the
+failures debuggable in one process.
 """
 
 from __future__ import annotations
