@@ -14,6 +14,13 @@ then only newer records, then the records the peer wants). A rumour that changed
 (suspect, dead, left, a refutation, a new member) is "urgent": it triggers an immediate round to
 `urgent_fanout` peers (the suspect itself included, so it can refute at once) and rides along in
 the next `retransmits` rounds. Stale rumours change nothing and stop there, which ends the wave.
+
+Healing partitions: every `reconnect_every` probe intervals the driver knocks on one member it
+declared dead (a direct probe carrying the death rumour as `about_you`). Dead members are
+neither probed nor gossiped with, and a side of a partition is never alone, so without the knock
+two halves that declared each other dead would stay apart after the link came back. A live
+target refutes in its ack (higher incarnation), the revival is spread like any rumour, and the
+push-pull rounds that follow carry each side's refutations to the other.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class MeshDriver:
         fanout: int = 2,
         urgent_fanout: int = 3,
         retransmits: int = 3,
+        reconnect_every: float = 2.0,
         rng: random.Random | None = None,
         on_change: ChangeListener | None = None,
     ) -> None:
@@ -73,6 +81,7 @@ class MeshDriver:
         self.fanout = fanout
         self.urgent_fanout = urgent_fanout
         self.retransmits = retransmits
+        self.reconnect_every = reconnect_every
         self._rng = rng or random.Random()
         self._on_change = on_change
         self._seq = itertools.count(1)
@@ -95,6 +104,7 @@ class MeshDriver:
         self._tasks = [
             asyncio.create_task(self._probe_loop(), name="mesh-probe"),
             asyncio.create_task(self._gossip_loop(), name="mesh-gossip"),
+            asyncio.create_task(self._reconnect_loop(), name="mesh-reconnect"),
         ]
 
     async def stop(self) -> None:
@@ -218,6 +228,30 @@ class MeshDriver:
             if spread is not None:
                 log.info("mesh: %s did not answer probes; suspect", node_id)
         if spread is not None:
+            self.spread(spread)
+
+    async def _reconnect_loop(self) -> None:
+        while not self._stopping:
+            # Lifeguard stretches this too: a slow node knocks less.
+            await asyncio.sleep(self.membership.probe_interval() * self.reconnect_every)
+            target = self.membership.reconnect_target()
+            if target is not None:
+                await self._knock(target.node_id, target.address, target.incarnation)
+
+    async def _knock(self, node_id: str, address: str, incarnation: int) -> None:
+        """Probe a dead member with its death: if it lives, its ack refutes it."""
+        death = MemberUpdate(node_id, address, incarnation, MemberStatus.DEAD, self.self_id)
+        probe = Probe(self.self_id, next(self._seq), about_you=death)
+        try:
+            ack = await self.transport.probe(address, probe, self.membership.probe_timeout())
+        except TransportError:
+            return  # still unreachable (or really gone): forgotten after dead_forget_s
+        # Another node now at that address is not the one we buried.
+        if not ack.ok or ack.node_id != node_id:
+            return
+        spread = self.membership.probe_succeeded(node_id, ack.incarnation)
+        if spread is not None:
+            log.info("mesh: %s answered after being declared dead; alive again", node_id)
             self.spread(spread)
 
     def _record_rtt(self, node_id: str, rtt_ms: float) -> None:

@@ -17,6 +17,9 @@ Rules (as hashicorp/memberlist's `state.go`):
   left > dead. Stale rumours are dropped and not spread further, which ends every epidemic.
 - Dead and left members are forgotten `dead_forget_s` after the transition; a rumour that they
   are dead is not accepted for a member we do not know (it would resurrect forgotten ones).
+- Partitions: until it is forgotten, a dead member is knocked on now and then
+  (`reconnect_target()`): the knock tells it it was declared dead and a live one refutes with a
+  higher incarnation, which revives it here and, spread, everywhere (serf's "reconnect").
 
 Lifeguard (as memberlist's `awareness.go` and `suspicion.go`):
 - Local health: `awareness` (0..`max_awareness`) rises when this node looks like the slow one
@@ -313,6 +316,17 @@ class Membership:
             ]
             self._rng.shuffle(self._probe_order)
         return None
+
+    def reconnect_target(self) -> MemberInfo | None:
+        """A random member we declared dead (not one that left), to knock on: after a
+        partition heals, neither side gossips with the other any more (dead members are
+        neither probed nor gossiped with), and neither is alone, so the seeds do not bridge
+        it. A knock carries the death rumour; a live target refutes it in the ack."""
+        dead = [
+            m for m in self._members.values()
+            if m.node_id != self.self_id and m.status is MemberStatus.DEAD
+        ]
+        return self._rng.choice(dead).snapshot() if dead else None
 
     def indirect_helpers(self, target_id: str, k: int | None = None) -> list[MemberInfo]:
         """Up to k alive members (not the target) to ask for an indirect probe."""
