@@ -111,7 +111,12 @@ class SeedJoiner:
                     delay = self._backoff.delay(attempt, self._rng)
                     attempt += 1
                     if attempt == 1 or attempt % 10 == 0:
-                        log.warning("mesh: no seed answered (%s); retrying", ", ".join(self._seeds))
+                        log.warning(
+                            "mesh: no seed answered (%s); retrying. A seed is a peer's gRPC "
+                            "address (its mesh.listen_addr, port 50051 by default), not its "
+                            "HTTP port",
+                            ", ".join(self._seeds),
+                        )
                     await asyncio.sleep(delay)
                     continue
             else:

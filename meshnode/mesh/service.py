@@ -315,8 +315,11 @@ class MeshService:
             if update.status is MemberStatus.ALIVE:
                 log.info("mesh: refuted a rumour about us (incarnation %d)", update.incarnation)
             return
-        log.info("mesh: %s is %s (incarnation %d, from %s)", update.node_id,
-                 update.status.label, update.incarnation, update.from_node or "?")
+        what = {"left": "left the mesh", "dead": "is dead", "suspect": "is suspected dead",
+                "alive": "is alive"}.get(update.status.label, f"is {update.status.label}")
+        source = f", reported by {update.from_node}" if update.from_node else ""
+        log.info("mesh: %s %s (incarnation %d%s)", update.node_id, what, update.incarnation,
+                 source)
 
     # ------------------------------------------------------------------ admin
     def register_routes(self, app: web.Application) -> None:

@@ -11,6 +11,7 @@ is safe. gRPC statuses are left for transport-level failures.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -151,11 +152,19 @@ async def start_server(
     `interceptors` is the authentication hook (issue 6)."""
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
     mesh_pb2_grpc.add_MeshServicer_to_server(servicer, server)
-    if credentials is not None:
-        port = server.add_secure_port(listen_addr, credentials)
-    else:
-        port = server.add_insecure_port(listen_addr)
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(listen_addr, credentials)
+        else:
+            port = server.add_insecure_port(listen_addr)
+    except RuntimeError:
+        # grpcio says "Failed to bind" with a RuntimeError; the CLI reports OSErrors plainly.
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC on {listen_addr}")
+        raise OSError(
+            errno.EADDRINUSE,
+            f"cannot bind gRPC on {listen_addr} (address in use, or not an address of this "
+            "host); set mesh.listen_addr or --grpc-listen",
+        )
     await server.start()
     return server, port
