@@ -21,6 +21,9 @@
   `await node.astart()` / `await node.astop()` which run them in a thread so the test's own
   event loop (and any in-process fake upstream on it) keeps running.
 - `kill()` sends SIGKILL (crash tests); `terminate()` sends SIGTERM without waiting.
+- `wrapper=[...]` prefixes the command (`["ip", "netns", "exec", NS]`, which execs, so signals
+  still reach the node); `http_get=` replaces the urllib GET of `/health/live` (url -> status,
+  OSError when unreachable), for a node whose HTTP address only its namespace can reach.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +69,16 @@ class NodeProcess:
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 60.0,
+        wrapper: Sequence[str] = (),
+        http_get: Callable[[str], int] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.name = name
         self.startup_timeout = startup_timeout
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"{name}.log"
-        args = [sys.executable, "-m", "meshnode", "run", "--log-format", "json",
+        self._http_get = http_get
+        args = [*wrapper, sys.executable, "-m", "meshnode", "run", "--log-format", "json",
                 "--listen", listen, "--data-dir", str(self.workdir / f"{name}-data")]
         if config is not None:
             config_path = self.workdir / f"{name}.json"
@@ -142,9 +148,13 @@ class NodeProcess:
         delay = 0.01
         while True:
             try:
-                with urllib.request.urlopen(self.url + "/health/live", timeout=5) as r:  # noqa: S310
-                    if r.status == 200:
+                if self._http_get is not None:
+                    if self._http_get(self.url + "/health/live") == 200:
                         return
+                else:
+                    with urllib.request.urlopen(self.url + "/health/live", timeout=5) as r:  # noqa: S310
+                        if r.status == 200:
+                            return
             except (urllib.error.URLError, OSError):
                 pass
             self._check_alive()
