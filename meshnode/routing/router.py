@@ -36,13 +36,20 @@ from meshnode.errors import (
     UpstreamError,
     UpstreamRateLimited,
 )
-from meshnode.governance.gate import FREE, Hold, SpendGate
+from meshnode.governance.gate import FREE, Hold, SpendGate, prompt_tokens
 from meshnode.providers.base import Provider
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
 from meshnode.routing.policy import allows, carried_constraint, constraint_allows, match_policy
 from meshnode.routing.stats import CandidateStats
 from meshnode.routing.strategies import Candidate, Ranked, demote, rank
-from meshnode.types import Completion, InferenceRequest, ModelOffer, RequestKind, StreamChunk
+from meshnode.types import (
+    Completion,
+    InferenceRequest,
+    ModelOffer,
+    RequestKind,
+    StreamChunk,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +370,7 @@ class Router:
         # in_flight stays counted until the stream ends (the finisher releases it).
         return RoutedStream(
             first, agen, served,
-            self._stream_finisher(won.stats, offer, won.start, won.t0, won.hold),
+            self._stream_finisher(request, won.stats, offer, won.start, won.t0, won.hold),
         )
 
     async def _failover(
@@ -435,19 +442,23 @@ class Router:
         raise self._final_error(last, attempts, request, policy, excluded)
 
     def _stream_finisher(
-        self, stats: CandidateStats, offer: ModelOffer, start: float, t0: float,
-        hold: Hold = FREE,
+        self, request: InferenceRequest, stats: CandidateStats, offer: ModelOffer, start: float,
+        t0: float, hold: Hold = FREE,
     ) -> Callable[[Served, BaseException | None], None]:
         def finish(served: Served, error: BaseException | None) -> None:
             stats.in_flight -= 1
             now = self._clock()
             served.latency_ms = (now - start) * 1000.0
-            served.cost = offer.cost(served.usage)
-            # A stream cut short has no usage: it pays its prompt and the chunks relayed.
-            charged = hold.settle(served.usage if served.usage.total_tokens else None,
-                                  served.chunks)
-            if not served.usage.total_tokens:
-                served.cost = charged
+            if served.usage.total_tokens:
+                served.cost = offer.cost(served.usage)
+                hold.settle(served.usage, served.chunks)
+            else:
+                # A stream cut short has no usage: it pays its prompt and the chunks relayed,
+                # and says so (estimated), so the log line and x_aiproxy agree with the charge.
+                served.usage = Usage(prompt_tokens=prompt_tokens(request),
+                                     completion_tokens=served.chunks, estimated=True)
+                charged = hold.settle(None, served.chunks)
+                served.cost = charged if hold is not FREE else offer.cost(served.usage)
             if error is None or isinstance(error, (GeneratorExit, asyncio.CancelledError)):
                 stats.record_success((now - t0) * 1000.0, served.usage, served.cost)
             else:

@@ -407,3 +407,16 @@ async def test_this_nodes_matched_policy_travels_with_the_request() -> None:
     assert peer.calls[-1].policy == PolicyConstraint(name="pii", allow=("local", "mesh"))
     await router.complete(request())
     assert peer.calls[-1].policy is None
+
+
+async def test_a_stream_cut_short_reports_the_estimated_usage_it_is_charged_for() -> None:
+    a = FakeProvider("a", text="w1 w2 w3 w4", chunks=4, cost_per_1k=1.0)
+    a.script(BreakAfter(2))
+    router = Router(routing(), ["a"], [a], "n1")
+    routed = await router.open_stream(request(stream=True))
+    with pytest.raises(StreamBroken):
+        async for _ in routed:
+            pass
+    usage = routed.served.usage
+    assert usage.estimated and usage.completion_tokens == 2 and usage.prompt_tokens > 0
+    assert routed.served.cost == pytest.approx(usage.total_tokens / 1000.0)
