@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from aiohttp import web
 
 from meshnode.api import handlers
-from meshnode.api.anthropic_door import add_anthropic_routes
+from meshnode.api.anthropic_door import add_anthropic_routes, anthropic_error_response
 from meshnode.api.errors import error_response, http_error_response, unexpected_error_response
 from meshnode.api.images import add_image_routes
 from meshnode.api.state import CONTEXT, STATE, ApiState, RequestContext, new_request_id
@@ -62,7 +62,11 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     except MeshError as exc:
         ctx.error_code = exc.code or exc.error_type
         ctx.error_provider = exc.provider
-        response = error_response(exc, request_id, state.node_id)
+        # Errors raised before the Anthropic door's handler (auth, rate limits, body size)
+        # still answer in the envelope its clients parse.
+        render = (anthropic_error_response if request.path.startswith("/v1/messages")
+                  else error_response)
+        response = render(exc, request_id, state.node_id)
     except web.HTTPException as exc:
         # aiohttp's own refusals (no such route, wrong method, body over client_max_size).
         ctx.error_code = "http_" + str(exc.status)

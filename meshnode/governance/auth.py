@@ -58,7 +58,8 @@ class Authenticator:
                     "The Authorization header must be 'Bearer <API key>'."
                 )
             raise AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <API key>'."
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <API key>' "
+                "(Anthropic clients: 'x-api-key: <API key>')."
             )
         record = self._store.lookup(token)
         if record is None:

@@ -80,6 +80,19 @@ async def test_anthropic_style_x_api_key_is_accepted(stack: Any) -> None:
     assert r.status == 200
 
 
+async def test_the_anthropic_door_refuses_in_anthropics_envelope(stack: Any) -> None:
+    s = await stack([FakeProvider("fake", models=["m"])])
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    r = await s.client.post("/v1/messages", json=body)
+    assert r.status == 401
+    refused = await r.json()
+    assert refused["type"] == "error"
+    assert refused["error"]["type"] == "authentication_error"
+    assert "x-api-key" in refused["error"]["message"]
+    r = await s.client.post("/v1/messages", json=body, headers={"x-api-key": ADMIN_SECRET})
+    assert r.status == 200
+
+
 async def test_auth_off_lets_everything_through(stack: Any) -> None:
     s = await stack([FakeProvider("fake", models=["m"])], auth=False)
     assert (await s.client.post("/v1/chat/completions", json=chat())).status == 200
