@@ -310,6 +310,11 @@ class Config(_Strict):
             problem = _check_addr(seed)
             if problem:
                 errors.append(f"mesh.seeds[{i}]: {problem}")
+        seen_keys: set[str] = set()
+        for i, key in enumerate(self.auth.keys):
+            if key.name in seen_keys:
+                errors.append(f"auth.keys[{i}].name: {key.name!r} is listed twice")
+            seen_keys.add(key.name)
         if self.mesh.tls.enabled and not (self.mesh.tls.key_file and self.mesh.tls.ca_file):
             errors.append("mesh.tls: cert_file, key_file and ca_file must be set together")
         if errors:
@@ -381,7 +386,17 @@ def _check_provider(name: str, provider: ProviderConfig) -> list[str]:
         mwhere = f"{where}.models[{i}]"
         for other in ("openai_model", "anthropic_model", "cloudflare_model"):
             if getattr(model, other) is not None and other != upstream_field:
-                errors.append(f"{mwhere}.{other}: not valid for a {declared} provider")
+                article = "an" if declared[0] in "aeiou" else "a"
+                errors.append(f"{mwhere}.{other}: not valid for {article} {declared} provider")
+        if model.cost_per_1k_tokens is not None and (
+            model.cost_per_1k_input is not None or model.cost_per_1k_output is not None
+        ):
+            errors.append(
+                f"{mwhere}: give cost_per_1k_tokens, or cost_per_1k_input and "
+                "cost_per_1k_output, not both"
+            )
+        if any(m.name == model.name for m in provider.models[:i]):
+            errors.append(f"{mwhere}.name: {model.name!r} is listed twice in this provider")
         if eff == "local":
             if model.path is None and model.builtin is None:
                 errors.append(f"{mwhere}: a local model needs `path` or `builtin`")
@@ -428,12 +443,27 @@ def read_document(path: Path) -> dict[str, Any]:
         else:
             doc = yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError([f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'} ({exc})"]) from None
+        raise ConfigError([f"{path}: not valid {_syntax_name(path)} ({_one_line(exc)})"]) from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise ConfigError([f"{path}: the top level must be a mapping"])
     return doc
+
+
+def _syntax_name(path: Path) -> str:
+    return "JSON" if path.suffix.lower() == ".json" else "YAML"
+
+
+def _one_line(exc: Exception) -> str:
+    """A parser's complaint on one line, with the place in the file (errors are listed one per
+    line)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"{where}: {problem}" if problem else where
+    return " ".join(str(exc).split())
 
 
 def embedded_default(env: Mapping[str, str]) -> dict[str, Any]:
@@ -600,6 +630,8 @@ def _message(err: Any) -> str:
         return f"must be one of {ctx.get('expected')} (got {err.get('input')!r})"
     if kind == "string_too_short":
         return "must not be empty"
+    if kind == "string_pattern_mismatch" and err["loc"] and err["loc"][-1] == "key_sha256":
+        return "must be the key's SHA-256 as 64 hex characters (e.g. `printf %s KEY | sha256sum`)"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return f"{err['msg'].lower()} (got {type(err.get('input')).__name__})"
     return str(err["msg"])

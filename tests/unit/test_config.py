@@ -167,3 +167,36 @@ def test_run_refuses_an_invalid_config(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2
     assert "routing.failover.fallback_chain[0]" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"providers": {"openai": {"models": [{"name": "a", "anthropic_model": "x"}]}}},
+         "providers.openai.models[0].anthropic_model: not valid for an openai provider"),
+        ({"providers": {"openai": {"models": [{"name": "a"}, {"name": "a"}]}}},
+         "providers.openai.models[1].name: 'a' is listed twice in this provider"),
+        ({"providers": {"openai": {"models": [
+            {"name": "a", "cost_per_1k_tokens": 1, "cost_per_1k_input": 2}]}}},
+         "providers.openai.models[0]: give cost_per_1k_tokens, or cost_per_1k_input and "
+         "cost_per_1k_output, not both"),
+        ({"auth": {"keys": [{"name": "k", "key_sha256": "a" * 64},
+                            {"name": "k", "key_sha256": "b" * 64}]}},
+         "auth.keys[1].name: 'k' is listed twice"),
+        ({"auth": {"keys": [{"name": "k", "key_sha256": "not-a-hash"}]}},
+         "auth.keys[0].key_sha256: must be the key's SHA-256 as 64 hex characters"),
+    ],
+)
+def test_ambiguous_or_duplicated_entries_are_errors(doc: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(doc)
+    assert any(e.startswith(expected) for e in info.value.errors), info.value.errors
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_place(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("server:\n  listen_addr: [1, 2\nmesh: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    [error] = info.value.errors
+    assert error.startswith(f"{path}: not valid YAML (line ") and "\n" not in error
