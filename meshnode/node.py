@@ -290,6 +290,21 @@ class Node:
             )
         if not self.router.providers:
             log.warning("this node serves no provider: every inference request will fail")
+        config = self.config
+        limits = [f"{name} ${value:g}" for name, value in (
+            ("daily", config.budget.daily_limit), ("monthly", config.budget.monthly_limit))
+            if value is not None]
+        log.info(
+            "auth %s; budget %s; cache %s; mesh %s",
+            "on" if config.auth.enabled else "off (any client may call; see auth.enabled)",
+            ", ".join(limits) if config.budget.enabled and limits else "unlimited",
+            "on" if config.cache.enabled else "off",
+            ("off" if not config.mesh.enabled else
+             f"on (mDNS {'on' if config.mesh.mdns else 'off'}, "
+             f"{len(config.mesh.seeds)} seed(s), "
+             f"{'secret' if config.mesh.secret else 'mTLS' if config.mesh.tls.enabled else 'no'}"
+             " peer authentication)"),
+        )
         served = sorted({o.model for p in self.router.providers for o in p.offers()})
         log.info(
             "node %s serving %d model(s) at %s/v1: %s",

@@ -80,7 +80,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        fields = _fields(record)
+        # Empty fields are noise for a reader; the JSON format keeps every field, always.
+        fields = {k: v for k, v in _fields(record).items() if v is not None}
         if fields:
             line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
         return redact(line)

@@ -278,6 +278,9 @@ def test_metrics_and_logs_after_traffic(node: NodeProcess, client: openai.OpenAI
 
 def test_ready_and_admin(node: NodeProcess) -> None:
     assert http("GET", node.url + "/health/ready")[0] == 200
+    # start-up says what guards the node, not only what it serves
+    assert "auth off (any client may call; see auth.enabled); budget unlimited; cache on; " \
+        "mesh off" in node.logs()
     route = orjson.loads(http("GET", node.url + "/admin/route?model=gpt-4o")[2])
     assert route["winner"]["provider"] == "up"
     stats = orjson.loads(http("GET", node.url + "/admin/stats")[2])
