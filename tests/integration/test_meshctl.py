@@ -89,6 +89,11 @@ def test_the_documented_schemas_are_all_there() -> None:
 
 # --------------------------------------------------------------------------- --json
 def test_peers_json(mesh: ThreeNodes) -> None:
+    # RTTs appear once a probe of each peer has been answered: wait for that, then read.
+    mesh.wait_for(
+        lambda: all(p["rtt_ms"] is not None for p in ok_json(
+            meshctl("peers", "--json", node=mesh.a.url, key=ADMIN_SECRET))["peers"]),
+        "a has probed both peers")
     out = ok_json(meshctl("peers", "--json", node=mesh.a.url, key=ADMIN_SECRET))
     validate("peers", out)
     assert out["node"] == "a"
