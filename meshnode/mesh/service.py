@@ -224,6 +224,15 @@ class MeshService:
         host, _ = split_host_port(self.config.listen_addr)
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostbyname(socket.gethostname())
+            if host.startswith("127."):
+                # Debian and Ubuntu map the hostname to 127.0.1.1: peers elsewhere would be
+                # told to dial an address that is only ours.
+                log.warning(
+                    "mesh: listening on %s but this host's name resolves to %s, which peers on "
+                    "other machines cannot reach; set mesh.advertise_addr to this node's "
+                    "reachable HOST:PORT",
+                    self.config.listen_addr, host,
+                )
         return join_host_port(host, port)
 
     def _local_providers(self) -> Sequence[Provider]:
