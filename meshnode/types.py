@@ -15,6 +15,41 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
+# Fields of an OpenAI body that would redirect traffic or swap credentials (LiteLLM-style
+# per-request overrides), or that are routing knobs of other proxies. Never honoured: the front
+# end strips them from what clients send, and every adapter strips them again from what it
+# sends upstream (a peer's forwarded body does not pass the front end).
+REDIRECT_FIELDS: frozenset[str] = frozenset(
+    {
+        "api_base",
+        "base_url",
+        "api_key",
+        "api_version",
+        "api_type",
+        "organization",
+        "project",
+        "extra_headers",
+        "extra_query",
+        "headers",
+        "custom_llm_provider",
+        "deployment_id",
+        "azure_ad_token",
+        "azure_endpoint",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "aws_region_name",
+        "vertex_credentials",
+        "vertex_project",
+        "vertex_location",
+        "litellm_params",
+        "proxy",
+        "extra_body",
+        "default_headers",
+        "x_aiproxy",
+    }
+)
+
 NodeId = NewType("NodeId", str)
 ModelId = NewType("ModelId", str)
 ProviderName = NewType("ProviderName", str)

@@ -23,36 +23,7 @@ from typing import Any
 import orjson
 
 from meshnode.errors import InvalidRequest
-from meshnode.types import InferenceRequest, RequestKind
-
-# Fields a client may send to redirect the request or swap credentials. Never honoured.
-REDIRECT_FIELDS = frozenset(
-    {
-        "api_base",
-        "base_url",
-        "api_key",
-        "api_version",
-        "api_type",
-        "organization",
-        "project",
-        "extra_headers",
-        "extra_query",
-        "headers",
-        "custom_llm_provider",
-        "deployment_id",
-        "azure_ad_token",
-        "azure_endpoint",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "aws_region_name",
-        "vertex_credentials",
-        "vertex_project",
-        "vertex_location",
-        "litellm_params",
-        "proxy",
-    }
-)
+from meshnode.types import REDIRECT_FIELDS, InferenceRequest, RequestKind
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_OUTPUT_TOKENS = 1_000_000

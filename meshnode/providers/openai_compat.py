@@ -48,6 +48,7 @@ from meshnode.providers.tokens import (
     tokens_for_chars,
 )
 from meshnode.types import (
+    REDIRECT_FIELDS,
     Completion,
     InferenceRequest,
     ModelOffer,
@@ -58,36 +59,8 @@ from meshnode.types import (
 
 log = logging.getLogger(__name__)
 
-#: Body fields never sent upstream: they would redirect traffic or carry credentials
-#: (LiteLLM-style per-request overrides), or are routing knobs of other proxies.
-FORBIDDEN_FIELDS: frozenset[str] = frozenset(
-    {
-        "api_base",
-        "base_url",
-        "api_key",
-        "api_version",
-        "api_type",
-        "organization",
-        "project",
-        "headers",
-        "extra_headers",
-        "extra_query",
-        "extra_body",
-        "default_headers",
-        "custom_llm_provider",
-        "azure_endpoint",
-        "azure_ad_token",
-        "deployment_id",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "aws_region_name",
-        "vertex_credentials",
-        "vertex_project",
-        "vertex_location",
-        "x_aiproxy",
-    }
-)
+#: Body fields never sent upstream (see `meshnode.types.REDIRECT_FIELDS`).
+FORBIDDEN_FIELDS = REDIRECT_FIELDS
 
 PATHS: dict[RequestKind, str] = {
     RequestKind.CHAT: "/chat/completions",

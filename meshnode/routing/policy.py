@@ -47,13 +47,15 @@ def _header_has(headers: Mapping[str, str], name: str, wanted: str) -> bool:
 def allows(policy: PolicyConfig | None, offer: ModelOffer) -> bool:
     if policy is None:
         return True
-    if policy.allow is not None and not (
-        offer.provider in policy.allow or offer.provider_kind in policy.allow
-    ):
+    return _permits(policy.allow, policy.max_cost_per_1k, offer)
+
+
+def _permits(allow: Sequence[str] | None, max_cost_per_1k: float | None,
+             offer: ModelOffer) -> bool:
+    if allow is not None and not (offer.provider in allow or offer.provider_kind in allow):
         return False
-    if policy.max_cost_per_1k is not None:
-        if max(offer.cost_per_1k_input, offer.cost_per_1k_output) > policy.max_cost_per_1k:
-            return False
+    if max_cost_per_1k is not None:
+        return max(offer.cost_per_1k_input, offer.cost_per_1k_output) <= max_cost_per_1k
     return True
 
 
@@ -61,14 +63,7 @@ def constraint_allows(constraint: PolicyConstraint | None, offer: ModelOffer) ->
     """The same test as `allows`, for constraints that arrived with a forwarded request."""
     if constraint is None:
         return True
-    if constraint.allow is not None and not (
-        offer.provider in constraint.allow or offer.provider_kind in constraint.allow
-    ):
-        return False
-    if constraint.max_cost_per_1k is not None:
-        if max(offer.cost_per_1k_input, offer.cost_per_1k_output) > constraint.max_cost_per_1k:
-            return False
-    return True
+    return _permits(constraint.allow, constraint.max_cost_per_1k, offer)
 
 
 def carried_constraint(
