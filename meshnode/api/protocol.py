@@ -321,21 +321,34 @@ def parse_chat(
     )
 
 
+def _token_chars(value: list[Any]) -> int | None:
+    """A prompt or input given as token ids (or arrays of them), sized like text (~4 chars a
+    token); None when it is not token ids."""
+    if all(_is_int(v) for v in value):
+        return 4 * len(value)
+    if all(isinstance(v, list) and v and all(_is_int(t) for t in v) for v in value):
+        return 4 * sum(len(v) for v in value)
+    return None
+
+
+def _not_text_or_tokens(param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"'{param}' must be a string, an array of strings, an array of token ids "
+        "or an array of token id arrays",
+        param=param,
+    )
+
+
 def _prompt_chars(prompt: Any) -> int:
     if isinstance(prompt, str):
         return len(prompt)
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return sum(len(p) for p in prompt)
-        if all(_is_int(p) for p in prompt):
-            return 4 * len(prompt)
-        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-            return 4 * sum(len(p) for p in prompt)
-    raise InvalidRequest(
-        "'prompt' must be a string, an array of strings, an array of token ids "
-        "or an array of token id arrays",
-        param="prompt",
-    )
+        tokens = _token_chars(prompt)
+        if tokens is not None:
+            return tokens
+    raise _not_text_or_tokens("prompt")
 
 
 def parse_completion(
@@ -383,15 +396,10 @@ def _input_chars(value: Any) -> int:
                         f"'input[{i}]' must not be an empty string", param=f"input[{i}]"
                     )
             return sum(len(v) for v in value)
-        if all(_is_int(v) for v in value):
-            return 4 * len(value)
-        if all(isinstance(v, list) and v and all(_is_int(t) for t in v) for v in value):
-            return 4 * sum(len(v) for v in value)
-    raise InvalidRequest(
-        "'input' must be a string, an array of strings, an array of token ids "
-        "or an array of token id arrays",
-        param="input",
-    )
+        tokens = _token_chars(value)
+        if tokens is not None:
+            return tokens
+    raise _not_text_or_tokens("input")
 
 
 def parse_embedding(
