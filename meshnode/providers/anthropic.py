@@ -41,6 +41,7 @@ from meshnode.errors import (
     UpstreamUnavailable,
 )
 from meshnode.providers.base import Provider
+from meshnode.providers.content import content_text
 from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
 from meshnode.providers.registry import ProviderContext
 from meshnode.types import (
@@ -98,22 +99,6 @@ def error_from_anthropic(
 
 
 # --------------------------------------------------------------------------- request
-def _text_of(content: Any, where: str) -> str:
-    """The text of an OpenAI message content (a string or a list of text parts)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise InvalidRequest(
-                    "only text parts are allowed here", param=f"{where}.content[{j}]"
-                )
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise InvalidRequest("content must be a string or a list of parts", param=f"{where}.content")
 
 
 def _image_block(part: dict[str, Any], where: str) -> dict[str, Any]:
@@ -164,7 +149,7 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
 def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     content = message.get("content")
-    text = content if isinstance(content, str) else _text_of(content, where)
+    text = content if isinstance(content, str) else content_text(content, where)
     if text:
         blocks.append({"type": "text", "text": text})
     for j, call in enumerate(message.get("tool_calls") or ()):
@@ -204,7 +189,7 @@ def _tool_result_block(message: dict[str, Any], where: str) -> dict[str, Any]:
     return {
         "type": "tool_result",
         "tool_use_id": str(call_id),
-        "content": _text_of(message.get("content"), where),
+        "content": content_text(message.get("content"), where),
     }
 
 
@@ -280,7 +265,7 @@ def chat_to_anthropic(
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
-            text = _text_of(message.get("content"), where)
+            text = content_text(message.get("content"), where)
             if text:
                 system.append(text)
         elif role == "user":

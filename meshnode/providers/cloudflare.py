@@ -47,6 +47,7 @@ from meshnode.errors import (
     UpstreamUnavailable,
 )
 from meshnode.providers.base import Provider
+from meshnode.providers.content import content_text
 from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
 from meshnode.providers.registry import ProviderContext
 from meshnode.providers.tokens import estimate_prompt_tokens, estimate_tokens
@@ -107,21 +108,6 @@ def envelope_error(data: Any, provider: str) -> UpstreamError:
 
 
 # --------------------------------------------------------------------------- request bodies
-def _content_text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise InvalidRequest(
-                    "this provider takes text content only", param=f"{where}.content[{j}]"
-                )
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise InvalidRequest("content must be a string or a list of parts", param=f"{where}.content")
 
 
 def chat_to_cloudflare(body: dict[str, Any], stream: bool) -> dict[str, Any]:
@@ -137,7 +123,7 @@ def chat_to_cloudflare(body: dict[str, Any], stream: bool) -> dict[str, Any]:
             raise InvalidRequest("a message must be an object", param=f"messages[{i}]")
         role = str(message.get("role"))
         role = "system" if role == "developer" else role
-        text = _content_text(message.get("content"), f"messages[{i}]")
+        text = content_text(message.get("content"), f"messages[{i}]")
         out_message: dict[str, Any] = {"role": role, "content": text}
         calls = message.get("tool_calls") if role == "assistant" else None
         if calls:
