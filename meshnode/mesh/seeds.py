@@ -3,7 +3,9 @@
 A seed is `host:port`; a DNS name may resolve to several addresses (a Kubernetes headless
 Service) and each is tried. The joiner keeps trying, with exponential backoff and jitter, until
 one answers; afterwards it watches and re-joins whenever this node finds itself alone (the seed
-restarted, or a partition healed), so a mesh never stays split by an unlucky start order.
+restarted, or a partition healed), so a mesh never stays split by an unlucky start order; and
+every `recontact_interval_s` it knocks on the seeds that are not live members, so two halves
+that forgot each other after a long partition find each other again.
 """
 
 from __future__ import annotations
@@ -75,10 +77,14 @@ class SeedJoiner:
         resolve: Callable[[str], Awaitable[list[str]]] = resolve_seed,
         rng: random.Random | None = None,
         check_interval_s: float = 5.0,
+        live_addresses: Callable[[], set[str]] | None = None,
+        recontact_interval_s: float = 30.0,
     ) -> None:
         self._seeds = list(seeds)
         self._join = join
         self._alone = alone
+        self._live = live_addresses
+        self._recontact_interval_s = recontact_interval_s
         self._own = set(own_addresses)
         self._backoff = backoff or Backoff()
         self._resolve = resolve
@@ -97,11 +103,30 @@ class SeedJoiner:
                     return True
         return False
 
+    async def recontact(self) -> int:
+        """Knock on every seed address that is not a live member now. Reconnect probes of dead
+        members stop once they are forgotten (`dead_forget_s`), so a partition that outlived
+        that heals here, as long as a seed sits on the other side. Returns how many answered."""
+        if self._live is None:
+            return 0
+        live = self._live()
+        answered = 0
+        for seed in self._seeds:
+            for address in await self._resolve(seed):
+                if address in self._own or address in live:
+                    continue
+                if await self._join(address):
+                    log.info("mesh: seed %s (%s) answered again; merged its view", seed, address)
+                    answered += 1
+        return answered
+
     async def run(self) -> None:
         if not self._seeds:
             self.joined.set()
             return
         attempt = 0
+        loop = asyncio.get_running_loop()
+        next_recontact = loop.time() + self._recontact_interval_s
         while True:
             if self._alone():
                 if await self.try_once():
@@ -121,4 +146,7 @@ class SeedJoiner:
                     continue
             else:
                 self.joined.set()
+                if loop.time() >= next_recontact:
+                    next_recontact = loop.time() + self._recontact_interval_s
+                    await self.recontact()
             await asyncio.sleep(self._check_interval_s)

@@ -151,6 +151,9 @@ class MeshService:
             alone=lambda: not self.membership.peers(),  # type: ignore[union-attr]
             own_addresses=sorted(own),
             rng=rng,
+            live_addresses=lambda: {
+                m.address for m in self.membership.peers()  # type: ignore[union-attr]
+            },
         )
         self._tasks = [
             asyncio.create_task(self.joiner.run(), name="mesh-seeds"),

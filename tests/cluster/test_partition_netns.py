@@ -138,8 +138,15 @@ def test_heal_reconverges_with_no_node_left_suspect(lab: Lab) -> None:
                  "every node sees every node alive after the heal")
     except AssertionError:
         raise AssertionError(f"{lab.views()}\n{lab.logs()}") from None
-    # And it holds: a dozen more probe rounds and nobody is suspect or dead anywhere.
-    for _ in range(6):
+    # And it settles: six polls in a row (a dozen probe rounds) with nobody suspect or dead
+    # anywhere. Right after a heal, gossip may carry one side's stale "dead" across for a
+    # moment before the accused refutes it (docs/mesh.md, "Partitions"); the mesh must come
+    # back to all-alive and stay there.
+    stable, views = 0, lab.views()
+    end = time.monotonic() + WAIT_S
+    while stable < 6:
+        assert time.monotonic() < end, f"the mesh did not settle after the heal: {views}"
         time.sleep(0.5)
         views = lab.views()
-        assert all(v == dict.fromkeys(NAMES, "alive") for v in views.values()), views
+        settled = all(v == dict.fromkeys(NAMES, "alive") for v in views.values())
+        stable = stable + 1 if settled else 0

@@ -62,3 +62,33 @@ def test_backoff_grows_and_is_capped() -> None:
     backoff = Backoff(initial_s=0.2, max_s=5.0, multiplier=2.0, jitter=0.0)
     rng = random.Random(0)
     assert [backoff.delay(i, rng) for i in range(7)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+
+
+async def test_seeds_that_are_not_live_members_are_knocked_on_while_not_alone() -> None:
+    """After a long partition each half has forgotten the other and neither is alone: only a
+    periodic knock on the seeds that are not live members brings them back together."""
+    tried: list[str] = []
+    live = {"10.0.0.2:1"}  # our half: seed 2 is with us, seed 3 is across the old partition
+
+    async def resolve(seed: str) -> list[str]:
+        return ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
+
+    async def join(address: str) -> bool:
+        tried.append(address)
+        live.add(address)
+        return True
+
+    joiner = SeedJoiner(["svc:1"], join, alone=lambda: False, own_addresses=["10.0.0.1:1"],
+                        resolve=resolve, live_addresses=lambda: set(live),
+                        check_interval_s=0.005, recontact_interval_s=0.01)
+    assert await joiner.recontact() == 1
+    assert tried == ["10.0.0.3:1"]  # not ourselves, not a live member
+    assert await joiner.recontact() == 0  # nothing left to knock on
+    task = asyncio.create_task(joiner.run())
+    live.discard("10.0.0.3:1")  # the other half is gone from our view again
+    for _ in range(400):
+        if tried.count("10.0.0.3:1") >= 2:
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()
+    assert tried.count("10.0.0.3:1") >= 2 and "10.0.0.2:1" not in tried
