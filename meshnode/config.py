@@ -17,7 +17,7 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -280,25 +280,13 @@ class Config(_Strict):
         errors: list[str] = []
         for name, provider in self.providers.items():
             errors.extend(_check_provider(name, provider))
-        known = set(self.providers) | {_effective_type(n, p) for n, p in self.providers.items()}
-        known |= {p.type for p in self.providers.values() if p.type}
-        known.add("mesh")
-        chain = self.routing.failover.fallback_chain or []
-        for i, entry in enumerate(chain):
-            if entry not in known:
-                errors.append(
-                    f"routing.failover.fallback_chain[{i}]: no provider named {entry!r} "
-                    f"(configured: {', '.join(sorted(self.providers)) or 'none'}, and 'mesh')"
-                )
-        # A policy may name any provider kind, configured here or not: it also constrains what
-        # peers do with a forwarded request ("[local, mesh]" on a node without local models).
-        allowable = known | set(PROVIDER_TYPES)
-        for i, policy in enumerate(self.routing.policies):
-            for j, entry in enumerate(policy.allow or []):
-                if entry not in allowable:
-                    errors.append(
-                        f"routing.policies[{i}].allow[{j}]: no provider or kind named {entry!r}"
-                    )
+        errors.extend(
+            _name_errors(
+                {n: p.type for n, p in self.providers.items()},
+                self.routing.failover.fallback_chain or [],
+                [p.allow or [] for p in self.routing.policies],
+            )
+        )
         for addr_path, addr in (
             ("server.listen_addr", self.server.listen_addr),
             ("mesh.listen_addr", self.mesh.listen_addr),
@@ -349,6 +337,63 @@ class Config(_Strict):
         if self.routing.failover.fallback_chain:
             return list(self.routing.failover.fallback_chain)
         return [r.name for r in self.resolved_providers()] + ["mesh"]
+
+
+def _name_errors(
+    providers: Mapping[str, str | None],
+    chain: Sequence[Any],
+    policy_allows: Sequence[Sequence[Any]],
+) -> list[str]:
+    """Names in the fallback chain and in policies that match no provider. `providers` maps
+    each provider's name to its declared `type` (or None)."""
+    errors: list[str] = []
+    known = set(providers) | {"mesh"}
+    for name, declared in providers.items():
+        declared = declared or name
+        preset = PRESETS.get(declared)
+        known.add(str(preset["type"]) if preset else declared)
+        known.add(declared)
+    for i, entry in enumerate(chain):
+        if entry not in known:
+            errors.append(
+                f"routing.failover.fallback_chain[{i}]: no provider named {entry!r} "
+                f"(configured: {', '.join(sorted(providers)) or 'none'}, and 'mesh')"
+            )
+    # A policy may name any provider kind, configured here or not: it also constrains what
+    # peers do with a forwarded request ("[local, mesh]" on a node without local models).
+    allowable = known | set(PROVIDER_TYPES)
+    for i, allow in enumerate(policy_allows):
+        for j, entry in enumerate(allow):
+            if entry not in allowable:
+                errors.append(
+                    f"routing.policies[{i}].allow[{j}]: no provider or kind named {entry!r}"
+                )
+    return errors
+
+
+def _raw_name_errors(doc: Mapping[str, Any]) -> list[str]:
+    """`_name_errors` over a document that failed field validation (the model's own cross
+    checks did not run), read defensively, so one pass lists these errors too."""
+
+    def mapping(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    def strings(value: Any) -> list[Any]:
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+    providers = {
+        str(name): (p.get("type") if isinstance(p.get("type"), str) else None)
+        for name, p in mapping(doc.get("providers")).items()
+        if isinstance(p, Mapping)
+    }
+    routing = mapping(doc.get("routing"))
+    chain = strings(mapping(routing.get("failover")).get("fallback_chain"))
+    policies = routing.get("policies")
+    allows = [
+        strings(p.get("allow")) for p in (policies if isinstance(policies, list) else [])
+        if isinstance(p, Mapping)
+    ]
+    return _name_errors(providers, chain, allows)
 
 
 class _CrossCheckError(ValueError):
@@ -584,7 +629,11 @@ def validate(doc: Mapping[str, Any]) -> Config:
     try:
         return Config.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        errors = _format_errors(exc)
+        # Field errors stop pydantic before the model's cross checks: run the name checks on
+        # the raw document so a single pass still lists every error.
+        errors.extend(e for e in _raw_name_errors(doc) if e not in errors)
+        raise ConfigError(errors) from None
 
 
 def _format_errors(exc: ValidationError) -> list[str]:

@@ -200,3 +200,18 @@ def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_place(tmp_path: Pat
         load_config(path, env={})
     [error] = info.value.errors
     assert error.startswith(f"{path}: not valid YAML (line ") and "\n" not in error
+
+
+def test_one_pass_lists_field_errors_and_name_errors_together() -> None:
+    doc = {
+        "providers": {"openai": {"models": [{"name": "a", "cost_per_1k_tokens": -1}]}},
+        "routing": {"failover": {"fallback_chain": ["openai", "nowhere"]},
+                    "policies": [{"name": "p", "allow": ["nobody"]}]},
+    }
+    with pytest.raises(ConfigError) as info:
+        validate(doc)
+    errors = info.value.errors
+    assert "providers.openai.models[0].cost_per_1k_tokens: must be >= 0" in errors
+    assert any(e.startswith("routing.failover.fallback_chain[1]: no provider named 'nowhere'")
+               for e in errors)
+    assert "routing.policies[0].allow[0]: no provider or kind named 'nobody'" in errors
