@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from meshnode.config import RoutingConfig
+from meshnode.config import PolicyConfig, RoutingConfig
 from meshnode.errors import (
     BudgetExceeded,
     DeadlineExceeded,
@@ -196,9 +196,11 @@ class Router:
                 return i
         return None
 
-    def _plan(self, request: InferenceRequest) -> tuple[list[Ranked], str, str | None, list[str]]:
+    def _plan(
+        self, request: InferenceRequest
+    ) -> tuple[list[Ranked], str, str | None, list[str], PolicyConfig | None]:
         """Rank the candidates for a request. Returns (ranking, strategy, policy name, excluded
-        with reasons)."""
+        with reasons, the rule of this node that matched)."""
         policy = match_policy(
             self._config.policies,
             request.model,
@@ -283,7 +285,7 @@ class Router:
         if overflowing and len(overflowing) < len(ranking):
             ranking = demote(ranking, overflowing, f"queue over {bound}: overflow")
         name = policy.name if policy else (incoming.name if incoming else None)
-        return ranking, strategy, name, excluded
+        return ranking, strategy, name, excluded, policy
 
     def _attempt_plan(self, ranking: list[Ranked]) -> list[Ranked]:
         """The sequence of candidates to try: the ranking, cycled, capped by max_retries."""
@@ -382,9 +384,9 @@ class Router:
     ) -> _Won[T]:
         """The failover loop shared by both verbs: try the ranked candidates until `call`
         returns. The winner comes back still counted in flight, its budget hold open."""
-        ranking, strategy, policy, excluded = self._plan(request)
-        request = self._bounded_by_policy(request, policy)
-        request = self._carrying_policy(request)
+        ranking, strategy, policy, excluded, rule = self._plan(request)
+        request = self._bounded_by_policy(request, rule)
+        request = self._carrying_policy(request, rule)
         plan = self._attempt_plan(ranking)
         if not plan:
             raise self._no_candidates(request, policy, excluded)
@@ -470,21 +472,18 @@ class Router:
     def _reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
         return FREE if self._spend is None else self._spend.reserve(request, offer)
 
-    def _carrying_policy(self, request: InferenceRequest) -> InferenceRequest:
+    def _carrying_policy(
+        self, request: InferenceRequest, rule: PolicyConfig | None
+    ) -> InferenceRequest:
         """Attach the constraints a forwarded copy must carry (this node's matched rule merged
         with the one the request arrived with), so a peer honours them too."""
-        rule = match_policy(
-            self._config.policies, request.model, request.headers, request.key_name,
-            request.prompt_tokens_estimate,
-        )
         carried = carried_constraint(rule, request.policy)
         return request if carried == request.policy else dataclasses.replace(request, policy=carried)
 
-    def _bounded_by_policy(self, request: InferenceRequest, policy: str | None) -> InferenceRequest:
+    def _bounded_by_policy(
+        self, request: InferenceRequest, rule: PolicyConfig | None
+    ) -> InferenceRequest:
         """A policy's `deadline_ms` shortens the request's deadline (never lengthens it)."""
-        if policy is None:
-            return request
-        rule = next((p for p in self._config.policies if p.name == policy), None)
         if rule is None or rule.deadline_ms is None:
             return request
         deadline = min(request.deadline, self._clock() + rule.deadline_ms / 1000.0)
@@ -587,7 +586,7 @@ class Router:
             key_name=key_name,
         )
         turn = self._turn
-        ranking, strategy, policy, excluded = self._plan(request)
+        ranking, strategy, policy, excluded, _ = self._plan(request)
         self._turn = turn  # explaining is not a request: round robin keeps its place
         now = self._clock()
         rows = []
