@@ -72,22 +72,18 @@ import base64
 import contextlib
 import hashlib
 import math
-import os
-import selectors
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from tests.kit.fake_process import FakeServerProcess
 
 DEFAULT_TEXT = "Hello from the fake OpenAI server."
 DEFAULT_MODELS = ("fake-model",)
@@ -730,109 +726,28 @@ def _tcp_reset(request: web.Request) -> None:
 
 
 # --------------------------------------------------------------------------- subprocess use
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class FakeOpenAIProcess:
+class FakeOpenAIProcess(FakeServerProcess):
     """The fake in its own process (`python -m tests.kit.fake_openai --port 0`), driven over its
-    control endpoints with plain blocking HTTP. `with FakeOpenAIProcess() as fake:`."""
+    control endpoints with plain blocking HTTP. `with FakeOpenAIProcess() as fake:`; start, stop
+    and the control calls are `FakeServerProcess`'s."""
 
     def __init__(
         self,
         *,
         require_key: str | None = None,
         models: Iterable[str] = DEFAULT_MODELS,
-        python: str = sys.executable,
         startup_timeout: float = 30.0,
     ) -> None:
-        self._args = [python, "-m", "tests.kit.fake_openai", "--port", "0"]
+        args = ["--models", ",".join(models)]
         if require_key is not None:
-            self._args += ["--require-key", require_key]
-        self._args += ["--models", ",".join(models)]
-        self._startup_timeout = startup_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
+            args += ["--require-key", require_key]
+        super().__init__("tests.kit.fake_openai", *args, startup_timeout=startup_timeout)
 
     @property
-    def root_url(self) -> str:
-        return self.base_url.removesuffix("/v1")
+    def base_url(self) -> str:
+        return self.url
 
-    def start(self) -> str:
-        path = [str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-        # unbuffered: the selector below must see every byte the child writes
-        self._proc = subprocess.Popen(
-            self._args,
-            cwd=_REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            bufsize=0,
-        )
-        assert self._proc.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(self._proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + self._startup_timeout
-        line = b""
-        try:
-            while not line.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not selector.select(left):
-                    raise RuntimeError("the fake OpenAI server did not start in time")
-                byte = self._proc.stdout.read(1)
-                if not byte:
-                    raise RuntimeError(f"the fake OpenAI server exited ({self._proc.wait()})")
-                line += byte
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            selector.close()
-        key, _, url = line.decode().strip().partition("=")
-        if key != "FAKE_OPENAI_URL":
-            self.stop()
-            raise RuntimeError(f"unexpected first line from the fake: {line!r}")
-        self.base_url = url
-        return url
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-    def kill(self) -> None:
-        """SIGKILL: the upstream dies at once, mid-request, without closing anything cleanly."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-    def __enter__(self) -> FakeOpenAIProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _call(self, method: str, path: str, data: Any = None) -> Any:
-        payload = orjson.dumps(data) if data is not None else None
-        req = urllib.request.Request(self.root_url + path, data=payload, method=method)
-        req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return orjson.loads(resp.read())
-
-    def script(self, *behaviours: Behaviour) -> None:
+    def script(self, *behaviours: Behaviour) -> None:  # type: ignore[override]
         self._call("POST", "/_fake/script", {"behaviours": [b.to_json() for b in behaviours]})
 
     def requests(self) -> list[dict[str, Any]]:

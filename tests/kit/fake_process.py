@@ -99,6 +99,16 @@ class FakeServerProcess:
         if proc.stdout is not None:
             proc.stdout.close()
 
+    def kill(self) -> None:
+        """SIGKILL: the fake dies at once, mid-request, without closing anything cleanly."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
     def __enter__(self) -> FakeServerProcess:
         self.start()
         return self
