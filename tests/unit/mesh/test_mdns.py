@@ -13,10 +13,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from meshnode.config import MeshConfig, RoutingConfig
 from meshnode.mesh.mdns import interface_addresses
-from meshnode.mesh.service import MeshService
-from meshnode.routing.router import Router
+from tests.kit.mesh_services import MeshServices, members
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,34 +48,13 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
         await asyncio.sleep(0.02)
 
 
-class Nodes:
-    def __init__(self) -> None:
-        self.services: list[MeshService] = []
-
-    async def start(self, node_id: str, **mesh: object) -> MeshService:
-        config = MeshConfig(**{"listen_addr": "127.0.0.1:0", "probe_interval_ms": 100,
-                               "gossip_interval_ms": 100, "mdns": True, **mesh})
-        svc = MeshService(config, node_id, Router(RoutingConfig(), ["mesh"], [], node_id),
-                          announce=False)
-        await svc.start()
-        self.services.append(svc)
-        return svc
-
-    async def stop(self) -> None:
-        for svc in self.services:
-            await svc.stop(graceful=False, grace_s=0)
-
-
 @pytest.fixture
-async def nodes() -> AsyncIterator[Nodes]:
-    n = Nodes()
+async def nodes() -> AsyncIterator[MeshServices]:
+    n = MeshServices(listen_addr="127.0.0.1:0", probe_interval_ms=100, gossip_interval_ms=100,
+                     mdns=True)
     yield n
     await n.stop()
 
-
-def members(svc: MeshService) -> set[str]:
-    assert svc.membership is not None
-    return {m.node_id for m in svc.membership.members()}
 
 
 def test_only_the_interface_that_carries_the_listen_address() -> None:
@@ -89,7 +66,7 @@ def test_only_the_interface_that_carries_the_listen_address() -> None:
 
 
 @needs_multicast
-async def test_three_nodes_find_each_other_by_mdns_alone(nodes: Nodes) -> None:
+async def test_three_nodes_find_each_other_by_mdns_alone(nodes: MeshServices) -> None:
     secret = uuid.uuid4().hex  # a mesh of our own: other nodes on this host are not ours
     trio = [await nodes.start(f"mdns-{i}", secret=secret) for i in range(3)]
     assert all(s.mdns is not None and s.mdns.running for s in trio)
@@ -106,7 +83,7 @@ async def test_three_nodes_find_each_other_by_mdns_alone(nodes: Nodes) -> None:
 
 @needs_multicast
 async def test_two_nodes_with_the_same_id_are_reported(
-    nodes: Nodes, caplog: pytest.LogCaptureFixture
+    nodes: MeshServices, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR)
     secret = uuid.uuid4().hex
@@ -119,7 +96,7 @@ async def test_two_nodes_with_the_same_id_are_reported(
 
 
 async def test_missing_interface_is_a_warning_and_seeds_still_work(
-    nodes: Nodes, caplog: pytest.LogCaptureFixture
+    nodes: MeshServices, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     a = await nodes.start("a", mdns_interfaces=["no-such-if0"])

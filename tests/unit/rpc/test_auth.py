@@ -30,6 +30,7 @@ from meshnode.rpc import convert
 from meshnode.rpc.auth import MeshAuth, ReplayCache
 from meshnode.rpc.client import GOSSIP, HEALTH
 from meshnode.types import InferenceRequest, RequestKind
+from tests.kit.mesh_services import MeshServices, members
 from tests.unit.rpc.tls_certs import LeafFiles, TestCA
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,35 +49,21 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
         await asyncio.sleep(0.01)
 
 
-class Nodes:
-    def __init__(self) -> None:
-        self.services: list[MeshService] = []
-
-    async def start(self, node_id: str, models: list[str] | None = None,
-                    **mesh: object) -> MeshService:
+class Nodes(MeshServices):
+    async def start(  # type: ignore[override]
+        self, node_id: str, models: list[str] | None = None, **mesh: object
+    ) -> MeshService:
         providers = [FakeProvider("fakeai", models=models, text="authed answer", chunks=2)] \
             if models else []
-        router = Router(RoutingConfig(), ["fakeai", "mesh"], providers, node_id)
-        svc = MeshService(MeshConfig(**{**MESH, **mesh}), node_id, router, announce=False)
-        await svc.start()
-        self.services.append(svc)
-        return svc
-
-    async def stop(self) -> None:
-        for svc in self.services:
-            await svc.stop(graceful=False, grace_s=0)
+        return await super().start(node_id, providers, **mesh)
 
 
 @pytest.fixture
 async def nodes() -> AsyncIterator[Nodes]:
-    n = Nodes()
+    n = Nodes(**MESH)
     yield n
     await n.stop()
 
-
-def members(svc: MeshService) -> set[str]:
-    assert svc.membership is not None
-    return {m.node_id for m in svc.membership.members()}
 
 
 async def settle(svc: MeshService, rounds: int = 10) -> None:

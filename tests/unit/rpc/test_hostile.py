@@ -15,16 +15,15 @@ import grpc
 import grpc.aio
 import pytest
 
-from meshnode.config import MeshConfig, RoutingConfig
 from meshnode.errors import UpstreamUnavailable
 from meshnode.mesh.service import MeshService
 from meshnode.mesh.state import MAX_INCARNATION
 from meshnode.providers.fake import FakeProvider
-from meshnode.routing.router import Router
 from meshnode.rpc import convert
 from meshnode.rpc.client import GOSSIP, HEALTH, INFER
 from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.types import Capacity, InferenceRequest, RequestKind
+from tests.kit.mesh_services import MeshServices, members
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -41,34 +40,12 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
         await asyncio.sleep(0.01)
 
 
-class Nodes:
-    def __init__(self) -> None:
-        self.services: list[MeshService] = []
-
-    async def start(self, node_id: str, providers: list[FakeProvider] | None = None,
-                    relay: bool = True, **mesh: object) -> MeshService:
-        chain = [p.name for p in providers or []] + (["mesh"] if relay else [])
-        router = Router(RoutingConfig(), chain, providers or [], node_id)
-        svc = MeshService(MeshConfig(**{**MESH, **mesh}), node_id, router, announce=False)
-        await svc.start()
-        self.services.append(svc)
-        return svc
-
-    async def stop(self) -> None:
-        for svc in self.services:
-            await svc.stop(graceful=False, grace_s=0)
-
-
 @pytest.fixture
-async def nodes() -> AsyncIterator[Nodes]:
-    n = Nodes()
+async def nodes() -> AsyncIterator[MeshServices]:
+    n = MeshServices(**MESH)
     yield n
     await n.stop()
 
-
-def members(svc: MeshService) -> set[str]:
-    assert svc.membership is not None
-    return {m.node_id for m in svc.membership.members()}
 
 
 async def call(address: str, method: str, body: bytes) -> grpc.StatusCode:
@@ -85,14 +62,14 @@ async def call(address: str, method: str, body: bytes) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def still_serves(a: MeshService, nodes: Nodes, name: str) -> None:
+async def still_serves(a: MeshService, nodes: MeshServices, name: str) -> None:
     """An honest node can still join afterwards: the node survived."""
     b = await nodes.start(name, seeds=[a.advertise_address])
     await wait_for(lambda: name in members(a) and a.node_id in members(b))
 
 
 # ------------------------------------------------------------------------------ bytes
-async def test_garbage_bytes_are_refused_and_the_node_survives(nodes: Nodes) -> None:
+async def test_garbage_bytes_are_refused_and_the_node_survives(nodes: MeshServices) -> None:
     a = await nodes.start("a")
     truncated = b"\x0a\xff\xff\xff\x0f" + b"x" * 10  # field 1, a length far past the end
     for method in (HEALTH, GOSSIP, INFER):
@@ -109,7 +86,7 @@ async def test_garbage_bytes_are_refused_and_the_node_survives(nodes: Nodes) -> 
     await still_serves(a, nodes, "b")
 
 
-async def test_oversized_messages_are_refused_before_parsing(nodes: Nodes) -> None:
+async def test_oversized_messages_are_refused_before_parsing(nodes: MeshServices) -> None:
     a = await nodes.start("a")
     big_probe = pb.HealthRequest(from_node="x" * (100 * 1024)).SerializeToString()
     assert await call(a.advertise_address, HEALTH, big_probe) is \
@@ -136,7 +113,7 @@ def _record_bytes(i: int) -> bytes:
     return b"\x22" + bytes([len(raw)]) + raw
 
 
-async def test_a_message_claiming_huge_membership_is_bounded(nodes: Nodes) -> None:
+async def test_a_message_claiming_huge_membership_is_bounded(nodes: MeshServices) -> None:
     a = await nodes.start("a")
     b = await nodes.start("b", seeds=[a.advertise_address])
     await wait_for(lambda: members(a) == {"a", "b"})
@@ -192,7 +169,7 @@ def test_counters_beyond_the_bound_are_dropped() -> None:
 
 
 async def test_liar_with_cost_zero_and_infinite_capacity_loses_to_measurement(
-    nodes: Nodes,
+    nodes: MeshServices,
 ) -> None:
     liar_fake = FakeProvider("liarai", models=["m"], cost_per_1k=0.0,
                              capacity=Capacity(2**32 - 1, 2**32 - 1, 0, math.inf))
