@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -70,8 +71,12 @@ def interface_addresses(names: Sequence[str], listen_addr: str, advertise_addr: 
 
 
 def _instance(node_id: str) -> str:
-    label = re.sub(r"[^A-Za-z0-9_-]", "-", node_id)[:60] or "node"
-    return f"{label}.{SERVICE_TYPE}"
+    """This process's instance name: the node id plus a random suffix. Two processes that share a
+    node id (a copied data_dir, a hard-coded `node.id`) must not share the instance name: each
+    would only ever resolve its own record under it and neither could report the other. The id
+    that counts travels in TXT (`id`)."""
+    label = re.sub(r"[^A-Za-z0-9_-]", "-", node_id)[:52] or "node"
+    return f"{label}-{secrets.token_hex(3)}.{SERVICE_TYPE}"
 
 
 class MdnsDiscovery:
@@ -116,8 +121,8 @@ class MdnsDiscovery:
         )
         try:
             self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
-            # Another instance with our name (the same node id) gets a renamed instance and is
-            # reported by the browser below.
+            # The instance name is unique per process; a twin with our node id is seen by the
+            # browser below (TXT `id`) and reported.
             await (await self._zc.async_register_service(self._info, allow_name_change=True))
             self._browser = AsyncServiceBrowser(
                 self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
