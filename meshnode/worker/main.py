@@ -68,6 +68,26 @@ def _memory_bytes(device: Any) -> int:
         return 0
 
 
+def vocabulary_size(model: Any, tokenizer: Any) -> int:
+    """Token ids a client may send are 0 .. this - 1: known to the tokenizer and the model."""
+    rows = model.get_input_embeddings().num_embeddings
+    return int(min(len(tokenizer), rows))
+
+
+def fingerprint(path: Path, model: Any) -> str:
+    """OpenAI's `system_fingerprint` for answers of one loaded model: it changes when the
+    weights' directory, the dtype or the library versions change (what can change the output
+    of a seeded request), as OpenAI's changes with its backend configuration."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    dtype = getattr(model, "dtype", "")
+    key = f"{path.resolve()}|{dtype}|{torch.__version__}|{transformers.__version__}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, channel: Any) -> None:
         self.config = config
@@ -81,22 +101,32 @@ class Worker:
     def load(self) -> dict[str, dict[str, Any]]:
         from meshnode.worker.embedder import Embedder, max_seq_length
         from meshnode.worker.engine import GenerationEngine
+        from meshnode.worker.gguf import dir_bytes
         from meshnode.worker.models import ModelSpec, load_causal_lm, load_encoder, model_dir
 
         info: dict[str, dict[str, Any]] = {}
         for raw in self.config.models:
             spec = ModelSpec.from_wire(raw)
+            started = time.monotonic()
+            log.info("loading model %s (%s) from %s", spec.name, spec.kind,
+                     f"built-in {spec.builtin!r}" if spec.builtin else spec.path)
             path = model_dir(spec, Path(self.config.data_dir))
             if spec.kind == "embedding":
                 model, tokenizer = load_encoder(path, self.device)
                 self.embedders[spec.name] = Embedder(
                     model, tokenizer, self.device, max_seq_length(path, tokenizer))
-                info[spec.name] = {"kind": spec.kind, "context": max_seq_length(path, tokenizer)}
+                context = max_seq_length(path, tokenizer)
             else:
                 model, tokenizer = load_causal_lm(path, self.device)
                 engine = GenerationEngine(model, tokenizer, self.device, self.config.max_batch)
                 self.engines[spec.name] = engine
-                info[spec.name] = {"kind": spec.kind, "context": engine.context}
+                context = engine.context
+            info[spec.name] = {
+                "kind": spec.kind, "context": context, "vocab": vocabulary_size(model, tokenizer),
+                "fingerprint": fingerprint(path, model),
+            }
+            log.info("loaded model %s from %s (%.1f MB) in %.1fs", spec.name, path,
+                     dir_bytes(path) / 1e6, time.monotonic() - started)
         return info
 
     def warm_up(self) -> None:

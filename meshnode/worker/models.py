@@ -1,9 +1,11 @@
 """Model specs (torch-free, shared with the node) and model loading (worker side).
 
 A `ModelSpec` names one configured local model: its public name, kind, and where its weights
-are (`path` or `builtin`). The node checks specs when the provider is built (a missing path is a
-ConfigError before anything starts); the worker loads them with transformers: causal LMs for
-chat/completion, encoders for embeddings. float32 on the CPU, bfloat16 on CUDA.
+are (`path` or `builtin`). A `path` is a Hugging Face directory, or a GGUF file (or a directory
+holding exactly one), which `meshnode.worker.gguf` dequantises once into data_dir. The node
+checks specs when the provider is built (a missing path is a ConfigError before anything
+starts); the worker loads them with transformers: causal LMs for chat/completion, encoders for
+embeddings. float32 on the CPU, bfloat16 on CUDA.
 """
 
 from __future__ import annotations
@@ -32,32 +34,52 @@ class ModelSpec:
 
 def check_spec(spec: ModelSpec) -> str | None:
     """A problem with the spec that can be seen without loading anything, or None."""
-    from meshnode.worker.builtins import BUILTINS
+    from meshnode.worker.builtins import BUILTINS, EMBEDDING_BUILTINS
+    from meshnode.worker.gguf import GGUFError, find_gguf
 
     if spec.builtin is not None:
         if spec.builtin not in BUILTINS:
             return f"unknown built-in model {spec.builtin!r} (one of {', '.join(BUILTINS)})"
-        wanted = "embedding" if spec.builtin == "minilm" else "chat"
-        if (spec.kind == "embedding") != (wanted == "embedding"):
-            return f"built-in {spec.builtin!r} is a{'n embedding' if wanted == 'embedding' else ' text'} model, not kind {spec.kind!r}"
+        embedding = spec.builtin in EMBEDDING_BUILTINS
+        if (spec.kind == "embedding") != embedding:
+            what = "an embedding" if embedding else "a text"
+            return f"built-in {spec.builtin!r} is {what} model, not kind {spec.kind!r}"
         return None
     if spec.path is None:
         return "a local model needs `path` or `builtin`"
     path = Path(spec.path)
-    if not path.is_dir():
-        return f"no such model directory: {path}"
+    if not path.exists():
+        return f"no such model directory or .gguf file: {path}"
+    try:
+        gguf = find_gguf(path)
+    except GGUFError as exc:
+        return str(exc)
+    if gguf is not None:
+        if spec.kind == "embedding":
+            return f"{gguf} is a GGUF file: local GGUF models serve chat or completion"
+        return None
+    if path.is_file():
+        return f"{path} is neither a model directory nor a .gguf file"
     if not (path / "config.json").is_file():
-        return f"{path} is not a Hugging Face model directory (no config.json)"
+        return (f"{path} is not a Hugging Face model directory (no config.json) and holds no "
+                ".gguf file")
     return None
 
 
 def model_dir(spec: ModelSpec, data_dir: Path) -> Path:
+    """The Hugging Face directory to load `spec` from (a GGUF's dequantised cache, built now
+    when it is not there yet)."""
     from meshnode.worker.builtins import builtin_dir
+    from meshnode.worker.gguf import dequantised_dir, find_gguf
 
     if spec.builtin is not None:
         return builtin_dir(spec.builtin, data_dir)
     assert spec.path is not None
-    return Path(spec.path)
+    path = Path(spec.path)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return dequantised_dir(spec.name, gguf, data_dir)
+    return path
 
 
 def dtype_for(device: Any) -> Any:

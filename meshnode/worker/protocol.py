@@ -11,7 +11,7 @@ node -> worker
     {"t": "stop"}                                      finish and exit
 worker -> node
     {"t": "hello",  "pid", "device", "cuda_count"}     process is up, loading models
-    {"t": "ready",  "models": {name: {"kind", "context"}}}   loaded and warmed up
+    {"t": "ready",  "models": {name: {"kind", "context", "vocab", "fingerprint"}}}   loaded, warm
     {"t": "fatal",  "message"}                         cannot load; the worker exits
     {"t": "step",   "ev": [[id, choice, text, finish|None], ...], "done": [[id, prompt, completion], ...]}
     {"t": "emb",    "id", "dim", "vectors": bytes (float32, row-major), "tokens"}
