@@ -1,36 +1,54 @@
-"""Continuous batching over a causal LM's forward pass with a KV cache (runs in the worker).
+"""Continuous batching over a causal LM with fixed KV slots (runs in the worker).
 
-One `GenerationEngine` per chat model. Every `step()`:
-1. admits waiting requests while slots are free (a request with `n` choices takes `n` slots),
-   prefills their prompts together (left-padded) and samples each new row's first token;
-2. merges the new rows into the running batch: all rows share one KV timeline, right-aligned,
-   each row's own tokens marked in a 2-D attention mask and numbered by its own position ids;
-3. runs one decode step for every running row and samples the next token per row;
-4. drops finished rows (`index_select` on the batch dimension) and trims leading columns that
-   no row uses any more.
+One `GenerationEngine` per chat model ties the engine room together:
+- `kvcache.SlotCache`: the preallocated KV cache, a row of the batch is a slot;
+- `scheduler.Scheduler`: who is admitted, which prefill chunk runs, which slots decode (pure);
+- `prefix.PrefixStore`: KV of recently seen prompt prefixes, copied into a new row's slot;
+- `sampler.sample`: every row's next token in one batched pass;
+- `graphs.DecodeGraphs`: the decode step captured per batch bucket (CUDA only).
 
-So a new request joins at the next step and a finished one leaves at once, without waiting for
-the rest of the batch. The cache is transformers' `DynamicCache`, whose per-layer tensors this
-module edits directly; that works for any model whose layers are plain `DynamicLayer`s (GPT-2,
-Llama, Qwen, Mistral without sliding window ...).
+Every `step()`: admit waiting requests into free slots (a request with `n` choices takes `n`),
+loading any held prefix of their prompt; run at most one prefill forward (chunks of the
+prefilling prompts, `prefill_chunk` query positions in all) and one decode forward (one token
+for every running row, each at its own length); sample; then one copy to the host (the sampled
+ids) and the text/finish bookkeeping. A row that finishes frees its slot at once; a newcomer
+joins at the next step; nobody else's cache is touched by either.
 
-Sampling per row: temperature (0 = greedy), top_p, and an own `torch.Generator` when the
-request gave a seed (choice i uses seed + i), so a seeded answer does not depend on what else
-is in the batch.
+Memory: the slot cache (`max_batch` x `max_len` positions) and the prefix pool are allocated
+at start, sized from free memory when the config leaves them open (`size_memory`), so the only
+allocations a step makes are activations. An out-of-memory error inside a step fails only the
+requests admitted or prefilling in that step (or, in a pure decode step, the newest running
+one), frees the allocator's cache, and the engine goes on serving the rest.
+
+Answers are the same alone and in any batch on the CPU in float32 (greedy and seeded: the
+sampler's draws depend on the seed and the token number only); in bf16/fp16 on a GPU the batch
+shape can change the rounding of the matmuls, so there batch independence is best-effort.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import os
+import random
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from meshnode.worker.graphs import DecodeGraphs
+from meshnode.worker.kvcache import CacheShape, SlotCache, probe_shape
 from meshnode.worker.params import SamplingParams
+from meshnode.worker.prefix import DEFAULT_BLOCK, PrefixStore
+from meshnode.worker.sampler import sample
+from meshnode.worker.scheduler import Plan, Scheduler, Sequence
 from meshnode.worker.textstream import TextStream
+
+log = logging.getLogger(__name__)
+
+# The test hook: this many upcoming steps with work raise torch.OutOfMemoryError inside the step.
+INJECT_OOM_ENV = "MESHNODE_TEST_INJECT_OOM"
 
 
 class RequestRejected(Exception):
@@ -42,13 +60,27 @@ class RequestRejected(Exception):
         self.param = param
 
 
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """The engine's slice of the local provider config (0 / -1 = sized automatically)."""
+
+    max_len: int = 0  # positions per slot; 0 = the model's context (capped by memory)
+    prefill_chunk: int = 256  # query positions per prefill forward
+    prefix_cache_mb: int = -1  # prefix pool; -1 = a quarter of the slot cache, 0 = off
+    memory_fraction: float = 0.0  # of free memory for KV; 0 = 0.85 on CUDA, 0.25 of RAM on CPU
+    cuda_graphs: bool = True
+
+
 @dataclass(slots=True)
 class _Row:
     request: _Request
     choice: int
+    slot: int
     text: TextStream
-    generator: torch.Generator | None
+    seed: int | None
     generated: int = 0
+    length: int = 0  # positions of this row in its slot
+    tokens: list[int] = field(default_factory=list)
     finish: str | None = None
 
 
@@ -58,6 +90,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     max_tokens: int
+    sequence: Sequence
     rows: list[_Row] = field(default_factory=list)
     open_rows: int = 0
     completion_tokens: int = 0
@@ -79,12 +112,22 @@ class RequestDone:
     request_id: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix store
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """The step serving this request ran out of memory (or failed otherwise): retryable."""
+
+    request_id: int
+    message: str
 
 
 @dataclass(slots=True)
 class StepResult:
     events: list[TextEvent] = field(default_factory=list)
     done: list[RequestDone] = field(default_factory=list)
+    failed: list[RequestFailed] = field(default_factory=list)
     tokens: int = 0
 
 
@@ -111,13 +154,58 @@ def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(int(e) for e in eos)
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+def size_memory(shape: CacheShape, context: int, max_batch: int, options: EngineOptions,
+                device: torch.device) -> tuple[int, int, int]:
+    """(max_batch, max_len, prefix pool blocks) for the memory at hand.
+
+    The budget is `memory_fraction` of free memory (after the weights are loaded): 0.85 on
+    CUDA, 0.25 of available RAM on the CPU (the box is shared with the node and others). Slots
+    keep the configured length (the model's context by default) and the count shrinks to fit
+    (at least 1, at most the configured `max_batch`); the prefix pool gets a quarter of the
+    slot cache's size unless `prefix_cache_mb` says otherwise, within the same budget."""
+    fraction = options.memory_fraction or (0.85 if device.type == "cuda" else 0.25)
+    budget = int(free_memory_bytes(device) * fraction)
+    per_token = shape.bytes_per_token()
+    max_len = min(context, options.max_len) if options.max_len > 0 else context
+    prefix_share = 0.2 if options.prefix_cache_mb < 0 else 0.0
+    slots_budget = int(budget * (1 - prefix_share))
+    if options.prefix_cache_mb > 0:
+        slots_budget -= options.prefix_cache_mb << 20
+    fit = max(1, slots_budget // max(1, per_token * max_len))
+    if fit < max_batch:
+        log.warning("KV memory fits %d slots of %d positions, not %d: serving %d at a time",
+                    fit, max_len, max_batch, fit)
+        max_batch = fit
+    slot_bytes = per_token * max_len * max_batch
+    if options.prefix_cache_mb < 0:
+        pool_bytes = min(slot_bytes // 4, max(0, budget - slot_bytes))
+    else:
+        pool_bytes = options.prefix_cache_mb << 20
+    blocks = pool_bytes // (per_token * DEFAULT_BLOCK)
+    return max_batch, max_len, int(blocks)
+
+
 class GenerationEngine:
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_batch: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, max_batch: int,
+                 options: EngineOptions | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.max_batch = max_batch
-        self.context = context_length(model, tokenizer)
+        self.options = options or EngineOptions()
         self.eos_ids = stop_token_ids(model, tokenizer)
         self._pad_id = int(
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -126,12 +214,36 @@ class GenerationEngine:
         params = inspect.signature(model.forward).parameters
         # transformers 5 renamed `past_key_values` to `cache`; take what this version has.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._waiting: deque[_Request] = deque()
+        self._keeps_logits = "logits_to_keep" in params
+        attn = getattr(model.config, "_attn_implementation", "sdpa")
+        if attn not in ("sdpa", "eager") and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("sdpa")  # a 4-D per-row mask needs sdpa or eager
+            attn = "sdpa"
+        self._dtype = next(model.parameters()).dtype
+        shape = probe_shape(model, self._cache_kw, device)
+        self.max_batch, max_len, blocks = size_memory(
+            shape, context_length(model, tokenizer), max_batch, self.options, device)
+        self.context = max_len  # what a slot holds is what this engine serves
+        self.cache = SlotCache(shape, self.max_batch, max_len, device, bool_mask=attn == "sdpa")
+        self.prefix = PrefixStore(self.cache, blocks)
+        self.scheduler = Scheduler(self.max_batch, max(1, self.options.prefill_chunk))
+        self.graphs: DecodeGraphs | None = None
         self._requests: dict[int, _Request] = {}
-        self._rows: list[_Row] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None  # [rows, T] 1 where the row has a token
-        self._pending: torch.Tensor | None = None  # [rows] next input token per row
+        self._by_slot: dict[int, _Row] = {}
+        self._next_input = torch.full((self.max_batch,), self._pad_id, dtype=torch.long,
+                                      device=device)
+        self.prefilled_tokens = 0  # prompt positions computed (not reused): for tests, bench
+        self.inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0") or 0)
+        log.info("engine: %d slots x %d positions (%.0f MB KV), prefix pool %d blocks "
+                 "(%.0f MB), prefill chunk %d", self.max_batch, max_len, self.cache.bytes / 1e6,
+                 blocks, self.prefix.bytes / 1e6, self.scheduler.chunk_tokens)
+
+    def prepare(self) -> None:
+        """Capture the decode graphs (CUDA, when enabled); a no-op on the CPU."""
+        if self.device.type == "cuda" and self.options.cuda_graphs and self.graphs is None:
+            graphs = DecodeGraphs(self.model, self.cache, self._cache_kw, self._dtype)
+            if graphs.capture():
+                self.graphs = graphs
 
     # ------------------------------------------------------------------ requests
     def submit(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -142,6 +254,11 @@ class GenerationEngine:
             raise RequestRejected(
                 f"the prompt has {prompt_len} tokens; this model's context is {self.context}",
                 "messages",
+            )
+        if params.n > self.max_batch:
+            raise RequestRejected(
+                f"n={params.n} choices need {params.n} slots; this worker has {self.max_batch}",
+                "n",
             )
         room = self.context - prompt_len
         if params.max_tokens is None:
@@ -154,232 +271,279 @@ class GenerationEngine:
             )
         else:
             max_tokens = params.max_tokens
-        request = _Request(request_id, list(prompt_ids), params, max_tokens)
+        sequence = Sequence(request_id, prompt_len, params.n)
+        request = _Request(request_id, list(prompt_ids), params, max_tokens, sequence)
         self._requests[request_id] = request
-        self._waiting.append(request)
+        self.scheduler.add(sequence)
 
     def cancel(self, request_id: int) -> None:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
         request.cancelled = True
-        if request in self._waiting:
-            self._waiting.remove(request)
+        self._drop(request, "cancelled")
+
+    def _drop(self, request: _Request, finish: str) -> None:
+        open_slots = []
         for row in request.rows:
-            row.finish = row.finish or "cancelled"
+            if row.finish is None:
+                row.finish = finish
+                open_slots.append(row.slot)
+                self._by_slot.pop(row.slot, None)
+        if not request.rows:  # still prefilling: its slots hold no rows yet
+            open_slots = list(request.sequence.slots)
+        self.scheduler.drop(request.sequence, open_slots)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._rows)
+        s = self.scheduler
+        return bool(s.waiting or s.prefilling or s.decoding)
 
     @property
     def active_rows(self) -> int:
-        return len(self._rows)
+        return self.max_batch - self.scheduler.free_slots
 
     @property
     def queued(self) -> int:
-        return sum(r.params.n for r in self._waiting)
+        return sum(s.n for s in self.scheduler.waiting)
+
+    def abort_all(self, message: str) -> list[RequestFailed]:
+        """Fail every admitted request (the worker calls this when a step raised something
+        unexpected); waiting ones stay queued."""
+        failed = []
+        for request in list(self._requests.values()):
+            if request.sequence.slots:
+                self._requests.pop(request.request_id, None)
+                self._drop(request, "failed")
+                failed.append(RequestFailed(request.request_id, message))
+        return failed
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> StepResult:
         result = StepResult()
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted, result)
-        self._drop_finished()
-        if self._rows:
-            self._decode(result)
-            self._drop_finished()
+        admitted = self.scheduler.admit()
+        for sequence in admitted:
+            request = self._requests[sequence.key]
+            covered, blocks = self.prefix.match(request.prompt_ids)
+            if covered:
+                self.prefix.load(sequence.slots[0], blocks)
+            sequence.computed = sequence.cached = covered
+        plan = self.scheduler.plan()
+        try:
+            if self.inject_oom > 0:
+                self.inject_oom -= 1
+                raise torch.OutOfMemoryError("injected out-of-memory (test hook)")
+            firsts, host = self._forward(plan)
+        except torch.OutOfMemoryError as exc:
+            self._out_of_memory(plan, admitted, exc, result)
+            return result
+        self._emit_step(plan, firsts, host, result)
         return result
 
-    def _admit(self) -> list[_Request]:
-        admitted: list[_Request] = []
-        used = len(self._rows)
-        while self._waiting:
-            n = self._waiting[0].params.n
-            # An oversized request still runs alone rather than waiting forever.
-            if used + n > self.max_batch and (used > 0 or admitted):
-                break
-            admitted.append(self._waiting.popleft())
-            used += n
-        return admitted
+    def _forward(self, plan: Plan) -> tuple[list[_Row], list[int]]:
+        """Run the plan's forwards and sampling; returns the rows that got their first token
+        and every sampled id (firsts, then decode rows), after the step's one host sync."""
+        parts: list[torch.Tensor] = []
+        firsts: list[_Row] = []
+        if plan.chunks:
+            logits = self._prefill(plan)
+            done = [(i, c) for i, c in enumerate(plan.chunks) if c.last]
+            rows_logits: list[torch.Tensor] = []
+            for i, chunk in done:
+                request = self._requests[chunk.sequence.key]
+                rows = self._start_rows(request)
+                firsts.extend(rows)
+                rows_logits.append(logits[i:i + 1].expand(len(rows), -1))
+            if firsts:
+                tokens = self._sample(torch.cat(rows_logits), firsts, first=True)
+                slots = torch.tensor([r.slot for r in firsts], dtype=torch.long,
+                                     device=self.device)
+                self._next_input[slots] = tokens
+                parts.append(tokens)
+        decoding = [self._by_slot[s] for s in plan.decode if s in self._by_slot]
+        decoding += firsts
+        decoding.sort(key=lambda r: r.slot)
+        if decoding:
+            parts.append(self._decode(decoding, firsts))
+        host: list[int] = torch.cat(parts).tolist() if parts else []
+        return firsts, host
 
-    def _prefill(self, admitted: list[_Request], result: StepResult) -> None:
-        rows: list[_Row] = []
-        prompts: list[list[int]] = []
-        for request in admitted:
-            for choice in range(request.params.n):
-                generator = None
-                if request.params.seed is not None:
-                    generator = torch.Generator(device=self.device)
-                    generator.manual_seed((request.params.seed + choice) % (2**63))
-                row = _Row(request, choice, TextStream(
-                    self.tokenizer, request.prompt_ids, request.params.stop), generator)
-                request.rows.append(row)
-                rows.append(row)
-                prompts.append(request.prompt_ids)
-            request.open_rows = request.params.n
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt):] = 1
-        ids = ids.to(self.device)
-        mask = mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        from transformers import DynamicCache
+    def _start_rows(self, request: _Request) -> list[_Row]:
+        """The request's rows once its prompt is in its first slot (copied to the others)."""
+        sequence = request.sequence
+        if request.rows:
+            return request.rows  # a retried step: the rows exist already
+        for choice, slot in enumerate(sequence.slots):
+            if choice > 0:
+                self.cache.copy_slot(sequence.slots[0], slot, sequence.prompt_len)
+            seed = request.params.seed
+            row_seed = ((seed + choice) % (2**63) if seed is not None
+                        else random.getrandbits(63))
+            row = _Row(request, choice, slot, TextStream(
+                self.tokenizer, request.prompt_ids, request.params.stop), row_seed,
+                length=sequence.prompt_len)
+            request.rows.append(row)
+        return request.rows
 
-        cache = DynamicCache()
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-            **{self._cache_kw: cache},
-        )
-        next_tokens = self._sample(out.logits[:, -1, :], rows)
-        self._merge(rows, cache, mask, next_tokens)
-        self._emit(rows, next_tokens.tolist(), result)
+    def _prefill(self, plan: Plan) -> torch.Tensor:
+        """One forward over this step's chunks (left-padded to the widest); the logits of each
+        chunk's last position, [chunks, vocab]."""
+        width = plan.width
+        scratch = self.cache.scratch
+        ids, write, real = [], [], []
+        kv_len = 0
+        for chunk in plan.chunks:
+            request = self._requests[chunk.sequence.key]
+            size = chunk.end - chunk.start
+            pad = width - size
+            ids.append([self._pad_id] * pad + request.prompt_ids[chunk.start:chunk.end])
+            # Padding writes this row's future positions (rewritten before anyone reads them).
+            write.append([min(chunk.end + j, scratch) for j in range(pad)]
+                         + list(range(chunk.start, chunk.end)))
+            real.append([False] * pad + [True] * size)
+            kv_len = max(kv_len, chunk.end)
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        write_t = torch.tensor(write, dtype=torch.long, device=dev)
+        real_t = torch.tensor(real, dtype=torch.bool, device=dev)
+        slots = torch.tensor([c.sequence.slots[0] for c in plan.chunks], dtype=torch.long,
+                             device=dev)
+        self.cache.plan_prefill(slots, write_t, kv_len)
+        mask = self.cache.prefill_mask(write_t, real_t, kv_len, self._dtype)
+        extra: dict[str, Any] = {self._cache_kw: self.cache}
+        if self._keeps_logits:
+            extra["logits_to_keep"] = 1
+        out = self.model(input_ids=ids_t, attention_mask=mask, position_ids=write_t,
+                         use_cache=True, **extra)
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
 
-    def _decode(self, result: StepResult) -> None:
-        assert self._mask is not None and self._pending is not None
-        positions = self._mask.sum(1, keepdim=True)
-        ones = torch.ones((len(self._rows), 1), dtype=self._mask.dtype, device=self.device)
-        self._mask = torch.cat([self._mask, ones], dim=1)
-        out = self.model(
-            input_ids=self._pending[:, None], attention_mask=self._mask, position_ids=positions,
-            use_cache=True, **{self._cache_kw: self._cache},
-        )
-        next_tokens = self._sample(out.logits[:, -1, :], self._rows)
-        self._pending = next_tokens
-        self._emit(self._rows, next_tokens.tolist(), result)
+    def _decode(self, rows: list[_Row], firsts: list[_Row]) -> torch.Tensor:
+        """One token for every running row; the batch is slots 0 .. the highest running one
+        (free slots in between are padding rows)."""
+        width = rows[-1].slot + 1
+        scratch = self.cache.scratch
+        positions = [0] * width
+        write = [scratch] * width
+        seen = [1] * width
+        for row in rows:
+            positions[row.slot] = row.length
+            write[row.slot] = row.length
+            seen[row.slot] = row.length + 1
+        dev = self.device
+        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        write_t = torch.tensor(write, dtype=torch.long, device=dev)
+        seen_t = torch.tensor(seen, dtype=torch.long, device=dev)
+        ids = self._next_input[:width, None]
+        bucket = self.graphs.bucket(width) if self.graphs is not None else None
+        if self.graphs is not None and bucket is not None:
+            logits = self.graphs.run(bucket, ids, positions_t[:, None], write_t, seen_t)
+        else:
+            # Eager: attention reads only as far as the longest row (rounded, fewer shapes).
+            kv_len = min(self.cache.max_len, -(-(max(seen) + 1) // 64) * 64)
+            self.cache.plan_decode(width, write_t, kv_len)
+            mask = self.cache.decode_mask(seen_t, kv_len, self._dtype)
+            extra: dict[str, Any] = {self._cache_kw: self.cache}
+            if self._keeps_logits:
+                extra["logits_to_keep"] = 1
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_t[:, None],
+                             use_cache=True, **extra)
+            logits = out.logits[:, -1, :]
+        index = torch.tensor([r.slot for r in rows], dtype=torch.long, device=dev)
+        if len(rows) < width:
+            logits = logits.index_select(0, index)
+        fresh = {id(r) for r in firsts}
+        tokens = self._sample(logits, rows, first=False, fresh=fresh)
+        self._next_input[index] = tokens
+        return tokens
 
-    # ------------------------------------------------------------------ cache surgery
-    def _layers(self, cache: Any) -> list[Any]:
-        return [layer for layer in cache.layers if getattr(layer, "is_initialized", True)]
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], first: bool,
+                fresh: set[int] | None = None) -> torch.Tensor:
+        # A row's draw number: tokens it drew before (its first token in this step counts).
+        counters = [row.generated + (0 if first else (1 if fresh and id(row) in fresh else 0))
+                    for row in rows]
+        return sample(logits,
+                      [row.request.params.temperature for row in rows],
+                      [row.request.params.top_p for row in rows],
+                      [row.seed for row in rows], counters)
 
-    def _merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor,
-               next_tokens: torch.Tensor) -> None:
-        if self._cache is None or not self._rows:
-            self._rows = rows
-            self._cache = cache
-            self._mask = mask
-            self._pending = next_tokens
-            return
-        assert self._mask is not None and self._pending is not None
-        old_t = self._mask.shape[1]
-        new_t = mask.shape[1]
-        width = max(old_t, new_t)
-        for old_layer, new_layer in zip(self._layers(self._cache), self._layers(cache),
-                                        strict=True):
-            old_layer.keys = torch.cat(
-                [_left_pad(old_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0)
-            old_layer.values = torch.cat(
-                [_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)], dim=0)
-        self._mask = torch.cat([_left_pad_mask(self._mask, width),
-                                _left_pad_mask(mask, width)], dim=0)
-        self._pending = torch.cat([self._pending, next_tokens], dim=0)
-        self._rows = self._rows + rows
+    # ------------------------------------------------------------------ after the sync
+    def _emit_step(self, plan: Plan, firsts: list[_Row], host: list[int],
+                   result: StepResult) -> None:
+        for chunk in plan.chunks:
+            self.scheduler.advance(chunk)
+            self.prefilled_tokens += chunk.end - chunk.start
+        for row in firsts:
+            self._by_slot[row.slot] = row
+            row.request.open_rows = len(row.request.rows)
+        decoding = sorted({*(s for s in plan.decode), *(r.slot for r in firsts)})
+        rows_in_order = firsts + [self._by_slot[s] for s in decoding if s in self._by_slot]
+        for row, token in zip(rows_in_order, host, strict=True):
+            self._emit(row, token, result)
 
-    def _drop_finished(self) -> None:
-        if not self._rows:
-            return
-        keep = [i for i, row in enumerate(self._rows) if row.finish is None]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows = []
-            self._cache = None
-            self._mask = None
-            self._pending = None
-            return
-        assert self._mask is not None and self._pending is not None
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        mask = self._mask.index_select(0, index)
-        used = (mask.sum(0) > 0).nonzero()
-        start = int(used[0]) if used.numel() else 0
-        for layer in self._layers(self._cache):
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, start:, :]
-        self._mask = mask[:, start:]
-        self._pending = self._pending.index_select(0, index)
-        self._rows = [self._rows[i] for i in keep]
-
-    # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        logits = logits.float()
-        temps = [row.request.params.temperature for row in rows]
-        if all(t == 0.0 for t in temps):
-            return logits.argmax(dim=-1)
-        temp = torch.tensor([t if t > 0 else 1.0 for t in temps], device=logits.device)
-        scaled = logits / temp[:, None]
-        top_ps = [row.request.params.top_p for row in rows]
-        if any(p < 1.0 for p in top_ps):
-            top_p = torch.tensor(top_ps, device=logits.device)
-            sorted_logits, order = scaled.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            # Drop a token when the tokens before it already cover top_p (the first one stays).
-            remove = (probs.cumsum(dim=-1) - probs) > top_p[:, None]
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
-        probs = scaled.softmax(dim=-1)
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        shared = [i for i, row in enumerate(rows) if row.generator is None]
-        if shared:
-            index = torch.tensor(shared, device=logits.device)
-            out[index] = torch.multinomial(probs.index_select(0, index), 1).squeeze(1)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                out[i] = torch.multinomial(probs[i], 1, generator=row.generator)[0]
-        greedy = [i for i, t in enumerate(temps) if t == 0.0]
-        if greedy:
-            index = torch.tensor(greedy, device=logits.device)
-            out[index] = logits.index_select(0, index).argmax(dim=-1)
-        return out
-
-    # ------------------------------------------------------------------ output
-    def _emit(self, rows: list[_Row], tokens: list[int], result: StepResult) -> None:
-        for row, token in zip(rows, tokens, strict=True):
-            if row.finish is not None:
-                continue  # cancelled while this step ran
-            request = row.request
-            row.generated += 1
-            request.completion_tokens += 1
-            result.tokens += 1
-            finish: str | None = None
-            if token in self.eos_ids:
-                text = row.text.flush()
+    def _emit(self, row: _Row, token: int, result: StepResult) -> None:
+        if row.finish is not None:
+            return  # cancelled while this step ran, or ended on its first token
+        request = row.request
+        row.generated += 1
+        row.tokens.append(token)
+        row.length = request.sequence.prompt_len + row.generated - 1
+        request.completion_tokens += 1
+        result.tokens += 1
+        finish: str | None = None
+        if token in self.eos_ids:
+            text = row.text.flush()
+            finish = "stop"
+        else:
+            text = row.text.push(token)
+            if row.text.stopped:
                 finish = "stop"
-            else:
-                text = row.text.push(token)
-                if row.text.stopped:
-                    finish = "stop"
-                elif row.generated >= request.max_tokens:
-                    text += row.text.flush()
-                    finish = "length"
-            if text or finish:
-                result.events.append(TextEvent(request.request_id, row.choice, text, finish))
-            if finish is not None:
-                row.finish = finish
-                request.open_rows -= 1
-                if request.open_rows == 0:
-                    self._requests.pop(request.request_id, None)
-                    result.done.append(RequestDone(
-                        request.request_id, len(request.prompt_ids), request.completion_tokens))
+            elif row.generated >= request.max_tokens:
+                text += row.text.flush()
+                finish = "length"
+        if text or finish:
+            result.events.append(TextEvent(request.request_id, row.choice, text, finish))
+        if finish is not None:
+            self._leave(row, finish, result)
 
+    def _leave(self, row: _Row, finish: str, result: StepResult) -> None:
+        request = row.request
+        row.finish = finish
+        # What this row's slot holds (prompt + all but the last token) may start a later
+        # prompt (the next turn of a chat): keep its full blocks before the slot is reused.
+        self.prefix.store(request.prompt_ids + row.tokens[:-1], row.slot)
+        self._by_slot.pop(row.slot, None)
+        self.scheduler.release(row.slot)
+        request.open_rows -= 1
+        if request.open_rows == 0:
+            self._requests.pop(request.request_id, None)
+            result.done.append(RequestDone(
+                request.request_id, len(request.prompt_ids), request.completion_tokens,
+                request.sequence.cached))
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - t.shape[-2]
-    if missing == 0:
-        return t
-    pad = torch.zeros((*t.shape[:-2], missing, t.shape[-1]), dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t], dim=-2)
+    # ------------------------------------------------------------------ out of memory
+    def _out_of_memory(self, plan: Plan, admitted: list[Sequence], exc: BaseException,
+                       result: StepResult) -> None:
+        """Fail the requests this step brought in (admitted, or prefilling in it); in a pure
+        decode step, the newest running request. Everything else is retried next step."""
+        keys = {s.key for s in admitted} | {c.sequence.key for c in plan.chunks}
+        if not keys and self._by_slot:
+            keys = {max(self._by_slot.values(), key=lambda r: r.request.request_id)
+                    .request.request_id}
+        log.warning("out of memory in a step (%s): failing %d request(s)", exc, len(keys))
+        message = "the local worker ran out of memory for this request; try again"
+        for key in keys:
+            request = self._requests.pop(key, None)
+            if request is None:
+                continue
+            self._drop(request, "failed")
+            result.failed.append(RequestFailed(key, message))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-
-def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - mask.shape[1]
-    if missing == 0:
-        return mask
-    pad = torch.zeros((mask.shape[0], missing), dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad, mask], dim=1)
+    # ------------------------------------------------------------------ reporting
+    def prefix_summary(self, limit: int = 256) -> list[str]:
+        return self.prefix.summary(limit)
 
 
 class ThroughputMeter:

@@ -123,3 +123,151 @@ def test_stop_string_ends_with_finish_stop(tiny_gpt2: Any) -> None:
     stopped, usage = _run(model, tokenizer, [(1, prompt, params)])
     assert stopped[(1, 0)] == (text[: text.index(stop)], "stop")
     assert usage[1][1] < 16
+
+
+# --------------------------------------------------------------------------- fixed slots
+def _drain(engine: GenerationEngine) -> tuple[Answers, dict[int, tuple[int, int]]]:
+    answers: Answers = {}
+    usage: dict[int, tuple[int, int]] = {}
+    while engine.has_work():
+        result = engine.step()
+        for event in result.events:
+            text, _ = answers.get((event.request_id, event.choice), ("", None))
+            answers[(event.request_id, event.choice)] = (text + event.text, event.finish)
+        for done in result.done:
+            usage[done.request_id] = (done.prompt_tokens, done.completion_tokens)
+    return answers, usage
+
+
+def test_a_join_writes_only_the_newcomers_slot(tiny_gpt2: Any) -> None:
+    model, tokenizer, _ = tiny_gpt2
+    engine = GenerationEngine(model, tokenizer, torch.device("cpu"), 4)
+    prompts = _prompts(tokenizer)
+    engine.submit(1, prompts[0], SamplingParams(max_tokens=40, temperature=0.0))
+    engine.submit(2, prompts[1], SamplingParams(max_tokens=2, temperature=0.0))
+    for _ in range(3):
+        engine.step()  # request 2 has left: slot 1 is free again
+    assert engine.active_rows == 1
+    tensors = (engine.cache.keys[0], engine.cache.values[-1])
+    pointers = [t.data_ptr() for t in tensors]
+    length = engine._requests[1].rows[0].length  # what slot 0 holds now
+    assert length == len(prompts[0]) + 3
+    before = [t[0, :, :length].clone() for t in tensors]
+    engine.submit(3, prompts[2], SamplingParams(max_tokens=5, temperature=0.0))
+    engine.step()  # 3 joins into slot 1 (reused); 1 decodes one more position
+    assert [t.data_ptr() for t in tensors] == pointers  # no reallocation, no concatenation
+    for t, old in zip(tensors, before, strict=True):
+        assert torch.equal(t[0, :, :length], old)  # the running row's cache is untouched
+    assert engine._requests[3].rows[0].slot == 1
+
+
+def _long_prompt(tokenizer: Any, words: int) -> list[int]:
+    text = " ".join(f"word{i % 37}" for i in range(words))
+    return encode_prompt(tokenizer, [{"role": "user", "content": text}], None)
+
+
+def test_a_prefix_hit_answers_as_a_cold_run_with_a_smaller_prefill(tiny_gpt2: Any) -> None:
+    model, tokenizer, _ = tiny_gpt2
+    shared = _long_prompt(tokenizer, 60)
+    first = shared + tokenizer.encode(" first question")
+    second = shared + tokenizer.encode(" and another one")
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+
+    cold = GenerationEngine(model, tokenizer, torch.device("cpu"), 4)
+    cold.submit(2, second, greedy)
+    cold_answers, _ = _drain(cold)
+
+    warm = GenerationEngine(model, tokenizer, torch.device("cpu"), 4)
+    warm.submit(1, first, greedy)
+    _drain(warm)
+    before = warm.prefilled_tokens
+    warm.submit(2, second, greedy)
+    done: list[Any] = []
+    answers: Answers = {}
+    while warm.has_work():
+        result = warm.step()
+        done += result.done
+        for event in result.events:
+            text, _ = answers.get((event.request_id, event.choice), ("", None))
+            answers[(event.request_id, event.choice)] = (text + event.text, event.finish)
+    assert answers == cold_answers
+    cached = done[0].cached_tokens
+    assert cached >= len(shared) - 16 and cached % 16 == 0
+    assert warm.prefilled_tokens - before == len(second) - cached
+    assert cold.prefilled_tokens == len(second)
+    assert warm.prefix_summary()  # the held chain is reported
+
+
+def test_chunked_prefill_keeps_running_rows_decoding(tiny_gpt2: Any) -> None:
+    from meshnode.worker.engine import EngineOptions
+
+    model, tokenizer, _ = tiny_gpt2
+    options = EngineOptions(prefill_chunk=16, prefix_cache_mb=0)
+    engine = GenerationEngine(model, tokenizer, torch.device("cpu"), 4, options)
+    running = SamplingParams(max_tokens=40, temperature=0.0)
+    short = _prompts(tokenizer)[0]
+    engine.submit(1, short, running)
+    answers: Answers = {}
+
+    def step() -> Any:
+        result = engine.step()
+        for event in result.events:
+            text, _ = answers.get((event.request_id, event.choice), ("", None))
+            answers[(event.request_id, event.choice)] = (text + event.text, event.finish)
+        return result
+
+    while not engine._requests[1].rows:
+        step()
+    long = _long_prompt(tokenizer, 60)
+    engine.submit(2, long, SamplingParams(max_tokens=4, temperature=0.0))
+    steps = 0
+    before = engine.prefilled_tokens
+    while not engine._requests[2].rows:
+        result = step()
+        steps += 1
+        assert engine.prefilled_tokens - before <= 16 * steps  # one chunk a step at most
+        assert result.tokens >= 1  # request 1 made its next token in this very step
+    assert steps == -(-len(long) // 16)
+    while engine.has_work():
+        step()
+    alone, _ = _run(model, tokenizer, [(1, short, running)])
+    assert answers[(1, 0)] == alone[(1, 0)]  # decoding beside a chunked prefill: same answer
+    assert answers[(2, 0)][1] == "length"
+
+
+def test_an_injected_oom_fails_only_that_steps_rows(tiny_gpt2: Any) -> None:
+    model, tokenizer, _ = tiny_gpt2
+    engine = GenerationEngine(model, tokenizer, torch.device("cpu"), 4)
+    prompts = _prompts(tokenizer)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    expected, _ = _run(model, tokenizer, [(1, prompts[0], params)])
+    engine.submit(1, prompts[0], params)
+    engine.step()  # 1 is running
+    engine.submit(2, prompts[1], params)
+    engine.inject_oom = 1
+    result = engine.step()
+    assert [f.request_id for f in result.failed] == [2]
+    assert not result.events
+    engine.submit(3, prompts[2], params)  # the next request is served
+    answers, usage = _drain(engine)
+    assert set(usage) == {1, 3}
+    assert expected[(1, 0)][0].endswith(answers[(1, 0)][0])  # 1 went on as if alone
+    assert engine.active_rows == 0 and engine.scheduler.free_slots == 4
+
+
+def test_admission_refuses_what_cannot_fit_a_slot(tiny_gpt2: Any) -> None:
+    from meshnode.worker.engine import EngineOptions
+
+    model, tokenizer, _ = tiny_gpt2
+    engine = GenerationEngine(model, tokenizer, torch.device("cpu"), 2, EngineOptions(max_len=64))
+    assert engine.context == 64
+    with pytest.raises(RequestRejected) as info:
+        engine.submit(1, [5] * 40, SamplingParams(max_tokens=30))
+    assert info.value.param == "max_tokens"
+    with pytest.raises(RequestRejected) as info:
+        engine.submit(2, [5] * 10, SamplingParams(max_tokens=4, n=3))
+    assert info.value.param == "n"
+    engine.submit(3, [5] * 40, SamplingParams(max_tokens=24, temperature=0.0))
+    engine.submit(4, [5] * 10, SamplingParams(max_tokens=2, n=2))  # waits for two slots
+    _, usage = _drain(engine)
+    assert usage == {3: (40, 24), 4: (10, 4)}
