@@ -67,6 +67,12 @@ def build_model(name: str, cache_dir: Path) -> Path:
         return build_random_gpt2(
             target, n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024
         )
+    if name == "gpt2-small-2k":  # the same shape with 2,048 positions: room for a 1,024 prefix
+        from meshnode.worker.builtins import build_random_gpt2
+
+        return build_random_gpt2(
+            target, n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048
+        )
     if name == "llama-1b":
         return _build_random_llama(target)
     raise SystemExit(f"unknown bench model {name!r}")
@@ -174,6 +180,128 @@ async def measure_engine(
     return [Row("meshnode engine", n, made_by[n], time_by[n]) for n in streams]
 
 
+# --------------------------------------------------------------------------- in process
+def _load(model_dir: Path, device: str, threads: int) -> tuple[object, object, object]:
+    import torch
+
+    from meshnode.worker.models import load_causal_lm
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = torch.device("cuda:0" if device in ("auto", "cuda") and torch.cuda.is_available()
+                       else ("cpu" if device == "auto" else device))
+    model, tokenizer = load_causal_lm(model_dir, dev)
+    return model, tokenizer, dev
+
+
+def _drive(engine: object, prompts: list[list[int]], tokens: int, stagger: bool) -> int:
+    """Submit `prompts` (one a step when `stagger`: arrivals while the others run) and step the
+    engine until all are done; returns the completion tokens made."""
+    from meshnode.worker.params import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=1.0)
+    pending = list(enumerate(prompts))
+    made = 0
+    e = engine  # an engine of either generation: submit / step / has_work
+    while pending or e.has_work():  # type: ignore[attr-defined]
+        if pending:
+            batch = pending[:1] if stagger else pending
+            for request_id, prompt in batch:
+                e.submit(request_id, prompt, params)  # type: ignore[attr-defined]
+            pending = pending[len(batch):]
+        result = e.step()  # type: ignore[attr-defined]
+        made += sum(d.completion_tokens for d in result.done)
+    return made
+
+
+def measure_inprocess(model_dir: Path, device: str, streams: list[int], tokens: int,
+                      single_requests: int, threads: int, rounds: int) -> list[Row]:
+    """Today's engine (bench/baseline_engine.py) and the slot engine, driven the same way in
+    this process, rounds interleaved: the side-by-side of SPEC §6's CPU targets."""
+    import time as _time
+
+    from bench.baseline_engine import GenerationEngine as Baseline
+    from meshnode.worker.engine import GenerationEngine
+
+    model, tokenizer, dev = _load(model_dir, device, threads)
+    prompt = tokenizer.encode(PROMPT)  # type: ignore[attr-defined]
+    ways = {"baseline engine (before slots)": Baseline, "slot engine (in process)":
+            GenerationEngine}
+    engines = {name: cls(model, tokenizer, dev, max(streams)) for name, cls in ways.items()}
+    made_by = {(w, n): 0 for w in ways for n in streams}
+    time_by = {(w, n): 0.0 for w in ways for n in streams}
+    for engine in engines.values():
+        _drive(engine, [prompt], 4, stagger=False)  # warm up
+    for _ in range(rounds):
+        for n in streams:
+            for way, engine in engines.items():
+                started = _time.perf_counter()
+                if n == 1:
+                    made = sum(_drive(engine, [prompt], tokens, False)
+                               for _ in range(single_requests))
+                else:
+                    made = _drive(engine, [prompt] * n, tokens, stagger=True)
+                elapsed = _time.perf_counter() - started
+                made_by[(way, n)] += made
+                time_by[(way, n)] += elapsed
+                print(f"  {way:<32} {n:>3} streams: {made / elapsed:8.1f} tok/s", flush=True)
+    return [Row(w, n, made_by[(w, n)], time_by[(w, n)]) for w in ways for n in streams]
+
+
+@dataclass(frozen=True)
+class PrefixRow:
+    way: str
+    prefix: int
+    cold_ms: float
+    warm_ms: float
+    cached_tokens: int
+
+    @property
+    def ratio(self) -> float:
+        return self.warm_ms / self.cold_ms if self.cold_ms > 0 else 0.0
+
+
+def measure_prefix(model_dir: Path, device: str, prefix: int, threads: int,
+                   rounds: int) -> PrefixRow:
+    """First-token time of a prompt whose `prefix`-token start was served before, against the
+    same prompt cold (a fresh prefix each round; median over the rounds)."""
+    import random as _random
+    import statistics
+    import time as _time
+
+    from meshnode.worker.engine import GenerationEngine
+    from meshnode.worker.params import SamplingParams
+
+    model, tokenizer, dev = _load(model_dir, device, threads)
+    engine = GenerationEngine(model, tokenizer, dev, 4)
+    vocab = int(model.config.vocab_size)  # type: ignore[attr-defined]
+    rng = _random.Random(7)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+
+    def first_token(request_id: int, prompt: list[int]) -> tuple[float, int]:
+        started = _time.perf_counter()
+        engine.submit(request_id, prompt, params)
+        cached = 0
+        while engine.has_work():
+            result = engine.step()
+            for done in result.done:
+                cached = done.cached_tokens
+        return (_time.perf_counter() - started) * 1000, cached
+
+    first_token(0, [rng.randrange(vocab) for _ in range(prefix + 16)])  # warm up
+    cold, warm, cached = [], [], 0
+    for r in range(rounds):
+        shared = [rng.randrange(vocab) for _ in range(prefix)]
+        ms, _ = first_token(10 * r + 1, shared + [rng.randrange(vocab) for _ in range(16)])
+        cold.append(ms)
+        ms, cached = first_token(10 * r + 2, shared + [rng.randrange(vocab) for _ in range(16)])
+        warm.append(ms)
+        print(f"  prefix {prefix}: cold {cold[-1]:.0f} ms, served before {warm[-1]:.0f} ms "
+              f"({cached} tokens reused)", flush=True)
+    return PrefixRow("slot engine, first token", prefix, statistics.median(cold),
+                     statistics.median(warm), cached)
+
+
 # --------------------------------------------------------------------------- transformers
 def measure_transformers(
     model_dir: Path,
@@ -263,14 +391,13 @@ def measure_transformers(
 
 # --------------------------------------------------------------------------- report
 def table(rows: list[Row]) -> str:
-    base = next(
-        (r.tokens_per_s for r in rows if r.way == "meshnode engine" and r.streams == 1), 0.0
-    )
+    ones = {r.way: r.tokens_per_s for r in rows if r.streams == 1}
     lines = [
-        "| way | streams | tokens | seconds | tok/s | × engine at 1 |",
+        "| way | streams | tokens | seconds | tok/s | × this way at 1 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        base = ones.get(r.way, 0.0)
         ratio = f"{r.tokens_per_s / base:.2f}×" if base else "—"
         lines.append(
             f"| {r.way} | {r.streams} | {r.tokens} | {r.seconds:.2f} | "
@@ -307,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads in the worker and for --hf (0 = torch's default)")
     parser.add_argument("--hf", action="store_true", help="also measure plain transformers")
     parser.add_argument("--hf-ways", default="generate,generate_batch")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also drive today's engine (bench/baseline_engine.py) and the slot "
+                             "engine in this process, side by side")
+    parser.add_argument("--prefix", type=int, default=1024,
+                        help="first-token time with a prefix this long served before vs cold "
+                             "(0 = skip)")
+    parser.add_argument("--prefix-rounds", type=int, default=3)
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".meshnode" / "bench-models")
     parser.add_argument("--out", type=Path, default=None, help="write the table (markdown)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows (json)")
@@ -323,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds,
         )
     )
+    if args.baseline:
+        rows += measure_inprocess(model_dir, args.device, streams, args.tokens,
+                                  args.single_requests, args.threads, args.rounds)
     if args.hf:
         from transformers.utils import logging as hf_logging
 
@@ -336,15 +473,31 @@ def main(argv: list[str] | None = None) -> int:
             args.threads,
             tuple(args.hf_ways.split(",")),
         )
+    prefix_row = None
+    if args.prefix > 0:
+        prefix_model = (build_model("gpt2-small-2k", args.cache_dir)
+                        if args.model == "gpt2-small" else model_dir)
+        prefix_row = measure_prefix(prefix_model, args.device, args.prefix, args.threads,
+                                    args.prefix_rounds)
     name = device_name(args.device)
     text = (
         f"Local worker tokens/s — {args.model} (random weights), {args.tokens} new tokens "
         f"per request, device: {name}\n\n{table(rows)}\n"
     )
-    engine = {r.streams: r.tokens_per_s for r in rows if r.way == "meshnode engine"}
-    if 1 in engine and engine[1] > 0:
-        ratios = ", ".join(f"{n} streams {engine[n] / engine[1]:.2f}×" for n in streams if n != 1)
-        text += f"\nengine speed-up over one stream at a time: {ratios}\n"
+    by_way: dict[str, dict[int, float]] = {}
+    for r in rows:
+        by_way.setdefault(r.way, {})[r.streams] = r.tokens_per_s
+    for way, figures in by_way.items():
+        if 1 in figures and figures[1] > 0 and len(figures) > 1:
+            ratios = ", ".join(f"{n} streams {figures[n] / figures[1]:.2f}×"
+                               for n in streams if n != 1 and n in figures)
+            text += f"\n{way}: speed-up over one stream at a time: {ratios}"
+    text += "\n"
+    if prefix_row is not None:
+        text += (f"\nprefix reuse ({prefix_row.prefix}-token prefix served before, 16 new "
+                 f"prompt tokens, first token): cold {prefix_row.cold_ms:.0f} ms, warm "
+                 f"{prefix_row.warm_ms:.0f} ms = {100 * prefix_row.ratio:.1f}% of cold "
+                 f"({prefix_row.cached_tokens} tokens reused)\n")
     print("\n" + text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
                     "model": args.model,
                     "tokens": args.tokens,
                     "rows": [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in rows],
+                    "prefix": ({**asdict(prefix_row), "ratio": prefix_row.ratio}
+                               if prefix_row is not None else None),
                 },
                 indent=2,
             ),

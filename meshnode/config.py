@@ -151,6 +151,11 @@ class ProviderConfig(_Strict):
     device: str = "auto"
     max_batch: int = Field(default=16, gt=0)
     max_queue: int = Field(default=64, ge=0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_len: int = Field(default=0, ge=0)
+    prefill_chunk: int = Field(default=256, gt=0)
+    prefix_cache_mb: int = Field(default=-1, ge=-1)
+    cuda_graphs: bool = True
 
 
 class ResolvedProvider(_Strict):

@@ -83,6 +83,16 @@ DESCRIPTIONS: dict[str, str] = {
     "providers.*.device": "local: `auto`, `cpu`, `cuda` or `cuda:N`.",
     "providers.*.max_batch": "local: sequences decoded together.",
     "providers.*.max_queue": "local: requests waiting beyond the batch before 503.",
+    "providers.*.dtype": "local: weights and KV cache; `auto` = bfloat16 on a GPU that has it "
+                         "(float16 otherwise), float32 on the CPU.",
+    "providers.*.max_len": "local: positions per KV slot (prompt + max_tokens); 0 = the "
+                           "model's context. The slot count (`max_batch`) shrinks to what "
+                           "fits in free memory.",
+    "providers.*.prefill_chunk": "local: prompt positions prefilled per step; running streams "
+                                 "wait at most one chunk for a newcomer.",
+    "providers.*.prefix_cache_mb": "local: memory for reused prompt prefixes; -1 = a quarter "
+                                   "of the KV slots' size, 0 = off.",
+    "providers.*.cuda_graphs": "local: capture the decode step as CUDA graphs (GPU only).",
     "providers.*.models[].name": "The model name clients ask for; several providers may offer "
                                  "one name (routing chooses).",
     "providers.*.models[].kind": "What it answers: chat (and completions), completion, "

@@ -68,17 +68,22 @@ class Usage:
     completion_tokens: int = 0
     # True when a count was estimated because the upstream gave none.
     estimated: bool = False
+    # Prompt tokens served from a prefix cache (OpenAI's prompt_tokens_details.cached_tokens).
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def to_openai(self) -> dict[str, int]:
-        return {
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +172,9 @@ class Capacity:
     queue_depth: int = 0
     tokens_per_s: float = 0.0
     memory_used_bytes: int = 0
+    # Names of the prompt-prefix KV blocks a local worker holds (meshnode.worker.prefix: hex
+    # chain hashes, most recent first): what prefix-aware routing can prefer.
+    prefix_blocks: tuple[str, ...] = ()
 
     @property
     def load(self) -> float:

@@ -8,7 +8,8 @@ blocks on it.
 Errors, translated here once:
 - bad sampling values, a prompt over the context: `InvalidRequest` (400, not retryable);
 - no worker ready, the queue over its bound (`local_queue_full`), a worker that died before
-  anything was streamed: `UpstreamUnavailable` (retryable: the router fails over);
+  anything was streamed, a step that ran out of memory for this request while the worker
+  goes on (`local_out_of_memory`): `UpstreamUnavailable` (retryable: the router fails over);
 - a worker that died after chunks were streamed: `StreamBroken` (never retried);
 - no first token within `first_byte_ms`: `UpstreamTimeout` (retryable).
 """
@@ -50,6 +51,7 @@ from meshnode.worker.client import (
     Event,
     Finished,
     Rejected,
+    StepFailed,
     TextDelta,
     WorkerGone,
     WorkerProcess,
@@ -144,7 +146,9 @@ class LocalProvider(Provider):
         config = WorkerConfig(
             device=device, data_dir=str(Path(self._ctx.data_dir).resolve()),
             max_batch=self._config.max_batch, models=tuple(s.to_wire() for s in self._specs),
-            threads=self._threads,
+            threads=self._threads, dtype=self._config.dtype, max_len=self._config.max_len,
+            prefill_chunk=self._config.prefill_chunk,
+            prefix_cache_mb=self._config.prefix_cache_mb, cuda_graphs=self._config.cuda_graphs,
         )
         worker = WorkerProcess(config, name=f"{self.name}/{device}", on_hello=on_hello,
                                **self._worker_options)
@@ -183,6 +187,7 @@ class LocalProvider(Provider):
     def capacity(self) -> Capacity:
         total = busy = queued = memory = 0
         tps = 0.0
+        prefixes: list[str] = []
         for worker in self._workers:
             if worker.state is not WorkerState.READY:
                 continue
@@ -193,8 +198,10 @@ class LocalProvider(Provider):
             queued += max(0, in_use - slots)
             tps += worker.heartbeat.tokens_per_s
             memory += worker.heartbeat.memory_bytes
+            prefixes.extend(worker.heartbeat.prefix_blocks)
         return Capacity(slots_total=total, slots_free=total - busy, queue_depth=queued,
-                        tokens_per_s=tps, memory_used_bytes=memory)
+                        tokens_per_s=tps, memory_used_bytes=memory,
+                        prefix_blocks=tuple(dict.fromkeys(prefixes)))
 
     # ------------------------------------------------------------------ dispatch
     async def _pick_worker(self, timeouts: TimeoutsConfig, deadline: float,
@@ -249,7 +256,12 @@ class LocalProvider(Provider):
             raise UpstreamTimeout("the local worker made no first token in time",
                                   provider=self.name) from None
 
-    def _gone(self, event: WorkerGone, streamed: bool) -> Exception:
+    def _gone(self, event: WorkerGone | StepFailed, streamed: bool) -> Exception:
+        if isinstance(event, StepFailed) and not streamed:
+            # The worker is fine, this step was not: another candidate (or a retry) may serve it.
+            return UpstreamUnavailable(f"local worker could not serve this request: "
+                                       f"{event.reason}", code="local_out_of_memory",
+                                       provider=self.name)
         if streamed:
             return StreamBroken(f"local worker failed mid-stream: {event.reason}",
                                 provider=self.name)
@@ -282,12 +294,13 @@ class LocalProvider(Provider):
                         finishes[event.choice] = event.finish
                 elif isinstance(event, Finished):
                     finished = True
-                    usage = Usage(event.prompt_tokens, event.completion_tokens)
+                    usage = Usage(event.prompt_tokens, event.completion_tokens,
+                                  cached_tokens=event.cached_tokens)
                     break
                 elif isinstance(event, Rejected):
                     finished = True
                     raise InvalidRequest(event.message, param=event.param)
-                elif isinstance(event, WorkerGone):
+                elif isinstance(event, WorkerGone | StepFailed):
                     finished = True
                     raise self._gone(event, streamed=False)
         finally:
@@ -370,14 +383,15 @@ class LocalProvider(Provider):
                         yield StreamChunk({**base, "choices": [choice]})
                 elif isinstance(event, Finished):
                     finished = True
-                    usage = Usage(event.prompt_tokens, event.completion_tokens)
+                    usage = Usage(event.prompt_tokens, event.completion_tokens,
+                                  cached_tokens=event.cached_tokens)
                     yield StreamChunk({**base, "choices": [], "usage": usage.to_openai()},
                                       usage=usage)
                     return
                 elif isinstance(event, Rejected):
                     finished = True
                     raise InvalidRequest(event.message, param=event.param)
-                elif isinstance(event, WorkerGone):
+                elif isinstance(event, WorkerGone | StepFailed):
                     finished = True
                     raise self._gone(event, streamed)
         finally:

@@ -59,6 +59,7 @@ class TextDelta:
 class Finished:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV the worker reused
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,15 @@ class WorkerGone:
     reason: str
 
 
-Event = TextDelta | Finished | Embedded | Rejected | WorkerGone
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    """The worker could not serve this request (out of memory in its step) but goes on serving:
+    retryable elsewhere or later."""
+
+    reason: str
+
+
+Event = TextDelta | Finished | Embedded | Rejected | WorkerGone | StepFailed
 
 
 @dataclass(slots=True)
@@ -97,6 +106,7 @@ class Heartbeat:
     memory_bytes: int = 0
     active: int = 0
     queued: int = 0
+    prefix_blocks: tuple[str, ...] = ()
 
 
 class WorkerProcess:
@@ -307,7 +317,8 @@ class WorkerProcess:
                 self._on_step(message)
             elif kind == "hb":
                 self.heartbeat = Heartbeat(float(message["tps"]), int(message["mem"]),
-                                           int(message["active"]), int(message["queued"]))
+                                           int(message["active"]), int(message["queued"]),
+                                           tuple(str(h) for h in message.get("pfx", ())))
             elif kind == "emb":
                 call = self._calls.pop(message["id"], None)
                 if call is not None:
@@ -317,6 +328,10 @@ class WorkerProcess:
                 call = self._calls.pop(message["id"], None)
                 if call is not None:
                     call.events.put_nowait(Rejected(message["message"], message.get("param")))
+            elif kind == "fail":
+                call = self._calls.pop(message["id"], None)
+                if call is not None:
+                    call.events.put_nowait(StepFailed(message["message"]))
             elif kind == "ready":
                 self.models = message["models"]
                 self.state = WorkerState.READY
@@ -334,10 +349,11 @@ class WorkerProcess:
             call = calls.get(request_id)
             if call is not None:
                 call.events.put_nowait(TextDelta(choice, text, finish))
-        for request_id, prompt_tokens, completion_tokens in message["done"]:
+        for request_id, prompt_tokens, completion_tokens, *rest in message["done"]:
             call = calls.pop(request_id, None)
             if call is not None:
-                call.events.put_nowait(Finished(prompt_tokens, completion_tokens))
+                call.events.put_nowait(Finished(prompt_tokens, completion_tokens,
+                                                int(rest[0]) if rest else 0))
 
     def _fail_all(self, reason: str) -> None:
         calls, self._calls = self._calls, {}

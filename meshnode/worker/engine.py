@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -377,8 +376,7 @@ class GenerationEngine:
             if choice > 0:
                 self.cache.copy_slot(sequence.slots[0], slot, sequence.prompt_len)
             seed = request.params.seed
-            row_seed = ((seed + choice) % (2**63) if seed is not None
-                        else random.getrandbits(63))
+            row_seed = (seed + choice) % (2**63) if seed is not None else None
             row = _Row(request, choice, slot, TextStream(
                 self.tokenizer, request.prompt_ids, request.params.stop), row_seed,
                 length=sequence.prompt_len)
@@ -406,9 +404,11 @@ class GenerationEngine:
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         write_t = torch.tensor(write, dtype=torch.long, device=dev)
         real_t = torch.tensor(real, dtype=torch.bool, device=dev)
-        slots = torch.tensor([c.sequence.slots[0] for c in plan.chunks], dtype=torch.long,
-                             device=dev)
-        self.cache.plan_prefill(slots, write_t, kv_len)
+        first_slots = [c.sequence.slots[0] for c in plan.chunks]
+        slots = torch.tensor(first_slots, dtype=torch.long, device=dev)
+        consecutive = first_slots == list(range(first_slots[0], first_slots[0] + len(first_slots)))
+        self.cache.plan_prefill(slots, write_t, kv_len,
+                                (first_slots[0], first_slots[-1] + 1) if consecutive else None)
         mask = self.cache.prefill_mask(write_t, real_t, kv_len, self._dtype)
         extra: dict[str, Any] = {self._cache_kw: self.cache}
         if self._keeps_logits:

@@ -94,6 +94,7 @@ class SlotCache(Cache):
         self._rows = 0  # decode: the first `rows` slots
         self._write: torch.Tensor = self._rows_index[:1]  # [b, q] (prefill) or [b] (decode)
         self._kv_len = 0
+        self._span: tuple[int, int] | None = None
 
     @property
     def bytes(self) -> int:
@@ -106,8 +107,11 @@ class SlotCache(Cache):
         return self.max_len - 1
 
     # ------------------------------------------------------------------ plans
-    def plan_prefill(self, slots: torch.Tensor, write: torch.Tensor, kv_len: int) -> None:
+    def plan_prefill(self, slots: torch.Tensor, write: torch.Tensor, kv_len: int,
+                     span: tuple[int, int] | None = None) -> None:
+        """`span` = (first, last + 1) when the slots are consecutive (the engine knows it)."""
         self._slots, self._rows, self._write, self._kv_len = slots, 0, write, kv_len
+        self._span = span
 
     def plan_decode(self, rows: int, write: torch.Tensor, kv_len: int) -> None:
         self._slots, self._rows, self._write, self._kv_len = None, rows, write, kv_len
@@ -123,9 +127,10 @@ class SlotCache(Cache):
             keys[slots[:, None], :, self._write] = key_states.transpose(1, 2).to(keys.dtype)
             values[slots[:, None], :, self._write] = value_states.transpose(1, 2).to(
                 values.dtype)
-            if slots.numel() == 1:
-                return keys[slots[0], :, :kv][None], values[slots[0], :, :kv][None]
-            return keys.index_select(0, slots)[:, :, :kv], values.index_select(0, slots)[:, :, :kv]
+            if self._span is not None:  # the slots are consecutive: a view, no copy
+                first, last = self._span
+                return keys[first:last, :, :kv], values[first:last, :, :kv]
+            return keys[:, :, :kv].index_select(0, slots), values[:, :, :kv].index_select(0, slots)
         rows = self._rows
         index = self._rows_index[:rows]
         keys[index, :, self._write] = key_states[:, :, 0].to(keys.dtype)

@@ -32,18 +32,35 @@ class WorkerConfig:
     max_batch: int
     models: tuple[dict[str, Any], ...]  # ModelSpec.to_wire()
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # The engine's options (config.ProviderConfig of the local provider; see engine.py).
+    dtype: str = "auto"
+    max_len: int = 0
+    prefill_chunk: int = 256
+    prefix_cache_mb: int = -1
+    cuda_graphs: bool = True
 
     def to_json(self) -> str:
         return json.dumps({
             "device": self.device, "data_dir": self.data_dir, "max_batch": self.max_batch,
-            "models": list(self.models), "threads": self.threads,
+            "models": list(self.models), "threads": self.threads, "dtype": self.dtype,
+            "max_len": self.max_len, "prefill_chunk": self.prefill_chunk,
+            "prefix_cache_mb": self.prefix_cache_mb, "cuda_graphs": self.cuda_graphs,
         })
 
     @classmethod
     def from_json(cls, text: str) -> WorkerConfig:
         raw = json.loads(text)
         return cls(raw["device"], raw["data_dir"], int(raw["max_batch"]),
-                   tuple(raw["models"]), int(raw.get("threads", 0)))
+                   tuple(raw["models"]), int(raw.get("threads", 0)),
+                   str(raw.get("dtype", "auto")), int(raw.get("max_len", 0)),
+                   int(raw.get("prefill_chunk", 256)), int(raw.get("prefix_cache_mb", -1)),
+                   bool(raw.get("cuda_graphs", True)))
+
+    def engine_options(self) -> Any:
+        from meshnode.worker.engine import EngineOptions
+
+        return EngineOptions(max_len=self.max_len, prefill_chunk=self.prefill_chunk,
+                             prefix_cache_mb=self.prefix_cache_mb, cuda_graphs=self.cuda_graphs)
 
 
 def _resolve_device(name: str) -> Any:
@@ -57,10 +74,12 @@ def _resolve_device(name: str) -> Any:
 
 
 def _memory_bytes(device: Any) -> int:
+    """What this worker holds: on CUDA the allocator's reserved memory (what other processes
+    cannot have), not just what live tensors use."""
     import torch
 
     if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
+        return int(torch.cuda.memory_reserved(device))
     try:
         with open("/proc/self/statm", encoding="ascii") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -117,8 +136,9 @@ class Worker:
                     model, tokenizer, self.device, max_seq_length(path, tokenizer))
                 context = max_seq_length(path, tokenizer)
             else:
-                model, tokenizer = load_causal_lm(path, self.device)
-                engine = GenerationEngine(model, tokenizer, self.device, self.config.max_batch)
+                model, tokenizer = load_causal_lm(path, self.device, self.config.dtype)
+                engine = GenerationEngine(model, tokenizer, self.device, self.config.max_batch,
+                                          self.config.engine_options())
                 self.engines[spec.name] = engine
                 context = engine.context
             info[spec.name] = {
@@ -141,6 +161,7 @@ class Worker:
             engine.submit(-1, ids, SamplingParams(max_tokens=2, temperature=1.0, seed=0))
             while engine.has_work():
                 engine.step()
+            engine.prepare()  # CUDA graphs of the decode step, once the kernels are warm
 
     # ------------------------------------------------------------------ serve
     def _reader(self) -> None:
@@ -177,16 +198,7 @@ class Worker:
                     break
             for engine in self.engines.values():
                 if engine.has_work():
-                    result = engine.step()
-                    meter.add(result.tokens)
-                    if result.events or result.done:
-                        self.channel.send({
-                            "t": "step",
-                            "ev": [[e.request_id, e.choice, e.text, e.finish]
-                                   for e in result.events],
-                            "done": [[d.request_id, d.prompt_tokens, d.completion_tokens]
-                                     for d in result.done],
-                        })
+                    meter.add(self._step(engine))
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_S:
                 last_beat = now
@@ -194,7 +206,31 @@ class Worker:
                     "t": "hb", "tps": meter.sample(), "mem": _memory_bytes(self.device),
                     "active": sum(e.active_rows for e in self.engines.values()),
                     "queued": sum(e.queued for e in self.engines.values()),
+                    "pfx": [h for e in self.engines.values() for h in e.prefix_summary(64)],
                 })
+
+    def _step(self, engine: Any) -> int:
+        """One engine step, its output sent; returns the tokens it made. Whatever a step raises
+        (an out-of-memory is handled inside it) fails that engine's admitted requests, not the
+        worker: the rest is served on."""
+        try:
+            result = engine.step()
+        except Exception as exc:  # noqa: BLE001 - the worker must outlive a bad step
+            log.exception("engine step failed; failing its admitted requests")
+            failed = engine.abort_all(f"the local worker's step failed ({type(exc).__name__})")
+            for f in failed:
+                self.channel.send({"t": "fail", "id": f.request_id, "message": f.message})
+            return 0
+        if result.events or result.done:
+            self.channel.send({
+                "t": "step",
+                "ev": [[e.request_id, e.choice, e.text, e.finish] for e in result.events],
+                "done": [[d.request_id, d.prompt_tokens, d.completion_tokens, d.cached_tokens]
+                         for d in result.done],
+            })
+        for f in result.failed:
+            self.channel.send({"t": "fail", "id": f.request_id, "message": f.message})
+        return int(result.tokens)
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["t"]
@@ -269,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         worker.device = _resolve_device(config.device)
+        if worker.device.type == "cuda":
+            # Bind before anything touches CUDA, so every allocation and stream is this card's.
+            torch.cuda.set_device(worker.device)
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         channel.send({"t": "hello", "pid": os.getpid(), "device": str(worker.device),
                       "cuda_count": cuda_count})

@@ -5,7 +5,8 @@ are (`path` or `builtin`). A `path` is a Hugging Face directory, or a GGUF file 
 holding exactly one), which `meshnode.worker.gguf` dequantises once into data_dir. The node
 checks specs when the provider is built (a missing path is a ConfigError before anything
 starts); the worker loads them with transformers: causal LMs for chat/completion, encoders for
-embeddings. float32 on the CPU, bfloat16 on CUDA.
+embeddings. float32 on the CPU, bfloat16 on CUDA (float16 where bf16 is not supported),
+or what the `dtype` config key says.
 """
 
 from __future__ import annotations
@@ -82,18 +83,25 @@ def model_dir(spec: ModelSpec, data_dir: Path) -> Path:
     return path
 
 
-def dtype_for(device: Any) -> Any:
+def dtype_for(device: Any, name: str = "auto") -> Any:
+    """The torch dtype for the `dtype` config key: `auto` is bfloat16 on a GPU that supports it,
+    float16 on one that does not, float32 on the CPU."""
     import torch
 
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
-def load_causal_lm(path: Path, device: Any) -> tuple[Any, Any]:
+def load_causal_lm(path: Path, device: Any, dtype: str = "auto") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # sdpa: the engine's per-row 4-D masks go through it (and eager) untouched.
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype_for(device), local_files_only=True
+        path, dtype=dtype_for(device, dtype), local_files_only=True, attn_implementation="sdpa"
     )
     return model.to(device).eval(), tokenizer
 

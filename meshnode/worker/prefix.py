@@ -118,17 +118,12 @@ class PrefixStore:
             self._held.move_to_end(name)
         if not new:
             return 0
-        pool_index = torch.tensor([p for _, p in new], dtype=torch.long,
-                                  device=self.cache.device)
-        numbers = torch.tensor([n for n, _ in new], dtype=torch.long, device=self.cache.device)
-        span = len(names) * self.block
-        for (k, v), keys, values in zip(self.cache.read_span(slot, 0, span), self._keys,
-                                        self._values, strict=True):
-            # [heads, blocks * block, dim] -> [blocks, heads, block, dim], the new ones only
-            kb = k.unflatten(1, (len(names), self.block)).transpose(0, 1)
-            vb = v.unflatten(1, (len(names), self.block)).transpose(0, 1)
-            keys[pool_index] = kb.index_select(0, numbers)
-            values[pool_index] = vb.index_select(0, numbers)
+        block = self.block
+        for (k, v), keys, values in zip(self.cache.read_span(slot, 0, len(names) * block),
+                                        self._keys, self._values, strict=True):
+            for number, pool in new:  # small contiguous copies: cheaper than a strided gather
+                keys[pool] = k[:, number * block:(number + 1) * block]
+                values[pool] = v[:, number * block:(number + 1) * block]
         return len(new)
 
     def summary(self, limit: int = 256) -> list[str]:

@@ -4,12 +4,14 @@ Pure tensor code on the batch's last-position logits: no engine state, no host s
 per-row setting arrives as a host list the engine already has). Per row: temperature (0 =
 greedy), top_p, and a seed.
 
-Sampling is the exponential race (Gumbel-max): token = argmax(p / E) with E ~ Exp(1) per
-vocabulary entry, which draws exactly from p. The E of a row with a seed come from a
-counter-based hash of (seed, the row's token number, vocabulary index), so a seeded answer is
-a function of its seed alone: it does not depend on what else is in the batch, on the row's
-slot, or on how many steps the engine ran before it. Rows without a seed use torch's own
-generator. Either way it is one batched launch for all rows (not one per seeded row).
+Sampling inverts each row's cumulative distribution at one uniform number u: the token whose
+interval of the CDF holds u * total, which draws exactly from the distribution (a token the
+nucleus cut has an empty interval and is never drawn). The u of a row with a seed is a
+counter-based hash of (seed, the row's token number), so a seeded answer is a function of its
+seed alone: it does not depend on what else is in the batch, on the row's slot, or on how
+many steps the engine ran before it (each row's CDF is computed along its own vocabulary, the
+same in any batch). Rows without a seed draw u from torch's generator. Either way it is one
+batched pass for all rows, not one launch per seeded row.
 """
 
 from __future__ import annotations
@@ -44,16 +46,13 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift(x, 31)
 
 
-def seeded_exponentials(seeds: Sequence[int], counters: Sequence[int], vocab: int,
-                        device: torch.device) -> torch.Tensor:
-    """[rows, vocab] Exp(1) draws, a pure function of (seed, counter, index)."""
+def seeded_uniforms(seeds: Sequence[int], counters: Sequence[int],
+                    device: torch.device) -> torch.Tensor:
+    """[rows] float64 uniforms in (0, 1), a pure function of (seed, counter)."""
     seed = torch.tensor([_signed(s) for s in seeds], dtype=torch.long, device=device)
     counter = torch.tensor(list(counters), dtype=torch.long, device=device)
-    base = _mix(_mix(seed * _GOLDEN + 1) + counter * _STEP)
-    index = torch.arange(vocab, dtype=torch.long, device=device)
-    bits = _mix(base[:, None] + index[None, :] * _GOLDEN)
-    uniform = (_shift(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1)
-    return -torch.log(uniform)
+    bits = _mix(_mix(seed * _GOLDEN + 1) + counter * _STEP)
+    return (_shift(bits, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))
 
 
 def nucleus(scaled: torch.Tensor, top_ps: Sequence[float]) -> torch.Tensor:
@@ -79,18 +78,15 @@ def sample(logits: torch.Tensor, temps: Sequence[float], top_ps: Sequence[float]
     scaled = logits / temp[:, None]
     if any(p < 1.0 for p in top_ps):
         scaled = nucleus(scaled, top_ps)
-    probs = scaled.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_()
+    cdf = scaled.softmax(dim=-1).to(torch.float64).cumsum(dim=-1)
+    uniform = torch.rand(len(temps), dtype=torch.float64, device=logits.device)
     seeded = [i for i, s in enumerate(seeds) if s is not None]
     if seeded:
-        drawn = seeded_exponentials([seeds[i] for i in seeded],  # type: ignore[misc]
-                                    [counters[i] for i in seeded], probs.shape[1],
-                                    probs.device)
-        if len(seeded) == len(seeds):
-            race = drawn
-        else:
-            race[torch.tensor(seeded, device=probs.device)] = drawn
-    chosen = (probs / race).argmax(dim=-1)
+        drawn = seeded_uniforms([seeds[i] for i in seeded],  # type: ignore[misc]
+                                [counters[i] for i in seeded], logits.device)
+        uniform[torch.tensor(seeded, device=logits.device)] = drawn
+    target = (uniform * cdf[:, -1])[:, None]
+    chosen = torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[1] - 1)
     if any(t == 0.0 for t in temps):
         is_greedy = torch.tensor([t == 0.0 for t in temps], device=logits.device)
         chosen = torch.where(is_greedy, greedy, chosen)

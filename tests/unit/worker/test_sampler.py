@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from meshnode.worker.sampler import sample, seeded_exponentials
+from meshnode.worker.sampler import sample, seeded_uniforms
 
 
 def test_seeded_draws_do_not_depend_on_the_batch() -> None:
@@ -34,9 +34,9 @@ def test_top_p_never_draws_outside_the_nucleus() -> None:
     assert set(tokens.tolist()) == {0}
 
 
-def test_exponentials_are_positive_and_repeatable() -> None:
-    e = seeded_exponentials([1, -5, 2**62], [0, 9, 3], 1000, torch.device("cpu"))
-    assert bool((e > 0).all()) and bool(torch.isfinite(e).all())
-    assert torch.equal(e, seeded_exponentials([1, -5, 2**62], [0, 9, 3], 1000,
-                                              torch.device("cpu")))
-    assert abs(float(e.mean()) - 1.0) < 0.1
+def test_uniforms_are_in_the_open_interval_and_repeatable() -> None:
+    seeds, counters = list(range(-500, 500)), [i % 7 for i in range(1000)]
+    u = seeded_uniforms(seeds, counters, torch.device("cpu"))
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert torch.equal(u, seeded_uniforms(seeds, counters, torch.device("cpu")))
+    assert abs(float(u.mean()) - 0.5) < 0.05 and len(set(u.tolist())) == 1000
