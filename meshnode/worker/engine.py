@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +45,7 @@ from meshnode.worker.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
-# The test hook: this many upcoming steps with work raise torch.OutOfMemoryError inside the step.
+# The test hook for worker processes: after warm-up, the worker sets `inject_oom` from it.
 INJECT_OOM_ENV = "MESHNODE_TEST_INJECT_OOM"
 
 
@@ -232,7 +231,7 @@ class GenerationEngine:
         self._next_input = torch.full((self.max_batch,), self._pad_id, dtype=torch.long,
                                       device=device)
         self.prefilled_tokens = 0  # prompt positions computed (not reused): for tests, bench
-        self.inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0") or 0)
+        self.inject_oom = 0  # test hook: this many next steps raise torch.OutOfMemoryError
         log.info("engine: %d slots x %d positions (%.0f MB KV), prefix pool %d blocks "
                  "(%.0f MB), prefill chunk %d", self.max_batch, max_len, self.cache.bytes / 1e6,
                  blocks, self.prefix.bytes / 1e6, self.scheduler.chunk_tokens)

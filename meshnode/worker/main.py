@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                       "cuda_count": cuda_count})
         info = worker.load()
         worker.warm_up()
+        from meshnode.worker.engine import INJECT_OOM_ENV
+
+        for engine in worker.engines.values():  # the test hook, only ever set by tests
+            engine.inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0") or 0)
     except Exception as exc:  # noqa: BLE001 - anything at load time is reported, then we exit
         log.exception("worker failed to start")
         try:

@@ -184,6 +184,50 @@ async def test_embeddings_are_real(provider: LocalProvider) -> None:
     assert result.usage.prompt_tokens == result.body["usage"]["prompt_tokens"] > 3
 
 
+async def test_a_repeated_long_prompt_reuses_its_prefix(provider: LocalProvider) -> None:
+    offer = _offer(provider, "tiny-gpt2")
+    system = " ".join(f"rule{i % 41}" for i in range(50))
+
+    def body(question: str) -> dict[str, Any]:
+        return {"model": "tiny-gpt2", "max_tokens": 3, "temperature": 0.0,
+                "messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": question}]}
+
+    first = await provider.complete(_request(RequestKind.CHAT, body("first?")), offer, TIMEOUTS)
+    second = await provider.complete(_request(RequestKind.CHAT, body("and second?")), offer,
+                                     TIMEOUTS)
+    assert first.usage.prompt_tokens > 256
+    cached = second.usage.cached_tokens
+    assert cached >= 256 and cached % 16 == 0 and cached > first.usage.cached_tokens
+    details = second.body["usage"]["prompt_tokens_details"]
+    assert details == {"cached_tokens": second.usage.cached_tokens}
+    deadline = time.monotonic() + 10
+    while not provider.capacity().prefix_blocks:  # the next heartbeat carries them
+        assert time.monotonic() < deadline, "no held prefix blocks in capacity()"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_out_of_memory_step_fails_only_its_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshnode.worker.engine import INJECT_OOM_ENV
+
+    monkeypatch.setenv(INJECT_OOM_ENV, "1")
+    provider = _provider(tmp_path, [{"name": "tiny-gpt2", "builtin": "tiny-gpt2",
+                                     "kind": "chat"}])
+    await provider.start()
+    try:
+        await _wait_ready(provider)
+        offer = _offer(provider, "tiny-gpt2")
+        with pytest.raises(UpstreamUnavailable) as info:
+            await provider.complete(_request(RequestKind.CHAT, _chat(4)), offer, TIMEOUTS)
+        assert info.value.code == "local_out_of_memory" and info.value.retryable
+        result = await provider.complete(_request(RequestKind.CHAT, _chat(4)), offer, TIMEOUTS)
+        assert result.usage.completion_tokens == 4  # the same worker serves the next one
+        assert provider.ready()[0]
+    finally:
+        await provider.close()
+
+
 async def test_a_full_queue_overflows_with_a_retryable_error(provider: LocalProvider) -> None:
     offer = _offer(provider, "tiny-gpt2")
     # 16 slots + 8 queued = 24 sequences; n=16 twice fills 32 > 24 on the second.
