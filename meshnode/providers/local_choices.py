@@ -127,14 +127,11 @@ class ChatChoice:
         return "tool_calls" if self.calls and finish == "stop" else finish
 
     def message(self) -> dict[str, Any]:
-        content: str | None = "".join(self._content)
-        message: dict[str, Any] = {"role": "assistant"}
-        if self.calls:
-            message["content"] = content.strip() or None if content is not None else None
-            message["tool_calls"] = [c.to_openai() for c in self.calls]
-        else:
-            message["content"] = content
-        return message
+        content = "".join(self._content)
+        if not self.calls:
+            return {"role": "assistant", "content": content}
+        return {"role": "assistant", "content": content.strip() or None,
+                "tool_calls": [c.to_openai() for c in self.calls]}
 
     def logprobs(self) -> dict[str, Any] | None:
         if self._logprobs is None:

@@ -141,14 +141,15 @@ class Grammars:
         """Mask, in place, the logits of `rows` (indices into the batch) to what each row's
         matcher allows next. One bitmask for them all, filled in parallel by llguidance."""
         import llguidance
-        import llguidance.torch as llt
 
         if self._executor is None:
             self._executor = llguidance.LLExecutor(num_threads=min(4, os.cpu_count() or 1))
         words = (self.vocab_size + 31) // 32
         bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)
-        llt.fill_next_token_bitmask_par(
-            self._executor, [(m, j) for j, m in enumerate(matchers)], bitmask)
+        # What llguidance.torch.fill_next_token_bitmask_par does, without importing that
+        # module (it sets up a torch.compile kernel the worker does not use).
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(), words * 4, len(rows))
         device = logits.device
         shifts = self._shifts.get(device)
         if shifts is None:
