@@ -67,14 +67,12 @@ def openai_tools(tools: list[ToolSpec]) -> list[dict[str, Any]]:
 
 
 def tools_system_prompt(tools: list[ToolSpec]) -> str:
-    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in openai_tools(tools))
+    listing = "\n".join(json.dumps(t["function"], ensure_ascii=False)
+                        for t in openai_tools(tools))
     return (
-        "You may call one or more functions to assist with the user query. The functions "
-        f"you can call are listed within <tools></tools> XML tags:\n<tools>\n{listing}\n"
-        "</tools>\nTo call a function, answer with a JSON object holding its name and "
-        f"arguments within {CALL_OPEN}{CALL_CLOSE} XML tags:\n{CALL_OPEN}\n"
-        '{"name": <function-name>, "arguments": <args-json-object>}\n'
-        f"{CALL_CLOSE}"
+        f"You can call these functions:\n<tools>\n{listing}\n</tools>\n"
+        f"To call one, answer with its name and arguments in {CALL_OPEN} tags:\n"
+        f'{CALL_OPEN}\n{{"name": <function name>, "arguments": <JSON object>}}\n{CALL_CLOSE}'
     )
 
 
