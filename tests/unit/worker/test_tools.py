@@ -90,3 +90,28 @@ def test_tools_go_into_the_system_message() -> None:
     assert '"name": "get_time"' in merged[0]["content"] and "<tool_call>" in merged[0]["content"]
     added = with_tools_prompt([{"role": "user", "content": "hi"}], tools)
     assert [m["role"] for m in added] == ["system", "user"]
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}[TOOLS]{% for t in tools %}{{ t['function']['name'] }};{% endfor %}"
+    "[/TOOLS]{% endif %}"
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+)
+
+
+def test_a_template_with_tool_support_renders_the_tools_itself() -> None:
+    from meshnode.worker.builtins import build_byte_tokenizer
+    from meshnode.worker.models import encode_prompt, template_renders_tools
+
+    tokenizer = build_byte_tokenizer(300)
+    tools = [ToolSpec(0, "get_time", None, None)]
+    messages = [{"role": "user", "content": "hi"}]
+    assert not template_renders_tools(tokenizer)
+    fallback = tokenizer.decode(encode_prompt(tokenizer, messages, None, tools))
+    assert "<tool_call>" in fallback and '"name": "get_time"' in fallback
+    tokenizer.chat_template = TOOL_TEMPLATE
+    assert template_renders_tools(tokenizer)
+    native = tokenizer.decode(encode_prompt(tokenizer, messages, None, tools))
+    assert native == "[TOOLS]get_time;[/TOOLS]<user>hi<assistant>"
+    plain = tokenizer.decode(encode_prompt(tokenizer, messages, None, None))
+    assert plain == "<user>hi<assistant>"
