@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from meshnode.errors import (
     UpstreamUnavailable,
 )
 from meshnode.providers.base import Provider
+from meshnode.providers.local_choices import ChatChoice, CompletionLogprobs
 from meshnode.providers.registry import ProviderContext
 from meshnode.types import (
     Capacity,
@@ -63,7 +65,9 @@ from meshnode.worker.params import (
     chat_messages,
     completion_prompt,
     embedding_inputs,
+    parse_chat_format,
     parse_sampling,
+    parse_tools,
 )
 
 log = logging.getLogger(__name__)
@@ -230,21 +234,34 @@ class LocalProvider(Provider):
         return worker
 
     async def _open_text(self, request: InferenceRequest, offer: ModelOffer,
-                         timeouts: TimeoutsConfig) -> tuple[WorkerProcess, Call, int]:
+                         timeouts: TimeoutsConfig) -> tuple[WorkerProcess, Call, _Shape]:
         if request.kind not in _TEXT_KINDS:
             raise InvalidRequest(f"{offer.model} does not serve {request.kind.value} requests",
                                  param="model")
         body = request.body
-        params = parse_sampling(body)
+        tools_wire: list[dict[str, Any]] | None = None
         if request.kind is RequestKind.CHAT:
             messages: list[dict[str, str]] | None = chat_messages(body)
             prompt = None
+            tools, tool_choice = parse_tools(body)
+            constraint = parse_chat_format(body, tools, tool_choice)
+            params = parse_sampling(body, constraint=constraint)
+            # Calls are read from free text only: a forced call is a call by construction,
+            # and JSON under a response_format is the answer, not a call.
+            parse_calls = tool_choice is not None and (
+                constraint is None or constraint.kind == "tool_call")
+            names = frozenset(t.name for t in tools) if parse_calls else None
+            if tool_choice is not None:
+                tools_wire = [t.to_wire() for t in tools]
+            shape = _Shape(params.n, True, names, params.logprobs is not None)
         else:
             messages, prompt = None, completion_prompt(body)
+            params = parse_sampling(body, completion=True)
+            shape = _Shape(params.n, False, None, params.logprobs is not None)
         worker = await self._pick_worker(timeouts, request.deadline, params.n)
         call = worker.generate(offer.upstream_model, messages, prompt, params.to_wire(),
-                               params.n)
-        return worker, call, params.n
+                               params.n, tools=tools_wire)
+        return worker, call, shape
 
     async def _next(self, call: Call, timeout: float, streamed: bool) -> Event:
         try:
@@ -277,7 +294,10 @@ class LocalProvider(Provider):
                        timeouts: TimeoutsConfig) -> Completion:
         if request.kind is RequestKind.EMBEDDING:
             return await self._embed(request, offer, timeouts)
-        worker, call, n = await self._open_text(request, offer, timeouts)
+        worker, call, shape = await self._open_text(request, offer, timeouts)
+        n = shape.n
+        chats = [ChatChoice(i, shape.tool_names, shape.logprobs) for i in range(n)]
+        completion_lps = [CompletionLogprobs() for _ in range(n)]
         texts = [""] * n
         finishes: list[str | None] = [None] * n
         got_any = False
@@ -289,9 +309,17 @@ class LocalProvider(Provider):
                 event = await self._next(call, timeout, streamed=False)
                 if isinstance(event, TextDelta):
                     got_any = True
-                    texts[event.choice] += event.text
+                    i = event.choice
+                    if shape.chat:
+                        chats[i].feed(event.text, event.logprobs)
+                        if event.finish is not None:
+                            chats[i].end()
+                    else:
+                        texts[i] += event.text
+                        if event.logprobs is not None:
+                            completion_lps[i].add(event.logprobs)
                     if event.finish is not None:
-                        finishes[event.choice] = event.finish
+                        finishes[i] = event.finish
                 elif isinstance(event, Finished):
                     finished = True
                     usage = Usage(event.prompt_tokens, event.completion_tokens,
@@ -305,7 +333,11 @@ class LocalProvider(Provider):
                     raise self._gone(event, streamed=False)
         finally:
             worker.release(call, cancel=not finished)
-        body = _text_body(request, offer, texts, finishes, usage)
+        if shape.chat:
+            body = _chat_body(offer, chats, finishes, usage)
+        else:
+            body = _completion_body(offer, texts, completion_lps if shape.logprobs else None,
+                                    finishes, usage)
         return Completion(body=body, usage=usage)
 
     async def _embed(self, request: InferenceRequest, offer: ModelOffer,
@@ -344,12 +376,15 @@ class LocalProvider(Provider):
     # ------------------------------------------------------------------ stream
     async def stream(self, request: InferenceRequest, offer: ModelOffer,
                      timeouts: TimeoutsConfig) -> AsyncIterator[StreamChunk]:
-        worker, call, n = await self._open_text(request, offer, timeouts)
-        chat = request.kind is RequestKind.CHAT
+        worker, call, shape = await self._open_text(request, offer, timeouts)
+        n = shape.n
+        chat = shape.chat
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": chunk_id, "object": obj, "created": created, "model": offer.model}
+        chats = [ChatChoice(i, shape.tool_names, shape.logprobs) for i in range(n)]
+        completion_lps = [CompletionLogprobs() for _ in range(n)]
         started = [False] * n
         streamed = False
         finished = False
@@ -360,27 +395,22 @@ class LocalProvider(Provider):
                 event = await self._next(call, timeout, streamed)
                 if isinstance(event, TextDelta):
                     i = event.choice
-                    if event.text or not started[i]:
-                        if chat:
-                            delta: dict[str, Any] = {"content": event.text}
-                            if not started[i]:
-                                delta = {"role": "assistant", "content": event.text}
-                            choice: dict[str, Any] = {"index": i, "delta": delta,
-                                                      "logprobs": None, "finish_reason": None}
-                        else:
-                            choice = {"text": event.text, "index": i, "logprobs": None,
-                                      "finish_reason": None}
-                        started[i] = True
-                        streamed = True
-                        yield StreamChunk({**base, "choices": [choice]})
-                    if event.finish is not None:
-                        if chat:
-                            choice = {"index": i, "delta": {}, "logprobs": None,
-                                      "finish_reason": event.finish}
-                        else:
-                            choice = {"text": "", "index": i, "logprobs": None,
-                                      "finish_reason": event.finish}
-                        yield StreamChunk({**base, "choices": [choice]})
+                    if chat:
+                        for choice in _chat_stream_choices(chats[i], event):
+                            streamed = True
+                            yield StreamChunk({**base, "choices": [choice]})
+                    else:
+                        if event.text or event.logprobs is not None or not started[i]:
+                            logprobs = (completion_lps[i].add(event.logprobs)
+                                        if event.logprobs is not None else None)
+                            started[i] = streamed = True
+                            yield StreamChunk({**base, "choices": [{
+                                "text": event.text, "index": i, "logprobs": logprobs,
+                                "finish_reason": None}]})
+                        if event.finish is not None:
+                            yield StreamChunk({**base, "choices": [{
+                                "text": "", "index": i, "logprobs": None,
+                                "finish_reason": event.finish}]})
                 elif isinstance(event, Finished):
                     finished = True
                     usage = Usage(event.prompt_tokens, event.completion_tokens,
@@ -399,25 +429,68 @@ class LocalProvider(Provider):
             worker.release(call, cancel=not finished)
 
 
-def _text_body(request: InferenceRequest, offer: ModelOffer, texts: list[str],
-               finishes: list[str | None], usage: Usage) -> dict[str, Any]:
-    created = int(time.time())
-    if request.kind is RequestKind.CHAT:
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-            "created": created, "model": offer.model,
-            "choices": [
-                {"index": i, "message": {"role": "assistant", "content": text},
-                 "logprobs": None, "finish_reason": finishes[i] or "stop"}
-                for i, text in enumerate(texts)
-            ],
-            "usage": usage.to_openai(),
-        }
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What a text answer is made of: its choices, chat or completion, whether tool calls
+    are read from the text (the offered names), whether logprobs were asked."""
+
+    n: int
+    chat: bool
+    tool_names: frozenset[str] | None
+    logprobs: bool
+
+
+def _chat_stream_choices(builder: ChatChoice, event: TextDelta) -> list[dict[str, Any]]:
+    """Stream choices for one worker event of one chat choice (content, calls, finish)."""
+    out: list[dict[str, Any]] = []
+    text, calls, logprobs = builder.feed(event.text, event.logprobs)
+    if event.finish is not None:
+        more_text, more_calls = builder.end()
+        text += more_text
+        calls = calls + more_calls
+    i = builder.index
+    if text or logprobs is not None or not builder.started:
+        delta: dict[str, Any] = {"content": text}
+        if not builder.started:
+            delta = {"role": "assistant", "content": text}
+        out.append({"index": i, "delta": delta,
+                    "logprobs": {"content": logprobs, "refusal": None}
+                    if logprobs is not None else None,
+                    "finish_reason": None})
+        builder.started = True
+    if calls:
+        out.append({"index": i, "delta": {"tool_calls": builder.call_deltas(calls)},
+                    "logprobs": None, "finish_reason": None})
+    if event.finish is not None:
+        out.append({"index": i, "delta": {}, "logprobs": None,
+                    "finish_reason": builder.finish_reason(event.finish)})
+    return out
+
+
+def _chat_body(offer: ModelOffer, chats: list[ChatChoice], finishes: list[str | None],
+               usage: Usage) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+        "created": int(time.time()), "model": offer.model,
+        "choices": [
+            {"index": c.index, "message": c.message(), "logprobs": c.logprobs(),
+             "finish_reason": c.finish_reason(finishes[c.index])}
+            for c in chats
+        ],
+        "usage": usage.to_openai(),
+    }
+
+
+def _completion_body(offer: ModelOffer, texts: list[str],
+                     logprobs: list[CompletionLogprobs] | None, finishes: list[str | None],
+                     usage: Usage) -> dict[str, Any]:
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-        "created": created, "model": offer.model,
+        "created": int(time.time()), "model": offer.model,
         "choices": [
-            {"text": text, "index": i, "logprobs": None, "finish_reason": finishes[i] or "stop"}
+            {"text": text, "index": i,
+             "logprobs": logprobs[i].whole if logprobs is not None else None,
+             "finish_reason": finishes[i] or "stop"}
             for i, text in enumerate(texts)
         ],
         "usage": usage.to_openai(),

@@ -53,6 +53,8 @@ class TextDelta:
     choice: int
     text: str
     finish: str | None
+    # When asked: [[token bytes, logprob | None, [[bytes, logprob], ...]], ...] (protocol.py)
+    logprobs: list[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +198,8 @@ class WorkerProcess:
 
     # ------------------------------------------------------------------ calls
     def generate(self, model: str, messages: list[dict[str, str]] | None, prompt: str | None,
-                 params: dict[str, Any], slots: int) -> Call:
+                 params: dict[str, Any], slots: int,
+                 tools: list[dict[str, Any]] | None = None) -> Call:
         call = self._new_call(slots)
         frame: dict[str, Any] = {"t": "gen", "id": call.call_id, "model": model,
                                  "params": params}
@@ -204,6 +207,8 @@ class WorkerProcess:
             frame["messages"] = messages
         else:
             frame["prompt"] = prompt
+        if tools:
+            frame["tools"] = tools
         self._send(frame, call)
         return call
 
@@ -345,10 +350,11 @@ class WorkerProcess:
 
     def _on_step(self, message: dict[str, Any]) -> None:
         calls = self._calls
-        for request_id, choice, text, finish in message["ev"]:
-            call = calls.get(request_id)
+        for item in message["ev"]:
+            call = calls.get(item[0])
             if call is not None:
-                call.events.put_nowait(TextDelta(choice, text, finish))
+                call.events.put_nowait(TextDelta(item[1], item[2], item[3],
+                                                 item[4] if len(item) > 4 else None))
         for request_id, prompt_tokens, completion_tokens, *rest in message["done"]:
             call = calls.pop(request_id, None)
             if call is not None:

@@ -20,6 +20,16 @@ allocations a step makes are activations. An out-of-memory error inside a step f
 requests admitted or prefilling in that step (or, in a pure decode step, the newest running
 one), frees the allocator's cache, and the engine goes on serving the rest.
 
+Per row, on top of that (`sampler.py` chooses tokens and computes logprobs, `grammar.py` masks):
+- a grammar matcher when the request constrains its output (JSON, a tool call): one bitmask per
+  step over the rows that have one, and the row ends when its grammar is complete. A row with
+  a matcher decodes from the step after its first token (its mask needs that token consumed);
+- logprobs of each chosen token, only for the rows that ask (one more copy to the host in a
+  step that has such rows), and for completions with `echo` those of the prompt: such a
+  request is prefilled with every position's logits, chunk by chunk, and without prefix reuse
+  (a reused prefix has no logits).
+A row that uses none of these costs nothing for them.
+
 Answers are the same alone and in any batch on the CPU in float32 (greedy and seeded: the
 sampler's draws depend on the seed and the token number only); in bf16/fp16 on a GPU the batch
 shape can change the rounding of the matmuls, so there batch independence is best-effort.
@@ -35,11 +45,12 @@ from typing import Any
 
 import torch
 
+from meshnode.worker.grammar import GrammarError, Grammars
 from meshnode.worker.graphs import DecodeGraphs
 from meshnode.worker.kvcache import CacheShape, SlotCache, probe_shape
 from meshnode.worker.params import SamplingParams
 from meshnode.worker.prefix import DEFAULT_BLOCK, PrefixStore
-from meshnode.worker.sampler import sample
+from meshnode.worker.sampler import TokenLogprob, prompt_logprobs, sample, token_logprobs
 from meshnode.worker.scheduler import Plan, Scheduler, Sequence
 from meshnode.worker.textstream import TextStream
 
@@ -76,6 +87,7 @@ class _Row:
     slot: int
     text: TextStream
     seed: int | None
+    matcher: Any = None  # llguidance.LLMatcher when the output is constrained
     generated: int = 0
     length: int = 0  # positions of this row in its slot
     tokens: list[int] = field(default_factory=list)
@@ -89,20 +101,31 @@ class _Request:
     params: SamplingParams
     max_tokens: int
     sequence: Sequence
+    matcher: Any = None  # compiled at submit; each row runs its own copy
     rows: list[_Row] = field(default_factory=list)
     open_rows: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
+    # echo + logprobs only: every prompt position's logits, by chunk start (a retried chunk
+    # overwrites its own entry)
+    prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.echo and self.params.logprobs is not None
 
 
 @dataclass(frozen=True, slots=True)
 class TextEvent:
-    """New text for one choice; `finish` ("stop" | "length") on its last event."""
+    """New text for one choice; `finish` ("stop" | "length") on its last event. `logprobs`:
+    one entry per token this event stands for, when the request asked for them (an echoed
+    prompt's event carries the prompt's tokens)."""
 
     request_id: int
     choice: int
     text: str
     finish: str | None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +241,11 @@ class GenerationEngine:
             model.set_attn_implementation("sdpa")  # a 4-D per-row mask needs sdpa or eager
             attn = "sdpa"
         self._dtype = next(model.parameters()).dtype
+        output = model.get_output_embeddings()
+        vocab = int(output.weight.shape[0]) if output is not None else int(
+            model.config.vocab_size)
+        self.grammars = Grammars(tokenizer, vocab, self.eos_ids)
+        self._grammar_eos: frozenset[int] = frozenset()
         shape = probe_shape(model, self._cache_kw, device)
         self.max_batch, max_len, blocks = size_memory(
             shape, context_length(model, tokenizer), max_batch, self.options, device)
@@ -259,6 +287,9 @@ class GenerationEngine:
                 "n",
             )
         room = self.context - prompt_len
+        if params.max_tokens == 0 and not params.echo:
+            raise RequestRejected("max_tokens 0 needs echo (there is nothing else to return)",
+                                  "max_tokens")
         if params.max_tokens is None:
             max_tokens = room
         elif params.max_tokens > room:
@@ -269,8 +300,15 @@ class GenerationEngine:
             )
         else:
             max_tokens = params.max_tokens
+        matcher = None
+        if params.constraint is not None:
+            try:
+                matcher = self.grammars.compile(params.constraint)
+            except GrammarError as exc:
+                raise RequestRejected(exc.message, exc.param) from None
+            self._grammar_eos = self.grammars.stop_ids()
         sequence = Sequence(request_id, prompt_len, params.n)
-        request = _Request(request_id, list(prompt_ids), params, max_tokens, sequence)
+        request = _Request(request_id, list(prompt_ids), params, max_tokens, sequence, matcher)
         self._requests[request_id] = request
         self.scheduler.add(sequence)
 
@@ -322,6 +360,8 @@ class GenerationEngine:
         admitted = self.scheduler.admit()
         for sequence in admitted:
             request = self._requests[sequence.key]
+            if request.wants_prompt_logprobs:
+                continue  # every prompt position's logits are wanted: nothing to reuse
             covered, blocks = self.prefix.match(request.prompt_ids)
             if covered:
                 self.prefix.load(sequence.slots[0], blocks)
@@ -331,40 +371,50 @@ class GenerationEngine:
             if self.inject_oom > 0:
                 self.inject_oom -= 1
                 raise torch.OutOfMemoryError("injected out-of-memory (test hook)")
-            firsts, host = self._forward(plan)
+            firsts, drew, host, entries = self._forward(plan)
         except torch.OutOfMemoryError as exc:
             self._out_of_memory(plan, admitted, exc, result)
             return result
-        self._emit_step(plan, firsts, host, result)
+        self._emit_step(plan, firsts, drew, host, entries, result)
         return result
 
-    def _forward(self, plan: Plan) -> tuple[list[_Row], list[int]]:
-        """Run the plan's forwards and sampling; returns the rows that got their first token
-        and every sampled id (firsts, then decode rows), after the step's one host sync."""
+    def _forward(self, plan: Plan) -> tuple[list[_Row], list[_Row], list[int],
+                                            dict[int, TokenLogprob]]:
+        """Run the plan's forwards and sampling. Returns the rows that got their first token,
+        every row that drew a token (firsts, then decode rows), the drawn ids (after the step's
+        one host sync) and the logprob entries by position in that list."""
         parts: list[torch.Tensor] = []
         firsts: list[_Row] = []
+        entries: dict[int, TokenLogprob] = {}
         if plan.chunks:
             logits = self._prefill(plan)
-            done = [(i, c) for i, c in enumerate(plan.chunks) if c.last]
             rows_logits: list[torch.Tensor] = []
-            for i, chunk in done:
-                request = self._requests[chunk.sequence.key]
-                rows = self._start_rows(request)
+            for i, chunk in enumerate(plan.chunks):
+                if not chunk.last:
+                    continue
+                rows = self._start_rows(self._requests[chunk.sequence.key])
                 firsts.extend(rows)
                 rows_logits.append(logits[i:i + 1].expand(len(rows), -1))
             if firsts:
-                tokens = self._sample(torch.cat(rows_logits), firsts, first=True)
+                tokens, drawn = self._choose(torch.cat(rows_logits), firsts, [0] * len(firsts))
+                entries.update(drawn)
                 slots = torch.tensor([r.slot for r in firsts], dtype=torch.long,
                                      device=self.device)
                 self._next_input[slots] = tokens
                 parts.append(tokens)
-        decoding = [self._by_slot[s] for s in plan.decode if s in self._by_slot]
-        decoding += firsts
+        # A fresh row decodes in this step too, unless its grammar must first see its first
+        # token or it wants no second one.
+        fresh = [r for r in firsts if r.matcher is None and r.request.max_tokens > 1]
+        decoding = [self._by_slot[s] for s in plan.decode if s in self._by_slot] + fresh
         decoding.sort(key=lambda r: r.slot)
         if decoding:
-            parts.append(self._decode(decoding, firsts))
+            fresh_ids = {id(r) for r in fresh}
+            counters = [r.generated + (1 if id(r) in fresh_ids else 0) for r in decoding]
+            tokens, drawn = self._decode(decoding, counters)
+            entries.update({len(firsts) + i: e for i, e in drawn.items()})
+            parts.append(tokens)
         host: list[int] = torch.cat(parts).tolist() if parts else []
-        return firsts, host
+        return firsts, firsts + decoding, host, entries
 
     def _start_rows(self, request: _Request) -> list[_Row]:
         """The request's rows once its prompt is in its first slot (copied to the others)."""
@@ -376,15 +426,19 @@ class GenerationEngine:
                 self.cache.copy_slot(sequence.slots[0], slot, sequence.prompt_len)
             seed = request.params.seed
             row_seed = (seed + choice) % (2**63) if seed is not None else None
+            matcher = request.matcher
+            if matcher is not None and request.params.n > 1:
+                matcher = matcher.deep_copy()
             row = _Row(request, choice, slot, TextStream(
-                self.tokenizer, request.prompt_ids, request.params.stop), row_seed,
+                self.tokenizer, request.prompt_ids, request.params.stop), row_seed, matcher,
                 length=sequence.prompt_len)
             request.rows.append(row)
         return request.rows
 
     def _prefill(self, plan: Plan) -> torch.Tensor:
         """One forward over this step's chunks (left-padded to the widest); the logits of each
-        chunk's last position, [chunks, vocab]."""
+        chunk's last position, [chunks, vocab]. Requests that want their prompt's logprobs
+        keep every position's logits of each chunk."""
         width = plan.width
         scratch = self.cache.scratch
         ids, write, real = [], [], []
@@ -409,15 +463,24 @@ class GenerationEngine:
         self.cache.plan_prefill(slots, write_t, kv_len,
                                 (first_slots[0], first_slots[-1] + 1) if consecutive else None)
         mask = self.cache.prefill_mask(write_t, real_t, kv_len, self._dtype)
+        all_logits = any(self._requests[c.sequence.key].wants_prompt_logprobs
+                         for c in plan.chunks)
         extra: dict[str, Any] = {self._cache_kw: self.cache}
-        if self._keeps_logits:
+        if self._keeps_logits and not all_logits:
             extra["logits_to_keep"] = 1
         out = self.model(input_ids=ids_t, attention_mask=mask, position_ids=write_t,
                          use_cache=True, **extra)
+        if all_logits:
+            for i, chunk in enumerate(plan.chunks):
+                request = self._requests[chunk.sequence.key]
+                if request.wants_prompt_logprobs:
+                    pad = width - (chunk.end - chunk.start)
+                    request.prompt_logits[chunk.start] = out.logits[i, pad:].float().clone()
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
-    def _decode(self, rows: list[_Row], firsts: list[_Row]) -> torch.Tensor:
+    def _decode(self, rows: list[_Row], counters: list[int]
+                ) -> tuple[torch.Tensor, dict[int, TokenLogprob]]:
         """One token for every running row; the batch is slots 0 .. the highest running one
         (free slots in between are padding rows)."""
         width = rows[-1].slot + 1
@@ -451,57 +514,98 @@ class GenerationEngine:
         index = torch.tensor([r.slot for r in rows], dtype=torch.long, device=dev)
         if len(rows) < width:
             logits = logits.index_select(0, index)
-        fresh = {id(r) for r in firsts}
-        tokens = self._sample(logits, rows, first=False, fresh=fresh)
+        elif self.graphs is not None:
+            logits = logits.clone()  # the graph's output buffer: masks must not write into it
+        tokens, entries = self._choose(logits, rows, counters)
         self._next_input[index] = tokens
-        return tokens
+        return tokens, entries
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row], first: bool,
-                fresh: set[int] | None = None) -> torch.Tensor:
-        # A row's draw number: tokens it drew before (its first token in this step counts).
-        counters = [row.generated + (0 if first else (1 if fresh and id(row) in fresh else 0))
-                    for row in rows]
-        return sample(logits,
-                      [row.request.params.temperature for row in rows],
-                      [row.request.params.top_p for row in rows],
-                      [row.seed for row in rows], counters)
+    def _choose(self, logits: torch.Tensor, rows: list[_Row], counters: list[int]
+                ) -> tuple[torch.Tensor, dict[int, TokenLogprob]]:
+        """Each row's next token (grammar masks first, for the rows that have one), and the
+        logprobs of the rows that asked, by index in `rows`. `counters`: each row's draw
+        number (tokens it drew before), what makes a seeded draw repeatable."""
+        logits = logits.float()
+        masked = [i for i, row in enumerate(rows) if row.matcher is not None]
+        if masked:
+            self.grammars.apply_masks(logits, masked, [rows[i].matcher for i in masked])
+        temps = [row.request.params.temperature for row in rows]
+        top_ps = [row.request.params.top_p for row in rows]
+        tokens = sample(logits, temps, top_ps, [row.seed for row in rows], counters)
+        wanted = [i for i, row in enumerate(rows) if row.request.params.logprobs is not None]
+        if not wanted:
+            return tokens, {}
+        drawn = token_logprobs(
+            logits, tokens, wanted, [temps[i] for i in wanted], [top_ps[i] for i in wanted],
+            [rows[i].request.params.logprobs or 0 for i in wanted])
+        return tokens, dict(zip(wanted, drawn, strict=True))
 
     # ------------------------------------------------------------------ after the sync
-    def _emit_step(self, plan: Plan, firsts: list[_Row], host: list[int],
-                   result: StepResult) -> None:
+    def _emit_step(self, plan: Plan, firsts: list[_Row], drew: list[_Row], host: list[int],
+                   entries: dict[int, TokenLogprob], result: StepResult) -> None:
         for chunk in plan.chunks:
             self.scheduler.advance(chunk)
             self.prefilled_tokens += chunk.end - chunk.start
+        echoed: set[int] = set()
         for row in firsts:
             self._by_slot[row.slot] = row
-            row.request.open_rows = len(row.request.rows)
-        decoding = sorted({*(s for s in plan.decode), *(r.slot for r in firsts)})
-        rows_in_order = firsts + [self._by_slot[s] for s in decoding if s in self._by_slot]
-        for row, token in zip(rows_in_order, host, strict=True):
-            self._emit(row, token, result)
+            request = row.request
+            request.open_rows = len(request.rows)
+            if request.params.echo and request.request_id not in echoed:
+                echoed.add(request.request_id)
+                self._echo(request, result)
+        for i, (row, token) in enumerate(zip(drew, host, strict=True)):
+            self._emit(row, token, entries.get(i), result)
 
-    def _emit(self, row: _Row, token: int, result: StepResult) -> None:
+    def _echo(self, request: _Request, result: StepResult) -> None:
+        """The prompt first, for completions with `echo` (with its logprobs when asked)."""
+        logprobs = None
+        if request.wants_prompt_logprobs and request.prompt_logits:
+            logits = torch.cat([request.prompt_logits[k] for k in sorted(request.prompt_logits)])
+            logprobs = tuple(prompt_logprobs(logits, request.prompt_ids,
+                                             request.params.logprobs or 0))
+            request.prompt_logits.clear()
+        text = self.tokenizer.decode(request.prompt_ids, skip_special_tokens=True)
+        for row in request.rows:
+            result.events.append(TextEvent(request.request_id, row.choice, text, None, logprobs))
+
+    def _emit(self, row: _Row, token: int, entry: TokenLogprob | None,
+              result: StepResult) -> None:
         if row.finish is not None:
             return  # cancelled while this step ran, or ended on its first token
         request = row.request
+        if request.max_tokens == 0:
+            # Echo only (completions scoring a prompt): the sampled token is not kept.
+            result.events.append(TextEvent(request.request_id, row.choice, "", "length"))
+            self._leave(row, "length", result)
+            return
         row.generated += 1
         row.tokens.append(token)
         row.length = request.sequence.prompt_len + row.generated - 1
         request.completion_tokens += 1
         result.tokens += 1
         finish: str | None = None
-        if token in self.eos_ids:
+        matcher = row.matcher
+        accepted = matcher.consume_token(token) if matcher is not None else True
+        if token in self.eos_ids or (matcher is not None and token in self._grammar_eos):
             text = row.text.flush()
             finish = "stop"
+            entry = None  # the end token is not part of the text
         else:
             text = row.text.push(token)
             if row.text.stopped:
                 finish = "stop"
+            elif matcher is not None and (matcher.is_stopped() or not accepted):
+                if not accepted:
+                    log.warning("grammar refused a masked token: %s", matcher.get_error())
+                text += row.text.flush()
+                finish = "stop"
             elif row.generated >= request.max_tokens:
                 text += row.text.flush()
                 finish = "length"
-        if text or finish:
-            result.events.append(TextEvent(request.request_id, row.choice, text, finish))
+        if text or finish or entry is not None:
+            result.events.append(TextEvent(request.request_id, row.choice, text, finish,
+                                           (entry,) if entry is not None else None))
         if finish is not None:
             self._leave(row, finish, result)
 
