@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
@@ -119,6 +120,7 @@ async def measure_engine(
     single_requests: int,
     threads: int,
     rounds: int,
+    spread_s: float = 0.0,
 ) -> list[Row]:
     from meshnode.config import ProviderConfig, ResolvedProvider, TimeoutsConfig
     from meshnode.providers.local import LocalProvider
@@ -145,7 +147,9 @@ async def measure_engine(
         await asyncio.sleep(0.1)
     offer = provider.offers()[0]
 
-    async def one() -> int:
+    async def one(delay: float = 0.0) -> int:
+        if delay:
+            await asyncio.sleep(delay)  # arrivals spread out: streams join a running batch
         body = {"model": "bench", "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0}
         request = InferenceRequest(
             RequestKind.COMPLETION, "bench", body, "bench", time.monotonic() + 3600, stream=True
@@ -170,7 +174,7 @@ async def measure_engine(
                     for _ in range(single_requests):
                         made += await one()
                 else:
-                    made = sum(await asyncio.gather(*(one() for _ in range(n))))
+                    made = sum(await asyncio.gather(*(one(i * spread_s / n) for i in range(n))))
                 elapsed = time.perf_counter() - started
                 made_by[n] += made
                 time_by[n] += elapsed
@@ -348,6 +352,26 @@ def measure_transformers(
         ids = torch.tensor([prompt], device=dev)
         model.generate(ids, generation_config=gen)  # warm-up
         for n in streams:
+            if "static_compile" in ways:
+                # transformers compiles the forward itself for a static cache on a GPU; the
+                # first call at a batch size compiles, the second is timed.
+                try:
+                    static = copy.deepcopy(gen)
+                    static.cache_implementation = "static"
+                    batch = ids.repeat(n, 1)
+                    mask = torch.ones_like(batch)
+                    model.generate(batch, generation_config=static, attention_mask=mask)
+                    sync()
+                    started = time.perf_counter()
+                    out = model.generate(batch, generation_config=static, attention_mask=mask)
+                    sync()
+                    made = (out.shape[1] - ids.shape[1]) * n
+                    rows.append(Row("transformers static cache + compile", n, made,
+                                    time.perf_counter() - started))
+                    print(f"  static+compile {n:>3}: {rows[-1].tokens_per_s:8.1f} tok/s",
+                          flush=True)
+                except Exception as exc:  # noqa: BLE001 - a foreign API; report and go on
+                    print(f"  static+compile {n:>3}: failed: {type(exc).__name__}: {exc}")
             if "generate" in ways:
                 batch = ids.repeat(n, 1)
                 sync()
@@ -427,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         help="requests run one after another for the 1-stream figure",
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="N streams arrive spread over this many seconds (0 = at once)")
     # One torch thread by default: on a shared 2-core box, two OpenMP threads stall on each
     # other whenever another process takes a core, and batch-1 figures swing 5x run to run.
     # The engine and transformers always get the same setting.
@@ -454,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = asyncio.run(
         measure_engine(
             model_dir, args.device, streams, args.tokens, args.single_requests, args.threads,
-            args.rounds,
+            args.rounds, args.spread,
         )
     )
     if args.baseline:

@@ -497,7 +497,7 @@ class GenerationEngine:
         write_t = torch.tensor(write, dtype=torch.long, device=dev)
         seen_t = torch.tensor(seen, dtype=torch.long, device=dev)
         ids = self._next_input[:width, None]
-        bucket = self.graphs.bucket(width) if self.graphs is not None else None
+        bucket = self.graphs.bucket(width, max(seen)) if self.graphs is not None else None
         if self.graphs is not None and bucket is not None:
             logits = self.graphs.run(bucket, ids, positions_t[:, None], write_t, seen_t)
         else:

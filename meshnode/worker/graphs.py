@@ -1,8 +1,10 @@
-"""CUDA graphs of the decode step, one per batch bucket (1, 2, 4, ... max_batch); CUDA only.
+"""CUDA graphs of the decode step, one per (batch bucket, key-length bucket); CUDA only.
 
-A decode step at batch b is the same kernels every time (the slot cache is fixed, the mask
-covers the whole `max_len`), so it is captured once per bucket and replayed: the launch cost
-of a few hundred small kernels becomes one. Inputs are copied into the bucket's static buffers
+A decode step at batch b reading the first kv positions of each slot is the same kernels
+every time (the slot cache is fixed), so it is captured once per bucket pair and replayed: the
+launch cost of a few hundred small kernels becomes one. Batch buckets are 1, 2, 4 ...
+max_batch; key-length buckets 256, 512 ... max_len, so short rows do not pay attention (and
+GQA's key/value expansion, which a masked SDPA needs) over the whole slot. Inputs are copied into the bucket's static buffers
 (token ids, positions, how many keys each row sees); rows past the real batch are free slots
 that write a scratch position and attend key 0 (see kvcache.py), so a bucket may be wider than
 the batch. All buckets share one memory pool.
@@ -25,13 +27,14 @@ from meshnode.worker.kvcache import SlotCache
 log = logging.getLogger(__name__)
 
 
-def buckets(max_batch: int) -> list[int]:
+def buckets(top: int, first: int = 1) -> list[int]:
+    """first, 2 first, 4 first ... below `top`, then `top`."""
     out = []
-    size = 1
-    while size < max_batch:
+    size = first
+    while size < top:
         out.append(size)
         size *= 2
-    out.append(max_batch)
+    out.append(top)
     return out
 
 
@@ -51,18 +54,18 @@ class DecodeGraphs:
         self.cache = cache
         self.cache_kw = cache_kw
         self.dtype = dtype
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None
 
-    def _body(self, g: _Graph | dict[str, torch.Tensor]) -> torch.Tensor:
+    def _body(self, g: _Graph | dict[str, torch.Tensor], kv: int) -> torch.Tensor:
         cache = self.cache
         ids = g.ids if isinstance(g, _Graph) else g["ids"]
         positions = g.positions if isinstance(g, _Graph) else g["positions"]
         write = g.write if isinstance(g, _Graph) else g["write"]
         seen = g.seen if isinstance(g, _Graph) else g["seen"]
         rows = ids.shape[0]
-        cache.plan_decode(rows, write, cache.max_len)
-        mask = cache.decode_mask(seen, cache.max_len, self.dtype)
+        cache.plan_decode(rows, write, kv)
+        mask = cache.decode_mask(seen, kv, self.dtype)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         logits: torch.Tensor = out.logits[:, -1, :]
@@ -72,7 +75,9 @@ class DecodeGraphs:
         device = self.cache.device
         try:
             self._pool = torch.cuda.graph_pool_handle()
-            for b in reversed(buckets(self.cache.max_batch)):  # widest first: the pool fits all
+            kv_buckets = buckets(self.cache.max_len, min(256, self.cache.max_len))
+            pairs = [(b, kv) for b in buckets(self.cache.max_batch) for kv in kv_buckets]
+            for b, kv in reversed(pairs):  # largest first: the shared pool then fits all
                 buffers = {
                     "ids": torch.zeros((b, 1), dtype=torch.long, device=device),
                     "positions": torch.zeros((b, 1), dtype=torch.long, device=device),
@@ -84,12 +89,12 @@ class DecodeGraphs:
                 stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream), torch.inference_mode():
                     for _ in range(2):
-                        self._body(buffers)
+                        self._body(buffers, kv)
                 torch.cuda.current_stream(device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-                    logits = self._body(buffers)
-                self.graphs[b] = _Graph(graph, buffers["ids"], buffers["positions"],
+                    logits = self._body(buffers, kv)
+                self.graphs[(b, kv)] = _Graph(graph, buffers["ids"], buffers["positions"],
                                         buffers["write"], buffers["seen"], logits)
             torch.cuda.synchronize(device)
             return True
@@ -99,16 +104,18 @@ class DecodeGraphs:
             self.graphs.clear()
             return False
 
-    def bucket(self, rows: int) -> int | None:
-        for b in sorted(self.graphs):
-            if b >= rows:
-                return b
+    def bucket(self, rows: int, keys: int) -> tuple[int, int] | None:
+        """The smallest captured (batch, key length) holding `rows` rows that see `keys`."""
+        for b, kv in sorted(self.graphs):
+            if b >= rows and kv >= keys:
+                return b, kv
         return None
 
-    def run(self, b: int, ids: torch.Tensor, positions: torch.Tensor, write: torch.Tensor,
-            seen: torch.Tensor) -> torch.Tensor:
-        """Replay bucket b with the first len(ids) rows given (the rest are free slots)."""
-        g = self.graphs[b]
+    def run(self, bucket: tuple[int, int], ids: torch.Tensor, positions: torch.Tensor,
+            write: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Replay a bucket with the first len(ids) rows given (the rest are free slots)."""
+        g = self.graphs[bucket]
+        b = bucket[0]
         rows = ids.shape[0]
         g.ids[:rows].copy_(ids)
         g.positions[:rows].copy_(positions)
