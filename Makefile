@@ -50,7 +50,7 @@ bench-setup: $(STAMP)
 # two minutes: `make bench-gossip`.
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
-	$(PY) -m bench.local_tokens
+	$(PY) -m bench.local_tokens --hf --hf-ways generate
 	$(PY) -m bench.mesh_hop
 	$(PY) -m bench.mesh_failure
 

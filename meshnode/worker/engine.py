@@ -49,7 +49,7 @@ from meshnode.worker.grammar import GrammarError, Grammars
 from meshnode.worker.graphs import DecodeGraphs
 from meshnode.worker.kvcache import CacheShape, SlotCache, probe_shape
 from meshnode.worker.params import SamplingParams
-from meshnode.worker.prefix import DEFAULT_BLOCK, PrefixStore
+from meshnode.worker.prefix import DEFAULT_BLOCK, PrefixStore, chain_hashes
 from meshnode.worker.sampler import TokenLogprob, prompt_logprobs, sample, token_logprobs
 from meshnode.worker.scheduler import Plan, Scheduler, Sequence
 from meshnode.worker.textstream import TextStream
@@ -106,6 +106,7 @@ class _Request:
     open_rows: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
+    first_block: bytes | None = None  # the chained name of its prompt's first block
     # echo + logprobs only: every prompt position's logits, by chunk start (a retried chunk
     # overwrites its own entry)
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -261,8 +262,8 @@ class GenerationEngine:
         self.prefilled_tokens = 0  # prompt positions computed (not reused): for tests, bench
         self.inject_oom = 0  # test hook: this many next steps raise torch.OutOfMemoryError
         log.info("engine: %d slots x %d positions (%.0f MB KV), prefix pool %d blocks "
-                 "(%.0f MB), prefill chunk %d", self.max_batch, max_len, self.cache.bytes / 1e6,
-                 blocks, self.prefix.bytes / 1e6, self.scheduler.chunk_tokens)
+                 "(%.0f MB), prefill chunk %d", self.max_batch, max_len, self.cache.size_bytes / 1e6,
+                 blocks, self.prefix.size_bytes / 1e6, self.scheduler.chunk_tokens)
 
     def prepare(self) -> None:
         """Capture the decode graphs (CUDA, when enabled); a no-op on the CPU."""
@@ -309,6 +310,8 @@ class GenerationEngine:
             self._grammar_eos = self.grammars.stop_ids()
         sequence = Sequence(request_id, prompt_len, params.n)
         request = _Request(request_id, list(prompt_ids), params, max_tokens, sequence, matcher)
+        names = chain_hashes(request.prompt_ids[:self.prefix.block], self.prefix.block)
+        request.first_block = names[0] if names and prompt_len > self.prefix.block else None
         self._requests[request_id] = request
         self.scheduler.add(sequence)
 
@@ -357,7 +360,7 @@ class GenerationEngine:
     @torch.inference_mode()
     def step(self) -> StepResult:
         result = StepResult()
-        admitted = self.scheduler.admit()
+        admitted = self.scheduler.admit(self._ready)
         for sequence in admitted:
             request = self._requests[sequence.key]
             if request.wants_prompt_logprobs:
@@ -377,6 +380,22 @@ class GenerationEngine:
             return result
         self._emit_step(plan, firsts, drew, host, entries, result)
         return result
+
+    def _ready(self, sequence: Sequence) -> bool:
+        """False while another request is prefilling the same first prompt block and the store
+        does not hold it yet: this one waits that one prefill and then reuses its prefix
+        (sixteen chats with one system prompt arriving together compute it once)."""
+        request = self._requests[sequence.key]
+        name = request.first_block
+        if name is None or request.wants_prompt_logprobs or self.prefix.capacity == 0:
+            return True
+        if self.prefix.holds(name):
+            return True
+        for other in self.scheduler.prefilling:
+            other_request = self._requests.get(other.key)
+            if other_request is not None and other_request.first_block == name:
+                return False
+        return True
 
     def _forward(self, plan: Plan) -> tuple[list[_Row], list[_Row], list[int],
                                             dict[int, TokenLogprob]]:
@@ -551,6 +570,8 @@ class GenerationEngine:
             self._by_slot[row.slot] = row
             request = row.request
             request.open_rows = len(request.rows)
+            if row.choice == 0:  # its prompt's blocks, for the next prompt that starts alike
+                self.prefix.store(request.prompt_ids, row.slot)
             if request.params.echo and request.request_id not in echoed:
                 echoed.add(request.request_id)
                 self._echo(request, result)

@@ -97,7 +97,7 @@ class SlotCache(Cache):
         self._span: tuple[int, int] | None = None
 
     @property
-    def bytes(self) -> int:
+    def size_bytes(self) -> int:
         return self.shape.bytes_per_token() * self.max_batch * self.max_len
 
     @property

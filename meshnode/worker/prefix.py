@@ -59,12 +59,15 @@ class PrefixStore:
         self.hit_tokens = 0
 
     @property
-    def bytes(self) -> int:
+    def size_bytes(self) -> int:
         return self.cache.shape.bytes_per_token() * self.block * self.capacity
 
     @property
     def blocks_held(self) -> int:
         return len(self._held)
+
+    def holds(self, name: bytes) -> bool:
+        return name in self._held
 
     def match(self, tokens: list[int]) -> tuple[int, list[int]]:
         """(tokens covered, pool indexes) of the longest held prefix of `tokens` that leaves at

@@ -3,7 +3,8 @@
 The engine asks once per step:
 1. `admit()`: waiting sequences, first come first served, each taking `n` free slots (lowest
    first, so running rows stay packed at the front of the slot cache); a sequence that does not
-   find its slots waits (the node's queue bound turns a long wait into `local_queue_full`);
+   find its slots waits (the node's queue bound turns a long wait into `local_queue_full`), and
+   so does one the engine holds back (`ready`);
 2. `plan()`: the prefill work of this step, at most `chunk_tokens` query positions in all (the
    first prefilling sequence always gets a chunk; others join while the padded batch, rows x
    longest chunk, stays within the budget), and the slots that decode.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -77,9 +79,13 @@ class Scheduler:
             raise ValueError(f"{sequence.n} rows cannot fit in {self.max_batch} slots")
         self.waiting.append(sequence)
 
-    def admit(self) -> list[Sequence]:
+    def admit(self, ready: Callable[[Sequence], bool] | None = None) -> list[Sequence]:
+        """`ready(sequence)` False holds the queue's head back this step (the engine uses it to
+        let a prompt wait for a prefix another sequence is computing right now)."""
         admitted: list[Sequence] = []
         while self.waiting and self.waiting[0].n <= len(self._free):
+            if ready is not None and not ready(self.waiting[0]):
+                break
             sequence = self.waiting.popleft()
             sequence.slots = [heapq.heappop(self._free) for _ in range(sequence.n)]
             self.prefilling.append(sequence)

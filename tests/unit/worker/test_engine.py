@@ -271,3 +271,26 @@ def test_admission_refuses_what_cannot_fit_a_slot(tiny_gpt2: Any) -> None:
     engine.submit(4, [5] * 10, SamplingParams(max_tokens=2, n=2))  # waits for two slots
     _, usage = _drain(engine)
     assert usage == {3: (40, 24), 4: (10, 4)}
+
+
+def test_prompts_arriving_together_compute_their_shared_prefix_once(tiny_gpt2: Any) -> None:
+    model, tokenizer, _ = tiny_gpt2
+    shared = _long_prompt(tokenizer, 30)
+    prompts = [shared + tokenizer.encode(f" question {i}") for i in range(4)]
+    greedy = SamplingParams(max_tokens=5, temperature=0.0)
+    engine = GenerationEngine(model, tokenizer, torch.device("cpu"), 4)
+    for i, prompt in enumerate(prompts):
+        engine.submit(i, prompt, greedy)
+    done: dict[int, int] = {}
+    answers: Answers = {}
+    while engine.has_work():
+        result = engine.step()
+        done.update({d.request_id: d.cached_tokens for d in result.done})
+        for event in result.events:
+            text, _ = answers.get((event.request_id, event.choice), ("", None))
+            answers[(event.request_id, event.choice)] = (text + event.text, event.finish)
+    assert done[0] == 0 and all(done[i] >= len(shared) - 16 for i in (1, 2, 3))
+    assert engine.prefilled_tokens == sum(len(p) for p in prompts) - sum(done.values())
+    for i, prompt in enumerate(prompts):  # and each answers as it would alone
+        alone, _ = _run(model, tokenizer, [(i, prompt, greedy)])
+        assert alone[(i, 0)] == answers[(i, 0)]

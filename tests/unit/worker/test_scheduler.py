@@ -76,3 +76,13 @@ def test_a_failed_step_is_planned_again_and_drop_frees_slots() -> None:
 def test_more_rows_than_slots_is_refused() -> None:
     with pytest.raises(ValueError):
         Scheduler(max_batch=2, chunk_tokens=4).add(Sequence(1, 3, n=3))
+
+
+def test_a_held_back_head_waits_and_keeps_the_order() -> None:
+    s = Scheduler(max_batch=4, chunk_tokens=64)
+    first, second = Sequence(1, 40), Sequence(2, 40)
+    s.add(first)
+    s.add(second)
+    assert s.admit(lambda seq: seq.key == 1) == [first]
+    assert list(s.waiting) == [second]
+    assert s.admit(lambda seq: True) == [second]
