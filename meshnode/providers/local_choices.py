@@ -128,9 +128,10 @@ class ChatChoice:
 
     def message(self) -> dict[str, Any]:
         content = "".join(self._content)
+        # `refusal` is required by OpenAI's published schema; local models never refuse.
         if not self.calls:
-            return {"role": "assistant", "content": content}
-        return {"role": "assistant", "content": content.strip() or None,
+            return {"role": "assistant", "content": content, "refusal": None}
+        return {"role": "assistant", "content": content.strip() or None, "refusal": None,
                 "tool_calls": [c.to_openai() for c in self.calls]}
 
     def logprobs(self) -> dict[str, Any] | None:

@@ -53,18 +53,30 @@ class Grammars:
         self.vocab_size = vocab_size
         self._eos_ids = eos_ids
         self._ll: Any = None
+        self._ll_error: str | None = None
         self._executor: Any = None
         self._shifts: dict[torch.device, torch.Tensor] = {}
         self._bytes: dict[int, bytes] = {}
 
     @property
-    def lltokenizer(self) -> Any:
-        if self._ll is None:
+    def available(self) -> bool:
+        """Whether llguidance can read this model's tokenizer (it needs a fast one)."""
+        if self._ll is None and self._ll_error is None:
             import llguidance.hf
 
             eos: list[int] | None = sorted(self._eos_ids) or None
-            self._ll = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size,
-                                                    eos_token=eos)
+            try:
+                self._ll = llguidance.hf.from_tokenizer(
+                    self._tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                self._ll_error = str(exc) or type(exc).__name__
+        return self._ll is not None
+
+    @property
+    def lltokenizer(self) -> Any:
+        if not self.available:
+            raise GrammarError(f"constrained decoding is not available for this model's "
+                               f"tokenizer ({self._ll_error})", "response_format")
         return self._ll
 
     def stop_ids(self) -> frozenset[int]:
@@ -72,9 +84,14 @@ class Grammars:
         return frozenset(self.lltokenizer.eos_tokens)
 
     def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes (llguidance knows them for byte-level and SentencePiece
+        vocabularies alike; without it, the token's decoded text)."""
         found = self._bytes.get(token)
         if found is None:
-            found = bytes(self.lltokenizer.decode_bytes([token]))
+            if self.available:
+                found = bytes(self._ll.decode_bytes([token]))
+            else:
+                found = str(self._tokenizer.decode([token])).encode("utf-8")
             self._bytes[token] = found
         return found
 
@@ -83,6 +100,10 @@ class Grammars:
         """A fresh matcher for `constraint` (copy it per row with `deep_copy()`)."""
         import llguidance
 
+        if not self.available:
+            param = "tool_choice" if constraint.kind == "tool_call" else "response_format"
+            raise GrammarError(f"constrained decoding is not available for this model's "
+                               f"tokenizer ({self._ll_error})", param)
         if constraint.kind == "json_object":
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 {"type": "object"}, overrides=_JSON_OPTIONS)

