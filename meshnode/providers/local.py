@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import array
 import asyncio
+import base64
+import contextlib
 import logging
+import math
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +63,12 @@ from meshnode.worker.client import (
 from meshnode.worker.main import WorkerConfig
 from meshnode.worker.models import ModelSpec, check_spec
 from meshnode.worker.params import (
+    EmbeddingOptions,
     chat_messages,
-    completion_prompt,
+    check_token_ids,
+    completion_prompts,
     embedding_inputs,
+    parse_embedding_options,
     parse_sampling,
 )
 
@@ -125,6 +133,7 @@ class LocalProvider(Provider):
             raise ConfigError(errors)
         self._specs = tuple(specs)
         self._offers = tuple(offers)
+        self._matryoshka = frozenset(m.name for m in resolved.config.models if m.matryoshka)
         self._workers: list[WorkerProcess] = []
         self._rr = 0
 
@@ -223,25 +232,42 @@ class LocalProvider(Provider):
         return worker
 
     async def _open_text(self, request: InferenceRequest, offer: ModelOffer,
-                         timeouts: TimeoutsConfig) -> tuple[WorkerProcess, Call, int]:
+                         timeouts: TimeoutsConfig) -> _TextCalls:
+        """Start the generations of one request: one call for chat, one per prompt for a
+        legacy completion, all feeding one queue."""
         if request.kind not in _TEXT_KINDS:
             raise InvalidRequest(f"{offer.model} does not serve {request.kind.value} requests",
                                  param="model")
         body = request.body
-        params = parse_sampling(body)
-        if request.kind is RequestKind.CHAT:
-            messages: list[dict[str, str]] | None = chat_messages(body)
-            prompt = None
+        chat = request.kind is RequestKind.CHAT
+        params = parse_sampling(body, completion=not chat)
+        messages: list[dict[str, str]] | None = None
+        prompts: list[str] | list[list[int]] = []
+        if chat:
+            messages = chat_messages(body)
         else:
-            messages, prompt = None, completion_prompt(body)
-        worker = await self._pick_worker(timeouts, request.deadline, params.n)
-        call = worker.generate(offer.upstream_model, messages, prompt, params.to_wire(),
-                               params.n)
-        return worker, call, params.n
+            prompts = completion_prompts(body)
+        count = 1 if chat else len(prompts)
+        worker = await self._pick_worker(timeouts, request.deadline, params.n * count)
+        model = worker.models.get(offer.upstream_model, {})
+        if not chat and "vocab" in model:
+            check_token_ids(prompts, int(model["vocab"]), "prompt")
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        wire = params.to_wire()
+        if chat:
+            calls = [worker.generate(offer.upstream_model, messages, None, wire, params.n,
+                                     events=events)]
+        else:
+            calls = [worker.generate(offer.upstream_model, None, prompt, wire, params.n,
+                                     events=events, choice_offset=i * params.n)
+                     for i, prompt in enumerate(list[Any](prompts))]
+        return _TextCalls(worker, calls, events, params.n * count,
+                          str(model.get("fingerprint", "fp_local")))
 
-    async def _next(self, call: Call, timeout: float, streamed: bool) -> Event:
+    async def _next(self, events: asyncio.Queue[Event], timeout: float,
+                    streamed: bool) -> Event:
         try:
-            return await asyncio.wait_for(call.events.get(), timeout)
+            return await asyncio.wait_for(events.get(), timeout)
         except TimeoutError:
             if streamed:
                 raise DeadlineExceeded("the request's deadline passed while generating",
@@ -260,49 +286,73 @@ class LocalProvider(Provider):
     def _first_timeout(request: InferenceRequest, timeouts: TimeoutsConfig) -> float:
         return max(0.0, min(timeouts.first_byte_ms / 1000.0, request.deadline - time.monotonic()))
 
+    async def _text_events(self, request: InferenceRequest, timeouts: TimeoutsConfig,
+                           text: _TextCalls, *, stream: bool
+                           ) -> AsyncGenerator[TextDelta | Usage, None]:
+        """The text deltas of every call, then their usage summed. Until the first delta the
+        wait is bounded by `first_byte_ms`; after it, in a stream, a failure is a broken
+        stream (never retried) rather than a retryable one."""
+        waiting = len(text.calls)
+        prompt_tokens = completion_tokens = 0
+        got_any = False
+        try:
+            while waiting:
+                timeout = (self._first_timeout(request, timeouts) if not got_any
+                           else max(0.0, request.deadline - time.monotonic()))
+                event = await self._next(text.events, timeout, stream and got_any)
+                if isinstance(event, TextDelta):
+                    got_any = True
+                    yield event
+                elif isinstance(event, Finished):
+                    waiting -= 1
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+                elif isinstance(event, Rejected):
+                    raise InvalidRequest(event.message, param=event.param)
+                elif isinstance(event, WorkerGone):
+                    raise self._gone(event, stream and got_any)
+            yield Usage(prompt_tokens, completion_tokens)
+        finally:
+            # Also reached on errors, aclose() and cancellation: the worker stops generating
+            # for every call still running (calls that finished are already forgotten).
+            for call in text.calls:
+                text.worker.release(call, cancel=True)
+
     # ------------------------------------------------------------------ non-stream
     async def complete(self, request: InferenceRequest, offer: ModelOffer,
                        timeouts: TimeoutsConfig) -> Completion:
         if request.kind is RequestKind.EMBEDDING:
             return await self._embed(request, offer, timeouts)
-        worker, call, n = await self._open_text(request, offer, timeouts)
-        texts = [""] * n
-        finishes: list[str | None] = [None] * n
-        got_any = False
-        finished = False
-        try:
-            while True:
-                timeout = (self._first_timeout(request, timeouts) if not got_any
-                           else max(0.0, request.deadline - time.monotonic()))
-                event = await self._next(call, timeout, streamed=False)
-                if isinstance(event, TextDelta):
-                    got_any = True
-                    texts[event.choice] += event.text
-                    if event.finish is not None:
-                        finishes[event.choice] = event.finish
-                elif isinstance(event, Finished):
-                    finished = True
-                    usage = Usage(event.prompt_tokens, event.completion_tokens)
-                    break
-                elif isinstance(event, Rejected):
-                    finished = True
-                    raise InvalidRequest(event.message, param=event.param)
-                elif isinstance(event, WorkerGone):
-                    finished = True
-                    raise self._gone(event, streamed=False)
-        finally:
-            worker.release(call, cancel=not finished)
-        body = _text_body(request, offer, texts, finishes, usage)
+        text = await self._open_text(request, offer, timeouts)
+        texts = [""] * text.choices
+        finishes: list[str | None] = [None] * text.choices
+        usage = Usage(0, 0)
+        async with contextlib.aclosing(self._text_events(request, timeouts, text,
+                                                         stream=False)) as events:
+            async for event in events:
+                if isinstance(event, Usage):
+                    usage = event
+                    continue
+                texts[event.choice] += event.text
+                if event.finish is not None:
+                    finishes[event.choice] = event.finish
+        body = _text_body(request, offer, texts, finishes, usage, text.fingerprint)
         return Completion(body=body, usage=usage)
 
     async def _embed(self, request: InferenceRequest, offer: ModelOffer,
                      timeouts: TimeoutsConfig) -> Completion:
-        texts = embedding_inputs(request.body)
+        inputs = embedding_inputs(request.body)
         worker = await self._pick_worker(timeouts, request.deadline, 0)
-        call = worker.embed(offer.upstream_model, texts)
+        model = worker.models.get(offer.upstream_model, {})
+        options = parse_embedding_options(
+            request.body, model=offer.model, width=int(model.get("dimensions", 0)),
+            matryoshka=offer.upstream_model in self._matryoshka)
+        if "vocab" in model:
+            check_token_ids(inputs, int(model["vocab"]), "input")
+        call = worker.embed(offer.upstream_model, inputs)
         finished = False
         try:
-            event = await self._next(call, self._first_timeout(request, timeouts), False)
+            event = await self._next(call.events, self._first_timeout(request, timeouts), False)
             finished = True
         finally:
             worker.release(call, cancel=not finished)
@@ -313,13 +363,9 @@ class LocalProvider(Provider):
         if not isinstance(event, Embedded):
             raise UpstreamUnavailable("local worker sent an unexpected answer",
                                       provider=self.name)
-        flat = array.array("f")
-        flat.frombytes(event.vectors)
-        values = flat.tolist()
-        dim = event.dim
         data = [
-            {"object": "embedding", "index": i, "embedding": values[i * dim:(i + 1) * dim]}
-            for i in range(len(texts))
+            {"object": "embedding", "index": i, "embedding": vector}
+            for i, vector in enumerate(_vectors(event, len(inputs), options))
         ]
         usage = Usage(prompt_tokens=event.tokens, completion_tokens=0)
         body = {
@@ -331,69 +377,93 @@ class LocalProvider(Provider):
     # ------------------------------------------------------------------ stream
     async def stream(self, request: InferenceRequest, offer: ModelOffer,
                      timeouts: TimeoutsConfig) -> AsyncIterator[StreamChunk]:
-        worker, call, n = await self._open_text(request, offer, timeouts)
+        text = await self._open_text(request, offer, timeouts)
         chat = request.kind is RequestKind.CHAT
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
-        base = {"id": chunk_id, "object": obj, "created": created, "model": offer.model}
-        started = [False] * n
-        streamed = False
-        finished = False
-        try:
-            while True:
-                timeout = (self._first_timeout(request, timeouts) if not streamed
-                           else max(0.0, request.deadline - time.monotonic()))
-                event = await self._next(call, timeout, streamed)
-                if isinstance(event, TextDelta):
-                    i = event.choice
-                    if event.text or not started[i]:
-                        if chat:
-                            delta: dict[str, Any] = {"content": event.text}
-                            if not started[i]:
-                                delta = {"role": "assistant", "content": event.text}
-                            choice: dict[str, Any] = {"index": i, "delta": delta,
-                                                      "logprobs": None, "finish_reason": None}
-                        else:
-                            choice = {"text": event.text, "index": i, "logprobs": None,
-                                      "finish_reason": None}
-                        started[i] = True
-                        streamed = True
-                        yield StreamChunk({**base, "choices": [choice]})
-                    if event.finish is not None:
-                        if chat:
-                            choice = {"index": i, "delta": {}, "logprobs": None,
-                                      "finish_reason": event.finish}
-                        else:
-                            choice = {"text": "", "index": i, "logprobs": None,
-                                      "finish_reason": event.finish}
-                        yield StreamChunk({**base, "choices": [choice]})
-                elif isinstance(event, Finished):
-                    finished = True
-                    usage = Usage(event.prompt_tokens, event.completion_tokens)
-                    yield StreamChunk({**base, "choices": [], "usage": usage.to_openai()},
-                                      usage=usage)
+        base = {"id": chunk_id, "object": obj, "created": created, "model": offer.model,
+                "system_fingerprint": text.fingerprint}
+        started = [False] * text.choices
+        async with contextlib.aclosing(self._text_events(request, timeouts, text,
+                                                         stream=True)) as events:
+            async for event in events:
+                if isinstance(event, Usage):
+                    yield StreamChunk({**base, "choices": [], "usage": event.to_openai()},
+                                      usage=event)
                     return
-                elif isinstance(event, Rejected):
-                    finished = True
-                    raise InvalidRequest(event.message, param=event.param)
-                elif isinstance(event, WorkerGone):
-                    finished = True
-                    raise self._gone(event, streamed)
-        finally:
-            # Also reached on aclose()/cancellation: the worker stops generating for it.
-            worker.release(call, cancel=not finished)
+                i = event.choice
+                if event.text or not started[i]:
+                    if chat:
+                        delta: dict[str, Any] = {"content": event.text}
+                        if not started[i]:
+                            delta = {"role": "assistant", "content": event.text,
+                                     "refusal": None}
+                        choice: dict[str, Any] = {"index": i, "delta": delta,
+                                                  "logprobs": None, "finish_reason": None}
+                    else:
+                        choice = {"text": event.text, "index": i, "logprobs": None,
+                                  "finish_reason": None}
+                    started[i] = True
+                    yield StreamChunk({**base, "choices": [choice]})
+                if event.finish is not None:
+                    if chat:
+                        choice = {"index": i, "delta": {}, "logprobs": None,
+                                  "finish_reason": event.finish}
+                    else:
+                        choice = {"text": "", "index": i, "logprobs": None,
+                                  "finish_reason": event.finish}
+                    yield StreamChunk({**base, "choices": [choice]})
+
+
+@dataclass(frozen=True, slots=True)
+class _TextCalls:
+    """The worker calls of one text request, feeding one queue."""
+
+    worker: WorkerProcess
+    calls: list[Call]
+    events: asyncio.Queue[Event]
+    choices: int  # prompts x n
+    fingerprint: str
+
+
+def _vectors(event: Embedded, count: int, options: EmbeddingOptions) -> list[Any]:
+    """The embeddings as the client asked: floats, or base64 of little-endian float32 (what
+    OpenAI sends and openai-node asks for by default); cut to `dimensions` and renormalised
+    when the model allows it."""
+    flat = array.array("f")
+    flat.frombytes(event.vectors)
+    if sys.byteorder == "big":
+        flat.byteswap()  # the worker wrote native order; the wire and the math want little
+    dim = event.dim
+    rows = [flat[i * dim:(i + 1) * dim] for i in range(count)]
+    if options.dimensions is not None:
+        cut = []
+        for row in rows:
+            head = row[:options.dimensions]
+            norm = math.sqrt(sum(x * x for x in head)) or 1.0
+            cut.append(array.array("f", (x / norm for x in head)))
+        rows = cut
+    if options.encoding_format == "base64":
+        out = []
+        for row in rows:
+            if sys.byteorder == "big":
+                row = array.array("f", row)
+                row.byteswap()
+            out.append(base64.b64encode(row.tobytes()).decode("ascii"))
+        return out
+    return [row.tolist() for row in rows]
 
 
 def _text_body(request: InferenceRequest, offer: ModelOffer, texts: list[str],
-               finishes: list[str | None], usage: Usage) -> dict[str, Any]:
+               finishes: list[str | None], usage: Usage, fingerprint: str) -> dict[str, Any]:
     created = int(time.time())
     if request.kind is RequestKind.CHAT:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-            "created": created, "model": offer.model,
+            "created": created, "model": offer.model, "system_fingerprint": fingerprint,
             "choices": [
-                {"index": i, "message": {"role": "assistant", "content": text},
+                {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                  "logprobs": None, "finish_reason": finishes[i] or "stop"}
                 for i, text in enumerate(texts)
             ],
@@ -401,7 +471,7 @@ def _text_body(request: InferenceRequest, offer: ModelOffer, texts: list[str],
         }
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-        "created": created, "model": offer.model,
+        "created": created, "model": offer.model, "system_fingerprint": fingerprint,
         "choices": [
             {"text": text, "index": i, "logprobs": None, "finish_reason": finishes[i] or "stop"}
             for i, text in enumerate(texts)

@@ -89,6 +89,9 @@ class Call:
     call_id: int
     slots: int  # batch slots it takes (n for generation, 0 for embeddings)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    # Added to the worker's choice numbers: the calls of one multi-prompt completion share
+    # one queue, choices numbered prompt by prompt as OpenAI does.
+    choice_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,21 +188,29 @@ class WorkerProcess:
         return len(self._calls)
 
     # ------------------------------------------------------------------ calls
-    def generate(self, model: str, messages: list[dict[str, str]] | None, prompt: str | None,
-                 params: dict[str, Any], slots: int) -> Call:
+    def generate(self, model: str, messages: list[dict[str, str]] | None,
+                 prompt: str | list[int] | None, params: dict[str, Any], slots: int, *,
+                 events: asyncio.Queue[Event] | None = None, choice_offset: int = 0) -> Call:
+        """Start one generation. `prompt` is text or token ids; `events` lets several calls
+        share one queue (their choices told apart by `choice_offset`)."""
         call = self._new_call(slots)
+        if events is not None:
+            call.events = events
+        call.choice_offset = choice_offset
         frame: dict[str, Any] = {"t": "gen", "id": call.call_id, "model": model,
                                  "params": params}
         if messages is not None:
             frame["messages"] = messages
+        elif isinstance(prompt, list):
+            frame["prompt_ids"] = prompt
         else:
             frame["prompt"] = prompt
         self._send(frame, call)
         return call
 
-    def embed(self, model: str, texts: list[str]) -> Call:
+    def embed(self, model: str, inputs: list[str] | list[list[int]]) -> Call:
         call = self._new_call(0)
-        self._send({"t": "emb", "id": call.call_id, "model": model, "input": texts}, call)
+        self._send({"t": "emb", "id": call.call_id, "model": model, "input": inputs}, call)
         return call
 
     def release(self, call: Call, *, cancel: bool) -> None:
@@ -333,7 +344,7 @@ class WorkerProcess:
         for request_id, choice, text, finish in message["ev"]:
             call = calls.get(request_id)
             if call is not None:
-                call.events.put_nowait(TextDelta(choice, text, finish))
+                call.events.put_nowait(TextDelta(choice + call.choice_offset, text, finish))
         for request_id, prompt_tokens, completion_tokens in message["done"]:
             call = calls.pop(request_id, None)
             if call is not None:

@@ -127,6 +127,7 @@ class GenerationEngine:
         # transformers 5 renamed `past_key_values` to `cache`; take what this version has.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._waiting: deque[_Request] = deque()
+        self._empty: list[_Request] = []  # max_tokens 0: answered without a forward pass
         self._requests: dict[int, _Request] = {}
         self._rows: list[_Row] = []
         self._cache: Any = None
@@ -155,6 +156,11 @@ class GenerationEngine:
         else:
             max_tokens = params.max_tokens
         request = _Request(request_id, list(prompt_ids), params, max_tokens)
+        if max_tokens == 0:
+            # A legacy completion's `max_tokens: 0`: nothing to generate, finished at the next
+            # step (echo, which would still read the prompt, is not done here).
+            self._empty.append(request)
+            return
         self._requests[request_id] = request
         self._waiting.append(request)
 
@@ -169,7 +175,7 @@ class GenerationEngine:
             row.finish = row.finish or "cancelled"
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._rows)
+        return bool(self._waiting or self._rows or self._empty)
 
     @property
     def active_rows(self) -> int:
@@ -183,6 +189,11 @@ class GenerationEngine:
     @torch.inference_mode()
     def step(self) -> StepResult:
         result = StepResult()
+        empty, self._empty = self._empty, []
+        for request in empty:
+            for choice in range(request.params.n):
+                result.events.append(TextEvent(request.request_id, choice, "", "length"))
+            result.done.append(RequestDone(request.request_id, len(request.prompt_ids), 0))
         admitted = self._admit()
         if admitted:
             self._prefill(admitted, result)

@@ -6,10 +6,13 @@ import pytest
 
 from meshnode.errors import InvalidRequest
 from meshnode.worker.params import (
+    EmbeddingOptions,
     SamplingParams,
     chat_messages,
-    completion_prompt,
+    check_token_ids,
+    completion_prompts,
     embedding_inputs,
+    parse_embedding_options,
     parse_sampling,
 )
 
@@ -66,11 +69,54 @@ def test_chat_messages_take_text_parts() -> None:
         chat_messages({"messages": []})
 
 
-def test_prompts_and_inputs() -> None:
-    assert completion_prompt({"prompt": ["x"]}) == "x"
-    with pytest.raises(InvalidRequest):
-        completion_prompt({"prompt": ["x", "y"]})
+def test_prompts_and_inputs_take_every_openai_form() -> None:
+    assert completion_prompts({"prompt": "x"}) == ["x"]
+    assert completion_prompts({"prompt": ["x", "y"]}) == ["x", "y"]
+    assert completion_prompts({"prompt": [1, 2, 3]}) == [[1, 2, 3]]
+    assert completion_prompts({"prompt": [[1, 2], [3]]}) == [[1, 2], [3]]
     assert embedding_inputs({"input": "a"}) == ["a"]
     assert embedding_inputs({"input": ["a", "b"]}) == ["a", "b"]
-    with pytest.raises(InvalidRequest):
-        embedding_inputs({"input": []})
+    assert embedding_inputs({"input": [[101, 2023], [7]]}) == [[101, 2023], [7]]
+    for bad in ([], [[]], [1, "x"], [[1], "x"], [True], 5, None, [[1.5]]):
+        with pytest.raises(InvalidRequest) as info:
+            embedding_inputs({"input": bad})
+        assert info.value.param == "input"
+    with pytest.raises(InvalidRequest) as info:
+        completion_prompts({"prompt": [[1], []]})
+    assert info.value.param == "prompt"
+
+
+def test_token_ids_are_checked_against_the_vocabulary() -> None:
+    check_token_ids([[0, 9]], 10, "input")
+    check_token_ids(["any text"], 10, "input")
+    for bad in ([[0, 10]], [[1], [-1]]):
+        with pytest.raises(InvalidRequest) as info:
+            check_token_ids(bad, 10, "input")
+        assert info.value.param == "input" and "vocabulary" in info.value.message
+
+
+def test_max_tokens_zero_is_for_legacy_completions_only() -> None:
+    assert parse_sampling({"max_tokens": 0}, completion=True).max_tokens == 0
+    with pytest.raises(InvalidRequest) as info:
+        parse_sampling({"max_tokens": 0})
+    assert info.value.param == "max_tokens"
+
+
+def test_embedding_options() -> None:
+    opts = parse_embedding_options({}, model="m", width=384, matryoshka=False)
+    assert opts == EmbeddingOptions("float", None)
+    opts = parse_embedding_options({"encoding_format": "base64"}, model="m", width=384,
+                                   matryoshka=False)
+    assert opts.encoding_format == "base64"
+    with pytest.raises(InvalidRequest) as info:
+        parse_embedding_options({"dimensions": 128}, model="minilm", width=384,
+                                matryoshka=False)
+    assert info.value.param == "dimensions" and "does not support" in info.value.message
+    assert parse_embedding_options({"dimensions": 128}, model="m", width=384,
+                                   matryoshka=True).dimensions == 128
+    assert parse_embedding_options({"dimensions": 384}, model="m", width=384,
+                                   matryoshka=True).dimensions is None
+    for bad in ({"dimensions": 385}, {"dimensions": 0}, {"encoding_format": "int8"}):
+        with pytest.raises(InvalidRequest) as info:
+            parse_embedding_options(bad, model="m", width=384, matryoshka=True)
+        assert info.value.param in ("dimensions", "encoding_format")
