@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import array
 import asyncio
-import base64
 import contextlib
 import logging
-import math
-import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -39,6 +36,7 @@ from meshnode.errors import (
     UpstreamUnavailable,
 )
 from meshnode.providers.base import Provider
+from meshnode.providers.embeddings import EmbeddingOptions, encode_vectors, parse_embedding_options
 from meshnode.providers.registry import ProviderContext
 from meshnode.types import (
     Capacity,
@@ -63,12 +61,10 @@ from meshnode.worker.client import (
 from meshnode.worker.main import WorkerConfig
 from meshnode.worker.models import ModelSpec, check_spec
 from meshnode.worker.params import (
-    EmbeddingOptions,
     chat_messages,
     check_token_ids,
     completion_prompts,
     embedding_inputs,
-    parse_embedding_options,
     parse_sampling,
 )
 
@@ -345,7 +341,7 @@ class LocalProvider(Provider):
         worker = await self._pick_worker(timeouts, request.deadline, 0)
         model = worker.models.get(offer.upstream_model, {})
         options = parse_embedding_options(
-            request.body, model=offer.model, width=int(model.get("dimensions", 0)),
+            request.body, model=offer.model, width=model.get("dimensions"),
             matryoshka=offer.upstream_model in self._matryoshka)
         if "vocab" in model:
             check_token_ids(inputs, int(model["vocab"]), "input")
@@ -428,31 +424,11 @@ class _TextCalls:
 
 
 def _vectors(event: Embedded, count: int, options: EmbeddingOptions) -> list[Any]:
-    """The embeddings as the client asked: floats, or base64 of little-endian float32 (what
-    OpenAI sends and openai-node asks for by default); cut to `dimensions` and renormalised
-    when the model allows it."""
+    """The worker's float32 rows (native byte order) as the client asked."""
     flat = array.array("f")
     flat.frombytes(event.vectors)
-    if sys.byteorder == "big":
-        flat.byteswap()  # the worker wrote native order; the wire and the math want little
     dim = event.dim
-    rows = [flat[i * dim:(i + 1) * dim] for i in range(count)]
-    if options.dimensions is not None:
-        cut = []
-        for row in rows:
-            head = row[:options.dimensions]
-            norm = math.sqrt(sum(x * x for x in head)) or 1.0
-            cut.append(array.array("f", (x / norm for x in head)))
-        rows = cut
-    if options.encoding_format == "base64":
-        out = []
-        for row in rows:
-            if sys.byteorder == "big":
-                row = array.array("f", row)
-                row.byteswap()
-            out.append(base64.b64encode(row.tobytes()).decode("ascii"))
-        return out
-    return [row.tolist() for row in rows]
+    return encode_vectors([flat[i * dim:(i + 1) * dim] for i in range(count)], options)
 
 
 def _text_body(request: InferenceRequest, offer: ModelOffer, texts: list[str],

@@ -177,34 +177,3 @@ def check_token_ids(inputs: list[str] | list[list[int]], vocab: int, param: str)
                 raise InvalidRequest(
                     f"{param}[{i}] holds token id {token}, outside this model's vocabulary "
                     f"(ids 0 to {vocab - 1})", param=param, code="invalid_value")
-
-
-@dataclass(frozen=True, slots=True)
-class EmbeddingOptions:
-    encoding_format: str  # "float" | "base64"
-    dimensions: int | None  # None: the model's own width
-
-
-def parse_embedding_options(body: dict[str, Any], *, model: str, width: int,
-                            matryoshka: bool) -> EmbeddingOptions:
-    """`encoding_format` and `dimensions` of an embeddings body, for a model whose vectors are
-    `width` wide. `dimensions` is honoured only by a model declared `matryoshka` (trained so
-    a prefix of its vector is itself an embedding); elsewhere it is a 400, as a silently
-    full-width answer would break the caller's index."""
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise InvalidRequest("encoding_format must be 'float' or 'base64'",
-                             param="encoding_format", code="invalid_value")
-    dimensions = _integer(body, "dimensions", 1)
-    if dimensions is not None:
-        if not matryoshka:
-            raise InvalidRequest(
-                f"model {model!r} does not support 'dimensions': its embeddings are {width} "
-                "wide and cannot be shortened (declare `matryoshka: true` on a model trained "
-                "for it)", param="dimensions", code="invalid_value")
-        if dimensions > width:
-            raise InvalidRequest(f"dimensions must be at most {width} for model {model!r}, "
-                                 f"got {dimensions}", param="dimensions", code="invalid_value")
-        if dimensions == width:
-            dimensions = None
-    return EmbeddingOptions(encoding, dimensions)

@@ -6,13 +6,11 @@ import pytest
 
 from meshnode.errors import InvalidRequest
 from meshnode.worker.params import (
-    EmbeddingOptions,
     SamplingParams,
     chat_messages,
     check_token_ids,
     completion_prompts,
     embedding_inputs,
-    parse_embedding_options,
     parse_sampling,
 )
 
@@ -100,23 +98,3 @@ def test_max_tokens_zero_is_for_legacy_completions_only() -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_sampling({"max_tokens": 0})
     assert info.value.param == "max_tokens"
-
-
-def test_embedding_options() -> None:
-    opts = parse_embedding_options({}, model="m", width=384, matryoshka=False)
-    assert opts == EmbeddingOptions("float", None)
-    opts = parse_embedding_options({"encoding_format": "base64"}, model="m", width=384,
-                                   matryoshka=False)
-    assert opts.encoding_format == "base64"
-    with pytest.raises(InvalidRequest) as info:
-        parse_embedding_options({"dimensions": 128}, model="minilm", width=384,
-                                matryoshka=False)
-    assert info.value.param == "dimensions" and "does not support" in info.value.message
-    assert parse_embedding_options({"dimensions": 128}, model="m", width=384,
-                                   matryoshka=True).dimensions == 128
-    assert parse_embedding_options({"dimensions": 384}, model="m", width=384,
-                                   matryoshka=True).dimensions is None
-    for bad in ({"dimensions": 385}, {"dimensions": 0}, {"encoding_format": "int8"}):
-        with pytest.raises(InvalidRequest) as info:
-            parse_embedding_options(bad, model="m", width=384, matryoshka=True)
-        assert info.value.param in ("dimensions", "encoding_format")
