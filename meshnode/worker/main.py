@@ -230,7 +230,11 @@ class Worker:
                                     message.get("prompt"))
             engine.submit(message["id"], ids, SamplingParams.from_wire(message["params"]))
         except RequestRejected as exc:
-            self._reject(message["id"], exc.message, exc.param)
+            # The engine names the chat field; a legacy completion's prompt is `prompt`.
+            param = exc.param
+            if param == "messages" and message.get("messages") is None:
+                param = "prompt"
+            self._reject(message["id"], exc.message, param)
         except (ValueError, TypeError, KeyError) as exc:
             # A chat template that rejects the conversation (roles out of order ...).
             self._reject(message["id"], f"cannot build the prompt: {exc}", "messages")
