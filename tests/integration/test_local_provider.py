@@ -171,6 +171,17 @@ async def test_over_the_context_is_an_invalid_request(provider: LocalProvider) -
     assert info.value.param == "max_tokens"
 
 
+async def test_a_completion_prompt_over_the_context_names_prompt(
+    provider: LocalProvider,
+) -> None:
+    body = {"model": "tiny-gpt2", "prompt": ["fine", "word " * 600], "max_tokens": 2}
+    with pytest.raises(InvalidRequest) as info:
+        await provider.complete(_request(RequestKind.COMPLETION, body),
+                                _offer(provider, "tiny-gpt2"), TIMEOUTS)
+    assert info.value.param == "prompt"
+    assert provider.workers[0].slots_busy == 0  # the other prompt's call was let go too
+
+
 async def test_embeddings_are_real(provider: LocalProvider) -> None:
     body = {"model": "minilm", "input": ["a cat sits on the mat", "a kitten rests on the rug",
                                          "quarterly tax filing deadlines"]}
