@@ -9,6 +9,8 @@ same GGUF named by `path:` (so the second load of one file must come from the ca
 `data_dir/models` is a link to a directory in pytest's cache, so the dequantised smollm2 is
 written once per checkout (the first run of this module pays the dequantising, later runs read
 the cache; the log says which, and the test checks the log against what was there before).
+openai-node (`npm install openai@<pinned>`) goes into pytest's cache too (`.pytest_cache/`,
+git-ignored), once; without node or npm that test is skipped and says which is missing.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ def _config() -> dict[str, Any]:
             "providers": providers}
 
 
+def _kept_dir(request: pytest.FixtureRequest, factory: pytest.TempPathFactory,
+              name: str) -> Path:
+    """A directory that outlives the session (pytest's cache), or a temporary one when the
+    cache plugin is off (`-p no:cacheprovider`)."""
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir(name)) if cache is not None else factory.mktemp(name)
+
+
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health/ready", timeout=5) as r:  # noqa: S310
@@ -63,7 +73,7 @@ def _ready(url: str) -> bool:
 @pytest.fixture(scope="module")
 def node(request: pytest.FixtureRequest,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    models = Path(request.config.cache.mkdir("meshnode-models"))
+    models = _kept_dir(request, tmp_path_factory, "meshnode-models")
     workdir = tmp_path_factory.mktemp("smollm2-node")
     (workdir / "node-data").mkdir()
     (workdir / "node-data" / "models").symlink_to(models, target_is_directory=True)
@@ -210,7 +220,8 @@ def test_dimensions_on_minilm_is_refused_naming_the_field(client: openai.OpenAI)
 
 
 @pytest.fixture(scope="module")
-def openai_node(request: pytest.FixtureRequest) -> Path:
+def openai_node(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
     """openai-node installed (once per checkout) into a folder of pytest's cache."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
@@ -218,7 +229,7 @@ def openai_node(request: pytest.FixtureRequest) -> Path:
             name for name, path in (("node", node), ("npm", npm)) if path is None) + ")"
         print(reason)
         pytest.skip(reason)
-    folder = Path(request.config.cache.mkdir("openai-node"))
+    folder = _kept_dir(request, tmp_path_factory, "openai-node")
     if not (folder / "node_modules" / "openai" / "package.json").is_file():
         subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(folder),
                         OPENAI_NODE], check=True, capture_output=True, timeout=300)
