@@ -45,12 +45,14 @@ test-fast: $(STAMP)
 bench-setup: $(STAMP)
 	$(PY) -m bench.setup_litellm
 
-# The proxy (direct vs node vs LiteLLM), the local worker (1 vs 16 streams on the CPU), one
-# peer hop, failure detection with 5 real nodes. The 1,000-node gossip simulation takes about
+# The proxy (direct vs node vs LiteLLM), the local worker (1 vs 16 streams on the CPU), the
+# built-in smollm2 (first and later start, greedy tokens/s), one peer hop, failure detection
+# with 5 real nodes. The 1,000-node gossip simulation takes about
 # two minutes: `make bench-gossip`.
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.local_tokens --hf --hf-ways generate
+	$(PY) -m bench.local_smollm2
 	$(PY) -m bench.mesh_hop
 	$(PY) -m bench.mesh_failure
 

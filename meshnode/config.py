@@ -124,6 +124,9 @@ class ModelConfig(_Strict):
     cost_per_1k_input: float | None = Field(default=None, ge=0)
     cost_per_1k_output: float | None = Field(default=None, ge=0)
     max_context_tokens: int | None = Field(default=None, gt=0)
+    # local embedding models trained so a prefix of the vector is an embedding too: then
+    # `dimensions` is honoured (cut and renormalised) instead of refused.
+    matryoshka: bool = False
 
     @property
     def input_price(self) -> float:
@@ -452,8 +455,13 @@ def _check_provider(name: str, provider: ProviderConfig) -> list[str]:
                 errors.append(f"{mwhere}: a local model needs `path` or `builtin`")
             if model.path is not None and model.builtin is not None:
                 errors.append(f"{mwhere}: give `path` or `builtin`, not both")
+            if model.matryoshka and model.kind != "embedding":
+                errors.append(f"{mwhere}.matryoshka: only for embedding models")
         elif model.path is not None or model.builtin is not None:
             errors.append(f"{mwhere}: `path` and `builtin` are for local models only")
+        elif model.matryoshka:
+            errors.append(f"{mwhere}.matryoshka: for local models only (a cloud upstream "
+                          "gets `dimensions` as the client sent it)")
     return errors
 
 

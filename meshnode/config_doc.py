@@ -103,6 +103,10 @@ DESCRIPTIONS: dict[str, str] = {
     "providers.*.models[].builtin": "local: `minilm` (embeddings), `smollm2` "
                                     "(SmolLM2-135M-Instruct, a real chat model) or `tiny-gpt2` "
                                     "(random weights, noise; for fast tests).",
+    "providers.*.models[].matryoshka": "local embedding models: the model was trained so a "
+                                       "prefix of its vector is an embedding (Matryoshka); "
+                                       "`dimensions` then keeps the first N values, "
+                                       "renormalised. Otherwise `dimensions` is a 400.",
     "providers.*.models[].openai_model": "openai / openai_compatible: the upstream's model name.",
     "providers.*.models[].anthropic_model": "anthropic: the upstream's model name.",
     "providers.*.models[].cloudflare_model": "cloudflare: the upstream's model name (`@cf/...`).",

@@ -150,11 +150,13 @@ def _stop(body: Mapping[str, Any]) -> None:
             raise InvalidRequest(f"'stop[{i}]' must be a string", param=f"stop[{i}]")
 
 
-def _sampling(body: Mapping[str, Any], min_tokens: int = 1) -> int | None:
+def _sampling(body: Mapping[str, Any], least_tokens: int = 1) -> int | None:
     """Checks shared by chat and completions; returns the output token bound, if any.
-    Legacy completions take `max_tokens: 0` (the prompt's echo and logprobs only)."""
-    max_tokens = _optional_int(body, "max_tokens", min_tokens, MAX_OUTPUT_TOKENS)
-    max_completion = _optional_int(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS)
+    `least_tokens`: legacy completions allow `max_tokens: 0` (OpenAI's minimum there, sent
+    with `echo` + `logprobs` to score a prompt); chat wants at least one token."""
+    max_tokens = _optional_int(body, "max_tokens", least_tokens, MAX_OUTPUT_TOKENS)
+    max_completion = _optional_int(body, "max_completion_tokens", least_tokens,
+                                   MAX_OUTPUT_TOKENS)
     _optional_int(body, "n", 1, MAX_N)
     _optional_number(body, "temperature", 0.0, 2.0)
     _optional_number(body, "top_p", 0.0, 1.0)
@@ -365,7 +367,7 @@ def parse_completion(
     if body.get("prompt") is None:
         raise InvalidRequest("'prompt' is required", param="prompt")
     chars = _prompt_chars(body["prompt"])
-    max_out = _sampling(body, min_tokens=0)
+    max_out = _sampling(body, least_tokens=0)
     _optional_int(body, "best_of", 1, MAX_N)
     _optional_int(body, "logprobs", 0, 5)
     _optional_bool(body, "echo")

@@ -89,8 +89,8 @@ def _assemble_chat(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
             "role": acc["role"],
             "content": "".join(acc["content"]) if acc["content"] or not acc["tools"] else None,
         }
-        if acc["refusal"]:
-            message["refusal"] = "".join(acc["refusal"])
+        # OpenAI's schema requires `refusal` on every message (null when there is none).
+        message["refusal"] = "".join(acc["refusal"]) if acc["refusal"] else None
         if acc["tools"]:
             message["tool_calls"] = [
                 {
@@ -187,7 +187,8 @@ def _chat_chunks(body: dict[str, Any], usage: Usage) -> list[StreamChunk]:
             {"index": index,
              "delta": {"role": message.get("role", "assistant"),
                        # OpenAI opens with "" for text and null for a tool-call-only answer.
-                       "content": "" if isinstance(message.get("content"), str) else None},
+                       "content": "" if isinstance(message.get("content"), str) else None,
+                       "refusal": None},
              "logprobs": None, "finish_reason": None}]}))
         content = message.get("content")
         if content or choice.get("logprobs") is not None:

@@ -82,6 +82,17 @@ def _choices(request: InferenceRequest) -> int:
     return n
 
 
+def _prompts(request: InferenceRequest) -> int:
+    """Prompts of a legacy completion (a list of strings or of token-id lists is several; each
+    gets its own `n` choices), 1 for anything else."""
+    if request.kind is not RequestKind.COMPLETION:
+        return 1
+    prompt = request.body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        return len(prompt)
+    return 1
+
+
 def prompt_tokens(request: InferenceRequest) -> int:
     """The larger of the front end's estimate and `providers.tokens`' (which also counts chat
     framing): under-estimating the prompt is the one way a priced call overspends."""
@@ -95,12 +106,15 @@ def worst_case_cost(request: InferenceRequest, offer: ModelOffer, ceiling: float
     if request.kind is RequestKind.EMBEDDING or offer.cost_per_1k_output <= 0.0:
         return prompt_cost
     out = request.max_output_tokens
+    prompts = _prompts(request)
     if offer.max_context_tokens is not None:
-        room = max(0, offer.max_context_tokens - prompt)
+        # With several prompts the estimate is their sum: one short prompt may leave nearly
+        # the whole context, so only the context itself bounds each.
+        room = max(0, offer.max_context_tokens - (prompt if prompts == 1 else 0))
         out = room if out is None else min(out, room)
     if out is None:
         return max(ceiling, prompt_cost)
-    return prompt_cost + _choices(request) * out * offer.cost_per_1k_output / 1000.0
+    return prompt_cost + prompts * _choices(request) * out * offer.cost_per_1k_output / 1000.0
 
 
 def incurred_cost(request: InferenceRequest, offer: ModelOffer, usage: Usage | None,

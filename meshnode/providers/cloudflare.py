@@ -48,6 +48,7 @@ from meshnode.errors import (
 )
 from meshnode.providers.base import Provider
 from meshnode.providers.content import content_text
+from meshnode.providers.embeddings import encode_vectors, parse_embedding_options
 from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
 from meshnode.providers.registry import ProviderContext
 from meshnode.providers.tokens import estimate_prompt_tokens, estimate_tokens
@@ -326,21 +327,27 @@ class CloudflareProvider(Provider):
         if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
             raise InvalidRequest("this provider embeds strings only (not token ids)",
                                  param="input")
+        # Workers AI answers floats at the model's width: base64 is encoded here, and a
+        # `dimensions` it would ignore is refused before the call.
+        options = parse_embedding_options(request.body, model=request.model, width=None,
+                                          matryoshka=False)
         data = await self._http.post_json(
             path, orjson.dumps({"text": texts}), deadline=request.deadline, timeouts=timeouts
         )
         result = self._result(data)
         vectors = result.get("data") if isinstance(result, dict) else None
-        if not isinstance(vectors, list) or len(vectors) != len(texts):
+        if not isinstance(vectors, list) or len(vectors) != len(texts) or not all(
+            isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in vectors
+        ):
             raise UpstreamUnavailable(
                 f"{self.name} answered {len(vectors) if isinstance(vectors, list) else 'no'} "
-                f"vectors for {len(texts)} inputs", provider=self.name)
+                f"vectors of numbers for {len(texts)} inputs", provider=self.name)
         # Workers AI embeddings report no usage.
         usage = Usage(self._prompt_tokens(request), 0, estimated=True)
         body = {
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": v}
-                     for i, v in enumerate(vectors)],
+                     for i, v in enumerate(encode_vectors(vectors, options))],
             "model": request.model,
             "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens},
         }

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from meshnode.errors import (
     UpstreamUnavailable,
 )
 from meshnode.providers.base import Provider
+from meshnode.providers.embeddings import EmbeddingOptions, encode_vectors, parse_embedding_options
 from meshnode.providers.local_choices import ChatChoice, CompletionLogprobs
 from meshnode.providers.registry import ProviderContext
 from meshnode.types import (
@@ -63,7 +65,8 @@ from meshnode.worker.main import WorkerConfig
 from meshnode.worker.models import ModelSpec, check_spec
 from meshnode.worker.params import (
     chat_messages,
-    completion_prompt,
+    check_token_ids,
+    completion_prompts,
     embedding_inputs,
     parse_chat_format,
     parse_sampling,
@@ -131,6 +134,7 @@ class LocalProvider(Provider):
             raise ConfigError(errors)
         self._specs = tuple(specs)
         self._offers = tuple(offers)
+        self._matryoshka = frozenset(m.name for m in resolved.config.models if m.matryoshka)
         self._workers: list[WorkerProcess] = []
         self._rr = 0
 
@@ -234,15 +238,19 @@ class LocalProvider(Provider):
         return worker
 
     async def _open_text(self, request: InferenceRequest, offer: ModelOffer,
-                         timeouts: TimeoutsConfig) -> tuple[WorkerProcess, Call, _Shape]:
+                         timeouts: TimeoutsConfig) -> _TextCalls:
+        """Start the generations of one request: one call for chat, one per prompt for a
+        legacy completion, all feeding one queue."""
         if request.kind not in _TEXT_KINDS:
             raise InvalidRequest(f"{offer.model} does not serve {request.kind.value} requests",
                                  param="model")
         body = request.body
+        chat = request.kind is RequestKind.CHAT
+        messages: list[dict[str, str]] | None = None
+        prompts: list[str] | list[list[int]] = []
         tools_wire: list[dict[str, Any]] | None = None
-        if request.kind is RequestKind.CHAT:
-            messages: list[dict[str, str]] | None = chat_messages(body)
-            prompt = None
+        if chat:
+            messages = chat_messages(body)
             tools, tool_choice = parse_tools(body)
             constraint = parse_chat_format(body, tools, tool_choice)
             params = parse_sampling(body, constraint=constraint)
@@ -255,17 +263,30 @@ class LocalProvider(Provider):
                 tools_wire = [t.to_wire() for t in tools]
             shape = _Shape(params.n, True, names, params.logprobs is not None)
         else:
-            messages, prompt = None, completion_prompt(body)
             params = parse_sampling(body, completion=True)
+            prompts = completion_prompts(body)
             shape = _Shape(params.n, False, None, params.logprobs is not None)
-        worker = await self._pick_worker(timeouts, request.deadline, params.n)
-        call = worker.generate(offer.upstream_model, messages, prompt, params.to_wire(),
-                               params.n, tools=tools_wire)
-        return worker, call, shape
+        count = 1 if chat else len(prompts)
+        worker = await self._pick_worker(timeouts, request.deadline, params.n * count)
+        model = worker.models.get(offer.upstream_model, {})
+        if not chat and "vocab" in model:
+            check_token_ids(prompts, int(model["vocab"]), "prompt")
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        wire = params.to_wire()
+        if chat:
+            calls = [worker.generate(offer.upstream_model, messages, None, wire, params.n,
+                                     tools_wire, events=events)]
+        else:
+            calls = [worker.generate(offer.upstream_model, None, prompt, wire, params.n,
+                                     events=events, choice_offset=i * params.n)
+                     for i, prompt in enumerate(list[Any](prompts))]
+        return _TextCalls(worker, calls, events, params.n * count,
+                          str(model.get("fingerprint", "fp_local")), shape)
 
-    async def _next(self, call: Call, timeout: float, streamed: bool) -> Event:
+    async def _next(self, events: asyncio.Queue[Event], timeout: float,
+                    streamed: bool) -> Event:
         try:
-            return await asyncio.wait_for(call.events.get(), timeout)
+            return await asyncio.wait_for(events.get(), timeout)
         except TimeoutError:
             if streamed:
                 raise DeadlineExceeded("the request's deadline passed while generating",
@@ -289,65 +310,89 @@ class LocalProvider(Provider):
     def _first_timeout(request: InferenceRequest, timeouts: TimeoutsConfig) -> float:
         return max(0.0, min(timeouts.first_byte_ms / 1000.0, request.deadline - time.monotonic()))
 
+    async def _text_events(self, request: InferenceRequest, timeouts: TimeoutsConfig,
+                           text: _TextCalls, *, stream: bool
+                           ) -> AsyncGenerator[TextDelta | Usage, None]:
+        """The text deltas of every call, then their usage summed. Until the first delta the
+        wait is bounded by `first_byte_ms`; after it, in a stream, a failure is a broken
+        stream (never retried) rather than a retryable one."""
+        waiting = len(text.calls)
+        prompt_tokens = completion_tokens = cached_tokens = 0
+        got_any = False
+        try:
+            while waiting:
+                timeout = (self._first_timeout(request, timeouts) if not got_any
+                           else max(0.0, request.deadline - time.monotonic()))
+                event = await self._next(text.events, timeout, stream and got_any)
+                if isinstance(event, TextDelta):
+                    got_any = True
+                    yield event
+                elif isinstance(event, Finished):
+                    waiting -= 1
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+                    cached_tokens += event.cached_tokens
+                elif isinstance(event, Rejected):
+                    raise InvalidRequest(event.message, param=event.param)
+                elif isinstance(event, WorkerGone | StepFailed):
+                    raise self._gone(event, stream and got_any)
+            yield Usage(prompt_tokens, completion_tokens, cached_tokens=cached_tokens)
+        finally:
+            # Also reached on errors, aclose() and cancellation: the worker stops generating
+            # for every call still running (calls that finished are already forgotten).
+            for call in text.calls:
+                text.worker.release(call, cancel=True)
+
     # ------------------------------------------------------------------ non-stream
     async def complete(self, request: InferenceRequest, offer: ModelOffer,
                        timeouts: TimeoutsConfig) -> Completion:
         if request.kind is RequestKind.EMBEDDING:
             return await self._embed(request, offer, timeouts)
-        worker, call, shape = await self._open_text(request, offer, timeouts)
-        n = shape.n
+        text = await self._open_text(request, offer, timeouts)
+        shape, n = text.shape, text.choices
         chats = [ChatChoice(i, shape.tool_names, shape.logprobs) for i in range(n)]
         completion_lps = [CompletionLogprobs() for _ in range(n)]
         texts = [""] * n
         finishes: list[str | None] = [None] * n
-        got_any = False
-        finished = False
-        try:
-            while True:
-                timeout = (self._first_timeout(request, timeouts) if not got_any
-                           else max(0.0, request.deadline - time.monotonic()))
-                event = await self._next(call, timeout, streamed=False)
-                if isinstance(event, TextDelta):
-                    got_any = True
-                    i = event.choice
-                    if shape.chat:
-                        chats[i].feed(event.text, event.logprobs)
-                        if event.finish is not None:
-                            chats[i].end()
-                    else:
-                        texts[i] += event.text
-                        if event.logprobs is not None:
-                            completion_lps[i].add(event.logprobs)
+        usage = Usage(0, 0)
+        async with contextlib.aclosing(self._text_events(request, timeouts, text,
+                                                         stream=False)) as events:
+            async for event in events:
+                if isinstance(event, Usage):
+                    usage = event
+                    continue
+                i = event.choice
+                if shape.chat:
+                    chats[i].feed(event.text, event.logprobs)
                     if event.finish is not None:
-                        finishes[i] = event.finish
-                elif isinstance(event, Finished):
-                    finished = True
-                    usage = Usage(event.prompt_tokens, event.completion_tokens,
-                                  cached_tokens=event.cached_tokens)
-                    break
-                elif isinstance(event, Rejected):
-                    finished = True
-                    raise InvalidRequest(event.message, param=event.param)
-                elif isinstance(event, WorkerGone | StepFailed):
-                    finished = True
-                    raise self._gone(event, streamed=False)
-        finally:
-            worker.release(call, cancel=not finished)
+                        chats[i].end()
+                else:
+                    texts[i] += event.text
+                    if event.logprobs is not None:
+                        completion_lps[i].add(event.logprobs)
+                if event.finish is not None:
+                    finishes[i] = event.finish
         if shape.chat:
-            body = _chat_body(offer, chats, finishes, usage)
+            body = _chat_body(offer, chats, finishes, usage, text.fingerprint)
         else:
             body = _completion_body(offer, texts, completion_lps if shape.logprobs else None,
-                                    finishes, usage)
+                                    finishes, usage, text.fingerprint)
         return Completion(body=body, usage=usage)
 
     async def _embed(self, request: InferenceRequest, offer: ModelOffer,
                      timeouts: TimeoutsConfig) -> Completion:
-        texts = embedding_inputs(request.body)
+        inputs = embedding_inputs(request.body)
         worker = await self._pick_worker(timeouts, request.deadline, 0)
-        call = worker.embed(offer.upstream_model, texts)
+        model = worker.models.get(offer.upstream_model, {})
+        options = parse_embedding_options(
+            request.body, model=offer.model, width=model.get("dimensions"),
+            matryoshka=offer.upstream_model in self._matryoshka)
+        if "vocab" in model:
+            check_token_ids(inputs, int(model["vocab"]), "input")
+        call = worker.embed(offer.upstream_model, inputs)
         finished = False
         try:
-            event = await self._next(call, self._first_timeout(request, timeouts), False)
+            event = await self._next(call.events, self._first_timeout(request, timeouts), False)
             finished = True
         finally:
             worker.release(call, cancel=not finished)
@@ -358,13 +403,9 @@ class LocalProvider(Provider):
         if not isinstance(event, Embedded):
             raise UpstreamUnavailable("local worker sent an unexpected answer",
                                       provider=self.name)
-        flat = array.array("f")
-        flat.frombytes(event.vectors)
-        values = flat.tolist()
-        dim = event.dim
         data = [
-            {"object": "embedding", "index": i, "embedding": values[i * dim:(i + 1) * dim]}
-            for i in range(len(texts))
+            {"object": "embedding", "index": i, "embedding": vector}
+            for i, vector in enumerate(_vectors(event, len(inputs), options))
         ]
         usage = Usage(prompt_tokens=event.tokens, completion_tokens=0)
         body = {
@@ -376,57 +417,40 @@ class LocalProvider(Provider):
     # ------------------------------------------------------------------ stream
     async def stream(self, request: InferenceRequest, offer: ModelOffer,
                      timeouts: TimeoutsConfig) -> AsyncIterator[StreamChunk]:
-        worker, call, shape = await self._open_text(request, offer, timeouts)
-        n = shape.n
-        chat = shape.chat
+        text = await self._open_text(request, offer, timeouts)
+        chat = request.kind is RequestKind.CHAT
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
-        base = {"id": chunk_id, "object": obj, "created": created, "model": offer.model}
+        base = {"id": chunk_id, "object": obj, "created": created, "model": offer.model,
+                "system_fingerprint": text.fingerprint}
+        shape, n = text.shape, text.choices
         chats = [ChatChoice(i, shape.tool_names, shape.logprobs) for i in range(n)]
         completion_lps = [CompletionLogprobs() for _ in range(n)]
         started = [False] * n
-        streamed = False
-        finished = False
-        try:
-            while True:
-                timeout = (self._first_timeout(request, timeouts) if not streamed
-                           else max(0.0, request.deadline - time.monotonic()))
-                event = await self._next(call, timeout, streamed)
-                if isinstance(event, TextDelta):
-                    i = event.choice
-                    if chat:
-                        for choice in _chat_stream_choices(chats[i], event):
-                            streamed = True
-                            yield StreamChunk({**base, "choices": [choice]})
-                    else:
-                        if event.text or event.logprobs is not None or not started[i]:
-                            logprobs = (completion_lps[i].add(event.logprobs)
-                                        if event.logprobs is not None else None)
-                            started[i] = streamed = True
-                            yield StreamChunk({**base, "choices": [{
-                                "text": event.text, "index": i, "logprobs": logprobs,
-                                "finish_reason": None}]})
-                        if event.finish is not None:
-                            yield StreamChunk({**base, "choices": [{
-                                "text": "", "index": i, "logprobs": None,
-                                "finish_reason": event.finish}]})
-                elif isinstance(event, Finished):
-                    finished = True
-                    usage = Usage(event.prompt_tokens, event.completion_tokens,
-                                  cached_tokens=event.cached_tokens)
-                    yield StreamChunk({**base, "choices": [], "usage": usage.to_openai()},
-                                      usage=usage)
+        async with contextlib.aclosing(self._text_events(request, timeouts, text,
+                                                         stream=True)) as events:
+            async for event in events:
+                if isinstance(event, Usage):
+                    yield StreamChunk({**base, "choices": [], "usage": event.to_openai()},
+                                      usage=event)
                     return
-                elif isinstance(event, Rejected):
-                    finished = True
-                    raise InvalidRequest(event.message, param=event.param)
-                elif isinstance(event, WorkerGone | StepFailed):
-                    finished = True
-                    raise self._gone(event, streamed)
-        finally:
-            # Also reached on aclose()/cancellation: the worker stops generating for it.
-            worker.release(call, cancel=not finished)
+                i = event.choice
+                if chat:
+                    for choice in _chat_stream_choices(chats[i], event):
+                        yield StreamChunk({**base, "choices": [choice]})
+                    continue
+                if event.text or event.logprobs is not None or not started[i]:
+                    logprobs = (completion_lps[i].add(event.logprobs)
+                                if event.logprobs is not None else None)
+                    started[i] = True
+                    yield StreamChunk({**base, "choices": [{
+                        "text": event.text, "index": i, "logprobs": logprobs,
+                        "finish_reason": None}]})
+                if event.finish is not None:
+                    yield StreamChunk({**base, "choices": [{
+                        "text": "", "index": i, "logprobs": None,
+                        "finish_reason": event.finish}]})
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +462,26 @@ class _Shape:
     chat: bool
     tool_names: frozenset[str] | None
     logprobs: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _TextCalls:
+    """The worker calls of one text request, feeding one queue."""
+
+    worker: WorkerProcess
+    calls: list[Call]
+    events: asyncio.Queue[Event]
+    choices: int  # prompts x n
+    fingerprint: str
+    shape: _Shape
+
+
+def _vectors(event: Embedded, count: int, options: EmbeddingOptions) -> list[Any]:
+    """The worker's float32 rows (native byte order) as the client asked."""
+    flat = array.array("f")
+    flat.frombytes(event.vectors)
+    dim = event.dim
+    return encode_vectors([flat[i * dim:(i + 1) * dim] for i in range(count)], options)
 
 
 def _chat_stream_choices(builder: ChatChoice, event: TextDelta) -> list[dict[str, Any]]:
@@ -452,7 +496,7 @@ def _chat_stream_choices(builder: ChatChoice, event: TextDelta) -> list[dict[str
     if text or logprobs is not None or not builder.started:
         delta: dict[str, Any] = {"content": text}
         if not builder.started:
-            delta = {"role": "assistant", "content": text}
+            delta = {"role": "assistant", "content": text, "refusal": None}
         out.append({"index": i, "delta": delta,
                     "logprobs": {"content": logprobs, "refusal": None}
                     if logprobs is not None else None,
@@ -468,10 +512,11 @@ def _chat_stream_choices(builder: ChatChoice, event: TextDelta) -> list[dict[str
 
 
 def _chat_body(offer: ModelOffer, chats: list[ChatChoice], finishes: list[str | None],
-               usage: Usage) -> dict[str, Any]:
+               usage: Usage, fingerprint: str) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
         "created": int(time.time()), "model": offer.model,
+        "system_fingerprint": fingerprint,
         "choices": [
             {"index": c.index, "message": c.message(), "logprobs": c.logprobs(),
              "finish_reason": c.finish_reason(finishes[c.index])}
@@ -483,10 +528,11 @@ def _chat_body(offer: ModelOffer, chats: list[ChatChoice], finishes: list[str | 
 
 def _completion_body(offer: ModelOffer, texts: list[str],
                      logprobs: list[CompletionLogprobs] | None, finishes: list[str | None],
-                     usage: Usage) -> dict[str, Any]:
+                     usage: Usage, fingerprint: str) -> dict[str, Any]:
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
         "created": int(time.time()), "model": offer.model,
+        "system_fingerprint": fingerprint,
         "choices": [
             {"text": text, "index": i,
              "logprobs": logprobs[i].whole if logprobs is not None else None,

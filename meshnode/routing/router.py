@@ -211,7 +211,8 @@ class Router:
         incoming = request.policy  # the origin's constraints, when a peer forwarded this
         strategy = (policy.strategy if policy and policy.strategy else None) or self._config.strategy
         now = self._clock()
-        out_tokens = request.max_output_tokens or DEFAULT_OUTPUT_TOKENS
+        out_tokens = (DEFAULT_OUTPUT_TOKENS if request.max_output_tokens is None
+                      else request.max_output_tokens)
         candidates: list[Candidate] = []
         queues: dict[tuple[str, str], int] = {}
         excluded: list[str] = []

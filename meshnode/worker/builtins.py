@@ -199,6 +199,19 @@ BUILTINS = ("minilm", "smollm2", "tiny-gpt2")
 EMBEDDING_BUILTINS = frozenset({"minilm"})
 
 
+def missing_package(name: str) -> str | None:
+    """Why built-in `name` cannot load on this install (its package is absent), or None.
+    Torch-free and import-free: the node checks this before it starts a worker."""
+    try:
+        if name == "minilm":
+            minilm_dir()
+        elif name == "smollm2":
+            smollm2_gguf()
+    except BuiltinError as exc:
+        return str(exc)
+    return None
+
+
 def builtin_dir(name: str, data_dir: Path) -> Path:
     """The Hugging Face directory of a built-in (smollm2: its dequantised cache in data_dir)."""
     if name == "minilm":

@@ -100,6 +100,9 @@ class Call:
     call_id: int
     slots: int  # batch slots it takes (n for generation, 0 for embeddings)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    # Added to the worker's choice numbers: the calls of one multi-prompt completion share
+    # one queue, choices numbered prompt by prompt as OpenAI does.
+    choice_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,14 +200,23 @@ class WorkerProcess:
         return len(self._calls)
 
     # ------------------------------------------------------------------ calls
-    def generate(self, model: str, messages: list[dict[str, str]] | None, prompt: str | None,
-                 params: dict[str, Any], slots: int,
-                 tools: list[dict[str, Any]] | None = None) -> Call:
+    def generate(self, model: str, messages: list[dict[str, str]] | None,
+                 prompt: str | list[int] | None, params: dict[str, Any], slots: int,
+                 tools: list[dict[str, Any]] | None = None, *,
+                 events: asyncio.Queue[Event] | None = None, choice_offset: int = 0) -> Call:
+        """Start one generation. `prompt` is text or token ids; `tools` are rendered into the
+        chat prompt; `events` lets several calls share one queue (their choices told apart by
+        `choice_offset`)."""
         call = self._new_call(slots)
+        if events is not None:
+            call.events = events
+        call.choice_offset = choice_offset
         frame: dict[str, Any] = {"t": "gen", "id": call.call_id, "model": model,
                                  "params": params}
         if messages is not None:
             frame["messages"] = messages
+        elif isinstance(prompt, list):
+            frame["prompt_ids"] = prompt
         else:
             frame["prompt"] = prompt
         if tools:
@@ -212,9 +224,9 @@ class WorkerProcess:
         self._send(frame, call)
         return call
 
-    def embed(self, model: str, texts: list[str]) -> Call:
+    def embed(self, model: str, inputs: list[str] | list[list[int]]) -> Call:
         call = self._new_call(0)
-        self._send({"t": "emb", "id": call.call_id, "model": model, "input": texts}, call)
+        self._send({"t": "emb", "id": call.call_id, "model": model, "input": inputs}, call)
         return call
 
     def release(self, call: Call, *, cancel: bool) -> None:
@@ -353,8 +365,8 @@ class WorkerProcess:
         for item in message["ev"]:
             call = calls.get(item[0])
             if call is not None:
-                call.events.put_nowait(TextDelta(item[1], item[2], item[3],
-                                                 item[4] if len(item) > 4 else None))
+                call.events.put_nowait(TextDelta(item[1] + call.choice_offset, item[2],
+                                                 item[3], item[4] if len(item) > 4 else None))
         for request_id, prompt_tokens, completion_tokens, *rest in message["done"]:
             call = calls.pop(request_id, None)
             if call is not None:

@@ -255,6 +255,7 @@ class GenerationEngine:
         self.prefix = PrefixStore(self.cache, blocks)
         self.scheduler = Scheduler(self.max_batch, max(1, self.options.prefill_chunk))
         self.graphs: DecodeGraphs | None = None
+        self._empty: list[_Request] = []  # max_tokens 0 without echo: no forward pass
         self._requests: dict[int, _Request] = {}
         self._by_slot: dict[int, _Row] = {}
         self._next_input = torch.full((self.max_batch,), self._pad_id, dtype=torch.long,
@@ -288,9 +289,6 @@ class GenerationEngine:
                 "n",
             )
         room = self.context - prompt_len
-        if params.max_tokens == 0 and not params.echo:
-            raise RequestRejected("max_tokens 0 needs echo (there is nothing else to return)",
-                                  "max_tokens")
         if params.max_tokens is None:
             max_tokens = room
         elif params.max_tokens > room:
@@ -310,6 +308,11 @@ class GenerationEngine:
             self._grammar_eos = self.grammars.stop_ids()
         sequence = Sequence(request_id, prompt_len, params.n)
         request = _Request(request_id, list(prompt_ids), params, max_tokens, sequence, matcher)
+        if max_tokens == 0 and not params.echo:
+            # A legacy completion's `max_tokens: 0`: nothing to generate or show, finished at
+            # the next step without a slot.
+            self._empty.append(request)
+            return
         names = chain_hashes(request.prompt_ids[:self.prefix.block], self.prefix.block)
         request.first_block = names[0] if names and prompt_len > self.prefix.block else None
         self._requests[request_id] = request
@@ -335,7 +338,7 @@ class GenerationEngine:
 
     def has_work(self) -> bool:
         s = self.scheduler
-        return bool(s.waiting or s.prefilling or s.decoding)
+        return bool(s.waiting or s.prefilling or s.decoding or self._empty)
 
     @property
     def active_rows(self) -> int:
@@ -360,6 +363,11 @@ class GenerationEngine:
     @torch.inference_mode()
     def step(self) -> StepResult:
         result = StepResult()
+        empty, self._empty = self._empty, []
+        for request in empty:
+            for choice in range(request.params.n):
+                result.events.append(TextEvent(request.request_id, choice, "", "length"))
+            result.done.append(RequestDone(request.request_id, len(request.prompt_ids), 0))
         admitted = self.scheduler.admit(self._ready)
         for sequence in admitted:
             request = self._requests[sequence.key]

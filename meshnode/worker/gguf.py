@@ -96,7 +96,7 @@ def dequantised_dir(name: str, gguf_file: Path, data_dir: Path) -> Path:
     else written now (logged: it is the slow part of a first start)."""
     target = cache_dir(gguf_file, data_dir)
     if (target / "config.json").is_file():
-        log.info("model %s: GGUF %s already dequantised, cached in %s", name, gguf_file, target)
+        log.info("model %s: cached (dequantised %s found in %s)", name, gguf_file.name, target)
         return target
     size = gguf_file.stat().st_size
     log.info("model %s: dequantising GGUF %s (%s) to float32; first start only, cached in %s",

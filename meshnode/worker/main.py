@@ -130,11 +130,13 @@ class Worker:
             log.info("loading model %s (%s) from %s", spec.name, spec.kind,
                      f"built-in {spec.builtin!r}" if spec.builtin else spec.path)
             path = model_dir(spec, Path(self.config.data_dir))
+            extra: dict[str, Any] = {}
             if spec.kind == "embedding":
                 model, tokenizer = load_encoder(path, self.device)
-                self.embedders[spec.name] = Embedder(
-                    model, tokenizer, self.device, max_seq_length(path, tokenizer))
+                embedder = Embedder(model, tokenizer, self.device, max_seq_length(path, tokenizer))
+                self.embedders[spec.name] = embedder
                 context = max_seq_length(path, tokenizer)
+                extra["dimensions"] = embedder.dimensions
             else:
                 model, tokenizer = load_causal_lm(path, self.device, self.config.dtype)
                 engine = GenerationEngine(model, tokenizer, self.device, self.config.max_batch,
@@ -143,7 +145,7 @@ class Worker:
                 context = engine.context
             info[spec.name] = {
                 "kind": spec.kind, "context": context, "vocab": vocabulary_size(model, tokenizer),
-                "fingerprint": fingerprint(path, model),
+                "fingerprint": fingerprint(path, model), **extra,
             }
             log.info("loaded model %s from %s (%.1f MB) in %.1fs", spec.name, path,
                      dir_bytes(path) / 1e6, time.monotonic() - started)
@@ -263,12 +265,23 @@ class Worker:
                          "model")
             return
         try:
-            tools = [ToolSpec.from_wire(t) for t in message.get("tools") or ()]
-            ids = encode_prompt(engine.tokenizer, message.get("messages"), message.get("prompt"),
-                                tools or None)
+            if "prompt_ids" in message:
+                ids = list(message["prompt_ids"])
+                vocab = vocabulary_size(engine.model, engine.tokenizer)
+                if any(not 0 <= t < vocab for t in ids):
+                    self._reject(message["id"], f"token ids must be in [0, {vocab})", "prompt")
+                    return
+            else:
+                tools = [ToolSpec.from_wire(t) for t in message.get("tools") or ()]
+                ids = encode_prompt(engine.tokenizer, message.get("messages"),
+                                    message.get("prompt"), tools or None)
             engine.submit(message["id"], ids, SamplingParams.from_wire(message["params"]))
         except RequestRejected as exc:
-            self._reject(message["id"], exc.message, exc.param)
+            # The engine names the chat field; a legacy completion's prompt is `prompt`.
+            param = exc.param
+            if param == "messages" and message.get("messages") is None:
+                param = "prompt"
+            self._reject(message["id"], exc.message, param)
         except (ValueError, TypeError, KeyError) as exc:
             # A chat template that rejects the conversation (roles out of order ...).
             self._reject(message["id"], f"cannot build the prompt: {exc}", "messages")
@@ -279,7 +292,13 @@ class Worker:
             self._reject(message["id"], f"model {message['model']!r} is not an embedding "
                          "model here", "model")
             return
-        vectors, tokens = embedder.embed(list(message["input"]))
+        inputs = list(message["input"])
+        if inputs and not isinstance(inputs[0], str):
+            vocab = vocabulary_size(embedder.model, embedder.tokenizer)
+            if any(not 0 <= t < vocab for ids in inputs for t in ids):
+                self._reject(message["id"], f"token ids must be in [0, {vocab})", "input")
+                return
+        vectors, tokens = embedder.embed(inputs)
         self.channel.send({
             "t": "emb", "id": message["id"], "dim": int(vectors.shape[1]),
             "vectors": vectors.numpy().tobytes(), "tokens": tokens,

@@ -38,7 +38,7 @@ class ModelSpec:
 
 def check_spec(spec: ModelSpec) -> str | None:
     """A problem with the spec that can be seen without loading anything, or None."""
-    from meshnode.worker.builtins import BUILTINS, EMBEDDING_BUILTINS
+    from meshnode.worker.builtins import BUILTINS, EMBEDDING_BUILTINS, missing_package
     from meshnode.worker.gguf import GGUFError, find_gguf
 
     if spec.builtin is not None:
@@ -48,7 +48,7 @@ def check_spec(spec: ModelSpec) -> str | None:
         if (spec.kind == "embedding") != embedding:
             what = "an embedding" if embedding else "a text"
             return f"built-in {spec.builtin!r} is {what} model, not kind {spec.kind!r}"
-        return None
+        return missing_package(spec.builtin)
     if spec.path is None:
         return "a local model needs `path` or `builtin`"
     path = Path(spec.path)

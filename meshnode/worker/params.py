@@ -133,12 +133,14 @@ def _integer(body: dict[str, Any], name: str, lo: int, hi: int | None = None) ->
 def parse_sampling(body: dict[str, Any], *, completion: bool = False,
                    constraint: Constraint | None = None) -> SamplingParams:
     """The sampling values of an OpenAI chat (or, with `completion`, legacy completion) body;
-    InvalidRequest (400) when one is out of range, naming it in `param`. `constraint` is the
-    chat request's output format (`parse_chat_format`)."""
-    max_tokens = _integer(body, "max_completion_tokens", 1)
+    InvalidRequest (400) when one is out of range, naming it in `param`. A legacy completion
+    may ask for `max_tokens: 0` (OpenAI's minimum there: scoring tools send it with `echo`);
+    chat needs at least 1. `constraint` is the chat request's output format
+    (`parse_chat_format`)."""
+    least = 0 if completion else 1
+    max_tokens = _integer(body, "max_completion_tokens", least)
     if max_tokens is None:
-        # Legacy completions take 0: the prompt's echo (and logprobs) only, as scorers use it.
-        max_tokens = _integer(body, "max_tokens", 0 if completion else 1)
+        max_tokens = _integer(body, "max_tokens", least)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     n = _integer(body, "n", 1, MAX_N) or 1
@@ -326,21 +328,45 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def completion_prompt(body: dict[str, Any]) -> str:
-    """The prompt of a legacy completion request: one string (a list of one string accepted)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequest("prompt must be a string (one prompt per request for local "
-                             "models)", param="prompt")
-    return prompt
+def _is_token_ids(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
 
 
-def embedding_inputs(body: dict[str, Any]) -> list[str]:
-    raw = body.get("input")
+def _texts_or_token_ids(raw: Any, param: str) -> list[str] | list[list[int]]:
+    """OpenAI's four input forms: a string, a list of strings, one list of token ids, or a
+    list of token id lists; always returned as a list (of strings or of id lists)."""
     if isinstance(raw, str):
         return [raw]
-    if isinstance(raw, list) and raw and all(isinstance(s, str) for s in raw):
-        return list(raw)
-    raise InvalidRequest("input must be a string or a non-empty list of strings", param="input")
+    if isinstance(raw, list) and raw:
+        if all(isinstance(s, str) for s in raw):
+            return list(raw)
+        if _is_token_ids(raw):
+            return [list(raw)]
+        if all(_is_token_ids(r) for r in raw):
+            return [list(r) for r in raw]
+    raise InvalidRequest(f"{param} must be a string, a list of strings, a list of token ids "
+                         "or a list of token id lists", param=param)
+
+
+def completion_prompts(body: dict[str, Any]) -> list[str] | list[list[int]]:
+    """The prompts of a legacy completion request: each string or token-id list is one
+    prompt (OpenAI answers `n` choices for each, numbered prompt by prompt)."""
+    return _texts_or_token_ids(body.get("prompt"), "prompt")
+
+
+def embedding_inputs(body: dict[str, Any]) -> list[str] | list[list[int]]:
+    return _texts_or_token_ids(body.get("input"), "input")
+
+
+def check_token_ids(inputs: list[str] | list[list[int]], vocab: int, param: str) -> None:
+    """Token ids must name tokens of the model's vocabulary (0 .. vocab - 1)."""
+    items: list[Any] = list(inputs)
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            return
+        for token in item:
+            if not 0 <= token < vocab:
+                raise InvalidRequest(
+                    f"{param}[{i}] holds token id {token}, outside this model's vocabulary "
+                    f"(ids 0 to {vocab - 1})", param=param, code="invalid_value")

@@ -5,14 +5,16 @@ transport is a Unix socketpair handed to the worker as an inherited file descrip
 worker's stdout and stderr stay free for its logs.
 
 node -> worker
-    {"t": "gen",    "id", "model", "messages" | "prompt", "params": SamplingParams.to_wire(),
+    {"t": "gen",    "id", "model", "messages" | "prompt" | "prompt_ids",
+                    "params": SamplingParams.to_wire(),
                     "tools": [ToolSpec.to_wire()]?}   tools to render into the chat prompt
-    {"t": "emb",    "id", "model", "input": [str]}
+    {"t": "emb",    "id", "model", "input": [str] | [[token id]]}
     {"t": "cancel", "id"}
     {"t": "stop"}                                      finish and exit
 worker -> node
     {"t": "hello",  "pid", "device", "cuda_count"}     process is up, loading models
-    {"t": "ready",  "models": {name: {"kind", "context", "vocab", "fingerprint"}}}   loaded, warm
+    {"t": "ready",  "models": {name: {"kind", "context", "vocab", "fingerprint",
+                                      "dimensions" (embedding models)}}}   loaded, warmed up
     {"t": "fatal",  "message"}                         cannot load; the worker exits
     {"t": "step",   "ev": [[id, choice, text, finish|None, logprobs?], ...], "done": [[id, prompt, completion], ...]}
                     logprobs, only when asked: [[token bytes, logprob|None, [[bytes, logprob], ...]], ...]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import signal
@@ -11,11 +12,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
 from tests.kit.node_proc import NodeProcess
+from tests.kit.openai_schemas import validate
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +143,97 @@ async def test_killed_worker_gives_a_clean_error_and_comes_back(node: NodeProces
         assert _worker_pids(node.pid) != [worker_pid]
     finally:
         await client.close()
+
+
+# --------------------------------------------------------------------------- legacy completions
+def _complete(node: NodeProcess, **body: Any) -> dict[str, Any]:
+    client = openai.OpenAI(base_url=node.base_url, api_key="unused", max_retries=0)
+    raw = client.completions.with_raw_response.create(model="tiny-gpt2", **body)
+    out: dict[str, Any] = json.loads(raw.content)
+    validate("CreateCompletionResponse", out)
+    assert out["system_fingerprint"].startswith("fp_")
+    return out
+
+
+def test_a_list_of_prompts_gets_n_choices_each_numbered_prompt_by_prompt(
+    node: NodeProcess,
+) -> None:
+    prompts = ["once upon a time", "1, 2, 3, 4,"]
+    alone = [_complete(node, prompt=p, max_tokens=6, temperature=0)["choices"][0]["text"]
+             for p in prompts]
+    assert alone[0] != alone[1]
+    both = _complete(node, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    texts = {c["index"]: c["text"] for c in both["choices"]}
+    assert sorted(texts) == [0, 1, 2, 3]
+    # OpenAI numbers prompt by prompt: prompt 0's n choices first.
+    assert [texts[0], texts[1], texts[2], texts[3]] == [alone[0], alone[0], alone[1], alone[1]]
+    assert both["usage"]["completion_tokens"] == 4 * 6
+
+
+def test_token_id_prompts_read_as_their_text(node: NodeProcess) -> None:
+    from tokenizers import Tokenizer
+
+    [folder] = (node.workdir / "node-data" / "models").glob("tiny-gpt2-*")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    prompts = ["the capital of France is", "hello there"]
+    by_text = _complete(node, prompt=prompts, max_tokens=4, temperature=0)
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    by_ids = _complete(node, prompt=ids, max_tokens=4, temperature=0)
+    assert [c["text"] for c in by_ids["choices"]] == [c["text"] for c in by_text["choices"]]
+    one = _complete(node, prompt=ids[1], max_tokens=4, temperature=0)
+    assert one["choices"][0]["text"] == by_text["choices"][1]["text"]
+    client = openai.OpenAI(base_url=node.base_url, api_key="unused", max_retries=0)
+    for bad in ([[1, 2, 1024]], [5, -1]):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="tiny-gpt2", prompt=bad, max_tokens=1)
+        assert info.value.body["param"] == "prompt"  # type: ignore[index]
+        assert "vocabulary" in info.value.body["message"]  # type: ignore[index]
+
+
+def test_max_tokens_zero_answers_nothing_with_finish_length(node: NodeProcess) -> None:
+    out = _complete(node, prompt=["hello there", "bye"], max_tokens=0, n=2)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in out["choices"]] == [""] * 4
+    assert {c["finish_reason"] for c in out["choices"]} == {"length"}
+    assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] > 0
+    client = openai.OpenAI(base_url=node.base_url, api_key="unused", max_retries=0)
+    with client.completions.with_streaming_response.create(
+        model="tiny-gpt2", prompt="hello", max_tokens=0, stream=True,
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    for chunk in chunks:
+        # The published description has no stream schema for legacy completions: a chunk is
+        # a CreateCompletionResponse whose finish_reason is null until the last (as OpenAI's).
+        validate("CreateCompletionResponse", {**chunk, "choices": [
+            {**c, "finish_reason": c["finish_reason"] or "stop"} for c in chunk["choices"]]})
+        assert chunk["system_fingerprint"].startswith("fp_")
+    finals = [c["finish_reason"] for chunk in chunks for c in chunk["choices"]
+              if c["finish_reason"]]
+    assert finals == ["length"]
+    # A chat needs at least one token.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-gpt2", max_tokens=0,
+                                       messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
+
+
+def test_every_chat_body_and_chunk_fits_openais_schema(node: NodeProcess) -> None:
+    client = openai.OpenAI(base_url=node.base_url, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-gpt2", messages=messages, max_tokens=3, n=2)  # type: ignore[arg-type]
+    body = json.loads(raw.content)
+    validate("CreateChatCompletionResponse", body)
+    assert [c["message"]["refusal"] for c in body["choices"]] == [None, None]
+    with client.chat.completions.with_streaming_response.create(
+        model="tiny-gpt2", messages=messages, max_tokens=3, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+        assert chunk["system_fingerprint"] == body["system_fingerprint"]
+    assert chunks[0]["choices"][0]["delta"]["refusal"] is None

@@ -4,9 +4,11 @@ whole, concurrency, limits, bad values, overflow, and supervision (killed and hu
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import os
 import signal
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -64,6 +66,8 @@ async def provider(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lo
     provider = _provider(data_dir, [
         {"name": "tiny-gpt2", "builtin": "tiny-gpt2", "kind": "chat"},
         {"name": "minilm", "builtin": "minilm", "kind": "embedding"},
+        # The same weights declared Matryoshka: `dimensions` is then cut and renormalised.
+        {"name": "minilm-m", "builtin": "minilm", "kind": "embedding", "matryoshka": True},
     ], hang_timeout_s=3.0, backoff_initial_s=0.2)
     assert provider.ready()[0] is False
     await provider.start()
@@ -167,6 +171,17 @@ async def test_over_the_context_is_an_invalid_request(provider: LocalProvider) -
     assert info.value.param == "max_tokens"
 
 
+async def test_a_completion_prompt_over_the_context_names_prompt(
+    provider: LocalProvider,
+) -> None:
+    body = {"model": "tiny-gpt2", "prompt": ["fine", "word " * 600], "max_tokens": 2}
+    with pytest.raises(InvalidRequest) as info:
+        await provider.complete(_request(RequestKind.COMPLETION, body),
+                                _offer(provider, "tiny-gpt2"), TIMEOUTS)
+    assert info.value.param == "prompt"
+    assert provider.workers[0].slots_busy == 0  # the other prompt's call was let go too
+
+
 async def test_embeddings_are_real(provider: LocalProvider) -> None:
     body = {"model": "minilm", "input": ["a cat sits on the mat", "a kitten rests on the rug",
                                          "quarterly tax filing deadlines"]}
@@ -226,6 +241,35 @@ async def test_an_out_of_memory_step_fails_only_its_request(
         assert provider.ready()[0]
     finally:
         await provider.close()
+
+
+async def test_dimensions_cut_and_renormalise_on_a_matryoshka_model(
+    provider: LocalProvider,
+) -> None:
+    texts = ["a cat sits on the mat", "quarterly tax filing deadlines"]
+    full = await provider.complete(
+        _request(RequestKind.EMBEDDING, {"model": "minilm-m", "input": texts}),
+        _offer(provider, "minilm-m"), TIMEOUTS)
+    short = await provider.complete(
+        _request(RequestKind.EMBEDDING, {"model": "minilm-m", "input": texts,
+                                         "dimensions": 64, "encoding_format": "base64"}),
+        _offer(provider, "minilm-m"), TIMEOUTS)
+    for whole, cut in zip(full.body["data"], short.body["data"], strict=True):
+        raw = base64.b64decode(cut["embedding"])
+        values = struct.unpack(f"<{len(raw) // 4}f", raw)
+        assert len(values) == 64
+        assert math.isclose(math.sqrt(sum(v * v for v in values)), 1.0, rel_tol=1e-5)
+        head = whole["embedding"][:64]
+        norm = math.sqrt(sum(v * v for v in head))
+        assert all(math.isclose(a, b / norm, rel_tol=1e-4, abs_tol=1e-6)
+                   for a, b in zip(values, head, strict=True))
+    for model, dims in (("minilm", 64), ("minilm-m", 385)):
+        with pytest.raises(InvalidRequest) as info:
+            await provider.complete(
+                _request(RequestKind.EMBEDDING, {"model": model, "input": "x",
+                                                 "dimensions": dims}),
+                _offer(provider, model), TIMEOUTS)
+        assert info.value.param == "dimensions"
 
 
 async def test_a_full_queue_overflows_with_a_retryable_error(provider: LocalProvider) -> None:

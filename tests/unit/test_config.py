@@ -215,3 +215,16 @@ def test_one_pass_lists_field_errors_and_name_errors_together() -> None:
     assert any(e.startswith("routing.failover.fallback_chain[1]: no provider named 'nowhere'")
                for e in errors)
     assert "routing.policies[0].allow[0]: no provider or kind named 'nobody'" in errors
+
+
+def test_matryoshka_is_for_local_embedding_models_only() -> None:
+    local = {"local": {"models": [
+        {"name": "e", "builtin": "minilm", "kind": "embedding", "matryoshka": True},
+        {"name": "c", "builtin": "smollm2", "kind": "chat", "matryoshka": True},
+    ]}}
+    assert errors_of({"providers": local}) == [
+        "providers.local.models[1].matryoshka: only for embedding models"]
+    cloud = {**OPENAI, "models": [{"name": "m", "openai_model": "m", "kind": "embedding",
+                                   "matryoshka": True}]}
+    (error,) = errors_of({"providers": {"up": cloud}})
+    assert error.startswith("providers.up.models[0].matryoshka: for local models only")

@@ -190,3 +190,10 @@ def test_embedding_accepts_str_and_list() -> None:
         req = parse(RequestKind.EMBEDDING, {"model": "m", "input": value})
         assert req.kind is RequestKind.EMBEDDING
         assert not req.stream
+
+
+def test_completion_takes_max_tokens_zero_and_chat_does_not() -> None:
+    req = parse(RequestKind.COMPLETION, {"model": "m", "prompt": "x", "max_tokens": 0})
+    assert req.max_output_tokens == 0
+    assert bad(RequestKind.CHAT, chat(max_tokens=0)).param == "max_tokens"
+    assert bad(RequestKind.CHAT, chat(max_completion_tokens=0)).param == "max_completion_tokens"

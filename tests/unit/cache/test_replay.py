@@ -25,7 +25,9 @@ def test_chat_stream_assembles_into_a_completion() -> None:
     assert body is not None
     assert body["object"] == "chat.completion"
     assert body["id"] == "c1" and body["model"] == "m"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
+    assert body["choices"] == [{"index": 0,
+                                "message": {"role": "assistant", "content": "Hello",
+                                            "refusal": None},
                                 "logprobs": None, "finish_reason": "stop"}]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 

@@ -28,6 +28,19 @@ def test_worst_case_is_prompt_plus_max_tokens_times_price() -> None:
         pytest.approx(0.1)
 
 
+def test_each_prompt_of_a_completion_list_gets_its_n_choices() -> None:
+    def completion(prompt: object, max_out: int = 50, **body: object) -> InferenceRequest:
+        return InferenceRequest(kind=RequestKind.COMPLETION, model="gpt",
+                                body={"prompt": prompt, **body}, request_id="r", deadline=0.0,
+                                prompt_tokens_estimate=100, max_output_tokens=max_out)
+
+    assert worst_case_cost(completion(["a", "b", "c"], n=2), PAID, 9.0) == \
+        pytest.approx(0.1 + 3 * 2 * 0.1)
+    assert worst_case_cost(completion([[1, 2], [3]]), PAID, 9.0) == pytest.approx(0.1 + 2 * 0.1)
+    assert worst_case_cost(completion([1, 2, 3]), PAID, 9.0) == pytest.approx(0.1 + 0.1)
+    assert worst_case_cost(completion("x", 0), PAID, 9.0) == pytest.approx(0.1)
+
+
 def test_max_tokens_is_clamped_to_the_model_context() -> None:
     small = ModelOffer(model="gpt", provider="o", provider_kind="openai", upstream_model="g",
                        cost_per_1k_input=1.0, cost_per_1k_output=2.0, max_context_tokens=150)

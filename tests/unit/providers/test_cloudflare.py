@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -183,6 +184,23 @@ async def test_embeddings(fake: FakeCloudflare, provider: CloudflareProvider) ->
     with pytest.raises(InvalidRequest):
         await provider.complete(req(RequestKind.EMBEDDING, "bge", {"input": [1, 2]}),
                                 offer(provider, "bge"), TIMEOUTS)
+
+
+async def test_embeddings_in_base64_as_openai_node_asks(
+    fake: FakeCloudflare, provider: CloudflareProvider
+) -> None:
+    done = await provider.complete(
+        req(RequestKind.EMBEDDING, "bge", {"input": ["a", "bb"], "encoding_format": "base64"}),
+        offer(provider, "bge"), TIMEOUTS)
+    raw = base64.b64decode(done.body["data"][1]["embedding"])
+    assert struct.unpack("<4f", raw) == (2.0, 0.5, -0.25, 1.0)
+    sent = len(fake.requests)
+    with pytest.raises(InvalidRequest) as info:  # Workers AI cannot shorten: refused, not ignored
+        await provider.complete(
+            req(RequestKind.EMBEDDING, "bge", {"input": "a", "dimensions": 2}),
+            offer(provider, "bge"), TIMEOUTS)
+    assert info.value.param == "dimensions"
+    assert len(fake.requests) == sent  # nothing was sent upstream
 
 
 async def test_images_png_bytes_become_b64_json(

@@ -255,6 +255,21 @@ async def test_completions_and_embeddings(fake: FakeOpenAI, provider: OpenAIComp
     assert embedded.usage == Usage(prompt_tokens=3, completion_tokens=0)
 
 
+async def test_embedding_options_token_ids_and_max_tokens_zero_pass_through(
+    fake: FakeOpenAI, provider: OpenAICompatProvider
+) -> None:
+    body = {"model": "embed", "input": [[101, 2023], [7]], "encoding_format": "base64",
+            "dimensions": 4}
+    embedded = await provider.complete(chat(body, kind=RequestKind.EMBEDDING),
+                                       offer_for(provider, "embed"), TIMEOUTS)
+    assert fake.requests[-1].json == {**body, "model": "text-embedding-3-small"}
+    assert all(isinstance(d["embedding"], str) for d in embedded.body["data"])  # as sent back
+    body = {"model": "davinci", "prompt": [[1, 2], [3]], "max_tokens": 0, "echo": True}
+    await provider.complete(chat(body, kind=RequestKind.COMPLETION),
+                            offer_for(provider, "davinci"), TIMEOUTS)
+    assert fake.requests[-1].json == {**body, "model": "davinci-002"}
+
+
 # --------------------------------------------------------------------------- streams
 async def test_stream_asks_for_usage_and_parses_it(
     fake: FakeOpenAI, provider: OpenAICompatProvider

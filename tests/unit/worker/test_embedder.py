@@ -56,3 +56,14 @@ def test_long_input_is_truncated_like_sentence_transformers(embedder: Embedder) 
     vectors, tokens = embedder.embed(["word " * 1000])
     assert tokens == 256
     assert vectors.shape == (1, 384)
+
+
+def test_token_ids_embed_exactly_as_their_text(embedder: Embedder) -> None:
+    texts = [*TEXTS, "word " * 1000]
+    by_text, tokens = embedder.embed(texts)
+    bare = [embedder.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    by_ids, id_tokens = embedder.embed(bare)
+    assert torch.allclose(by_text, by_ids, atol=1e-6) and id_tokens == tokens
+    # Ids that already carry [CLS] ... [SEP] do not get them twice.
+    framed = [embedder.tokenizer.encode(t) for t in TEXTS]
+    assert torch.allclose(embedder.embed(framed)[0], by_text[:3], atol=1e-6)

@@ -294,3 +294,14 @@ def test_prompts_arriving_together_compute_their_shared_prefix_once(tiny_gpt2: A
     for i, prompt in enumerate(prompts):  # and each answers as it would alone
         alone, _ = _run(model, tokenizer, [(i, prompt, greedy)])
         assert alone[(i, 0)] == answers[(i, 0)]
+
+
+def test_max_tokens_zero_finishes_at_once_with_length(tiny_gpt2: Any) -> None:
+    model, tokenizer, _ = tiny_gpt2
+    prompts = _prompts(tokenizer)
+    requests = [(1, prompts[0], SamplingParams(max_tokens=0, n=2)),
+                (2, prompts[1], SamplingParams(max_tokens=2, temperature=0.0))]
+    answers, usage = _run(model, tokenizer, requests)
+    assert answers[(1, 0)] == ("", "length") and answers[(1, 1)] == ("", "length")
+    assert usage[1] == (len(prompts[0]), 0)
+    assert usage[2] == (len(prompts[1]), 2)

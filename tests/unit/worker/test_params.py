@@ -10,7 +10,8 @@ from meshnode.worker.params import (
     SamplingParams,
     ToolSpec,
     chat_messages,
-    completion_prompt,
+    check_token_ids,
+    completion_prompts,
     embedding_inputs,
     parse_chat_format,
     parse_sampling,
@@ -70,14 +71,21 @@ def test_chat_messages_take_text_parts() -> None:
         chat_messages({"messages": []})
 
 
-def test_prompts_and_inputs() -> None:
-    assert completion_prompt({"prompt": ["x"]}) == "x"
-    with pytest.raises(InvalidRequest):
-        completion_prompt({"prompt": ["x", "y"]})
+def test_prompts_and_inputs_take_every_openai_form() -> None:
+    assert completion_prompts({"prompt": "x"}) == ["x"]
+    assert completion_prompts({"prompt": ["x", "y"]}) == ["x", "y"]
+    assert completion_prompts({"prompt": [1, 2, 3]}) == [[1, 2, 3]]
+    assert completion_prompts({"prompt": [[1, 2], [3]]}) == [[1, 2], [3]]
     assert embedding_inputs({"input": "a"}) == ["a"]
     assert embedding_inputs({"input": ["a", "b"]}) == ["a", "b"]
-    with pytest.raises(InvalidRequest):
-        embedding_inputs({"input": []})
+    assert embedding_inputs({"input": [[101, 2023], [7]]}) == [[101, 2023], [7]]
+    for bad in ([], [[]], [1, "x"], [[1], "x"], [True], 5, None, [[1.5]]):
+        with pytest.raises(InvalidRequest) as info:
+            embedding_inputs({"input": bad})
+        assert info.value.param == "input"
+    with pytest.raises(InvalidRequest) as info:
+        completion_prompts({"prompt": [[1], []]})
+    assert info.value.param == "prompt"
 
 
 FN = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
@@ -195,3 +203,19 @@ def test_earlier_tool_calls_go_back_into_the_transcript() -> None:
     assert messages[1]["content"] == (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
     assert messages[2] == {"role": "tool", "content": "sunny"}
+
+
+def test_token_ids_are_checked_against_the_vocabulary() -> None:
+    check_token_ids([[0, 9]], 10, "input")
+    check_token_ids(["any text"], 10, "input")
+    for bad in ([[0, 10]], [[1], [-1]]):
+        with pytest.raises(InvalidRequest) as info:
+            check_token_ids(bad, 10, "input")
+        assert info.value.param == "input" and "vocabulary" in info.value.message
+
+
+def test_max_tokens_zero_is_for_legacy_completions_only() -> None:
+    assert parse_sampling({"max_tokens": 0}, completion=True).max_tokens == 0
+    with pytest.raises(InvalidRequest) as info:
+        parse_sampling({"max_tokens": 0})
+    assert info.value.param == "max_tokens"
