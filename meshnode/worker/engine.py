@@ -441,6 +441,12 @@ class GenerationEngine:
             entries.update({len(firsts) + i: e for i, e in drawn.items()})
             parts.append(tokens)
         host: list[int] = torch.cat(parts).tolist() if parts else []
+        if decoding:
+            # The next input of the rows that decoded, only once the step cannot fail any more
+            # (a failed step is planned again with the inputs it had).
+            index = torch.tensor([r.slot for r in decoding], dtype=torch.long,
+                                 device=self.device)
+            self._next_input[index] = parts[-1]
         return firsts, firsts + decoding, host, entries
 
     def _start_rows(self, request: _Request) -> list[_Row]:
@@ -543,9 +549,7 @@ class GenerationEngine:
             logits = logits.index_select(0, index)
         elif self.graphs is not None:
             logits = logits.clone()  # the graph's output buffer: masks must not write into it
-        tokens, entries = self._choose(logits, rows, counters)
-        self._next_input[index] = tokens
-        return tokens, entries
+        return self._choose(logits, rows, counters)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row], counters: list[int]
                 ) -> tuple[torch.Tensor, dict[int, TokenLogprob]]:
