@@ -39,7 +39,7 @@ def main() -> int:
         "--device", "cuda:0", "--model", "llama-1b", "--streams", "1", "16", "64",
         "--tokens", "128", "--single-requests", "2", "--rounds", "1", "--threads", "0",
         "--spread", "1.0", "--no-baseline", "--prefix", "1024", "--prefix-rounds", "2",
-        "--hf", "--hf-ways", "generate,static_compile,generate_batch",
+        "--hf", "--hf-ways", "generate,static_compile,generate_batch", "--hf-budget", "240",
         "--out", str(out), "--json", str(data),
     ])
     rows = json.loads(data.read_text(encoding="utf-8"))["rows"]

@@ -324,6 +324,7 @@ def measure_transformers(
     tokens: int,
     threads: int,
     ways: tuple[str, ...],
+    budget_s: float = 0.0,
 ) -> list[Row]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -361,7 +362,11 @@ def measure_transformers(
     with torch.inference_mode():
         ids = torch.tensor([prompt], device=dev)
         model.generate(ids, generation_config=gen)  # warm-up
+        began = time.perf_counter()
         for n in streams:
+            if budget_s and time.perf_counter() - began > budget_s:
+                print(f"  transformers: over the {budget_s:.0f} s budget, skipping {n} and up")
+                break
             if "static_compile" in ways:
                 # transformers compiles the forward itself for a static cache on a GPU; the
                 # first call at a batch size compiles, the second is timed.
@@ -470,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads in the worker and for --hf (0 = torch's default)")
     parser.add_argument("--hf", action="store_true", help="also measure plain transformers")
     parser.add_argument("--hf-ways", default="generate,generate_batch")
+    parser.add_argument("--hf-budget", type=float, default=0.0,
+                        help="stop starting transformers measurements after this many seconds "
+                             "(0 = no limit)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also drive today's engine (bench/baseline_engine.py) and the slot "
                              "engine in this process, side by side")
@@ -512,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokens,
             args.threads,
             tuple(args.hf_ways.split(",")),
+            args.hf_budget,
         )
     prefix_row = None
     if args.prefix > 0:
