@@ -42,6 +42,9 @@ class MeshError(Exception):
     error_type: str = "internal_error"
     code: str | None = None
     retryable: bool = False
+    # What the router tried before giving up (routing.outcome.Attempt), for the request's log
+    # line and metrics; empty for errors raised outside the failover loop.
+    attempts: tuple[object, ...] = ()
 
     def __init__(
         self,

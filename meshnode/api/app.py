@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -62,6 +63,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     except MeshError as exc:
         ctx.error_code = exc.code or exc.error_type
         ctx.error_provider = exc.provider
+        ctx.attempts = exc.attempts
         # Errors raised before the Anthropic door's handler (auth, rate limits, body size)
         # still answer in the envelope its clients parse.
         render = (anthropic_error_response if request.path.startswith("/v1/messages")
@@ -98,10 +100,11 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
         ctx.kind = "_unknown"
     latency_s = time.perf_counter() - ctx.started
     served = ctx.served
+    key = key_name_of(request)
     if served is not None:
         state.metrics.record_served(
             served, kind=ctx.kind, status=status, latency_s=latency_s, ttft_s=ctx.ttft_s,
-            error_code=ctx.error_code,
+            error_code=ctx.error_code, key=key, request_id=ctx.request_id,
         )
         log_request(
             request_id=ctx.request_id, method=request.method, path=request.path, status=status,
@@ -109,17 +112,19 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
             node=served.node, attempts=len(served.attempts),
             prompt_tokens=served.usage.prompt_tokens,
             completion_tokens=served.usage.completion_tokens, cost=served.cost,
-            stream=ctx.stream, error=ctx.error_code, key=key_name_of(request),
+            stream=ctx.stream, error=ctx.error_code, key=key,
         )
     else:
+        attempts: Any = ctx.attempts  # routing.outcome.Attempt, typed loosely in MeshError
         state.metrics.record_failed(
             model=ctx.model, kind=ctx.kind, status=status, code=ctx.error_code or str(status),
-            provider=ctx.error_provider,
+            provider=ctx.error_provider, attempts=attempts, key=key,
+            request_id=ctx.request_id, latency_s=latency_s,
         )
         log_request(
             request_id=ctx.request_id, method=request.method, path=request.path, status=status,
             started=ctx.started, model=ctx.model, provider=ctx.error_provider,
-            stream=ctx.stream, error=ctx.error_code, key=key_name_of(request),
+            attempts=len(attempts), stream=ctx.stream, error=ctx.error_code, key=key,
         )
 
 

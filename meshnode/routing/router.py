@@ -327,7 +327,7 @@ class Router:
         won.stats.in_flight -= 1
         won.stats.record_success(latency_ms, completion.usage, cost)
         node = completion.node or offer.node or self.node_id
-        won.attempts.append(Attempt(offer.provider, node, "ok", latency_ms))
+        won.attempts.append(Attempt(offer.provider, node, "ok", latency_ms, peer=offer.node))
         served = Served(
             offer=offer,
             node=node,
@@ -365,7 +365,8 @@ class Router:
         (first, agen), offer = won.result, won.offer
         won.stats.record_ttft((won.t1 - won.t0) * 1000.0)
         node = first.node or offer.node or self.node_id
-        won.attempts.append(Attempt(offer.provider, node, "ok", (won.t1 - won.t0) * 1000.0))
+        won.attempts.append(Attempt(offer.provider, node, "ok", (won.t1 - won.t0) * 1000.0,
+                                    peer=offer.node))
         served = Served(
             offer=offer, node=node, strategy=won.strategy, attempts=won.attempts,
             policy=won.policy,
@@ -391,8 +392,28 @@ class Router:
         plan = self._attempt_plan(ranking)
         if not plan:
             raise self._no_candidates(request, policy, excluded)
-        start = self._clock()
         attempts: list[Attempt] = []
+        try:
+            return await self._try_plan(request, plan, call, doing, on_client_gone, attempts,
+                                        strategy, policy, excluded)
+        except MeshError as exc:
+            # The log line and metrics of a failed request say what was tried.
+            exc.attempts = tuple(attempts)
+            raise
+
+    async def _try_plan(
+        self,
+        request: InferenceRequest,
+        plan: list[Ranked],
+        call: Callable[[Provider, ModelOffer, InferenceRequest], Awaitable[T]],
+        doing: str,
+        on_client_gone: Callable[[Hold], object],
+        attempts: list[Attempt],
+        strategy: str,
+        policy: str | None,
+        excluded: list[str],
+    ) -> _Won[T]:
+        start = self._clock()
         tried: set[tuple[str, str]] = set()
         last: MeshError | None = None
         unaffordable: set[tuple[str, str]] = set()
@@ -525,7 +546,10 @@ class Router:
         # The client's bad request says nothing about the provider's health.
         counts = exc.retryable and code not in NEUTRAL_CODES
         stats.record_failure(code, now, self._config.failover.cooldown, retry_after, counts)
-        attempts.append(Attempt(offer.provider, offer.node or self.node_id, code, (now - t0) * 1000))
+        attempts.append(Attempt(
+            offer.provider, offer.node or self.node_id, code, (now - t0) * 1000,
+            retryable=exc.retryable, cooled=counts and stats.cooled_down(now), peer=offer.node,
+        ))
         log.info(
             "attempt failed: provider=%s model=%s code=%s retryable=%s",
             offer.provider, offer.model, code, exc.retryable,
