@@ -34,6 +34,7 @@ from meshnode.cache.service import ResponseCache
 from meshnode.config import Config, ResolvedProvider, node_id
 from meshnode.errors import ConfigError
 from meshnode.governance.service import Governance
+from meshnode.observability import tracing
 from meshnode.observability.metrics import Metrics
 from meshnode.providers.base import Provider
 from meshnode.providers.registry import ProviderContext, build_provider
@@ -174,6 +175,8 @@ class Node:
     async def start(self) -> None:
         """Bring everything up; on failure, take down what was started and re-raise."""
         try:
+            # Off unless the OpenTelemetry variables ask for it (observability/tracing.py).
+            tracing.configure(self.node_id)
             for provider in self.providers:
                 await provider.start()
                 self._started_providers.append(provider)
@@ -237,6 +240,7 @@ class Node:
             except Exception:  # noqa: BLE001
                 log.exception("provider %s failed to close", provider.name)
         self.governance.close()
+        tracing.shutdown()
 
     async def run_until_signal(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop gracefully. Returns the exit status."""

@@ -34,6 +34,7 @@ from meshnode.config import ServerConfig, TimeoutsConfig
 from meshnode.dashboard import add_dashboard_routes
 from meshnode.errors import MeshError, PayloadTooLarge
 from meshnode.governance.http import key_name_of
+from meshnode.observability import tracing
 from meshnode.observability.logging import log_request
 from meshnode.observability.metrics import Metrics
 from meshnode.routing.router import Router
@@ -50,6 +51,24 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not tracing.enabled() or not request.path.startswith("/v1/"):
+        return await _serve(request, handler)
+    # One server span per inference request, child of the client's traceparent when it sent
+    # one; the router's attempt spans and the peer's spans hang below it.
+    with tracing.request_span(
+        f"{request.method} {request.path}", request.headers,
+        {"http.request.method": request.method, "url.path": request.path},
+    ) as span:
+        response = await _serve(request, handler)
+        ctx = request[CONTEXT]
+        tracing.set_attributes(span, {
+            "http.response.status_code": response.status, "meshnode.request_id": ctx.request_id,
+            "meshnode.model": ctx.model or "", "meshnode.error": ctx.error_code or "",
+        })
+        return response
+
+
+async def _serve(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("x-request-id")
     if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
         request_id = incoming

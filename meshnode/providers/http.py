@@ -62,6 +62,7 @@ from meshnode.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from meshnode.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +450,8 @@ class HttpUpstream:
                 trust_env=False,
                 auto_decompress=True,
                 timeout=aiohttp.ClientTimeout(total=None),
+                # traceparent on every upstream call while tracing is on (a no-op otherwise)
+                trace_configs=tracing.aiohttp_trace_configs(),
             )
             self._session = session
         return session

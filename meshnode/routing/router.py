@@ -37,6 +37,7 @@ from meshnode.errors import (
     UpstreamRateLimited,
 )
 from meshnode.governance.gate import FREE, Hold, SpendGate, prompt_tokens
+from meshnode.observability import tracing
 from meshnode.providers.base import Provider
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
 from meshnode.routing.policy import allows, carried_constraint, constraint_allows, match_policy
@@ -435,11 +436,15 @@ class Router:
             t0 = self._clock()
             stats.in_flight += 1
             try:
-                if provider.enforces_deadline:
-                    result = await call(provider, offer, request)
-                else:
-                    async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                with tracing.attempt_span({
+                    "meshnode.provider": offer.provider, "meshnode.model": offer.model,
+                    "meshnode.peer": offer.node or "", "meshnode.attempt": len(attempts) + 1,
+                }):
+                    if provider.enforces_deadline:
                         result = await call(provider, offer, request)
+                    else:
+                        async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                            result = await call(provider, offer, request)
             except TimeoutError:
                 hold.release()
                 stats.in_flight -= 1

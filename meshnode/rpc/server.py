@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Protocol
 
 import grpc
@@ -23,6 +23,7 @@ import grpc.aio
 from meshnode.errors import DeadlineExceeded, MeshError, UpstreamUnavailable
 from meshnode.mesh.state import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from meshnode.mesh.transport import MeshHandler
+from meshnode.observability import tracing
 from meshnode.routing.outcome import RoutedCompletion, RoutedStream
 from meshnode.rpc import convert
 from meshnode.rpc.generated import mesh_pb2 as pb
@@ -98,6 +99,20 @@ class MeshServicer(mesh_pb2_grpc.MeshServicer):
         self, request: pb.InferRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InferChunk]:
         await check_version(request.protocol_version, context)
+        if not tracing.enabled():
+            async for chunk in self._infer(request, context):
+                yield chunk
+            return
+        async for chunk in tracing.peer_stream(
+            self._infer(request, context), context.invocation_metadata(),
+            {"meshnode.node": self._node_id, "meshnode.model": request.model,
+             "meshnode.request_id": request.request_id},
+        ):
+            yield chunk
+
+    async def _infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[pb.InferChunk, None]:
         try:
             if self._backend is None:
                 raise UpstreamUnavailable(f"{self._node_id}: not serving yet")
