@@ -114,7 +114,8 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
     scrapes would drown the log). A `/v1/` request refused before its handler ran (auth, rate
     limit) is an inference request too."""
     if ctx.kind is None:
-        if not request.path.startswith("/v1/"):
+        # A /v1/ listing (GET /v1/models) that answered is not an inference request.
+        if not request.path.startswith("/v1/") or status < 400:
             return
         ctx.kind = "_unknown"
     latency_s = time.perf_counter() - ctx.started

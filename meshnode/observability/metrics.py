@@ -46,6 +46,7 @@ from meshnode.routing.outcome import Attempt, Served
 UNKNOWN = "_unknown"
 NONE = "_none"
 OTHER = "_other"
+REFUSED = "(no provider)"  # the history's series for requests refused before any provider
 MAX_PEERS = 128
 MAX_KEYS = 200
 ATTEMPT_OUTCOMES = ("ok", "retryable_error", "fatal_error", "cooled_down")
@@ -287,7 +288,7 @@ class Metrics:
         # 499: the client went away, nothing failed on our side.
         failed = status != 499 and (error_code is not None or status >= 400)
         self.history.record(
-            provider=provider, node=served.node, error=failed,
+            provider=served.offer.key[0], node=served.node, error=failed,
             tokens=usage.prompt_tokens + usage.completion_tokens, latency_ms=latency_s * 1000.0,
         )
         if failed:
@@ -346,9 +347,11 @@ class Metrics:
         if status != 499:  # the client went away: nothing failed on our side
             # The history charts the provider that failed last, when one was tried.
             last = attempts[-1] if attempts else None
-            tried = provider or (last.provider if last is not None else None)
+            tried = provider
+            if last is not None:  # as the providers table names it: a peer is mesh:<node>
+                tried = last.provider if last.peer is None else f"{last.provider}:{last.peer}"
             self.history.record(
-                provider=tried or NONE, node=last.node if last is not None else None,
+                provider=tried or REFUSED, node=last.node if last is not None else None,
                 error=True, tokens=0, latency_ms=latency_s * 1000.0,
             )
             self.recent_errors.add(ErrorRecord(
