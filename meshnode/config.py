@@ -473,14 +473,27 @@ def _check_addr(addr: str) -> str | None:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
-def expand_env(value: Any, env: Mapping[str, str]) -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed document."""
+def expand_env(
+    value: Any, env: Mapping[str, str], unset: list[str] | None = None, where: str = ""
+) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed document. A `${VAR}`
+    with no default whose variable is unset or empty becomes "" and, when `unset` is given, is
+    added to it as `path: ${VAR}` (so the caller can name it)."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+        def sub(m: re.Match[str]) -> str:
+            found = env.get(m.group(1))
+            if found:
+                return found
+            if m.group(2) is None and unset is not None:
+                unset.append(f"{where or '(top)'}: ${{{m.group(1)}}}")
+            return m.group(2) or ""
+
+        return _VAR.sub(sub, value)
     if isinstance(value, list):
-        return [expand_env(v, env) for v in value]
+        return [expand_env(v, env, unset, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: expand_env(v, env) for k, v in value.items()}
+        return {k: expand_env(v, env, unset, f"{where}.{k}" if where else str(k))
+                for k, v in value.items()}
     return value
 
 
@@ -618,14 +631,17 @@ def load_config(
     path: Path | str | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    unset: list[str] | None = None,
 ) -> Config:
     """Load, expand and validate. Raises ConfigError listing every problem as `path: message`.
 
     `overrides` maps dotted paths (`server.listen_addr`) to values from command-line flags.
+    `unset`, when given, receives `path: ${VAR}` for every variable the file names without a
+    default that is not set (it expanded to ""), for the caller to report.
     """
     env = os.environ if env is None else env
     doc = read_document(Path(path)) if path is not None else embedded_default(env)
-    doc = expand_env(doc, env)
+    doc = expand_env(doc, env, unset if path is not None else None)
     _fill_preset_credentials(doc, env)
     for dotted, value in (overrides or {}).items():
         if value is not None:

@@ -49,7 +49,8 @@ class GrpcTransport(Transport):
         try:
             reply = await self._channels.stub(address).Gossip(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise TransportError(f"{address}: {exc.code().name}") from None
+            # The details tell a refusal (UNAUTHENTICATED) from an HTTP/1 server on the port.
+            raise TransportError(f"{address}: {exc.code().name}: {exc.details()}") from None
         except PeerAnswerError as exc:
             raise TransportError(f"{address}: {exc}") from None
         answer = convert.gossip_reply_from_pb(reply)

@@ -169,6 +169,7 @@ class MeshService:
             live_addresses=lambda: {
                 m.address for m in self.membership.peers()  # type: ignore[union-attr]
             },
+            failure_of=self.driver.join_failures.get,
         )
         self._tasks = [
             asyncio.create_task(self.joiner.run(), name="mesh-seeds"),
