@@ -72,7 +72,12 @@ def _exporter_for(env: Mapping[str, str]) -> tuple[Any, bool] | None:
         return None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(), True  # reads the OTEL_EXPORTER_OTLP_* variables itself
+    # The endpoint from the environment given (the exporter reads os.environ only); headers,
+    # timeout and TLS come from the OTEL_EXPORTER_OTLP_* variables as the exporter reads them.
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    url = traces or (base.rstrip("/") + "/v1/traces" if base else None)
+    return (OTLPSpanExporter(endpoint=url) if url else OTLPSpanExporter()), True
 
 
 def configure(node_id: str, env: Mapping[str, str] | None = None) -> bool:
