@@ -37,6 +37,7 @@ from meshnode.cache.service import ResponseCache
 from meshnode.config import Config, ResolvedProvider, node_id
 from meshnode.errors import ConfigError
 from meshnode.governance.service import Governance
+from meshnode.mesh.seeds import split_host_port
 from meshnode.observability import tracing
 from meshnode.observability.metrics import Metrics
 from meshnode.providers.base import Provider
@@ -205,7 +206,7 @@ class Node:
     def _reserve_http(self) -> socket.socket:
         """Bind (not listen) the HTTP address: the port is ours, connections are refused until
         `_start_http` serves on it."""
-        host, port = _host_port(self.config.server.listen_addr)
+        host, port = split_host_port(self.config.server.listen_addr)
         try:
             infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -350,15 +351,10 @@ class Node:
         )
 
 
-def _host_port(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def _probe_bind(addr: str, what: str, setting: str) -> None:
     """Fail now if `addr` cannot be bound (in use, not ours); the socket is closed at once, so
     the server that binds it later (gRPC) finds it free. Port 0 is always free."""
-    host, port = _host_port(addr)
+    host, port = split_host_port(addr)
     if port == 0:
         return
     try:

@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshnode.routing.stats import _percentile
+
 WINDOW_S = 900.0  # 15 minutes
 BUCKET_S = 10.0
 LATENCY_SAMPLES = 256  # per series per bucket: enough for a p95, bounded under load
@@ -30,10 +32,8 @@ RECENT_ERRORS = 20
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[idx]
+    """The router's percentile (one definition), None for an empty bucket."""
+    return _percentile(sorted_values, q) if sorted_values else None
 
 
 @dataclass(slots=True)
