@@ -8,7 +8,8 @@ It must not decide what is logged elsewhere; components log through `logging.get
 In `json` mode every line on stderr is JSON, also those that never pass through Python's
 logging: gRPC's C core (and a worker process's stderr) write to file descriptor 2, which
 `capture_native_stderr` turns into a pipe read by a thread that logs each line as a record of
-the `native` logger (absl's `E1201 12:00:00.1 123 file.cc:83] msg` prefix gives the level).
+the `native` logger (absl's `E1201 12:00:00.1 123 file.cc:83] msg` prefix gives the level);
+Python warnings and an uncaught exception become records too.
 
 Two foreign lines are recognised and shortened: a gRPC (HTTP/2) client on the HTTP port (a peer
 that seeds the HTTP address) makes aiohttp log a traceback per connection; it becomes one warning
@@ -206,7 +207,14 @@ def capture_native_stderr() -> None:
     os.dup2(write_fd, 2)
     os.close(write_fd)
     _original_stderr = os.fdopen(saved, "w", buffering=1, encoding="utf-8", errors="replace")
-    # Python's own sys.stderr (an uncaught traceback, a warning) keeps writing to fd 2: the pipe.
+    # Python-level writes bypass the pipe: a handler that cannot write reports it on
+    # sys.stderr, which through the pipe would feed the pump the same failure for ever.
+    # Warnings go through logging instead, so they are JSON too.
+    sys.stderr = _original_stderr
+    logging.captureWarnings(True)
+    # An uncaught exception (a bug) is one JSON record with its traceback, not plain lines.
+    sys.excepthook = lambda kind, exc, tb: logging.getLogger("meshnode").critical(
+        "uncaught exception: %s", exc, exc_info=(kind, exc, tb))
     native = logging.getLogger("native")
     thread = threading.Thread(target=_pump, args=(read_fd, native), name="stderr-pump",
                               daemon=True)
