@@ -104,7 +104,7 @@ class Node:
             mesh_secret=config.mesh.secret,
         )
         self.governance.open()
-        self.metrics.budget = self.governance.budget_summary  # read at scrape time
+        self.metrics.budget_source = self.governance.budget_summary  # read at scrape time
         self.router = Router(
             config.routing,
             config.fallback_chain(),

@@ -149,7 +149,7 @@ class MeshService:
         servicer.set_handler(self.driver)
         if self._metrics is not None:
             membership, self_id = self.membership, self.node_id
-            self._metrics.mesh = MeshView(
+            self._metrics.mesh_view = MeshView(
                 lambda: [(m.node_id, m.status.label) for m in membership.members()
                          if m.node_id != self_id],
                 self.driver.rtt_ms,

@@ -131,7 +131,7 @@ class _StateCollector(Collector):
             labels=("peer",),
         )
         counts = dict.fromkeys(MEMBER_STATUSES, 0)
-        view = m.mesh
+        view = m.mesh_view
         if view is not None:
             counts["alive"] = 1  # this node
             for node_id, status in view.statuses():
@@ -143,7 +143,7 @@ class _StateCollector(Collector):
             members.add_metric((status,), n)
         yield members
         yield rtt
-        budget = m.budget() if m.budget is not None else None
+        budget = m.budget_source() if m.budget_source is not None else None
         spent = GaugeMetricFamily(
             "meshnode_budget_spent_usd", "Settled spend in the current period", labels=("period",)
         )
@@ -232,8 +232,8 @@ class Metrics:
         self.peer_label = BoundedLabels(MAX_PEERS)
         self.key_label = BoundedLabels(MAX_KEYS)
         # Read at scrape time; set by the mesh service and the node (None: not reported).
-        self.mesh: MeshView | None = None
-        self.budget: Callable[[], Mapping[str, Any]] | None = None
+        self.mesh_view: MeshView | None = None
+        self.budget_source: Callable[[], Mapping[str, Any]] | None = None
         r.register(_StateCollector(self))
         # The dashboard's history and last errors, fed by the same record calls.
         self.history = RequestHistory()

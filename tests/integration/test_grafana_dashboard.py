@@ -9,6 +9,7 @@ per-peer, mesh, budget and per-key series carry the values that traffic implies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import urllib.error
@@ -74,9 +75,16 @@ def test_every_dashboard_query_resolves_against_a_live_node(mesh: ThreeNodes) ->
         mesh.chat("a", "no-such-model")
     except urllib.error.HTTPError as exc:
         assert exc.code == 404
-    got = scrape(mesh.a.url, ADMIN_SECRET)
-    missing = sorted(n for n in dashboard_metric_names() if n not in got)
-    assert missing == [], f"queries name series a live node does not expose: {missing}"
+    names = dashboard_metric_names()
+
+    def missing() -> list[str]:
+        got = scrape(mesh.a.url, ADMIN_SECRET)
+        return sorted(n for n in names if n not in got)
+
+    # Per-peer series (RTT, gossip bytes) appear once a has probed and gossiped with a peer.
+    with contextlib.suppress(AssertionError):
+        mesh.wait_for(lambda: not missing(), "a exposes every series the dashboard names")
+    assert missing() == [], f"queries name series a live node does not expose: {missing()}"
 
 
 def test_peer_mesh_budget_and_key_series_carry_the_traffic(mesh: ThreeNodes) -> None:

@@ -106,7 +106,7 @@ def test_budget_gauges_read_at_scrape_time() -> None:
     m = Metrics()
     state = {"enabled": True, "spent_today": 1.5, "spent_this_month": 3.0, "reserved": 0.25,
              "daily_limit": 5.0, "monthly_limit": None}
-    m.budget = lambda: state
+    m.budget_source = lambda: state
     got = samples(m.render().decode())
     assert got[("meshnode_budget_spent_usd", (("period", "day"),))] == 1.5
     assert got[("meshnode_budget_reserved_usd", ())] == 0.25
