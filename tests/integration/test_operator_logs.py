@@ -86,8 +86,11 @@ def test_the_seeded_http_port_logs_one_line_not_tracebacks(
     a = seeded["a"]
     ThreeNodes.wait_for(lambda: warnings_of(a, "aiohttp.server"), "a names the mistake")
     lines = warnings_of(a, "aiohttp.server")
-    assert len(lines) == 1, lines  # the joiner knocks again and again; one line a minute
-    assert "gRPC (HTTP/2) client at 127.0.0.1 called the HTTP API port" in lines[0]
+    # The joiner knocks again and again (backoff from 0.5 s); a line at most once a minute, so
+    # a module that runs a few minutes on a slow box sees one to three, never one per knock.
+    assert 1 <= len(lines) <= 3, lines
+    assert all("gRPC (HTTP/2) client at 127.0.0.1 called the HTTP API port" in line
+               for line in lines)
     assert "Traceback" not in a.logs()
 
 
