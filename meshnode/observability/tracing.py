@@ -183,14 +183,19 @@ async def peer_stream(
             span.end()
 
 
-def attempt_span(attributes: Mapping[str, Any]) -> contextlib.AbstractContextManager[Any]:
-    """One attempt of the failover loop (a client span: it calls a provider or a peer)."""
+def attempt_span(
+    provider: str, model: str, peer: str | None, number: int
+) -> contextlib.AbstractContextManager[Any]:
+    """One attempt of the failover loop (a client span: it calls a provider or a peer). The
+    attributes are built only while tracing is on: this runs once per attempt."""
     if _tracer is None:
         return _NOOP
     from opentelemetry.trace import SpanKind
 
     return _tracer.start_as_current_span(  # type: ignore[no-any-return]
-        "meshnode.attempt", kind=SpanKind.CLIENT, attributes=dict(attributes),
+        "meshnode.attempt", kind=SpanKind.CLIENT,
+        attributes={"meshnode.provider": provider, "meshnode.model": model,
+                    "meshnode.peer": peer or "", "meshnode.attempt": number},
         record_exception=False, set_status_on_exception=True,
     )
 

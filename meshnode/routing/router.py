@@ -436,10 +436,8 @@ class Router:
             t0 = self._clock()
             stats.in_flight += 1
             try:
-                with tracing.attempt_span({
-                    "meshnode.provider": offer.provider, "meshnode.model": offer.model,
-                    "meshnode.peer": offer.node or "", "meshnode.attempt": len(attempts) + 1,
-                }):
+                with tracing.attempt_span(offer.provider, offer.model, offer.node,
+                                          len(attempts) + 1):
                     if provider.enforces_deadline:
                         result = await call(provider, offer, request)
                     else:

@@ -47,7 +47,7 @@ async def test_otlp_exporter_sends_the_spans_to_the_collector() -> None:
         assert on and tracing.enabled()
         with tracing.request_span("POST /v1/chat/completions",
                                   {"traceparent": f"00-{trace_id}-{parent}-01"}, {"a": 1}):
-            with tracing.attempt_span({"meshnode.provider": "p"}):
+            with tracing.attempt_span("p", "m", None, 1):
                 (name, value), = tracing.grpc_metadata()
                 assert name == "traceparent" and value.split("-")[1] == trace_id
         # The batch exporter posts with blocking I/O: flush it off the loop.
