@@ -61,15 +61,6 @@ class _Bucket:
         default_factory=lambda: {"provider": {}, "node": {}}
     )
 
-    def series(self, dimension: str, name: str) -> _Series:
-        table = self.by[dimension]
-        s = table.get(name)
-        if s is None:
-            if len(table) >= MAX_SERIES and name != OTHER:
-                return self.series(dimension, OTHER)
-            s = table[name] = _Series()
-        return s
-
 
 class RequestHistory:
     """Requests, errors, latency and tokens per provider and per node, in fixed buckets."""
@@ -78,23 +69,46 @@ class RequestHistory:
         self.bucket_s = bucket_s
         self.size = max(1, int(round(window_s / bucket_s)))
         self._ring: list[_Bucket | None] = [None] * self.size
+        # The bucket being filled and when it ends: the per-request path checks one float.
+        self._current: _Bucket | None = None
+        self._current_end = float("-inf")
 
     def _bucket(self, now: float) -> _Bucket:
+        current = self._current
+        if current is not None and current.start <= now < self._current_end:
+            return current
         start = now - now % self.bucket_s
         index = int(start // self.bucket_s) % self.size
         bucket = self._ring[index]
         if bucket is None or bucket.start != start:
             bucket = self._ring[index] = _Bucket(start)
+        if now >= self._current_end:  # never step back to an older bucket (a test's clock)
+            self._current, self._current_end = bucket, start + self.bucket_s
         return bucket
 
     def record(
         self, *, provider: str, node: str | None, error: bool, tokens: int, latency_ms: float,
         now: float | None = None,
     ) -> None:
-        bucket = self._bucket(time.time() if now is None else now)
-        bucket.series("provider", provider).add(error, tokens, latency_ms)
+        by = self._bucket(time.time() if now is None else now).by
+        series = by["provider"].get(provider)
+        if series is None:
+            series = self._new_series(by["provider"], provider)
+        series.add(error, tokens, latency_ms)
         if node is not None:
-            bucket.series("node", node).add(error, tokens, latency_ms)
+            series = by["node"].get(node)
+            if series is None:
+                series = self._new_series(by["node"], node)
+            series.add(error, tokens, latency_ms)
+
+    @staticmethod
+    def _new_series(table: dict[str, _Series], name: str) -> _Series:
+        if len(table) >= MAX_SERIES:
+            name = OTHER
+        found = table.get(name)
+        if found is None:
+            found = table[name] = _Series()
+        return found
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """`{"bucket_s", "window_s", "buckets": [start, ...], "series": {"provider": {name:

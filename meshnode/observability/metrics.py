@@ -299,7 +299,7 @@ class Metrics:
 
     def record_attempts(self, attempts: Sequence[Attempt]) -> None:
         for attempt in attempts:
-            outcome = attempt_outcome(attempt)
+            outcome = "ok" if attempt.outcome == "ok" else attempt_outcome(attempt)
             self._child(self.attempts, attempt.provider, outcome).inc()
             if attempt.peer is not None:
                 self._child(self.forwarded, self.peer_label(attempt.peer), outcome).inc()
