@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meshnode.errors import ConfigError
 
@@ -64,10 +64,39 @@ class NodeConfig(_Strict):
     data_dir: Path = Path("./.meshnode")
 
 
+class CorsConfig(_Strict):
+    """Browser access (CORS). No origins: no CORS headers at all, as before."""
+
+    allow_origins: list[str] = Field(default_factory=list)  # exact origins, or ["*"]
+    allow_credentials: bool = False  # never honoured with "*" (browsers refuse it anyway)
+    max_age_s: int = Field(default=600, ge=0)
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and (
+                "://" not in origin or origin.endswith("/") or origin != origin.strip()
+            ):
+                raise ValueError(
+                    f"{origin!r} is not an origin (scheme://host[:port], no path, or '*')"
+                )
+        return value
+
+
+class ResponsesStoreConfig(_Strict):
+    """Responses API `store: true`: kept in data_dir/responses.sqlite3."""
+
+    max_entries: int = Field(default=10_000, ge=1)
+    max_age_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+
+
 class ServerConfig(_Strict):
     listen_addr: str = "127.0.0.1:8080"
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
+    responses_store: ResponsesStoreConfig = Field(default_factory=ResponsesStoreConfig)
 
 
 class LoggingConfig(_Strict):

@@ -31,6 +31,7 @@ from typing import Protocol, runtime_checkable
 from aiohttp import web
 
 from meshnode.api.app import create_app
+from meshnode.api.responses_http import RESPONSE_STORE
 from meshnode.api.state import CACHE
 from meshnode.cache.embedders import RouterEmbedder
 from meshnode.cache.service import ResponseCache
@@ -42,6 +43,7 @@ from meshnode.observability import tracing
 from meshnode.observability.metrics import Metrics
 from meshnode.providers.base import Provider
 from meshnode.providers.registry import ProviderContext, build_provider
+from meshnode.responses_store import ResponseStore
 from meshnode.routing.router import Router
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,12 @@ class Node:
             manage_providers=False,
         )
         self.app[CACHE] = self.cache
+        # Responses API `store: true` (the app's default store is in memory).
+        self.app[RESPONSE_STORE] = ResponseStore(
+            config.node.data_dir,
+            max_entries=config.server.responses_store.max_entries,
+            max_age_s=config.server.responses_store.max_age_s,
+        )
         self.http_address = ""  # host:port once bound
         self._runner: web.AppRunner | None = None
         self._started_providers: list[Provider] = []

@@ -29,6 +29,7 @@ from meshnode.api import handlers
 from meshnode.api.anthropic_door import add_anthropic_routes, anthropic_error_response
 from meshnode.api.errors import error_response, http_error_response, unexpected_error_response
 from meshnode.api.images import add_image_routes
+from meshnode.api.responses_http import add_responses_routes
 from meshnode.api.state import CONTEXT, STATE, ApiState, RequestContext, new_request_id
 from meshnode.config import ServerConfig, TimeoutsConfig
 from meshnode.dashboard import add_dashboard_routes
@@ -194,6 +195,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/stats", handlers.admin_stats)
     add_image_routes(app)  # POST /v1/images/generations
     add_anthropic_routes(app)  # POST /v1/messages, /v1/messages/count_tokens
+    add_responses_routes(app)  # POST /v1/responses, GET/DELETE /v1/responses/{id}
     add_dashboard_routes(app)  # GET /dashboard (static page over /admin/*)
 
 

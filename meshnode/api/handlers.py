@@ -51,6 +51,21 @@ def _served_headers(served: Served) -> dict[str, str]:
     }
 
 
+def require_model(state: ApiState, model: str, kind: RequestKind) -> None:
+    """404 for a model nobody serves; 400 for one served, but not for `kind`."""
+    router = state.router
+    if not router.has_model(model, kind):
+        if router.has_model(model):
+            raise InvalidRequest(
+                f"model {model!r} does not serve {_KIND_NAMES[kind]} here", param="model"
+            )
+        raise ModelNotFound(
+            f"the model {model!r} does not exist on this node or its mesh; "
+            "GET /v1/models lists what is served",
+            param="model",
+        )
+
+
 # --------------------------------------------------------------------------- inference
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _infer(request, RequestKind.CHAT)
@@ -74,17 +89,7 @@ async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
         headers=_aiproxy_headers(request), key_name=key_name_of(request),
     )
     router = state.router
-    if not router.has_model(inference.model, kind):
-        if router.has_model(inference.model):
-            raise InvalidRequest(
-                f"model {inference.model!r} does not serve {_KIND_NAMES[kind]} here",
-                param="model",
-            )
-        raise ModelNotFound(
-            f"the model {inference.model!r} does not exist on this node or its mesh; "
-            "GET /v1/models lists what is served",
-            param="model",
-        )
+    require_model(state, inference.model, kind)
     ctx.model = inference.model
     ctx.stream = inference.stream
     metrics = state.metrics

@@ -1,0 +1,714 @@
+"""OpenAI's Responses API translated through chat completions: request bodies in, chat bodies
+out; chat answers and chat stream chunks in, Response objects and Response stream events out.
+
+Every model of the mesh answers `POST /v1/responses` this way: the Responses request is turned
+into one chat request (validated by `meshnode.api.protocol.parse_chat` like any other) and routed
+by the same router to local workers, cloud adapters or peers; the chat answer comes back as a
+`response` object. What is translated:
+
+- `input` (a string, or items: messages with `input_text`/`input_image`/`output_text` parts,
+  `function_call`, `function_call_output`; `reasoning` items are skipped), `instructions` (a
+  system message first), `tools` (function tools), `tool_choice`, `parallel_tool_calls`,
+  `text.format` (`text`, `json_object`, `json_schema`), `max_output_tokens`, `temperature`,
+  `top_p`, `user`/`safety_identifier`;
+- the answer's text and tool calls become `message` and `function_call` output items; a
+  `length` finish is `status: incomplete` with `incomplete_details.reason: max_output_tokens`.
+
+What is refused with a 400 naming the parameter: hosted tools (web search, file search,
+computer use, MCP, ...), `background`, `conversation`, `prompt` templates, `item_reference`
+items, file inputs, `top_logprobs`, and unknown parameters (as OpenAI does).
+
+This module is pure: no HTTP, no routing, no storage (`meshnode.api.responses_http` does those,
+`meshnode.responses_store` keeps stored responses). `history` given to `to_chat` is the stored
+conversation of `previous_response_id` (its input items and output items, in order).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from meshnode.errors import InvalidRequest, MeshError
+from meshnode.types import REDIRECT_FIELDS
+
+MAX_OUTPUT_TOKENS = 1_000_000
+# Parameters of CreateResponse that are accepted. Those in _IGNORED change nothing about the
+# answer (caching hints, tiers, obfuscation padding, reasoning effort for models without it);
+# they are accepted so that clients which always send them (Codex, the Agents SDK) work.
+_ACCEPTED = frozenset({
+    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+    "max_output_tokens", "temperature", "top_p", "stream", "store", "previous_response_id",
+    "metadata", "user", "safety_identifier", "truncation", "reasoning", "include",
+    "service_tier", "prompt_cache_key", "stream_options", "top_logprobs", "max_tool_calls",
+    "background", "conversation", "prompt", "prompt_cache_retention",
+})
+_REFUSED_VALUES = ("background", "conversation", "prompt", "max_tool_calls")
+_NULLABLE_ECHO = frozenset({"instructions", "max_output_tokens", "previous_response_id",
+                            "reasoning"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{os.urandom(12).hex()}"
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+# --------------------------------------------------------------------------- the request
+@dataclass(frozen=True, slots=True)
+class ResponsesCall:
+    """A validated `POST /v1/responses` body, split into what the chat request needs and what
+    the response object echoes."""
+
+    body: dict[str, Any]  # the client's body, redirect fields stripped
+    model: str
+    items: list[dict[str, Any]]  # this call's input as items (a string input made one)
+    stream: bool
+    store: bool
+    previous_response_id: str | None
+    echo: dict[str, Any] = field(default_factory=dict)  # fields the response object repeats
+
+
+def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"'{name}' must be a number, got {_type_name(value)}", param=name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g}, got {value}",
+                             param=name)
+    return float(value)
+
+
+def _bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be a boolean, got {_type_name(value)}", param=name)
+    return value
+
+
+def _optional_str(body: Mapping[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be a string, got {_type_name(value)}", param=name)
+    return value
+
+
+def _items(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise InvalidRequest(
+            f"'input' must be a string or an array of items, got {_type_name(value)}",
+            param="input")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"'input[{i}]' must be an object, got {_type_name(item)}",
+                                 param=f"input[{i}]")
+    return value
+
+
+def _function_tools(tools: Any) -> list[dict[str, Any]]:
+    """Responses function tools -> chat tools. Hosted tools exist only at OpenAI."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise InvalidRequest(f"'tools' must be an array, got {_type_name(tools)}", param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"'tools[{i}]' must be an object", param=f"tools[{i}]")
+        kind = tool.get("type")
+        if kind != "function":
+            raise InvalidRequest(
+                f"tool type {kind!r} is not supported here; only function tools are "
+                "(hosted tools such as web_search or file_search run only at OpenAI)",
+                param=f"tools[{i}].type")
+        name = tool.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("a function tool needs a name", param=f"tools[{i}].name")
+        function: dict[str, Any] = {
+            "name": name,
+            "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+        }
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        if tool.get("strict") is not None:
+            function["strict"] = bool(tool["strict"])
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_choice(choice: Any) -> Any:
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("tool_choice of type function needs a name",
+                                 param="tool_choice.name")
+        return {"type": "function", "function": {"name": name}}
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    raise InvalidRequest(
+        f"tool_choice {kind!r} is not supported here; use auto, none, required or "
+        "{\"type\": \"function\", \"name\": ...}", param="tool_choice")
+
+
+def _response_format(text: Any) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise InvalidRequest(f"'text' must be an object, got {_type_name(text)}", param="text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise InvalidRequest("'text.format' must be an object", param="text.format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema = fmt.get("schema")
+        name = fmt.get("name")
+        if not isinstance(schema, dict):
+            raise InvalidRequest("text.format.schema must be an object (a JSON schema)",
+                                 param="text.format.schema")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("text.format.name is required", param="text.format.name")
+        spec: dict[str, Any] = {"name": name, "schema": schema}
+        if fmt.get("strict") is not None:
+            spec["strict"] = bool(fmt["strict"])
+        if fmt.get("description"):
+            spec["description"] = fmt["description"]
+        return {"type": "json_schema", "json_schema": spec}
+    raise InvalidRequest(
+        f"text.format.type {kind!r} is not supported; use text, json_object or json_schema",
+        param="text.format.type")
+
+
+def parse_create(raw_body: dict[str, Any]) -> ResponsesCall:
+    """Validate a `POST /v1/responses` body (parameters named as the Responses API names them).
+    The messages themselves are checked when they are translated (`to_chat`)."""
+    body = ({k: v for k, v in raw_body.items() if k not in REDIRECT_FIELDS}
+            if not REDIRECT_FIELDS.isdisjoint(raw_body) else raw_body)
+    for name in body:
+        if name not in _ACCEPTED:
+            raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
+    for name in _REFUSED_VALUES:
+        if body.get(name) not in (None, False):
+            raise InvalidRequest(f"'{name}' is not supported by this server", param=name)
+    if body.get("top_logprobs"):
+        raise InvalidRequest("'top_logprobs' is not supported on /v1/responses here; "
+                             "use /v1/chat/completions with logprobs", param="top_logprobs")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("you must provide a model parameter", param="model")
+    if body.get("input") is None:
+        raise InvalidRequest("'input' is required", param="input")
+    items = _items(body["input"])
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidRequest("'instructions' must be a string", param="instructions")
+    max_out = body.get("max_output_tokens")
+    if max_out is not None and (isinstance(max_out, bool) or not isinstance(max_out, int)
+                                or not 1 <= max_out <= MAX_OUTPUT_TOKENS):
+        raise InvalidRequest(
+            f"'max_output_tokens' must be an integer between 1 and {MAX_OUTPUT_TOKENS}",
+            param="max_output_tokens")
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    parallel = _bool(body, "parallel_tool_calls", True)
+    stream = _bool(body, "stream", False)
+    store = _bool(body, "store", True)
+    previous = _optional_str(body, "previous_response_id")
+    user = _optional_str(body, "user")
+    _optional_str(body, "safety_identifier")
+    metadata = body.get("metadata")
+    if metadata is not None and (not isinstance(metadata, dict) or not all(
+            isinstance(v, str) for v in metadata.values())):
+        raise InvalidRequest("'metadata' must be an object of strings", param="metadata")
+    truncation = body.get("truncation")
+    if truncation not in (None, "auto", "disabled"):
+        raise InvalidRequest("'truncation' must be 'auto' or 'disabled'", param="truncation")
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, dict):
+        raise InvalidRequest("'reasoning' must be an object", param="reasoning")
+    include = body.get("include")
+    if include is not None and (not isinstance(include, list)
+                                or not all(isinstance(v, str) for v in include)):
+        raise InvalidRequest("'include' must be an array of strings", param="include")
+    # Validated here so that a bad tool or format is refused before anything is routed.
+    tools = body.get("tools") or []
+    _function_tools(tools)
+    tool_choice = _tool_choice(body.get("tool_choice"))
+    _response_format(body.get("text"))
+    text = body.get("text") or {}
+    echo = {
+        "instructions": instructions,
+        "max_output_tokens": max_out,
+        "metadata": metadata or {},
+        "parallel_tool_calls": parallel,
+        "previous_response_id": previous,
+        "reasoning": reasoning,
+        "store": store,
+        "temperature": 1.0 if temperature is None else temperature,
+        "text": {"format": text.get("format") or {"type": "text"}},
+        "tool_choice": body.get("tool_choice") if tool_choice is not None else "auto",
+        "tools": [_echo_tool(t) for t in tools],
+        "top_p": 1.0 if top_p is None else top_p,
+        "truncation": truncation or "disabled",
+        "user": user,
+    }
+    # Optional fields the schema types without null are left out rather than sent as null.
+    echo = {k: v for k, v in echo.items() if v is not None or k in _NULLABLE_ECHO}
+    return ResponsesCall(body=body, model=model, items=items, stream=stream, store=store,
+                         previous_response_id=previous, echo=echo)
+
+
+def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "name": tool["name"],
+            "description": tool.get("description"),
+            "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+            "strict": bool(tool.get("strict", True))}
+
+
+def _part_text(part: dict[str, Any], where: str) -> str:
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise InvalidRequest("a text part needs a string 'text'", param=f"{where}.text")
+    return text
+
+
+def _user_content(content: Any, where: str, allow_images: bool) -> Any:
+    """Responses message content -> chat content (a string when it is text only)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(
+            f"'{where}' must be a string or an array of content parts, got "
+            f"{_type_name(content)}", param=where)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PARTS or kind == "refusal":
+            key = "refusal" if kind == "refusal" else "text"
+            value = part.get(key) if isinstance(part, dict) else None
+            if not isinstance(value, str):
+                raise InvalidRequest(f"a {kind} part needs a string '{key}'", param=f"{at}.{key}")
+            parts.append({"type": "text", "text": value})
+        elif kind == "input_image":
+            if not allow_images:
+                raise InvalidRequest("images are accepted in user messages only",
+                                     param=f"{at}.type")
+            assert isinstance(part, dict)
+            url = part.get("image_url")
+            if not isinstance(url, str) or not url:
+                what = ("file_id images are not supported here; send image_url (a URL or a "
+                        "data: URL)" if part.get("file_id") else "input_image needs image_url")
+                raise InvalidRequest(what, param=f"{at}.image_url")
+            image: dict[str, Any] = {"url": url}
+            if part.get("detail") in ("low", "high", "auto"):
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+        else:
+            raise InvalidRequest(f"content part type {kind!r} is not supported here",
+                                 param=f"{at}.type")
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _output_text(output: Any, where: str) -> str:
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        texts = []
+        for j, part in enumerate(output):
+            if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+                raise InvalidRequest("function_call_output parts must be text here",
+                                     param=f"{where}[{j}]")
+            texts.append(_part_text(part, f"{where}[{j}]"))
+        return "".join(texts)
+    raise InvalidRequest("'output' must be a string or an array of text parts", param=where)
+
+
+def items_to_messages(items: Sequence[dict[str, Any]], where: str = "input"
+                      ) -> list[dict[str, Any]]:
+    """Responses input items -> chat messages. A `function_call` joins the assistant turn
+    before it (text then calls, as a chat assistant message holds them)."""
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role in ("user", "system", "developer"):
+                content = _user_content(item.get("content"), f"{at}.content", role == "user")
+                messages.append({"role": role, "content": content})
+            elif role == "assistant":
+                content = _user_content(item.get("content"), f"{at}.content", False)
+                text = content if isinstance(content, str) else ""
+                messages.append({"role": "assistant", "content": text})
+            else:
+                raise InvalidRequest(
+                    "role must be one of user, system, developer, assistant",
+                    param=f"{at}.role")
+        elif kind == "function_call":
+            call_id, name = item.get("call_id"), item.get("name")
+            arguments = item.get("arguments")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidRequest("a function_call needs call_id", param=f"{at}.call_id")
+            if not isinstance(name, str) or not name:
+                raise InvalidRequest("a function_call needs name", param=f"{at}.name")
+            if not isinstance(arguments, str):
+                raise InvalidRequest("function_call arguments must be a JSON string",
+                                     param=f"{at}.arguments")
+            call = {"id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": arguments}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+                if not last.get("content"):
+                    last["content"] = None
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidRequest("a function_call_output needs call_id",
+                                     param=f"{at}.call_id")
+            messages.append({"role": "tool", "tool_call_id": call_id,
+                             "content": _output_text(item.get("output"), f"{at}.output")})
+        elif kind == "reasoning":
+            continue  # no chat equivalent; a model does not need its old reasoning
+        else:
+            raise InvalidRequest(
+                f"input item type {kind!r} is not supported here (messages, function_call, "
+                "function_call_output and reasoning items are)", param=f"{at}.type")
+    return messages
+
+
+def to_chat(call: ResponsesCall, history: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The chat completions body that serves `call` (after `history`, the stored conversation
+    of `previous_response_id`)."""
+    messages: list[dict[str, Any]] = []
+    instructions = call.echo.get("instructions")
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    messages.extend(items_to_messages(list(history), where="previous_response"))
+    messages.extend(items_to_messages(call.items))
+    if not messages:
+        raise InvalidRequest("'input' holds no message", param="input")
+    body = call.body
+    chat: dict[str, Any] = {"model": call.model, "messages": messages}
+    if call.echo.get("max_output_tokens") is not None:
+        chat["max_tokens"] = call.echo["max_output_tokens"]
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    tools = _function_tools(body.get("tools"))
+    if tools:
+        chat["tools"] = tools
+        choice = _tool_choice(body.get("tool_choice"))
+        if choice is not None:
+            chat["tool_choice"] = choice
+        if body.get("parallel_tool_calls") is False:
+            chat["parallel_tool_calls"] = False
+    response_format = _response_format(body.get("text"))
+    if response_format is not None:
+        chat["response_format"] = response_format
+    user = body.get("user") or body.get("safety_identifier")
+    if isinstance(user, str):
+        chat["user"] = user
+    if call.stream:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat
+
+
+# --------------------------------------------------------------------------- the answer
+def usage_object(usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Chat usage -> Responses usage."""
+    usage = usage or {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": int(prompt_details.get("cached_tokens") or 0),
+            "cache_write_tokens": int(prompt_details.get("cache_write_tokens") or 0)},
+        "output_tokens": completion,
+        "output_tokens_details": {
+            "reasoning_tokens": int(completion_details.get("reasoning_tokens") or 0)},
+        "total_tokens": prompt + completion,
+    }
+
+
+def _status(finish_reason: Any) -> tuple[str, dict[str, Any] | None]:
+    if finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    if finish_reason == "content_filter":
+        return "incomplete", {"reason": "content_filter"}
+    return "completed", None
+
+
+def response_shell(call: ResponsesCall, response_id: str, created_at: int) -> dict[str, Any]:
+    """A response object with no output yet (`status: in_progress`)."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": "in_progress",
+        "completed_at": None,
+        "error": None,
+        "incomplete_details": None,
+        "model": call.model,
+        "output": [],
+        **call.echo,
+    }
+
+
+def _message_item(item_id: str, text: str, status: str, refusal: str | None = None
+                  ) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    if text or refusal is None:
+        content.append({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+    if refusal is not None:
+        content.append({"type": "refusal", "refusal": refusal})
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": content}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
+               ) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "call_id": call_id,
+            "name": name, "arguments": arguments}
+
+
+def chat_to_response(call: ResponsesCall, chat: Mapping[str, Any], response_id: str,
+                     created_at: int) -> dict[str, Any]:
+    """A chat.completion body -> a finished response object (no x_aiproxy)."""
+    choices = chat.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    output: list[dict[str, Any]] = []
+    text = message.get("content")
+    refusal = message.get("refusal")
+    if text or refusal:
+        output.append(_message_item(new_id("msg"), str(text or ""), "completed",
+                                    str(refusal) if refusal else None))
+    for call_ in message.get("tool_calls") or ():
+        function = call_.get("function") or {}
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = orjson.dumps(arguments or {}).decode()
+        output.append(_call_item(new_id("fc"), str(call_.get("id") or new_id("call")),
+                                 str(function.get("name")), arguments, "completed"))
+    if not output:
+        output.append(_message_item(new_id("msg"), "", "completed"))
+    status, incomplete = _status(choice.get("finish_reason"))
+    response = response_shell(call, response_id, created_at)
+    response.update(status=status, incomplete_details=incomplete, output=output,
+                    usage=usage_object(chat.get("usage")),
+                    completed_at=int(time.time()) if status == "completed" else None)
+    return response
+
+
+def error_code(exc: BaseException) -> str:
+    """A ResponseError code (OpenAI's enum) for an error that ended a response."""
+    if isinstance(exc, MeshError) and exc.status == 429:
+        return "rate_limit_exceeded"
+    if isinstance(exc, MeshError) and exc.status == 400:
+        return "invalid_prompt"
+    return "server_error"
+
+
+# --------------------------------------------------------------------------- the stream
+class _OpenItem:
+    __slots__ = ("arguments", "call_id", "id", "index", "kind", "name", "text")
+
+    def __init__(self, kind: str, index: int, item_id: str, call_id: str = "",
+                 name: str = "") -> None:
+        self.kind = kind  # "message" | "function_call"
+        self.index = index
+        self.id = item_id
+        self.call_id = call_id
+        self.name = name
+        self.text: list[str] = []
+        self.arguments: list[str] = []
+
+
+class ResponseEventWriter:
+    """Turns chat stream chunks into Responses stream events, one chunk at a time.
+
+    `start()`: `response.created` and `response.in_progress`. `feed(chunk)`: for text, the
+    message item's `output_item.added` + `content_part.added` once, then `output_text.delta`s;
+    for each tool call, its `function_call` item's `output_item.added` once, then
+    `function_call_arguments.delta`s. Items stay open while the chat stream interleaves text
+    and calls (every delta names its item), and are all closed, in output order, by
+    `finish()`, which ends with `response.completed` (or `response.incomplete`) carrying usage
+    and `x_aiproxy`. `fail(exc)`: `response.failed`. Each event has its `sequence_number`.
+    """
+
+    def __init__(self, call: ResponsesCall, response_id: str, created_at: int) -> None:
+        self.call = call
+        self.response = response_shell(call, response_id, created_at)
+        self._sequence = 0
+        self._items: list[_OpenItem] = []
+        self._message: _OpenItem | None = None
+        self._calls: dict[int, _OpenItem] = {}  # chat tool_call index -> item
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def _event(self, kind: str, **data: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self._sequence, **data}
+        self._sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    def start(self) -> bytes:
+        return (self._event("response.created", response=self.response)
+                + self._event("response.in_progress", response=self.response))
+
+    def _open_message(self) -> tuple[bytes, _OpenItem]:
+        if self._message is not None:
+            return b"", self._message
+        item = _OpenItem("message", len(self._items), new_id("msg"))
+        self._items.append(item)
+        self._message = item
+        out = self._event("response.output_item.added", output_index=item.index,
+                          item=_message_item(item.id, "", "in_progress") | {"content": []})
+        out += self._event("response.content_part.added", item_id=item.id,
+                           output_index=item.index, content_index=0,
+                           part={"type": "output_text", "text": "", "annotations": [],
+                                 "logprobs": []})
+        return out, item
+
+    def feed(self, chunk: Mapping[str, Any]) -> bytes:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        out = b""
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                opened, item = self._open_message()
+                out += opened
+                item.text.append(text)
+                out += self._event("response.output_text.delta", item_id=item.id,
+                                   output_index=item.index, content_index=0, delta=text,
+                                   logprobs=[])
+            for tool_call in delta.get("tool_calls") or ():
+                out += self._tool_delta(tool_call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return out
+
+    def _tool_delta(self, tool_call: Mapping[str, Any]) -> bytes:
+        out = b""
+        index = int(tool_call.get("index", len(self._calls)))
+        function = tool_call.get("function") or {}
+        item = self._calls.get(index)
+        if item is None:
+            item = _OpenItem("function_call", len(self._items), new_id("fc"),
+                             call_id=str(tool_call.get("id") or new_id("call")),
+                             name=str(function.get("name") or ""))
+            self._items.append(item)
+            self._calls[index] = item
+            out += self._event("response.output_item.added", output_index=item.index,
+                               item=_call_item(item.id, item.call_id, item.name, "",
+                                               "in_progress"))
+        elif function.get("name") and not item.name:
+            item.name = str(function["name"])
+        arguments = function.get("arguments")
+        if arguments:
+            item.arguments.append(arguments)
+            out += self._event("response.function_call_arguments.delta", item_id=item.id,
+                               output_index=item.index, delta=arguments)
+        return out
+
+    def _close(self, item: _OpenItem) -> tuple[bytes, dict[str, Any]]:
+        if item.kind == "message":
+            text = "".join(item.text)
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            done = _message_item(item.id, text, "completed")
+            out = (self._event("response.output_text.done", item_id=item.id,
+                               output_index=item.index, content_index=0, text=text,
+                               logprobs=[])
+                   + self._event("response.content_part.done", item_id=item.id,
+                                 output_index=item.index, content_index=0, part=part))
+        else:
+            arguments = "".join(item.arguments)
+            done = _call_item(item.id, item.call_id, item.name, arguments, "completed")
+            out = self._event("response.function_call_arguments.done", item_id=item.id,
+                              output_index=item.index, name=item.name, arguments=arguments)
+        out += self._event("response.output_item.done", output_index=item.index, item=done)
+        return out, done
+
+    def finish(self, x_aiproxy: dict[str, Any] | None, usage: Mapping[str, Any] | None = None
+               ) -> bytes:
+        out = b""
+        if not self._items:
+            out += self._open_message()[0]
+        output = []
+        for item in self._items:
+            closed, done = self._close(item)
+            out += closed
+            output.append(done)
+        status, incomplete = _status(self.finish_reason)
+        self.response = {**self.response, "status": status, "incomplete_details": incomplete,
+                         "output": output, "usage": usage_object(usage or self.usage),
+                         "completed_at": int(time.time()) if status == "completed" else None}
+        if x_aiproxy is not None:
+            self.response["x_aiproxy"] = x_aiproxy
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        extra = {"x_aiproxy": x_aiproxy} if x_aiproxy is not None else {}
+        return out + self._event(kind, response=self.response, **extra)
+
+    def fail(self, exc: BaseException, message: str) -> bytes:
+        failed = {**self.response, "status": "failed",
+                  "error": {"code": error_code(exc), "message": message}}
+        return self._event("response.failed", response=failed)
+
+
+__all__ = [
+    "ResponseEventWriter",
+    "ResponsesCall",
+    "chat_to_response",
+    "error_code",
+    "items_to_messages",
+    "new_id",
+    "parse_create",
+    "response_shell",
+    "to_chat",
+    "usage_object",
+]

@@ -1,0 +1,371 @@
+"""The Responses API translated through chat: pure translation both ways (every body and every
+stream event checked against OpenAI's own schemas), then `/v1/responses` in a real aiohttp
+server on loopback around a real Router, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from meshnode.api.responses import (
+    ResponseEventWriter,
+    chat_to_response,
+    parse_create,
+    to_chat,
+)
+from meshnode.errors import InvalidRequest, UpstreamUnavailable
+from meshnode.providers.fake import BreakAfter, FakeProvider
+from meshnode.responses_store import ResponseStore
+from tests.kit.openapi import validate
+
+TOOL = {"type": "function", "name": "weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}, "strict": True}
+
+
+def sse_events(raw: bytes) -> list[dict[str, Any]]:
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        data = orjson.loads(lines["data"])
+        assert lines["event"] == data["type"]
+        events.append(data)
+    return events
+
+
+# --------------------------------------------------------------------------- request
+def test_items_become_chat_messages() -> None:
+    call = parse_create({
+        "model": "m", "instructions": "Be terse.", "max_output_tokens": 50,
+        "temperature": 0.3, "top_p": 0.9, "tools": [TOOL],
+        "tool_choice": {"type": "function", "name": "weather"}, "parallel_tool_calls": False,
+        "text": {"format": {"type": "json_schema", "name": "w", "strict": True,
+                            "schema": {"type": "object"}}},
+        "input": [
+            {"role": "user", "content": [
+                {"type": "input_text", "text": "Look: "},
+                {"type": "input_image", "image_url": "data:image/png;base64,AAAA",
+                 "detail": "low"}]},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]},
+            {"type": "function_call", "call_id": "call_1", "name": "weather",
+             "arguments": "{\"city\": \"Oslo\"}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "-3C"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"role": "user", "content": "And tomorrow?"},
+        ],
+    })
+    chat = to_chat(call)
+    assert chat["messages"] == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Look: "},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA",
+                                                "detail": "low"}}]},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3C"},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    assert chat["max_tokens"] == 50 and chat["temperature"] == 0.3 and chat["top_p"] == 0.9
+    assert chat["tools"] == [{"type": "function", "function": {
+        "name": "weather", "description": "Weather in a city",
+        "parameters": TOOL["parameters"], "strict": True}}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+    assert chat["parallel_tool_calls"] is False
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "w", "schema": {"type": "object"}, "strict": True}}
+
+
+def test_history_goes_before_the_new_input_and_instructions_first() -> None:
+    call = parse_create({"model": "m", "input": "second", "instructions": "sys"})
+    history = [{"type": "message", "role": "user", "content": "first"},
+               {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": "one", "annotations": [],
+                             "logprobs": []}]}]
+    messages = to_chat(call, history)["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert [m["content"] for m in messages] == ["sys", "first", "one", "second"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x"}, "model"),
+    ({"model": "m"}, "input"),
+    ({"model": "m", "input": 3}, "input"),
+    ({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"model": "m", "input": "x", "tools": [{"type": "file_search"}]}, "tools[0].type"),
+    ({"model": "m", "input": "x", "tool_choice": {"type": "web_search_preview"}},
+     "tool_choice"),
+    ({"model": "m", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"model": "m", "input": "x", "temperature": 3}, "temperature"),
+    ({"model": "m", "input": "x", "top_p": "high"}, "top_p"),
+    ({"model": "m", "input": "x", "text": {"format": {"type": "grammar"}}}, "text.format.type"),
+    ({"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}},
+     "text.format.schema"),
+    ({"model": "m", "input": "x", "background": True}, "background"),
+    ({"model": "m", "input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"model": "m", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
+    ({"model": "m", "input": "x", "top_logprobs": 3}, "top_logprobs"),
+    ({"model": "m", "input": "x", "frobnicate": 1}, "frobnicate"),
+    ({"model": "m", "input": "x", "stream": "yes"}, "stream"),
+])
+def test_bad_bodies_name_the_parameter(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_create(body)
+    assert caught.value.param == param
+
+
+@pytest.mark.parametrize(("item", "param"), [
+    ({"type": "item_reference", "id": "msg_1"}, "input[0].type"),
+    ({"role": "user", "content": [{"type": "input_file", "file_id": "f"}]},
+     "input[0].content[0].type"),
+    ({"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]},
+     "input[0].content[0].image_url"),
+    ({"role": "robot", "content": "hi"}, "input[0].role"),
+    ({"type": "function_call", "name": "f", "arguments": "{}"}, "input[0].call_id"),
+    ({"type": "function_call_output", "output": "x"}, "input[0].call_id"),
+])
+def test_bad_items_name_the_item(item: dict[str, Any], param: str) -> None:
+    call = parse_create({"model": "m", "input": [item]})
+    with pytest.raises(InvalidRequest) as caught:
+        to_chat(call)
+    assert caught.value.param == param
+
+
+# --------------------------------------------------------------------------- answer
+def test_chat_answer_becomes_a_valid_response() -> None:
+    call = parse_create({"model": "m", "input": "hi", "tools": [TOOL], "metadata": {"a": "b"}})
+    chat = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "call_9", "type": "function",
+             "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}}
+    body = chat_to_response(call, chat, "resp_1", 1_700_000_000)
+    validate("Response", body)
+    assert body["status"] == "completed"
+    assert [item["type"] for item in body["output"]] == ["message", "function_call"]
+    assert body["output"][0]["content"][0]["text"] == "Let me look."
+    assert body["output"][1]["call_id"] == "call_9"
+    assert body["usage"]["input_tokens"] == 7 and body["usage"]["total_tokens"] == 12
+    assert body["metadata"] == {"a": "b"} and body["tools"][0]["name"] == "weather"
+
+
+def test_length_finish_is_incomplete() -> None:
+    call = parse_create({"model": "m", "input": "hi", "max_output_tokens": 2})
+    chat = {"choices": [{"finish_reason": "length",
+                         "message": {"role": "assistant", "content": "a b"}}]}
+    body = chat_to_response(call, chat, "resp_1", 1)
+    validate("Response", body)
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def test_interleaved_stream_events_are_complete_ordered_and_valid() -> None:
+    call = parse_create({"model": "m", "input": "hi", "tools": [TOOL], "stream": True})
+    writer = ResponseEventWriter(call, "resp_1", 1)
+    raw = writer.start()
+    for chunk in [
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"content": "Check"}),
+        _chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                "function": {"name": "weather", "arguments": ""}}]}),
+        _chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                "function": {"name": "weather", "arguments": "{\"ci"}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":\"Oslo\"}"}}]}),
+        _chunk({"content": "ing."}),
+        _chunk({"tool_calls": [{"index": 1, "function": {"arguments": "ty\":\"Rome\"}"}}]}),
+        _chunk({}, "tool_calls"),
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}},
+    ]:
+        raw += writer.feed(chunk)
+    raw += writer.finish({"provider": "p"})
+    events = sse_events(raw)
+    for ev in events:
+        validate("ResponseStreamEvent", ev)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == "response.completed"
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == "Checking."
+    done = {e["item_id"]: e["arguments"] for e in events
+            if e["type"] == "response.function_call_arguments.done"}
+    assert sorted(done.values()) == ['{"city":"Oslo"}', '{"city":"Rome"}']
+    # Every delta names an item that was added and not yet done.
+    open_items: set[str] = set()
+    for ev in events:
+        if ev["type"] == "response.output_item.added":
+            open_items.add(ev["item"]["id"])
+        elif ev["type"] == "response.output_item.done":
+            open_items.remove(ev["item"]["id"])
+        elif "item_id" in ev:
+            assert ev["item_id"] in open_items, ev
+    assert not open_items
+    final = events[-1]["response"]
+    validate("Response", final)
+    assert final["usage"]["output_tokens"] == 9 and final["x_aiproxy"] == {"provider": "p"}
+    assert [i["type"] for i in final["output"]] == ["message", "function_call", "function_call"]
+
+
+def test_failed_stream_event_is_valid() -> None:
+    call = parse_create({"model": "m", "input": "hi", "stream": True})
+    writer = ResponseEventWriter(call, "resp_1", 1)
+    writer.start()
+    writer.feed(_chunk({"content": "partial"}))
+    events = sse_events(writer.fail(UpstreamUnavailable("boom"), "boom"))
+    validate("ResponseStreamEvent", events[0])
+    assert events[0]["type"] == "response.failed"
+    assert events[0]["response"]["status"] == "failed"
+    assert events[0]["response"]["error"] == {"code": "server_error", "message": "boom"}
+
+
+# --------------------------------------------------------------------------- store
+async def test_store_scopes_bounds_and_deletes(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = ResponseStore(tmp_path, max_entries=2, max_age_s=100, clock=lambda: now[0])
+    try:
+        for i in range(3):
+            now[0] += 1
+            await store.put("alice", {"id": f"resp_{i}"}, [{"n": i}])
+        assert await store.get("alice", "resp_0") is None  # past max_entries
+        stored = await store.get("alice", "resp_2")
+        assert stored is not None and stored.conversation == [{"n": 2}]
+        assert await store.get("bob", "resp_2") is None  # another key sees nothing
+        assert await store.delete("bob", "resp_2") is False
+        assert await store.delete("alice", "resp_1") is True
+        assert await store.get("alice", "resp_1") is None
+        now[0] += 150
+        assert await store.get("alice", "resp_2") is None  # past max_age_s
+        await store.put("alice", {"id": "resp_new"}, [])
+        assert await store.count() == 1  # the write pruned the expired row
+    finally:
+        await store.close()
+    reopened = ResponseStore(tmp_path, clock=lambda: now[0])
+    try:
+        stored = await reopened.get("alice", "resp_new")  # the file outlives the process
+        assert stored is not None and stored.response == {"id": "resp_new"}
+    finally:
+        await reopened.close()
+
+
+# --------------------------------------------------------------------------- over HTTP
+@pytest.fixture
+async def server(api_client: Callable[..., Any]) -> tuple[TestClient, FakeProvider]:
+    fake = FakeProvider("fake", models=["m"], cost_per_1k=0.01, text="one two three four")
+    client = await api_client([fake], failover={"max_retries": 0})
+    return client, fake
+
+
+def sdk(client: TestClient) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key="unused", base_url=str(client.make_url("/v1")),
+                              max_retries=0)
+
+
+async def test_create_get_delete_with_the_official_client(
+    server: tuple[TestClient, FakeProvider]
+) -> None:
+    client, fake = server
+    api = sdk(client)
+    created = await api.responses.create(model="m", input="Say something",
+                                         instructions="Be brief.")
+    assert created.output_text == "one two three four"
+    assert created.status == "completed" and created.usage is not None
+    raw = await (await client.post("/v1/responses", json={
+        "model": "m", "input": "again"})).json()
+    validate("Response", raw)
+    assert raw["x_aiproxy"]["provider"] == "fake"
+    assert fake.calls[0].body["messages"][0] == {"role": "system", "content": "Be brief."}
+
+    fetched = await api.responses.retrieve(created.id)
+    assert fetched.id == created.id and fetched.output_text == created.output_text
+    follow = await api.responses.create(model="m", input="More", previous_response_id=created.id)
+    assert follow.previous_response_id == created.id
+    roles = [(m["role"], m["content"]) for m in fake.calls[-1].body["messages"]]
+    # instructions are not carried over (as at OpenAI); the conversation is.
+    assert roles == [("user", "Say something"), ("assistant", "one two three four"),
+                     ("user", "More")]
+    items = await api.responses.input_items.list(follow.id)
+    assert [i.type for i in items.data] == ["message", "message", "message"]
+
+    await api.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        await api.responses.create(model="m", input="x", previous_response_id=created.id)
+    assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+async def test_store_false_keeps_nothing(server: tuple[TestClient, FakeProvider]) -> None:
+    client, _ = server
+    api = sdk(client)
+    created = await api.responses.create(model="m", input="x", store=False)
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.retrieve(created.id)
+
+
+async def test_stream_with_the_official_client(server: tuple[TestClient, FakeProvider]) -> None:
+    client, _ = server
+    api = sdk(client)
+    texts = []
+    async with api.responses.stream(model="m", input="Say something") as stream:
+        async for ev in stream:
+            if ev.type == "response.output_text.delta":
+                texts.append(ev.delta)
+        final = await stream.get_final_response()
+    assert "".join(texts) == "one two three four" == final.output_text
+    assert final.usage is not None and final.usage.output_tokens == 4
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "x", "stream": True})
+    events = sse_events(await resp.read())
+    for ev in events:
+        validate("ResponseStreamEvent", ev)
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["x_aiproxy"]["provider"] == "fake"
+    stored = await api.responses.retrieve(events[-1]["response"]["id"])
+    assert stored.output_text == "one two three four"
+
+
+async def test_stream_broken_mid_way_ends_with_response_failed(
+    server: tuple[TestClient, FakeProvider]
+) -> None:
+    client, fake = server
+    fake.script(BreakAfter(1))
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "x", "stream": True})
+    events = sse_events(await resp.read())
+    for ev in events:
+        validate("ResponseStreamEvent", ev)
+    assert events[-1]["type"] == "response.failed"
+    assert "response.completed" not in [e["type"] for e in events]
+
+
+async def test_errors_before_the_answer_are_openai_errors(
+    server: tuple[TestClient, FakeProvider]
+) -> None:
+    client, fake = server
+    api = sdk(client)
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.create(model="nope", input="x")
+    with pytest.raises(openai.BadRequestError) as caught:
+        await api.responses.create(model="m", input="x",
+                                   tools=[{"type": "web_search_preview"}])
+    assert caught.value.body["param"] == "tools[0].type"  # type: ignore[index]
+    resp = await client.post("/v1/responses", data=b"{")
+    assert resp.status == 400
+    validate("ErrorResponse", await resp.json())
+    fake.script(UpstreamUnavailable("down"))
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "x"})
+    assert resp.status == 502
+    assert not fake.calls or all(c.body.get("messages") for c in fake.calls)
