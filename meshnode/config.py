@@ -83,6 +83,13 @@ class CorsConfig(_Strict):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _no_credentials_with_any(self) -> CorsConfig:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_credentials cannot be used with allow_origins '*' "
+                             "(list the origins that may send credentials)")
+        return self
+
 
 class ResponsesStoreConfig(_Strict):
     """Responses API `store: true`: kept in data_dir/responses.sqlite3."""

@@ -7,6 +7,7 @@ drained). It does not bind sockets; the caller runs it (build the runner with
 `handler_cancellation=True` so a client that disconnects cancels its upstream call).
 
 Middlewares, outermost first:
+- `cors` (only with `server.cors.allow_origins`): answers preflights (`meshnode.api.cors`);
 - `request_middleware`: the request id (a sane client `x-request-id` is honoured, else one is
   generated; echoed in the response), the error mapping (`meshnode.api.errors`, the one place),
   and the per-request log line and metrics;
@@ -25,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from meshnode.api import handlers
+from meshnode.api import cors, handlers
 from meshnode.api.anthropic_door import add_anthropic_routes, anthropic_error_response
 from meshnode.api.errors import error_response, http_error_response, unexpected_error_response
 from meshnode.api.images import add_image_routes
@@ -230,6 +231,7 @@ def create_app(
         max_body_bytes=server.max_body_bytes,
         timeout_s=timeouts.total_ms / 1000.0,
     )
+    cors.install(app, server.cors)  # outermost: preflights are answered before auth
     add_routes(app)
     for registrar in extra_routes:
         registrar(app)
