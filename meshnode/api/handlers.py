@@ -152,6 +152,10 @@ async def _stream(
 # --------------------------------------------------------------------------- models
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    from meshnode.api import anthropic_door  # the door imports this module: no cycle at load
+
+    if anthropic_door.is_anthropic_client(request):
+        return _json(anthropic_door.models_page(state.router.models()))
     return _json(
         {
             "object": "list",
@@ -166,6 +170,10 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     for entry in state.router.models():
         if entry.get("id") == model_id:
+            from meshnode.api import anthropic_door
+
+            if anthropic_door.is_anthropic_client(request):
+                return _json(anthropic_door.model_info(entry))
             return _json(entry)
     raise ModelNotFound(f"the model {model_id!r} does not exist on this node", param="model")
 

@@ -46,6 +46,7 @@ from meshnode.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from meshnode.providers.anthropic_extensions import drop_extensions
 from meshnode.providers.base import Provider
 from meshnode.providers.content import content_text
 from meshnode.providers.embeddings import encode_vectors, parse_embedding_options
@@ -269,6 +270,11 @@ class CloudflareProvider(Provider):
         return "stop"
 
     # ---- whole answers
+    def _chat_body(self, request: InferenceRequest) -> dict[str, Any]:
+        # Logs a note when the Anthropic door's fields (cache_control, thinking) are dropped.
+        body = drop_extensions(request.body, self.name)
+        return body if isinstance(body, dict) else dict(body)
+
     async def complete(
         self, request: InferenceRequest, offer: ModelOffer, timeouts: TimeoutsConfig
     ) -> Completion:
@@ -278,7 +284,7 @@ class CloudflareProvider(Provider):
         if request.kind is RequestKind.EMBEDDING:
             return await self._embeddings(request, offer, path, timeouts)
         if request.kind is RequestKind.CHAT:
-            payload = chat_to_cloudflare(request.body, stream=False)
+            payload = chat_to_cloudflare(self._chat_body(request), stream=False)
         else:
             payload = completion_to_cloudflare(request.body, stream=False)
         data = await self._http.post_json(
@@ -393,7 +399,7 @@ class CloudflareProvider(Provider):
     ) -> AsyncIterator[StreamChunk]:
         chat = request.kind is RequestKind.CHAT
         if chat:
-            payload = chat_to_cloudflare(request.body, stream=True)
+            payload = chat_to_cloudflare(self._chat_body(request), stream=True)
         elif request.kind is RequestKind.COMPLETION:
             payload = completion_to_cloudflare(request.body, stream=True)
         else:

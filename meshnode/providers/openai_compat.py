@@ -39,6 +39,7 @@ import orjson
 
 from meshnode.config import DEFAULT_BASE_URLS, ResolvedProvider, TimeoutsConfig
 from meshnode.errors import InvalidRequest, MeshError, UpstreamUnavailable
+from meshnode.providers.anthropic_extensions import drop_extensions
 from meshnode.providers.base import Provider
 from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
 from meshnode.providers.registry import ProviderContext
@@ -161,7 +162,8 @@ class OpenAICompatProvider(Provider):
         self, request: InferenceRequest, offer: ModelOffer, timeouts: TimeoutsConfig
     ) -> Completion:
         path = _path(request.kind)
-        payload = orjson.dumps(upstream_body(request.body, offer.upstream_model, stream=False))
+        payload = orjson.dumps(upstream_body(self._body(request), offer.upstream_model,
+                                             stream=False))
         data = await self._http.post_json(
             path, payload, deadline=request.deadline, timeouts=timeouts
         )
@@ -187,7 +189,8 @@ class OpenAICompatProvider(Provider):
         if request.kind not in (RequestKind.CHAT, RequestKind.COMPLETION):
             raise InvalidRequest(f"{request.kind.value} requests cannot be streamed")
         path = _path(request.kind)
-        payload = orjson.dumps(upstream_body(request.body, offer.upstream_model, stream=True))
+        payload = orjson.dumps(upstream_body(self._body(request), offer.upstream_model,
+                                             stream=True))
         http = self._http
         started = False
         usage: Usage | None = None
@@ -235,6 +238,12 @@ class OpenAICompatProvider(Provider):
             yield StreamChunk(_usage_chunk(last, usage), usage=usage)
 
     # ---- helpers
+    def _body(self, request: InferenceRequest) -> Mapping[str, Any]:
+        """The client's body without the Anthropic-only fields the door may have put in it
+        (OpenAI itself also refuses `top_k`; other compatible servers, vLLM, accept it)."""
+        return drop_extensions(request.body, self.name,
+                               also=("top_k",) if self.kind == "openai" else ())
+
     def _parse_chunk(self, data: str) -> dict[str, Any]:
         try:
             chunk = orjson.loads(data)

@@ -42,7 +42,8 @@ Scripting. Each API request takes the first queued `Behaviour` that matches it (
 (-1: forever). An empty queue answers `ok`. Kinds:
 - `ok`: a normal answer; `text`, `chunks`, `chunk_delay_s` (between stream chunks), `delay_s`
   (before the headers), `usage=False` (omit usage, to test estimates), `tool_calls`,
-  `pause_after=N` (stream: after N events, wait until `release()`; proves incremental relay);
+  `pause_after=N` (stream: after N events, wait until `release()`; proves incremental relay),
+  `interleave_tools=True` (stream: the tool calls' arguments in turns, `text` in between);
 - `status`: HTTP `status` with `body` (default: OpenAI's error JSON for that status) and
   `headers`; `Behaviour.rate_limited(retry_after)` is a 429 with that `Retry-After` value, given
   verbatim (seconds, HTTP-date, absurd or garbage);
@@ -124,6 +125,7 @@ class Behaviour:
     usage: bool = True
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    interleave_tools: bool = False
     model: str | None = None
     times: int = 1
 
@@ -596,7 +598,23 @@ def _chat_events(
         return _sse(data)
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
-    if behaviour.tool_calls:
+    if behaviour.tool_calls and behaviour.interleave_tools:
+        # As some servers stream parallel calls: every call opened, then the arguments of
+        # all of them in turns, with the text in between.
+        calls = behaviour.tool_calls
+        for i, call in enumerate(calls):
+            head_call = {**call, "function": {**call["function"], "arguments": ""}}
+            events.append(chunk({"tool_calls": [{"index": i, **head_call}]}, None))
+        halves = [(c["function"]["arguments"][: len(c["function"]["arguments"]) // 2],
+                   c["function"]["arguments"][len(c["function"]["arguments"]) // 2:])
+                  for c in calls]
+        for part in (0, 1):
+            for i, pair in enumerate(halves):
+                events.append(chunk({"tool_calls": [
+                    {"index": i, "function": {"arguments": pair[part]}}]}, None))
+            if part == 0 and behaviour.text:
+                events.append(chunk({"content": behaviour.text}, None))
+    elif behaviour.tool_calls:
         calls = [{"index": i, **call} for i, call in enumerate(behaviour.tool_calls)]
         events.append(chunk({"tool_calls": calls}, None))
     else:
