@@ -46,6 +46,10 @@ class MeshError(Exception):
     # What the router tried before giving up (routing.outcome.Attempt), for the request's log
     # line and metrics; empty for errors raised outside the failover loop.
     attempts: tuple[object, ...] = ()
+    # An OpenAI-shaped upstream error's own `type` and `code` (`context_length_exceeded`,
+    # `insufficient_quota`): the client gets those, clients branch on them; ours then go in
+    # the body's `x_aiproxy`. None for errors that are ours.
+    upstream_wire: tuple[str, str | None] | None = None
 
     def __init__(
         self,

@@ -13,6 +13,9 @@ Middlewares, outermost first:
   and the per-request log line and metrics;
 - `body_limit_middleware`: a declared body over `server.max_body_bytes` is refused with 413
   before it is read (aiohttp's `client_max_size` catches bodies without a length).
+
+Every answer gets `openai-processing-ms` (a response-prepare hook); whole answers of at least
+`GZIP_MIN_BYTES` are gzipped for clients that send `Accept-Encoding: gzip`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ RouteRegistrar = Callable[[web.Application], None]
 # Status logged when the client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+# Whole answers at least this big are gzipped when the client accepts it (about one packet).
+GZIP_MIN_BYTES = 1400
 
 
 @web.middleware
@@ -107,8 +112,33 @@ async def _serve(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers["x-request-id"] = request_id
         if "x-aiproxy-node" not in headers:
             headers["x-aiproxy-node"] = state.node_id
+        _maybe_gzip(request, response)
     _finish(state, ctx, request, response.status)
     return response
+
+
+def _maybe_gzip(request: web.Request, response: web.StreamResponse) -> None:
+    """Compress a whole answer above `GZIP_MIN_BYTES` for a client that accepts gzip (20
+    embeddings are ~160 KB of JSON). Small answers (most chat answers) are sent as they are:
+    gzip would cost more CPU than the bytes it saves; streams are never compressed (each event
+    must reach the client the moment it is written)."""
+    if not isinstance(response, web.Response) or response.compression:
+        return
+    body = response.body
+    if not isinstance(body, bytes) or len(body) < GZIP_MIN_BYTES:
+        return
+    if "gzip" not in request.headers.get("Accept-Encoding", "").lower():
+        return
+    response.enable_compression(web.ContentCoding.gzip)
+
+
+async def _processing_ms(request: web.Request, response: web.StreamResponse) -> None:
+    """`openai-processing-ms` on every answer, as OpenAI sends it: the time from the request
+    to its headers (for a stream, to its first event)."""
+    ctx = request.get(CONTEXT)
+    if ctx is not None and "openai-processing-ms" not in response.headers:
+        response.headers["openai-processing-ms"] = str(
+            int((time.perf_counter() - ctx.started) * 1000))
 
 
 def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: int) -> None:
@@ -231,6 +261,7 @@ def create_app(
         max_body_bytes=server.max_body_bytes,
         timeout_s=timeouts.total_ms / 1000.0,
     )
+    app.on_response_prepare.append(_processing_ms)
     cors.install(app, server.cors)  # outermost: preflights are answered before auth
     add_routes(app)
     for registrar in extra_routes:

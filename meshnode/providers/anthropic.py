@@ -43,7 +43,13 @@ from meshnode.errors import (
 from meshnode.providers.anthropic_extensions import MESSAGE_FIELD, PART_FIELD
 from meshnode.providers.base import Provider
 from meshnode.providers.content import content_text
-from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
+from meshnode.providers.http import (
+    STREAM_ACCEPT,
+    HttpUpstream,
+    as_stream_broken,
+    iter_sse,
+    request_id_headers,
+)
 from meshnode.providers.registry import ProviderContext
 from meshnode.types import (
     Completion,
@@ -365,7 +371,7 @@ def _output_config(body: Mapping[str, Any]) -> dict[str, Any] | None:
 def request_headers(request_body: Mapping[str, Any], request_id: str) -> dict[str, str]:
     """Per-call headers: the client's `anthropic-beta` values (the door put them in the body)
     and our request id (so the upstream's logs can be matched with ours)."""
-    headers = {"x-request-id": request_id}
+    headers = request_id_headers(request_id)
     beta = request_body.get("anthropic_beta")
     if isinstance(beta, list) and beta and all(isinstance(b, str) for b in beta):
         headers["anthropic-beta"] = ",".join(beta)
@@ -658,8 +664,7 @@ class AnthropicProvider(Provider):
         translator = StreamTranslator(request.model, self.name)
         yielded = False
         try:
-            headers = {"Accept": "text/event-stream",
-                       **request_headers(request.body, request.request_id)}
+            headers = {**STREAM_ACCEPT, **request_headers(request.body, request.request_id)}
             async with self._http.stream(
                 self._path, payload, deadline=request.deadline, timeouts=timeouts,
                 headers=headers,

@@ -50,7 +50,13 @@ from meshnode.providers.anthropic_extensions import drop_extensions
 from meshnode.providers.base import Provider
 from meshnode.providers.content import content_text
 from meshnode.providers.embeddings import encode_vectors, parse_embedding_options
-from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
+from meshnode.providers.http import (
+    STREAM_ACCEPT,
+    HttpUpstream,
+    as_stream_broken,
+    iter_sse,
+    request_id_headers,
+)
 from meshnode.providers.registry import ProviderContext
 from meshnode.providers.tokens import estimate_prompt_tokens, estimate_tokens
 from meshnode.types import (
@@ -288,7 +294,8 @@ class CloudflareProvider(Provider):
         else:
             payload = completion_to_cloudflare(request.body, stream=False)
         data = await self._http.post_json(
-            path, orjson.dumps(payload), deadline=request.deadline, timeouts=timeouts
+            path, orjson.dumps(payload), deadline=request.deadline, timeouts=timeouts,
+            headers=request_id_headers(request.request_id),
         )
         result = self._result(data)
         if not isinstance(result, dict):
@@ -338,7 +345,8 @@ class CloudflareProvider(Provider):
         options = parse_embedding_options(request.body, model=request.model, width=None,
                                           matryoshka=False)
         data = await self._http.post_json(
-            path, orjson.dumps({"text": texts}), deadline=request.deadline, timeouts=timeouts
+            path, orjson.dumps({"text": texts}), deadline=request.deadline, timeouts=timeouts,
+            headers=request_id_headers(request.request_id),
         )
         result = self._result(data)
         vectors = result.get("data") if isinstance(result, dict) else None
@@ -413,6 +421,7 @@ class CloudflareProvider(Provider):
             async with self._http.stream(
                 self._prefix + offer.upstream_model, orjson.dumps(payload),
                 deadline=request.deadline, timeouts=timeouts,
+                headers={**STREAM_ACCEPT, **request_id_headers(request.request_id)},
             ) as response:
                 async for event in iter_sse(response):
                     if event.data == "[DONE]":

@@ -41,7 +41,13 @@ from meshnode.config import DEFAULT_BASE_URLS, ResolvedProvider, TimeoutsConfig
 from meshnode.errors import InvalidRequest, MeshError, UpstreamUnavailable
 from meshnode.providers.anthropic_extensions import drop_extensions
 from meshnode.providers.base import Provider
-from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
+from meshnode.providers.http import (
+    STREAM_ACCEPT,
+    HttpUpstream,
+    as_stream_broken,
+    iter_sse,
+    request_id_headers,
+)
 from meshnode.providers.registry import ProviderContext
 from meshnode.providers.tokens import (
     estimate_prompt_tokens,
@@ -165,7 +171,8 @@ class OpenAICompatProvider(Provider):
         payload = orjson.dumps(upstream_body(self._body(request), offer.upstream_model,
                                              stream=False))
         data = await self._http.post_json(
-            path, payload, deadline=request.deadline, timeouts=timeouts
+            path, payload, deadline=request.deadline, timeouts=timeouts,
+            headers=request_id_headers(request.request_id),
         )
         if "error" in data and "choices" not in data and "data" not in data:
             raise self._error_event(data)
@@ -198,7 +205,8 @@ class OpenAICompatProvider(Provider):
         last: dict[str, Any] | None = None
         try:
             async with http.stream(
-                path, payload, deadline=request.deadline, timeouts=timeouts
+                path, payload, deadline=request.deadline, timeouts=timeouts,
+                headers={**STREAM_ACCEPT, **request_id_headers(request.request_id)},
             ) as resp:
                 done = False
                 async with aclosing(iter_sse(resp)) as events:

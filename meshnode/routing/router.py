@@ -418,11 +418,14 @@ class Router:
         tried: set[tuple[str, str]] = set()
         last: MeshError | None = None
         unaffordable: set[tuple[str, str]] = set()
+        told_to_wait: set[tuple[str, str]] = set()  # answered 429 with Retry-After
         for ranked in plan:
             offer = ranked.candidate.offer
             provider = self._provider_for(offer)
             if provider is None or offer.key in unaffordable:
                 continue
+            if offer.key in told_to_wait and self._stats_for(offer).cooled_down(self._clock()):
+                continue  # never re-sent before its Retry-After; the next candidate goes now
             await self._pause_before(offer, tried, len(attempts), request)
             try:
                 hold = self._reserve(request, offer)
@@ -459,6 +462,8 @@ class Router:
                 self._failed(stats, offer, exc, attempts, t0)
                 if not exc.retryable:
                     raise
+                if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
+                    told_to_wait.add(offer.key)
                 continue
             except BaseException:
                 on_client_gone(hold)
@@ -593,6 +598,7 @@ class Router:
             retry_after=last.retry_after,
             provider=last.provider,
         )
+        err.upstream_wire = last.upstream_wire
         return err
 
     # ------------------------------------------------------------------ explaining
