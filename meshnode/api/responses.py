@@ -7,8 +7,11 @@ by the same router to local workers, cloud adapters or peers; the chat answer co
 `response` object. What is translated:
 
 - `input` (a string, or items: messages with `input_text`/`input_image`/`output_text` parts,
-  `function_call`, `function_call_output`; `reasoning` items are skipped), `instructions` (a
-  system message first), `tools` (function tools), `tool_choice`, `parallel_tool_calls`,
+  `function_call`, `function_call_output`, `custom_tool_call`, `custom_tool_call_output`;
+  `reasoning` items are skipped), `instructions` (a system message first), `tools` (function
+  tools; custom (freeform) tools, as Codex's apply_patch, served as a function taking one
+  string, their grammar given to the model in the description), `tool_choice`,
+  `parallel_tool_calls`,
   `text.format` (`text`, `json_object`, `json_schema`), `max_output_tokens`, `temperature`,
   `top_p`, `user`/`safety_identifier`;
 - the answer's text and tool calls become `message` and `function_call` output items; a
@@ -86,6 +89,7 @@ class ResponsesCall:
     store: bool
     previous_response_id: str | None
     echo: dict[str, Any] = field(default_factory=dict)  # fields the response object repeats
+    custom_tools: frozenset[str] = frozenset()  # names of `custom` (freeform) tools
 
 
 def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
@@ -130,8 +134,25 @@ def _items(value: Any) -> list[dict[str, Any]]:
     return value
 
 
+# A custom (freeform) tool is served as a function with one string argument: every chat
+# model can call it, and the string is handed back as the custom tool call's `input`.
+_CUSTOM_PARAMETERS = {"type": "object", "properties": {"input": {
+    "type": "string", "description": "The tool's whole input, as free text."}},
+    "required": ["input"], "additionalProperties": False}
+
+
+def _custom_description(tool: dict[str, Any]) -> str:
+    description = str(tool.get("description") or "")
+    fmt = tool.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar" and fmt.get("definition"):
+        description += (f"\nThe input must follow this {fmt.get('syntax', 'grammar')} grammar:"
+                        f"\n{fmt['definition']}")
+    return description.strip()
+
+
 def _function_tools(tools: Any) -> list[dict[str, Any]]:
-    """Responses function tools -> chat tools. Hosted tools exist only at OpenAI."""
+    """Responses function and custom tools -> chat tools. Hosted tools exist only at
+    OpenAI."""
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -141,14 +162,20 @@ def _function_tools(tools: Any) -> list[dict[str, Any]]:
         if not isinstance(tool, dict):
             raise InvalidRequest(f"'tools[{i}]' must be an object", param=f"tools[{i}]")
         kind = tool.get("type")
-        if kind != "function":
+        if kind not in ("function", "custom"):
             raise InvalidRequest(
-                f"tool type {kind!r} is not supported here; only function tools are "
-                "(hosted tools such as web_search or file_search run only at OpenAI)",
+                f"tool type {kind!r} is not supported here; only function and custom tools "
+                "are (hosted tools such as web_search or file_search run only at OpenAI)",
                 param=f"tools[{i}].type")
         name = tool.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidRequest("a function tool needs a name", param=f"tools[{i}].name")
+            raise InvalidRequest(f"a {kind} tool needs a name", param=f"tools[{i}].name")
+        if kind == "custom":
+            custom: dict[str, Any] = {"name": name, "parameters": _CUSTOM_PARAMETERS}
+            if _custom_description(tool):
+                custom["description"] = _custom_description(tool)
+            out.append({"type": "function", "function": custom})
+            continue
         function: dict[str, Any] = {
             "name": name,
             "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
@@ -164,10 +191,10 @@ def _function_tools(tools: Any) -> list[dict[str, Any]]:
 def _tool_choice(choice: Any) -> Any:
     if choice is None or choice in ("auto", "none", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function":
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
         name = choice.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidRequest("tool_choice of type function needs a name",
+            raise InvalidRequest(f"tool_choice of type {choice['type']} needs a name",
                                  param="tool_choice.name")
         return {"type": "function", "function": {"name": name}}
     kind = choice.get("type") if isinstance(choice, dict) else choice
@@ -285,11 +312,14 @@ def parse_create(raw_body: dict[str, Any]) -> ResponsesCall:
     }
     # Optional fields the schema types without null are left out rather than sent as null.
     echo = {k: v for k, v in echo.items() if v is not None or k in _NULLABLE_ECHO}
+    custom = frozenset(t["name"] for t in tools if t.get("type") == "custom")
     return ResponsesCall(body=body, model=model, items=items, stream=stream, store=store,
-                         previous_response_id=previous, echo=echo)
+                         previous_response_id=previous, echo=echo, custom_tools=custom)
 
 
 def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") == "custom":
+        return {k: v for k, v in tool.items() if k in ("type", "name", "description", "format")}
     return {"type": "function", "name": tool["name"],
             "description": tool.get("description"),
             "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
@@ -378,13 +408,18 @@ def items_to_messages(items: Sequence[dict[str, Any]], where: str = "input"
                 raise InvalidRequest(
                     "role must be one of user, system, developer, assistant",
                     param=f"{at}.role")
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             call_id, name = item.get("call_id"), item.get("name")
             arguments = item.get("arguments")
+            if kind == "custom_tool_call":
+                if not isinstance(item.get("input"), str):
+                    raise InvalidRequest("a custom_tool_call needs a string input",
+                                         param=f"{at}.input")
+                arguments = orjson.dumps({"input": item["input"]}).decode()
             if not isinstance(call_id, str) or not call_id:
-                raise InvalidRequest("a function_call needs call_id", param=f"{at}.call_id")
+                raise InvalidRequest(f"a {kind} needs call_id", param=f"{at}.call_id")
             if not isinstance(name, str) or not name:
-                raise InvalidRequest("a function_call needs name", param=f"{at}.name")
+                raise InvalidRequest(f"a {kind} needs name", param=f"{at}.name")
             if not isinstance(arguments, str):
                 raise InvalidRequest("function_call arguments must be a JSON string",
                                      param=f"{at}.arguments")
@@ -397,11 +432,10 @@ def items_to_messages(items: Sequence[dict[str, Any]], where: str = "input"
                     last["content"] = None
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
-                raise InvalidRequest("a function_call_output needs call_id",
-                                     param=f"{at}.call_id")
+                raise InvalidRequest(f"a {kind} needs call_id", param=f"{at}.call_id")
             messages.append({"role": "tool", "tool_call_id": call_id,
                              "content": _output_text(item.get("output"), f"{at}.output")})
         elif kind == "reasoning":
@@ -409,7 +443,8 @@ def items_to_messages(items: Sequence[dict[str, Any]], where: str = "input"
         else:
             raise InvalidRequest(
                 f"input item type {kind!r} is not supported here (messages, function_call, "
-                "function_call_output and reasoning items are)", param=f"{at}.type")
+                "function_call_output, custom_tool_call, custom_tool_call_output and reasoning "
+                "items are)", param=f"{at}.type")
     return messages
 
 
@@ -512,6 +547,23 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
             "name": name, "arguments": arguments}
 
 
+def custom_input(arguments: str) -> str:
+    """The free text a custom tool call carries, from the function arguments it was served
+    as (`{"input": "..."}`); the raw arguments when a model did not keep to that shape."""
+    try:
+        value = orjson.loads(arguments or "{}")
+    except orjson.JSONDecodeError:
+        return arguments
+    if isinstance(value, dict) and isinstance(value.get("input"), str):
+        return str(value["input"])
+    return arguments
+
+
+def _custom_item(item_id: str, call_id: str, name: str, text: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "custom_tool_call", "call_id": call_id, "name": name,
+            "input": text}
+
+
 def chat_to_response(call: ResponsesCall, chat: Mapping[str, Any], response_id: str,
                      created_at: int) -> dict[str, Any]:
     """A chat.completion body -> a finished response object (no x_aiproxy)."""
@@ -529,8 +581,12 @@ def chat_to_response(call: ResponsesCall, chat: Mapping[str, Any], response_id: 
         arguments = function.get("arguments")
         if not isinstance(arguments, str):
             arguments = orjson.dumps(arguments or {}).decode()
-        output.append(_call_item(new_id("fc"), str(call_.get("id") or new_id("call")),
-                                 str(function.get("name")), arguments, "completed"))
+        name = str(function.get("name"))
+        call_id = str(call_.get("id") or new_id("call"))
+        if name in call.custom_tools:
+            output.append(_custom_item(new_id("ctc"), call_id, name, custom_input(arguments)))
+        else:
+            output.append(_call_item(new_id("fc"), call_id, name, arguments, "completed"))
     if not output:
         output.append(_message_item(new_id("msg"), "", "completed"))
     status, incomplete = _status(choice.get("finish_reason"))
@@ -556,7 +612,7 @@ class _OpenItem:
 
     def __init__(self, kind: str, index: int, item_id: str, call_id: str = "",
                  name: str = "") -> None:
-        self.kind = kind  # "message" | "function_call"
+        self.kind = kind  # "message" | "function_call" | "custom_tool_call"
         self.index = index
         self.id = item_id
         self.call_id = call_id
@@ -639,21 +695,27 @@ class ResponseEventWriter:
         function = tool_call.get("function") or {}
         item = self._calls.get(index)
         if item is None:
-            item = _OpenItem("function_call", len(self._items), new_id("fc"),
-                             call_id=str(tool_call.get("id") or new_id("call")),
-                             name=str(function.get("name") or ""))
+            name = str(function.get("name") or "")
+            custom = name in self.call.custom_tools
+            item = _OpenItem("custom_tool_call" if custom else "function_call",
+                             len(self._items), new_id("ctc" if custom else "fc"),
+                             call_id=str(tool_call.get("id") or new_id("call")), name=name)
             self._items.append(item)
             self._calls[index] = item
+            added = (_custom_item(item.id, item.call_id, name, "") if custom else
+                     _call_item(item.id, item.call_id, item.name, "", "in_progress"))
             out += self._event("response.output_item.added", output_index=item.index,
-                               item=_call_item(item.id, item.call_id, item.name, "",
-                                               "in_progress"))
+                               item=added)
         elif function.get("name") and not item.name:
             item.name = str(function["name"])
         arguments = function.get("arguments")
         if arguments:
             item.arguments.append(arguments)
-            out += self._event("response.function_call_arguments.delta", item_id=item.id,
-                               output_index=item.index, delta=arguments)
+            if item.kind == "function_call":
+                # A custom tool's input is JSON-wrapped on the chat side: it is sent whole
+                # when the item closes.
+                out += self._event("response.function_call_arguments.delta", item_id=item.id,
+                                   output_index=item.index, delta=arguments)
         return out
 
     def _close(self, item: _OpenItem) -> tuple[bytes, dict[str, Any]]:
@@ -666,6 +728,13 @@ class ResponseEventWriter:
                                logprobs=[])
                    + self._event("response.content_part.done", item_id=item.id,
                                  output_index=item.index, content_index=0, part=part))
+        elif item.kind == "custom_tool_call":
+            text = custom_input("".join(item.arguments))
+            done = _custom_item(item.id, item.call_id, item.name, text)
+            out = (self._event("response.custom_tool_call_input.delta", item_id=item.id,
+                               output_index=item.index, delta=text)
+                   + self._event("response.custom_tool_call_input.done", item_id=item.id,
+                                 output_index=item.index, input=text))
         else:
             arguments = "".join(item.arguments)
             done = _call_item(item.id, item.call_id, item.name, arguments, "completed")

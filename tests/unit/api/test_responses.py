@@ -369,3 +369,141 @@ async def test_errors_before_the_answer_are_openai_errors(
     resp = await client.post("/v1/responses", json={"model": "m", "input": "x"})
     assert resp.status == 502
     assert not fake.calls or all(c.body.get("messages") for c in fake.calls)
+
+
+# --------------------------------------------------------------------------- real adapters
+@pytest.fixture
+async def cloud_node() -> Any:
+    """The app around the real Anthropic and Cloudflare adapters, against their wire fakes."""
+    from aiohttp.test_utils import TestServer
+
+    from meshnode.api.app import create_app
+    from meshnode.config import RoutingConfig, TimeoutsConfig
+    from meshnode.config import validate as validate_config
+    from meshnode.providers.registry import ProviderContext, build_provider
+    from meshnode.routing.router import Router
+    from tests.kit.fake_anthropic import API_KEY, FakeAnthropic
+    from tests.kit.fake_cloudflare import ACCOUNT_ID, API_TOKEN, FakeCloudflare
+
+    async with FakeAnthropic() as fa, FakeCloudflare() as fc:
+        config = validate_config({"providers": {
+            "anthropic": {"base_url": fa.url, "credentials": {"api_key": API_KEY},
+                          "models": [{"name": "claude", "anthropic_model": "claude-haiku"}]},
+            "cloudflare": {"base_url": fc.base_url,
+                           "credentials": {"account_id": ACCOUNT_ID, "api_token": API_TOKEN},
+                           "models": [{"name": "llama", "cloudflare_model": "@cf/meta/llama"}]},
+        }})
+        timeouts = TimeoutsConfig(connect_ms=5000, first_byte_ms=20000, total_ms=30000)
+        ctx = ProviderContext("node-test", Path("."), timeouts)
+        providers = [build_provider(r, ctx) for r in config.resolved_providers()]
+        router = Router(RoutingConfig(), ["anthropic", "cloudflare"], providers, "node-test")
+        client = TestClient(TestServer(create_app(router, node_id="node-test"), host="127.0.0.1"))
+        await client.start_server()
+        try:
+            yield client, fa, fc
+        finally:
+            await client.close()
+
+
+async def test_responses_on_anthropic_and_cloudflare(cloud_node: Any) -> None:
+    from tests.kit.fake_anthropic import Reply
+
+    client, fa, _ = cloud_node
+    api = sdk(client)
+    fa.script(Reply(text="Checking.", tool="get_weather", tool_input={"city": "Oslo"}),
+              Reply(text="It is -3C."))
+    first = await api.responses.create(model="claude", input="Weather in Oslo?",
+                                       instructions="Be brief.", tools=[TOOL])  # type: ignore[list-item]
+    validate("Response", first.model_dump(exclude_unset=True))
+    assert [o.type for o in first.output] == ["message", "function_call"]
+    call = first.output[1]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert orjson.loads(call.arguments) == {"city": "Oslo"}
+    second = await api.responses.create(
+        model="claude", previous_response_id=first.id, tools=[TOOL],  # type: ignore[list-item]
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "-3C"}])
+    assert second.output_text == "It is -3C."
+    assert fa.violations == []
+    assert fa.requests[0]["system"] == "Be brief."
+    sent = fa.requests[1]["messages"]
+    assert sent[1]["content"][-1]["type"] == "tool_use"
+    assert sent[2]["content"][0] == {"type": "tool_result", "tool_use_id": call.call_id,
+                                     "content": "-3C"}
+
+    fa.script(Reply(text="streamed from claude"))
+    async with api.responses.stream(model="claude", input="hi") as stream:
+        final = await stream.get_final_response()
+    assert final.output_text == "streamed from claude"
+
+    answer = await api.responses.create(model="llama", input="Say hi")
+    assert answer.output_text and answer.model_dump()["x_aiproxy"]["provider"] == "cloudflare"
+    async with api.responses.stream(model="llama", input="Say hi") as stream:
+        streamed = await stream.get_final_response()
+    assert streamed.output_text
+
+
+# --------------------------------------------------------------------------- Codex-style
+PATCH_TOOL = {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+              "format": {"type": "grammar", "syntax": "lark",
+                         "definition": "start: \"*** Begin Patch\" /(.|\\n)*/"}}
+CODEX_BODY: dict[str, Any] = {
+    "model": "m", "instructions": "You are a coding agent.", "store": False, "stream": True,
+    "tool_choice": "auto", "parallel_tool_calls": False, "prompt_cache_key": "sess-1",
+    "reasoning": {"effort": "medium", "summary": "auto"},
+    "include": ["reasoning.encrypted_content"],
+    "tools": [{"type": "function", "name": "shell", "description": "Run a command",
+               "strict": False, "parameters": {"type": "object", "properties": {
+                   "command": {"type": "array", "items": {"type": "string"}}},
+                   "required": ["command"]}}, PATCH_TOOL],
+    "input": [
+        {"type": "message", "role": "developer",
+         "content": [{"type": "input_text", "text": "<permissions>...</permissions>"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "fix it"}]},
+        {"type": "reasoning", "summary": [], "encrypted_content": "gAAAA"},
+        {"type": "custom_tool_call", "call_id": "call_p", "name": "apply_patch",
+         "input": "*** Begin Patch\n*** End Patch"},
+        {"type": "custom_tool_call_output", "call_id": "call_p", "output": "Done!"},
+    ],
+}
+
+
+def test_codex_style_request_with_a_custom_tool() -> None:
+    call = parse_create(CODEX_BODY)
+    chat = to_chat(call)
+    patch = chat["tools"][1]["function"]
+    assert patch["name"] == "apply_patch"
+    assert patch["parameters"]["required"] == ["input"]
+    assert "lark grammar" in patch["description"] and "Begin Patch" in patch["description"]
+    assert [m["role"] for m in chat["messages"]] == [
+        "system", "developer", "user", "assistant", "tool"]
+    assert chat["messages"][3]["tool_calls"][0]["function"]["arguments"] == orjson.dumps(
+        {"input": "*** Begin Patch\n*** End Patch"}).decode()
+    assert chat["messages"][4] == {"role": "tool", "tool_call_id": "call_p", "content": "Done!"}
+
+    writer = ResponseEventWriter(call, "resp_c", 1)
+    raw = writer.start()
+    patch_args = orjson.dumps({"input": "*** Begin Patch\n+x\n*** End Patch"}).decode()
+    raw += writer.feed(_chunk({"tool_calls": [{"index": 0, "id": "call_q", "function": {
+        "name": "apply_patch", "arguments": patch_args[:10]}}]}))
+    raw += writer.feed(_chunk({"tool_calls": [{"index": 0, "function": {
+        "arguments": patch_args[10:]}}]}))
+    raw += writer.finish(None, {"prompt_tokens": 5, "completion_tokens": 7})
+    events = sse_events(raw)
+    for ev in events:
+        validate("ResponseStreamEvent", ev)
+    kinds = [e["type"] for e in events]
+    assert "response.function_call_arguments.delta" not in kinds
+    done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
+    assert done["input"] == "*** Begin Patch\n+x\n*** End Patch"
+    final = events[-1]["response"]
+    validate("Response", final)
+    assert final["output"][0]["type"] == "custom_tool_call"
+    assert final["output"][0]["call_id"] == "call_q"
+
+    body = chat_to_response(call, {"choices": [{"finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_r", "type": "function",
+             "function": {"name": "apply_patch", "arguments": patch_args}}]}}]}, "resp_d", 1)
+    validate("Response", body)
+    assert body["output"][0]["input"] == "*** Begin Patch\n+x\n*** End Patch"
+    assert body["tools"][1] == PATCH_TOOL
