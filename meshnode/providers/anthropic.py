@@ -413,7 +413,8 @@ def anthropic_to_chat(answer: dict[str, Any], model: str) -> tuple[dict[str, Any
                     },
                 }
             )
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None,
+                               "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
     elif message["content"] is None:

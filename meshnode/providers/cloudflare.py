@@ -318,7 +318,7 @@ class CloudflareProvider(Provider):
                              "finish_reason": finish}],
             }
         else:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             if calls:
                 message["tool_calls"] = calls
                 message["content"] = text or None

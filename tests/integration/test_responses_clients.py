@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,3 +281,49 @@ def test_openai_node_responses_create(
     assert result["types"][0] == "response.created"
     assert result["types"][-1] == "response.completed"
     assert result["previous"] == result["id"]
+
+
+# --------------------------------------------------------------------------- conformance
+def _post(node: NodeProcess, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    request = urllib.request.Request(node.base_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _data_events(raw: bytes) -> list[dict[str, Any]]:
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if block.startswith("data: ") and block != "data: [DONE]":
+            out.append(json.loads(block[len("data: "):]))
+    return out
+
+
+@pytest.mark.parametrize(("where", "model"), [
+    ("local", "tiny-gpt2"), ("cloud", "cloud"), ("peer", "tiny-gpt2"), ("peer", "cloud")])
+def test_chat_and_completion_bodies_validate_against_openai_schemas(
+    nodes: tuple[NodeProcess, NodeProcess], where: str, model: str
+) -> None:
+    node = _via(nodes, where)
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    status, body = _post(node, "/chat/completions", chat)
+    assert status == 200, body
+    validate("CreateChatCompletionResponse", json.loads(body))
+    status, body = _post(node, "/chat/completions", {
+        **chat, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = _data_events(body)
+    assert chunks and body.endswith(b"data: [DONE]\n\n")
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+    if model == "tiny-gpt2":  # the fake upstream serves chat only
+        status, body = _post(node, "/completions", {"model": model, "prompt": "Once",
+                                                    "max_tokens": 3})
+        assert status == 200, body
+        validate("CreateCompletionResponse", json.loads(body))
+    status, body = _post(node, "/chat/completions", {**chat, "temperature": 9})
+    assert status == 400
+    validate("ErrorResponse", json.loads(body))
+    validate("ListModelsResponse", _get(node, "/v1/models"))

@@ -133,6 +133,7 @@ def test_big_answers_gzipped_when_asked(node: NodeProcess) -> None:
     status, headers, data = raw_post(node, "/embeddings", body, {"Accept-Encoding": "gzip"})
     assert status == 200 and headers.get("content-encoding") == "gzip"
     plain = json.loads(gzip.decompress(data))
+    validate("CreateEmbeddingResponse", plain)
     assert len(plain["data"]) == 20 and len(plain["data"][0]["embedding"]) == 256
     assert len(data) < len(gzip.decompress(data)) / 2
     status, headers, data = raw_post(node, "/embeddings", body, {})

@@ -507,3 +507,29 @@ def test_codex_style_request_with_a_custom_tool() -> None:
     validate("Response", body)
     assert body["output"][0]["input"] == "*** Begin Patch\n+x\n*** End Patch"
     assert body["tools"][1] == PATCH_TOOL
+
+
+async def test_chat_bodies_of_the_anthropic_and_cloudflare_adapters_validate(
+    cloud_node: Any
+) -> None:
+    from tests.kit.fake_anthropic import Reply
+
+    client, fa, _ = cloud_node
+    for model in ("claude", "llama"):
+        if model == "claude":
+            fa.script(Reply(text="Checking.", tool="get_weather", tool_input={"city": "Oslo"}),
+                      Reply(text="Streamed."))
+        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {
+                    "name": "get_weather", "parameters": TOOL["parameters"]}}]}
+        resp = await client.post("/v1/chat/completions", json=chat)
+        assert resp.status == 200
+        validate("CreateChatCompletionResponse", await resp.json())
+        resp = await client.post("/v1/chat/completions", json={
+            **chat, "stream": True, "stream_options": {"include_usage": True}})
+        raw = (await resp.read()).decode()
+        chunks = [orjson.loads(b[6:]) for b in raw.split("\n\n")
+                  if b.startswith("data: ") and b != "data: [DONE]"]
+        assert chunks and raw.endswith("data: [DONE]\n\n")
+        for chunk in chunks:
+            validate("CreateChatCompletionStreamResponse", chunk)

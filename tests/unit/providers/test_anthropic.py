@@ -251,7 +251,8 @@ async def test_complete_sends_valid_request_with_headers(
     assert fake.headers[0]["x-api-key"] == API_KEY
     assert fake.headers[0]["anthropic-version"] == "2023-06-01"
     assert done.body["choices"][0]["message"] == {"role": "assistant",
-                                                  "content": "echo: hello there"}
+                                                  "content": "echo: hello there",
+                                                  "refusal": None}
     assert done.body["choices"][0]["finish_reason"] == "stop"
     assert done.usage.completion_tokens == 3 and done.usage.prompt_tokens > 0
     assert not done.usage.estimated
