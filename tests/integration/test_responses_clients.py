@@ -327,3 +327,42 @@ def test_chat_and_completion_bodies_validate_against_openai_schemas(
     assert status == 400
     validate("ErrorResponse", json.loads(body))
     validate("ListModelsResponse", _get(node, "/v1/models"))
+
+
+# --------------------------------------------------------------------------- OpenAI Agents SDK
+@pytest.mark.parametrize("where", ["cloud", "peer"])
+async def test_openai_agents_sdk_runs_a_tool_loop_and_a_typed_output(
+    nodes: tuple[NodeProcess, NodeProcess], fake: FakeOpenAIProcess, where: str
+) -> None:
+    agents = pytest.importorskip("agents", reason="openai-agents is in the dev extra")
+    agents.set_tracing_disabled(True)  # never reach OpenAI's tracing endpoint
+    api = openai.AsyncOpenAI(base_url=_via(nodes, where).base_url, api_key="sk-none",
+                             max_retries=0)
+    model = agents.OpenAIResponsesModel(model="cloud", openai_client=api)
+    asked: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        asked.append(city)
+        return f"-3C in {city}"
+
+    fake.script(Behaviour.ok(tool_calls=[{"id": "call_ag1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]),
+        Behaviour.ok(text="It is -3C in Oslo."))
+    agent = agents.Agent(name="weather", instructions="Use the tool.", tools=[get_weather],
+                         model=model)
+    result = await agents.Runner.run(agent, "Weather in Oslo?")
+    assert asked == ["Oslo"]
+    assert result.final_output == "It is -3C in Oslo."
+    second = fake.requests()[-1]["json"]["messages"]
+    assert second[-1] == {"role": "tool", "tool_call_id": "call_ag1", "content": "-3C in Oslo"}
+
+    fake.script(Behaviour.ok(text='{"city": "Oslo", "temp_c": -3}', chunks=3))
+    typed = agents.Agent(name="typed", instructions="Answer as JSON.", output_type=Weather,
+                         model=model)
+    streamed = agents.Runner.run_streamed(typed, "Oslo?")
+    async for _ in streamed.stream_events():
+        pass
+    assert streamed.final_output == Weather(city="Oslo", temp_c=-3)
+    assert fake.requests()[-1]["json"]["response_format"]["type"] == "json_schema"
