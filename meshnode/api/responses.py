@@ -28,6 +28,7 @@ conversation of `previous_response_id` (its input items and output items, in ord
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ from typing import Any
 import orjson
 
 from meshnode.errors import InvalidRequest, MeshError
+from meshnode.providers.anthropic_extensions import MESSAGE_FIELD
 from meshnode.types import REDIRECT_FIELDS
 
 MAX_OUTPUT_TOKENS = 1_000_000
@@ -392,6 +394,14 @@ def items_to_messages(items: Sequence[dict[str, Any]], where: str = "input"
     """Responses input items -> chat messages. A `function_call` joins the assistant turn
     before it (text then calls, as a chat assistant message holds them)."""
     messages: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []  # from a reasoning item, for the next assistant turn
+
+    def assistant(message: dict[str, Any]) -> dict[str, Any]:
+        if thinking:
+            message[MESSAGE_FIELD] = list(thinking)
+            thinking.clear()
+        return message
+
     for i, item in enumerate(items):
         at = f"{where}[{i}]"
         kind = item.get("type", "message")
@@ -403,7 +413,7 @@ def items_to_messages(items: Sequence[dict[str, Any]], where: str = "input"
             elif role == "assistant":
                 content = _user_content(item.get("content"), f"{at}.content", False)
                 text = content if isinstance(content, str) else ""
-                messages.append({"role": "assistant", "content": text})
+                messages.append(assistant({"role": "assistant", "content": text}))
             else:
                 raise InvalidRequest(
                     "role must be one of user, system, developer, assistant",
@@ -431,7 +441,8 @@ def items_to_messages(items: Sequence[dict[str, Any]], where: str = "input"
                 if not last.get("content"):
                     last["content"] = None
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                messages.append(assistant({"role": "assistant", "content": None,
+                                           "tool_calls": [call]}))
         elif kind in ("function_call_output", "custom_tool_call_output"):
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
@@ -439,7 +450,8 @@ def items_to_messages(items: Sequence[dict[str, Any]], where: str = "input"
             messages.append({"role": "tool", "tool_call_id": call_id,
                              "content": _output_text(item.get("output"), f"{at}.output")})
         elif kind == "reasoning":
-            continue  # no chat equivalent; a model does not need its old reasoning
+            # No chat equivalent, except Anthropic's signed thinking we put in it ourselves.
+            thinking.extend(_decode_thinking(item.get("encrypted_content")))
         else:
             raise InvalidRequest(
                 f"input item type {kind!r} is not supported here (messages, function_call, "
@@ -541,6 +553,40 @@ def _message_item(item_id: str, text: str, status: str, refusal: str | None = No
             "content": content}
 
 
+# Anthropic's signed thinking blocks ride in a reasoning item's opaque `encrypted_content`,
+# so a client that sends the item back (Codex does, with store false) gives them back to
+# Anthropic on the next turn; other encrypted contents (OpenAI's) are not ours and skipped.
+_THINKING_PREFIX = "meshnode-thinking:"
+
+
+def _encode_thinking(blocks: Sequence[Any]) -> str | None:
+    signed = [b for b in blocks if isinstance(b, dict)
+              and (b.get("signature") or b.get("type") == "redacted_thinking")]
+    if not signed:
+        return None
+    return _THINKING_PREFIX + base64.b64encode(orjson.dumps(signed)).decode()
+
+
+def _decode_thinking(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, str) or not value.startswith(_THINKING_PREFIX):
+        return []
+    try:
+        blocks = orjson.loads(base64.b64decode(value[len(_THINKING_PREFIX):], validate=True))
+    except (ValueError, orjson.JSONDecodeError):
+        return []
+    return [b for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
+
+
+def _reasoning_item(item_id: str, text: str, status: str,
+                    encrypted: str | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": item_id, "type": "reasoning", "summary": [],
+                            "content": [{"type": "reasoning_text", "text": text}] if text else [],
+                            "status": status}
+    if encrypted is not None:
+        item["encrypted_content"] = encrypted
+    return item
+
+
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
                ) -> dict[str, Any]:
     return {"id": item_id, "type": "function_call", "status": status, "call_id": call_id,
@@ -571,6 +617,11 @@ def chat_to_response(call: ResponsesCall, chat: Mapping[str, Any], response_id: 
     choice = choices[0] if isinstance(choices[0], dict) else {}
     message = choice.get("message") or {}
     output: list[dict[str, Any]] = []
+    reasoning = message.get("reasoning_content")
+    encrypted = _encode_thinking(message.get(MESSAGE_FIELD) or ())
+    if reasoning or encrypted:
+        output.append(_reasoning_item(new_id("rs"), str(reasoning or ""), "completed",
+                                      encrypted))
     text = message.get("content")
     refusal = message.get("refusal")
     if text or refusal:
@@ -587,7 +638,7 @@ def chat_to_response(call: ResponsesCall, chat: Mapping[str, Any], response_id: 
             output.append(_custom_item(new_id("ctc"), call_id, name, custom_input(arguments)))
         else:
             output.append(_call_item(new_id("fc"), call_id, name, arguments, "completed"))
-    if not output:
+    if all(item["type"] == "reasoning" for item in output):
         output.append(_message_item(new_id("msg"), "", "completed"))
     status, incomplete = _status(choice.get("finish_reason"))
     response = response_shell(call, response_id, created_at)
@@ -608,17 +659,18 @@ def error_code(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- the stream
 class _OpenItem:
-    __slots__ = ("arguments", "call_id", "id", "index", "kind", "name", "text")
+    __slots__ = ("arguments", "blocks", "call_id", "id", "index", "kind", "name", "text")
 
     def __init__(self, kind: str, index: int, item_id: str, call_id: str = "",
                  name: str = "") -> None:
-        self.kind = kind  # "message" | "function_call" | "custom_tool_call"
+        self.kind = kind  # "message" | "function_call" | "custom_tool_call" | "reasoning"
         self.index = index
         self.id = item_id
         self.call_id = call_id
         self.name = name
         self.text: list[str] = []
         self.arguments: list[str] = []
+        self.blocks: list[Any] = []  # reasoning: signed thinking blocks
 
 
 class ResponseEventWriter:
@@ -639,6 +691,7 @@ class ResponseEventWriter:
         self._sequence = 0
         self._items: list[_OpenItem] = []
         self._message: _OpenItem | None = None
+        self._reasoning: _OpenItem | None = None
         self._calls: dict[int, _OpenItem] = {}  # chat tool_call index -> item
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
@@ -675,6 +728,9 @@ class ResponseEventWriter:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
+            thought = delta.get("reasoning_content")
+            if thought or delta.get(MESSAGE_FIELD):
+                out += self._reasoning_delta(thought, delta.get(MESSAGE_FIELD) or ())
             text = delta.get("content")
             if text:
                 opened, item = self._open_message()
@@ -687,6 +743,22 @@ class ResponseEventWriter:
                 out += self._tool_delta(tool_call)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+        return out
+
+    def _reasoning_delta(self, text: Any, blocks: Sequence[Any]) -> bytes:
+        out = b""
+        item = self._reasoning
+        if item is None:
+            item = _OpenItem("reasoning", len(self._items), new_id("rs"))
+            self._items.append(item)
+            self._reasoning = item
+            out += self._event("response.output_item.added", output_index=item.index,
+                               item=_reasoning_item(item.id, "", "in_progress"))
+        item.blocks.extend(blocks)
+        if isinstance(text, str) and text:
+            item.text.append(text)
+            out += self._event("response.reasoning_text.delta", item_id=item.id,
+                               output_index=item.index, content_index=0, delta=text)
         return out
 
     def _tool_delta(self, tool_call: Mapping[str, Any]) -> bytes:
@@ -719,7 +791,13 @@ class ResponseEventWriter:
         return out
 
     def _close(self, item: _OpenItem) -> tuple[bytes, dict[str, Any]]:
-        if item.kind == "message":
+        if item.kind == "reasoning":
+            text = "".join(item.text)
+            done = _reasoning_item(item.id, text, "completed", _encode_thinking(item.blocks))
+            out = (self._event("response.reasoning_text.done", item_id=item.id,
+                               output_index=item.index, content_index=0, text=text)
+                   if text else b"")
+        elif item.kind == "message":
             text = "".join(item.text)
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
             done = _message_item(item.id, text, "completed")
@@ -746,7 +824,7 @@ class ResponseEventWriter:
     def finish(self, x_aiproxy: dict[str, Any] | None, usage: Mapping[str, Any] | None = None
                ) -> bytes:
         out = b""
-        if not self._items:
+        if all(item.kind == "reasoning" for item in self._items):
             out += self._open_message()[0]
         output = []
         for item in self._items:

@@ -533,3 +533,45 @@ async def test_chat_bodies_of_the_anthropic_and_cloudflare_adapters_validate(
         assert chunks and raw.endswith("data: [DONE]\n\n")
         for chunk in chunks:
             validate("CreateChatCompletionStreamResponse", chunk)
+
+
+async def test_thinking_becomes_reasoning_items_and_goes_back_to_anthropic(
+    cloud_node: Any
+) -> None:
+    from tests.kit.fake_anthropic import Reply
+
+    client, fa, _ = cloud_node
+    api = sdk(client)
+    fa.script(Reply(text="Use a tool.", thinking="Let me think.", tool="get_weather",
+                    tool_input={"city": "Oslo"}),
+              Reply(text="Done."), Reply(text="Fine.", thinking="Streamed thought."))
+    first = await api.responses.create(model="claude", input="Weather?", store=False,
+                                       tools=[TOOL])  # type: ignore[list-item]
+    raw = first.model_dump(exclude_unset=True)
+    validate("Response", raw)
+    assert [o["type"] for o in raw["output"]] == ["reasoning", "message", "function_call"]
+    reasoning = raw["output"][0]
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert reasoning["encrypted_content"].startswith("meshnode-thinking:")
+    call = raw["output"][2]
+    # Codex-style: no store, the whole conversation sent back, reasoning item included.
+    replay = [{"role": "user", "content": "Weather?"}, *raw["output"],
+              {"type": "function_call_output", "call_id": call["call_id"], "output": "-3C"}]
+    await api.responses.create(model="claude", input=replay, store=False,  # type: ignore[arg-type]
+                               tools=[TOOL])  # type: ignore[list-item]
+    assert fa.violations == []
+    turn = fa.requests[1]["messages"][1]["content"]
+    assert turn[0]["type"] == "thinking" and turn[0]["thinking"] == "Let me think."
+    assert turn[0]["signature"].startswith("sig-")  # the signature Anthropic gave
+
+    resp = await client.post("/v1/responses", json={"model": "claude", "input": "x",
+                                                     "stream": True})
+    events = sse_events(await resp.read())
+    for ev in events:
+        validate("ResponseStreamEvent", ev)
+    deltas = [e["delta"] for e in events if e["type"] == "response.reasoning_text.delta"]
+    assert "".join(deltas) == "Streamed thought."
+    final = events[-1]["response"]
+    assert final["output"][0]["type"] == "reasoning"
+    assert final["output"][0]["encrypted_content"].startswith("meshnode-thinking:")
+    assert final["output"][1]["content"][0]["text"] == "Fine."
