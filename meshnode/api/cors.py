@@ -104,6 +104,10 @@ def install(app: web.Application, config: CorsConfig) -> None:
         if asked and len(asked) <= _MAX_REQUEST_HEADERS and _HEADER_LIST.fullmatch(asked):
             response.headers["Access-Control-Allow-Headers"] = asked
         response.headers["Access-Control-Max-Age"] = policy.max_age
+        if request.headers.get("Access-Control-Request-Private-Network") == "true":
+            # Chrome's Private Network Access: a public page calling a node on this network
+            # or on loopback asks first; a listed origin may.
+            response.headers["Access-Control-Allow-Private-Network"] = "true"
         return response
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

@@ -113,3 +113,12 @@ async def test_star_never_allows_credentials() -> None:
         assert "Access-Control-Allow-Credentials" not in resp.headers
     finally:
         await client.close()
+
+
+async def test_private_network_access_preflight(allowed: TestClient) -> None:
+    resp = await allowed.options("/v1/chat/completions", headers={
+        **_preflight(), "Access-Control-Request-Private-Network": "true"})
+    assert resp.status == 204
+    assert resp.headers["Access-Control-Allow-Private-Network"] == "true"
+    plain = await allowed.options("/v1/chat/completions", headers=_preflight())
+    assert "Access-Control-Allow-Private-Network" not in plain.headers
