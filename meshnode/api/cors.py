@@ -6,8 +6,9 @@ is ever sent and an `OPTIONS` request gets the router's 405. With origins listed
 - a preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) on any route of the
   app is answered here, before authentication (browsers never send credentials on a
   preflight): 204 with the allowed origin, the route's methods, the headers the browser asked
-  for (SDKs send their own, `x-stainless-*`, `anthropic-version`, ...) and `Max-Age`; from an
-  origin that is not listed, or for a method the route lacks, 403 with no CORS header, so the
+  for (SDKs send their own, `x-stainless-*`, `anthropic-version`, ...), `Max-Age`, and the
+  private-network permission when Chrome asks for it (Private Network Access: a public page
+  calling a node on a private address); from an origin that is not listed, or for a method the route lacks, 403 with no CORS header, so the
   browser refuses the call;
 - every other answer to a listed origin (errors and streams included: the headers are added
   when the response is prepared) carries `Access-Control-Allow-Origin` and exposes our
