@@ -260,8 +260,12 @@ def parse_create(raw_body: dict[str, Any]) -> ResponsesCall:
         raise InvalidRequest("'input' is required", param="input")
     items = _items(body["input"])
     instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise InvalidRequest("'instructions' must be a string", param="instructions")
+    if instructions is not None and not isinstance(instructions, (str, list)):
+        raise InvalidRequest("'instructions' must be a string or an array of input items",
+                             param="instructions")
+    if isinstance(instructions, list):
+        items_to_messages([i if isinstance(i, dict) else {"type": None} for i in instructions],
+                          where="instructions")  # validated now, translated in to_chat
     max_out = body.get("max_output_tokens")
     if max_out is not None and (isinstance(max_out, bool) or not isinstance(max_out, int)
                                 or not 1 <= max_out <= MAX_OUTPUT_TOKENS):
@@ -297,7 +301,8 @@ def parse_create(raw_body: dict[str, Any]) -> ResponsesCall:
     _response_format(body.get("text"))
     text = body.get("text") or {}
     echo = {
-        "instructions": instructions,
+        "instructions": _echo_items(instructions) if isinstance(instructions, list)
+        else instructions,
         "max_output_tokens": max_out,
         "metadata": metadata or {},
         "parallel_tool_calls": parallel,
@@ -317,6 +322,19 @@ def parse_create(raw_body: dict[str, Any]) -> ResponsesCall:
     custom = frozenset(t["name"] for t in tools if t.get("type") == "custom")
     return ResponsesCall(body=body, model=model, items=items, stream=stream, store=store,
                          previous_response_id=previous, echo=echo, custom_tools=custom)
+
+
+def _echo_items(items: list[Any]) -> list[Any]:
+    """Input items as the response object repeats them: a text-only message's parts joined
+    into one string (OpenAI's schema reads a message with parts as two item types at once)."""
+    out = []
+    for item in items:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") in _TEXT_PARTS for p in content):
+            item = {**item, "content": "".join(str(p.get("text", "")) for p in content)}
+        out.append(item)
+    return out
 
 
 def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
@@ -465,7 +483,9 @@ def to_chat(call: ResponsesCall, history: Sequence[dict[str, Any]] = ()) -> dict
     of `previous_response_id`)."""
     messages: list[dict[str, Any]] = []
     instructions = call.echo.get("instructions")
-    if instructions:
+    if isinstance(instructions, list):
+        messages.extend(items_to_messages(instructions, where="instructions"))
+    elif instructions:
         messages.append({"role": "system", "content": instructions})
     messages.extend(items_to_messages(list(history), where="previous_response"))
     messages.extend(items_to_messages(call.items))

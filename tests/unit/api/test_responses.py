@@ -97,6 +97,18 @@ def test_history_goes_before_the_new_input_and_instructions_first() -> None:
     assert [m["content"] for m in messages] == ["sys", "first", "one", "second"]
 
 
+def test_instructions_as_items() -> None:
+    call = parse_create({"model": "m", "input": "q", "instructions": [
+        {"role": "developer", "content": [{"type": "input_text", "text": "Be terse."}]}]})
+    assert to_chat(call)["messages"] == [{"role": "developer", "content": "Be terse."},
+                                         {"role": "user", "content": "q"}]
+    validate("Response", chat_to_response(call, {"choices": [{"finish_reason": "stop",
+             "message": {"role": "assistant", "content": "ok"}}]}, "resp_1", 1))
+    with pytest.raises(InvalidRequest) as caught:
+        parse_create({"model": "m", "input": "q", "instructions": [{"type": "bogus"}]})
+    assert caught.value.param == "instructions[0].type"
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"input": "x"}, "model"),
     ({"model": "m"}, "input"),
