@@ -26,10 +26,10 @@ import orjson
 from aiohttp import web
 
 from meshnode.api.errors import JSON, retry_after_header
-from meshnode.api.handlers import _aiproxy_headers, _served_headers
+from meshnode.api.handlers import _aiproxy_headers, _served_headers, require_model
 from meshnode.api.protocol import loads_body, parse_chat
 from meshnode.api.state import CONTEXT, STATE, ApiState
-from meshnode.errors import InvalidRequest, MeshError, ModelNotFound
+from meshnode.errors import InvalidRequest, MeshError
 from meshnode.governance.http import key_name_of
 from meshnode.observability.logging import redact
 from meshnode.providers.anthropic_extensions import MESSAGE_FIELD, PART_FIELD
@@ -569,12 +569,7 @@ def anthropic_error_response(exc: MeshError, request_id: str, node_id: str) -> w
 
 
 def _check_model(state: ApiState, model: str) -> None:
-    if not state.router.has_model(model, RequestKind.CHAT):
-        if state.router.has_model(model):
-            raise InvalidRequest(f"model {model!r} does not serve chat here", param="model")
-        raise ModelNotFound(
-            f"the model {model!r} does not exist on this node or its mesh; "
-            "GET /v1/models lists what is served", param="model")
+    require_model(state, model, RequestKind.CHAT)
 
 
 async def messages_handler(request: web.Request) -> web.StreamResponse:
