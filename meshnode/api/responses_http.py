@@ -16,6 +16,7 @@ conversation of the same scope.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from typing import Any
 
@@ -91,8 +92,18 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     body = chat_to_response(call, routed.completion.body, response_id, created_at)
     body["x_aiproxy"] = routed.served.to_json()
     if call.store:
-        await store.put(_scope(request), body, [*history, *call.items, *body["output"]])
+        await _keep(request, body, [*history, *call.items, *body["output"]])
     return _json(body, headers=_served_headers(routed.served))
+
+
+async def _keep(request: web.Request, body: dict[str, Any],
+                conversation: list[dict[str, Any]]) -> None:
+    """Store a finished response. A failed write (disk full) costs a later
+    `previous_response_id` its 404, never the answer the client is getting now."""
+    try:
+        await request.app[RESPONSE_STORE].put(_scope(request), body, conversation)
+    except sqlite3.Error as exc:
+        log.warning("could not store response %s: %s", body.get("id"), exc)
 
 
 async def _stream(
@@ -118,9 +129,8 @@ async def _stream(
         raise
     writer = ResponseEventWriter(call, response_id, created_at)
     if await _relay(response, routed, writer, ctx) and call.store:
-        await request.app[RESPONSE_STORE].put(
-            _scope(request), writer.response,
-            [*history, *call.items, *writer.response["output"]])
+        await _keep(request, writer.response,
+                    [*history, *call.items, *writer.response["output"]])
     return response
 
 

@@ -587,3 +587,25 @@ async def test_thinking_becomes_reasoning_items_and_goes_back_to_anthropic(
     assert final["output"][0]["type"] == "reasoning"
     assert final["output"][0]["encrypted_content"].startswith("meshnode-thinking:")
     assert final["output"][1]["content"][0]["text"] == "Fine."
+
+
+async def test_a_failed_store_write_still_answers(
+    server: tuple[TestClient, FakeProvider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from meshnode.api.responses_http import RESPONSE_STORE
+
+    client, _ = server
+    store = client.server.app[RESPONSE_STORE]
+
+    def disk_full(*_: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "_sync_put", disk_full)
+    answer = await sdk(client).responses.create(model="m", input="x")
+    assert answer.output_text == "one two three four"
+    with pytest.raises(openai.NotFoundError):
+        await sdk(client).responses.retrieve(answer.id)
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "x", "stream": True})
+    assert sse_events(await resp.read())[-1]["type"] == "response.completed"
