@@ -19,7 +19,9 @@ by the same router to local workers, cloud adapters or peers; the chat answer co
 
 What is refused with a 400 naming the parameter: hosted tools (web search, file search,
 computer use, MCP, ...), `background`, `conversation`, `prompt` templates, `item_reference`
-items, file inputs, `top_logprobs`, and unknown parameters (as OpenAI does).
+items, file inputs, and unknown parameters (as OpenAI does). `top_logprobs` (or `include`
+`message.output_text.logprobs`) asks the chat request for logprobs; the providers that give
+them (OpenAI-shaped upstreams, the local worker) fill `output_text.logprobs`.
 
 This module is pure: no HTTP, no routing, no storage (`meshnode.api.responses_http` does those,
 `meshnode.responses_store` keeps stored responses). `history` given to `to_chat` is the stored
@@ -55,6 +57,7 @@ _ACCEPTED = frozenset({
 _REFUSED_VALUES = ("background", "conversation", "prompt", "max_tool_calls")
 _NULLABLE_ECHO = frozenset({"instructions", "max_output_tokens", "previous_response_id",
                             "reasoning"})
+_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for them
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
 
@@ -250,9 +253,11 @@ def parse_create(raw_body: dict[str, Any]) -> ResponsesCall:
     for name in _REFUSED_VALUES:
         if body.get(name) not in (None, False):
             raise InvalidRequest(f"'{name}' is not supported by this server", param=name)
-    if body.get("top_logprobs"):
-        raise InvalidRequest("'top_logprobs' is not supported on /v1/responses here; "
-                             "use /v1/chat/completions with logprobs", param="top_logprobs")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(
+            top_logprobs, int) or not 0 <= top_logprobs <= 20):
+        raise InvalidRequest("'top_logprobs' must be an integer between 0 and 20",
+                             param="top_logprobs")
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("you must provide a model parameter", param="model")
@@ -314,6 +319,7 @@ def parse_create(raw_body: dict[str, Any]) -> ResponsesCall:
         "tool_choice": body.get("tool_choice") if tool_choice is not None else "auto",
         "tools": [_echo_tool(t) for t in tools],
         "top_p": 1.0 if top_p is None else top_p,
+        "top_logprobs": top_logprobs,
         "truncation": truncation or "disabled",
         "user": user,
     }
@@ -512,6 +518,10 @@ def to_chat(call: ResponsesCall, history: Sequence[dict[str, Any]] = ()) -> dict
     user = body.get("user") or body.get("safety_identifier")
     if isinstance(user, str):
         chat["user"] = user
+    if body.get("top_logprobs") or _LOGPROBS in (body.get("include") or ()):
+        chat["logprobs"] = True
+        if body.get("top_logprobs"):
+            chat["top_logprobs"] = body["top_logprobs"]
     if call.stream:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
@@ -562,11 +572,38 @@ def response_shell(call: ResponsesCall, response_id: str, created_at: int) -> di
     }
 
 
-def _message_item(item_id: str, text: str, status: str, refusal: str | None = None
-                  ) -> dict[str, Any]:
+def logprobs_of(choice: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A chat choice's token logprobs in the Responses shape (`LogProb`)."""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    out = []
+    for entry in content if isinstance(content, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+            continue
+        out.append({
+            "token": entry["token"], "logprob": float(entry.get("logprob") or 0.0),
+            "bytes": list(entry.get("bytes") or []),
+            "top_logprobs": [
+                {"token": str(t.get("token")), "logprob": float(t.get("logprob") or 0.0),
+                 "bytes": list(t.get("bytes") or [])}
+                for t in entry.get("top_logprobs") or () if isinstance(t, dict)],
+        })
+    return out
+
+
+def _delta_logprobs(logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`LogProb`s in the shape of a delta event (`ResponseLogProb`: no bytes)."""
+    return [{"token": lp["token"], "logprob": lp["logprob"],
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]}
+                              for t in lp["top_logprobs"]]} for lp in logprobs]
+
+
+def _message_item(item_id: str, text: str, status: str, refusal: str | None = None,
+                  logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if text or refusal is None:
-        content.append({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+        content.append({"type": "output_text", "text": text, "annotations": [],
+                        "logprobs": logprobs or []})
     if refusal is not None:
         content.append({"type": "refusal", "refusal": refusal})
     return {"id": item_id, "type": "message", "status": status, "role": "assistant",
@@ -646,7 +683,7 @@ def chat_to_response(call: ResponsesCall, chat: Mapping[str, Any], response_id: 
     refusal = message.get("refusal")
     if text or refusal:
         output.append(_message_item(new_id("msg"), str(text or ""), "completed",
-                                    str(refusal) if refusal else None))
+                                    str(refusal) if refusal else None, logprobs_of(choice)))
     for call_ in message.get("tool_calls") or ():
         function = call_.get("function") or {}
         arguments = function.get("arguments")
@@ -712,6 +749,7 @@ class ResponseEventWriter:
         self._items: list[_OpenItem] = []
         self._message: _OpenItem | None = None
         self._reasoning: _OpenItem | None = None
+        self._logprobs: list[dict[str, Any]] = []  # of the message's text, in order
         self._calls: dict[int, _OpenItem] = {}  # chat tool_call index -> item
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
@@ -756,9 +794,11 @@ class ResponseEventWriter:
                 opened, item = self._open_message()
                 out += opened
                 item.text.append(text)
+                logprobs = logprobs_of(choice)
+                self._logprobs.extend(logprobs)
                 out += self._event("response.output_text.delta", item_id=item.id,
                                    output_index=item.index, content_index=0, delta=text,
-                                   logprobs=[])
+                                   logprobs=_delta_logprobs(logprobs))
             for tool_call in delta.get("tool_calls") or ():
                 out += self._tool_delta(tool_call)
             if choice.get("finish_reason"):
@@ -819,11 +859,12 @@ class ResponseEventWriter:
                    if text else b"")
         elif item.kind == "message":
             text = "".join(item.text)
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            done = _message_item(item.id, text, "completed")
+            part = {"type": "output_text", "text": text, "annotations": [],
+                    "logprobs": self._logprobs}
+            done = _message_item(item.id, text, "completed", logprobs=self._logprobs)
             out = (self._event("response.output_text.done", item_id=item.id,
                                output_index=item.index, content_index=0, text=text,
-                               logprobs=[])
+                               logprobs=_delta_logprobs(self._logprobs))
                    + self._event("response.content_part.done", item_id=item.id,
                                  output_index=item.index, content_index=0, part=part))
         elif item.kind == "custom_tool_call":

@@ -126,7 +126,7 @@ def test_instructions_as_items() -> None:
     ({"model": "m", "input": "x", "background": True}, "background"),
     ({"model": "m", "input": "x", "conversation": "conv_1"}, "conversation"),
     ({"model": "m", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
-    ({"model": "m", "input": "x", "top_logprobs": 3}, "top_logprobs"),
+    ({"model": "m", "input": "x", "top_logprobs": 30}, "top_logprobs"),
     ({"model": "m", "input": "x", "frobnicate": 1}, "frobnicate"),
     ({"model": "m", "input": "x", "stream": "yes"}, "stream"),
 ])
@@ -609,3 +609,30 @@ async def test_a_failed_store_write_still_answers(
         await sdk(client).responses.retrieve(answer.id)
     resp = await client.post("/v1/responses", json={"model": "m", "input": "x", "stream": True})
     assert sse_events(await resp.read())[-1]["type"] == "response.completed"
+
+
+def test_logprobs_asked_and_carried_both_ways() -> None:
+    call = parse_create({"model": "m", "input": "x", "top_logprobs": 2, "stream": True})
+    chat = to_chat(call)
+    assert (chat["logprobs"], chat["top_logprobs"]) == (True, 2)
+    assert to_chat(parse_create({"model": "m", "input": "x",
+                                 "include": ["message.output_text.logprobs"]}))["logprobs"]
+    assert "logprobs" not in to_chat(parse_create({"model": "m", "input": "x"}))
+    entry = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+             "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+                              {"token": "Yo", "logprob": -1.5, "bytes": [89, 111]}]}
+    body = chat_to_response(call, {"choices": [{"finish_reason": "stop", "logprobs": {
+        "content": [entry]}, "message": {"role": "assistant", "content": "Hi"}}]}, "r", 1)
+    validate("Response", body)
+    assert body["output"][0]["content"][0]["logprobs"] == [entry]
+    assert body["top_logprobs"] == 2
+    writer = ResponseEventWriter(call, "r", 1)
+    raw = writer.start() + writer.feed({"choices": [{"index": 0, "delta": {"content": "Hi"},
+                                                     "logprobs": {"content": [entry]}}]})
+    raw += writer.finish(None)
+    events = sse_events(raw)
+    for ev in events:
+        validate("ResponseStreamEvent", ev)
+    delta = next(e for e in events if e["type"] == "response.output_text.delta")
+    assert delta["logprobs"][0]["top_logprobs"][1] == {"token": "Yo", "logprob": -1.5}
+    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == [entry]
