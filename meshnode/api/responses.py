@@ -7,21 +7,20 @@ by the same router to local workers, cloud adapters or peers; the chat answer co
 `response` object. What is translated:
 
 - `input` (a string, or items: messages with `input_text`/`input_image`/`output_text` parts,
-  `function_call`, `function_call_output`, `custom_tool_call`, `custom_tool_call_output`;
-  `reasoning` items are skipped), `instructions` (a system message first), `tools` (function
-  tools; custom (freeform) tools, as Codex's apply_patch, served as a function taking one
-  string, their grammar given to the model in the description), `tool_choice`,
-  `parallel_tool_calls`,
+  `function_call`, `function_call_output`, `custom_tool_call`, `custom_tool_call_output`,
+  `reasoning`), `instructions` (a string or items, first), `tools` (function tools; custom
+  (freeform) tools, as Codex's apply_patch, served as a function taking one string, their
+  grammar given to the model in the description), `tool_choice`, `parallel_tool_calls`,
   `text.format` (`text`, `json_object`, `json_schema`), `max_output_tokens`, `temperature`,
-  `top_p`, `user`/`safety_identifier`;
-- the answer's text and tool calls become `message` and `function_call` output items; a
-  `length` finish is `status: incomplete` with `incomplete_details.reason: max_output_tokens`.
+  `top_p`, `user`/`safety_identifier`, `top_logprobs` (chat logprobs);
+- the answer's reasoning (`reasoning_content`, Anthropic's signed thinking in
+  `encrypted_content`, see `_THINKING_PREFIX`), text and tool calls become `reasoning`,
+  `message`, `function_call` and `custom_tool_call` output items; a `length` finish is
+  `status: incomplete` with `incomplete_details.reason: max_output_tokens`.
 
 What is refused with a 400 naming the parameter: hosted tools (web search, file search,
-computer use, MCP, ...), `background`, `conversation`, `prompt` templates, `item_reference`
-items, file inputs, and unknown parameters (as OpenAI does). `top_logprobs` (or `include`
-`message.output_text.logprobs`) asks the chat request for logprobs; the providers that give
-them (OpenAI-shaped upstreams, the local worker) fill `output_text.logprobs`.
+computer use, MCP, ...), `background`, `conversation`, `prompt` templates, `max_tool_calls`,
+`item_reference` items, file inputs, and unknown parameters (as OpenAI does).
 
 This module is pure: no HTTP, no routing, no storage (`meshnode.api.responses_http` does those,
 `meshnode.responses_store` keeps stored responses). `history` given to `to_chat` is the stored
