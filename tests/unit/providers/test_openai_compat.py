@@ -735,3 +735,30 @@ def test_tools_count_toward_the_prompt() -> None:
     assert estimate_prompt_tokens(RequestKind.CHAT, {**base, "tools": tools}) > (
         estimate_prompt_tokens(RequestKind.CHAT, base)
     )
+
+
+@pytest.mark.parametrize(("name", "keeps_top_k"), [("openai", False), ("vllm", True)])
+async def test_anthropic_only_fields_never_reach_an_openai_upstream(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture, name: str, keeps_top_k: bool
+) -> None:
+    overrides = {"type": "openai_compatible"} if name == "vllm" else {}
+    p = make_provider(fake.base_url, name=name, **overrides)
+    await p.start()
+    try:
+        mark = {"type": "ephemeral"}
+        body = {"model": "gpt-4o", "top_k": 4, "thinking": {"type": "enabled"},
+                "anthropic_beta": ["b"], "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "hi",
+                                                  "cache_control": mark}]}]}
+        with caplog.at_level(logging.INFO, logger="meshnode.providers.anthropic_extensions"):
+            await p.complete(chat(body), offer_for(p, "gpt-4o"), TIMEOUTS)
+            await collect(p, chat(body, stream=True), offer_for(p, "gpt-4o"))
+        for sent in (fake.requests[0].json, fake.requests[1].json):
+            assert "thinking" not in sent and "anthropic_beta" not in sent
+            assert sent["messages"][0]["content"] == [{"type": "text", "text": "hi"}]
+            assert ("top_k" in sent) is keeps_top_k
+        assert "Anthropic-only" in caplog.text
+        assert fake.requests[0].headers["x-request-id"] == "req-1"
+        assert body["messages"][0]["content"][0]["cache_control"] == mark  # never mutated
+    finally:
+        await p.close()
