@@ -527,6 +527,49 @@ def to_chat(call: ResponsesCall, history: Sequence[dict[str, Any]] = ()) -> dict
     return chat
 
 
+# --------------------------------------------------------------------------- native
+# Fields of the client's body that the node handles itself rather than the upstream: the model
+# (the adapter names its own), the store and the conversation (ours: the upstream is sent the
+# whole conversation, stateless), delivery.
+_NOT_NATIVE = frozenset({"model", "previous_response_id", "store", "stream", "stream_options",
+                         "input"})
+
+
+def _native_item(item: dict[str, Any]) -> dict[str, Any] | None:
+    """An input item as an OpenAI upstream takes it without a store: our item ids mean nothing
+    there, and a reasoning item is only sent back with OpenAI's own encrypted content."""
+    if item.get("type") == "reasoning":
+        encrypted = item.get("encrypted_content")
+        if not isinstance(encrypted, str) or encrypted.startswith(_THINKING_PREFIX):
+            return None
+        return item
+    return {k: v for k, v in item.items() if k != "id"}
+
+
+def native_body(call: ResponsesCall, history: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The Responses body for an upstream that speaks the API natively (it rides in the chat
+    body under `RESPONSES_NATIVE_FIELD`; see `meshnode.providers.openai_responses`)."""
+    body = {k: v for k, v in call.body.items() if k not in _NOT_NATIVE}
+    items = (_native_item(i) for i in [*history, *call.items])
+    body["input"] = [i for i in items if i is not None]
+    return body
+
+
+def is_native_event(data: Mapping[str, Any]) -> bool:
+    """A chunk that is a native Responses event (not a chat chunk)."""
+    kind = data.get("type")
+    return isinstance(kind, str) and kind.startswith("response.") and "choices" not in data
+
+
+def native_response(call: ResponsesCall, upstream: Mapping[str, Any], response_id: str
+                    ) -> dict[str, Any]:
+    """An upstream's own response object as this node's: our id, the public model name, and
+    what the node decided (store, the conversation it continued, the client's metadata)."""
+    return {**upstream, "id": response_id, "model": call.model, "store": call.store,
+            "previous_response_id": call.previous_response_id,
+            "metadata": call.echo.get("metadata", {})}
+
+
 # --------------------------------------------------------------------------- the answer
 def usage_object(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     """Chat usage -> Responses usage."""
@@ -912,6 +955,9 @@ __all__ = [
     "ResponsesCall",
     "chat_to_response",
     "error_code",
+    "is_native_event",
+    "native_body",
+    "native_response",
     "items_to_messages",
     "new_id",
     "parse_create",

@@ -8,6 +8,10 @@ the chat answer is written back as a response object or as Responses stream even
 written the moment its chat chunk arrives. Errors before the first byte are MeshErrors answered
 by the request middleware in OpenAI's shape; a failure after it is a `response.failed` event.
 
+An upstream that speaks the Responses API natively (OpenAI) is sent the Responses body itself
+(`meshnode.providers.openai_responses`): its response object, or its own stream events, are
+relayed as they are, made this node's (our id, the public model name, `x_aiproxy`).
+
 `store` (default true, as at OpenAI) keeps the finished response in the `ResponseStore`
 (`RESPONSE_STORE`, scoped by the caller's API key); `previous_response_id` continues a stored
 conversation of the same scope.
@@ -15,11 +19,13 @@ conversation of the same scope.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from meshnode.api.handlers import _aiproxy_headers, _json, _served_headers, require_model
@@ -28,6 +34,10 @@ from meshnode.api.responses import (
     ResponseEventWriter,
     ResponsesCall,
     chat_to_response,
+    error_code,
+    is_native_event,
+    native_body,
+    native_response,
     new_id,
     parse_create,
     to_chat,
@@ -38,7 +48,7 @@ from meshnode.governance.http import key_name_of
 from meshnode.observability.logging import redact
 from meshnode.responses_store import ResponseStore
 from meshnode.routing.outcome import RoutedStream
-from meshnode.types import InferenceRequest, RequestKind
+from meshnode.types import RESPONSES_NATIVE_FIELD, InferenceRequest, RequestKind
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         headers=_aiproxy_headers(request), key_name=key_name_of(request),
     )
     require_model(state, inference.model, RequestKind.CHAT)
+    # An upstream that speaks the Responses API (OpenAI) is sent the Responses body itself.
+    inference = dataclasses.replace(inference, body={
+        **inference.body, RESPONSES_NATIVE_FIELD: native_body(call, history)})
     ctx.model = inference.model
     ctx.stream = inference.stream
     response_id = new_id("resp")
@@ -89,7 +102,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     finally:
         state.metrics.in_flight.dec()
     ctx.served = routed.served
-    body = chat_to_response(call, routed.completion.body, response_id, created_at)
+    answer = routed.completion.body
+    if answer.get("object") == "response":  # served natively
+        body = native_response(call, answer, response_id)
+    else:
+        body = chat_to_response(call, answer, response_id, created_at)
     body["x_aiproxy"] = routed.served.to_json()
     if call.store:
         await _keep(request, body, [*history, *call.items, *body["output"]])
@@ -127,10 +144,13 @@ async def _stream(
     except BaseException:
         await routed.aclose()
         raise
-    writer = ResponseEventWriter(call, response_id, created_at)
-    if await _relay(response, routed, writer, ctx) and call.store:
-        await _keep(request, writer.response,
-                    [*history, *call.items, *writer.response["output"]])
+    if is_native_event(routed.first.data):
+        final = await _relay_native(response, routed, call, response_id, ctx)
+    else:
+        writer = ResponseEventWriter(call, response_id, created_at)
+        final = writer.response if await _relay(response, routed, writer, ctx) else None
+    if final is not None and call.store:
+        await _keep(request, final, [*history, *call.items, *final.get("output", [])])
     return response
 
 
@@ -165,6 +185,59 @@ async def _relay(
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
         ctx.error_code = "client_closed"
         return False
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await routed.aclose()
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return (b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event)
+            + b"\n\n")
+
+
+async def _relay_native(
+    response: web.StreamResponse, routed: RoutedStream, call: ResponsesCall,
+    response_id: str, ctx: Any,
+) -> dict[str, Any] | None:
+    """Relay an upstream's own Responses events as they arrive, each response object in them
+    made ours (`native_response`), `x_aiproxy` on the terminal event. Returns the final
+    response when it completed (or ended incomplete), else None."""
+    iterator = routed.__aiter__()
+    last: dict[str, Any] = {}
+    sequence = -1
+    final: dict[str, Any] | None = None
+    try:
+        try:
+            async for chunk in iterator:
+                event = dict(chunk.data)
+                sequence = int(event.get("sequence_number", sequence + 1))
+                kind = event["type"]
+                if isinstance(event.get("response"), dict):
+                    last = native_response(call, event["response"], response_id)
+                    event["response"] = last
+                if kind in ("response.completed", "response.incomplete"):
+                    x_aiproxy = routed.served.to_json()
+                    last = {**last, "x_aiproxy": x_aiproxy}
+                    event["response"] = last
+                    event["x_aiproxy"] = x_aiproxy
+                    final = last
+                if ctx.ttft_s is None:
+                    ctx.ttft_s = time.perf_counter() - ctx.started
+                await response.write(_sse(event))
+        except MeshError as exc:
+            ctx.error_code = exc.code or exc.error_type
+            failed = {**last, "status": "failed",
+                      "error": {"code": error_code(exc), "message": redact(exc.message)}}
+            await response.write(_sse({"type": "response.failed",
+                                       "sequence_number": sequence + 1, "response": failed}))
+            return None
+        await response.write_eof()
+        return final
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        ctx.error_code = "client_closed"
+        return None
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:

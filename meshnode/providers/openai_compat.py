@@ -39,6 +39,7 @@ import orjson
 
 from meshnode.config import DEFAULT_BASE_URLS, ResolvedProvider, TimeoutsConfig
 from meshnode.errors import InvalidRequest, MeshError, UpstreamUnavailable
+from meshnode.providers import openai_responses
 from meshnode.providers.anthropic_extensions import drop_extensions
 from meshnode.providers.base import Provider
 from meshnode.providers.http import (
@@ -164,9 +165,18 @@ class OpenAICompatProvider(Provider):
     async def close(self) -> None:
         await self._http.close()
 
+    def _native(self, request: InferenceRequest) -> Mapping[str, Any] | None:
+        """The Responses body of a /v1/responses request, when this upstream speaks the
+        Responses API natively (OpenAI itself; other compatible servers get the chat form)."""
+        return openai_responses.native_body(request) if self.kind == "openai" else None
+
     async def complete(
         self, request: InferenceRequest, offer: ModelOffer, timeouts: TimeoutsConfig
     ) -> Completion:
+        native = self._native(request)
+        if native is not None:
+            return await openai_responses.complete(self._http, self.name, request, offer,
+                                                   timeouts, native)
         path = _path(request.kind)
         payload = orjson.dumps(upstream_body(self._body(request), offer.upstream_model,
                                              stream=False))
@@ -195,6 +205,12 @@ class OpenAICompatProvider(Provider):
     ) -> AsyncGenerator[StreamChunk, None]:
         if request.kind not in (RequestKind.CHAT, RequestKind.COMPLETION):
             raise InvalidRequest(f"{request.kind.value} requests cannot be streamed")
+        native = self._native(request)
+        if native is not None:
+            async for native_chunk in openai_responses.stream(
+                    self._http, self.name, request, offer, timeouts, native):
+                yield native_chunk
+            return
         path = _path(request.kind)
         payload = orjson.dumps(upstream_body(self._body(request), offer.upstream_model,
                                              stream=True))

@@ -68,6 +68,10 @@ def nodes(upstream: FakeOpenAIProcess, tmp_path_factory: pytest.TempPathFactory
                    "credentials": {"api_key": "sk-up"},
                    "models": [{"name": "cloud", "openai_model": "gpt-fake",
                                "cost_per_1k_tokens": 0.001}]},
+            # type openai speaks the Responses API: /v1/responses passes through natively
+            "openai": {"base_url": upstream.base_url, "credentials": {"api_key": "sk-up"},
+                       "models": [{"name": "native", "openai_model": "gpt-fake",
+                                   "cost_per_1k_tokens": 0.001}]},
         },
     }
     config_a = {"mesh": _mesh("a"), "providers": {"local": {"enabled": False}}}
@@ -79,7 +83,7 @@ def nodes(upstream: FakeOpenAIProcess, tmp_path_factory: pytest.TempPathFactory
                             "b's local model is loaded", timeout=240)
         with NodeProcess(config_a, workdir, name="a", grpc_listen="127.0.0.1:0",
                          node_id="resp-a", seeds=[b.announced["MESHNODE_GRPC"]]) as a:
-            ThreeNodes.wait_for(lambda: {"tiny-gpt2", "cloud"} <= {
+            ThreeNodes.wait_for(lambda: {"tiny-gpt2", "cloud", "native"} <= {
                 m["id"] for m in _get(a, "/v1/models")["data"]}, "a sees b's models")
             yield a, b
 
@@ -368,3 +372,50 @@ async def test_openai_agents_sdk_runs_a_tool_loop_and_a_typed_output(
         pass
     assert streamed.final_output == Weather(city="Oslo", temp_c=-3)
     assert fake.requests()[-1]["json"]["response_format"]["type"] == "json_schema"
+
+
+# --------------------------------------------------------------------------- native pass-through
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")
+@pytest.mark.parametrize("where", ["cloud", "peer"])
+def test_openai_upstream_is_served_natively(
+    nodes: tuple[NodeProcess, NodeProcess], fake: FakeOpenAIProcess, where: str
+) -> None:
+    api = client(_via(nodes, where))
+    first = api.responses.create(model="native", input="Hi there", instructions="Be kind.",
+                                 include=["reasoning.encrypted_content"])
+    raw = first.model_dump(exclude_unset=True)
+    validate("Response", raw)
+    assert first.output_text == "Hello from the fake OpenAI server."
+    assert [o["type"] for o in raw["output"]] == ["reasoning", "message"]
+    assert raw["model"] == "native" and raw["id"].startswith("resp_")
+    assert raw["id"] != "resp_fake1" and raw["x_aiproxy"]["node"] == "resp-b"
+    sent = fake.requests()[-1]
+    assert sent["path"] == "/v1/responses"
+    assert sent["json"]["store"] is False and sent["json"]["model"] == "gpt-fake"
+    assert sent["json"]["instructions"] == "Be kind."
+    assert first.usage is not None and first.usage.output_tokens > 0
+
+    second = api.responses.create(model="native", input="Again",
+                                  previous_response_id=first.id,
+                                  include=["reasoning.encrypted_content"])
+    assert second.previous_response_id == first.id
+    items = fake.requests()[-1]["json"]["input"]
+    # The whole conversation, stateless: OpenAI's own reasoning item (encrypted) goes back.
+    assert [i.get("type", "message") for i in items] == [
+        "message", "reasoning", "message", "message"]
+    assert items[1]["encrypted_content"].startswith("gAAAA")
+    assert "id" not in items[2]
+
+    seen = []
+    with api.responses.stream(model="native", input="Stream it") as stream:
+        for event in stream:
+            seen.append(event.model_dump(exclude_unset=True))
+        final = stream.get_final_response()
+    for event in seen:
+        validate("ResponseStreamEvent", event)
+    assert seen[-1]["type"] == "response.completed"
+    assert final.output_text == "Hello from the fake OpenAI server."
+    assert seen[-1]["response"]["id"] == seen[0]["response"]["id"] == final.id
+    assert seen[-1]["response"]["x_aiproxy"]["provider"] == ("mesh" if where == "peer"
+                                                             else "openai")
+    assert api.responses.retrieve(final.id).output_text == final.output_text

@@ -636,3 +636,41 @@ def test_logprobs_asked_and_carried_both_ways() -> None:
     delta = next(e for e in events if e["type"] == "response.output_text.delta")
     assert delta["logprobs"][0]["top_logprobs"][1] == {"token": "Yo", "logprob": -1.5}
     assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == [entry]
+
+
+async def test_native_stream_broken_mid_way_ends_with_response_failed() -> None:
+    from aiohttp.test_utils import TestServer
+
+    from meshnode.api.app import create_app
+    from meshnode.config import RoutingConfig, TimeoutsConfig
+    from meshnode.config import validate as validate_config
+    from meshnode.providers.registry import ProviderContext, build_provider
+    from meshnode.routing.router import Router
+    from tests.kit.fake_openai import Behaviour, FakeOpenAI
+
+    async with FakeOpenAI() as upstream:
+        config = validate_config({"providers": {"openai": {
+            "base_url": upstream.base_url, "credentials": {"api_key": "sk-x"},
+            "models": [{"name": "native", "openai_model": "gpt-x"}]}}})
+        ctx = ProviderContext("node-test", Path("."), TimeoutsConfig())
+        providers = [build_provider(r, ctx) for r in config.resolved_providers()]
+        router = Router(RoutingConfig(), ["openai"], providers, "node-test")
+        client = TestClient(TestServer(create_app(router, node_id="node-test"), host="127.0.0.1"))
+        await client.start_server()
+        try:
+            upstream.script(Behaviour.reset_after_first())
+            resp = await client.post("/v1/responses", json={"model": "native", "input": "x",
+                                                            "stream": True})
+            events = sse_events(await resp.read())
+            for ev in events:
+                validate("ResponseStreamEvent", ev)
+            assert [e["type"] for e in events] == ["response.created", "response.failed"]
+            assert events[1]["sequence_number"] == 1
+            assert events[1]["response"]["error"]["code"] == "server_error"
+            assert events[1]["response"]["id"] == events[0]["response"]["id"]
+            body = await (await client.post("/v1/responses", json={
+                "model": "native", "input": "x"})).json()
+            validate("Response", body)
+            assert body["x_aiproxy"]["provider"] == "openai"
+        finally:
+            await client.close()

@@ -762,3 +762,43 @@ async def test_anthropic_only_fields_never_reach_an_openai_upstream(
         assert body["messages"][0]["content"][0]["cache_control"] == mark  # never mutated
     finally:
         await p.close()
+
+
+async def test_responses_pass_through_natively_only_to_openai(fake: FakeOpenAI) -> None:
+    from meshnode.errors import StreamBroken, UpstreamUnavailable
+    from meshnode.types import RESPONSES_NATIVE_FIELD
+
+    native = {"input": [{"role": "user", "content": "hi"}], "instructions": "Be kind."}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+            RESPONSES_NATIVE_FIELD: native}
+    p = make_provider(fake.base_url)  # type openai
+    compatible = make_provider(fake.base_url, name="vllm", type="openai_compatible")
+    await p.start()
+    await compatible.start()
+    try:
+        done = await p.complete(chat(body), offer_for(p, "gpt-4o"), TIMEOUTS)
+        assert done.body["object"] == "response" and done.usage.completion_tokens > 0
+        sent = fake.requests[-1]
+        assert sent.path == "/v1/responses"
+        assert sent.json == {**native, "model": "gpt-4o-2024-08-06", "stream": False,
+                             "store": False}
+        chunks = await collect(p, chat(body, stream=True), offer_for(p, "gpt-4o"))
+        kinds = [c.data["type"] for c in chunks]
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        assert all(c.usage is None for c in chunks[:-1])
+
+        fake.script(Behaviour.error(500))
+        with pytest.raises(UpstreamUnavailable):  # before the first byte: fail over
+            await collect(p, chat(body, stream=True), offer_for(p, "gpt-4o"))
+        fake.script(Behaviour.reset_after_first())
+        with pytest.raises(StreamBroken):  # after it: never retried
+            await collect(p, chat(body, stream=True), offer_for(p, "gpt-4o"))
+
+        await compatible.complete(chat(body), offer_for(compatible, "gpt-4o"), TIMEOUTS)
+        sent = fake.requests[-1]
+        assert sent.path == "/v1/chat/completions"
+        assert RESPONSES_NATIVE_FIELD not in sent.json  # never sent to a chat upstream
+    finally:
+        await p.close()
+        await compatible.close()
