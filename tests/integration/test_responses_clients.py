@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -25,8 +24,9 @@ import pytest
 from pydantic import BaseModel
 
 from tests.kit.fake_openai import Behaviour, FakeOpenAIProcess
-from tests.kit.node_proc import REPO_ROOT, NodeProcess
-from tests.kit.openapi import validate
+from tests.kit.node_proc import NodeProcess
+from tests.kit.openai_node import openai_node_folder
+from tests.kit.openai_schemas import validate
 from tests.kit.three_nodes import ThreeNodes
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,6 @@ TOOL = {"type": "function", "name": "get_weather", "description": "Weather in a 
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                        "required": ["city"], "additionalProperties": False},
         "strict": True}
-NODE_KIT = REPO_ROOT / "tests" / "kit" / ".js-kit"  # git-ignored: npm installs openai here
 
 
 class Weather(BaseModel):
@@ -257,20 +256,9 @@ console.log(JSON.stringify({ plain: plain.output_text, id: plain.id, types, text
 
 
 @pytest.fixture(scope="module")
-def openai_node_kit() -> Path:
-    npm = shutil.which("npm")
-    node = shutil.which("node")
-    if npm is None or node is None:
-        pytest.skip("npm/node are not installed; the openai-node check needs them")
-    if not (NODE_KIT / "node_modules" / "openai").is_dir():
-        NODE_KIT.mkdir(parents=True, exist_ok=True)
-        (NODE_KIT / "package.json").write_text('{"private": true, "type": "module"}\n')
-        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "openai"],
-                              cwd=NODE_KIT, capture_output=True, text=True, timeout=300,
-                              check=False)
-        if done.returncode != 0:
-            pytest.skip(f"npm install openai failed (offline registry?): {done.stderr[-300:]}")
-    return NODE_KIT
+def openai_node_kit(request: pytest.FixtureRequest,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return openai_node_folder(request, tmp_path_factory)
 
 
 def test_openai_node_responses_create(

@@ -19,7 +19,7 @@ import pytest
 
 from tests.kit.fake_openai import Behaviour, FakeOpenAIProcess
 from tests.kit.node_proc import NodeProcess
-from tests.kit.openapi import validate
+from tests.kit.openai_schemas import validate
 
 pytestmark = pytest.mark.slow
 

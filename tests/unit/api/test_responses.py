@@ -22,7 +22,7 @@ from meshnode.api.responses import (
 from meshnode.errors import InvalidRequest, UpstreamUnavailable
 from meshnode.providers.fake import BreakAfter, FakeProvider
 from meshnode.responses_store import ResponseStore
-from tests.kit.openapi import validate
+from tests.kit.openai_schemas import validate
 
 TOOL = {"type": "function", "name": "weather", "description": "Weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
