@@ -23,8 +23,11 @@
 #   --no-local             no local PyTorch worker               MESHNODE_LOCAL (true)
 #   --device DEV           local worker device                   MESHNODE_DEVICE (auto)
 #   --no-check             do not run check-config
-# MESHNODE_BIN is the command that runs meshnode (default: `meshnode`, else `python3 -m meshnode`).
-# Exit status: 0 written and valid; 1 refused (file exists, no provider at all); 2 invalid.
+# MESHNODE_BIN is the command that runs meshnode for the check (default: `meshnode` on PATH,
+# else this checkout's .venv/bin/meshnode, else `python3 -m meshnode` when python3 can import
+# it; with none of them the file is written and the check is skipped, saying so).
+# Exit status: 0 written (and valid, when checked); 1 refused (file exists, no provider at
+# all) or the check could not run; 2 invalid.
 set -euo pipefail
 
 output="${MESHNODE_QUICKSTART_OUTPUT:-./meshnode.yaml}"
@@ -40,7 +43,7 @@ mdns="${MESHNODE_MDNS:-true}"
 local_worker="${MESHNODE_LOCAL:-true}"
 device="${MESHNODE_DEVICE:-auto}"
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -195,17 +198,44 @@ if [ -z "${MESH_SECRET:-}" ]; then
 fi
 
 # ---------------------------------------------------------------- validate it
+checkout="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bin=()
+if [ -n "${MESHNODE_BIN:-}" ]; then
+    read -r -a bin <<<"$MESHNODE_BIN"
+elif command -v meshnode >/dev/null 2>&1; then
+    bin=(meshnode)
+elif [ -x "$checkout/.venv/bin/meshnode" ]; then
+    bin=("$checkout/.venv/bin/meshnode")      # a checkout after `make install`
+elif command -v python3 >/dev/null 2>&1 && python3 -c 'import meshnode.cli.main' 2>/dev/null; then
+    bin=(python3 -m meshnode)
+fi
 if [ "$check" -eq 1 ]; then
-    if [ -n "${MESHNODE_BIN:-}" ]; then
-        read -r -a bin <<<"$MESHNODE_BIN"
-    elif command -v meshnode >/dev/null 2>&1; then
-        bin=(meshnode)
+    if [ ${#bin[@]} -eq 0 ]; then
+        echo "quickstart: not checked: no meshnode found (not on PATH, no .venv in this" >&2
+        echo "  checkout, python3 cannot import it); run \`meshnode check-config $output\`" >&2
+        echo "  once it is installed, or set MESHNODE_BIN" >&2
     else
-        bin=(python3 -m meshnode)
-    fi
-    if ! "${bin[@]}" check-config "$output"; then
-        echo "quickstart: $output is not valid (see above)" >&2
-        exit 2
+        set +e
+        "${bin[@]}" check-config "$output"
+        status=$?
+        set -e
+        if [ "$status" -eq 2 ]; then
+            echo "quickstart: $output is not valid (see above)" >&2
+            exit 2
+        elif [ "$status" -ne 0 ]; then
+            echo "quickstart: could not run the check (${bin[*]} check-config exited $status);" >&2
+            echo "  $output was written but not validated" >&2
+            exit 1
+        fi
     fi
 fi
-echo "next: meshnode run --config $output"
+# The file holds ${VAR} references: `run` needs the same variables in its environment.
+needs=()
+for var in MESH_SECRET CLOUDFLARE_ACCOUNT_ID CLOUDFLARE_API_TOKEN OPENAI_API_KEY ANTHROPIC_API_KEY TOGETHER_API_KEY; do
+    if grep -q "\${$var}" "$output"; then needs+=("$var"); fi
+done
+run="${bin[*]:-meshnode}"
+if [ ${#needs[@]} -gt 0 ]; then
+    echo "next: export ${needs[*]} (the same values) in the shell that runs the node, then:"
+fi
+echo "next: $run run --config $output"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meshnode.errors import ConfigError
 
@@ -64,10 +64,46 @@ class NodeConfig(_Strict):
     data_dir: Path = Path("./.meshnode")
 
 
+class CorsConfig(_Strict):
+    """Browser access (CORS). No origins: no CORS headers at all, as before."""
+
+    allow_origins: list[str] = Field(default_factory=list)  # exact origins, or ["*"]
+    allow_credentials: bool = False  # never honoured with "*" (browsers refuse it anyway)
+    max_age_s: int = Field(default=600, ge=0)
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and (
+                "://" not in origin or origin.endswith("/") or origin != origin.strip()
+            ):
+                raise ValueError(
+                    f"{origin!r} is not an origin (scheme://host[:port], no path, or '*')"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _no_credentials_with_any(self) -> CorsConfig:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_credentials cannot be used with allow_origins '*' "
+                             "(list the origins that may send credentials)")
+        return self
+
+
+class ResponsesStoreConfig(_Strict):
+    """Responses API `store: true`: kept in data_dir/responses.sqlite3."""
+
+    max_entries: int = Field(default=10_000, ge=1)
+    max_age_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+
+
 class ServerConfig(_Strict):
     listen_addr: str = "127.0.0.1:8080"
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
+    responses_store: ResponsesStoreConfig = Field(default_factory=ResponsesStoreConfig)
 
 
 class LoggingConfig(_Strict):
@@ -478,14 +514,27 @@ def _check_addr(addr: str) -> str | None:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
-def expand_env(value: Any, env: Mapping[str, str]) -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed document."""
+def expand_env(
+    value: Any, env: Mapping[str, str], unset: list[str] | None = None, where: str = ""
+) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed document. A `${VAR}`
+    with no default whose variable is unset or empty becomes "" and, when `unset` is given, is
+    added to it as `path: ${VAR}` (so the caller can name it)."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+        def sub(m: re.Match[str]) -> str:
+            found = env.get(m.group(1))
+            if found:
+                return found
+            if m.group(2) is None and unset is not None:
+                unset.append(f"{where or '(top)'}: ${{{m.group(1)}}}")
+            return m.group(2) or ""
+
+        return _VAR.sub(sub, value)
     if isinstance(value, list):
-        return [expand_env(v, env) for v in value]
+        return [expand_env(v, env, unset, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: expand_env(v, env) for k, v in value.items()}
+        return {k: expand_env(v, env, unset, f"{where}.{k}" if where else str(k))
+                for k, v in value.items()}
     return value
 
 
@@ -623,14 +672,17 @@ def load_config(
     path: Path | str | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    unset: list[str] | None = None,
 ) -> Config:
     """Load, expand and validate. Raises ConfigError listing every problem as `path: message`.
 
     `overrides` maps dotted paths (`server.listen_addr`) to values from command-line flags.
+    `unset`, when given, receives `path: ${VAR}` for every variable the file names without a
+    default that is not set (it expanded to ""), for the caller to report.
     """
     env = os.environ if env is None else env
     doc = read_document(Path(path)) if path is not None else embedded_default(env)
-    doc = expand_env(doc, env)
+    doc = expand_env(doc, env, unset if path is not None else None)
     _fill_preset_credentials(doc, env)
     for dotted, value in (overrides or {}).items():
         if value is not None:

@@ -39,6 +39,17 @@ DESCRIPTIONS: dict[str, str] = {
     "server.listen_addr": "HTTP `HOST:PORT`; port 0 picks a free one (printed as `MESHNODE_HTTP=`).",
     "server.max_body_bytes": "Larger request bodies get 413.",
     "server.shutdown_grace_s": "On SIGTERM/SIGINT, how long in-flight requests may drain.",
+    "server.cors": "Browser access to the API (CORS); docs/configuration.md: CORS.",
+    "server.cors.allow_origins": "Origins (`https://app.example.com`) allowed to call the API "
+                                 "from a browser, or `[\"*\"]`; empty: no CORS headers, "
+                                 "preflights refused.",
+    "server.cors.allow_credentials": "Send `Access-Control-Allow-Credentials: true` to listed "
+                                     "origins (never with `*`).",
+    "server.cors.max_age_s": "How long a browser may cache a preflight answer.",
+    "server.responses_store": "Stored responses of `POST /v1/responses` (`store: true`, for "
+                              "`previous_response_id`), in `data_dir/responses.sqlite3`.",
+    "server.responses_store.max_entries": "At most this many are kept; the oldest go first.",
+    "server.responses_store.max_age_s": "Older ones are deleted (OpenAI keeps 30 days).",
     "logging": "Log output.",
     "logging.format": "`text` for people, `json` for log shippers (`--log-format`).",
     "logging.level": "Minimum level logged.",

@@ -10,6 +10,7 @@ raises and catches only these. The API layer turns one into OpenAI's error shape
     ├── AuthenticationError           401 authentication_error
     ├── PermissionDenied              403 permission_error
     ├── ModelNotFound                 404 invalid_request_error, code model_not_found
+    ├── NotFound                      404 invalid_request_error, code not_found (a stored object)
     ├── PayloadTooLarge               413 invalid_request_error
     ├── RateLimited                   429 code rate_limit_exceeded  (our own limits, Retry-After)
     ├── BudgetExceeded                429 code budget_exceeded      (Retry-After)
@@ -42,6 +43,13 @@ class MeshError(Exception):
     error_type: str = "internal_error"
     code: str | None = None
     retryable: bool = False
+    # What the router tried before giving up (routing.outcome.Attempt), for the request's log
+    # line and metrics; empty for errors raised outside the failover loop.
+    attempts: tuple[object, ...] = ()
+    # An OpenAI-shaped upstream error's own `type` and `code` (`context_length_exceeded`,
+    # `insufficient_quota`): the client gets those, clients branch on them; ours then go in
+    # the body's `x_aiproxy`. None for errors that are ours.
+    upstream_wire: tuple[str, str | None] | None = None
 
     def __init__(
         self,
@@ -95,6 +103,14 @@ class ModelNotFound(MeshError):
     status = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class NotFound(MeshError):
+    """A stored object (a response of the Responses API) that does not exist for this caller."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
 
 
 class PayloadTooLarge(MeshError):

@@ -4,8 +4,10 @@ No business logic lives here. `Node(config)` builds the providers (`providers.re
 `Router` and the HTTP app (`api.app.create_app`); `start()` brings them up, `stop()` takes them
 down; `run_until_signal()` does both around SIGTERM/SIGINT and is what `meshnode run` calls.
 
-Start order: providers start → HTTP binds (port 0 allowed; the real address is logged and
-printed as `MESHNODE_HTTP=http://HOST:PORT` on stdout) → extra services start.
+Start order: the HTTP address is bound (not yet served) and the gRPC address probed, so a port
+in use fails the start before any model loads → providers start → HTTP serves (port 0 allowed;
+the real address is logged and printed as `MESHNODE_HTTP=http://HOST:PORT` on stdout) → extra
+services start.
 Stop order: services `leave()` (tell the mesh we go) → HTTP stops accepting and drains in-flight
 requests for up to `server.shutdown_grace_s` → services `stop()` → providers close.
 
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
@@ -28,15 +31,19 @@ from typing import Protocol, runtime_checkable
 from aiohttp import web
 
 from meshnode.api.app import create_app
+from meshnode.api.responses_http import RESPONSE_STORE
 from meshnode.api.state import CACHE
 from meshnode.cache.embedders import RouterEmbedder
 from meshnode.cache.service import ResponseCache
 from meshnode.config import Config, ResolvedProvider, node_id
 from meshnode.errors import ConfigError
 from meshnode.governance.service import Governance
+from meshnode.mesh.seeds import split_host_port
+from meshnode.observability import tracing
 from meshnode.observability.metrics import Metrics
 from meshnode.providers.base import Provider
 from meshnode.providers.registry import ProviderContext, build_provider
+from meshnode.responses_store import ResponseStore
 from meshnode.routing.router import Router
 
 log = logging.getLogger(__name__)
@@ -99,6 +106,7 @@ class Node:
             mesh_secret=config.mesh.secret,
         )
         self.governance.open()
+        self.metrics.budget_source = self.governance.budget_summary  # read at scrape time
         self.router = Router(
             config.routing,
             config.fallback_chain(),
@@ -136,6 +144,12 @@ class Node:
             manage_providers=False,
         )
         self.app[CACHE] = self.cache
+        # Responses API `store: true` (the app's default store is in memory).
+        self.app[RESPONSE_STORE] = ResponseStore(
+            config.node.data_dir,
+            max_entries=config.server.responses_store.max_entries,
+            max_age_s=config.server.responses_store.max_age_s,
+        )
         self.http_address = ""  # host:port once bound
         self._runner: web.AppRunner | None = None
         self._started_providers: list[Provider] = []
@@ -172,23 +186,55 @@ class Node:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Bring everything up; on failure, take down what was started and re-raise."""
+        sock: socket.socket | None = None
         try:
+            # Off unless the OpenTelemetry variables ask for it (observability/tracing.py).
+            tracing.configure(self.node_id)
+            # Ports first: a port in use is reported before minutes of model loading, not after.
+            sock = self._reserve_http()
+            if self.config.mesh.enabled:
+                _probe_bind(self.config.mesh.listen_addr, "gRPC",
+                            "mesh.listen_addr or --grpc-listen")
             for provider in self.providers:
                 await provider.start()
                 self._started_providers.append(provider)
             await self.cache.start()
-            await self._start_http()
+            await self._start_http(sock)
+            sock = None  # the site owns it now
             for service in self.services:
                 await service.start()
                 self._started_services.append(service)
         except BaseException:
+            if sock is not None:
+                sock.close()
             await self.stop()
             raise
         self._log_serving()
 
-    async def _start_http(self) -> None:
-        host, _, port = self.config.server.listen_addr.rpartition(":")
-        host = host.strip("[]")
+    def _reserve_http(self) -> socket.socket:
+        """Bind (not listen) the HTTP address: the port is ours, connections are refused until
+        `_start_http` serves on it."""
+        host, port = split_host_port(self.config.server.listen_addr)
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot bind HTTP on {self.config.server.listen_addr}: "
+                          f"{exc.strerror or exc}; set server.listen_addr or --listen") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot bind HTTP on {self.config.server.listen_addr}: "
+                          f"{exc.strerror or exc}; set server.listen_addr or --listen") from None
+        return sock
+
+    async def _start_http(self, sock: socket.socket) -> None:
         grace = self.config.server.shutdown_grace_s
         runner = web.AppRunner(
             self.app,
@@ -199,7 +245,7 @@ class Node:
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, host, int(port), shutdown_timeout=grace)
+        site = web.SockSite(runner, sock, shutdown_timeout=grace)
         await site.start()
         bound = runner.addresses[0]
         bound_host, bound_port = bound[0], bound[1]
@@ -236,6 +282,7 @@ class Node:
             except Exception:  # noqa: BLE001
                 log.exception("provider %s failed to close", provider.name)
         self.governance.close()
+        tracing.shutdown()
 
     async def run_until_signal(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop gracefully. Returns the exit status."""
@@ -310,6 +357,24 @@ class Node:
             "node %s serving %d model(s) at %s/v1: %s",
             self.node_id, len(served), self.http_url, ", ".join(served) or "none",
         )
+
+
+def _probe_bind(addr: str, what: str, setting: str) -> None:
+    """Fail now if `addr` cannot be bound (in use, not ours); the socket is closed at once, so
+    the server that binds it later (gRPC) finds it free. Port 0 is always free."""
+    host, port = split_host_port(addr)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot bind {what} on {addr}: {exc.strerror or exc}; set "
+                      f"{setting}") from None
 
 
 def _where(resolved: ResolvedProvider | None) -> str:

@@ -47,8 +47,13 @@ REDIRECT_FIELDS: frozenset[str] = frozenset(
         "extra_body",
         "default_headers",
         "x_aiproxy",
+        "x_responses_native",  # set only by meshnode's /v1/responses (RESPONSES_NATIVE_FIELD)
     }
 )
+# A /v1/responses request rides as a chat request (every provider serves chat); this field of
+# its chat body holds the Responses body itself, for a provider that speaks the Responses API
+# natively (OpenAI) to send as it is. Clients cannot set it (a redirect field: stripped).
+RESPONSES_NATIVE_FIELD = "x_responses_native"
 
 NodeId = NewType("NodeId", str)
 ModelId = NewType("ModelId", str)

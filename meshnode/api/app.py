@@ -7,11 +7,15 @@ drained). It does not bind sockets; the caller runs it (build the runner with
 `handler_cancellation=True` so a client that disconnects cancels its upstream call).
 
 Middlewares, outermost first:
+- `cors` (only with `server.cors.allow_origins`): answers preflights (`meshnode.api.cors`);
 - `request_middleware`: the request id (a sane client `x-request-id` is honoured, else one is
   generated; echoed in the response), the error mapping (`meshnode.api.errors`, the one place),
   and the per-request log line and metrics;
 - `body_limit_middleware`: a declared body over `server.max_body_bytes` is refused with 413
   before it is read (aiohttp's `client_max_size` catches bodies without a length).
+
+Every answer gets `openai-processing-ms` (a response-prepare hook); whole answers of at least
+`GZIP_MIN_BYTES` are gzipped for clients that send `Accept-Encoding: gzip`.
 """
 
 from __future__ import annotations
@@ -21,18 +25,21 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 
-from meshnode.api import handlers
+from meshnode.api import cors, handlers
 from meshnode.api.anthropic_door import add_anthropic_routes, anthropic_error_response
 from meshnode.api.errors import error_response, http_error_response, unexpected_error_response
 from meshnode.api.images import add_image_routes
+from meshnode.api.responses_http import add_responses_routes
 from meshnode.api.state import CONTEXT, STATE, ApiState, RequestContext, new_request_id
 from meshnode.config import ServerConfig, TimeoutsConfig
 from meshnode.dashboard import add_dashboard_routes
 from meshnode.errors import MeshError, PayloadTooLarge
 from meshnode.governance.http import key_name_of
+from meshnode.observability import tracing
 from meshnode.observability.logging import log_request
 from meshnode.observability.metrics import Metrics
 from meshnode.routing.router import Router
@@ -45,10 +52,30 @@ RouteRegistrar = Callable[[web.Application], None]
 # Status logged when the client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+# Whole answers at least this big are gzipped when the client accepts it (about one packet).
+GZIP_MIN_BYTES = 1400
 
 
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not tracing.enabled() or not request.path.startswith("/v1/"):
+        return await _serve(request, handler)
+    # One server span per inference request, child of the client's traceparent when it sent
+    # one; the router's attempt spans and the peer's spans hang below it.
+    with tracing.request_span(
+        f"{request.method} {request.path}", request.headers,
+        {"http.request.method": request.method, "url.path": request.path},
+    ) as span:
+        response = await _serve(request, handler)
+        ctx = request[CONTEXT]
+        tracing.set_attributes(span, {
+            "http.response.status_code": response.status, "meshnode.request_id": ctx.request_id,
+            "meshnode.model": ctx.model or "", "meshnode.error": ctx.error_code or "",
+        })
+        return response
+
+
+async def _serve(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("x-request-id")
     if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
         request_id = incoming
@@ -62,6 +89,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     except MeshError as exc:
         ctx.error_code = exc.code or exc.error_type
         ctx.error_provider = exc.provider
+        ctx.attempts = exc.attempts
         # Errors raised before the Anthropic door's handler (auth, rate limits, body size)
         # still answer in the envelope its clients parse.
         render = (anthropic_error_response if request.path.startswith("/v1/messages")
@@ -84,8 +112,33 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         headers["x-request-id"] = request_id
         if "x-aiproxy-node" not in headers:
             headers["x-aiproxy-node"] = state.node_id
+        _maybe_gzip(request, response)
     _finish(state, ctx, request, response.status)
     return response
+
+
+def _maybe_gzip(request: web.Request, response: web.StreamResponse) -> None:
+    """Compress a whole answer above `GZIP_MIN_BYTES` for a client that accepts gzip (20
+    embeddings are ~160 KB of JSON). Small answers (most chat answers) are sent as they are:
+    gzip would cost more CPU than the bytes it saves; streams are never compressed (each event
+    must reach the client the moment it is written)."""
+    if not isinstance(response, web.Response) or response.compression:
+        return
+    body = response.body
+    if not isinstance(body, bytes) or len(body) < GZIP_MIN_BYTES:
+        return
+    if "gzip" not in request.headers.get("Accept-Encoding", "").lower():
+        return
+    response.enable_compression(web.ContentCoding.gzip)
+
+
+async def _processing_ms(request: web.Request, response: web.StreamResponse) -> None:
+    """`openai-processing-ms` on every answer, as OpenAI sends it: the time from the request
+    to its headers (for a stream, to its first event)."""
+    ctx = request.get(CONTEXT)
+    if ctx is not None and "openai-processing-ms" not in response.headers:
+        response.headers["openai-processing-ms"] = str(
+            int((time.perf_counter() - ctx.started) * 1000))
 
 
 def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: int) -> None:
@@ -93,15 +146,17 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
     scrapes would drown the log). A `/v1/` request refused before its handler ran (auth, rate
     limit) is an inference request too."""
     if ctx.kind is None:
-        if not request.path.startswith("/v1/"):
+        # A /v1/ listing (GET /v1/models) that answered is not an inference request.
+        if not request.path.startswith("/v1/") or status < 400:
             return
         ctx.kind = "_unknown"
     latency_s = time.perf_counter() - ctx.started
     served = ctx.served
+    key = key_name_of(request)
     if served is not None:
         state.metrics.record_served(
             served, kind=ctx.kind, status=status, latency_s=latency_s, ttft_s=ctx.ttft_s,
-            error_code=ctx.error_code,
+            error_code=ctx.error_code, key=key, request_id=ctx.request_id,
         )
         log_request(
             request_id=ctx.request_id, method=request.method, path=request.path, status=status,
@@ -109,17 +164,19 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
             node=served.node, attempts=len(served.attempts),
             prompt_tokens=served.usage.prompt_tokens,
             completion_tokens=served.usage.completion_tokens, cost=served.cost,
-            stream=ctx.stream, error=ctx.error_code, key=key_name_of(request),
+            stream=ctx.stream, error=ctx.error_code, key=key,
         )
     else:
+        attempts: Any = ctx.attempts  # routing.outcome.Attempt, typed loosely in MeshError
         state.metrics.record_failed(
             model=ctx.model, kind=ctx.kind, status=status, code=ctx.error_code or str(status),
-            provider=ctx.error_provider,
+            provider=ctx.error_provider, attempts=attempts, key=key,
+            request_id=ctx.request_id, latency_s=latency_s,
         )
         log_request(
             request_id=ctx.request_id, method=request.method, path=request.path, status=status,
             started=ctx.started, model=ctx.model, provider=ctx.error_provider,
-            stream=ctx.stream, error=ctx.error_code, key=key_name_of(request),
+            attempts=len(attempts), stream=ctx.stream, error=ctx.error_code, key=key,
         )
 
 
@@ -169,6 +226,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/stats", handlers.admin_stats)
     add_image_routes(app)  # POST /v1/images/generations
     add_anthropic_routes(app)  # POST /v1/messages, /v1/messages/count_tokens
+    add_responses_routes(app)  # POST /v1/responses, GET/DELETE /v1/responses/{id}
     add_dashboard_routes(app)  # GET /dashboard (static page over /admin/*)
 
 
@@ -203,6 +261,8 @@ def create_app(
         max_body_bytes=server.max_body_bytes,
         timeout_s=timeouts.total_ms / 1000.0,
     )
+    app.on_response_prepare.append(_processing_ms)
+    cors.install(app, server.cors)  # outermost: preflights are answered before auth
     add_routes(app)
     for registrar in extra_routes:
         registrar(app)

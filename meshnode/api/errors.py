@@ -28,15 +28,22 @@ DEFAULT_RETRY_AFTER_S = 1.0
 
 
 def error_body(exc: MeshError) -> dict[str, Any]:
-    """OpenAI's error object for `exc`, with the message redacted."""
-    return {
+    """OpenAI's error object for `exc`, with the message redacted. An OpenAI-shaped upstream
+    error keeps its own `type` and `code` (clients branch on `context_length_exceeded`);
+    ours go in `x_aiproxy` then."""
+    wire = exc.upstream_wire
+    body: dict[str, Any] = {
         "error": {
             "message": redact(exc.message),
-            "type": exc.error_type,
+            "type": exc.error_type if wire is None else wire[0],
             "param": exc.param,
-            "code": exc.code,
+            "code": exc.code if wire is None else wire[1],
         }
     }
+    if wire is not None:
+        body["x_aiproxy"] = {"error_type": exc.error_type, "error_code": exc.code,
+                             "provider": exc.provider}
+    return body
 
 
 def internal_error_body(request_id: str) -> dict[str, Any]:

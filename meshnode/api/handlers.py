@@ -51,6 +51,21 @@ def _served_headers(served: Served) -> dict[str, str]:
     }
 
 
+def require_model(state: ApiState, model: str, kind: RequestKind) -> None:
+    """404 for a model nobody serves; 400 for one served, but not for `kind`."""
+    router = state.router
+    if not router.has_model(model, kind):
+        if router.has_model(model):
+            raise InvalidRequest(
+                f"model {model!r} does not serve {_KIND_NAMES[kind]} here", param="model"
+            )
+        raise ModelNotFound(
+            f"the model {model!r} does not exist on this node or its mesh; "
+            "GET /v1/models lists what is served",
+            param="model",
+        )
+
+
 # --------------------------------------------------------------------------- inference
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _infer(request, RequestKind.CHAT)
@@ -74,17 +89,7 @@ async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
         headers=_aiproxy_headers(request), key_name=key_name_of(request),
     )
     router = state.router
-    if not router.has_model(inference.model, kind):
-        if router.has_model(inference.model):
-            raise InvalidRequest(
-                f"model {inference.model!r} does not serve {_KIND_NAMES[kind]} here",
-                param="model",
-            )
-        raise ModelNotFound(
-            f"the model {inference.model!r} does not exist on this node or its mesh; "
-            "GET /v1/models lists what is served",
-            param="model",
-        )
+    require_model(state, inference.model, kind)
     ctx.model = inference.model
     ctx.stream = inference.stream
     metrics = state.metrics
@@ -147,6 +152,10 @@ async def _stream(
 # --------------------------------------------------------------------------- models
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    from meshnode.api import anthropic_door  # the door imports this module: no cycle at load
+
+    if anthropic_door.is_anthropic_client(request):
+        return _json(anthropic_door.models_page(state.router.models()))
     return _json(
         {
             "object": "list",
@@ -161,6 +170,10 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     for entry in state.router.models():
         if entry.get("id") == model_id:
+            from meshnode.api import anthropic_door
+
+            if anthropic_door.is_anthropic_client(request):
+                return _json(anthropic_door.model_info(entry))
             return _json(entry)
     raise ModelNotFound(f"the model {model_id!r} does not exist on this node", param="model")
 

@@ -45,6 +45,7 @@ class RequestContext:
     ttft_s: float | None = None
     error_code: str | None = None
     error_provider: str | None = None
+    attempts: tuple[object, ...] = ()  # what the router tried, for a request that failed
 
 
 STATE = web.AppKey("meshnode_api_state", ApiState)

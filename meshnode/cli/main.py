@@ -102,8 +102,9 @@ def _print_errors(errors: Sequence[str]) -> None:
 
 
 def check_config(path: str) -> int:
+    unset: list[str] = []
     try:
-        config = load_config(Path(path))
+        config = load_config(Path(path), unset=unset)
     except ConfigError as exc:
         _print_errors(exc.errors)
         return EXIT_INVALID
@@ -111,6 +112,8 @@ def check_config(path: str) -> int:
     if errors:
         _print_errors(errors)
         return EXIT_INVALID
+    for where in unset:  # valid, but `run` in this environment would see an empty value
+        print(f"warning: {where} is not set in this environment", file=sys.stderr)
     print(f"{path}: valid")
     return EXIT_OK
 
@@ -145,26 +148,37 @@ def startup_errors(config: Config) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshnode.observability.logging import configure_logging
+    from meshnode.observability.logging import (
+        capture_native_stderr,
+        configure_logging,
+        log_config_errors,
+    )
 
+    unset: list[str] = []
     try:
-        config = load_config(args.config, overrides=run_overrides(args))
+        config = load_config(args.config, overrides=run_overrides(args), unset=unset)
     except ConfigError as exc:
-        print("meshnode: invalid configuration:", file=sys.stderr)
-        _print_errors(exc.errors)
+        # The file's logging.format is unknown when the file is refused: the flag decides.
+        log_config_errors(args.log_format or "text", exc.errors)
         return EXIT_INVALID
+    if config.logging.format == "json":
+        capture_native_stderr()  # gRPC's C core writes to fd 2 itself
     configure_logging(config.logging.format, config.logging.level)
+    for where in unset:
+        path, _, var = where.partition(": ")
+        log.warning("config: %s (in %s) is not set in the environment; it expanded to an "
+                    "empty string", var, path)
     return _serve(config, embedded_default=args.config is None)
 
 
 def _serve(config: Config, *, embedded_default: bool) -> int:
     from meshnode.node import Node
+    from meshnode.observability.logging import log_config_errors
 
     try:
         node = Node(config, embedded_default=embedded_default)
     except ConfigError as exc:
-        print("meshnode: invalid configuration:", file=sys.stderr)
-        _print_errors(exc.errors)
+        log_config_errors(config.logging.format, exc.errors)
         return EXIT_INVALID
     _tune_gc()
     try:

@@ -1,7 +1,7 @@
 """`meshctl`: inspect a running mesh through one node's HTTP admin API (it talks HTTP, nothing
 else).
 
-    meshctl [--node URL] [--api-key KEY] peers|topology|models|route MODEL|stats|top [--json]
+    meshctl [--node URL] [--api-key KEY] [--json] peers|topology|models|route MODEL|stats|spend|top
 
 `--node` defaults to `$MESHNODE_URL`, else http://127.0.0.1:8080; `--api-key` to
 `$MESHNODE_API_KEY` (sent as `Authorization: Bearer`). Tables by default; `--json` prints stable
@@ -10,7 +10,8 @@ JSON whose schemas are in docs/meshctl.md:
   other than the asked node;
 - `topology --json`: `{"node", "nodes": [<member>, ...], "models": {<model>: [<node id>, ...]}}`,
   every member and, per model, the live nodes that offer it;
-- `models`, `route MODEL`, `stats`: built in `meshctl_views`; `top`: `meshctl_top`.
+- `models`, `route MODEL`, `stats`, `spend`: built in `meshctl_views`; `top`: `meshctl_top`.
+`--json` may stand anywhere on the line.
 Exit status (`meshctl_http.ExitCode`): 0 ok, 1 the node answered an error, 2 bad usage,
 3 node unreachable, 4 auth refused, 5 not found.
 """
@@ -140,12 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                        ("topology", "the mesh as a tree: every node, its links' RTT, its models"),
                        ("models", "which node and provider offers which model, at what price, "
                                   "warm or not"),
-                       ("stats", "traffic per provider and model, budget spent and left")):
+                       ("stats", "traffic per provider and model, budget spent and left"),
+                       ("spend", "spend per API key and per node, today and this month")):
         sub.add_parser(name, help=text, parents=[common], epilog=EXIT_CODES_HELP)
     route = sub.add_parser("route", help="what the node would do for MODEL now, and why",
                            parents=[common], epilog=EXIT_CODES_HELP)
     route.add_argument("model", metavar="MODEL")
-    top = sub.add_parser("top", help="a live full-screen view (q quits)", parents=[common],
+    top = sub.add_parser("top", help="a live full-screen view (q quits); a plain table every "
+                         "interval when stdout is not a terminal", parents=[common],
                          epilog=EXIT_CODES_HELP + "; 130 after Ctrl-C")
     top.add_argument("--interval", type=float, default=1.0, metavar="S",
                      help="seconds between refreshes (default %(default)s)")
@@ -170,6 +173,9 @@ def _view(args: argparse.Namespace, client: NodeClient) -> Any:
         node = client.get("/health/live").get("node", "")
         route = meshctl_views.route_json(node, explained)
         return route if args.json else meshctl_views.route_view(route)
+    if args.command == "spend":
+        spend = meshctl_views.spend_json(client.get("/admin/spend"))
+        return spend if args.json else meshctl_views.spend_view(spend)
     # stats
     try:
         budget = client.get("/admin/budget")
@@ -194,8 +200,17 @@ def _health(client: NodeClient) -> dict[str, Any]:
         return {}
 
 
+def _pull_json(argv: list[str]) -> tuple[list[str], bool]:
+    """`--json` may stand anywhere on the line (`meshctl --json peers`, `meshctl peers --json`,
+    after a subcommand's own arguments): take it out before argparse sees the subcommands."""
+    rest = [a for a in argv if a != "--json"]
+    return rest, len(rest) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, as_json = _pull_json(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    args.json = args.json or as_json
     if args.command == "top" and (args.interval <= 0 or (args.iterations or 1) < 1):
         print("meshctl: top: --interval must be > 0 and -n >= 1", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ short-lived CLI, one request at a time (`top` polls once a second); no event loo
 from __future__ import annotations
 
 import enum
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -87,6 +88,8 @@ class NodeClient:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             raise _http_error(self.node + path, exc) from None
+        except http.client.HTTPException as exc:
+            raise NodeUnreachable(_not_http(self.node, exc)) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise NodeUnreachable(f"{self.node}: cannot reach the node ({reason})") from None
@@ -94,6 +97,18 @@ class NodeClient:
             return json.loads(raw)
         except ValueError:
             raise MeshctlError(f"{url}: the answer is not JSON") from None
+
+
+def _not_http(node: str, exc: http.client.HTTPException) -> str:
+    """What answered was not HTTP/1.1. A gRPC server (a node's mesh port) answers an HTTP/1.1
+    request with HTTP/2 frames: a SETTINGS frame first (type 0x04), which http.client reads as
+    a garbled status line."""
+    line = exc.args[0] if exc.args else ""
+    if isinstance(line, str) and ("\x04" in line[:9] or line.startswith("\x00\x00")):
+        return (f"{node}: this is a gRPC port (it answered with HTTP/2 frames, as a node's "
+                "mesh.listen_addr does), not the HTTP API: meshctl talks to server.listen_addr "
+                "(port 8080 by default)")
+    return f"{node}: cannot reach the node (what answered is not HTTP: {type(exc).__name__})"
 
 
 def _http_error(where: str, exc: urllib.error.HTTPError) -> MeshctlError:

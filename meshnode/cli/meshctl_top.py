@@ -7,7 +7,9 @@ model, the budget. `q` quits (exit 0); so does Ctrl-C (exit 130, the shell's con
 Rendering is rich's `Live` on the alternate screen: no escape codes of our own. Keys are read
 with the terminal in cbreak mode (termios, restored on the way out) and `select` as the clock,
 so a key press is seen at once, not at the next refresh. Without a terminal on stdin (piped,
-cron) it only redraws until `-n` iterations are done or Ctrl-C.
+cron) it only redraws until `-n` iterations are done or Ctrl-C. When stdout is not a terminal
+(`meshctl top | tee`, a log file) there is no screen to redraw: it prints the same tables as
+plain text, one block per refresh under a timestamped header, until `-n` or Ctrl-C.
 
 The node going away while `top` runs is shown, not fatal: the last data stays on screen,
 marked stale, and polling goes on. Only the first read decides the exit status (3, 4, 5) so
@@ -177,7 +179,55 @@ def run_json(client: NodeClient, interval: float, iterations: int | None) -> int
         time.sleep(interval)
 
 
+def plain_frame(node: str, snapshot: Snapshot | None, error: str | None) -> Group:
+    """One refresh for a pipe or a file: header, then the tables, no screen control."""
+    parts: list[Any] = []
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
+        snapshot.at if snapshot is not None else time.time()))
+    if snapshot is None:
+        parts.append(Text(f"--- {when} meshctl top {node}: no data yet"))
+    else:
+        members = snapshot.mesh["members"] if snapshot.mesh is not None else []
+        alive = sum(1 for m in members if m["status"] == "alive")
+        mesh_part = (f"{alive}/{len(members)} nodes alive" if snapshot.mesh is not None
+                     else "mesh off on this node")
+        parts.append(Text(f"--- {when} meshctl top {snapshot.stats['node']} ({node}): "
+                          f"{mesh_part}"))
+        if error:
+            parts.append(Text(f"stale: the last poll failed: {error}"))
+        parts += [_nodes_table(snapshot),
+                  stats_table(snapshot.stats, title="traffic by provider and model"),
+                  budget_line(snapshot.stats["budget"])]
+    return Group(*parts)
+
+
+def run_plain(client: NodeClient, interval: float, iterations: int | None) -> int:
+    """`top` with stdout not a terminal: a plain table every `interval`."""
+    snapshot = poll(client)  # the first read decides the exit status (3, 4, 5)
+    error: str | None = None
+    console = Console(width=200, color_system=None, force_terminal=False, highlight=False)
+    done = 0
+    try:
+        while True:
+            console.print(plain_frame(client.node, snapshot, error))
+            console.print()
+            sys.stdout.flush()
+            done += 1
+            if iterations is not None and done >= iterations:
+                return 0
+            time.sleep(interval)
+            try:
+                snapshot = poll(client)
+                error = None
+            except MeshctlError as exc:
+                error = str(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
 def run_screen(client: NodeClient, interval: float, iterations: int | None) -> int:
+    if not sys.stdout.isatty():
+        return run_plain(client, interval, iterations)
     snapshot = poll(client)  # the first read decides the exit status (3, 4, 5)
     error: str | None = None
     console = Console()

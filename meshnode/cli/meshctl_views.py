@@ -255,3 +255,34 @@ def budget_line(budget: dict[str, Any] | None) -> Text:
 
 def stats_view(view: dict[str, Any]) -> Group:
     return Group(stats_table(view), budget_line(view["budget"]))
+
+
+# ------------------------------------------------------------------------------ spend
+def spend_json(report: dict[str, Any]) -> dict[str, Any]:
+    """`spend --json`: `/admin/spend` as the node reports it (schema in docs/meshctl.md)."""
+    return {k: report[k] for k in ("node", "day", "month", "total", "nodes", "keys")}
+
+
+def spend_view(view: dict[str, Any]) -> Group:
+    keys = Table(title=f"spend per API key, seen from {escape(view['node'])} ({view['day']})")
+    for column in ("KEY", "TODAY", "THIS MONTH", "DAILY LIMIT", "LEFT TODAY", "BY NODE (today)"):
+        keys.add_column(column, justify="right" if column.isupper() and column not in (
+            "KEY", "BY NODE (today)") else "left")
+    for row in view["keys"]:
+        by_node = ", ".join(f"{escape(n)} {money(v['today'])}" for n, v in row["nodes"].items())
+        keys.add_row(
+            escape(row["key"]), money(row["today"]), money(row["this_month"]),
+            "none" if row["daily_limit"] is None else money(row["daily_limit"]),
+            "-" if row["left_today"] is None else money(row["left_today"]),
+            by_node or "-",
+        )
+    if not view["keys"]:
+        keys.add_row("(no API keys: auth off, or none created)", "", "", "", "", "")
+    nodes = Table(title="spend per node (all keys)")
+    for column in ("NODE", "TODAY", "THIS MONTH"):
+        nodes.add_column(column, justify="left" if column == "NODE" else "right")
+    for row in view["nodes"]:
+        nodes.add_row(escape(row["node"]), money(row["today"]), money(row["this_month"]))
+    total = view["total"]
+    nodes.add_row("[bold]total[/]", money(total["today"]), money(total["this_month"]))
+    return Group(keys, nodes)

@@ -5,6 +5,10 @@ browser, with the admin key as a Bearer token when auth is on. That is why the s
 public route in `governance.auth` (a browser cannot put a Bearer token on a page navigation);
 the data stays behind admin auth.
 
+It also serves `GET /admin/history` (admin, like every `/admin/*`): the node's last 15 minutes
+per provider and per node and its last 20 errors (`observability.history`, fed by the metrics'
+record calls), which the page draws as small charts and a table.
+
 The files are read once, at first use, from a fixed list (no path from the request ever reaches
 the file system). Must not touch: the admin API itself (its handlers live with their owners).
 """
@@ -14,7 +18,10 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import orjson
 from aiohttp import web
+
+from meshnode.api.state import STATE
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 ASSETS = {
@@ -56,8 +63,21 @@ async def dashboard_slash(request: web.Request) -> web.Response:
     raise web.HTTPFound("/dashboard")
 
 
+async def admin_history(request: web.Request) -> web.Response:
+    """`{"node", "history": RequestHistory.snapshot(), "errors": [last 20, newest first]}`."""
+    state = request.app[STATE]
+    body = {
+        "node": state.node_id,
+        "history": state.metrics.history.snapshot(),
+        "errors": state.metrics.recent_errors.to_json(),
+    }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
 def add_dashboard_routes(app: web.Application) -> None:
-    """A `create_app` route registrar: `/dashboard`, `/dashboard/` and `/dashboard/<asset>`."""
+    """A `create_app` route registrar: `/dashboard`, `/dashboard/`, `/dashboard/<asset>` and
+    `/admin/history`."""
+    app.router.add_get("/admin/history", admin_history)
     app.router.add_get("/dashboard", dashboard_page)
     app.router.add_get("/dashboard/", dashboard_slash)
     app.router.add_get("/dashboard/{name}", dashboard_asset)

@@ -31,6 +31,7 @@ from meshnode.errors import InvalidRequest, RateLimited
 from meshnode.governance.auth import Authenticator, RouteClass, route_class
 from meshnode.governance.keys import KeyRecord
 from meshnode.governance.ratelimit import RateDecision
+from meshnode.governance.spend_report import spend_report
 
 if TYPE_CHECKING:
     from meshnode.governance.service import Governance
@@ -181,6 +182,14 @@ async def admin_budget(request: web.Request) -> web.Response:
     return _json(gov.budget_summary())
 
 
+async def admin_spend(request: web.Request) -> web.Response:
+    """Per key and per node, today and this month (`spend_report`)."""
+    gov = request.app[GOVERNANCE]
+    summary = gov.ledger.summary()
+    return _json(spend_report(gov.node_id, summary["day"], summary["month"],
+                              gov.ledger.export_counters(), gov.keys.records()))
+
+
 def install(app: web.Application, gov: Governance) -> None:
     app[GOVERNANCE] = gov
     if gov.auth_enabled:  # with auth off the middleware would only cost time
@@ -190,3 +199,4 @@ def install(app: web.Application, gov: Governance) -> None:
     app.router.add_get("/admin/keys", list_keys)
     app.router.add_delete("/admin/keys/{name}", revoke_key)
     app.router.add_get("/admin/budget", admin_budget)
+    app.router.add_get("/admin/spend", admin_spend)

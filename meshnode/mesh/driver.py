@@ -92,6 +92,8 @@ class MeshDriver:
         self._stopping = False
         # Round-trip time of direct probes per peer (EWMA, ms): feeds latency_optimized.
         self.rtt_ms: dict[str, float] = {}
+        # The last failed join per address, for the seed joiner to say why (`seeds.diagnose`).
+        self.join_failures: dict[str, str] = {}
         # Times our own event loop was found late (Lifeguard raised our awareness).
         self.lagged = 0
 
@@ -119,7 +121,9 @@ class MeshDriver:
             await self._exchange(address, join=True)
         except TransportError as exc:
             log.debug("join via %s failed: %s", address, exc)
+            self.join_failures[address] = str(exc)
             return False
+        self.join_failures.pop(address, None)
         return True
 
     async def leave(self, timeout: float) -> int:

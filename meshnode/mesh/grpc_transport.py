@@ -7,6 +7,8 @@ a gRPC type.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import grpc.aio
 
@@ -23,8 +25,13 @@ from meshnode.rpc.client import PeerAnswerError, PeerChannels
 
 
 class GrpcTransport(Transport):
-    def __init__(self, channels: PeerChannels) -> None:
+    def __init__(
+        self, channels: PeerChannels,
+        on_gossip: Callable[[str, int, int], object] | None = None,
+    ) -> None:
         self._channels = channels
+        # (peer id, bytes sent, bytes received) per exchange: the gossip-bytes metric.
+        self._on_gossip = on_gossip
 
     async def probe(self, address: str, probe: Probe, timeout: float) -> Ack:
         try:
@@ -38,12 +45,15 @@ class GrpcTransport(Transport):
         return convert.ack_from_pb(reply)
 
     async def gossip(self, address: str, message: GossipMessage, timeout: float) -> GossipReply:
+        request = convert.gossip_request_to_pb(message)
         try:
-            reply = await self._channels.stub(address).Gossip(
-                convert.gossip_request_to_pb(message), timeout=timeout
-            )
+            reply = await self._channels.stub(address).Gossip(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise TransportError(f"{address}: {exc.code().name}") from None
+            # The details tell a refusal (UNAUTHENTICATED) from an HTTP/1 server on the port.
+            raise TransportError(f"{address}: {exc.code().name}: {exc.details()}") from None
         except PeerAnswerError as exc:
             raise TransportError(f"{address}: {exc}") from None
-        return convert.gossip_reply_from_pb(reply)
+        answer = convert.gossip_reply_from_pb(reply)
+        if self._on_gossip is not None:
+            self._on_gossip(answer.from_node, request.ByteSize(), reply.ByteSize())
+        return answer

@@ -64,6 +64,27 @@ class Backoff:
         return base * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
 
 
+def diagnose(address: str, failure: str | None) -> str:
+    """Why a seed did not let us join, from the transport's failure text, in words that name
+    the likely mistake."""
+    text = failure or ""
+    if "UNAUTHENTICATED" in text or "authentication failed" in text:
+        return (f"{address} answered but refused us: mesh authentication failed (its "
+                "mesh.secret differs from ours, or the clocks are more than 30 s apart)")
+    if "PERMISSION_DENIED" in text:
+        return f"{address} answered but refused us: {text.split(': ', 2)[-1]}"
+    if "http1.x" in text or "HTTP/1" in text:
+        return (f"{address} speaks HTTP/1.1, not gRPC: it is an HTTP port (a node's "
+                "server.listen_addr?); a seed is a peer's gRPC address (mesh.listen_addr, port "
+                "50051 by default)")
+    if "DEADLINE_EXCEEDED" in text:
+        return f"{address} did not answer in time"
+    if "UNAVAILABLE" in text:
+        return (f"nothing answers gRPC at {address} (node down, wrong host or port; a seed is "
+                "a peer's mesh.listen_addr, port 50051 by default)")
+    return f"{address}: {text}" if text else f"{address} did not answer"
+
+
 class SeedJoiner:
     """Joins through the seeds and re-joins when alone. `join(address) -> answered`."""
 
@@ -79,8 +100,12 @@ class SeedJoiner:
         check_interval_s: float = 5.0,
         live_addresses: Callable[[], set[str]] | None = None,
         recontact_interval_s: float = 30.0,
+        failure_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self._seeds = list(seeds)
+        # The last join failure of an address (the driver keeps them), for the warning.
+        self._failure_of = failure_of
+        self._tried: list[str] = []
         self._join = join
         self._alone = alone
         self._live = live_addresses
@@ -94,14 +119,22 @@ class SeedJoiner:
 
     async def try_once(self) -> bool:
         """Resolve every seed and try each address until one answers."""
+        self._tried = []
         for seed in self._seeds:
             for address in await self._resolve(seed):
                 if address in self._own:
                     continue
+                self._tried.append(address)
                 if await self._join(address):
                     log.info("mesh: joined through seed %s (%s)", seed, address)
                     return True
         return False
+
+    def _why(self) -> str:
+        if not self._tried:
+            return "no seed address resolves"
+        failure_of = self._failure_of or (lambda address: None)
+        return "; ".join(diagnose(a, failure_of(a)) for a in self._tried)
 
     async def recontact(self) -> int:
         """Knock on every seed address that is not a live member now. Reconnect probes of dead
@@ -136,12 +169,8 @@ class SeedJoiner:
                     delay = self._backoff.delay(attempt, self._rng)
                     attempt += 1
                     if attempt == 1 or attempt % 10 == 0:
-                        log.warning(
-                            "mesh: no seed answered (%s); retrying. A seed is a peer's gRPC "
-                            "address (its mesh.listen_addr, port 50051 by default), not its "
-                            "HTTP port",
-                            ", ".join(self._seeds),
-                        )
+                        log.warning("mesh: could not join through the seeds (%s); retrying: %s",
+                                    ", ".join(self._seeds), self._why())
                     await asyncio.sleep(delay)
                     continue
             else:

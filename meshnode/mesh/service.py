@@ -43,6 +43,7 @@ from meshnode.mesh.state import (
     NodeState,
 )
 from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
+from meshnode.observability.metrics import MeshView, Metrics
 from meshnode.providers.base import Provider
 from meshnode.providers.peer import MeshProvider
 from meshnode.rpc.client import PeerChannels
@@ -70,8 +71,11 @@ class MeshService:
         blobs: Callable[[], Mapping[str, bytes]] | None = None,
         on_peer_blobs: Callable[[str, Mapping[str, bytes]], object] | None = None,
         security: MeshSecurity | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        # Per-peer traffic and membership gauges (observability.metrics); None in bare tests.
+        self._metrics = metrics
         # Extra counters this node gossips in its state (governance: its own spend slots), and
         # who merges the counters of every member's state (governance: the G-counter merge).
         self._counters = counters
@@ -115,7 +119,8 @@ class MeshService:
         self.http_address = address() if callable(address) else address
         # The servicer needs the driver and the driver needs the bound address: bind first,
         # then hand the servicer its handler.
-        servicer = MeshServicer(self.node_id, _Pending(), backend=self.router)
+        servicer = MeshServicer(self.node_id, _Pending(), backend=self.router,
+                                metrics=self._metrics)
         self._server, self.port = await start_server(
             self.config.listen_addr, servicer,
             interceptors=[self.guard],
@@ -133,12 +138,22 @@ class MeshService:
         )
         self.driver = MeshDriver(
             self.membership,
-            GrpcTransport(self.channels),
+            GrpcTransport(
+                self.channels,
+                on_gossip=self._metrics.record_gossip if self._metrics is not None else None,
+            ),
             gossip_interval_s=self.config.gossip_interval_ms / 1000.0,
             rng=rng,
             on_change=self._log_change,
         )
         servicer.set_handler(self.driver)
+        if self._metrics is not None:
+            membership, self_id = self.membership, self.node_id
+            self._metrics.mesh_view = MeshView(
+                lambda: [(m.node_id, m.status.label) for m in membership.members()
+                         if m.node_id != self_id],
+                self.driver.rtt_ms,
+            )
         self.provider = MeshProvider(
             self.node_id, self.membership, self.channels, rtt_ms=self.driver.rtt_ms.get
         )
@@ -154,6 +169,7 @@ class MeshService:
             live_addresses=lambda: {
                 m.address for m in self.membership.peers()  # type: ignore[union-attr]
             },
+            failure_of=self.driver.join_failures.get,
         )
         self._tasks = [
             asyncio.create_task(self.joiner.run(), name="mesh-seeds"),
@@ -323,6 +339,8 @@ class MeshService:
                 log.exception("mesh: could not merge blobs of a peer")
 
     def _log_change(self, update: MemberUpdate) -> None:
+        if update.status is MemberStatus.SUSPECT and self._metrics is not None:
+            self._metrics.suspicions.inc()
         if update.node_id == self.node_id:
             if update.status is MemberStatus.ALIVE:
                 log.info("mesh: refuted a rumour about us (incarnation %d)", update.incarnation)
@@ -377,6 +395,7 @@ def mesh_service(node: Any) -> MeshService:
         on_peer_counters=governance.merge_peer_counters if governance is not None else None,
         blobs=blobs,
         on_peer_blobs=on_peer_blobs,
+        metrics=getattr(node, "metrics", None),
     )
 
 

@@ -2,17 +2,31 @@
 process never collide).
 
 Per provider and model: requests (by status), errors (by code), latency and time-to-first-token
-histograms, tokens (prompt/completion), cost in USD, and upstream attempts by outcome. Labelled
-children are cached so the hot path does one dict lookup per series, not prometheus-client's
-label resolution.
+histograms, tokens (prompt/completion), cost in USD. Upstream attempts by outcome (`ok`,
+`retryable_error`, `fatal_error`, `cooled_down`: a failure that opened the candidate's breaker),
+counted for failed requests too. Per peer: requests forwarded to it (by attempt outcome) and
+received from it, its RTT, gossip bytes each way. The mesh: members by status, suspicions
+raised. The budget: spent, reserved and the limits. Per API key (its name, never the key):
+requests, tokens and spend. Labelled children are cached so the hot path does one dict lookup
+per series, not prometheus-client's label resolution. Gauges that mirror state someone else
+owns (membership, RTT, budget) are read at scrape time by a collector, so nothing is updated
+on the hot path for them.
 
 Label values are only ever provider names, public model names that this node serves, status
-codes and error codes: never a key, a header, or a model name a client made up (those are
-reported as `_unknown`, which also bounds the cardinality).
+codes, error codes, peer node ids and API key names: never a key, a header, or a model name a
+client made up (those are reported as `_unknown`). Peer ids and key names are bounded
+(`BoundedLabels`: the first `MAX_PEERS` / `MAX_KEYS` seen keep their own series, later ones
+share `_other`), so a mesh that churns or a node that mints keys cannot grow the exposition
+without bound.
+
+The same two record calls feed the dashboard's history (`history.RequestHistory`) and its last
+errors (`history.RecentErrors`): one place where a request's outcome is recorded.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -23,11 +37,20 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from meshnode.routing.outcome import Served
+from meshnode.observability.history import ErrorRecord, RecentErrors, RequestHistory
+from meshnode.routing.outcome import Attempt, Served
 
 UNKNOWN = "_unknown"
 NONE = "_none"
+OTHER = "_other"
+REFUSED = "(no provider)"  # the history's series for requests refused before any provider
+MAX_PEERS = 128
+MAX_KEYS = 200
+ATTEMPT_OUTCOMES = ("ok", "retryable_error", "fatal_error", "cooled_down")
+MEMBER_STATUSES = ("alive", "suspect", "dead", "left")
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -47,6 +70,101 @@ class Level:
 
     def dec(self) -> None:
         self.value -= 1
+
+
+class BoundedLabels:
+    """The first `limit` distinct values keep their own label; later ones are `_other`."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+def attempt_outcome(attempt: Attempt) -> str:
+    """The attempt's class for `meshnode_upstream_attempts_total` (its code stays in x_aiproxy)."""
+    if attempt.outcome == "ok":
+        return "ok"
+    if attempt.cooled:
+        return "cooled_down"
+    return "retryable_error" if attempt.retryable else "fatal_error"
+
+
+class MeshView:
+    """What the mesh collector reads at scrape time (the mesh service provides it)."""
+
+    def __init__(
+        self,
+        statuses: Callable[[], Iterable[tuple[str, str]]],
+        rtt_ms: Mapping[str, float],
+    ) -> None:
+        self.statuses = statuses  # (node id, status label) of every member but this node
+        self.rtt_ms = rtt_ms
+
+
+class _StateCollector(Collector):
+    """Gauges read from their owners at scrape time: membership, RTT, budget."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected only when scraped: the registry must not call collect() early
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        members = GaugeMetricFamily(
+            "meshnode_mesh_members", "Mesh members this node knows, by status (itself included)",
+            labels=("status",),
+        )
+        rtt = GaugeMetricFamily(
+            "meshnode_peer_rtt_seconds", "Round-trip time of this node's probes to each peer",
+            labels=("peer",),
+        )
+        counts = dict.fromkeys(MEMBER_STATUSES, 0)
+        view = m.mesh_view
+        if view is not None:
+            counts["alive"] = 1  # this node
+            for node_id, status in view.statuses():
+                counts[status] = counts.get(status, 0) + 1
+                value = view.rtt_ms.get(node_id)
+                if value is not None:
+                    rtt.add_metric((m.peer_label(node_id),), value / 1000.0)
+        for status, n in counts.items():
+            members.add_metric((status,), n)
+        yield members
+        yield rtt
+        budget = m.budget_source() if m.budget_source is not None else None
+        spent = GaugeMetricFamily(
+            "meshnode_budget_spent_usd", "Settled spend in the current period", labels=("period",)
+        )
+        limit = GaugeMetricFamily(
+            "meshnode_budget_limit_usd", "Budget limit of the period (absent: no limit)",
+            labels=("period",),
+        )
+        reserved = GaugeMetricFamily(
+            "meshnode_budget_reserved_usd", "Held by calls in flight (today)"
+        )
+        if budget is not None:
+            spent.add_metric(("day",), float(budget.get("spent_today") or 0.0))
+            spent.add_metric(("month",), float(budget.get("spent_this_month") or 0.0))
+            reserved.add_metric((), float(budget.get("reserved") or 0.0))
+            for period, key in (("day", "daily_limit"), ("month", "monthly_limit")):
+                value = budget.get(key)
+                if budget.get("enabled", True) and value is not None:
+                    limit.add_metric((period,), float(value))
+        yield spent
+        yield reserved
+        yield limit
 
 
 class Metrics:
@@ -81,9 +199,45 @@ class Metrics:
             registry=r,
         )
         self.attempts = Counter(
-            "meshnode_upstream_attempts", "Upstream attempts by outcome",
+            "meshnode_upstream_attempts",
+            "Upstream attempts by outcome: ok, retryable_error, fatal_error, cooled_down",
             ("provider", "outcome"), registry=r,
         )
+        self.forwarded = Counter(
+            "meshnode_peer_forwarded_requests", "Attempts this node forwarded to a peer",
+            ("peer", "outcome"), registry=r,
+        )
+        self.received = Counter(
+            "meshnode_peer_received_requests", "Requests a peer forwarded to this node",
+            ("peer", "kind"), registry=r,
+        )
+        self.gossip_bytes = Counter(
+            "meshnode_gossip_bytes", "Gossip payload bytes exchanged with each peer",
+            ("peer", "direction"), registry=r,
+        )
+        self.suspicions = Counter(
+            "meshnode_mesh_suspicions", "Times a peer was marked suspect", registry=r,
+        )
+        self.key_requests = Counter(
+            "meshnode_key_requests", "Inference requests per API key name",
+            ("key", "status"), registry=r,
+        )
+        self.key_tokens = Counter(
+            "meshnode_key_tokens", "Tokens served per API key name", ("key", "direction"),
+            registry=r,
+        )
+        self.key_cost = Counter(
+            "meshnode_key_cost_usd", "Spend per API key name in USD", ("key",), registry=r,
+        )
+        self.peer_label = BoundedLabels(MAX_PEERS)
+        self.key_label = BoundedLabels(MAX_KEYS)
+        # Read at scrape time; set by the mesh service and the node (None: not reported).
+        self.mesh_view: MeshView | None = None
+        self.budget_source: Callable[[], Mapping[str, Any]] | None = None
+        r.register(_StateCollector(self))
+        # The dashboard's history and last errors, fed by the same record calls.
+        self.history = RequestHistory()
+        self.recent_errors = RecentErrors()
         # A plain counter read at scrape time: a Gauge's inc/dec take a lock twice per request.
         self.in_flight = Level()
         Gauge(
@@ -108,6 +262,8 @@ class Metrics:
         latency_s: float,
         ttft_s: float | None = None,
         error_code: str | None = None,
+        key: str | None = None,
+        request_id: str = "",
     ) -> None:
         """A request that reached a provider (its answer was delivered, or broke mid-stream)."""
         provider = served.offer.provider
@@ -123,20 +279,84 @@ class Metrics:
             self._child(self.tokens, provider, model, "completion").inc(usage.completion_tokens)
         if served.cost:
             self._child(self.cost, provider, model).inc(served.cost)
-        for attempt in served.attempts:
-            self._child(self.attempts, attempt.provider, attempt.outcome).inc()
+        self.record_attempts(served.attempts)
         if error_code is not None:
             self._child(self.errors, provider, model, error_code).inc()
+        if key is not None:
+            self._record_key(key, status, usage.prompt_tokens, usage.completion_tokens,
+                             served.cost)
+        # 499: the client went away, nothing failed on our side.
+        failed = status != 499 and (error_code is not None or status >= 400)
+        self.history.record(
+            provider=served.offer.key[0], node=served.node, error=failed,
+            tokens=usage.prompt_tokens + usage.completion_tokens, latency_ms=latency_s * 1000.0,
+        )
+        if failed:
+            self.recent_errors.add(ErrorRecord(
+                time.time(), request_id, status, error_code or str(status), model, provider, key,
+                len(served.attempts),
+            ))
+
+    def record_attempts(self, attempts: Sequence[Attempt]) -> None:
+        for attempt in attempts:
+            outcome = "ok" if attempt.outcome == "ok" else attempt_outcome(attempt)
+            self._child(self.attempts, attempt.provider, outcome).inc()
+            if attempt.peer is not None:
+                self._child(self.forwarded, self.peer_label(attempt.peer), outcome).inc()
+
+    def _record_key(self, key: str, status: int, prompt: int, completion: int,
+                    cost: float) -> None:
+        label = self.key_label(key)
+        self._child(self.key_requests, label, str(status)).inc()
+        if prompt:
+            self._child(self.key_tokens, label, "prompt").inc(prompt)
+        if completion:
+            self._child(self.key_tokens, label, "completion").inc(completion)
+        if cost:
+            self._child(self.key_cost, label).inc(cost)
+
+    # ------------------------------------------------------------------ mesh
+    def record_received(self, peer: str, kind: str) -> None:
+        """A peer forwarded a request to this node."""
+        self._child(self.received, self.peer_label(peer), kind).inc()
+
+    def record_gossip(self, peer: str, sent: int, received: int) -> None:
+        """One gossip exchange with `peer`: payload bytes each way."""
+        label = self.peer_label(peer)
+        if sent:
+            self._child(self.gossip_bytes, label, "sent").inc(sent)
+        if received:
+            self._child(self.gossip_bytes, label, "received").inc(received)
 
     def record_failed(
-        self, *, model: str | None, kind: str, status: int, code: str, provider: str | None = None
+        self, *, model: str | None, kind: str, status: int, code: str, provider: str | None = None,
+        attempts: Sequence[Attempt] = (), key: str | None = None, request_id: str = "",
+        latency_s: float = 0.0,
     ) -> None:
-        """A request that ended in an error before any provider answered. `model` must be a
-        model this node serves, else None (it is reported as `_unknown`)."""
+        """A request that ended in an error before any provider answered (`attempts`: what
+        the router tried first). `model` must be a model this node serves, else None (it is
+        reported as `_unknown`)."""
         model_label = model or UNKNOWN
         provider_label = provider or NONE
         self._child(self.requests, provider_label, model_label, kind, str(status)).inc()
         self._child(self.errors, provider_label, model_label, code).inc()
+        if attempts:
+            self.record_attempts(attempts)
+        if key is not None:
+            self._record_key(key, status, 0, 0, 0.0)
+        if status != 499:  # the client went away: nothing failed on our side
+            # The history charts the provider that failed last, when one was tried.
+            last = attempts[-1] if attempts else None
+            tried = provider
+            if last is not None:  # as the providers table names it: a peer is mesh:<node>
+                tried = last.provider if last.peer is None else f"{last.provider}:{last.peer}"
+            self.history.record(
+                provider=tried or REFUSED, node=last.node if last is not None else None,
+                error=True, tokens=0, latency_ms=latency_s * 1000.0,
+            )
+            self.recent_errors.add(ErrorRecord(
+                time.time(), request_id, status, code, model, tried, key, len(attempts),
+            ))
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

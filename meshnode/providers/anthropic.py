@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -40,9 +40,16 @@ from meshnode.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from meshnode.providers.anthropic_extensions import MESSAGE_FIELD, PART_FIELD
 from meshnode.providers.base import Provider
 from meshnode.providers.content import content_text
-from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
+from meshnode.providers.http import (
+    STREAM_ACCEPT,
+    HttpUpstream,
+    as_stream_broken,
+    iter_sse,
+    request_id_headers,
+)
 from meshnode.providers.registry import ProviderContext
 from meshnode.types import (
     Completion,
@@ -115,11 +122,31 @@ def _image_block(part: dict[str, Any], where: str) -> dict[str, Any]:
                 "image data URLs must be base64 (data:image/png;base64,...)",
                 param=f"{where}.image_url.url",
             )
-        return {
+        return _cached(part, {
             "type": "image",
             "source": {"type": "base64", "media_type": media_type, "data": data},
-        }
-    return {"type": "image", "source": {"type": "url", "url": url}}
+        })
+    return _cached(part, {"type": "image", "source": {"type": "url", "url": url}})
+
+
+def _cached(part: Mapping[str, Any], block: dict[str, Any]) -> dict[str, Any]:
+    """`block` with the part's `cache_control` (the door's prompt-caching marks)."""
+    mark = part.get(PART_FIELD)
+    if isinstance(mark, dict):
+        block[PART_FIELD] = mark
+    return block
+
+
+def _text_blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    """Text content -> text blocks, one per part when a part carries `cache_control` (so the
+    mark stays on its block), else one block."""
+    if isinstance(content, list) and any(
+            isinstance(p, dict) and PART_FIELD in p for p in content):
+        content_text(content, where)  # validates: text parts only
+        return [_cached(p, {"type": "text", "text": str(p.get("text", ""))})
+                for p in content if p.get("text")]
+    text = content if isinstance(content, str) else content_text(content, where)
+    return [{"type": "text", "text": text}] if text else []
 
 
 def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
@@ -135,7 +162,7 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
         if kind == "text":
             text = str(part.get("text", ""))
             if text:
-                blocks.append({"type": "text", "text": text})
+                blocks.append(_cached(part, {"type": "text", "text": text}))
         elif kind == "image_url":
             blocks.append(_image_block(part, f"{where}.content[{j}]"))
         else:
@@ -147,11 +174,11 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    blocks: list[dict[str, Any]] = []
-    content = message.get("content")
-    text = content if isinstance(content, str) else content_text(content, where)
-    if text:
-        blocks.append({"type": "text", "text": text})
+    # Thinking blocks (with their signatures) come first, as Anthropic sent them.
+    blocks: list[dict[str, Any]] = [
+        dict(b) for b in message.get(MESSAGE_FIELD) or ()
+        if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")]
+    blocks.extend(_text_blocks(message.get("content"), where))
     for j, call in enumerate(message.get("tool_calls") or ()):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not function.get("name"):
@@ -186,11 +213,16 @@ def _tool_result_block(message: dict[str, Any], where: str) -> dict[str, Any]:
     call_id = message.get("tool_call_id")
     if not call_id:
         raise InvalidRequest("a tool message needs tool_call_id", param=f"{where}.tool_call_id")
-    return {
+    content = message.get("content")
+    block = {
         "type": "tool_result",
         "tool_use_id": str(call_id),
-        "content": content_text(message.get("content"), where),
+        "content": content_text(content, where),
     }
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, dict) and isinstance(part.get(PART_FIELD), dict):
+            block[PART_FIELD] = part[PART_FIELD]
+    return block
 
 
 def _merge_turns(turns: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -208,7 +240,7 @@ def _merge_turns(turns: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str
         content = message["content"]
         if message["role"] == "user" and any(b["type"] == "tool_result" for b in content):
             content.sort(key=lambda b: b["type"] != "tool_result")
-        elif len(content) == 1 and content[0]["type"] == "text":
+        elif len(content) == 1 and content[0]["type"] == "text" and PART_FIELD not in content[0]:
             # A plain string is the common, cheapest form on the wire.
             message["content"] = content[0]["text"]
     return merged
@@ -226,6 +258,8 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]]:
         }
         if function.get("description"):
             entry["description"] = function["description"]
+        if isinstance(tool.get(PART_FIELD), dict):
+            entry[PART_FIELD] = tool[PART_FIELD]
         out.append(entry)
     return out
 
@@ -259,15 +293,13 @@ def chat_to_anthropic(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list", param="messages")
-    system: list[str] = []
+    system: list[dict[str, Any]] = []
     turns: list[tuple[str, list[dict[str, Any]]]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
-            text = content_text(message.get("content"), where)
-            if text:
-                system.append(text)
+            system.extend(_text_blocks(message.get("content"), where))
         elif role == "user":
             turns.append(("user", _user_blocks(message.get("content"), where)))
         elif role == "assistant":
@@ -289,7 +321,10 @@ def chat_to_anthropic(
     if not out["messages"]:
         raise InvalidRequest("messages holds no user or assistant content", param="messages")
     if system:
-        out["system"] = "\n\n".join(system)
+        if any(PART_FIELD in block for block in system):
+            out["system"] = system  # blocks: the cache marks stay where the client put them
+        else:
+            out["system"] = "\n\n".join(block["text"] for block in system)
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -299,6 +334,13 @@ def chat_to_anthropic(
         out["temperature"] = min(float(body["temperature"]), 1.0)
     if body.get("top_p") is not None:
         out["top_p"] = body["top_p"]
+    if body.get("top_k") is not None:
+        out["top_k"] = body["top_k"]
+    if isinstance(body.get("thinking"), dict):
+        out["thinking"] = body["thinking"]
+    output_config = _output_config(body)
+    if output_config:
+        out["output_config"] = output_config
     tools = _tools(body)
     if tools:
         out["tools"] = tools
@@ -310,6 +352,30 @@ def chat_to_anthropic(
     if stream:
         out["stream"] = True
     return out
+
+
+def _output_config(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Anthropic's `output_config`: as the door passed it, else built from an OpenAI
+    `response_format` json_schema (structured output)."""
+    given = body.get("output_config")
+    if isinstance(given, dict):
+        return given
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        if isinstance(spec.get("schema"), dict):
+            return {"format": {"type": "json_schema", "schema": spec["schema"]}}
+    return None
+
+
+def request_headers(request_body: Mapping[str, Any], request_id: str) -> dict[str, str]:
+    """Per-call headers: the client's `anthropic-beta` values (the door put them in the body)
+    and our request id (so the upstream's logs can be matched with ours)."""
+    headers = request_id_headers(request_id)
+    beta = request_body.get("anthropic_beta")
+    if isinstance(beta, list) and beta and all(isinstance(b, str) for b in beta):
+        headers["anthropic-beta"] = ",".join(beta)
+    return headers
 
 
 # --------------------------------------------------------------------------- answer
@@ -329,9 +395,12 @@ def anthropic_to_chat(answer: dict[str, Any], model: str) -> tuple[dict[str, Any
     """An Anthropic Messages answer -> an OpenAI chat.completion body (no x_aiproxy) + usage."""
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []
     for block in answer.get("content") or ():
         kind = block.get("type")
-        if kind == "text":
+        if kind in ("thinking", "redacted_thinking"):
+            thinking.append(block)
+        elif kind == "text":
             texts.append(block.get("text", ""))
         elif kind == "tool_use":
             tool_calls.append(
@@ -344,25 +413,31 @@ def anthropic_to_chat(answer: dict[str, Any], model: str) -> tuple[dict[str, Any
                     },
                 }
             )
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None,
+                               "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
     elif message["content"] is None:
         message["content"] = ""
+    if thinking:
+        message[MESSAGE_FIELD] = thinking
+        message["reasoning_content"] = "".join(
+            str(b.get("thinking", "")) for b in thinking if b.get("type") == "thinking")
     usage = usage_from_anthropic(answer.get("usage"))
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": message,
+        "finish_reason": FINISH_REASONS.get(str(answer.get("stop_reason")), "stop"),
+        "logprobs": None,
+    }
+    if answer.get("stop_reason") == "stop_sequence" and answer.get("stop_sequence"):
+        choice["stop_reason"] = str(answer["stop_sequence"])  # which one fired (vLLM's field)
     body = {
         "id": str(answer.get("id") or "msg"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": FINISH_REASONS.get(str(answer.get("stop_reason")), "stop"),
-                "logprobs": None,
-            }
-        ],
+        "choices": [choice],
         "usage": usage.to_openai(),
     }
     return body, usage
@@ -425,6 +500,12 @@ class StreamTranslator:
             if dtype == "text_delta":
                 text = delta.get("text") or ""
                 return [self._chunk({"content": text})] if text else []
+            if dtype == "thinking_delta":
+                text = delta.get("thinking") or ""
+                return [self._chunk({"reasoning_content": text})] if text else []
+            if dtype == "signature_delta":
+                block = {"type": "thinking", "thinking": "", "signature": delta.get("signature")}
+                return [self._chunk({MESSAGE_FIELD: [block]})]
             if dtype == "input_json_delta":
                 index = self._tool_index.get(int(data.get("index", -1)))
                 partial = delta.get("partial_json") or ""
@@ -450,6 +531,8 @@ class StreamTranslator:
                 return [self._chunk({"tool_calls": [call]})]
             if block.get("type") == "text" and block.get("text"):
                 return [self._chunk({"content": block["text"]})]
+            if block.get("type") == "redacted_thinking":
+                return [self._chunk({MESSAGE_FIELD: [block]})]
             return []
         if kind == "message_start":
             message = data.get("message") or {}
@@ -466,10 +549,14 @@ class StreamTranslator:
                     self.prompt_tokens = usage_from_anthropic(usage).prompt_tokens
                 if usage.get("output_tokens") is not None:
                     self.completion_tokens = int(usage["output_tokens"])
-            stop_reason = (data.get("delta") or {}).get("stop_reason")
+            delta = data.get("delta") or {}
+            stop_reason = delta.get("stop_reason")
             if stop_reason is None:
                 return []
-            return [self._chunk({}, FINISH_REASONS.get(str(stop_reason), "stop"))]
+            chunk = self._chunk({}, FINISH_REASONS.get(str(stop_reason), "stop"))
+            if stop_reason == "stop_sequence" and delta.get("stop_sequence"):
+                chunk["choices"][0]["stop_reason"] = str(delta["stop_sequence"])
+            return [chunk]
         if kind == "message_stop":
             self.done = True
             return [self.usage_chunk()]
@@ -563,7 +650,8 @@ class AnthropicProvider(Provider):
     ) -> Completion:
         payload = self._payload(request, offer, stream=False)
         answer = await self._http.post_json(
-            self._path, payload, deadline=request.deadline, timeouts=timeouts
+            self._path, payload, deadline=request.deadline, timeouts=timeouts,
+            headers=request_headers(request.body, request.request_id),
         )
         if answer.get("type") == "error":
             raise error_from_anthropic(answer, self.name)
@@ -577,8 +665,10 @@ class AnthropicProvider(Provider):
         translator = StreamTranslator(request.model, self.name)
         yielded = False
         try:
+            headers = {**STREAM_ACCEPT, **request_headers(request.body, request.request_id)}
             async with self._http.stream(
-                self._path, payload, deadline=request.deadline, timeouts=timeouts
+                self._path, payload, deadline=request.deadline, timeouts=timeouts,
+                headers=headers,
             ) as response:
                 async for event in iter_sse(response):
                     try:

@@ -46,10 +46,17 @@ from meshnode.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from meshnode.providers.anthropic_extensions import drop_extensions
 from meshnode.providers.base import Provider
 from meshnode.providers.content import content_text
 from meshnode.providers.embeddings import encode_vectors, parse_embedding_options
-from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
+from meshnode.providers.http import (
+    STREAM_ACCEPT,
+    HttpUpstream,
+    as_stream_broken,
+    iter_sse,
+    request_id_headers,
+)
 from meshnode.providers.registry import ProviderContext
 from meshnode.providers.tokens import estimate_prompt_tokens, estimate_tokens
 from meshnode.types import (
@@ -269,6 +276,11 @@ class CloudflareProvider(Provider):
         return "stop"
 
     # ---- whole answers
+    def _chat_body(self, request: InferenceRequest) -> dict[str, Any]:
+        # Logs a note when the Anthropic door's fields (cache_control, thinking) are dropped.
+        body = drop_extensions(request.body, self.name)
+        return body if isinstance(body, dict) else dict(body)
+
     async def complete(
         self, request: InferenceRequest, offer: ModelOffer, timeouts: TimeoutsConfig
     ) -> Completion:
@@ -278,11 +290,12 @@ class CloudflareProvider(Provider):
         if request.kind is RequestKind.EMBEDDING:
             return await self._embeddings(request, offer, path, timeouts)
         if request.kind is RequestKind.CHAT:
-            payload = chat_to_cloudflare(request.body, stream=False)
+            payload = chat_to_cloudflare(self._chat_body(request), stream=False)
         else:
             payload = completion_to_cloudflare(request.body, stream=False)
         data = await self._http.post_json(
-            path, orjson.dumps(payload), deadline=request.deadline, timeouts=timeouts
+            path, orjson.dumps(payload), deadline=request.deadline, timeouts=timeouts,
+            headers=request_id_headers(request.request_id),
         )
         result = self._result(data)
         if not isinstance(result, dict):
@@ -305,7 +318,7 @@ class CloudflareProvider(Provider):
                              "finish_reason": finish}],
             }
         else:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             if calls:
                 message["tool_calls"] = calls
                 message["content"] = text or None
@@ -332,7 +345,8 @@ class CloudflareProvider(Provider):
         options = parse_embedding_options(request.body, model=request.model, width=None,
                                           matryoshka=False)
         data = await self._http.post_json(
-            path, orjson.dumps({"text": texts}), deadline=request.deadline, timeouts=timeouts
+            path, orjson.dumps({"text": texts}), deadline=request.deadline, timeouts=timeouts,
+            headers=request_id_headers(request.request_id),
         )
         result = self._result(data)
         vectors = result.get("data") if isinstance(result, dict) else None
@@ -393,7 +407,7 @@ class CloudflareProvider(Provider):
     ) -> AsyncIterator[StreamChunk]:
         chat = request.kind is RequestKind.CHAT
         if chat:
-            payload = chat_to_cloudflare(request.body, stream=True)
+            payload = chat_to_cloudflare(self._chat_body(request), stream=True)
         elif request.kind is RequestKind.COMPLETION:
             payload = completion_to_cloudflare(request.body, stream=True)
         else:
@@ -407,6 +421,7 @@ class CloudflareProvider(Provider):
             async with self._http.stream(
                 self._prefix + offer.upstream_model, orjson.dumps(payload),
                 deadline=request.deadline, timeouts=timeouts,
+                headers={**STREAM_ACCEPT, **request_id_headers(request.request_id)},
             ) as response:
                 async for event in iter_sse(response):
                     if event.data == "[DONE]":

@@ -62,6 +62,7 @@ from meshnode.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from meshnode.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,32 @@ def upstream_message(body: bytes) -> tuple[str | None, str | None]:
     return None, None
 
 
+def request_id_headers(request_id: str) -> dict[str, str]:
+    """Our request id (the client's, when it sent a sane one) for the upstream's logs:
+    `x-request-id` (vLLM, LiteLLM, gateways) and `X-Client-Request-Id` (OpenAI's name)."""
+    return {"x-request-id": request_id, "X-Client-Request-Id": request_id}
+
+
+STREAM_ACCEPT = {"Accept": "text/event-stream"}
+
+
+def openai_error_wire(body: bytes) -> tuple[str, str | None] | None:
+    """`(type, code)` of an OpenAI-shaped error body (`{"error": {"message", "type", "code"}}`,
+    with `code` present, possibly null), else None. Anthropic's envelope (a top-level
+    `"type": "error"`) and other shapes are not OpenAI's."""
+    try:
+        data = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or "type" in data:
+        return None
+    err = data.get("error")
+    if not isinstance(err, dict) or "code" not in err or not isinstance(err.get("type"), str):
+        return None
+    code = err.get("code")
+    return err["type"][:100], (str(code)[:100] if code is not None else None)
+
+
 def error_for_status(
     status: int,
     body: bytes,
@@ -202,11 +229,13 @@ def error_for_status(
     shown = redact(message, secrets) if message else ""
     suffix = f": {shown}" if shown else ""
     if status == 429:
-        return UpstreamRateLimited(
+        limited = UpstreamRateLimited(
             f"{provider} is rate limiting (HTTP 429){suffix}",
             retry_after=retry_after_from_headers(headers),
             provider=provider,
         )
+        limited.upstream_wire = openai_error_wire(body)  # e.g. insufficient_quota
+        return limited
     if status in (401, 403):
         return UpstreamAuthError(
             f"{provider} rejected this node's credentials (HTTP {status}); "
@@ -216,11 +245,13 @@ def error_for_status(
     if status == 408:
         return UpstreamTimeout(f"{provider} timed out (HTTP 408){suffix}", provider=provider)
     if 400 <= status < 500:
-        return UpstreamBadRequest(
+        error = UpstreamBadRequest(
             f"{provider} rejected the request (HTTP {status}){suffix}",
             param=param,
             provider=provider,
         )
+        error.upstream_wire = openai_error_wire(body)
+        return error
     return UpstreamUnavailable(f"{provider} failed (HTTP {status}){suffix}", provider=provider)
 
 
@@ -449,6 +480,8 @@ class HttpUpstream:
                 trust_env=False,
                 auto_decompress=True,
                 timeout=aiohttp.ClientTimeout(total=None),
+                # traceparent on every upstream call while tracing is on (a no-op otherwise)
+                trace_configs=tracing.aiohttp_trace_configs(),
             )
             self._session = session
         return session
@@ -614,6 +647,7 @@ __all__ = [
     "iter_sse",
     "parse_retry_after",
     "redact",
+    "request_id_headers",
     "retry_after_from_headers",
     "upstream_message",
 ]

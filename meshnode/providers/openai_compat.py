@@ -39,8 +39,16 @@ import orjson
 
 from meshnode.config import DEFAULT_BASE_URLS, ResolvedProvider, TimeoutsConfig
 from meshnode.errors import InvalidRequest, MeshError, UpstreamUnavailable
+from meshnode.providers import openai_responses
+from meshnode.providers.anthropic_extensions import drop_extensions
 from meshnode.providers.base import Provider
-from meshnode.providers.http import HttpUpstream, as_stream_broken, iter_sse
+from meshnode.providers.http import (
+    STREAM_ACCEPT,
+    HttpUpstream,
+    as_stream_broken,
+    iter_sse,
+    request_id_headers,
+)
 from meshnode.providers.registry import ProviderContext
 from meshnode.providers.tokens import (
     estimate_prompt_tokens,
@@ -157,13 +165,24 @@ class OpenAICompatProvider(Provider):
     async def close(self) -> None:
         await self._http.close()
 
+    def _native(self, request: InferenceRequest) -> Mapping[str, Any] | None:
+        """The Responses body of a /v1/responses request, when this upstream speaks the
+        Responses API natively (OpenAI itself; other compatible servers get the chat form)."""
+        return openai_responses.native_body(request) if self.kind == "openai" else None
+
     async def complete(
         self, request: InferenceRequest, offer: ModelOffer, timeouts: TimeoutsConfig
     ) -> Completion:
+        native = self._native(request)
+        if native is not None:
+            return await openai_responses.complete(self._http, self.name, request, offer,
+                                                   timeouts, native)
         path = _path(request.kind)
-        payload = orjson.dumps(upstream_body(request.body, offer.upstream_model, stream=False))
+        payload = orjson.dumps(upstream_body(self._body(request), offer.upstream_model,
+                                             stream=False))
         data = await self._http.post_json(
-            path, payload, deadline=request.deadline, timeouts=timeouts
+            path, payload, deadline=request.deadline, timeouts=timeouts,
+            headers=request_id_headers(request.request_id),
         )
         if "error" in data and "choices" not in data and "data" not in data:
             raise self._error_event(data)
@@ -186,8 +205,15 @@ class OpenAICompatProvider(Provider):
     ) -> AsyncGenerator[StreamChunk, None]:
         if request.kind not in (RequestKind.CHAT, RequestKind.COMPLETION):
             raise InvalidRequest(f"{request.kind.value} requests cannot be streamed")
+        native = self._native(request)
+        if native is not None:
+            async for native_chunk in openai_responses.stream(
+                    self._http, self.name, request, offer, timeouts, native):
+                yield native_chunk
+            return
         path = _path(request.kind)
-        payload = orjson.dumps(upstream_body(request.body, offer.upstream_model, stream=True))
+        payload = orjson.dumps(upstream_body(self._body(request), offer.upstream_model,
+                                             stream=True))
         http = self._http
         started = False
         usage: Usage | None = None
@@ -195,7 +221,8 @@ class OpenAICompatProvider(Provider):
         last: dict[str, Any] | None = None
         try:
             async with http.stream(
-                path, payload, deadline=request.deadline, timeouts=timeouts
+                path, payload, deadline=request.deadline, timeouts=timeouts,
+                headers={**STREAM_ACCEPT, **request_id_headers(request.request_id)},
             ) as resp:
                 done = False
                 async with aclosing(iter_sse(resp)) as events:
@@ -235,6 +262,12 @@ class OpenAICompatProvider(Provider):
             yield StreamChunk(_usage_chunk(last, usage), usage=usage)
 
     # ---- helpers
+    def _body(self, request: InferenceRequest) -> Mapping[str, Any]:
+        """The client's body without the Anthropic-only fields the door may have put in it
+        (OpenAI itself also refuses `top_k`; other compatible servers, vLLM, accept it)."""
+        return drop_extensions(request.body, self.name,
+                               also=("top_k",) if self.kind == "openai" else ())
+
     def _parse_chunk(self, data: str) -> dict[str, Any]:
         try:
             chunk = orjson.loads(data)

@@ -20,6 +20,9 @@ class Attempt:
     node: str
     outcome: str  # "ok", or the MeshError code that ended it ("upstream_timeout", ...)
     latency_ms: float
+    retryable: bool = False  # a failure after which another candidate may be tried
+    cooled: bool = False  # a failure that left the candidate cooling down (breaker open)
+    peer: str | None = None  # the peer the attempt was forwarded to (mesh candidates)
 
     def to_json(self) -> dict[str, Any]:
         return {

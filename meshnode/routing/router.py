@@ -37,6 +37,7 @@ from meshnode.errors import (
     UpstreamRateLimited,
 )
 from meshnode.governance.gate import FREE, Hold, SpendGate, prompt_tokens
+from meshnode.observability import tracing
 from meshnode.providers.base import Provider
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
 from meshnode.routing.policy import allows, carried_constraint, constraint_allows, match_policy
@@ -327,7 +328,7 @@ class Router:
         won.stats.in_flight -= 1
         won.stats.record_success(latency_ms, completion.usage, cost)
         node = completion.node or offer.node or self.node_id
-        won.attempts.append(Attempt(offer.provider, node, "ok", latency_ms))
+        won.attempts.append(Attempt(offer.provider, node, "ok", latency_ms, peer=offer.node))
         served = Served(
             offer=offer,
             node=node,
@@ -365,7 +366,8 @@ class Router:
         (first, agen), offer = won.result, won.offer
         won.stats.record_ttft((won.t1 - won.t0) * 1000.0)
         node = first.node or offer.node or self.node_id
-        won.attempts.append(Attempt(offer.provider, node, "ok", (won.t1 - won.t0) * 1000.0))
+        won.attempts.append(Attempt(offer.provider, node, "ok", (won.t1 - won.t0) * 1000.0,
+                                    peer=offer.node))
         served = Served(
             offer=offer, node=node, strategy=won.strategy, attempts=won.attempts,
             policy=won.policy,
@@ -391,16 +393,39 @@ class Router:
         plan = self._attempt_plan(ranking)
         if not plan:
             raise self._no_candidates(request, policy, excluded)
-        start = self._clock()
         attempts: list[Attempt] = []
+        try:
+            return await self._try_plan(request, plan, call, doing, on_client_gone, attempts,
+                                        strategy, policy, excluded)
+        except MeshError as exc:
+            # The log line and metrics of a failed request say what was tried.
+            exc.attempts = tuple(attempts)
+            raise
+
+    async def _try_plan(
+        self,
+        request: InferenceRequest,
+        plan: list[Ranked],
+        call: Callable[[Provider, ModelOffer, InferenceRequest], Awaitable[T]],
+        doing: str,
+        on_client_gone: Callable[[Hold], object],
+        attempts: list[Attempt],
+        strategy: str,
+        policy: str | None,
+        excluded: list[str],
+    ) -> _Won[T]:
+        start = self._clock()
         tried: set[tuple[str, str]] = set()
         last: MeshError | None = None
         unaffordable: set[tuple[str, str]] = set()
+        told_to_wait: set[tuple[str, str]] = set()  # answered 429 with Retry-After
         for ranked in plan:
             offer = ranked.candidate.offer
             provider = self._provider_for(offer)
             if provider is None or offer.key in unaffordable:
                 continue
+            if offer.key in told_to_wait and self._stats_for(offer).cooled_down(self._clock()):
+                continue  # never re-sent before its Retry-After; the next candidate goes now
             await self._pause_before(offer, tried, len(attempts), request)
             try:
                 hold = self._reserve(request, offer)
@@ -414,11 +439,13 @@ class Router:
             t0 = self._clock()
             stats.in_flight += 1
             try:
-                if provider.enforces_deadline:
-                    result = await call(provider, offer, request)
-                else:
-                    async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                with tracing.attempt_span(offer.provider, offer.model, offer.node,
+                                          len(attempts) + 1):
+                    if provider.enforces_deadline:
                         result = await call(provider, offer, request)
+                    else:
+                        async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                            result = await call(provider, offer, request)
             except TimeoutError:
                 hold.release()
                 stats.in_flight -= 1
@@ -435,6 +462,8 @@ class Router:
                 self._failed(stats, offer, exc, attempts, t0)
                 if not exc.retryable:
                     raise
+                if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
+                    told_to_wait.add(offer.key)
                 continue
             except BaseException:
                 on_client_gone(hold)
@@ -525,7 +554,10 @@ class Router:
         # The client's bad request says nothing about the provider's health.
         counts = exc.retryable and code not in NEUTRAL_CODES
         stats.record_failure(code, now, self._config.failover.cooldown, retry_after, counts)
-        attempts.append(Attempt(offer.provider, offer.node or self.node_id, code, (now - t0) * 1000))
+        attempts.append(Attempt(
+            offer.provider, offer.node or self.node_id, code, (now - t0) * 1000,
+            retryable=exc.retryable, cooled=counts and stats.cooled_down(now), peer=offer.node,
+        ))
         log.info(
             "attempt failed: provider=%s model=%s code=%s retryable=%s",
             offer.provider, offer.model, code, exc.retryable,
@@ -566,6 +598,7 @@ class Router:
             retry_after=last.retry_after,
             provider=last.provider,
         )
+        err.upstream_wire = last.upstream_wire
         return err
 
     # ------------------------------------------------------------------ explaining

@@ -17,6 +17,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
 from meshnode.errors import MeshError, UpstreamTimeout, UpstreamUnavailable
+from meshnode.observability import tracing
 from meshnode.rpc.auth import AuthError, MeshAuth
 from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.rpc.options import CHANNEL_OPTIONS
@@ -78,6 +79,9 @@ class PeerStub:
         metadata = None
         if self._auth is not None:
             metadata, _ = self._auth.sign_request(self._node_id, INFER, body)
+        trace = tracing.grpc_metadata()  # the attempt span's traceparent, when tracing is on
+        if trace:
+            metadata = [*(metadata or ()), *trace]
         return self._infer(body, timeout=timeout, metadata=metadata)  # type: ignore[no-any-return]
 
 

@@ -388,8 +388,13 @@ def error_to_pb(exc: MeshError, node: str) -> pb.Error:
     retryable = isinstance(exc, _RETRYABLE_ELSEWHERE) and (
         exc.retryable or isinstance(exc, NoCapacity | ModelNotFound)
     )
+    error_type, code = exc.error_type, exc.code
+    if exc.upstream_wire is not None and not retryable:
+        # The caller turns a final 4xx it does not know into InvalidRequest with this code:
+        # an upstream's own code (context_length_exceeded) reaches the client through a peer.
+        error_type, code = exc.upstream_wire
     return pb.Error(
-        type=exc.error_type, code=exc.code or "", message=exc.message, param=exc.param or "",
+        type=error_type, code=code or "", message=exc.message, param=exc.param or "",
         status=exc.status, retryable=retryable, retry_after=exc.retry_after or 0.0, node=node,
     )
 

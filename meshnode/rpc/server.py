@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Protocol
 
 import grpc
@@ -23,6 +23,7 @@ import grpc.aio
 from meshnode.errors import DeadlineExceeded, MeshError, UpstreamUnavailable
 from meshnode.mesh.state import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from meshnode.mesh.transport import MeshHandler
+from meshnode.observability import tracing
 from meshnode.routing.outcome import RoutedCompletion, RoutedStream
 from meshnode.rpc import convert
 from meshnode.rpc.generated import mesh_pb2 as pb
@@ -53,11 +54,23 @@ async def check_version(version: int, context: grpc.aio.ServicerContext) -> None
         )
 
 
+class PeerTraffic(Protocol):
+    """What the servicer reports per peer (observability.metrics.Metrics); must not block."""
+
+    def record_received(self, peer: str, kind: str) -> None: ...
+
+    def record_gossip(self, peer: str, sent: int, received: int) -> None: ...
+
+
 class MeshServicer(mesh_pb2_grpc.MeshServicer):
-    def __init__(self, node_id: str, handler: MeshHandler, backend: InferBackend | None) -> None:
+    def __init__(
+        self, node_id: str, handler: MeshHandler, backend: InferBackend | None,
+        metrics: PeerTraffic | None = None,
+    ) -> None:
         self._node_id = node_id
         self._handler = handler
         self._backend = backend
+        self._metrics = metrics
 
     def set_backend(self, backend: InferBackend) -> None:
         self._backend = backend
@@ -76,17 +89,37 @@ class MeshServicer(mesh_pb2_grpc.MeshServicer):
         self, request: pb.GossipRequest, context: grpc.aio.ServicerContext
     ) -> pb.GossipResponse:
         await check_version(request.protocol_version, context)
-        reply = await self._handler.on_gossip(convert.gossip_request_from_pb(request))
-        return convert.gossip_reply_to_pb(reply)
+        message = convert.gossip_request_from_pb(request)
+        reply = convert.gossip_reply_to_pb(await self._handler.on_gossip(message))
+        if self._metrics is not None:
+            self._metrics.record_gossip(message.from_node, reply.ByteSize(), request.ByteSize())
+        return reply
 
     async def Infer(  # noqa: N802 - gRPC method name
         self, request: pb.InferRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InferChunk]:
         await check_version(request.protocol_version, context)
+        if not tracing.enabled():
+            async for chunk in self._infer(request, context):
+                yield chunk
+            return
+        async for chunk in tracing.peer_stream(
+            self._infer(request, context), context.invocation_metadata(),
+            {"meshnode.node": self._node_id, "meshnode.model": request.model,
+             "meshnode.request_id": request.request_id},
+        ):
+            yield chunk
+
+    async def _infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[pb.InferChunk, None]:
         try:
             if self._backend is None:
                 raise UpstreamUnavailable(f"{self._node_id}: not serving yet")
             req = convert.infer_request_from_pb(request, self._node_id, context.time_remaining())
+            if self._metrics is not None and len(req.visited) >= 2:
+                # visited ends with this node; the one before it is the caller.
+                self._metrics.record_received(req.visited[-2], req.kind.value)
             if req.deadline <= time.monotonic():
                 raise DeadlineExceeded("deadline passed before the peer started")
             if request.stream:

@@ -5,33 +5,31 @@ own `--remote-debugging-port`, spoken with aiohttp's websocket client: no driver
 Node a has auth on; the page gets the admin key from its fragment (`#key=...`, which never
 reaches the server), as an operator would paste it. The test checks that the page shows all
 three nodes alive with their models and links, the traffic per provider and the budget left;
-then SIGKILLs node c and waits for the same open page to mark c dead (no reload: the page polls
-the admin API); it saves screenshots before and after under the test's tmp dir.
+then makes a's upstream fail three requests and checks the error rate (75% of four, not the
+breaker's 0%), the last errors with their request ids, the history charts per provider and per
+node, and the per-key spend; a screenshot of the history section is decoded (a small PNG
+reader below) and must show the first series' line colour. Then it SIGKILLs node c and waits
+for the same open page to mark c dead (no reload: the page polls the admin API); it saves
+screenshots before and after under the test's tmp dir.
 
 Skips when chromium is not installed (`apt-get install -y chromium`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import itertools
 import json
-import shutil
-import subprocess
-import time
+import struct
+import urllib.error
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
+from tests.kit.browser import CHROMIUM, Browser, wait_until
+from tests.kit.fake_openai import Behaviour
 from tests.kit.three_nodes import ADMIN_SECRET, ThreeNodes
-
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))
-                 if p), None)
-WAIT_S = 60.0
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,95 +39,40 @@ pytestmark = [
 ]
 
 
-class Browser:
-    """A headless chromium and one page, driven over the DevTools Protocol."""
-
-    def __init__(self, profile: Path) -> None:
-        self.profile = profile
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.http: aiohttp.ClientSession | None = None
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self._ids = itertools.count(1)
-
-    async def start(self) -> Browser:
-        assert CHROMIUM is not None
-        self.profile.mkdir(parents=True)
-        self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={self.profile}",
-             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-             "--window-size=1280,1000", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(self.profile.parent / "chromium.log").open("wb"),
-        )
-        # Port 0: chromium writes the port it took into the profile.
-        port_file = self.profile / "DevToolsActivePort"
-        await wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "",
-                         "chromium writes DevToolsActivePort")
-        port = int(port_file.read_text().split()[0])
-        self.http = aiohttp.ClientSession()
-        targets: list[dict[str, Any]] = []
-
-        async def page_target() -> bool:
-            assert self.http is not None
-            async with self.http.get(f"http://127.0.0.1:{port}/json/list") as r:
-                targets[:] = [t for t in await r.json() if t.get("type") == "page"]
-            return bool(targets)
-
-        await wait_until(page_target, "chromium has a page")
-        self.ws = await self.http.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0)
-        return self
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        assert self.ws is not None
-        call_id = next(self._ids)
-        await self.ws.send_str(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            message = json.loads((await asyncio.wait_for(self.ws.receive(), 60)).data)
-            if message.get("id") == call_id:  # events (no id) are not needed here
-                assert "error" not in message, message
-                return dict(message.get("result", {}))
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result
-        return result["result"].get("value")
-
-    async def screenshot(self, path: Path) -> Path:
-        shot = await self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        path.write_bytes(base64.b64decode(shot["data"]))
-        return path
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            try:
-                await self.call("Browser.close")
-            # TypeError: the socket closes (data None) before the answer to Browser.close.
-            except (TimeoutError, AssertionError, aiohttp.ClientError, TypeError):
-                pass
-            await self.ws.close()
-        if self.http is not None:
-            await self.http.close()
-        if self.proc is not None:
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-async def wait_until(cond: Any, what: str, timeout: float = WAIT_S) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        await asyncio.sleep(0.1)
+def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Width, height and RGB(A) rows of an 8-bit truecolour PNG (what chromium writes)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width, height, channels = 8, b"", 0, 0, 3
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour = struct.unpack(">IIBB", chunk[:10])
+            assert depth == 8 and colour in (2, 6), (depth, colour)
+            channels = 3 if colour == 2 else 4
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    raw, stride, rows = zlib.decompress(idat), width * channels, []
+    prev = bytearray(stride)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - channels] if i >= channels else 0
+            b, c = prev[i], prev[i - channels] if i >= channels else 0
+            if kind == 1:
+                line[i] = (line[i] + a) & 255
+            elif kind == 2:
+                line[i] = (line[i] + b) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return width, height, [bytes(r[i:i + 3]) for r in rows for i in range(0, stride, channels)]
 
 
 # What the page shows, read from its DOM (the attributes and text a person sees).
@@ -147,6 +90,17 @@ JSON.stringify({
   providers: [...document.querySelectorAll('#providers tbody tr[data-provider]')]
            .map(r => [r.dataset.provider, r.dataset.model, r.children[2].textContent]),
   budget: document.getElementById('budget').innerText,
+  errorRates: Object.fromEntries([...document.querySelectorAll('#providers tbody tr[data-provider]')]
+           .map(r => [r.dataset.provider + '/' + r.dataset.model,
+                      r.querySelector('[data-error-rate]').textContent])),
+  errors: [...document.querySelectorAll('#errors tbody tr[data-request-id]')]
+           .map(r => [r.dataset.requestId, r.children[2].textContent, r.children[7].textContent]),
+  historyProviders: (document.getElementById('history-provider').dataset.series || '').split(','),
+  historyNodes: (document.getElementById('history-node').dataset.series || '').split(','),
+  lines: [...document.querySelectorAll('#history-provider polyline')]
+           .map(l => l.dataset.series + ':' + l.dataset.field),
+  spend: Object.fromEntries([...document.querySelectorAll('#spend tbody tr[data-key]')]
+           .map(r => [r.dataset.key, r.children[1].textContent])),
   summary: document.getElementById('summary').textContent,
   banner: document.getElementById('banner').textContent,
   keyForm: !document.getElementById('key-form').classList.contains('hidden'),
@@ -200,7 +154,45 @@ async def test_dashboard_shows_the_mesh_and_marks_a_killed_node_dead(
     assert "3/3 nodes alive" in state["summary"]
     assert state["banner"] == "" and not state["keyForm"]
     assert state["hash"] == ""  # the key left the address bar
+    assert state["errorRates"][("upstream/m1")] == "0.0%"
+    assert "upstream" in state["historyProviders"] and "mesh:b" in state["historyProviders"]
+    assert {"a", "b"} <= set(state["historyNodes"])
+    assert "upstream:requests" in state["lines"] and "upstream:p95_ms" in state["lines"]
+    assert state["spend"]["ops"].startswith("$") and state["spend"]["ops"] != "$0"
+
+    # Three failures of a's own upstream: a client-side 400 the breaker does not count.
+    mesh.fake.script(Behaviour.error(400, model="m1", times=3))
+    failed = []
+    for _ in range(3):
+        try:
+            mesh.chat("a", "m1")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 400
+            failed.append(exc.headers["x-request-id"])
+    assert len(failed) == 3
+
+    async def shows_the_errors() -> bool:
+        state = await page_state(browser)
+        return [e[0] for e in state["errors"]][:3] == failed[::-1]
+
+    await wait_until(shows_the_errors, "the page lists the three failed requests, newest first")
+    state = await page_state(browser)
+    assert state["errorRates"]["upstream/m1"] == "75.0%"  # 3 of 4
+    assert all(status == "400" and attempts == "1" for _, status, attempts in state["errors"][:3])
     before = await browser.screenshot(tmp_path / "dashboard-3-alive.png")
+    box = json.loads(await browser.evaluate(
+        "JSON.stringify(document.querySelector('#history-provider svg[data-chart=requests]')"
+        ".getBoundingClientRect())"))
+    shot = await browser.screenshot(
+        tmp_path / "dashboard-history.png",
+        {"x": box["x"], "y": box["y"] + 0.0, "width": box["width"], "height": box["height"]})
+    width, height, pixels = png_pixels(shot.read_bytes())
+    assert width >= 200 and height >= 60
+    # The chart alone (no legend): each series is a 2 px line in its own colour (the page's
+    # palette, in series order) across the 15 minutes; the top one is seen end to end.
+    palette = [bytes.fromhex(c) for c in ("58a6ff", "3fb950", "d29922", "f85149")]
+    drawn = [sum(1 for px in pixels if px == colour) for colour in palette]
+    assert max(drawn) > 1.5 * width, drawn
 
     mesh.c.kill()
 

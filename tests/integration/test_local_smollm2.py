@@ -9,15 +9,15 @@ same GGUF named by `path:` (so the second load of one file must come from the ca
 `data_dir/models` is a link to a directory in pytest's cache, so the dequantised smollm2 is
 written once per checkout (the first run of this module pays the dequantising, later runs read
 the cache; the log says which, and the test checks the log against what was there before).
-openai-node (`npm install openai@<pinned>`) goes into pytest's cache too (`.pytest_cache/`,
-git-ignored), once; without node or npm that test is skipped and says which is missing.
+openai-node (`npm install openai@<pinned>`, tests/kit/openai_node.py) goes into pytest's cache
+(`.pytest_cache/`, git-ignored), once; without node or npm that test is skipped and says which
+is missing.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
 import struct
 import subprocess
 import urllib.error
@@ -33,15 +33,13 @@ from meshnode.config import embedded_default
 from meshnode.worker.builtins import minilm_dir, smollm2_gguf
 from meshnode.worker.gguf import cache_dir
 from tests.kit.node_proc import NodeProcess
+from tests.kit.openai_node import kept_dir, openai_node_folder
 from tests.kit.openai_schemas import validate
 from tests.kit.three_nodes import ThreeNodes
 
 pytestmark = pytest.mark.slow
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-OPENAI_NODE = "openai@7.59.0"
-
-
 def _config() -> dict[str, Any]:
     providers = embedded_default({})["providers"]
     local = providers["local"]
@@ -52,14 +50,6 @@ def _config() -> dict[str, Any]:
     # the seeded test pass trivially).
     return {"mesh": {"enabled": False, "mdns": False}, "cache": {"enabled": False},
             "providers": providers}
-
-
-def _kept_dir(request: pytest.FixtureRequest, factory: pytest.TempPathFactory,
-              name: str) -> Path:
-    """A directory that outlives the session (pytest's cache), or a temporary one when the
-    cache plugin is off (`-p no:cacheprovider`)."""
-    cache = getattr(request.config, "cache", None)
-    return Path(cache.mkdir(name)) if cache is not None else factory.mktemp(name)
 
 
 def _ready(url: str) -> bool:
@@ -73,7 +63,7 @@ def _ready(url: str) -> bool:
 @pytest.fixture(scope="module")
 def node(request: pytest.FixtureRequest,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    models = _kept_dir(request, tmp_path_factory, "meshnode-models")
+    models = kept_dir(request, tmp_path_factory, "meshnode-models")
     workdir = tmp_path_factory.mktemp("smollm2-node")
     (workdir / "node-data").mkdir()
     (workdir / "node-data" / "models").symlink_to(models, target_is_directory=True)
@@ -222,18 +212,7 @@ def test_dimensions_on_minilm_is_refused_naming_the_field(client: openai.OpenAI)
 @pytest.fixture(scope="module")
 def openai_node(request: pytest.FixtureRequest,
                 tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """openai-node installed (once per checkout) into a folder of pytest's cache."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        reason = "openai-node test needs node and npm on PATH (missing: " + ", ".join(
-            name for name, path in (("node", node), ("npm", npm)) if path is None) + ")"
-        print(reason)
-        pytest.skip(reason)
-    folder = _kept_dir(request, tmp_path_factory, "openai-node")
-    if not (folder / "node_modules" / "openai" / "package.json").is_file():
-        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(folder),
-                        OPENAI_NODE], check=True, capture_output=True, timeout=300)
-    return folder
+    return openai_node_folder(request, tmp_path_factory)
 
 
 def test_openai_node_default_embeddings_call_gets_the_same_floats(

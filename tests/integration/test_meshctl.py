@@ -82,7 +82,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreeNodes]:
 
 
 def test_the_documented_schemas_are_all_there() -> None:
-    assert set(SCHEMAS) == {"member", "peers", "topology", "models", "route", "stats", "top"}
+    assert set(SCHEMAS) == {"member", "peers", "topology", "models", "route", "stats", "spend",
+                            "top"}
     for schema in SCHEMAS.values():
         jsonschema.Draft202012Validator.check_schema(schema)
 
@@ -160,6 +161,55 @@ def test_top_json_prints_one_snapshot_per_refresh(mesh: ThreeNodes) -> None:
         validate("top", snapshot)
         assert [n["id"] for n in snapshot["nodes"]] == ["a", "b", "c"]
         assert snapshot["stats"]["totals"]["requests"] == 5
+
+
+def test_json_may_stand_anywhere_on_the_line(mesh: ThreeNodes) -> None:
+    first = ok_json(meshctl("--json", "peers", node=mesh.b.url))
+    validate("peers", first)
+    assert {p["id"] for p in first["peers"]} == {"a", "c"}
+    routed = ok_json(meshctl("--json", "route", "shared", node=mesh.a.url, key=ADMIN_SECRET))
+    validate("route", routed)
+    after = ok_json(meshctl("route", "shared", "--node", mesh.a.url, "--json",
+                            key=ADMIN_SECRET))
+    assert after["model"] == routed["model"] == "shared"
+
+
+def test_spend_json_per_key_and_per_node(mesh: ThreeNodes) -> None:
+    out = ok_json(meshctl("spend", "--json", node=mesh.a.url, key=ADMIN_SECRET))
+    validate("spend", out)
+    keys = {k["key"]: k for k in out["keys"]}
+    assert set(keys) == {"ops", "ci"}  # both configured keys, spent or not
+    assert keys["ops"]["today"] > 0 and set(keys["ops"]["nodes"]) == {"a"}
+    assert keys["ci"]["today"] == 0 and keys["ci"]["nodes"] == {}
+    assert {n["node"] for n in out["nodes"]} >= {"a"}
+    assert out["total"]["today"] == pytest.approx(sum(n["today"] for n in out["nodes"]))
+    budget = ok_json(meshctl("stats", "--json", node=mesh.a.url, key=ADMIN_SECRET))["budget"]
+    assert out["total"]["today"] == pytest.approx(budget["spent_today"])
+    table = meshctl("spend", node=mesh.a.url, key=ADMIN_SECRET)
+    assert table.returncode == 0, table.stderr
+    for text in ("spend per API key", "ops", "ci", "spend per node", "total"):
+        assert text in table.stdout
+
+
+def test_top_prints_plain_tables_when_stdout_is_not_a_terminal(mesh: ThreeNodes) -> None:
+    # stdout is a pipe here: no screen to redraw, so a plain block per refresh.
+    result = meshctl("top", "-n", "2", "--interval", "0.1", node=mesh.a.url, key=ADMIN_SECRET)
+    assert result.returncode == 0, result.stderr
+    headers = [line for line in result.stdout.splitlines() if line.startswith("--- ")]
+    assert len(headers) == 2 and all("meshctl top a (" in h and "3/3 nodes alive" in h
+                                     for h in headers)
+    assert "\x1b" not in result.stdout  # no escape codes in a file or a pipe
+    for text in ("nodes", "traffic by provider and model", "mesh:b", "budget"):
+        assert text in result.stdout
+
+
+def test_the_grpc_port_is_named_not_a_traceback(mesh: ThreeNodes) -> None:
+    grpc_addr = mesh.a.announced["MESHNODE_GRPC"]
+    result = meshctl("peers", node=f"http://{grpc_addr}")
+    assert result.returncode == 3 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "this is a gRPC port" in lines[0], result.stderr
+    assert "server.listen_addr" in lines[0]
 
 
 # --------------------------------------------------------------------------- tables

@@ -45,6 +45,8 @@ class Reply:
     tool: str | None = None  # ask for a call of this tool (its input is `tool_input`)
     tool_input: dict[str, Any] = field(default_factory=lambda: {"city": "Paris"})
     stop_reason: str | None = None  # default: end_turn, or tool_use with a tool
+    stop_sequence: str | None = None  # answer as if this stop sequence fired
+    thinking: str | None = None  # lead with a thinking block (signed "sig-<n>")
     break_after: int | None = None  # streams: cut the connection after N content deltas
     error_event_after: int | None = None  # streams: send an `error` event after N deltas
 
@@ -93,10 +95,17 @@ def check_messages_request(body: Any) -> None:
     allowed = {
         "model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p",
         "top_k", "stream", "tools", "tool_choice", "metadata", "thinking", "service_tier",
+        "output_config",
     }
     extra = set(body) - allowed
     if extra:
         raise RequestInvalid(f"{sorted(extra)[0]}: Extra inputs are not permitted")
+    output_config = body.get("output_config")
+    if output_config is not None:
+        fmt = output_config.get("format") if isinstance(output_config, dict) else None
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "json_schema"
+                                or not isinstance(fmt.get("schema"), dict)):
+            raise RequestInvalid("output_config.format: invalid")
     temperature = body.get("temperature")
     if temperature is not None and not 0 <= temperature <= 1:
         raise RequestInvalid("temperature: must be between 0 and 1")
@@ -273,7 +282,8 @@ class FakeAnthropic:
 
     async def _control_requests(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=orjson.dumps({"requests": self.requests, "violations": self.violations}),
+            body=orjson.dumps({"requests": self.requests, "violations": self.violations,
+                               "headers": self.headers}),
             content_type="application/json",
         )
 
@@ -307,7 +317,7 @@ class FakeAnthropic:
             self.violations.append(str(exc))
             return self._error(400, "invalid_request_error", str(exc))
         self.requests.append(body)
-        self.headers.append(dict(request.headers))
+        self.headers.append({str(k): v for k, v in request.headers.items()})
         behaviour = self._queue.pop(0) if self._queue else self.default
         if isinstance(behaviour, Fail):
             error_type = behaviour.error_type or _ERROR_TYPE_BY_STATUS.get(
@@ -330,7 +340,12 @@ class FakeAnthropic:
 
     def _answer(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         text = self._text(body, reply)
-        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+        content: list[dict[str, Any]] = []
+        if reply.thinking is not None:
+            content.append({"type": "thinking", "thinking": reply.thinking,
+                            "signature": f"sig-{next(self._ids)}"})
+        if text:
+            content.append({"type": "text", "text": text})
         if reply.tool:
             content.append(
                 {"type": "tool_use", "id": f"toolu_{next(self._ids):04d}", "name": reply.tool,
@@ -342,8 +357,10 @@ class FakeAnthropic:
             "role": "assistant",
             "model": body["model"],
             "content": content,
-            "stop_reason": reply.stop_reason or ("tool_use" if reply.tool else "end_turn"),
-            "stop_sequence": None,
+            "stop_reason": reply.stop_reason or (
+                "stop_sequence" if reply.stop_sequence else
+                "tool_use" if reply.tool else "end_turn"),
+            "stop_sequence": reply.stop_sequence,
             "usage": {
                 "input_tokens": len(orjson.dumps(body["messages"])) // 4,
                 "output_tokens": len(_pieces(text)) + (5 if reply.tool else 0),
@@ -391,7 +408,18 @@ class FakeAnthropic:
         if await maybe_cut():
             return response
         for index, block in enumerate(answer["content"]):
-            if block["type"] == "text":
+            if block["type"] == "thinking":
+                await send("content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+                for piece in _pieces(block["thinking"]):
+                    await send("content_block_delta", {
+                        "type": "content_block_delta", "index": index,
+                        "delta": {"type": "thinking_delta", "thinking": piece}})
+                await send("content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "signature_delta", "signature": block["signature"]}})
+            elif block["type"] == "text":
                 await send("content_block_start", {"type": "content_block_start", "index": index,
                                                    "content_block": {"type": "text", "text": ""}})
                 if index == 0:
@@ -420,7 +448,8 @@ class FakeAnthropic:
             await send("content_block_stop", {"type": "content_block_stop", "index": index})
         await send("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": answer["stop_reason"], "stop_sequence": None},
+            "delta": {"stop_reason": answer["stop_reason"],
+                      "stop_sequence": answer["stop_sequence"]},
             "usage": {"output_tokens": answer["usage"]["output_tokens"]}})
         await send("message_stop", {"type": "message_stop"})
         await response.write_eof()

@@ -29,6 +29,9 @@ The wire (what OpenAI sends; the official `openai` client parses it):
   role chunk (`delta: {"role": "assistant", "content": ""}`), then one chunk per piece of text,
   then a chunk with `delta: {}` and `finish_reason`; with `stream_options.include_usage` every
   chunk has `"usage": null` and a last chunk `{"choices": [], "usage": {...}}` precedes [DONE].
+- `POST /v1/responses` (the Responses API, for native pass-through): a reasoning item (with
+  `encrypted_content` when `include` asks) and a message with the behaviour's text; with
+  `stream: true` OpenAI's event sequence (`event:` and `data:` lines, no `[DONE]`).
 - `POST /v1/embeddings`: deterministic unit vectors (8 dims, or `dimensions`), derived from the
   input's hash; `encoding_format: "base64"` (the openai client's default) is honoured.
 - `GET /v1/models`: the models given to the constructor.
@@ -42,7 +45,8 @@ Scripting. Each API request takes the first queued `Behaviour` that matches it (
 (-1: forever). An empty queue answers `ok`. Kinds:
 - `ok`: a normal answer; `text`, `chunks`, `chunk_delay_s` (between stream chunks), `delay_s`
   (before the headers), `usage=False` (omit usage, to test estimates), `tool_calls`,
-  `pause_after=N` (stream: after N events, wait until `release()`; proves incremental relay);
+  `pause_after=N` (stream: after N events, wait until `release()`; proves incremental relay),
+  `interleave_tools=True` (stream: the tool calls' arguments in turns, `text` in between);
 - `status`: HTTP `status` with `body` (default: OpenAI's error JSON for that status) and
   `headers`; `Behaviour.rate_limited(retry_after)` is a 429 with that `Retry-After` value, given
   verbatim (seconds, HTTP-date, absurd or garbage);
@@ -124,6 +128,7 @@ class Behaviour:
     usage: bool = True
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    interleave_tools: bool = False
     model: str | None = None
     times: int = 1
 
@@ -235,6 +240,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/_fake/script", self._ctl_script)
         app.router.add_get("/_fake/requests", self._ctl_requests)
@@ -339,6 +345,9 @@ class FakeOpenAI:
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "embedding")
 
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "responses")
+
     async def _models(self, request: web.Request) -> web.StreamResponse:
         data = [
             {"id": m, "object": "model", "created": CREATED, "owned_by": "fake"}
@@ -388,6 +397,13 @@ class FakeOpenAI:
         if kind == "embedding":
             return _json(_embeddings(body, model, behaviour))
         streaming = bool(body.get("stream"))
+        if kind == "responses":
+            pieces = _pieces(behaviour)
+            answer = _responses_answer(body, model, pieces, self.request_count)
+            if not streaming:
+                return _json(answer)
+            return await self._stream(request, _responses_events(answer, pieces), behaviour,
+                                      done=False)
         if kind == "chat":
             pieces = _pieces(behaviour)
             usage = _usage(_prompt_words(body.get("messages")), len(pieces))
@@ -403,7 +419,8 @@ class FakeOpenAI:
         return await self._stream(request, events, behaviour)
 
     async def _stream(
-        self, request: web.Request, events: list[bytes], behaviour: Behaviour
+        self, request: web.Request, events: list[bytes], behaviour: Behaviour,
+        done: bool = True,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=200,
@@ -426,7 +443,8 @@ class FakeOpenAI:
             if behaviour.pause_after is not None and sent == behaviour.pause_after:
                 if not self._closing.is_set():
                     await self._release.wait()
-        await response.write(b"data: [DONE]\n\n")
+        if done:  # chat and completions end with [DONE]; Responses streams do not
+            await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
@@ -596,7 +614,23 @@ def _chat_events(
         return _sse(data)
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
-    if behaviour.tool_calls:
+    if behaviour.tool_calls and behaviour.interleave_tools:
+        # As some servers stream parallel calls: every call opened, then the arguments of
+        # all of them in turns, with the text in between.
+        calls = behaviour.tool_calls
+        for i, call in enumerate(calls):
+            head_call = {**call, "function": {**call["function"], "arguments": ""}}
+            events.append(chunk({"tool_calls": [{"index": i, **head_call}]}, None))
+        halves = [(c["function"]["arguments"][: len(c["function"]["arguments"]) // 2],
+                   c["function"]["arguments"][len(c["function"]["arguments"]) // 2:])
+                  for c in calls]
+        for part in (0, 1):
+            for i, pair in enumerate(halves):
+                events.append(chunk({"tool_calls": [
+                    {"index": i, "function": {"arguments": pair[part]}}]}, None))
+            if part == 0 and behaviour.text:
+                events.append(chunk({"content": behaviour.text}, None))
+    elif behaviour.tool_calls:
         calls = [{"index": i, **call} for i, call in enumerate(behaviour.tool_calls)]
         events.append(chunk({"tool_calls": calls}, None))
     else:
@@ -605,6 +639,72 @@ def _chat_events(
     if with_usage:
         events.append(_sse({**head, "choices": [], "usage": usage}))
     return events
+
+
+def _responses_answer(
+    body: dict[str, Any], model: str, pieces: list[str], n: int
+) -> dict[str, Any]:
+    """A native Responses answer: a reasoning item (with encrypted content when the request
+    includes it), then the message; usage counts input items and pieces."""
+    include = body.get("include") or []
+    reasoning: dict[str, Any] = {"id": f"rs_fake{n}", "type": "reasoning", "summary": []}
+    if "reasoning.encrypted_content" in include:
+        reasoning["encrypted_content"] = f"gAAAAfake{n}"
+    text = "".join(pieces)
+    items = body.get("input")
+    prompt = len(items) if isinstance(items, list) else _prompt_words(items)
+    return {
+        "id": f"resp_fake{n}", "object": "response", "created_at": CREATED,
+        "status": "completed", "completed_at": CREATED, "error": None,
+        "incomplete_details": None, "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"), "model": model,
+        "output": [reasoning, {
+            "id": f"msg_fake{n}", "type": "message", "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [],
+                         "logprobs": []}]}],
+        "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None,
+        "store": bool(body.get("store", True)), "temperature": 1.0,
+        "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+        "top_p": 1.0, "truncation": "disabled", "metadata": {},
+        "usage": {"input_tokens": max(1, prompt),
+                  "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                  "output_tokens": len(pieces),
+                  "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": max(1, prompt) + len(pieces)},
+    }
+
+
+def _responses_events(answer: dict[str, Any], pieces: list[str]) -> list[bytes]:
+    """The native event sequence OpenAI streams for `answer`."""
+    seq = iter(range(1_000_000))
+    shell = {**answer, "status": "in_progress", "output": [], "usage": None,
+             "completed_at": None}
+    shell.pop("usage")
+    reasoning, message = answer["output"]
+
+    def ev(kind: str, **data: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": next(seq), **data}
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    out = [ev("response.created", response=shell), ev("response.in_progress", response=shell),
+           ev("response.output_item.added", output_index=0, item=reasoning),
+           ev("response.output_item.done", output_index=0, item=reasoning),
+           ev("response.output_item.added", output_index=1,
+              item={**message, "status": "in_progress", "content": []}),
+           ev("response.content_part.added", item_id=message["id"], output_index=1,
+              content_index=0, part=part)]
+    out += [ev("response.output_text.delta", item_id=message["id"], output_index=1,
+               content_index=0, delta=piece, logprobs=[]) for piece in pieces]
+    text = "".join(pieces)
+    out += [ev("response.output_text.done", item_id=message["id"], output_index=1,
+               content_index=0, text=text, logprobs=[]),
+            ev("response.content_part.done", item_id=message["id"], output_index=1,
+               content_index=0, part={**part, "text": text}),
+            ev("response.output_item.done", output_index=1, item=message),
+            ev("response.completed", response=answer)]
+    return out
 
 
 def _completion_answer(

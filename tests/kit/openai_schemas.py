@@ -30,6 +30,12 @@ ROOTS = (
     "CreateChatCompletionStreamResponse",
     "CreateCompletionResponse",
     "CreateEmbeddingResponse",
+    "ErrorResponse",
+    "ListModelsResponse",
+    "Model",
+    "DeleteModelResponse",
+    "Response",  # the Responses API: the response object
+    "ResponseStreamEvent",  # ... and every event of its stream
 )
 _PREFIX = "#/components/schemas/"
 
@@ -88,8 +94,29 @@ def _validator(name: str) -> Any:
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
+@cache
+def _event_schemas() -> dict[str, str]:
+    """`ResponseStreamEvent` member schema by event type (`response.completed` -> ...)."""
+    schemas = json.loads(FIXTURE.read_text(encoding="utf-8"))["schemas"]
+    out = {}
+    for member in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = member["$ref"][len(_PREFIX):]
+        for kind in schemas[name].get("properties", {}).get("type", {}).get("enum", ()):
+            out[kind] = name
+    return out
+
+
 def validate(name: str, instance: Any) -> None:
-    """Raise jsonschema.ValidationError unless `instance` is a valid `name`."""
+    """Raise jsonschema.ValidationError unless `instance` is a valid `name`. A Responses stream
+    event is checked against its own event schema first (a readable error: the union's says
+    only "not valid under any"), then against the `ResponseStreamEvent` union."""
+    if name == "ResponseStreamEvent" and isinstance(instance, dict):
+        import jsonschema
+
+        member = _event_schemas().get(str(instance.get("type")))
+        if member is None:
+            raise jsonschema.ValidationError(f"no stream event type {instance.get('type')!r}")
+        _validator(member).validate(instance)
     _validator(name).validate(instance)
 
 

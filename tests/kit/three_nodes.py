@@ -57,9 +57,13 @@ def node_config(models: list[str], upstream: str, auth: bool) -> dict[str, Any]:
 
 
 class ThreeNodes:
-    def __init__(self, workdir: Path, *, auth_on_a: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, auth_on_a: bool = False,
+        env: Callable[[str], dict[str, str]] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.auth_on_a = auth_on_a
+        self._env = env  # extra environment per node name (e.g. a traces file)
         self.fake = FakeOpenAIProcess(models=["m1", "m2", "shared"])
         self.nodes: dict[str, NodeProcess] = {}
 
@@ -78,7 +82,8 @@ class ThreeNodes:
     def _node(self, name: str, seeds: list[str]) -> NodeProcess:
         auth = self.auth_on_a and name == "a"
         node = NodeProcess(node_config(MODELS[name], self.fake.base_url, auth), self.workdir,
-                           name=name, grpc_listen="127.0.0.1:0", seeds=seeds, node_id=name)
+                           name=name, grpc_listen="127.0.0.1:0", seeds=seeds, node_id=name,
+                           env=self._env(name) if self._env is not None else None)
         self.nodes[name] = node
         node.start()
         self.wait_for(lambda: "MESHNODE_GRPC" in node.refresh_announcements(),

@@ -2,7 +2,8 @@
 // dependencies, nothing fetched from anywhere but this node.
 //
 // Data: GET /admin/mesh (members, status, RTT, models, capacity), /admin/stats (traffic per
-// provider and model), /admin/budget (spend and what is left). With auth on these need an
+// provider and model), /admin/budget (spend and what is left), /admin/history (the node's last
+// 15 minutes per provider and per node, and its last errors), /admin/spend (per API key). With auth on these need an
 // admin key: it comes from the page's fragment (#key=sk-..., never sent to the server) or the
 // key form, is kept in sessionStorage (this tab only) and sent as a Bearer token.
 // Everything from the node (ids, model names) is put into the page as text, never as HTML:
@@ -177,14 +178,17 @@ function renderProviders(stats) {
     return;
   }
   body.replaceChildren(...rows.map((r) => {
-    const rate = r.error_rate || 0;
+    // Errors over requests: the breaker's error_rate leaves out failures that say nothing about
+    // the provider's health (a client's bad request), so 25 failed of 25 read 0.0% there.
+    const rate = r.requests > 0 ? r.errors / r.requests : 0;
     const lat = r.latency_ms || {};
     const seen = r.requests > 0;
     return el("tr", { "data-provider": r.provider, "data-model": r.model },
       el("td", {}, r.provider), el("td", {}, r.model),
       el("td", { class: "num" }, r.requests), el("td", {}, bar(r.requests / most)),
       el("td", { class: "num" + (r.errors ? " err" : "") }, r.errors),
-      el("td", { class: "num" + (rate > 0.05 ? " err" : "") }, `${(100 * rate).toFixed(1)}%`),
+      el("td", { class: "num" + (rate > 0.05 ? " err" : ""), "data-error-rate": rate.toFixed(4) },
+        `${(100 * rate).toFixed(1)}%`),
       el("td", { class: "num" }, seen ? num(lat.p50) : "-"),
       el("td", { class: "num" }, seen ? num(lat.p95) : "-"),
       el("td", { class: "num" }, (r.tokens || {}).total || 0),
@@ -219,6 +223,114 @@ function renderBudget(budget) {
     el("p", { class: "muted small" }, `reserved ${money(budget.reserved)} in ${budget.open_reservations} open reservation(s)`));
 }
 
+// ------------------------------------------------------------------------------ history
+const COLOURS = ["#58a6ff", "#3fb950", "#d29922", "#f85149", "#bc8cff", "#39c5cf", "#ff7b72",
+                 "#e3b341"];
+const CHARTS = [
+  { field: "requests", title: "requests / 10 s" },
+  { field: "errors", title: "errors / 10 s" },
+  { field: "p50_ms", title: "latency p50 ms", also: "p95_ms" },
+  { field: "tokens_per_s", title: "tokens/s" },
+];
+
+function chart(spec, series, names, span) {
+  const width = 260, height = 70;
+  const values = [];
+  for (const name of names) {
+    for (const v of series[name][spec.field]) if (v !== null) values.push(v);
+    if (spec.also) for (const v of series[name][spec.also]) if (v !== null) values.push(v);
+  }
+  const top = Math.max(1e-9, ...values);
+  const box = svg("svg", { viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none",
+                           "data-chart": spec.field });
+  box.append(svg("line", { class: "axis", x1: 0, y1: height - 0.5, x2: width, y2: height - 0.5 }));
+  const pad = 3;  // the newest bucket's point stays inside the box
+  const line = (list, colour, dashed, name, field) => {
+    const step = (width - 2 * pad) / Math.max(1, list.length - 1);
+    const points = [];
+    list.forEach((v, i) => {
+      // Whole-pixel rows: a 2 px line on them is drawn crisp, in its own colour.
+      if (v !== null) points.push(`${(pad + i * step).toFixed(1)},${Math.round(height - 4 - (v / top) * (height - 8))}`);
+    });
+    if (!points.length) return;
+    const attrs = { points: points.join(" "), stroke: colour, "data-series": name, "data-field": field };
+    if (dashed) attrs["stroke-dasharray"] = "3 2";
+    box.append(svg("polyline", attrs));
+  };
+  names.forEach((name, i) => {
+    const colour = COLOURS[i % COLOURS.length];
+    line(series[name][spec.field], colour, false, name, spec.field);
+    if (spec.also) line(series[name][spec.also], colour, true, name, spec.also);
+  });
+  const last = (name) => {
+    const list = series[name][spec.field];
+    for (let i = list.length - 1; i >= 0; i--) if (list[i] !== null) return list[i];
+    return null;
+  };
+  const total = spec.field === "requests" || spec.field === "errors"
+    ? ` · ${names.reduce((n, name) => n + series[name][spec.field].reduce((a, b) => a + b, 0), 0)} in ${span}`
+    : "";
+  const keys = el("div", { class: "keys" }, names.map((name, i) => {
+    const sw = el("span", { class: "swatch" });
+    sw.style.background = COLOURS[i % COLOURS.length];
+    const now = last(name);
+    return el("span", {}, sw, `${name} ${now === null ? "-" : num(now, spec.field === "requests" || spec.field === "errors" ? 0 : 1)}`);
+  }));
+  return el("div", { class: "chart" },
+    el("div", { class: "title" }, el("span", {}, spec.title + (spec.also ? " (p95 dashed)" : "")),
+      el("span", { class: "muted" }, `max ${num(top, top < 10 ? 2 : 0)}${total}`)),
+    box, keys);
+}
+
+function renderHistory(history) {
+  const span = document.getElementById("history-span");
+  if (!history) { span.textContent = "not reported by this node"; return; }
+  const h = history.history;
+  span.textContent = `${Math.round(h.window_s / 60)} min window`;
+  for (const dimension of ["provider", "node"]) {
+    const box = document.getElementById("history-" + dimension);
+    const series = h.series[dimension] || {};
+    const names = Object.keys(series).sort();
+    box.dataset.series = names.join(",");
+    if (!names.length) {
+      box.replaceChildren(el("p", { class: "muted" }, "no requests in the last 15 minutes"));
+      continue;
+    }
+    box.replaceChildren(...CHARTS.map((spec) => chart(spec, series, names, `${Math.round(h.window_s / 60)} min`)));
+  }
+}
+
+function renderErrors(history) {
+  const body = document.querySelector("#errors tbody");
+  const rows = history ? history.errors : [];
+  if (!rows.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "no errors")));
+    return;
+  }
+  body.replaceChildren(...rows.map((e) => el("tr", { "data-request-id": e.request_id },
+    el("td", {}, new Date(e.at * 1000).toLocaleTimeString()),
+    el("td", {}, el("code", {}, e.request_id)),
+    el("td", { class: "num err" }, e.status), el("td", {}, e.code), el("td", {}, e.model || "-"),
+    el("td", {}, e.provider || "-"), el("td", {}, e.key || "-"),
+    el("td", { class: "num" }, e.attempts))));
+}
+
+function renderSpend(spend) {
+  const body = document.querySelector("#spend tbody");
+  const rows = spend ? spend.keys : [];
+  if (!rows.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "muted" },
+      spend ? "no API keys (auth off, or none created)" : "not reported by this node")));
+    return;
+  }
+  body.replaceChildren(...rows.map((k) => el("tr", { "data-key": k.key },
+    el("td", {}, el("strong", {}, k.key)),
+    el("td", { class: "num" }, money(k.today)), el("td", { class: "num" }, money(k.this_month)),
+    el("td", { class: "num" }, k.daily_limit === null ? "none" : money(k.daily_limit)),
+    el("td", { class: "num" }, k.left_today === null ? "-" : money(k.left_today)),
+    el("td", { class: "small" }, Object.entries(k.nodes).map(([n, v]) => `${n} ${money(v.today)}`).join(" · ") || "-"))));
+}
+
 function render(data) {
   const list = members(data);
   const alive = list.filter((m) => m.status === "alive").length;
@@ -233,6 +345,9 @@ function render(data) {
   renderNodes(list);
   renderProviders(data.stats);
   renderBudget(data.budget);
+  renderHistory(data.history);
+  renderErrors(data.history);
+  renderSpend(data.spend);
 }
 
 function showBanner(text) {
@@ -245,9 +360,10 @@ function showBanner(text) {
 // ------------------------------------------------------------------------------ polling
 async function poll() {
   try {
-    const [mesh, stats, budget] = await Promise.all(
-      [optional("/admin/mesh"), getJson("/admin/stats"), optional("/admin/budget")]);
-    lastGood = { mesh, stats, budget };
+    const [mesh, stats, budget, history, spend] = await Promise.all(
+      [optional("/admin/mesh"), getJson("/admin/stats"), optional("/admin/budget"),
+       optional("/admin/history"), optional("/admin/spend")]);
+    lastGood = { mesh, stats, budget, history, spend };
     document.getElementById("key-form").classList.add("hidden");
     showBanner("");
     render(lastGood);

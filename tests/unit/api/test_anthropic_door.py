@@ -65,7 +65,9 @@ def test_messages_request_becomes_chat_body() -> None:
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
         {"role": "assistant", "content": "Checking.", "tool_calls": [
             {"id": "toolu_1", "type": "function",
-             "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}}]},
+             "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}}],
+         # kept for an Anthropic upstream (signed), dropped by every other adapter
+         "thinking_blocks": [{"type": "thinking", "thinking": "hmm", "signature": "s"}]},
         {"role": "tool", "tool_call_id": "toolu_1", "content": "-3C"},
         {"role": "user", "content": "And tomorrow?"},
     ]
@@ -75,7 +77,7 @@ def test_messages_request_becomes_chat_body() -> None:
     assert chat["tool_choice"] == "required" and chat["parallel_tool_calls"] is False
     assert (chat["max_tokens"], chat["stop"], chat["user"]) == (100, ["END"], "u1")
     assert (chat["temperature"], chat["top_p"], chat["stream"]) == (0.5, 0.8, True)
-    assert "top_k" not in chat
+    assert chat["top_k"] == 5  # passed on (Anthropic and vLLM read it; OpenAI's adapter drops it)
     request = parse_messages(
         __import__("orjson").dumps(body), request_id="r", timeout_s=5)
     assert request.stream and request.model == "claude" and request.max_output_tokens == 100
@@ -327,3 +329,83 @@ async def test_door_routes_to_any_provider_and_breaks_cleanly() -> None:
         assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["one"]
     finally:
         await client.close()
+
+
+# --------------------------------------------------------------------------- stream shapes
+def _chunk(delta: dict[str, Any], finish: str | None = None, **choice: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish, **choice}]}
+
+
+def _check_blocks(events: list[tuple[str, dict[str, Any]]]) -> None:
+    """One block open at a time; no delta to a block that is not open."""
+    current: int | None = None
+    for name, data in events:
+        if name == "content_block_start":
+            assert current is None, events
+            current = data["index"]
+        elif name == "content_block_delta":
+            assert data["index"] == current, (data, events)
+        elif name == "content_block_stop":
+            assert data["index"] == current
+            current = None
+    assert current is None
+
+
+def test_interleaved_tool_calls_and_text_never_reach_a_closed_block() -> None:
+    writer = EventWriter("m", "req_1")
+    raw = writer.start()
+    for chunk in [
+        _chunk({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f",
+                                                                   "arguments": ""}}]}),
+        _chunk({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "g",
+                                                                   "arguments": "{\"y\""}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"x\": 1}"}}]}),
+        _chunk({"content": "Between."}),
+        _chunk({"tool_calls": [{"index": 1, "function": {"arguments": ": 2}"}}]}),
+        _chunk({}, "tool_calls"),
+    ]:
+        raw += writer.feed(chunk)
+    events = _events(raw + writer.finish())
+    _check_blocks(events)
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert [(b["type"], b.get("id")) for b in starts] == [
+        ("tool_use", "a"), ("tool_use", "b"), ("text", None)]
+    by_index: dict[int, str] = {}
+    for name, data in events:
+        if name == "content_block_delta":
+            piece = data["delta"].get("partial_json") or data["delta"].get("text") or ""
+            by_index[data["index"]] = by_index.get(data["index"], "") + piece
+    assert by_index == {0: '{"x": 1}', 1: '{"y": 2}', 2: "Between."}
+
+
+def test_stop_sequence_and_thinking_in_a_stream() -> None:
+    writer = EventWriter("m", "req_1")
+    raw = writer.start()
+    raw += writer.feed(_chunk({"reasoning_content": "Hmm."}))
+    raw += writer.feed(_chunk({"thinking_blocks": [
+        {"type": "thinking", "thinking": "", "signature": "sig"}]}))
+    raw += writer.feed(_chunk({"content": "one"}))
+    raw += writer.feed(_chunk({}, "stop", stop_reason="END"))
+    events = _events(raw + writer.finish())
+    _check_blocks(events)
+    deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
+    assert deltas == [{"type": "thinking_delta", "thinking": "Hmm."},
+                      {"type": "signature_delta", "signature": "sig"},
+                      {"type": "text_delta", "text": "one"}]
+    final = [d for n, d in events if n == "message_delta"][0]
+    assert final["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+
+def test_output_config_becomes_response_format_and_stays_for_anthropic() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    chat = messages_to_chat({"model": "m", "max_tokens": 5,
+                             "messages": [{"role": "user", "content": "x"}],
+                             "output_config": {"format": {"type": "json_schema",
+                                                          "schema": schema}}})
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "output", "schema": schema, "strict": True}}
+    assert chat["output_config"]["format"]["schema"] == schema
+    with pytest.raises(InvalidRequest) as caught:
+        messages_to_chat({"model": "m", "max_tokens": 5, "output_config": {"format": "json"},
+                          "messages": [{"role": "user", "content": "x"}]})
+    assert caught.value.param == "output_config.format"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ FAKE_KEYS = {
     "TOGETHER_API_KEY": "tg-test",
 }
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+UID = 10001
 
 
 def _quickstart_vars() -> set[str]:
@@ -86,16 +88,24 @@ def test_dockerfile(name: str) -> None:
     assert df["FROM"][0].startswith("python:3.11")
     exposed = {int(p) for line in df["EXPOSE"] for p in line.split()}
     assert exposed == {HTTP_PORT, GRPC_PORT}
-    assert df["USER"] == ["meshnode"]  # non-root, created with a fixed uid
-    assert any("useradd" in r and "--uid 10001" in r for r in df["RUN"])
+    # non-root, one uid and gid (10001) as in the Kubernetes pod and the systemd recipe
+    assert df["USER"] == [f"{UID}:{UID}"]
+    assert any(f"groupadd --system --gid {UID} meshnode" in r and
+               f"useradd --system --uid {UID} --gid {UID}" in r for r in df["RUN"])
+    sc = _k8s()["StatefulSet/meshnode"]["spec"]["template"]["spec"]["securityContext"]
+    assert sc["runAsUser"] == sc["runAsGroup"] == sc["fsGroup"] == UID
+    # relative data dirs of a mounted config land on the volume the user owns
+    assert df["WORKDIR"][-1] == df["VOLUME"][0].strip('[]"') == "/var/lib/meshnode"
+    # the healthcheck reads the port from the config the node runs (not a fixed 8080)
     (health,) = df["HEALTHCHECK"]
-    assert "MESHNODE_HEALTH_URL" in health
+    assert health.endswith('CMD ["python", "-m", "meshnode.cli.healthcheck"]')
     env = " ".join(df["ENV"])
-    assert f"MESHNODE_HEALTH_URL=http://127.0.0.1:{HTTP_PORT}/health/live" in env
+    assert "MESHNODE_HEALTH_URL" not in env and "8080/health" not in health
+    assert "MESHNODE_DATA_DIR=/var/lib/meshnode" in env  # absolute: the generated config's too
     assert f"MESHNODE_LISTEN=0.0.0.0:{HTTP_PORT}" in env
     assert f"MESHNODE_GRPC_LISTEN=0.0.0.0:{GRPC_PORT}" in env
     # every MESHNODE_ variable the image sets is one the entrypoint or quickstart reads
-    set_vars = set(re.findall(r"(MESHNODE_[A-Z_]+)=", env)) - {"MESHNODE_HEALTH_URL"}
+    set_vars = set(re.findall(r"(MESHNODE_[A-Z_]+)=", env))
     assert set_vars <= _quickstart_vars() | _entrypoint_vars()
     assert any("torch==${TORCH_VERSION}" in r for r in df["RUN"])
     args = " ".join(df["ARG"])
@@ -210,6 +220,44 @@ def test_k8s_manifests() -> None:
     assert by_port["http"] is None
 
 
+def test_k8s_pods_meet_the_restricted_pod_security_standard() -> None:
+    """The rules of the "restricted" profile (kubernetes.io/docs/concepts/security/
+    pod-security-standards), checked on every pod template, plus what the issue asks beyond it:
+    a read-only root with writable volumes for data and /tmp, spread over hosts, a PDB."""
+    objs = _k8s()
+    pods = [o["spec"]["template"] for o in objs.values()
+            if o["kind"] in ("StatefulSet", "Deployment", "DaemonSet")]
+    assert pods
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                       "persistentVolumeClaim", "projected", "secret"}
+    for template in pods:
+        pod = template["spec"]
+        psc = pod.get("securityContext", {})
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= allowed_volumes, volume
+        for container in pod["containers"] + pod.get("initContainers", []):
+            csc = container.get("securityContext", {})
+            assert csc.get("privileged", False) is False
+            assert csc["allowPrivilegeEscalation"] is False
+            assert csc["capabilities"]["drop"] == ["ALL"]
+            assert set(csc["capabilities"].get("add", [])) <= {"NET_BIND_SERVICE"}
+            assert (csc.get("runAsNonRoot", psc.get("runAsNonRoot"))) is True
+            assert csc.get("runAsUser", psc.get("runAsUser")) not in (None, 0)
+            seccomp = csc.get("seccompProfile", psc.get("seccompProfile"))
+            assert seccomp and seccomp["type"] in ("RuntimeDefault", "Localhost")
+            assert not any(p.get("hostPort") for p in container.get("ports", []))
+            assert csc["readOnlyRootFilesystem"] is True
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert not mounts["/var/lib/meshnode"].get("readOnly") and "/tmp" in mounts
+        spread = pod["topologySpreadConstraints"]
+        assert spread[0]["topologyKey"] == "kubernetes.io/hostname"
+        assert spread[0]["labelSelector"]["matchLabels"] == template["metadata"]["labels"]
+    sts = objs["StatefulSet/meshnode"]
+    pdb = objs["PodDisruptionBudget/meshnode"]["spec"]
+    assert 0 < pdb["minAvailable"] < sts["spec"]["replicas"]
+
+
 def _load_text(text: str, env: dict[str, str]) -> Any:
     import tempfile
 
@@ -233,6 +281,26 @@ def test_systemd_unit() -> None:
     assert float(keys["TimeoutStopSec"]) > ServerConfig().shutdown_grace_s
     assert keys["RestartPreventExitStatus"] == "2"  # invalid config (cli.main.EXIT_INVALID)
     assert keys["EnvironmentFile"].lstrip("-").endswith(".env")
+    assert "'meshnode[local]'" not in text  # not on PyPI: the header installs a checkout
+    assert f"--uid {UID} --gid {UID}" in text and f"--gid {UID} meshnode" in text
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit = DEPLOY / "systemd" / "meshnode.service"
+    as_shipped = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                                text=True, timeout=60, check=False)
+    # Here /opt/meshnode does not exist: that is the only thing it may say about the unit.
+    complaints = [line for line in (as_shipped.stdout + as_shipped.stderr).splitlines() if line]
+    assert all("/opt/meshnode/bin/meshnode is not executable" in c for c in complaints), complaints
+    # The same unit with ExecStart pointed at this checkout's meshnode passes clean.
+    meshnode = Path(sys.executable).with_name("meshnode")
+    text = unit.read_text(encoding="utf-8").replace("/opt/meshnode/bin/meshnode", str(meshnode))
+    local = tmp_path / "meshnode.service"
+    local.write_text(text, encoding="utf-8")
+    done = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout + done.stderr == "", done.stdout + done.stderr
 
 
 # --------------------------------------------------------------------------- quickstart.sh
@@ -299,3 +367,32 @@ def test_example_configs_listen_on_the_default_ports(path: Path) -> None:
     assert split_host_port(config.server.listen_addr)[1] == HTTP_PORT
     if config.mesh.enabled:
         assert split_host_port(config.mesh.listen_addr)[1] == GRPC_PORT
+
+
+def test_quickstart_without_meshnode_installed_writes_the_file_and_says_so(
+    tmp_path: Path,
+) -> None:
+    # A copy of the script outside this checkout (no .venv beside it), no meshnode on PATH,
+    # a python3 that cannot import it: the file is written, the check is skipped, exit 0.
+    script = tmp_path / "deploy" / "quickstart.sh"
+    script.parent.mkdir()
+    script.write_text(QUICKSTART.read_text(encoding="utf-8"), encoding="utf-8")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MESH_SECRET": "m",
+           "OPENAI_API_KEY": "sk-test"}
+    run = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "not checked: no meshnode found" in run.stderr
+    assert "is not valid" not in run.stderr
+    assert load_config(tmp_path / "meshnode.yaml", env=env).mesh.secret == "m"
+    # the next step names the variables the file needs in the node's environment
+    assert "export MESH_SECRET OPENAI_API_KEY" in run.stdout
+
+
+def test_quickstart_does_not_call_a_config_invalid_when_the_check_cannot_run(
+    tmp_path: Path,
+) -> None:
+    run = _quickstart(tmp_path, {"MESHNODE_BIN": "false"})
+    assert run.returncode == 1
+    assert "could not run the check" in run.stderr and "is not valid" not in run.stderr
+    assert (tmp_path / "meshnode.yaml").exists()

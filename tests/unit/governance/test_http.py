@@ -35,6 +35,9 @@ ROUTES = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/embeddings"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/resp_1"),
+    ("DELETE", "/v1/responses/resp_1"),
     ("GET", "/admin/stats"),
     ("GET", "/admin/route?model=m"),
     ("GET", "/admin/keys"),
@@ -245,3 +248,29 @@ async def test_key_created_by_another_process_is_honoured_within_seconds(
     listed = await (await s.client.get("/admin/keys", headers=s.auth())).json()
     late = next(k for k in listed["data"] if k["name"] == "late")
     assert late["revoked"] is True and "key_sha256" not in late
+
+
+async def test_stored_responses_belong_to_the_key_that_made_them(stack: Any) -> None:
+    s = await stack([FakeProvider("fake", models=["m"])])
+    secrets = {}
+    for name in ("alice", "bob"):
+        created = await s.client.post("/admin/keys", json={"name": name}, headers=s.auth())
+        secrets[name] = (await created.json())["key"]
+    r = await s.client.post("/v1/responses", json={"model": "m", "input": "hi"},
+                            headers=s.auth(secrets["alice"]))
+    assert r.status == 200
+    response_id = (await r.json())["id"]
+    own = await s.client.get(f"/v1/responses/{response_id}", headers=s.auth(secrets["alice"]))
+    assert own.status == 200
+    for method, path, body in [
+        ("GET", f"/v1/responses/{response_id}", None),
+        ("GET", f"/v1/responses/{response_id}/input_items", None),
+        ("DELETE", f"/v1/responses/{response_id}", None),
+        ("POST", "/v1/responses",
+         {"model": "m", "input": "more", "previous_response_id": response_id}),
+    ]:
+        other = await s.client.request(method, path, json=body, headers=s.auth(secrets["bob"]))
+        assert other.status == 404, (method, path)  # not found, never "forbidden"
+    assert (await s.client.get(f"/v1/responses/{response_id}")).status == 401
+    still = await s.client.get(f"/v1/responses/{response_id}", headers=s.auth(secrets["alice"]))
+    assert still.status == 200

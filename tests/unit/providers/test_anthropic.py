@@ -251,7 +251,8 @@ async def test_complete_sends_valid_request_with_headers(
     assert fake.headers[0]["x-api-key"] == API_KEY
     assert fake.headers[0]["anthropic-version"] == "2023-06-01"
     assert done.body["choices"][0]["message"] == {"role": "assistant",
-                                                  "content": "echo: hello there"}
+                                                  "content": "echo: hello there",
+                                                  "refusal": None}
     assert done.body["choices"][0]["finish_reason"] == "stop"
     assert done.usage.completion_tokens == 3 and done.usage.prompt_tokens > 0
     assert not done.usage.estimated
@@ -410,3 +411,43 @@ async def test_fake_in_its_own_process_is_scriptable() -> None:
         recorded = proc.recorded()
     assert done.body["choices"][0]["message"]["content"] == "echo: hello there"
     assert len(recorded["requests"]) == 2 and recorded["violations"] == []
+
+
+def test_anthropic_only_fields_reach_anthropic_and_are_dropped_elsewhere() -> None:
+    from meshnode.providers.anthropic_extensions import drop_extensions
+
+    mark = {"type": "ephemeral"}
+    body = {
+        "model": "m", "top_k": 3, "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "anthropic_beta": ["x"],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": {
+            "type": "object"}}},
+        "tools": [{"type": "function", "cache_control": mark,
+                   "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "S", "cache_control": mark}]},
+            {"role": "user", "content": [{"type": "text", "text": "U", "cache_control": mark},
+                                         {"type": "text", "text": "V"}]},
+            {"role": "assistant", "content": "A", "thinking_blocks": [
+                {"type": "thinking", "thinking": "t", "signature": "s"}]},
+            {"role": "user", "content": "W"},
+        ],
+    }
+    out = chat_to_anthropic(body, "claude", stream=False)
+    assert out["system"] == [{"type": "text", "text": "S", "cache_control": mark}]
+    assert out["messages"][0]["content"] == [
+        {"type": "text", "text": "U", "cache_control": mark}, {"type": "text", "text": "V"}]
+    assert out["messages"][1]["content"][0] == {"type": "thinking", "thinking": "t",
+                                                "signature": "s"}
+    assert out["tools"][0]["cache_control"] == mark
+    assert (out["top_k"], out["thinking"]["type"]) == (3, "enabled")
+    assert out["output_config"] == {"format": {"type": "json_schema",
+                                               "schema": {"type": "object"}}}
+    dropped = drop_extensions(body, "openai", also=("top_k",))
+    text = str(dropped)
+    for name in ("cache_control", "thinking", "anthropic_beta", "top_k"):
+        assert name not in text, name
+    assert dropped["messages"][1]["content"] == [{"type": "text", "text": "U"},
+                                                 {"type": "text", "text": "V"}]
+    assert body["tools"][0]["cache_control"] == mark  # the shared body is never mutated
+    assert drop_extensions({"model": "m", "messages": []}, "p") == {"model": "m", "messages": []}

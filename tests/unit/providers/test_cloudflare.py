@@ -108,7 +108,8 @@ async def test_chat_without_upstream_usage_is_estimated(
                                  {"role": "user", "content": "hi there"}],
                     "max_tokens": 64, "temperature": 0.2}
     assert done.body["object"] == "chat.completion" and done.body["model"] == "llama"
-    assert done.body["choices"][0]["message"] == {"role": "assistant", "content": "echo: hi there"}
+    assert done.body["choices"][0]["message"] == {"role": "assistant", "content": "echo: hi there",
+                                                  "refusal": None}
     assert done.body["choices"][0]["finish_reason"] == "stop"
     assert done.usage.estimated and done.usage.prompt_tokens > 0
     assert done.usage.completion_tokens == 4  # "echo: hi there" is 14 chars, about 4 tokens

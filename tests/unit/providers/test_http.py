@@ -414,3 +414,30 @@ async def test_close_then_start_again(fake: FakeOpenAI, upstream: HttpUpstream) 
     data = await upstream.post_json("/chat/completions", _chat_payload(), deadline=_soon(),
                                     timeouts=TIMEOUTS)
     assert data["choices"]
+
+
+@pytest.mark.parametrize(("body", "wire"), [
+    (b'{"error": {"message": "too long", "type": "invalid_request_error", "param": "messages",'
+     b' "code": "context_length_exceeded"}}', ("invalid_request_error", "context_length_exceeded")),
+    (b'{"error": {"message": "m", "type": "invalid_request_error", "param": null, "code": null}}',
+     ("invalid_request_error", None)),
+    (b'{"type": "error", "error": {"type": "invalid_request_error", "message": "m"}}', None),
+    (b'{"detail": "nope"}', None),
+    (b"not json", None),
+])
+def test_openai_shaped_upstream_errors_keep_type_and_code(
+    body: bytes, wire: tuple[str, str | None] | None
+) -> None:
+    from meshnode.api.errors import error_body
+    from meshnode.providers.http import error_for_status
+
+    error = error_for_status(400, body, {}, provider="up")
+    assert error.upstream_wire == wire
+    out = error_body(error)
+    if wire is None:
+        assert out["error"]["code"] == "upstream_bad_request" and "x_aiproxy" not in out
+    else:
+        assert (out["error"]["type"], out["error"]["code"]) == wire
+        assert out["x_aiproxy"] == {"error_type": "invalid_request_error",
+                                    "error_code": "upstream_bad_request", "provider": "up"}
+    assert error_for_status(401, body, {}, provider="up").upstream_wire is None

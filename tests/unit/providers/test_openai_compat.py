@@ -735,3 +735,70 @@ def test_tools_count_toward_the_prompt() -> None:
     assert estimate_prompt_tokens(RequestKind.CHAT, {**base, "tools": tools}) > (
         estimate_prompt_tokens(RequestKind.CHAT, base)
     )
+
+
+@pytest.mark.parametrize(("name", "keeps_top_k"), [("openai", False), ("vllm", True)])
+async def test_anthropic_only_fields_never_reach_an_openai_upstream(
+    fake: FakeOpenAI, caplog: pytest.LogCaptureFixture, name: str, keeps_top_k: bool
+) -> None:
+    overrides = {"type": "openai_compatible"} if name == "vllm" else {}
+    p = make_provider(fake.base_url, name=name, **overrides)
+    await p.start()
+    try:
+        mark = {"type": "ephemeral"}
+        body = {"model": "gpt-4o", "top_k": 4, "thinking": {"type": "enabled"},
+                "anthropic_beta": ["b"], "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "hi",
+                                                  "cache_control": mark}]}]}
+        with caplog.at_level(logging.INFO, logger="meshnode.providers.anthropic_extensions"):
+            await p.complete(chat(body), offer_for(p, "gpt-4o"), TIMEOUTS)
+            await collect(p, chat(body, stream=True), offer_for(p, "gpt-4o"))
+        for sent in (fake.requests[0].json, fake.requests[1].json):
+            assert "thinking" not in sent and "anthropic_beta" not in sent
+            assert sent["messages"][0]["content"] == [{"type": "text", "text": "hi"}]
+            assert ("top_k" in sent) is keeps_top_k
+        assert "Anthropic-only" in caplog.text
+        assert fake.requests[0].headers["x-request-id"] == "req-1"
+        assert body["messages"][0]["content"][0]["cache_control"] == mark  # never mutated
+    finally:
+        await p.close()
+
+
+async def test_responses_pass_through_natively_only_to_openai(fake: FakeOpenAI) -> None:
+    from meshnode.errors import StreamBroken, UpstreamUnavailable
+    from meshnode.types import RESPONSES_NATIVE_FIELD
+
+    native = {"input": [{"role": "user", "content": "hi"}], "instructions": "Be kind."}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+            RESPONSES_NATIVE_FIELD: native}
+    p = make_provider(fake.base_url)  # type openai
+    compatible = make_provider(fake.base_url, name="vllm", type="openai_compatible")
+    await p.start()
+    await compatible.start()
+    try:
+        done = await p.complete(chat(body), offer_for(p, "gpt-4o"), TIMEOUTS)
+        assert done.body["object"] == "response" and done.usage.completion_tokens > 0
+        sent = fake.requests[-1]
+        assert sent.path == "/v1/responses"
+        assert sent.json == {**native, "model": "gpt-4o-2024-08-06", "stream": False,
+                             "store": False}
+        chunks = await collect(p, chat(body, stream=True), offer_for(p, "gpt-4o"))
+        kinds = [c.data["type"] for c in chunks]
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        assert all(c.usage is None for c in chunks[:-1])
+
+        fake.script(Behaviour.error(500))
+        with pytest.raises(UpstreamUnavailable):  # before the first byte: fail over
+            await collect(p, chat(body, stream=True), offer_for(p, "gpt-4o"))
+        fake.script(Behaviour.reset_after_first())
+        with pytest.raises(StreamBroken):  # after it: never retried
+            await collect(p, chat(body, stream=True), offer_for(p, "gpt-4o"))
+
+        await compatible.complete(chat(body), offer_for(compatible, "gpt-4o"), TIMEOUTS)
+        sent = fake.requests[-1]
+        assert sent.path == "/v1/chat/completions"
+        assert RESPONSES_NATIVE_FIELD not in sent.json  # never sent to a chat upstream
+    finally:
+        await p.close()
+        await compatible.close()

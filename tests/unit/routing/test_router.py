@@ -156,6 +156,33 @@ async def test_upstream_429_cools_down_for_its_retry_after_capped() -> None:
     assert row["cooldown_s_left"] == pytest.approx(30)
 
 
+async def test_429_with_retry_after_is_never_resent_before_it() -> None:
+    clock = Clock()
+    only = FakeProvider("only")
+    only.script(UpstreamRateLimited("slow down", retry_after=3, provider="only"), "ok", "ok")
+    cfg = routing(failover=FailoverConfig(max_retries=3, backoff={
+        "initial_ms": 1, "max_ms": 1, "jitter": 0.0}))
+    router = Router(cfg, ["only"], [only], "n1", clock=clock)
+    with pytest.raises(UpstreamRateLimited) as caught:
+        await router.complete(request())
+    assert len(only.calls) == 1  # not re-sent 3 times within its Retry-After
+    assert caught.value.retry_after == 3
+    clock.now += 3.5
+    routed = await router.complete(request())
+    assert routed.served.offer.provider == "only" and len(only.calls) == 2
+
+    a, b = FakeProvider("a"), FakeProvider("b")
+    a.script(UpstreamRateLimited("slow down", retry_after=3, provider="a"))
+    b.script(UpstreamUnavailable("boom", provider="b"), "ok")
+    router = Router(routing(strategy="availability", failover=FailoverConfig(
+        max_retries=3, backoff={"initial_ms": 1, "max_ms": 1, "jitter": 0.0})),
+        ["a", "b"], [a, b], "n1", clock=clock)
+    routed = await router.complete(request())
+    # a said wait: b is tried at once, and again after its own failure; a never twice.
+    assert [x.provider for x in routed.served.attempts] == ["a", "b", "b"]
+    assert len(a.calls) == 1
+
+
 async def test_deadline_bounds_a_hanging_provider() -> None:
     a = FakeProvider("a")
     a.script(Hang())
