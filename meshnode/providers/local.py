@@ -249,6 +249,7 @@ class LocalProvider(Provider):
         messages: list[dict[str, str]] | None = None
         prompts: list[str] | list[list[int]] = []
         tools_wire: list[dict[str, Any]] | None = None
+        tool_names: frozenset[str] | None = None
         if chat:
             messages = chat_messages(body)
             tools, tool_choice = parse_tools(body)
@@ -256,16 +257,14 @@ class LocalProvider(Provider):
             params = parse_sampling(body, constraint=constraint)
             # Calls are read from free text only: a forced call is a call by construction,
             # and JSON under a response_format is the answer, not a call.
-            parse_calls = tool_choice is not None and (
-                constraint is None or constraint.kind == "tool_call")
-            names = frozenset(t.name for t in tools) if parse_calls else None
+            if tool_choice is not None and (constraint is None
+                                            or constraint.kind == "tool_call"):
+                tool_names = frozenset(t.name for t in tools)
             if tool_choice is not None:
                 tools_wire = [t.to_wire() for t in tools]
-            shape = _Shape(params.n, True, names, params.logprobs is not None)
         else:
             params = parse_sampling(body, completion=True)
             prompts = completion_prompts(body)
-            shape = _Shape(params.n, False, None, params.logprobs is not None)
         count = 1 if chat else len(prompts)
         worker = await self._pick_worker(timeouts, request.deadline, params.n * count)
         model = worker.models.get(offer.upstream_model, {})
@@ -275,13 +274,14 @@ class LocalProvider(Provider):
         wire = params.to_wire()
         if chat:
             calls = [worker.generate(offer.upstream_model, messages, None, wire, params.n,
-                                     tools_wire, events=events)]
+                                     events=events, tools=tools_wire)]
         else:
             calls = [worker.generate(offer.upstream_model, None, prompt, wire, params.n,
                                      events=events, choice_offset=i * params.n)
                      for i, prompt in enumerate(list[Any](prompts))]
         return _TextCalls(worker, calls, events, params.n * count,
-                          str(model.get("fingerprint", "fp_local")), shape)
+                          str(model.get("fingerprint", "fp_local")), chat, tool_names,
+                          params.logprobs is not None)
 
     async def _next(self, events: asyncio.Queue[Event], timeout: float,
                     streamed: bool) -> Event:
@@ -349,11 +349,10 @@ class LocalProvider(Provider):
         if request.kind is RequestKind.EMBEDDING:
             return await self._embed(request, offer, timeouts)
         text = await self._open_text(request, offer, timeouts)
-        shape, n = text.shape, text.choices
-        chats = [ChatChoice(i, shape.tool_names, shape.logprobs) for i in range(n)]
-        completion_lps = [CompletionLogprobs() for _ in range(n)]
-        texts = [""] * n
-        finishes: list[str | None] = [None] * n
+        chats = [ChatChoice(i, text.tool_names, text.logprobs) for i in range(text.choices)]
+        completion_lps = [CompletionLogprobs() for _ in range(text.choices)]
+        texts = [""] * text.choices
+        finishes: list[str | None] = [None] * text.choices
         usage = Usage(0, 0)
         async with contextlib.aclosing(self._text_events(request, timeouts, text,
                                                          stream=False)) as events:
@@ -362,7 +361,7 @@ class LocalProvider(Provider):
                     usage = event
                     continue
                 i = event.choice
-                if shape.chat:
+                if text.chat:
                     chats[i].feed(event.text, event.logprobs)
                     if event.finish is not None:
                         chats[i].end()
@@ -372,10 +371,10 @@ class LocalProvider(Provider):
                         completion_lps[i].add(event.logprobs)
                 if event.finish is not None:
                     finishes[i] = event.finish
-        if shape.chat:
+        if text.chat:
             body = _chat_body(offer, chats, finishes, usage, text.fingerprint)
         else:
-            body = _completion_body(offer, texts, completion_lps if shape.logprobs else None,
+            body = _completion_body(offer, texts, completion_lps if text.logprobs else None,
                                     finishes, usage, text.fingerprint)
         return Completion(body=body, usage=usage)
 
@@ -424,10 +423,9 @@ class LocalProvider(Provider):
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": chunk_id, "object": obj, "created": created, "model": offer.model,
                 "system_fingerprint": text.fingerprint}
-        shape, n = text.shape, text.choices
-        chats = [ChatChoice(i, shape.tool_names, shape.logprobs) for i in range(n)]
-        completion_lps = [CompletionLogprobs() for _ in range(n)]
-        started = [False] * n
+        chats = [ChatChoice(i, text.tool_names, text.logprobs) for i in range(text.choices)]
+        completion_lps = [CompletionLogprobs() for _ in range(text.choices)]
+        started = [False] * text.choices
         async with contextlib.aclosing(self._text_events(request, timeouts, text,
                                                          stream=True)) as events:
             async for event in events:
@@ -454,17 +452,6 @@ class LocalProvider(Provider):
 
 
 @dataclass(frozen=True, slots=True)
-class _Shape:
-    """What a text answer is made of: its choices, chat or completion, whether tool calls
-    are read from the text (the offered names), whether logprobs were asked."""
-
-    n: int
-    chat: bool
-    tool_names: frozenset[str] | None
-    logprobs: bool
-
-
-@dataclass(frozen=True, slots=True)
 class _TextCalls:
     """The worker calls of one text request, feeding one queue."""
 
@@ -473,7 +460,9 @@ class _TextCalls:
     events: asyncio.Queue[Event]
     choices: int  # prompts x n
     fingerprint: str
-    shape: _Shape
+    chat: bool
+    tool_names: frozenset[str] | None  # set: tool calls are read from the text
+    logprobs: bool
 
 
 def _vectors(event: Embedded, count: int, options: EmbeddingOptions) -> list[Any]:
@@ -515,8 +504,7 @@ def _chat_body(offer: ModelOffer, chats: list[ChatChoice], finishes: list[str | 
                usage: Usage, fingerprint: str) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-        "created": int(time.time()), "model": offer.model,
-        "system_fingerprint": fingerprint,
+        "created": int(time.time()), "model": offer.model, "system_fingerprint": fingerprint,
         "choices": [
             {"index": c.index, "message": c.message(), "logprobs": c.logprobs(),
              "finish_reason": c.finish_reason(finishes[c.index])}
@@ -531,8 +519,7 @@ def _completion_body(offer: ModelOffer, texts: list[str],
                      usage: Usage, fingerprint: str) -> dict[str, Any]:
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-        "created": int(time.time()), "model": offer.model,
-        "system_fingerprint": fingerprint,
+        "created": int(time.time()), "model": offer.model, "system_fingerprint": fingerprint,
         "choices": [
             {"text": text, "index": i,
              "logprobs": logprobs[i].whole if logprobs is not None else None,

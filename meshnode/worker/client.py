@@ -201,12 +201,12 @@ class WorkerProcess:
 
     # ------------------------------------------------------------------ calls
     def generate(self, model: str, messages: list[dict[str, str]] | None,
-                 prompt: str | list[int] | None, params: dict[str, Any], slots: int,
-                 tools: list[dict[str, Any]] | None = None, *,
-                 events: asyncio.Queue[Event] | None = None, choice_offset: int = 0) -> Call:
-        """Start one generation. `prompt` is text or token ids; `tools` are rendered into the
-        chat prompt; `events` lets several calls share one queue (their choices told apart by
-        `choice_offset`)."""
+                 prompt: str | list[int] | None, params: dict[str, Any], slots: int, *,
+                 events: asyncio.Queue[Event] | None = None, choice_offset: int = 0,
+                 tools: list[dict[str, Any]] | None = None) -> Call:
+        """Start one generation. `prompt` is text or token ids; `events` lets several calls
+        share one queue (their choices told apart by `choice_offset`); `tools` (ToolSpec
+        wire dicts) are rendered into a chat prompt."""
         call = self._new_call(slots)
         if events is not None:
             call.events = events
@@ -365,8 +365,8 @@ class WorkerProcess:
         for item in message["ev"]:
             call = calls.get(item[0])
             if call is not None:
-                call.events.put_nowait(TextDelta(item[1] + call.choice_offset, item[2],
-                                                 item[3], item[4] if len(item) > 4 else None))
+                call.events.put_nowait(TextDelta(item[1] + call.choice_offset, item[2], item[3],
+                                                 item[4] if len(item) > 4 else None))
         for request_id, prompt_tokens, completion_tokens, *rest in message["done"]:
             call = calls.pop(request_id, None)
             if call is not None:

