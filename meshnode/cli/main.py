@@ -122,7 +122,7 @@ def startup_errors(config: Config) -> list[str]:
     """What `meshnode run` refuses to start on beyond the config model's own checks, so that
     `check-config` never calls valid a file that `run` rejects: each provider's build-time
     checks (an unknown built-in model, a missing model directory, a bad device) and the mesh's
-    security (an unauthenticated mesh beyond loopback, unreadable TLS files). Nothing is
+    security (an unauthenticated mesh beyond loopback or under auth, unreadable TLS files). Nothing is
     started: adapters open sessions and spawn workers only in `start()`."""
     from meshnode.providers.registry import ProviderContext, build_provider
 
@@ -141,7 +141,7 @@ def startup_errors(config: Config) -> list[str]:
         from meshnode.rpc.security import MeshSecurity
 
         try:
-            MeshSecurity.from_config(config.mesh)
+            MeshSecurity.from_config(config.mesh, auth_enabled=config.auth.enabled)
         except ConfigError as exc:
             errors.extend(exc.errors)
     return errors

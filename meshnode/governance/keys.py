@@ -11,6 +11,11 @@ name, the record with the larger `(version, origin)` (last writer wins), so a ke
 node and revoked on another converges to revoked everywhere. A revoked record stays as a
 tombstone so that the revocation wins over late copies of the live record.
 
+A record carries whether its origin ran with `auth.enabled` (`authorized`, inside the signed
+gossip digest): only authorised records are gossiped or merged (docs/security.md), so an
+auth-off node, which cannot tell who asked it, never creates or revokes a key for the mesh. A
+record written by `meshnode keys` against an auth-off config is kept and used locally.
+
 Keys from the config (`auth.keys`) are read-only and local: they are not gossiped, and a store
 record with the same name as a config key is ignored.
 
@@ -46,9 +51,12 @@ CREATE TABLE IF NOT EXISTS keys (
     name TEXT PRIMARY KEY, key_sha256 TEXT NOT NULL,
     rpm INTEGER, tpm INTEGER, daily_limit REAL, monthly_limit REAL, models TEXT,
     admin INTEGER NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL,
-    version INTEGER NOT NULL, origin TEXT NOT NULL
+    version INTEGER NOT NULL, origin TEXT NOT NULL,
+    authorized INTEGER NOT NULL DEFAULT 0
 );
 """
+_COLUMNS = ("name, key_sha256, rpm, tpm, daily_limit, monthly_limit, models, admin, created_at, "
+            "revoked, version, origin, authorized")
 
 
 class KeyNotFound(InvalidRequest):
@@ -87,6 +95,7 @@ class KeyRecord:
     revoked: bool = False
     version: int = 0
     origin: str = ""
+    authorized: bool = False  # the origin ran with auth.enabled when it wrote this version
     source: str = "store"  # "store" (keys.db, gossiped) or "config" (auth.keys, local)
 
     def newer_than(self, other: KeyRecord) -> bool:
@@ -116,21 +125,26 @@ class KeyRecord:
             self.name, self.key_sha256, self.rpm, self.tpm, self.daily_limit,
             self.monthly_limit, list(self.models) if self.models is not None else None,
             self.admin, self.created_at, self.revoked, self.version, self.origin,
+            self.authorized,
         ]
 
     @classmethod
     def from_wire(cls, item: Any) -> KeyRecord | None:
         """None for anything malformed: a confused peer must not break key lookup."""
         try:
+            # 12 fields: a peer from before the `authorized` flag (read as not authorised).
             (name, digest, rpm, tpm, daily, monthly, models, admin, created, revoked,
-             version, origin) = item
+             version, origin, *rest) = item
+            if len(rest) > 1:
+                return None
+            authorized = bool(rest[0]) if rest else False
             record = cls(
                 name=str(name), key_sha256=str(digest).lower(),
                 rpm=_opt_int(rpm), tpm=_opt_int(tpm),
                 daily_limit=_opt_float(daily), monthly_limit=_opt_float(monthly),
                 models=tuple(str(m) for m in models) if models is not None else None,
                 admin=bool(admin), created_at=float(created), revoked=bool(revoked),
-                version=int(version), origin=str(origin),
+                version=int(version), origin=str(origin), authorized=authorized,
             )
         except (TypeError, ValueError):
             return None
@@ -187,8 +201,11 @@ class KeyStore:
         *,
         node_id: str = "cli",
         clock: Callable[[], float] = time.time,
+        authorized: bool = False,
     ) -> None:
+        """`authorized`: this node runs with auth on, so what it writes may travel."""
         self._path = path
+        self._authorized = authorized
         self._node_id = node_id
         self._clock = clock
         self._config = {k.name: record_from_config(k) for k in config_keys}
@@ -205,6 +222,9 @@ class KeyStore:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
+        if "authorized" not in columns:  # a keys.db from before the flag: not authorised
+            db.execute("ALTER TABLE keys ADD COLUMN authorized INTEGER NOT NULL DEFAULT 0")
         self._db = db
         self._reload()
 
@@ -229,19 +249,16 @@ class KeyStore:
     def _reload(self) -> None:
         db = self._conn()
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
-        rows = db.execute(
-            "SELECT name, key_sha256, rpm, tpm, daily_limit, monthly_limit, models, admin, "
-            "created_at, revoked, version, origin FROM keys"
-        ).fetchall()
+        rows = db.execute(f"SELECT {_COLUMNS} FROM keys").fetchall()
         stored: dict[str, KeyRecord] = {}
         for (name, digest, rpm, tpm, daily, monthly, models, admin, created, revoked,
-             version, origin) in rows:
+             version, origin, authorized) in rows:
             stored[name] = KeyRecord(
                 name=name, key_sha256=digest, rpm=rpm, tpm=tpm, daily_limit=daily,
                 monthly_limit=monthly,
                 models=tuple(orjson.loads(models)) if models is not None else None,
                 admin=bool(admin), created_at=created, revoked=bool(revoked),
-                version=version, origin=origin,
+                version=version, origin=origin, authorized=bool(authorized),
             )
         self._stored = stored
         self._reindex()
@@ -257,20 +274,20 @@ class KeyStore:
 
     def _write(self, record: KeyRecord) -> None:
         self._conn().execute(
-            "INSERT INTO keys (name, key_sha256, rpm, tpm, daily_limit, monthly_limit, models, "
-            "admin, created_at, revoked, version, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"INSERT INTO keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT (name) DO UPDATE SET key_sha256=excluded.key_sha256, rpm=excluded.rpm, "
             "tpm=excluded.tpm, daily_limit=excluded.daily_limit, "
             "monthly_limit=excluded.monthly_limit, models=excluded.models, admin=excluded.admin, "
             "created_at=excluded.created_at, revoked=excluded.revoked, version=excluded.version, "
-            "origin=excluded.origin WHERE (excluded.version, excluded.origin) > "
+            "origin=excluded.origin, authorized=excluded.authorized "
+            "WHERE (excluded.version, excluded.origin) > "
             "(keys.version, keys.origin)",
             (
                 record.name, record.key_sha256, record.rpm, record.tpm, record.daily_limit,
                 record.monthly_limit,
                 orjson.dumps(list(record.models)).decode() if record.models is not None else None,
                 int(record.admin), record.created_at, int(record.revoked), record.version,
-                record.origin,
+                record.origin, int(record.authorized),
             ),
         )
 
@@ -316,6 +333,7 @@ class KeyStore:
             created_at=self._clock(),
             version=self._next_version(name),
             origin=self._node_id,
+            authorized=self._authorized,
         )
         self._write(record)
         self._reload()
@@ -333,7 +351,7 @@ class KeyStore:
         if existing.revoked:
             return existing
         record = replace(existing, revoked=True, version=self._next_version(name),
-                         origin=self._node_id)
+                         origin=self._node_id, authorized=self._authorized)
         self._write(record)
         self._reload()
         return record
@@ -365,17 +383,24 @@ class KeyStore:
 
     # ------------------------------------------------------------------ gossip
     def export_records(self) -> list[KeyRecord]:
-        """Every stored record (tombstones included) for gossip; config keys stay local."""
-        return list(self._stored.values())
+        """Every authorised stored record (tombstones included) for gossip; config keys and
+        records written with auth off stay local."""
+        return [r for r in self._stored.values() if r.authorized]
 
-    def merge_records(self, records: Iterable[KeyRecord]) -> int:
-        """Keep, per name, the newer of ours and theirs; returns how many records changed."""
+    def merge_records(self, records: Iterable[KeyRecord],
+                      refused: list[KeyRecord] | None = None) -> int:
+        """Keep, per name, the newer of ours and theirs; returns how many records changed.
+        Records whose origin had auth off are not merged (appended to `refused`)."""
         changed = 0
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
             for record in records:
                 if record.source != "store":
+                    continue
+                if not record.authorized:
+                    if refused is not None:
+                        refused.append(record)
                     continue
                 mine = self._stored.get(record.name)
                 if mine is None or record.newer_than(mine):

@@ -13,14 +13,18 @@ called from the event loop thread:
   state.counters)` for every peer state received. A G-counter needs nothing more: each node
   carries only its own slots, every node takes the maximum per slot.
 - key records (and, redundantly, counters) as one opaque signed blob: `export_gossip() -> bytes`
-  (HMAC with the mesh secret), `merge_gossip(blob)` (raises `GossipRejected` on a bad MAC).
-  Key records are not node-owned, so every node carries every record it knows; merging is
-  last-writer-wins per name. This needs a bytes field in `NodeState` (e.g. `bytes governance`).
+  (HMAC with the mesh secret), `merge_gossip(blob, peer)` (raises `GossipRejected` on a bad
+  MAC). Key records are not node-owned, so every node carries every record it knows; merging is
+  last-writer-wins per name. Records whose origin had auth off are refused, logged once per
+  peer and counted (`dropped`, and `on_dropped` for the metric).
+
+The mesh wires none of this on an unauthenticated mesh (docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -37,7 +41,7 @@ from meshnode.governance.budget import BudgetLedger, SpendLimits
 from meshnode.governance.counters import GLOBAL_SCOPE, CounterEntry
 from meshnode.governance.gate import BudgetGate, SpendGate
 from meshnode.governance.gossip import decode_digest, encode_digest
-from meshnode.governance.keys import KeyStore
+from meshnode.governance.keys import KeyRecord, KeyStore
 from meshnode.governance.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -65,12 +69,23 @@ class Governance:
         self._mesh_secret = mesh_secret
         self._refresh_interval_s = refresh_interval_s
         self.node_id = node_id
-        self.keys = KeyStore(data_dir / KEYS_FILE, auth.keys, node_id=node_id, clock=clock)
+        self.keys = KeyStore(data_dir / KEYS_FILE, auth.keys, node_id=node_id, clock=clock,
+                             authorized=auth.enabled)
         self.ledger = BudgetLedger(budget, data_dir / SPEND_FILE, node_id, clock=clock)
         self.authenticator = Authenticator(self.keys)
         self.limiter = RateLimiter(monotonic)
         self._gate = BudgetGate(self.ledger, self._key_limits, budget.max_reservation)
         self._opened = False
+        # Gossip this node refused, by reason (meshnode_gossip_dropped_total through
+        # `on_dropped`); peers already warned about, so a bad peer logs once.
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.on_dropped: Callable[[str, int], None] | None = None
+        self._warned: set[tuple[str, str]] = set()
+
+    def count_dropped(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+        if self.on_dropped is not None:
+            self.on_dropped(reason, n)
 
     @property
     def auth_enabled(self) -> bool:
@@ -130,12 +145,22 @@ class Governance:
             self.keys.export_records(), self.ledger.export_counters(), self._mesh_secret
         )
 
-    def merge_gossip(self, blob: bytes) -> tuple[int, int]:
+    def merge_gossip(self, blob: bytes, peer: str = "") -> tuple[int, int]:
         """Merge a peer's digest; returns (key records changed, counter slots raised)."""
         digest = decode_digest(blob, self._mesh_secret)
-        return self.keys.merge_records(digest.records), self.ledger.merge_counters(
-            digest.counters
-        )
+        refused: list[KeyRecord] = []
+        changed = self.keys.merge_records(digest.records, refused)
+        if refused:
+            self.count_dropped("key_unauthorized", len(refused))
+            if (peer, "key_unauthorized") not in self._warned:
+                self._warned.add((peer, "key_unauthorized"))
+                log.warning(
+                    "mesh: %d key record(s) from %s refused: written by a node with auth off "
+                    "(origin %s), which cannot create or revoke keys for the mesh",
+                    len(refused), peer or "a peer",
+                    ", ".join(sorted({r.origin for r in refused})),
+                )
+        return changed, self.ledger.merge_counters(digest.counters)
 
     def gossip_counters(self, limit: int = 64) -> dict[str, float]:
         """This node's own spend slots of the current day and month, for the

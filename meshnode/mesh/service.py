@@ -367,8 +367,19 @@ class MeshService:
 
 
 def mesh_service(node: Any) -> MeshService:
-    """The `Node` service factory: `Node(config, services=[mesh_service])` when mesh.enabled."""
+    """The `Node` service factory: `Node(config, services=[mesh_service])` when mesh.enabled.
+
+    Governance (key records, spend counters) is wired into gossip only on an authenticated mesh
+    (docs/security.md): on a mesh anyone can join, nothing received can be attributed, so
+    nothing is sent or merged."""
+    config = node.config
+    # Refuses (ConfigError) an unauthenticated mesh beyond loopback, or under auth.enabled.
+    security = MeshSecurity.from_config(config.mesh, auth_enabled=config.auth.enabled)
     governance = getattr(node, "governance", None)
+    if governance is not None and not security.authenticated:
+        log.info("mesh: unauthenticated (no mesh.secret, no mesh.tls): key records and spend "
+                 "counters are neither sent nor merged; budgets and keys stay per node")
+        governance = None
     blobs = on_peer_blobs = None
     if governance is not None:
         # Key records (created, changed, revoked) travel in the owner's state, signed with the
@@ -381,21 +392,23 @@ def mesh_service(node: Any) -> MeshService:
             if blob is None:
                 return
             try:
-                governance.merge_gossip(blob)
+                governance.merge_gossip(blob, peer)
             except GossipRejected as exc:
+                governance.count_dropped("bad_digest")
                 log.warning("mesh: governance records from %s refused: %s", peer, exc)
 
     return MeshService(
-        node.config.mesh,
+        config.mesh,
         node.node_id,
         node.router,
         http_address=lambda: str(node.http_address),
-        grace_s=node.config.server.shutdown_grace_s,
+        grace_s=config.server.shutdown_grace_s,
         counters=governance.gossip_counters if governance is not None else None,
         on_peer_counters=governance.merge_peer_counters if governance is not None else None,
         blobs=blobs,
         on_peer_blobs=on_peer_blobs,
         metrics=getattr(node, "metrics", None),
+        security=security,
     )
 
 

@@ -29,6 +29,7 @@ from tests.kit.node_proc import NodeProcess
 
 ADMIN_SECRET = "sk-meshctl-admin-3f9a7c51e2b84d60"
 USER_SECRET = "sk-meshctl-user-8d2e6b04a9c17f35"
+MESH_SECRET = "three-nodes-mesh-secret-5e1c"
 MODELS = {"a": ["m1"], "b": ["m2", "shared"], "c": ["shared"]}
 DAILY_LIMIT = 5.0
 MONTHLY_LIMIT = 50.0
@@ -37,8 +38,9 @@ WAIT_S = 60.0
 
 def node_config(models: list[str], upstream: str, auth: bool) -> dict[str, Any]:
     config: dict[str, Any] = {
+        # A secret: node a may run with auth on, which needs an authenticated mesh.
         "mesh": {"mdns": False, "probe_interval_ms": 250, "probe_timeout_ms": 250,
-                 "suspicion_mult": 4, "gossip_interval_ms": 200},
+                 "suspicion_mult": 4, "gossip_interval_ms": 200, "secret": MESH_SECRET},
         "server": {"shutdown_grace_s": 2},
         "budget": {"daily_limit": DAILY_LIMIT, "monthly_limit": MONTHLY_LIMIT},
         "providers": {"upstream": {

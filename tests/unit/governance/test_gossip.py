@@ -72,3 +72,29 @@ def test_signed_digest_carries_counters_too(tmp_path: Path) -> None:
     b.ledger.settle(b.ledger.reserve(0.25), 0.25)
     assert a.merge_gossip(b.export_gossip()) == (0, 2)
     assert a.ledger.spent() == pytest.approx(0.25)
+
+
+def test_records_from_an_auth_off_origin_are_refused_logged_once_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A digest MAC'd with the right secret still carries records whose origin had auth off
+    (a node from before the flag, or a forged one): they are not merged."""
+    on = gov(tmp_path, "on")
+    off = Governance(AuthConfig(enabled=False), BudgetConfig(), tmp_path / "off", "off",
+                     mesh_secret="mesh-secret")
+    off.open()
+    record, secret = off.keys.create("minted", admin=True)
+    seen: list[tuple[str, int]] = []
+    on.on_dropped = lambda reason, n: seen.append((reason, n))
+    blob = encode_digest([record], [], "mesh-secret")  # what an old node would send
+    with caplog.at_level("WARNING"):
+        assert on.merge_gossip(blob, "off") == (0, 0)
+        assert on.merge_gossip(blob, "off") == (0, 0)
+    assert on.keys.lookup(secret) is None
+    assert seen == [("key_unauthorized", 1), ("key_unauthorized", 1)]
+    assert on.dropped["key_unauthorized"] == 2
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "from off" in refusals[0].getMessage()
+    assert "auth off" in refusals[0].getMessage()
+    assert off.export_gossip() != b"" and decode_digest(off.export_gossip(),
+                                                       "mesh-secret").records == []

@@ -29,6 +29,7 @@ from meshnode.routing.router import Router
 from meshnode.rpc import convert
 from meshnode.rpc.auth import MeshAuth, ReplayCache
 from meshnode.rpc.client import GOSSIP, HEALTH
+from meshnode.rpc.security import MeshSecurity
 from meshnode.types import InferenceRequest, RequestKind
 from tests.kit.mesh_services import MeshServices, members
 from tests.unit.rpc.tls_certs import LeafFiles, TestCA
@@ -249,6 +250,19 @@ def test_unauthenticated_mesh_beyond_loopback_is_refused_at_start(listen: str) -
 def test_loopback_needs_no_authentication(listen: str) -> None:
     router = Router(RoutingConfig(), ["mesh"], [], "a")
     MeshService(MeshConfig(listen_addr=listen), "a", router, announce=False)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "0.0.0.0:50051"])
+def test_auth_on_needs_an_authenticated_mesh_even_on_loopback(listen: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        MeshSecurity.from_config(MeshConfig(listen_addr=listen), auth_enabled=True)
+    (line,) = err.value.errors
+    assert line.startswith("auth.enabled: true needs an authenticated mesh") and "--insecure" in line
+    assert MeshSecurity.from_config(MeshConfig(listen_addr=listen, secret="x"),
+                                    auth_enabled=True).authenticated
+    insecure = MeshSecurity.from_config(MeshConfig(listen_addr=listen, insecure=True),
+                                        auth_enabled=True)
+    assert not insecure.authenticated
 
 
 def test_insecure_flag_maps_to_mesh_insecure() -> None:

@@ -1,0 +1,196 @@
+"""The mesh trust model (docs/security.md) against real node processes, attack by attack.
+
+Each test plays one attack from issue 15 and asserts it is refused, with the log line an
+operator needs. Nodes run on loopback with a fake OpenAI upstream (which counts its calls).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from meshnode.governance.gossip import encode_digest
+from meshnode.governance.keys import KeyRecord, hash_secret
+from meshnode.mesh.service import GOVERNANCE_BLOB
+from meshnode.rpc.generated import mesh_pb2 as pb
+from tests.kit.fake_openai import FakeOpenAIProcess
+from tests.kit.node_proc import REPO_ROOT, NodeProcess, NodeStartError
+from tests.kit.three_nodes import ThreeNodes
+
+pytestmark = pytest.mark.slow
+
+ADMIN_SECRET = "sk-trust-admin-6b1f0c2d9e8a7342"
+USER_SECRET = "sk-trust-user-1a2b3c4d5e6f7081"
+MESH_SECRET = "trust-mesh-secret-90af"
+wait_for = ThreeNodes.wait_for
+MESH = {"mdns": False, "gossip_interval_ms": 100, "probe_interval_ms": 250,
+        "probe_timeout_ms": 250}
+AUTH = {"enabled": True, "keys": [
+    {"name": "root", "key_sha256": hash_secret(ADMIN_SECRET), "admin": True},
+    {"name": "user", "key_sha256": hash_secret(USER_SECRET)},
+]}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenAIProcess]:
+    with FakeOpenAIProcess(models=["gpt-t"]) as f:
+        yield f
+
+
+def config(fake: FakeOpenAIProcess, *, price: float = 0.001, **sections: Any) -> dict[str, Any]:
+    return {
+        "mesh": MESH,
+        "server": {"shutdown_grace_s": 1},
+        "providers": {"cloud": {
+            "type": "openai_compatible", "base_url": fake.base_url,
+            "credentials": {"api_key": "sk-upstream"},
+            "models": [{"name": "gpt-t", "openai_model": "gpt-t", "cost_per_1k_tokens": price}],
+        }},
+        **sections,
+    }
+
+
+def call(url: str, method: str = "GET", body: Any = None,
+         key: str | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:  # noqa: S310 - loopback
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def keys_cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshnode", "keys", *args, "--json", "--config",
+         str(node.workdir / f"{node.name}.json"),
+         "--data-dir", str(node.workdir / f"{node.name}-data")],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=node.env, timeout=60, check=False,
+    )
+
+
+def logged(node: NodeProcess, fragment: str) -> bool:
+    return any(fragment in str(r.get("msg", "")) for r in node.log_records())
+
+
+# --------------------------------------------------------------------------- start-up rules
+def test_auth_on_refuses_an_unauthenticated_mesh_even_on_loopback(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    """The default mesh (no secret, loopback) under auth: one clear line, exit 2; --insecure
+    starts it, and it says that nothing of governance crosses that mesh."""
+    refused = NodeProcess(config(fake, auth=AUTH), tmp_path, name="refused",
+                          grpc_listen="127.0.0.1:0")
+    with pytest.raises(NodeStartError):
+        refused.start()
+    assert refused.returncode == 2
+    assert "auth.enabled: true needs an authenticated mesh" in refused.logs()
+    assert "--insecure" in refused.logs()
+    with NodeProcess(config(fake, auth=AUTH), tmp_path, name="insecure",
+                     grpc_listen="127.0.0.1:0", extra_args=["--insecure"]) as node:
+        assert logged(node, "key records and spend counters are neither sent nor merged")
+        assert call(node.base_url + "/models")[0] == 401
+        assert call(node.base_url + "/models", key=USER_SECRET)[0] == 200
+
+
+def test_the_default_config_auth_off_no_secret_loopback_still_serves(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    with NodeProcess(config(fake), tmp_path, name="plain", grpc_listen="127.0.0.1:0") as node:
+        status, body = call(node.base_url + "/chat/completions", "POST",
+                            {"model": "gpt-t", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200, body
+        assert body["x_aiproxy"]["provider"] == "cloud"
+
+
+# --------------------------------------------------------------------------- key minting
+def test_an_auth_off_member_cannot_mint_or_revoke_keys_for_the_mesh(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    """Attack: anonymous POST/DELETE /admin/keys on an auth-off node A gave a working admin key
+    on auth-on node B. Now A does not serve key management; a key A's own shell writes stays
+    on A; B refuses the record and says from whom."""
+    secured = {**MESH, "secret": MESH_SECRET}
+    b = NodeProcess({**config(fake, auth=AUTH), "mesh": secured}, tmp_path, name="tb",
+                    grpc_listen="127.0.0.1:0", node_id="tb").start()
+    try:
+        seed = b.refresh_announcements()["MESHNODE_GRPC"]
+        a = NodeProcess({**config(fake), "mesh": secured}, tmp_path, name="ta",
+                        grpc_listen="127.0.0.1:0", node_id="ta", seeds=[seed]).start()
+        try:
+            status, body = call(a.url + "/admin/keys", "POST", {"name": "evil", "admin": True})
+            assert status == 404 and body["error"]["code"] == "key_management_disabled", body
+            assert "auth.enabled: false" in body["error"]["message"]
+            status, body = call(a.url + "/admin/keys/user", "DELETE")
+            assert status == 404 and body["error"]["code"] == "key_management_disabled"
+            # The operator's shell on A can still write one; it is marked not authorised.
+            created = keys_cli(a, "create", "--name", "minted", "--admin")
+            assert created.returncode == 0, created.stderr
+            assert "this key stays on this node" in created.stderr
+            minted = json.loads(created.stdout)["key"]
+            # B learns the keys B's mesh makes; the one A minted never works there.
+            travelled = keys_cli(b, "create", "--name", "from-b")
+            assert travelled.returncode == 0, travelled.stderr
+            wait_for(lambda: "from-b" in {k["name"] for k in call(
+                a.url + "/admin/keys")[1]["data"]}, "b's authorised record reaches a")
+            assert call(b.url + "/admin/keys", key=minted)[0] == 401
+            names = {k["name"] for k in call(b.url + "/admin/keys", key=ADMIN_SECRET)[1]["data"]}
+            assert "minted" not in names
+            # B's own keys still work: nothing was revoked.
+            assert call(b.base_url + "/models", key=USER_SECRET)[0] == 200
+        finally:
+            a.stop()
+    finally:
+        b.stop()
+
+
+def test_no_secret_mesh_merges_no_key_records_from_a_local_process(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    """Attack: with no mesh.secret any local process was a member, and its key records (MAC'd
+    with an empty secret) were merged. Now an auth-on node runs there only with --insecure, and
+    then merges no governance at all."""
+    with NodeProcess(config(fake, auth=AUTH), tmp_path, name="victim", node_id="victim",
+                     grpc_listen="127.0.0.1:0", extra_args=["--insecure"]) as victim:
+        address = victim.refresh_announcements()["MESHNODE_GRPC"]
+        evil_secret = "sk-evil-0000000000000000"
+        record = KeyRecord(name="evil", key_sha256=hash_secret(evil_secret), admin=True,
+                           version=2**40, origin="intruder", authorized=True)
+        blob = encode_digest([record], [], None)
+        state = pb.NodeState(node_id="intruder", version=1, grpc_address="127.0.0.1:1",
+                             status="alive", protocol_version=1,
+                             blobs={GOVERNANCE_BLOB: blob})
+        message = pb.GossipRequest(protocol_version=1, from_node="intruder", join=True, records=[
+            pb.GossipRecord(member=pb.MemberUpdate(node_id="intruder", address="127.0.0.1:1",
+                                                   incarnation=1, status=pb.ALIVE),
+                            state=state)])
+        channel = grpc.insecure_channel(address)
+        try:
+            gossip = channel.unary_unary("/meshnode.v1.Mesh/Gossip",
+                                         request_serializer=pb.GossipRequest.SerializeToString,
+                                         response_deserializer=pb.GossipResponse.FromString)
+            gossip(message, timeout=5)
+        finally:
+            channel.close()
+        # The intruder is a member (nothing can stop that without a secret) ...
+        wait_for(lambda: "intruder" in {m["id"] for m in call(
+            victim.url + "/admin/mesh", key=ADMIN_SECRET)[1]["members"]}, "intruder joined")
+        # ... but its key never works, however long we wait for a publish tick to merge it.
+        wait_for(lambda: logged(victim, "mesh: node victim serving gRPC"), "mesh started")
+        for _ in range(5):
+            assert call(victim.base_url + "/models", key=evil_secret)[0] == 401
+        names = {k["name"] for k in call(victim.url + "/admin/keys", key=ADMIN_SECRET)[1]["data"]}
+        assert "evil" not in names
