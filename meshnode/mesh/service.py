@@ -96,7 +96,7 @@ class MeshService:
         self.settings = MembershipSettings.from_config(config)
         # Refuses (ConfigError) an unauthenticated mesh beyond loopback; reads the TLS files.
         self.security = security or MeshSecurity.from_config(config)
-        self.guard = self.security.guard()
+        self.guard = self.security.guard(node_id)
         self.channels = PeerChannels(
             credentials=self.security.channel_credentials, node_id=node_id,
             auth=self.security.auth,

@@ -160,7 +160,8 @@ class MeshProvider(Provider):
         if self._node_id not in visited:
             visited = (*visited, self._node_id)
         message = convert.infer_request_to_pb(request, visited, self._node_id, remaining)
-        call = self._channels.stub(address).Infer(message, timeout=remaining)
+        call = self._channels.stub(address).Infer(message, timeout=remaining,
+                                                  callee=offer.node or "")
         return address, remaining, call
 
     async def complete(

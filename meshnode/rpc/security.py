@@ -77,9 +77,10 @@ class MeshSecurity:
         spend counters and caller assertions mean anything (docs/security.md)."""
         return self.auth is not None or self.server_credentials is not None
 
-    def guard(self) -> MeshGuard:
-        """A new server guard: size bounds, parsing and (with a secret) HMAC checks."""
-        return MeshGuard(self.auth)
+    def guard(self, node_id: str = "") -> MeshGuard:
+        """A new server guard: size bounds, parsing and (with a secret) HMAC checks, refusing
+        calls addressed to another node than `node_id`."""
+        return MeshGuard(self.auth, node_id)
 
     @property
     def mode(self) -> str:
