@@ -194,3 +194,21 @@ def test_no_secret_mesh_merges_no_key_records_from_a_local_process(
             assert call(victim.base_url + "/models", key=evil_secret)[0] == 401
         names = {k["name"] for k in call(victim.url + "/admin/keys", key=ADMIN_SECRET)[1]["data"]}
         assert "evil" not in names
+
+
+# --------------------------------------------------------------------------- cache tenants
+def test_the_cache_never_answers_one_key_with_anothers_answer(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    other = "sk-trust-other-77aa88bb99cc00dd"
+    auth = {"enabled": True, "keys": [*AUTH["keys"],  # type: ignore[list-item]
+                                      {"name": "other", "key_sha256": hash_secret(other)}]}
+    body = {"model": "gpt-t", "temperature": 0,
+            "messages": [{"role": "user", "content": "the tenant question"}]}
+    with NodeProcess({**config(fake, auth=auth), "mesh": {"enabled": False}}, tmp_path,
+                     name="cached") as node:
+        before = len(fake.requests())
+        answers = [call(node.base_url + "/chat/completions", "POST", body, key=k)[1]
+                   for k in (USER_SECRET, other, USER_SECRET, other)]
+        assert [a["x_aiproxy"].get("cache") for a in answers] == [None, None, "hit", "hit"]
+        assert len(fake.requests()) - before == 2  # one upstream call per tenant
