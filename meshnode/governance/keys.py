@@ -369,6 +369,13 @@ class KeyStore:
             return None
         return record
 
+    def state(self, name: str) -> str:
+        """"live", "revoked" (a tombstone), or "unknown" on this node."""
+        record = self._config.get(name) or self._stored.get(name)
+        if record is None:
+            return "unknown"
+        return "revoked" if record.revoked else "live"
+
     def lookup(self, secret: str) -> KeyRecord | None:
         """The live key whose secret this is, or None."""
         digest = hash_secret(secret)

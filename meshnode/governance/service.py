@@ -39,7 +39,7 @@ from meshnode.governance import http
 from meshnode.governance.auth import Authenticator
 from meshnode.governance.budget import BudgetLedger, SpendLimits
 from meshnode.governance.counters import GLOBAL_SCOPE, CounterEntry
-from meshnode.governance.gate import BudgetGate, SpendGate
+from meshnode.governance.gate import BudgetGate, CapOnlyGate, SpendGate
 from meshnode.governance.gossip import decode_digest, encode_digest
 from meshnode.governance.keys import KeyRecord, KeyStore
 from meshnode.governance.ratelimit import RateLimiter
@@ -75,6 +75,7 @@ class Governance:
         self.authenticator = Authenticator(self.keys)
         self.limiter = RateLimiter(monotonic)
         self._gate = BudgetGate(self.ledger, self._key_limits, budget.max_reservation)
+        self._cap_only = CapOnlyGate(budget.max_reservation)
         self._opened = False
         # Gossip this node refused, by reason (meshnode_gossip_dropped_total through
         # `on_dropped`); peers already warned about, so a bad peer logs once.
@@ -92,9 +93,10 @@ class Governance:
         return self._auth_config.enabled
 
     @property
-    def spend_gate(self) -> SpendGate | None:
-        """What the router reserves budget through; None when budgets are off."""
-        return self._gate if self._budget_config.enabled else None
+    def spend_gate(self) -> SpendGate:
+        """What the router reserves budget through; with budgets off it only holds forwarded
+        requests to what their entry node reserved."""
+        return self._gate if self._budget_config.enabled else self._cap_only
 
     def _key_limits(self, name: str) -> SpendLimits | None:
         record = self.keys.get(name)

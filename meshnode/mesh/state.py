@@ -68,6 +68,10 @@ class ModelAd:
     cost_per_1k_input: float = 0.0
     cost_per_1k_output: float = 0.0
     max_context_tokens: int | None = None
+    # The owner's dearest price for this model over every provider it could fail over to (what
+    # a caller reserves); None: not given (a node from before), the price above stands.
+    max_cost_per_1k_input: float | None = None
+    max_cost_per_1k_output: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,11 @@ class MeshAuth:
         # A captured call from before this process started is refused, whatever its age.
         self.replay = replay or ReplayCache(floor_ms=int(clock() * 1000) - 1)
 
+    def derive(self, label: bytes) -> bytes:
+        """A key for another use of the mesh secret (caller assertions), independent of this
+        one: knowing it says nothing about the RPC key."""
+        return hmac.new(self._key, label, hashlib.sha256).digest()
+
     def mesh_tag(self) -> str:
         """A short public tag of this mesh (mDNS TXT `mesh`): equal secrets give equal tags; it
         says nothing usable about the secret."""

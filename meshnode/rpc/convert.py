@@ -19,11 +19,15 @@ from typing import Any
 import msgpack
 
 from meshnode.errors import (
+    AuthenticationError,
+    BudgetExceeded,
     DeadlineExceeded,
     InvalidRequest,
     MeshError,
     ModelNotFound,
     NoCapacity,
+    PermissionDenied,
+    RateLimited,
     StreamBroken,
     UpstreamAuthError,
     UpstreamBadRequest,
@@ -45,6 +49,7 @@ from meshnode.mesh.state import (
     NodeState,
 )
 from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
+from meshnode.rpc.caller import CallerClaim
 from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.types import InferenceRequest, PolicyConstraint, RequestKind, Usage
 
@@ -114,6 +119,8 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
                 name=m.name, provider_kind=m.provider_kind, kinds=sorted(k.value for k in m.kinds),
                 cost_per_1k_input=m.cost_per_1k_input, cost_per_1k_output=m.cost_per_1k_output,
                 max_context_tokens=m.max_context_tokens or 0,
+                max_cost_per_1k_input=m.max_cost_per_1k_input or 0.0,
+                max_cost_per_1k_output=m.max_cost_per_1k_output or 0.0,
             )
             for m in s.models
         ],
@@ -139,6 +146,18 @@ def _ms(value: float) -> float:
     return clamp(value, 0.0, MAX_LATENCY_MS, 0.0)
 
 
+def _worst_prices(m: pb.ModelAd) -> dict[str, float | None]:
+    """The dearest prices, never below the cheapest (a peer cannot make a caller reserve less
+    than the price it routes by); both 0: not given."""
+    if m.max_cost_per_1k_input == 0.0 and m.max_cost_per_1k_output == 0.0:
+        return {"max_cost_per_1k_input": None, "max_cost_per_1k_output": None}
+    return {
+        "max_cost_per_1k_input": max(_price(m.max_cost_per_1k_input), _price(m.cost_per_1k_input)),
+        "max_cost_per_1k_output": max(_price(m.max_cost_per_1k_output),
+                                      _price(m.cost_per_1k_output)),
+    }
+
+
 def state_from_pb(s: pb.NodeState) -> NodeState | None:
     if not s.node_id or s.version > MAX_COUNTER:
         return None
@@ -150,6 +169,7 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
             cost_per_1k_input=_price(m.cost_per_1k_input),
             cost_per_1k_output=_price(m.cost_per_1k_output),
             max_context_tokens=m.max_context_tokens or None,
+            **_worst_prices(m),
         )
         for m in s.models[:MAX_MODELS]
         if m.name
@@ -308,8 +328,36 @@ def policy_from_pb(msg: pb.PolicyConstraint) -> PolicyConstraint:
     return PolicyConstraint(name=_cut(msg.name, 128), allow=allow, max_cost_per_1k=cap)
 
 
+def caller_to_pb(claim: CallerClaim) -> pb.CallerAssertion:
+    msg = pb.CallerAssertion(
+        key_name=claim.key_name or "", models_restricted=claim.models is not None,
+        models=list(claim.models or ()), reservation_id=claim.reservation_id,
+        entry_node=claim.entry_node, callee_node=claim.callee_node,
+        request_id=claim.request_id, issued_ms=claim.issued_ms, mac=claim.mac,
+    )
+    if claim.reserved_usd is not None:
+        msg.reserved_usd = claim.reserved_usd
+    return msg
+
+
+def caller_from_pb(msg: pb.CallerAssertion) -> CallerClaim:
+    """Bounded like every peer input; a NaN or negative reservation reads as 0 (the strictest
+    cap). Verification is `rpc.caller`'s."""
+    reserved = clamp(msg.reserved_usd, 0.0, MAX_PRICE, 0.0) \
+        if msg.HasField("reserved_usd") else None
+    return CallerClaim(
+        key_name=_cut(msg.key_name, 128) or None,
+        models=tuple(_cut(m) for m in msg.models[:MAX_MODELS]) if msg.models_restricted
+        else None,
+        reservation_id=msg.reservation_id, reserved_usd=reserved,
+        entry_node=_cut(msg.entry_node), callee_node=_cut(msg.callee_node),
+        request_id=_cut(msg.request_id), issued_ms=msg.issued_ms, mac=bytes(msg.mac[:64]),
+    )
+
+
 def infer_request_to_pb(
-    request: InferenceRequest, visited: tuple[str, ...], origin: str, remaining_s: float
+    request: InferenceRequest, visited: tuple[str, ...], origin: str, remaining_s: float,
+    caller: CallerClaim | None = None,
 ) -> pb.InferRequest:
     msg = pb.InferRequest(
         protocol_version=PROTOCOL_VERSION,
@@ -329,13 +377,16 @@ def infer_request_to_pb(
     )
     if request.policy is not None:
         msg.policy.CopyFrom(policy_to_pb(request.policy))
+    if caller is not None:
+        msg.caller.CopyFrom(caller_to_pb(caller))
     return msg
 
 
 def infer_request_from_pb(
     r: pb.InferRequest, self_id: str, remaining_s: float | None
 ) -> InferenceRequest:
-    """The serving node's request: visited is the caller chain plus this node."""
+    """The serving node's request: visited is the caller chain plus this node. `key_name` is
+    not read: the key comes only from a verified caller assertion (`rpc.caller`)."""
     kind = _KINDS.get(r.kind)
     if kind is None:
         raise InvalidRequest(f"unknown request kind {r.kind!r}")
@@ -359,13 +410,18 @@ def infer_request_from_pb(
         deadline=time.monotonic() + budget_s,
         stream=r.stream,
         include_usage=r.include_usage,
-        key_name=r.key_name or None,
         headers=dict(r.headers),
         visited=visited,
         prompt_tokens_estimate=r.prompt_tokens_estimate,
         max_output_tokens=r.max_output_tokens or None,
         policy=policy_from_pb(r.policy) if r.HasField("policy") else None,
     )
+
+
+def reported_cost(final: pb.Final) -> float:
+    """A peer's charge for a call, bounded (a NaN or negative claim reads as 0; the caller's
+    own reservation bounds what it can be billed for it anyway)."""
+    return clamp(final.cost, 0.0, MAX_PRICE, 0.0)
 
 
 def usage_to_pb(u: Usage) -> pb.Usage:
@@ -400,6 +456,12 @@ def error_to_pb(exc: MeshError, node: str) -> pb.Error:
 
 
 _BY_CODE: dict[str, type[MeshError]] = {
+    # The serving node's own refusals of the caller keep their meaning for the client.
+    "invalid_api_key": AuthenticationError,
+    "permission_denied": PermissionDenied,
+    "caller_assertion_invalid": PermissionDenied,
+    "rate_limit_exceeded": RateLimited,
+    "budget_exceeded": BudgetExceeded,
     "upstream_timeout": UpstreamTimeout,
     "upstream_rate_limited": UpstreamRateLimited,
     "upstream_bad_request": UpstreamBadRequest,
