@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -247,15 +248,15 @@ CHAT = {"model": "gpt-t", "max_tokens": 20,
 
 
 def two_nodes(tmp_path: Path, serving: dict[str, Any], entry: dict[str, Any],
-              ) -> tuple[NodeProcess, NodeProcess]:
+              key: str | None = None) -> tuple[NodeProcess, NodeProcess]:
     b = NodeProcess(serving, tmp_path, name="tb", grpc_listen="127.0.0.1:0", node_id="tb").start()
     seed = b.refresh_announcements()["MESHNODE_GRPC"]
     a = NodeProcess(entry, tmp_path, name="ta", grpc_listen="127.0.0.1:0", node_id="ta",
                     seeds=[seed])
     try:
         a.start()
-        wait_for(lambda: "mesh:tb" in {p for m in call(a.base_url + "/models")[1]["data"]
-                                       for p in m["providers"]}, "a routes gpt-t to tb")
+        wait_for(lambda: "mesh:tb" in {p for m in call(a.base_url + "/models", key=key)[1][
+            "data"] for p in m["providers"]}, "a routes gpt-t to tb")
     except BaseException:
         b.stop()
         raise
@@ -337,6 +338,84 @@ def test_a_serving_nodes_own_limit_bounds_what_peers_make_it_spend(
         assert serving["served_today_this_node"] == pytest.approx(
             sum(s["x_aiproxy"]["cost"] for s in served), abs=1e-8)
         assert len(fake.requests()) - before == len(served)
+    finally:
+        a.stop()
+        b.stop()
+
+
+# --------------------------------------------------------------------------- who a forwarded call is for
+NARROW, SLOW, ONLY_A = "sk-trust-narrow-5f5f5f5f5f5f", "sk-trust-slow-6e6e6e6e6e6e", \
+    "sk-trust-only-a-7d7d7d7d7d7d"
+
+
+def keyring(narrow_models: list[str] | None, slow_rpm: int | None,
+            only_a: bool) -> dict[str, Any]:
+    keys: list[dict[str, Any]] = [
+        *AUTH["keys"],  # type: ignore[list-item]
+        {"name": "narrow", "key_sha256": hash_secret(NARROW), "models": narrow_models},
+        {"name": "slow", "key_sha256": hash_secret(SLOW), "rpm": slow_rpm},
+    ]
+    if only_a:
+        keys.append({"name": "only-a", "key_sha256": hash_secret(ONLY_A)})
+    return {"enabled": True, "keys": keys}
+
+
+def raw_infer(b: NodeProcess, claim: Any = None, key_name: str = "root") -> Any:
+    """A member (it holds the secret) calling B's Infer directly, as an old or hostile node."""
+    from meshnode.rpc import convert
+    from meshnode.rpc.auth import MeshAuth
+    from meshnode.types import InferenceRequest, RequestKind
+
+    request = InferenceRequest(kind=RequestKind.CHAT, model="gpt-t", body=dict(CHAT),
+                               request_id="raw-1", deadline=0.0, key_name=key_name)
+    body = convert.infer_request_to_pb(request, ("ta",), "ta", 10.0, claim).SerializeToString()
+    metadata, _ = MeshAuth(MESH_SECRET).sign_request("ta", "/meshnode.v1.Mesh/Infer", body,
+                                                     callee="tb")
+    channel = grpc.insecure_channel(b.refresh_announcements()["MESHNODE_GRPC"])
+    try:
+        infer = channel.unary_stream("/meshnode.v1.Mesh/Infer",
+                                     response_deserializer=pb.InferChunk.FromString)
+        return list(infer(body, metadata=metadata, timeout=10))[-1]
+    finally:
+        channel.close()
+
+
+def test_the_serving_node_checks_the_caller_against_its_own_view(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    """Attack: gRPC Infer bypassed keys, allow-lists and rate limits, and the caller chose
+    key_name (which also selects key-matched policies). Now B serves a forwarded call only for a
+    key A authenticated and B knows, under B's own scope and rate limit."""
+    from meshnode.rpc.caller import CallerClaim
+
+    serving = {**config(fake, auth=keyring(["nothing"], 2, only_a=False)),
+               "mesh": {**MESH, "secret": MESH_SECRET}}
+    entry = {**entry_config(auth=keyring(None, None, only_a=True))}
+    a, b = two_nodes(tmp_path, serving, entry, key=USER_SECRET)
+    url = a.base_url + "/chat/completions"
+    try:
+        status, body = call(url, "POST", CHAT, key=USER_SECRET)
+        assert status == 200 and body["x_aiproxy"]["node"] == "tb", body
+        status, body = call(url, "POST", CHAT, key=NARROW)
+        assert status == 403 and body["error"]["code"] == "permission_denied", body
+        assert "on tb" in body["error"]["message"]
+        statuses = [call(url, "POST", CHAT, key=SLOW)[0] for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        status, body = call(url, "POST", CHAT, key=ONLY_A)
+        assert status >= 500 and "not known on tb" in body["error"]["message"], body
+        for reason in ("model_scope", "rate_limited", "unknown_key"):
+            assert logged(b, f"refused ({reason})"), reason
+        # A member calling B directly with a key name of its choosing and no assertion ...
+        answer = raw_infer(b)
+        assert answer.error.code == "forwarded_refused"
+        assert logged(b, "forwarded request from ? for key - refused (no_caller)")
+        # ... or with an assertion it made up without the mesh key.
+        forged = CallerClaim(key_name="root", models=None, reservation_id=0, reserved_usd=None,
+                             entry_node="ta", callee_node="tb", request_id="raw-1",
+                             issued_ms=int(time.time() * 1000), mac=b"\x00" * 32)
+        answer = raw_infer(b, forged)
+        assert answer.error.code == "caller_assertion_invalid"
+        assert logged(b, "caller assertion's MAC does not verify")
     finally:
         a.stop()
         b.stop()
