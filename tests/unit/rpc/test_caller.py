@@ -13,9 +13,10 @@ from meshnode.rpc.caller import CallerAuthority, CallerRefused
 from meshnode.types import BudgetHeld, Caller, InferenceRequest, RequestKind
 
 SECRET = "caller-test-secret"
+HELD = BudgetHeld(4, 0.25)
 
 
-def request(key: str | None = "ci", held: BudgetHeld | None = BudgetHeld(4, 0.25),
+def request(key: str | None = "ci", held: BudgetHeld | None = HELD,
             request_id: str = "r1") -> InferenceRequest:
     return InferenceRequest(kind=RequestKind.CHAT, model="m", body={}, request_id=request_id,
                             deadline=time.monotonic() + 5, key_name=key, held=held)
