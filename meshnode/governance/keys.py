@@ -52,11 +52,12 @@ CREATE TABLE IF NOT EXISTS keys (
     rpm INTEGER, tpm INTEGER, daily_limit REAL, monthly_limit REAL, models TEXT,
     admin INTEGER NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL,
     version INTEGER NOT NULL, origin TEXT NOT NULL,
-    authorized INTEGER NOT NULL DEFAULT 0
+    authorized INTEGER NOT NULL DEFAULT 0, learned INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _COLUMNS = ("name, key_sha256, rpm, tpm, daily_limit, monthly_limit, models, admin, created_at, "
-            "revoked, version, origin, authorized")
+            "revoked, version, origin, authorized, learned")
 
 
 class KeyNotFound(InvalidRequest):
@@ -96,6 +97,7 @@ class KeyRecord:
     version: int = 0
     origin: str = ""
     authorized: bool = False  # the origin ran with auth.enabled when it wrote this version
+    learned: bool = False  # merged from a peer (not gossiped by this node); local, not on the wire
     source: str = "store"  # "store" (keys.db, gossiped) or "config" (auth.keys, local)
 
     def newer_than(self, other: KeyRecord) -> bool:
@@ -225,6 +227,8 @@ class KeyStore:
         columns = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
         if "authorized" not in columns:  # a keys.db from before the flag: not authorised
             db.execute("ALTER TABLE keys ADD COLUMN authorized INTEGER NOT NULL DEFAULT 0")
+        if "learned" not in columns:
+            db.execute("ALTER TABLE keys ADD COLUMN learned INTEGER NOT NULL DEFAULT 0")
         self._db = db
         self._reload()
 
@@ -237,6 +241,20 @@ class KeyStore:
         if self._db is None:
             raise RuntimeError("the key store is not open")
         return self._db
+
+    def mark_node_auth(self, enabled: bool) -> None:
+        """The node records whether it runs with auth on, so that `meshnode keys` on its
+        data_dir (the operator's shell, without --config) writes authorised records."""
+        self._conn().execute(
+            "INSERT INTO meta (name, value) VALUES ('node_auth', ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (str(int(enabled)),))
+
+    def node_auth(self) -> bool:
+        row = self._conn().execute("SELECT value FROM meta WHERE name = 'node_auth'").fetchone()
+        return row is not None and row[0] == "1"
+
+    def authorize_writes(self, authorized: bool) -> None:
+        self._authorized = authorized
 
     def refresh(self) -> bool:
         """Re-read keys.db if another process (the CLI) committed since; True when it did."""
@@ -252,13 +270,14 @@ class KeyStore:
         rows = db.execute(f"SELECT {_COLUMNS} FROM keys").fetchall()
         stored: dict[str, KeyRecord] = {}
         for (name, digest, rpm, tpm, daily, monthly, models, admin, created, revoked,
-             version, origin, authorized) in rows:
+             version, origin, authorized, learned) in rows:
             stored[name] = KeyRecord(
                 name=name, key_sha256=digest, rpm=rpm, tpm=tpm, daily_limit=daily,
                 monthly_limit=monthly,
                 models=tuple(orjson.loads(models)) if models is not None else None,
                 admin=bool(admin), created_at=created, revoked=bool(revoked),
                 version=version, origin=origin, authorized=bool(authorized),
+                learned=bool(learned),
             )
         self._stored = stored
         self._reindex()
@@ -274,12 +293,12 @@ class KeyStore:
 
     def _write(self, record: KeyRecord) -> None:
         self._conn().execute(
-            f"INSERT INTO keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"INSERT INTO keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT (name) DO UPDATE SET key_sha256=excluded.key_sha256, rpm=excluded.rpm, "
             "tpm=excluded.tpm, daily_limit=excluded.daily_limit, "
             "monthly_limit=excluded.monthly_limit, models=excluded.models, admin=excluded.admin, "
             "created_at=excluded.created_at, revoked=excluded.revoked, version=excluded.version, "
-            "origin=excluded.origin, authorized=excluded.authorized "
+            "origin=excluded.origin, authorized=excluded.authorized, learned=excluded.learned "
             "WHERE (excluded.version, excluded.origin) > "
             "(keys.version, keys.origin)",
             (
@@ -287,7 +306,7 @@ class KeyStore:
                 record.monthly_limit,
                 orjson.dumps(list(record.models)).decode() if record.models is not None else None,
                 int(record.admin), record.created_at, int(record.revoked), record.version,
-                record.origin, int(record.authorized),
+                record.origin, int(record.authorized), int(record.learned),
             ),
         )
 
@@ -351,7 +370,7 @@ class KeyStore:
         if existing.revoked:
             return existing
         record = replace(existing, revoked=True, version=self._next_version(name),
-                         origin=self._node_id, authorized=self._authorized)
+                         origin=self._node_id, authorized=self._authorized, learned=False)
         self._write(record)
         self._reload()
         return record
@@ -390,35 +409,37 @@ class KeyStore:
 
     # ------------------------------------------------------------------ gossip
     def export_records(self) -> list[KeyRecord]:
-        """Every authorised stored record (tombstones included) for gossip; config keys and
-        records written with auth off stay local."""
-        return [r for r in self._stored.values() if r.authorized]
+        """The authorised records this node wrote (tombstones included) for gossip; learned
+        records, config keys and records written with auth off are not this node's to send."""
+        return [r for r in self._stored.values() if r.authorized and not r.learned]
 
     def merge_records(self, records: Iterable[KeyRecord],
                       refused: list[KeyRecord] | None = None) -> int:
         """Keep, per name, the newer of ours and theirs; returns how many records changed.
         Records whose origin had auth off are not merged (appended to `refused`)."""
-        changed = 0
+        newer: dict[str, KeyRecord] = {}
+        for record in records:
+            if record.source != "store":
+                continue
+            if not record.authorized:
+                if refused is not None:
+                    refused.append(record)
+                continue
+            mine = newer.get(record.name) or self._stored.get(record.name)
+            if mine is None or record.newer_than(mine):
+                newer[record.name] = replace(record, learned=True)
+        if not newer:
+            return 0  # nothing new: no transaction, no write
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            for record in records:
-                if record.source != "store":
-                    continue
-                if not record.authorized:
-                    if refused is not None:
-                        refused.append(record)
-                    continue
-                mine = self._stored.get(record.name)
-                if mine is None or record.newer_than(mine):
-                    self._write(record)
-                    self._stored[record.name] = record
-                    changed += 1
+            for record in newer.values():
+                self._write(record)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        if changed:
-            self._reindex()
-            # Our own commit does not move data_version; nothing to re-read.
-        return changed
+        self._stored.update(newer)
+        self._reindex()
+        # Our own commit does not move data_version; nothing to re-read.
+        return len(newer)

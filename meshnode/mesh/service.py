@@ -29,7 +29,7 @@ from aiohttp import web
 from meshnode.config import MeshConfig
 from meshnode.errors import UpstreamUnavailable
 from meshnode.governance.forwarded import ForwardedAdmission
-from meshnode.governance.gossip import GossipRejected
+from meshnode.governance.gossip import LEGACY_BLOB
 from meshnode.mesh.admin import mesh_json
 from meshnode.mesh.driver import MeshDriver, cancel_and_wait
 from meshnode.mesh.grpc_transport import GrpcTransport
@@ -48,6 +48,7 @@ from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
 from meshnode.observability.metrics import MeshView, Metrics
 from meshnode.providers.base import Provider
 from meshnode.providers.peer import MeshProvider
+from meshnode.rpc import convert
 from meshnode.rpc.caller import CallerAuthority
 from meshnode.rpc.client import PeerChannels
 from meshnode.rpc.security import MeshSecurity
@@ -55,7 +56,7 @@ from meshnode.rpc.server import Admission, InferBackend, MeshServicer, start_ser
 
 log = logging.getLogger(__name__)
 
-GOVERNANCE_BLOB = "governance.keys"  # NodeState.blobs entry: signed key records and spend
+GOVERNANCE_BLOB = LEGACY_BLOB  # one NodeState.blobs digest, from nodes before pages
 
 
 class MeshService:
@@ -77,6 +78,7 @@ class MeshService:
         metrics: Metrics | None = None,
         admission: Admission | None = None,
         key_models: Callable[[str], tuple[str, ...] | None] | None = None,
+        on_dropped: Callable[[str, int], object] | None = None,
     ) -> None:
         self.config = config
         # Per-peer traffic and membership gauges (observability.metrics); None in bare tests.
@@ -85,6 +87,9 @@ class MeshService:
         # scope the entry side asserts (docs/security.md).
         self._admission = admission
         self._key_models = key_models
+        # Gossip cut while decoding peers' states (rpc.convert.DROPPED), reported as deltas.
+        self._on_dropped = on_dropped
+        self._dropped_seen: dict[str, int] = {}
         # Extra counters this node gossips in its state (governance: its own spend slots), and
         # who merges the counters of every member's state (governance: the G-counter merge).
         self._counters = counters
@@ -345,6 +350,16 @@ class MeshService:
                             log.exception("mesh: could not merge counters of a peer")
             if self._on_peer_blobs is not None:
                 self._merge_peer_blobs()
+            self._report_dropped()
+
+    def _report_dropped(self) -> None:
+        if self._on_dropped is None:
+            return
+        for reason, total in list(convert.DROPPED.items()):
+            delta = total - self._dropped_seen.get(reason, 0)
+            if delta > 0:
+                self._dropped_seen[reason] = total
+                self._on_dropped(reason, delta)
 
     def _merge_peer_blobs(self) -> None:
         assert self.membership is not None and self._on_peer_blobs is not None
@@ -398,6 +413,7 @@ def mesh_service(node: Any) -> MeshService:
     # Refuses (ConfigError) an unauthenticated mesh beyond loopback, or under auth.enabled.
     security = MeshSecurity.from_config(config.mesh, auth_enabled=config.auth.enabled)
     governance = getattr(node, "governance", None)
+    reporter = governance  # counts gossip drops (the metric) on any mesh
     admission = ForwardedAdmission(node.node_id, governance)
     key_models = None
     if governance is not None:
@@ -412,20 +428,12 @@ def mesh_service(node: Any) -> MeshService:
         governance = None
     blobs = on_peer_blobs = None
     if governance is not None:
-        # Key records (created, changed, revoked) travel in the owner's state, signed with the
-        # mesh secret; a peer's digest that fails the check is refused and logged.
-        def blobs() -> dict[str, bytes]:
-            return {GOVERNANCE_BLOB: governance.export_gossip()}
+        # Key records and spend slots travel as signed pages in the owner's state; a page
+        # that fails the check is refused, logged and counted (Governance.merge_gossip_blobs).
+        blobs = governance.gossip_blobs
 
         def on_peer_blobs(peer: str, peer_blobs: Mapping[str, bytes]) -> None:
-            blob = peer_blobs.get(GOVERNANCE_BLOB)
-            if blob is None:
-                return
-            try:
-                governance.merge_gossip(blob, peer)
-            except GossipRejected as exc:
-                governance.count_dropped("bad_digest")
-                log.warning("mesh: governance records from %s refused: %s", peer, exc)
+            governance.merge_gossip_blobs(peer, peer_blobs)
 
     return MeshService(
         config.mesh,
@@ -441,6 +449,7 @@ def mesh_service(node: Any) -> MeshService:
         security=security,
         admission=admission,
         key_models=key_models,
+        on_dropped=reporter.count_dropped if reporter is not None else None,
     )
 
 

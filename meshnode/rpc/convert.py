@@ -7,11 +7,16 @@ claimed infinite capacity, a NaN price or latency never reaches routing: a NaN p
 highest, a NaN latency as unknown); incarnations and state versions above 2**62 are dropped (membership refuses a suspicion at
 2**62 itself, so a refutation always fits). A message
 carries at most 256 records and a digest of at most 4,096 entries; the rest is ignored.
+Counters, blobs and oversized blobs cut from a peer's state are counted in `DROPPED` by reason
+(the mesh service turns them into `meshnode_gossip_dropped_total`) and logged, the first of
+each reason at warning: a cut record is never silent.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
 import math
 import time
 from typing import Any
@@ -69,6 +74,16 @@ MAX_LATENCY_MS = 3_600_000.0
 MAX_COUNTER_VALUE = 1e15
 
 _KINDS = {k.value: k for k in RequestKind}
+log = logging.getLogger(__name__)
+# What decoding cut from peers' states, by reason (process-wide; read by the mesh service).
+DROPPED: collections.Counter[str] = collections.Counter()
+
+
+def _dropped(reason: str, n: int, node: str) -> None:
+    first = DROPPED[reason] == 0
+    DROPPED[reason] += n
+    log.log(logging.WARNING if first else logging.DEBUG,
+            "mesh: dropped %d gossiped entr(ies) from %s's state (%s)", n, node, reason)
 
 
 def _cut(text: str, limit: int = MAX_ID) -> str:
@@ -179,11 +194,19 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
         for k, v in itertools.islice(s.counters.items(), MAX_COUNTERS)
         if math.isfinite(v) and abs(v) <= MAX_COUNTER_VALUE
     }
+    if len(s.counters) > MAX_COUNTERS:
+        _dropped("too_many_counters", len(s.counters) - MAX_COUNTERS, s.node_id[:MAX_ID])
     blobs = {
         _cut(k): v
         for k, v in itertools.islice(s.blobs.items(), MAX_BLOBS)
         if len(v) <= MAX_BLOB_BYTES
     }
+    if len(s.blobs) > MAX_BLOBS:
+        _dropped("too_many_blobs", len(s.blobs) - MAX_BLOBS, s.node_id[:MAX_ID])
+    oversized = sum(1 for v in itertools.islice(s.blobs.values(), MAX_BLOBS)
+                    if len(v) > MAX_BLOB_BYTES)
+    if oversized:
+        _dropped("oversized_blob", oversized, s.node_id[:MAX_ID])
     return NodeState(
         node_id=_cut(s.node_id),
         version=s.version,

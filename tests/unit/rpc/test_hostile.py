@@ -197,3 +197,20 @@ async def test_liar_with_cost_zero_and_infinite_capacity_loses_to_measurement(
     assert served == ["honest"] * 10
     # Its failures, measured here, cooled it down: the cheapest claim stopped being tried.
     assert 1 <= tried_liar <= 3
+
+
+def test_cut_counters_and_blobs_are_counted_not_silent() -> None:
+    from meshnode.rpc.convert import DROPPED, MAX_BLOB_BYTES, MAX_BLOBS, MAX_COUNTERS
+
+    before = dict(DROPPED)
+    state = pb.NodeState(
+        node_id="big", version=1, grpc_address="x",
+        counters={f"c{i}": 1.0 for i in range(MAX_COUNTERS + 5)},
+        blobs={**{f"b{i}": b"x" for i in range(MAX_BLOBS - 1)},
+               "huge": b"y" * (MAX_BLOB_BYTES + 1), "extra": b"z"},
+    )
+    decoded = convert.state_from_pb(state)
+    assert decoded is not None and len(decoded.counters) == MAX_COUNTERS
+    assert DROPPED["too_many_counters"] - before.get("too_many_counters", 0) == 5
+    assert DROPPED["too_many_blobs"] - before.get("too_many_blobs", 0) == 1
+    assert DROPPED["oversized_blob"] - before.get("oversized_blob", 0) == 1
