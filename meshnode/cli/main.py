@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", metavar="DIR", help="state directory (node.data_dir)")
     run.add_argument("--log-format", choices=("json", "text"), help="logging.format")
     run.add_argument("--insecure", action="store_true", default=None,
-                     help="allow a mesh reachable from the network without mesh.secret or "
-                     "mesh.tls (mesh.insecure)")
+                     help="allow a mesh without mesh.secret or mesh.tls beyond loopback, or "
+                     "under auth.enabled (mesh.insecure; docs/security.md)")
 
     check = commands.add_parser(
         "check-config",

@@ -315,9 +315,13 @@ class MeshDriver:
     ) -> None:
         timeout = timeout or max(1.0, self.gossip_interval_s)
         m = self.membership
-        message = GossipMessage(
-            self.self_id, tuple(m.digest()), (m.own_record(), *extra), join=join
-        )
+        # Our own state rides along only when joining: otherwise the digest carries our
+        # version, and the callee asks for the state (`wants`) only when its copy is older, so
+        # an unchanged state of governance pages costs nothing per round.
+        own = m.own_record()
+        if not join:
+            own = GossipRecord(own.member, None)
+        message = GossipMessage(self.self_id, tuple(m.digest()), (own, *extra), join=join)
         reply = await self.transport.gossip(address, message, timeout)
         m.heard_from(reply.from_node)
         self._spread_all(m.merge(reply.records))

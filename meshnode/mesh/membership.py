@@ -66,6 +66,9 @@ class MembershipSettings:
     dead_forget_s: float = 60.0
     max_members: int = 4096
     max_records_per_message: int = 256
+    # And by size: states carry governance pages (up to ~900 KB each), a message must stay
+    # under the gossip cap (rpc.options.MAX_GOSSIP_BYTES, 8 MiB) whatever the member count.
+    max_bytes_per_message: int = 4 * 1024 * 1024
     # Lifeguard: a lone suspicion waits this many times the base timeout; confirmations shrink it.
     suspicion_max_mult: float = 3.0
     max_awareness: int = 8
@@ -423,16 +426,19 @@ class Membership:
 
     def newer_than(self, digest: Iterable[DigestEntry]) -> list[GossipRecord]:
         """Records the digest's sender lacks: rumours it has older, states it has older.
-        Bounded by `max_records_per_message`; the rest follow in later rounds."""
+        Bounded by `max_records_per_message` and `max_bytes_per_message`; the rest follow in
+        later rounds."""
         theirs = {d.node_id: d for d in digest}
         out: list[GossipRecord] = []
+        budget = self.settings.max_bytes_per_message
         members = list(self._members.values())
         self._rng.shuffle(members)  # a bounded answer must not always starve the same ones
         for member in members:
             known = theirs.get(member.node_id)
+            record: GossipRecord | None = None
             if known is None:
                 if member.status in LIVE:
-                    out.append(GossipRecord(member.rumour(), member.state))
+                    record = GossipRecord(member.rumour(), member.state)
             else:
                 rumour_newer = (member.incarnation, int(member.status)) > (
                     known.incarnation,
@@ -440,7 +446,16 @@ class Membership:
                 )
                 state_newer = member.state_version > known.state_version
                 if rumour_newer or state_newer:
-                    out.append(GossipRecord(member.rumour(), member.state if state_newer else None))
+                    record = GossipRecord(member.rumour(), member.state if state_newer else None)
+            if record is None:
+                continue
+            size = record.state.wire_size() if record.state is not None else 0
+            if out and size > budget:
+                # Over the size bound: a rumour alone still fits; the state follows later.
+                record = GossipRecord(record.member, None)
+                size = 0
+            budget -= size
+            out.append(record)
             if len(out) >= self.settings.max_records_per_message:
                 break
         return out
@@ -464,9 +479,14 @@ class Membership:
 
     def records_for(self, node_ids: Iterable[str]) -> list[GossipRecord]:
         out: list[GossipRecord] = []
+        budget = self.settings.max_bytes_per_message
         for node_id in node_ids:
             member = self._members.get(node_id)
             if member is not None:
+                size = member.state.wire_size() if member.state is not None else 0
+                if out and size > budget:
+                    break  # over the size bound: asked again next round
+                budget -= size
                 out.append(GossipRecord(member.rumour(), member.state))
             if len(out) >= self.settings.max_records_per_message:
                 break

@@ -109,6 +109,11 @@ class NodeState:
     # Opaque payloads other components gossip through this state, by name (bounded in rpc).
     blobs: Mapping[str, bytes] = field(default_factory=dict)
 
+    def wire_size(self) -> int:
+        """About how many bytes this state takes in a gossip message (an upper estimate, for
+        bounding messages; computed once per state)."""
+        return _wire_size(self)
+
     def latency_for(self, model: str) -> LatencyAd | None:
         for entry in self.latency:
             if entry.model == model:
@@ -143,3 +148,13 @@ class GossipRecord:
 
     member: MemberUpdate
     state: NodeState | None = None
+
+
+def _wire_size(state: NodeState) -> int:
+    return (
+        256 + len(state.grpc_address) + len(state.http_address)
+        + sum(96 + len(m.name) + len(m.provider_kind) for m in state.models)
+        + sum(48 + len(la.model) for la in state.latency)
+        + sum(16 + len(k) for k in state.counters)
+        + sum(8 + len(k) + len(v) for k, v in state.blobs.items())
+    )

@@ -46,6 +46,19 @@ def test_unauthenticated_mesh_beyond_loopback_is_reported(
     assert code == 0, errors
 
 
+def test_auth_on_an_unauthenticated_loopback_mesh_is_reported(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, errors = _check(tmp_path, "auth: {enabled: true}\nproviders: {}\n", capsys)
+    assert code == 2
+    assert errors == [e for e in errors if e.startswith("auth.enabled: true needs an "
+                                                        "authenticated mesh")] and errors
+    for fix in ("mesh: {secret: s3cret-s3cret}", "mesh: {enabled: false}",
+                "mesh: {insecure: true}"):
+        code, errors = _check(tmp_path, f"auth: {{enabled: true}}\n{fix}\nproviders: {{}}\n",
+                              capsys)
+        assert code == 0, (fix, errors)
+
+
 def test_valid_local_builtins_pass_without_starting_anything(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, errors = _check(tmp_path, (

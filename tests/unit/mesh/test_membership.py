@@ -260,3 +260,24 @@ def test_bounded_answers() -> None:
     for i in range(10):
         m.apply(alive(f"n{i}"))
     assert len(m.newer_than([])) == 3
+
+
+def test_gossip_messages_stay_under_the_size_bound_with_big_states() -> None:
+    """States carry governance pages; a joiner's answer is bounded in bytes, not only records,
+    and what does not fit follows in later rounds (rumours always go)."""
+    from meshnode.mesh.state import GossipRecord
+
+    settings = MembershipSettings(max_bytes_per_message=1_000_000)
+    clock = FakeClock()
+    m = Membership("a", "a:1", settings, clock, random.Random(1), NodeState("a", 1, "a:1"))
+    page = b"x" * 200_000
+    for i in range(20):
+        state = NodeState(f"n{i}", 1, f"n{i}:1", blobs={"governance.keys.00": page})
+        m.merge([GossipRecord(alive(f"n{i}"), state)])
+    answer = m.newer_than([])
+    with_state = [r for r in answer if r.state is not None]
+    assert sum(r.state.wire_size() for r in with_state) <= 1_000_000  # type: ignore[union-attr]
+    assert 1 <= len(with_state) < 20 and len(answer) == 21  # every rumour, some states
+    asked = m.records_for([f"n{i}" for i in range(20)])
+    assert sum(r.state.wire_size() for r in asked if r.state) <= 1_000_000
+    assert 1 <= len(asked) < 20
