@@ -216,11 +216,12 @@ def test_the_cache_never_answers_one_key_with_anothers_answer(
 
 
 # --------------------------------------------------------------------------- budgets across a hop
-def serving_config(fake: FakeOpenAIProcess, price: float, **sections: Any) -> dict[str, Any]:
+def serving_config(fake: FakeOpenAIProcess, price: float, *, secret: bool = True,
+                   **sections: Any) -> dict[str, Any]:
     """A node whose cheapest provider for gpt-t is free but down, so it fails over to a paid
     one: the case where a peer's advertised price was the wrong thing to reserve."""
     return {
-        "mesh": {**MESH, "secret": MESH_SECRET},
+        "mesh": {**MESH, "secret": MESH_SECRET} if secret else MESH,
         "server": {"shutdown_grace_s": 1},
         # One retry: the free one fails, the paid one answers or is unaffordable.
         "routing": {"failover": {"max_retries": 1, "backoff": {"initial_ms": 1, "max_ms": 1}}},
@@ -238,9 +239,9 @@ def serving_config(fake: FakeOpenAIProcess, price: float, **sections: Any) -> di
     }
 
 
-def entry_config(**sections: Any) -> dict[str, Any]:
-    return {"mesh": {**MESH, "secret": MESH_SECRET}, "server": {"shutdown_grace_s": 1},
-            "providers": {}, **sections}
+def entry_config(*, secret: bool = True, **sections: Any) -> dict[str, Any]:
+    return {"mesh": {**MESH, "secret": MESH_SECRET} if secret else MESH,
+            "server": {"shutdown_grace_s": 1}, "providers": {}, **sections}
 
 
 CHAT = {"model": "gpt-t", "max_tokens": 20,
@@ -284,15 +285,18 @@ def budget(node: NodeProcess) -> dict[str, Any]:
     return body  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("secret", [True, False], ids=["secret", "default-no-secret"])
 def test_forwarded_spend_is_reserved_at_the_peers_dearest_price_and_both_ledgers_agree(
-    fake: FakeOpenAIProcess, tmp_path: Path
+    fake: FakeOpenAIProcess, tmp_path: Path, secret: bool
 ) -> None:
     """Attack: B advertised its free model, A reserved nothing, B served from its paid one: 60
     of 60 served past a $0.01 limit, both ledgers $0, clients told cost 0. Now A reserves at
-    B's dearest price, settles with B's reported cost, and stops at its limit."""
+    B's dearest price, settles with B's reported cost, and stops at its limit; on the default
+    mesh (no secret) too, where no counters travel."""
     limit = 0.001
-    a, b = two_nodes(tmp_path, serving_config(fake, 0.01, budget={"daily_limit": 5.0}),
-                     entry_config(budget={"daily_limit": limit, "scope": "node"}))
+    a, b = two_nodes(tmp_path, serving_config(fake, 0.01, secret=secret,
+                                              budget={"daily_limit": 5.0}),
+                     entry_config(secret=secret, budget={"daily_limit": limit, "scope": "node"}))
     try:
         before = len(fake.requests())
         streamed = [stream(a.base_url + "/chat/completions", CHAT) for _ in range(3)]
