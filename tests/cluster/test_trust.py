@@ -423,3 +423,43 @@ def test_the_serving_node_checks_the_caller_against_its_own_view(
     finally:
         a.stop()
         b.stop()
+
+
+# --------------------------------------------------------------------------- gossip at size
+def test_six_hundred_keys_propagate_and_so_does_a_revocation(
+    fake: FakeOpenAIProcess, tmp_path: Path
+) -> None:
+    """Attack: past ~64 KiB (500 keys) the governance blob was dropped without a word, and key
+    creation and revocation stopped propagating (600 keys are ~74 KB). Now a node's own records
+    travel as pages."""
+    secured = {**MESH, "secret": MESH_SECRET}
+    a = NodeProcess({**config(fake, auth=AUTH), "mesh": secured}, tmp_path, name="ga",
+                    grpc_listen="127.0.0.1:0", node_id="ga").start()
+    try:
+        seed = a.refresh_announcements()["MESHNODE_GRPC"]
+        b = NodeProcess({**config(fake, auth=AUTH), "mesh": secured}, tmp_path, name="gb",
+                        grpc_listen="127.0.0.1:0", node_id="gb", seeds=[seed]).start()
+        try:
+            secrets = []
+            for i in range(600):
+                status, body = call(a.url + "/admin/keys", "POST",
+                                    {"name": f"bulk-{i:03d}", "rpm": 600, "daily_limit": 5.0},
+                                    key=ADMIN_SECRET)
+                assert status == 201, body
+                secrets.append(body["key"])
+            wait_for(lambda: call(b.base_url + "/models", key=secrets[-1])[0] == 200,
+                     "the 600th key works on b")
+            assert all(call(b.base_url + "/models", key=s)[0] == 200 for s in secrets[::50])
+            status, _ = call(b.url + "/admin/keys/bulk-007", "DELETE", key=ADMIN_SECRET)
+            assert status == 200
+            wait_for(lambda: call(a.base_url + "/models", key=secrets[7])[0] == 401,
+                     "b's revocation reaches a")
+            request = urllib.request.Request(
+                b.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_SECRET}"})
+            with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310 - loopback
+                metrics = r.read().decode()
+            assert "meshnode_gossip_dropped_total{" not in metrics  # nothing cut or refused
+        finally:
+            b.stop()
+    finally:
+        a.stop()
