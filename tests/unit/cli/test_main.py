@@ -78,3 +78,22 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         meshnode_main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("meshnode ")
+
+
+def test_the_embedded_default_still_starts_auth_off_no_secret_loopback(tmp_path: Path) -> None:
+    """`make run` (no config: auth off, no mesh.secret, mesh on loopback) passes every start-up
+    check, and its mesh carries no governance (docs/security.md)."""
+    from meshnode.cli.main import startup_errors
+    from meshnode.config import load_config
+    from meshnode.node import Node
+
+    config = load_config(None, env={}, overrides={"node.data_dir": str(tmp_path)})
+    assert not config.auth.enabled and not config.mesh.secret and config.mesh.enabled
+    assert startup_errors(config) == []
+    node = Node(config, embedded_default=True, env={})
+    try:
+        service = next(s for s in node.services if type(s).__name__ == "MeshService")
+        assert not service.security.authenticated
+        assert service._blobs is None and service._on_peer_blobs is None  # no governance
+    finally:
+        node.governance.close()
