@@ -326,7 +326,8 @@ class MeshDriver:
         m.heard_from(reply.from_node)
         self._spread_all(m.merge(reply.records))
         if reply.wants:
-            push = GossipMessage(self.self_id, records=tuple(m.records_for(reply.wants)))
+            push = GossipMessage(
+                self.self_id, records=tuple(m.records_for(reply.wants, reply.want_versions)))
             await self.transport.gossip(address, push, timeout)
 
     # ------------------------------------------------------------------ MeshHandler
@@ -355,6 +356,8 @@ class MeshDriver:
         self._spread_all(m.merge(message.records))
         if not message.digest and not message.join:
             return GossipReply(self.self_id)  # a push: nothing to answer
+        wants = m.wants(message.digest)
         return GossipReply(
-            self.self_id, tuple(m.newer_than(message.digest)), tuple(m.wants(message.digest))
+            self.self_id, tuple(m.newer_than(message.digest, message.from_node)), tuple(wants),
+            want_versions=tuple(m.held_versions(wants)),
         )

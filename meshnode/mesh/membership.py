@@ -190,7 +190,14 @@ class Membership:
         if me.state is not None and me.state.same_content(state):
             return False
         version = max(state.version, me.state_version + 1)
-        me.state = replace(state, node_id=self.self_id, version=version)
+        prev = me.state
+        blob_versions = {
+            name: prev.blob_versions.get(name, version)
+            if prev is not None and prev.blobs.get(name) == blob else version
+            for name, blob in state.blobs.items()
+        }
+        me.state = replace(state, node_id=self.self_id, version=version,
+                           blob_versions=blob_versions, elided=())
         self.generation += 1
         if state.grpc_address and state.grpc_address != me.address:
             me.address = state.grpc_address
@@ -424,11 +431,14 @@ class Membership:
         me = self.me
         return GossipRecord(me.rumour(self.self_id), me.state)
 
-    def newer_than(self, digest: Iterable[DigestEntry]) -> list[GossipRecord]:
+    def newer_than(self, digest: Iterable[DigestEntry], to: str = "") -> list[GossipRecord]:
         """Records the digest's sender lacks: rumours it has older, states it has older.
         Bounded by `max_records_per_message` and `max_bytes_per_message`; the rest follow in
-        later rounds."""
+        later rounds. When the sender (`to`) speaks protocol 2, a state leaves out the blobs
+        the sender's copy already holds."""
         theirs = {d.node_id: d for d in digest}
+        peer = self._members.get(to) if to else None
+        elide = peer is not None and peer.state is not None and peer.state.protocol_version >= 2
         out: list[GossipRecord] = []
         budget = self.settings.max_bytes_per_message
         members = list(self._members.values())
@@ -446,7 +456,10 @@ class Membership:
                 )
                 state_newer = member.state_version > known.state_version
                 if rumour_newer or state_newer:
-                    record = GossipRecord(member.rumour(), member.state if state_newer else None)
+                    state = member.state if state_newer else None
+                    if state is not None and elide and known.state_version > 0:
+                        state = state.without_blobs_held_at(known.state_version)
+                    record = GossipRecord(member.rumour(), state)
             if record is None:
                 continue
             size = record.state.wire_size() if record.state is not None else 0
@@ -477,17 +490,30 @@ class Membership:
                 break
         return out
 
-    def records_for(self, node_ids: Iterable[str]) -> list[GossipRecord]:
+    def held_versions(self, node_ids: Iterable[str]) -> list[int]:
+        """The state version held for each id (0: none), sent with `wants` (protocol 2)."""
+        return [m.state_version if (m := self._members.get(i)) is not None else 0
+                for i in node_ids]
+
+    def records_for(self, node_ids: Iterable[str],
+                    held: Sequence[int] = ()) -> list[GossipRecord]:
+        """Records to push; with `held` (the receiver's versions, one per id) each state leaves
+        out the blobs the receiver already holds."""
         out: list[GossipRecord] = []
         budget = self.settings.max_bytes_per_message
-        for node_id in node_ids:
+        ids = list(node_ids)
+        held = list(held) if len(held) == len(ids) else [0] * len(ids)
+        for node_id, have in zip(ids, held, strict=True):
             member = self._members.get(node_id)
             if member is not None:
-                size = member.state.wire_size() if member.state is not None else 0
+                state = member.state
+                if state is not None and have > 0:
+                    state = state.without_blobs_held_at(have)
+                size = state.wire_size() if state is not None else 0
                 if out and size > budget:
                     break  # over the size bound: asked again next round
                 budget -= size
-                out.append(GossipRecord(member.rumour(), member.state))
+                out.append(GossipRecord(member.rumour(), state))
             if len(out) >= self.settings.max_records_per_message:
                 break
         return out
@@ -514,5 +540,8 @@ class Membership:
                 me.state = replace(me.state, version=state.version + 1)
             return
         if state.version > member.state_version:
-            member.state = state
+            whole = state.with_blobs_from(member.state)
+            if whole is None:
+                return  # elided blobs we do not hold: the sender sends them next round
+            member.state = whole
             self.generation += 1

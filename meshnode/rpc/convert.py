@@ -150,6 +150,8 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
         counters=dict(s.counters),
         protocol_version=s.protocol_version,
         blobs=dict(s.blobs),
+        blob_versions=dict(s.blob_versions),
+        elided_blobs=list(s.elided),
     )
 
 
@@ -222,6 +224,11 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
         counters=counters,
         protocol_version=s.protocol_version,
         blobs=blobs,
+        blob_versions={
+            _cut(k): v for k, v in itertools.islice(s.blob_versions.items(), MAX_BLOBS)
+            if v <= MAX_COUNTER
+        },
+        elided=tuple(_cut(n) for n in s.elided_blobs[:MAX_BLOBS]),
     )
 
 
@@ -288,13 +295,16 @@ def gossip_reply_to_pb(m: GossipReply) -> pb.GossipResponse:
     return pb.GossipResponse(
         protocol_version=PROTOCOL_VERSION, from_node=m.from_node,
         records=records_to_pb(m.records), wants=list(m.wants),
+        want_versions=list(m.want_versions),
     )
 
 
 def gossip_reply_from_pb(r: pb.GossipResponse) -> GossipReply:
+    wants = tuple(_cut(w) for w in r.wants[:MAX_RECORDS])
+    versions = tuple(min(v, MAX_COUNTER) for v in r.want_versions[:MAX_RECORDS])
     return GossipReply(
-        _cut(r.from_node), records_from_pb(r.records),
-        tuple(_cut(w) for w in r.wants[:MAX_RECORDS]), r.protocol_version,
+        _cut(r.from_node), records_from_pb(r.records), wants, r.protocol_version,
+        versions if len(versions) == len(wants) else (),
     )
 
 

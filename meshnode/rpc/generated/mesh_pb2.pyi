@@ -228,7 +228,7 @@ class LatencyAd(_message.Message):
     def __init__(self, model: _Optional[str] = ..., ewma_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
 
 class NodeState(_message.Message):
-    __slots__ = ("node_id", "version", "grpc_address", "http_address", "status", "models", "capacity", "latency", "counters", "protocol_version", "blobs")
+    __slots__ = ("node_id", "version", "grpc_address", "http_address", "status", "models", "capacity", "latency", "counters", "protocol_version", "blobs", "blob_versions", "elided_blobs")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,13 @@ class NodeState(_message.Message):
         key: str
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class BlobVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +261,8 @@ class NodeState(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
+    BLOB_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ELIDED_BLOBS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     version: int
     grpc_address: str
@@ -265,7 +274,9 @@ class NodeState(_message.Message):
     counters: _containers.ScalarMap[str, float]
     protocol_version: int
     blobs: _containers.ScalarMap[str, bytes]
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., status: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelAd, _Mapping]]] = ..., capacity: _Optional[_Union[CapacityAd, _Mapping]] = ..., latency: _Optional[_Iterable[_Union[LatencyAd, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., protocol_version: _Optional[int] = ..., blobs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    blob_versions: _containers.ScalarMap[str, int]
+    elided_blobs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., status: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelAd, _Mapping]]] = ..., capacity: _Optional[_Union[CapacityAd, _Mapping]] = ..., latency: _Optional[_Iterable[_Union[LatencyAd, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., protocol_version: _Optional[int] = ..., blobs: _Optional[_Mapping[str, bytes]] = ..., blob_versions: _Optional[_Mapping[str, int]] = ..., elided_blobs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DigestEntry(_message.Message):
     __slots__ = ("node_id", "incarnation", "status", "state_version")
@@ -302,16 +313,18 @@ class GossipRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., from_node: _Optional[str] = ..., digest: _Optional[_Iterable[_Union[DigestEntry, _Mapping]]] = ..., records: _Optional[_Iterable[_Union[GossipRecord, _Mapping]]] = ..., join: _Optional[bool] = ...) -> None: ...
 
 class GossipResponse(_message.Message):
-    __slots__ = ("protocol_version", "from_node", "records", "wants")
+    __slots__ = ("protocol_version", "from_node", "records", "wants", "want_versions")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FROM_NODE_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     WANTS_FIELD_NUMBER: _ClassVar[int]
+    WANT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     from_node: str
     records: _containers.RepeatedCompositeFieldContainer[GossipRecord]
     wants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[int] = ..., from_node: _Optional[str] = ..., records: _Optional[_Iterable[_Union[GossipRecord, _Mapping]]] = ..., wants: _Optional[_Iterable[str]] = ...) -> None: ...
+    want_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, protocol_version: _Optional[int] = ..., from_node: _Optional[str] = ..., records: _Optional[_Iterable[_Union[GossipRecord, _Mapping]]] = ..., wants: _Optional[_Iterable[str]] = ..., want_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ("protocol_version", "from_node", "seq", "target_node", "target_address", "timeout_ms", "about_you")
