@@ -53,6 +53,8 @@ class TextDelta:
     choice: int
     text: str
     finish: str | None
+    # When asked: [[token bytes, logprob | None, [[bytes, logprob], ...]], ...] (protocol.py)
+    logprobs: list[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +192,11 @@ class WorkerProcess:
     # ------------------------------------------------------------------ calls
     def generate(self, model: str, messages: list[dict[str, str]] | None,
                  prompt: str | list[int] | None, params: dict[str, Any], slots: int, *,
-                 events: asyncio.Queue[Event] | None = None, choice_offset: int = 0) -> Call:
+                 events: asyncio.Queue[Event] | None = None, choice_offset: int = 0,
+                 tools: list[dict[str, Any]] | None = None) -> Call:
         """Start one generation. `prompt` is text or token ids; `events` lets several calls
-        share one queue (their choices told apart by `choice_offset`)."""
+        share one queue (their choices told apart by `choice_offset`); `tools` (ToolSpec
+        wire dicts) are rendered into a chat prompt."""
         call = self._new_call(slots)
         if events is not None:
             call.events = events
@@ -205,6 +209,8 @@ class WorkerProcess:
             frame["prompt_ids"] = prompt
         else:
             frame["prompt"] = prompt
+        if tools:
+            frame["tools"] = tools
         self._send(frame, call)
         return call
 
@@ -341,10 +347,11 @@ class WorkerProcess:
 
     def _on_step(self, message: dict[str, Any]) -> None:
         calls = self._calls
-        for request_id, choice, text, finish in message["ev"]:
-            call = calls.get(request_id)
+        for item in message["ev"]:
+            call = calls.get(item[0])
             if call is not None:
-                call.events.put_nowait(TextDelta(choice + call.choice_offset, text, finish))
+                call.events.put_nowait(TextDelta(item[1] + call.choice_offset, item[2], item[3],
+                                                 item[4] if len(item) > 4 else None))
         for request_id, prompt_tokens, completion_tokens in message["done"]:
             call = calls.pop(request_id, None)
             if call is not None:

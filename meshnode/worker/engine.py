@@ -14,14 +14,22 @@ the rest of the batch. The cache is transformers' `DynamicCache`, whose per-laye
 module edits directly; that works for any model whose layers are plain `DynamicLayer`s (GPT-2,
 Llama, Qwen, Mistral without sliding window ...).
 
-Sampling per row: temperature (0 = greedy), top_p, and an own `torch.Generator` when the
-request gave a seed (choice i uses seed + i), so a seeded answer does not depend on what else
-is in the batch.
+Per row, on top of that (`sampler.py` chooses tokens, `grammar.py` masks them):
+- sampling: temperature (0 = greedy), top_p, an own `torch.Generator` when the request gave a
+  seed (choice i uses seed + i), so a seeded answer does not depend on what else is in the batch;
+- a grammar matcher when the request constrains its output (JSON, a tool call): one bitmask per
+  step over the rows that have one, and the row ends when its grammar is complete;
+- logprobs of each chosen token (and, for completions with `echo`, of the prompt), computed
+  only for the rows that ask, in one batched pass.
+A row that uses none of these costs what it did before: no mask, no extra copy to the host.
+Prefill keeps only the last position's logits (`logits_to_keep=1`), except for requests that
+want their prompt's logprobs, which are prefilled in a pass of their own with all of them.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,8 +37,12 @@ from typing import Any
 
 import torch
 
+from meshnode.worker.grammar import GrammarError, Grammars
 from meshnode.worker.params import SamplingParams
+from meshnode.worker.sampler import TokenLogprob, prompt_logprobs, sample, token_logprobs
 from meshnode.worker.textstream import TextStream
+
+log = logging.getLogger(__name__)
 
 
 class RequestRejected(Exception):
@@ -48,6 +60,7 @@ class _Row:
     choice: int
     text: TextStream
     generator: torch.Generator | None
+    matcher: Any = None  # llguidance.LLMatcher when the output is constrained
     generated: int = 0
     finish: str | None = None
 
@@ -58,20 +71,28 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     max_tokens: int
+    matcher: Any = None  # compiled at submit; each row runs its own copy
     rows: list[_Row] = field(default_factory=list)
     open_rows: int = 0
     completion_tokens: int = 0
     cancelled: bool = False
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.echo and self.params.logprobs is not None
+
 
 @dataclass(frozen=True, slots=True)
 class TextEvent:
-    """New text for one choice; `finish` ("stop" | "length") on its last event."""
+    """New text for one choice; `finish` ("stop" | "length") on its last event. `logprobs`:
+    one entry per token this event stands for, when the request asked for them (an echoed
+    prompt's event carries the prompt's tokens)."""
 
     request_id: int
     choice: int
     text: str
     finish: str | None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +147,12 @@ class GenerationEngine:
         params = inspect.signature(model.forward).parameters
         # transformers 5 renamed `past_key_values` to `cache`; take what this version has.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in params
+        output = model.get_output_embeddings()
+        vocab = int(output.weight.shape[0]) if output is not None else int(
+            model.config.vocab_size)
+        self.grammars = Grammars(tokenizer, vocab, self.eos_ids)
+        self._grammar_eos: frozenset[int] = frozenset()
         self._waiting: deque[_Request] = deque()
         self._empty: list[_Request] = []  # max_tokens 0: answered without a forward pass
         self._requests: dict[int, _Request] = {}
@@ -155,10 +182,18 @@ class GenerationEngine:
             )
         else:
             max_tokens = params.max_tokens
-        request = _Request(request_id, list(prompt_ids), params, max_tokens)
-        if max_tokens == 0:
-            # A legacy completion's `max_tokens: 0`: nothing to generate, finished at the next
-            # step (echo, which would still read the prompt, is not done here).
+        matcher = None
+        if params.constraint is not None:
+            try:
+                matcher = self.grammars.compile(params.constraint)
+            except GrammarError as exc:
+                raise RequestRejected(exc.message, exc.param) from None
+            self._grammar_eos = self.grammars.stop_ids()
+        request = _Request(request_id, list(prompt_ids), params, max_tokens, matcher)
+        if max_tokens == 0 and not params.echo:
+            # A legacy completion's `max_tokens: 0` without echo: nothing to generate or to
+            # read, finished at the next step with no forward pass. With echo it is prefilled
+            # like any request (its prompt's logprobs need the logits) and ends there.
             self._empty.append(request)
             return
         self._requests[request_id] = request
@@ -216,6 +251,17 @@ class GenerationEngine:
         return admitted
 
     def _prefill(self, admitted: list[_Request], result: StepResult) -> None:
+        # Prompt logprobs need every position's logits: those requests get a pass of their own,
+        # so the others keep the cheap last-position prefill (and bit-identical answers).
+        full = [r for r in admitted if r.wants_prompt_logprobs]
+        if full:
+            self._prefill_group(full, result, all_logits=True)
+        rest = [r for r in admitted if not r.wants_prompt_logprobs]
+        if rest:
+            self._prefill_group(rest, result, all_logits=False)
+
+    def _prefill_group(self, admitted: list[_Request], result: StepResult,
+                       all_logits: bool) -> None:
         rows: list[_Row] = []
         prompts: list[list[int]] = []
         for request in admitted:
@@ -224,8 +270,12 @@ class GenerationEngine:
                 if request.params.seed is not None:
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed((request.params.seed + choice) % (2**63))
+                matcher = request.matcher
+                if matcher is not None and request.params.n > 1:
+                    matcher = matcher.deep_copy()
                 row = _Row(request, choice, TextStream(
-                    self.tokenizer, request.prompt_ids, request.params.stop), generator)
+                    self.tokenizer, request.prompt_ids, request.params.stop), generator,
+                    matcher)
                 request.rows.append(row)
                 rows.append(row)
                 prompts.append(request.prompt_ids)
@@ -242,13 +292,35 @@ class GenerationEngine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
+        extra: dict[str, Any] = {self._cache_kw: cache}
+        if self._keeps_logits and not all_logits:
+            extra["logits_to_keep"] = 1
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-            **{self._cache_kw: cache},
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra,
         )
-        next_tokens = self._sample(out.logits[:, -1, :], rows)
+        self._echo(rows, out.logits if all_logits else None, width, result)
+        next_tokens, logprobs = self._next_tokens(out.logits[:, -1, :], rows)
         self._merge(rows, cache, mask, next_tokens)
-        self._emit(rows, next_tokens.tolist(), result)
+        self._emit(rows, next_tokens.tolist(), result, logprobs)
+
+    def _echo(self, rows: list[_Row], logits: torch.Tensor | None, width: int,
+              result: StepResult) -> None:
+        """The prompt first, for completions with `echo` (with its logprobs when asked)."""
+        done: dict[int, tuple[str, tuple[TokenLogprob, ...] | None]] = {}
+        for i, row in enumerate(rows):
+            request = row.request
+            if not request.params.echo:
+                continue
+            if request.request_id not in done:
+                entries = None
+                if logits is not None and request.params.logprobs is not None:
+                    start = width - len(request.prompt_ids)
+                    entries = tuple(prompt_logprobs(logits[i, start:], request.prompt_ids,
+                                                    request.params.logprobs))
+                text = self.tokenizer.decode(request.prompt_ids, skip_special_tokens=True)
+                done[request.request_id] = (text, entries)
+            text, entries = done[request.request_id]
+            result.events.append(TextEvent(request.request_id, row.choice, text, None, entries))
 
     def _decode(self, result: StepResult) -> None:
         assert self._mask is not None and self._pending is not None
@@ -259,9 +331,9 @@ class GenerationEngine:
             input_ids=self._pending[:, None], attention_mask=self._mask, position_ids=positions,
             use_cache=True, **{self._cache_kw: self._cache},
         )
-        next_tokens = self._sample(out.logits[:, -1, :], self._rows)
+        next_tokens, logprobs = self._next_tokens(out.logits[:, -1, :], self._rows)
         self._pending = next_tokens
-        self._emit(self._rows, next_tokens.tolist(), result)
+        self._emit(self._rows, next_tokens.tolist(), result, logprobs)
 
     # ------------------------------------------------------------------ cache surgery
     def _layers(self, cache: Any) -> list[Any]:
@@ -315,66 +387,83 @@ class GenerationEngine:
         self._rows = [self._rows[i] for i in keep]
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    def _next_tokens(self, logits: torch.Tensor, rows: list[_Row]
+                     ) -> tuple[torch.Tensor, dict[int, TokenLogprob] | None]:
+        """Each row's next token, and the logprobs of the rows that asked (by batch index)."""
         logits = logits.float()
-        temps = [row.request.params.temperature for row in rows]
-        if all(t == 0.0 for t in temps):
-            return logits.argmax(dim=-1)
-        temp = torch.tensor([t if t > 0 else 1.0 for t in temps], device=logits.device)
-        scaled = logits / temp[:, None]
-        top_ps = [row.request.params.top_p for row in rows]
-        if any(p < 1.0 for p in top_ps):
-            top_p = torch.tensor(top_ps, device=logits.device)
-            sorted_logits, order = scaled.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            # Drop a token when the tokens before it already cover top_p (the first one stays).
-            remove = (probs.cumsum(dim=-1) - probs) > top_p[:, None]
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
-        probs = scaled.softmax(dim=-1)
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        shared = [i for i, row in enumerate(rows) if row.generator is None]
-        if shared:
-            index = torch.tensor(shared, device=logits.device)
-            out[index] = torch.multinomial(probs.index_select(0, index), 1).squeeze(1)
+        temps: list[float] = []
+        top_ps: list[float] = []
+        generators: list[torch.Generator | None] = []
+        masked: list[int] = []
+        wanted: list[int] = []
         for i, row in enumerate(rows):
-            if row.generator is not None:
-                out[i] = torch.multinomial(probs[i], 1, generator=row.generator)[0]
-        greedy = [i for i, t in enumerate(temps) if t == 0.0]
-        if greedy:
-            index = torch.tensor(greedy, device=logits.device)
-            out[index] = logits.index_select(0, index).argmax(dim=-1)
-        return out
+            params = row.request.params
+            temps.append(params.temperature)
+            top_ps.append(params.top_p)
+            generators.append(row.generator)
+            if row.matcher is not None:
+                masked.append(i)
+            if params.logprobs is not None:
+                wanted.append(i)
+        if masked:
+            self.grammars.apply_masks(logits, masked, [rows[i].matcher for i in masked])
+        tokens = sample(logits, temps, top_ps, generators)
+        if not wanted:
+            return tokens, None
+        entries = token_logprobs(
+            logits, tokens, wanted, [temps[i] for i in wanted], [top_ps[i] for i in wanted],
+            [rows[i].request.params.logprobs or 0 for i in wanted])
+        return tokens, dict(zip(wanted, entries, strict=True))
 
     # ------------------------------------------------------------------ output
-    def _emit(self, rows: list[_Row], tokens: list[int], result: StepResult) -> None:
-        for row, token in zip(rows, tokens, strict=True):
+    def _emit(self, rows: list[_Row], tokens: list[int], result: StepResult,
+              logprobs: dict[int, TokenLogprob] | None) -> None:
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if row.finish is not None:
                 continue  # cancelled while this step ran
             request = row.request
+            if request.max_tokens == 0:
+                # Echo only (completions scoring a prompt): the sampled token is not kept.
+                result.events.append(TextEvent(request.request_id, row.choice, "", "length"))
+                self._close(row, "length", result)
+                continue
             row.generated += 1
             request.completion_tokens += 1
             result.tokens += 1
+            entry = logprobs.get(i) if logprobs is not None else None
             finish: str | None = None
-            if token in self.eos_ids:
+            matcher = row.matcher
+            accepted = matcher.consume_token(token) if matcher is not None else True
+            if token in self.eos_ids or (matcher is not None and token in self._grammar_eos):
                 text = row.text.flush()
                 finish = "stop"
+                entry = None  # the end token is not part of the text
             else:
                 text = row.text.push(token)
                 if row.text.stopped:
                     finish = "stop"
+                elif matcher is not None and (matcher.is_stopped() or not accepted):
+                    if not accepted:
+                        log.warning("grammar refused a masked token: %s", matcher.get_error())
+                    text += row.text.flush()
+                    finish = "stop"
                 elif row.generated >= request.max_tokens:
                     text += row.text.flush()
                     finish = "length"
-            if text or finish:
-                result.events.append(TextEvent(request.request_id, row.choice, text, finish))
+            if text or finish or entry is not None:
+                result.events.append(TextEvent(request.request_id, row.choice, text, finish,
+                                               (entry,) if entry is not None else None))
             if finish is not None:
-                row.finish = finish
-                request.open_rows -= 1
-                if request.open_rows == 0:
-                    self._requests.pop(request.request_id, None)
-                    result.done.append(RequestDone(
-                        request.request_id, len(request.prompt_ids), request.completion_tokens))
+                self._close(row, finish, result)
+
+    def _close(self, row: _Row, finish: str, result: StepResult) -> None:
+        request = row.request
+        row.finish = finish
+        request.open_rows -= 1
+        if request.open_rows == 0:
+            self._requests.pop(request.request_id, None)
+            result.done.append(RequestDone(
+                request.request_id, len(request.prompt_ids), request.completion_tokens))
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

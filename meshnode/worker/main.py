@@ -133,14 +133,24 @@ class Worker:
 
     def warm_up(self) -> None:
         """One short pass through every model, so the first request is not the slow one."""
+        from meshnode.worker.engine import RequestRejected
         from meshnode.worker.models import encode_prompt
-        from meshnode.worker.params import SamplingParams
+        from meshnode.worker.params import Constraint, SamplingParams
 
         for embedder in self.embedders.values():
             embedder.embed(["warm up"])
         for engine in self.engines.values():
             ids = encode_prompt(engine.tokenizer, [{"role": "user", "content": "warm up"}], None)
             engine.submit(-1, ids, SamplingParams(max_tokens=2, temperature=1.0, seed=0))
+            # The grammar and logprobs paths too: builds the grammar library's view of the
+            # vocabulary (about a second for a large one) now rather than on a first request.
+            try:
+                engine.submit(-2, ids, SamplingParams(max_tokens=2, temperature=1.0, seed=0,
+                                                      logprobs=1,
+                                                      constraint=Constraint("json_object")))
+            except RequestRejected as exc:
+                # A tokenizer llguidance cannot read: the model serves, but not constrained.
+                log.warning("%s: %s", engine.model.name_or_path, exc.message)
             while engine.has_work():
                 engine.step()
 
@@ -184,8 +194,7 @@ class Worker:
                     if result.events or result.done:
                         self.channel.send({
                             "t": "step",
-                            "ev": [[e.request_id, e.choice, e.text, e.finish]
-                                   for e in result.events],
+                            "ev": [_event_wire(engine, e) for e in result.events],
                             "done": [[d.request_id, d.prompt_tokens, d.completion_tokens]
                                      for d in result.done],
                         })
@@ -211,7 +220,7 @@ class Worker:
     def _generate(self, message: dict[str, Any]) -> None:
         from meshnode.worker.engine import RequestRejected
         from meshnode.worker.models import encode_prompt
-        from meshnode.worker.params import SamplingParams
+        from meshnode.worker.params import SamplingParams, ToolSpec
 
         engine = self.engines.get(message["model"])
         if engine is None:
@@ -226,8 +235,9 @@ class Worker:
                     self._reject(message["id"], f"token ids must be in [0, {vocab})", "prompt")
                     return
             else:
+                tools = [ToolSpec.from_wire(t) for t in message.get("tools") or ()]
                 ids = encode_prompt(engine.tokenizer, message.get("messages"),
-                                    message.get("prompt"))
+                                    message.get("prompt"), tools or None)
             engine.submit(message["id"], ids, SamplingParams.from_wire(message["params"]))
         except RequestRejected as exc:
             # The engine names the chat field; a legacy completion's prompt is `prompt`.
@@ -259,6 +269,17 @@ class Worker:
 
     def _reject(self, request_id: int, text: str, param: str | None) -> None:
         self.channel.send({"t": "err", "id": request_id, "message": text, "param": param})
+
+
+def _event_wire(engine: Any, event: Any) -> list[Any]:
+    """A TextEvent as the `step` frame carries it; logprobs (when asked) as
+    [[token bytes, logprob | None, [[bytes, logprob], ...]], ...]."""
+    item: list[Any] = [event.request_id, event.choice, event.text, event.finish]
+    if event.logprobs is not None:
+        token_bytes = engine.grammars.token_bytes
+        item.append([[token_bytes(e.token), e.logprob,
+                      [[token_bytes(t), v] for t, v in e.top]] for e in event.logprobs])
+    return item
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from meshnode.worker.params import ToolSpec
+from meshnode.worker.tools import openai_tools, with_tools_prompt
+
 ModelKind = Literal["chat", "completion", "embedding"]
 
 
@@ -106,14 +109,27 @@ def load_encoder(path: Path, device: Any) -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template has tool support of its own (it reads `tools`)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]] | None,
-                  prompt: str | None) -> list[int]:
+                  prompt: str | None, tools: list[ToolSpec] | None = None) -> list[int]:
     """Prompt token ids: chat messages through the tokenizer's chat template when it has one
-    (a plain `role: content` transcript otherwise), or a completion prompt as is."""
+    (a plain `role: content` transcript otherwise), or a completion prompt as is. `tools` go
+    through the template's own tool support when it has one, else into a system message in
+    the format of `meshnode.worker.tools`."""
     if messages is not None:
+        native_tools = bool(tools) and template_renders_tools(tokenizer)
+        if tools and not native_tools:
+            messages = with_tools_prompt(messages, tools)
         if getattr(tokenizer, "chat_template", None):
+            extra: dict[str, Any] = {"tools": openai_tools(tools)} if tools and native_tools \
+                else {}
             text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
+                messages, add_generation_prompt=True, tokenize=False, **extra
             )
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"

@@ -6,7 +6,8 @@ worker's stdout and stderr stay free for its logs.
 
 node -> worker
     {"t": "gen",    "id", "model", "messages" | "prompt" | "prompt_ids",
-                    "params": SamplingParams.to_wire()}
+                    "params": SamplingParams.to_wire(),
+                    "tools": [ToolSpec.to_wire()]?}   tools to render into the chat prompt
     {"t": "emb",    "id", "model", "input": [str] | [[token id]]}
     {"t": "cancel", "id"}
     {"t": "stop"}                                      finish and exit
@@ -15,7 +16,8 @@ worker -> node
     {"t": "ready",  "models": {name: {"kind", "context", "vocab", "fingerprint",
                                       "dimensions" (embedding models)}}}   loaded, warmed up
     {"t": "fatal",  "message"}                         cannot load; the worker exits
-    {"t": "step",   "ev": [[id, choice, text, finish|None], ...], "done": [[id, prompt, completion], ...]}
+    {"t": "step",   "ev": [[id, choice, text, finish|None, logprobs?], ...], "done": [[id, prompt, completion], ...]}
+                    logprobs, only when asked: [[token bytes, logprob|None, [[bytes, logprob], ...]], ...]
     {"t": "emb",    "id", "dim", "vectors": bytes (float32, row-major), "tokens"}
     {"t": "err",    "id", "message", "param"}          the request is invalid for this model (400)
     {"t": "hb",     "tps", "mem", "active", "queued"}  heartbeat, at least every HEARTBEAT_S
