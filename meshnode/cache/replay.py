@@ -19,6 +19,7 @@ from typing import Any
 from meshnode.types import RequestKind, StreamChunk, Usage
 
 _HEADER_KEYS = ("id", "created", "model", "system_fingerprint")
+_TEXT_LOGPROBS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
 
 
 # --------------------------------------------------------------------------- chunks -> answer
@@ -55,7 +56,7 @@ def _assemble_chat(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
             acc = choices.setdefault(
                 index,
                 {"role": "assistant", "content": [], "refusal": [], "tools": {},
-                 "finish_reason": None},
+                 "finish_reason": None, "logprobs": None},
             )
             delta = choice.get("delta") or {}
             if not isinstance(delta, dict):
@@ -71,6 +72,11 @@ def _assemble_chat(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
             for call in delta.get("tool_calls") or ():
                 if not _merge_tool_call(acc["tools"], call):
                     return None
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+                if acc["logprobs"] is None:
+                    acc["logprobs"] = {"content": [], "refusal": None}
+                acc["logprobs"]["content"].extend(logprobs["content"])
             if choice.get("finish_reason") is not None:
                 acc["finish_reason"] = choice["finish_reason"]
     if not choices or any(c["finish_reason"] is None for c in choices.values()):
@@ -95,7 +101,7 @@ def _assemble_chat(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
                 for _, t in sorted(acc["tools"].items())
             ]
         out_choices.append(
-            {"index": index, "message": message, "logprobs": None,
+            {"index": index, "message": message, "logprobs": acc["logprobs"],
              "finish_reason": acc["finish_reason"]}
         )
     body["choices"] = out_choices
@@ -126,6 +132,7 @@ def _merge_tool_call(tools: dict[int, dict[str, Any]], call: Any) -> bool:
 def _assemble_text(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, Any] | None:
     texts: dict[int, list[str]] = {}
     finish: dict[int, Any] = {}
+    logprobs: dict[int, dict[str, list[Any]]] = {}
     for chunk in chunks:
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
@@ -135,13 +142,19 @@ def _assemble_text(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
             texts.setdefault(index, [])
             if isinstance(text, str):
                 texts[index].append(text)
+            part = choice.get("logprobs")
+            if isinstance(part, dict):
+                acc = logprobs.setdefault(index, {k: [] for k in _TEXT_LOGPROBS})
+                for key in _TEXT_LOGPROBS:
+                    acc[key].extend(part.get(key) or ())
             if choice.get("finish_reason") is not None:
                 finish[index] = choice["finish_reason"]
     if not texts or set(finish) != set(texts):
         return None
     body = _header(chunks, "text_completion")
     body["choices"] = [
-        {"index": i, "text": "".join(texts[i]), "logprobs": None, "finish_reason": finish[i]}
+        {"index": i, "text": "".join(texts[i]), "logprobs": logprobs.get(i),
+         "finish_reason": finish[i]}
         for i in sorted(texts)
     ]
     body["usage"] = usage.to_openai()
@@ -178,9 +191,9 @@ def _chat_chunks(body: dict[str, Any], usage: Usage) -> list[StreamChunk]:
                        "refusal": None},
              "logprobs": None, "finish_reason": None}]}))
         content = message.get("content")
-        if content:
+        if content or choice.get("logprobs") is not None:
             out.append(StreamChunk({**base, "choices": [
-                {"index": index, "delta": {"content": content},
+                {"index": index, "delta": {"content": content or ""},
                  "logprobs": choice.get("logprobs"), "finish_reason": None}]}))
         if message.get("refusal"):
             out.append(StreamChunk({**base, "choices": [
@@ -205,9 +218,10 @@ def _text_chunks(body: dict[str, Any], usage: Usage) -> list[StreamChunk]:
     for choice in body.get("choices") or ():
         index = choice.get("index", 0)
         text = choice.get("text") or ""
-        if text:
+        if text or choice.get("logprobs") is not None:
             out.append(StreamChunk({**base, "choices": [
-                {"index": index, "text": text, "logprobs": None, "finish_reason": None}]}))
+                {"index": index, "text": text, "logprobs": choice.get("logprobs"),
+                 "finish_reason": None}]}))
         out.append(StreamChunk({**base, "choices": [
             {"index": index, "text": "", "logprobs": None,
              "finish_reason": choice.get("finish_reason") or "stop"}]}))

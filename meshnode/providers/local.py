@@ -37,6 +37,7 @@ from meshnode.errors import (
 )
 from meshnode.providers.base import Provider
 from meshnode.providers.embeddings import EmbeddingOptions, encode_vectors, parse_embedding_options
+from meshnode.providers.local_choices import ChatChoice, CompletionLogprobs
 from meshnode.providers.registry import ProviderContext
 from meshnode.types import (
     Capacity,
@@ -65,7 +66,9 @@ from meshnode.worker.params import (
     check_token_ids,
     completion_prompts,
     embedding_inputs,
+    parse_chat_format,
     parse_sampling,
+    parse_tools,
 )
 
 log = logging.getLogger(__name__)
@@ -236,12 +239,24 @@ class LocalProvider(Provider):
                                  param="model")
         body = request.body
         chat = request.kind is RequestKind.CHAT
-        params = parse_sampling(body, completion=not chat)
         messages: list[dict[str, str]] | None = None
         prompts: list[str] | list[list[int]] = []
+        tools_wire: list[dict[str, Any]] | None = None
+        tool_names: frozenset[str] | None = None
         if chat:
             messages = chat_messages(body)
+            tools, tool_choice = parse_tools(body)
+            constraint = parse_chat_format(body, tools, tool_choice)
+            params = parse_sampling(body, constraint=constraint)
+            # Calls are read from free text only: a forced call is a call by construction,
+            # and JSON under a response_format is the answer, not a call.
+            if tool_choice is not None and (constraint is None
+                                            or constraint.kind == "tool_call"):
+                tool_names = frozenset(t.name for t in tools)
+            if tool_choice is not None:
+                tools_wire = [t.to_wire() for t in tools]
         else:
+            params = parse_sampling(body, completion=True)
             prompts = completion_prompts(body)
         count = 1 if chat else len(prompts)
         worker = await self._pick_worker(timeouts, request.deadline, params.n * count)
@@ -252,13 +267,14 @@ class LocalProvider(Provider):
         wire = params.to_wire()
         if chat:
             calls = [worker.generate(offer.upstream_model, messages, None, wire, params.n,
-                                     events=events)]
+                                     events=events, tools=tools_wire)]
         else:
             calls = [worker.generate(offer.upstream_model, None, prompt, wire, params.n,
                                      events=events, choice_offset=i * params.n)
                      for i, prompt in enumerate(list[Any](prompts))]
         return _TextCalls(worker, calls, events, params.n * count,
-                          str(model.get("fingerprint", "fp_local")))
+                          str(model.get("fingerprint", "fp_local")), chat, tool_names,
+                          params.logprobs is not None)
 
     async def _next(self, events: asyncio.Queue[Event], timeout: float,
                     streamed: bool) -> Event:
@@ -320,6 +336,8 @@ class LocalProvider(Provider):
         if request.kind is RequestKind.EMBEDDING:
             return await self._embed(request, offer, timeouts)
         text = await self._open_text(request, offer, timeouts)
+        chats = [ChatChoice(i, text.tool_names, text.logprobs) for i in range(text.choices)]
+        completion_lps = [CompletionLogprobs() for _ in range(text.choices)]
         texts = [""] * text.choices
         finishes: list[str | None] = [None] * text.choices
         usage = Usage(0, 0)
@@ -329,10 +347,22 @@ class LocalProvider(Provider):
                 if isinstance(event, Usage):
                     usage = event
                     continue
-                texts[event.choice] += event.text
+                i = event.choice
+                if text.chat:
+                    chats[i].feed(event.text, event.logprobs)
+                    if event.finish is not None:
+                        chats[i].end()
+                else:
+                    texts[i] += event.text
+                    if event.logprobs is not None:
+                        completion_lps[i].add(event.logprobs)
                 if event.finish is not None:
-                    finishes[event.choice] = event.finish
-        body = _text_body(request, offer, texts, finishes, usage, text.fingerprint)
+                    finishes[i] = event.finish
+        if text.chat:
+            body = _chat_body(offer, chats, finishes, usage, text.fingerprint)
+        else:
+            body = _completion_body(offer, texts, completion_lps if text.logprobs else None,
+                                    finishes, usage, text.fingerprint)
         return Completion(body=body, usage=usage)
 
     async def _embed(self, request: InferenceRequest, offer: ModelOffer,
@@ -380,6 +410,8 @@ class LocalProvider(Provider):
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": chunk_id, "object": obj, "created": created, "model": offer.model,
                 "system_fingerprint": text.fingerprint}
+        chats = [ChatChoice(i, text.tool_names, text.logprobs) for i in range(text.choices)]
+        completion_lps = [CompletionLogprobs() for _ in range(text.choices)]
         started = [False] * text.choices
         async with contextlib.aclosing(self._text_events(request, timeouts, text,
                                                          stream=True)) as events:
@@ -389,27 +421,21 @@ class LocalProvider(Provider):
                                       usage=event)
                     return
                 i = event.choice
-                if event.text or not started[i]:
-                    if chat:
-                        delta: dict[str, Any] = {"content": event.text}
-                        if not started[i]:
-                            delta = {"role": "assistant", "content": event.text,
-                                     "refusal": None}
-                        choice: dict[str, Any] = {"index": i, "delta": delta,
-                                                  "logprobs": None, "finish_reason": None}
-                    else:
-                        choice = {"text": event.text, "index": i, "logprobs": None,
-                                  "finish_reason": None}
+                if chat:
+                    for choice in _chat_stream_choices(chats[i], event):
+                        yield StreamChunk({**base, "choices": [choice]})
+                    continue
+                if event.text or event.logprobs is not None or not started[i]:
+                    logprobs = (completion_lps[i].add(event.logprobs)
+                                if event.logprobs is not None else None)
                     started[i] = True
-                    yield StreamChunk({**base, "choices": [choice]})
+                    yield StreamChunk({**base, "choices": [{
+                        "text": event.text, "index": i, "logprobs": logprobs,
+                        "finish_reason": None}]})
                 if event.finish is not None:
-                    if chat:
-                        choice = {"index": i, "delta": {}, "logprobs": None,
-                                  "finish_reason": event.finish}
-                    else:
-                        choice = {"text": "", "index": i, "logprobs": None,
-                                  "finish_reason": event.finish}
-                    yield StreamChunk({**base, "choices": [choice]})
+                    yield StreamChunk({**base, "choices": [{
+                        "text": "", "index": i, "logprobs": None,
+                        "finish_reason": event.finish}]})
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +447,9 @@ class _TextCalls:
     events: asyncio.Queue[Event]
     choices: int  # prompts x n
     fingerprint: str
+    chat: bool
+    tool_names: frozenset[str] | None  # set: tool calls are read from the text
+    logprobs: bool
 
 
 def _vectors(event: Embedded, count: int, options: EmbeddingOptions) -> list[Any]:
@@ -431,25 +460,57 @@ def _vectors(event: Embedded, count: int, options: EmbeddingOptions) -> list[Any
     return encode_vectors([flat[i * dim:(i + 1) * dim] for i in range(count)], options)
 
 
-def _text_body(request: InferenceRequest, offer: ModelOffer, texts: list[str],
-               finishes: list[str | None], usage: Usage, fingerprint: str) -> dict[str, Any]:
-    created = int(time.time())
-    if request.kind is RequestKind.CHAT:
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-            "created": created, "model": offer.model, "system_fingerprint": fingerprint,
-            "choices": [
-                {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                 "logprobs": None, "finish_reason": finishes[i] or "stop"}
-                for i, text in enumerate(texts)
-            ],
-            "usage": usage.to_openai(),
-        }
+def _chat_stream_choices(builder: ChatChoice, event: TextDelta) -> list[dict[str, Any]]:
+    """Stream choices for one worker event of one chat choice (content, calls, finish)."""
+    out: list[dict[str, Any]] = []
+    text, calls, logprobs = builder.feed(event.text, event.logprobs)
+    if event.finish is not None:
+        more_text, more_calls = builder.end()
+        text += more_text
+        calls = calls + more_calls
+    i = builder.index
+    if text or logprobs is not None or not builder.started:
+        delta: dict[str, Any] = {"content": text}
+        if not builder.started:
+            delta = {"role": "assistant", "content": text, "refusal": None}
+        out.append({"index": i, "delta": delta,
+                    "logprobs": {"content": logprobs, "refusal": None}
+                    if logprobs is not None else None,
+                    "finish_reason": None})
+        builder.started = True
+    if calls:
+        out.append({"index": i, "delta": {"tool_calls": builder.call_deltas(calls)},
+                    "logprobs": None, "finish_reason": None})
+    if event.finish is not None:
+        out.append({"index": i, "delta": {}, "logprobs": None,
+                    "finish_reason": builder.finish_reason(event.finish)})
+    return out
+
+
+def _chat_body(offer: ModelOffer, chats: list[ChatChoice], finishes: list[str | None],
+               usage: Usage, fingerprint: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+        "created": int(time.time()), "model": offer.model, "system_fingerprint": fingerprint,
+        "choices": [
+            {"index": c.index, "message": c.message(), "logprobs": c.logprobs(),
+             "finish_reason": c.finish_reason(finishes[c.index])}
+            for c in chats
+        ],
+        "usage": usage.to_openai(),
+    }
+
+
+def _completion_body(offer: ModelOffer, texts: list[str],
+                     logprobs: list[CompletionLogprobs] | None, finishes: list[str | None],
+                     usage: Usage, fingerprint: str) -> dict[str, Any]:
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-        "created": created, "model": offer.model, "system_fingerprint": fingerprint,
+        "created": int(time.time()), "model": offer.model, "system_fingerprint": fingerprint,
         "choices": [
-            {"text": text, "index": i, "logprobs": None, "finish_reason": finishes[i] or "stop"}
+            {"text": text, "index": i,
+             "logprobs": logprobs[i].whole if logprobs is not None else None,
+             "finish_reason": finishes[i] or "stop"}
             for i, text in enumerate(texts)
         ],
         "usage": usage.to_openai(),

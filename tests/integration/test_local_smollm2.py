@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 import subprocess
 import urllib.error
@@ -231,3 +232,51 @@ def test_openai_node_default_embeddings_call_gets_the_same_floats(
     vectors = json.loads(run.stdout)
     assert [len(v) for v in vectors] == [384, 384]
     assert vectors == float_vectors
+
+
+# --------------------------------------------------------------------------- constrained, logprobs
+CAPITAL_SCHEMA = {"type": "object", "properties": {"country": {"type": "string", "maxLength": 40},
+                                                   "capital": {"type": "string", "maxLength": 40}},
+                  "required": ["country", "capital"], "additionalProperties": False}
+WEATHER_TOOL: Any = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+def test_a_json_schema_answer_validates_and_is_right(client: openai.OpenAI) -> None:
+    import jsonschema
+
+    body = _ask(client, temperature=0, max_tokens=40, response_format={
+        "type": "json_schema",
+        "json_schema": {"name": "capital", "schema": CAPITAL_SCHEMA, "strict": True}})
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "stop"
+    answer = json.loads(choice["message"]["content"])
+    jsonschema.validate(answer, CAPITAL_SCHEMA)
+    assert "Paris" in answer["capital"]
+
+
+def test_tool_choice_required_yields_a_valid_call_with_logprobs(client: openai.OpenAI) -> None:
+    import jsonschema
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2", temperature=0, max_tokens=40, tools=[WEATHER_TOOL],
+        tool_choice="required", logprobs=True, top_logprobs=3,
+        messages=[{"role": "user", "content": "What is the weather like in Paris today?"}])
+    body: dict[str, Any] = json.loads(raw.content)
+    validate("CreateChatCompletionResponse", body)
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+    arguments = json.loads(call["function"]["arguments"])
+    jsonschema.validate(arguments, WEATHER_TOOL["function"]["parameters"])
+    assert "Paris" in arguments["city"]
+    entries = choice["logprobs"]["content"]
+    assert entries
+    for entry in entries:
+        assert math.exp(entry["logprob"]) <= 1.0
+        values = [t["logprob"] for t in entry["top_logprobs"]]
+        assert values == sorted(values, reverse=True)
+        assert entry["top_logprobs"][0]["token"] == entry["token"]  # greedy: its own top-1

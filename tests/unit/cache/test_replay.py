@@ -90,3 +90,35 @@ def test_text_completion_round_trip() -> None:
     chunks = chunks_of(RequestKind.COMPLETION, body, USAGE)
     assert chunks[0].data["object"] == "text_completion"
     assert assemble(RequestKind.COMPLETION, [c.data for c in chunks], USAGE) == body
+
+
+def test_logprobs_survive_the_round_trip() -> None:
+    entry = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}
+    chunks = [
+        chunk([{"index": 0, "delta": {"role": "assistant", "content": "Hi"},
+                "logprobs": {"content": [entry], "refusal": None}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {"content": "!"},
+                "logprobs": {"content": [{**entry, "token": "!"}], "refusal": None},
+                "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]),
+    ]
+    body = assemble(RequestKind.CHAT, chunks, USAGE)
+    assert body is not None
+    kept = body["choices"][0]["logprobs"]
+    assert [e["token"] for e in kept["content"]] == ["Hi", "!"]
+    replayed = [c.data["choices"][0]["logprobs"] for c in chunks_of(RequestKind.CHAT, body, USAGE)
+                if c.data["choices"] and c.data["choices"][0]["logprobs"] is not None]
+    assert replayed == [kept]
+    text_chunks = [
+        {**HEAD, "object": "text_completion", "choices": [{"index": 0, "text": "ab", "logprobs": {
+            "tokens": ["a", "b"], "token_logprobs": [None, -1.0],
+            "top_logprobs": [None, {"b": -1.0}], "text_offset": [0, 1]}, "finish_reason": None}]},
+        {**HEAD, "object": "text_completion", "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                           "finish_reason": "length"}]},
+    ]
+    text_body = assemble(RequestKind.COMPLETION, text_chunks, USAGE)
+    assert text_body is not None
+    lp = text_body["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["a", "b"] and lp["text_offset"] == [0, 1]
+    again = chunks_of(RequestKind.COMPLETION, text_body, USAGE)
+    assert again[0].data["choices"][0]["logprobs"] == lp
