@@ -3,6 +3,8 @@
     python -m bench.local_tokens                       # CPU: 1 vs 16 streams, GPT-2 small shape
     python -m bench.local_tokens --hf                  # + transformers' own ways, same model
     python -m bench.local_tokens --device cuda --streams 1 16 64 --model llama-1b --hf
+    python -m bench.local_tokens --extra '{"logprobs": 5}'       # what logprobs cost
+    python -m bench.local_tokens --chat --extra '{"response_format": {"type": "json_object"}}'
 
 What is measured is the real serving path: a `LocalProvider` (what the node runs) spawns its
 worker process with a random-weight model given as a `path:` model, and this process streams
@@ -113,6 +115,8 @@ async def measure_engine(
     single_requests: int,
     threads: int,
     rounds: int,
+    extra: dict[str, object] | None = None,
+    chat: bool = False,
 ) -> list[Row]:
     from meshnode.config import ProviderConfig, ResolvedProvider, TimeoutsConfig
     from meshnode.providers.local import LocalProvider
@@ -140,9 +144,15 @@ async def measure_engine(
     offer = provider.offers()[0]
 
     async def one() -> int:
-        body = {"model": "bench", "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0}
+        body: dict[str, object] = {"model": "bench", "max_tokens": tokens, "temperature": 1.0,
+                                   **(extra or {})}
+        if chat:
+            body["messages"] = [{"role": "user", "content": PROMPT}]
+        else:
+            body["prompt"] = PROMPT
+        kind = RequestKind.CHAT if chat else RequestKind.COMPLETION
         request = InferenceRequest(
-            RequestKind.COMPLETION, "bench", body, "bench", time.monotonic() + 3600, stream=True
+            kind, "bench", body, "bench", time.monotonic() + 3600, stream=True
         )
         made = 0
         async for chunk in provider.stream(request, offer, timeouts):
@@ -310,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".meshnode" / "bench-models")
     parser.add_argument("--out", type=Path, default=None, help="write the table (markdown)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows (json)")
+    parser.add_argument("--extra", type=json.loads, default=None,
+                        help="JSON object merged into every request body (logprobs, ...)")
+    parser.add_argument("--chat", action="store_true",
+                        help="chat requests (the prompt as one user message)")
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -320,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = asyncio.run(
         measure_engine(
             model_dir, args.device, streams, args.tokens, args.single_requests, args.threads,
-            args.rounds,
+            args.rounds, args.extra, args.chat,
         )
     )
     if args.hf:
