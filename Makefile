@@ -47,8 +47,8 @@ bench-setup: $(STAMP)
 
 # The proxy (direct vs node vs LiteLLM), the local worker (1 vs 16 streams on the CPU), the
 # built-in smollm2 (first and later start, greedy tokens/s), one peer hop, failure detection
-# with 5 real nodes. The 1,000-node gossip simulation takes about
-# two minutes: `make bench-gossip`.
+# with 5 real nodes. The 1,000-node gossip simulation (also with 500 API keys per node) takes a
+# few minutes: `make bench-gossip`.
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.local_tokens --hf --hf-ways generate

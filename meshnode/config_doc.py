@@ -77,7 +77,7 @@ DESCRIPTIONS: dict[str, str] = {
     "mesh.tls.key_file": "Its private key (PEM).",
     "mesh.tls.ca_file": "The CA that signs every peer's certificate (PEM).",
     "mesh.max_hops": "A forwarded request visits at most this many nodes.",
-    "mesh.insecure": "Allow a mesh without `secret` or TLS on a non-loopback address.",
+    "mesh.insecure": "Allow a mesh without `secret` or TLS on a non-loopback address, or under `auth.enabled` (docs/security.md).",
     "providers": "Where answers come from, by provider name. The name is the type unless "
                  "`type` is set (docs/providers.md).",
     "providers.*.type": "`openai`, `openai_compatible`, `anthropic`, `cloudflare`, `local`, or "

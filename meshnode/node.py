@@ -107,6 +107,9 @@ class Node:
         )
         self.governance.open()
         self.metrics.budget_source = self.governance.budget_summary  # read at scrape time
+        self.governance.on_dropped = (
+            lambda reason, n: self.metrics.gossip_dropped.labels(reason).inc(n)
+        )
         self.router = Router(
             config.routing,
             config.fallback_chain(),

@@ -105,6 +105,20 @@ class ModelOffer:
     priority: int = 100
     max_context_tokens: int | None = None
     node: str | None = None  # the serving node for mesh offers; None for this node
+    # A peer's offer: its dearest price for the model (what it could fail over to), which the
+    # caller reserves against; None: the price above is the only one.
+    worst_cost_per_1k_input: float | None = None
+    worst_cost_per_1k_output: float | None = None
+
+    @property
+    def worst_input(self) -> float:
+        w = self.worst_cost_per_1k_input
+        return self.cost_per_1k_input if w is None else max(w, self.cost_per_1k_input)
+
+    @property
+    def worst_output(self) -> float:
+        w = self.worst_cost_per_1k_output
+        return self.cost_per_1k_output if w is None else max(w, self.cost_per_1k_output)
 
     def cost(self, usage: Usage) -> float:
         return (
@@ -129,6 +143,27 @@ class PolicyConstraint:
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Whom a forwarded request is for, as its entry node asserted it and this node verified it
+    (docs/security.md): the key (None: anonymous), the key's model scope there (None: every
+    model), and what the entry node reserved for the call (None: it has no budget, so no cap)."""
+
+    key_name: str | None
+    models: tuple[str, ...] | None
+    entry_node: str
+    reservation_id: int = 0
+    reserved_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetHeld:
+    """The budget the entry node holds for one attempt at a peer (travels in the assertion)."""
+
+    reservation_id: int
+    amount: float
+
+
+@dataclass(frozen=True, slots=True)
 class InferenceRequest:
     kind: RequestKind
     model: str
@@ -143,6 +178,10 @@ class InferenceRequest:
     prompt_tokens_estimate: int = 0
     max_output_tokens: int | None = None
     policy: PolicyConstraint | None = None  # constraints from the origin's policy (forwarded)
+    # Serving side: the verified caller of a forwarded request (None: not forwarded, or nobody
+    # vouched for it). Entry side: set by the router for an attempt at a peer.
+    caller: Caller | None = None
+    held: BudgetHeld | None = None
 
 
 @dataclass(slots=True)
@@ -152,6 +191,7 @@ class Completion:
     body: dict[str, Any]
     usage: Usage
     node: str | None = None  # who served it, when it was a peer
+    cost: float | None = None  # what the peer charged (Final.cost); None: price it here
 
 
 @dataclass(slots=True)
@@ -166,6 +206,8 @@ class StreamChunk:
     data: dict[str, Any]
     usage: Usage | None = None
     node: str | None = None
+    # Set only on a peer stream's trailer (empty `data`, never relayed): what the peer charged.
+    reported_cost: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,10 @@ Pure functions over an `InferenceRequest`: no I/O, no clock, no state.
   parameter is assumed to matter, so it can only cost a miss, never a wrong answer.
 - `semantic_parts()` splits a request into an exact *context* key (everything but the final
   prompt text) and that final text, which the semantic cache embeds.
+
+Both keys start with the request's *tenant* (`tenant()`: the API key's name; every anonymous
+request is one tenant), so no lookup ever finds an answer computed for another key
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -128,9 +132,16 @@ def _digest(parts: list[Any]) -> str:
     return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def tenant(request: InferenceRequest) -> str:
+    """Whose cache a request reads and writes: its key's name ("" for anonymous requests; a
+    key name is never empty)."""
+    return request.key_name or ""
+
+
 def exact_key(request: InferenceRequest) -> str:
-    """The canonical hash of (kind, model, every answer-changing parameter)."""
-    return _digest([request.kind.value, request.model, _answer_fields(request.body, frozenset())])
+    """The canonical hash of (tenant, kind, model, every answer-changing parameter)."""
+    return _digest([tenant(request), request.kind.value, request.model,
+                    _answer_fields(request.body, frozenset())])
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +184,8 @@ def semantic_parts(request: InferenceRequest) -> SemanticParts | None:
         if not text or not text.strip():
             return None
         fields = _answer_fields(body, frozenset({"messages"}))
-        context = _digest([request.kind.value, request.model, fields, messages[:-1]])
+        context = _digest([tenant(request), request.kind.value, request.model, fields,
+                           messages[:-1]])
         return SemanticParts(context=context, text=text)
     if request.kind is RequestKind.COMPLETION:
         prompt = body.get("prompt")
@@ -181,6 +193,7 @@ def semantic_parts(request: InferenceRequest) -> SemanticParts | None:
             return None
         fields = _answer_fields(body, frozenset({"prompt"}))
         return SemanticParts(
-            context=_digest([request.kind.value, request.model, fields]), text=prompt
+            context=_digest([tenant(request), request.kind.value, request.model, fields]),
+            text=prompt
         )
     return None

@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", metavar="DIR", help="state directory (node.data_dir)")
     run.add_argument("--log-format", choices=("json", "text"), help="logging.format")
     run.add_argument("--insecure", action="store_true", default=None,
-                     help="allow a mesh reachable from the network without mesh.secret or "
-                     "mesh.tls (mesh.insecure)")
+                     help="allow a mesh without mesh.secret or mesh.tls beyond loopback, or "
+                     "under auth.enabled (mesh.insecure; docs/security.md)")
 
     check = commands.add_parser(
         "check-config",
@@ -122,7 +122,7 @@ def startup_errors(config: Config) -> list[str]:
     """What `meshnode run` refuses to start on beyond the config model's own checks, so that
     `check-config` never calls valid a file that `run` rejects: each provider's build-time
     checks (an unknown built-in model, a missing model directory, a bad device) and the mesh's
-    security (an unauthenticated mesh beyond loopback, unreadable TLS files). Nothing is
+    security (an unauthenticated mesh beyond loopback or under auth, unreadable TLS files). Nothing is
     started: adapters open sessions and spawn workers only in `start()`."""
     from meshnode.providers.registry import ProviderContext, build_provider
 
@@ -141,7 +141,7 @@ def startup_errors(config: Config) -> list[str]:
         from meshnode.rpc.security import MeshSecurity
 
         try:
-            MeshSecurity.from_config(config.mesh)
+            MeshSecurity.from_config(config.mesh, auth_enabled=config.auth.enabled)
         except ConfigError as exc:
             errors.extend(exc.errors)
     return errors

@@ -18,6 +18,14 @@ gossip keeps merging (`export_counters` / `merge_counters`); with `scope: node` 
 node's own slot. Open reservations are always this node's own: other nodes' in-flight calls are
 invisible until they settle and gossip (docs/governance.md states the resulting bound).
 
+Served spend (docs/security.md): a reservation made for a request a peer forwarded
+(`reserve(..., served=True)`) is checked against the same limits but charged to the `served:`
+twins of its scopes (`served:*`, `served:key:NAME`). Mesh totals never sum them (the entry node
+charged the same call to its own `*` slot), but what this node's own providers spent always
+counts against its own limits: `scope: node` reads `own(S) + own(served:S)`, `scope: mesh` reads
+`max(total(S), own(S) + own(served:S))`, so a peer (even one without a budget, which charges
+nothing) cannot make this node spend past its limit.
+
 It must not know about HTTP, routing or pricing: amounts arrive in USD.
 """
 
@@ -42,6 +50,11 @@ log = logging.getLogger(__name__)
 EPSILON = 1e-9
 # A refusal caused only by reservations in flight: they settle within a call's lifetime.
 IN_FLIGHT_RETRY_S = 1.0
+SERVED_PREFIX = "served:"
+
+
+def served_scope(scope: str) -> str:
+    return SERVED_PREFIX + scope
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend (
@@ -50,7 +63,8 @@ CREATE TABLE IF NOT EXISTS spend (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (
     id INTEGER PRIMARY KEY, key TEXT, amount REAL NOT NULL,
-    day TEXT NOT NULL, month TEXT NOT NULL, created REAL NOT NULL
+    day TEXT NOT NULL, month TEXT NOT NULL, created REAL NOT NULL,
+    served INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -72,6 +86,7 @@ class Reservation:
     key: str | None
     day: str
     month: str
+    served: bool = False  # for a peer's forwarded request: charged to the served: slots
     done: bool = field(default=False)
 
 
@@ -117,6 +132,9 @@ class BudgetLedger:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(reservations)")}
+        if "served" not in columns:  # a spend.db from before served spend
+            db.execute("ALTER TABLE reservations ADD COLUMN served INTEGER NOT NULL DEFAULT 0")
         self._db = db
         rows = db.execute("SELECT node, scope, period, amount FROM spend").fetchall()
         self.counters.merge(CounterEntry(n, s, p, float(a)) for n, s, p, a in rows)
@@ -135,13 +153,14 @@ class BudgetLedger:
 
     def _recover(self) -> None:
         db = self._conn()
-        rows = db.execute("SELECT id, key, amount, day, month FROM reservations").fetchall()
+        rows = db.execute(
+            "SELECT id, key, amount, day, month, served FROM reservations").fetchall()
         if not rows:
             return
         db.execute("BEGIN IMMEDIATE")
         try:
-            for rid, key, amount, day, month in rows:
-                self._charge(key, float(amount), day, month)
+            for rid, key, amount, day, month, served in rows:
+                self._charge(key, float(amount), day, month, bool(served))
                 db.execute("DELETE FROM reservations WHERE id = ?", (rid,))
             db.execute("COMMIT")
         except BaseException:
@@ -155,9 +174,10 @@ class BudgetLedger:
 
     # ------------------------------------------------------------------ limits
     def _committed(self, scope: str, period: str) -> float:
+        mine = self.counters.own(scope, period) + self.counters.own(served_scope(scope), period)
         if self._config.scope == "mesh":
-            return self.counters.total(scope, period)
-        return self.counters.own(scope, period)
+            return max(self.counters.total(scope, period), mine)
+        return mine
 
     def _checks(
         self, key: str | None, key_limits: SpendLimits | None, p: Periods
@@ -178,9 +198,11 @@ class BudgetLedger:
         return out
 
     def reserve(
-        self, amount: float, key: str | None = None, key_limits: SpendLimits | None = None
+        self, amount: float, key: str | None = None, key_limits: SpendLimits | None = None,
+        *, served: bool = False,
     ) -> Reservation:
         """Hold `amount` USD against every applicable limit, or raise `BudgetExceeded`.
+        `served`: for a peer's forwarded request (charged to the served: slots).
 
         Synchronous on purpose: the check and the hold happen with no await in between.
         """
@@ -194,12 +216,13 @@ class BudgetLedger:
             if committed + held + amount > limit + EPSILON:
                 raise _exceeded(scope, period, limit, committed, held, left_s)
         cur = self._conn().execute(
-            "INSERT INTO reservations (key, amount, day, month, created) VALUES (?, ?, ?, ?, ?)",
-            (key, amount, p.day, p.month, self._clock()),
+            "INSERT INTO reservations (key, amount, day, month, created, served) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (key, amount, p.day, p.month, self._clock(), int(served)),
         )
         rid = cur.lastrowid
         assert rid is not None
-        res = Reservation(rid, amount, key, p.day, p.month)
+        res = Reservation(rid, amount, key, p.day, p.month, served)
         self._open[rid] = res
         self._hold(res, +1.0)
         return res
@@ -227,7 +250,7 @@ class BudgetLedger:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("DELETE FROM reservations WHERE id = ?", (res.id,))
-            self._charge(res.key, cost, res.day, res.month)
+            self._charge(res.key, cost, res.day, res.month, res.served)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -246,12 +269,14 @@ class BudgetLedger:
         self._open.pop(res.id, None)
         self._hold(res, -1.0)
 
-    def _charge(self, key: str | None, cost: float, day: str, month: str) -> None:
+    def _charge(self, key: str | None, cost: float, day: str, month: str,
+                served: bool = False) -> None:
         """Grow this node's slots and persist them (inside the caller's transaction)."""
         if cost <= 0:
             return
         rows = []
-        for scope in self._scopes(key):
+        for limit_scope in self._scopes(key):
+            scope = served_scope(limit_scope) if served else limit_scope
             for period in (day, month):
                 entry = self.counters.add(scope, period, cost)
                 rows.append((entry.node, entry.scope, entry.period, entry.amount))
@@ -319,6 +344,9 @@ class BudgetLedger:
             "spent_today": round(day_spent, 8),
             "spent_this_month": round(month_spent, 8),
             "spent_today_this_node": round(self.counters.own(GLOBAL_SCOPE, p.day), 8),
+            # What this node's providers spent today on requests peers forwarded to it.
+            "served_today_this_node": round(
+                self.counters.own(served_scope(GLOBAL_SCOPE), p.day), 8),
             "reserved": round(self._held.get((GLOBAL_SCOPE, p.day), 0.0), 8),
             "open_reservations": len(self._open),
             "left_today": None if c.daily_limit is None

@@ -79,8 +79,12 @@ def run_keys(args: argparse.Namespace) -> int:
         for error in exc.errors:
             print(error, file=sys.stderr)
         return EXIT_INVALID
-    store = KeyStore(Path(config.node.data_dir) / KEYS_FILE, config.auth.keys, node_id="cli")
+    store = KeyStore(Path(config.node.data_dir) / KEYS_FILE, config.auth.keys, node_id="cli",
+                     authorized=config.auth.enabled)
     store.open()
+    # The node on this data_dir runs with auth on (it says so in keys.db): what its operator
+    # writes here is authorised, whichever config this command was given.
+    store.authorize_writes(config.auth.enabled or store.node_auth())
     try:
         return _dispatch(args, store, config)
     except MeshError as exc:
@@ -103,9 +107,10 @@ def _dispatch(args: argparse.Namespace, store: KeyStore, config: Config) -> int:
             print(secret)
             print(f"created key '{record.name}'. This is the only time its secret is shown: "
                   "store it now (only its SHA-256 is kept).", file=sys.stderr)
-            if not config.auth.enabled:
-                print("note: auth.enabled is false in this config: keys are not checked until "
-                      "it is turned on.", file=sys.stderr)
+        if not record.authorized:
+            print("note: auth.enabled is false in this config: keys are not checked until "
+                  "it is turned on, and this key stays on this node (peers accept key records "
+                  "only from nodes with auth on).", file=sys.stderr)
         return EXIT_OK
     if args.keys_command == "list":
         records = store.records()

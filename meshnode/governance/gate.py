@@ -16,8 +16,13 @@ choice (`n`, `best_of`), `max_tokens` clamped to what the model's context leaves
 prompt, at the output price. A request with no `max_tokens` on a model of unknown maximum
 cannot be priced: it reserves the ceiling `budget.max_reservation`.
 
-Forwarded requests (`request.visited` not empty) are not charged here: the entry node, which
-knows the client's key, reserved and settles them with the cost this node reports back.
+Across a hop (docs/security.md): the entry node reserves a peer's offer at the peer's dearest
+price for the model (`ModelOffer.worst_*`) and settles with the cost the peer reports
+(`settle(..., cost=)`). The serving node reserves a forwarded request (`request.visited`) in its
+own ledger too, against its own limits and for the asserted key, as a *served* reservation (it
+charges the `served:` slots, which mesh totals do not sum: the entry node's charge counts once),
+and refuses any offer whose worst case exceeds what the entry node reserved
+(`request.caller.reserved_usd`), so a peer never spends more than the caller holds.
 """
 
 from __future__ import annotations
@@ -25,14 +30,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from meshnode.governance.budget import BudgetLedger, Reservation, SpendLimits
+from meshnode.errors import BudgetExceeded
+from meshnode.governance.budget import EPSILON, BudgetLedger, Reservation, SpendLimits
 from meshnode.providers.tokens import estimate_prompt_tokens
-from meshnode.types import InferenceRequest, ModelOffer, RequestKind, Usage
+from meshnode.types import BudgetHeld, InferenceRequest, ModelOffer, RequestKind, Usage
 
 
 class Hold(Protocol):
-    def settle(self, usage: Usage | None, chunks: int = 0) -> float:
-        """Charge what the call incurred; returns the cost charged (USD)."""
+    def settle(self, usage: Usage | None, chunks: int = 0, cost: float | None = None) -> float:
+        """Charge what the call incurred (`cost` when a peer reported it, else priced from
+        `usage`); returns the cost charged (USD)."""
+        ...
+
+    def held(self) -> BudgetHeld | None:
+        """What this hold reserves, for the assertion sent with a forwarded attempt (None: no
+        budget applies, the peer is not capped)."""
         ...
 
     def release(self) -> None:
@@ -56,8 +68,11 @@ class FreeHold:
 
     __slots__ = ()
 
-    def settle(self, usage: Usage | None, chunks: int = 0) -> float:
+    def settle(self, usage: Usage | None, chunks: int = 0, cost: float | None = None) -> float:
         return 0.0
+
+    def held(self) -> BudgetHeld | None:
+        return BudgetHeld(0, 0.0)  # a budget applies and this call may cost nothing
 
     def release(self) -> None:
         return None
@@ -69,8 +84,22 @@ class FreeHold:
 FREE = FreeHold()
 
 
+class UncappedHold(FreeHold):
+    """The hold of a node without budgets: nothing to settle, and no cap for a peer."""
+
+    __slots__ = ()
+
+    def held(self) -> BudgetHeld | None:
+        return None
+
+
+UNCAPPED = UncappedHold()
+
+
 def is_free(offer: ModelOffer) -> bool:
-    return offer.cost_per_1k_input <= 0.0 and offer.cost_per_1k_output <= 0.0
+    """Free at its dearest: a peer whose cheapest provider is free may still fail over to a
+    paid one."""
+    return offer.worst_input <= 0.0 and offer.worst_output <= 0.0
 
 
 def _choices(request: InferenceRequest) -> int:
@@ -102,8 +131,9 @@ def prompt_tokens(request: InferenceRequest) -> int:
 def worst_case_cost(request: InferenceRequest, offer: ModelOffer, ceiling: float) -> float:
     """The most the call can cost; `ceiling` when that cannot be bounded."""
     prompt = prompt_tokens(request)
-    prompt_cost = prompt * offer.cost_per_1k_input / 1000.0
-    if request.kind is RequestKind.EMBEDDING or offer.cost_per_1k_output <= 0.0:
+    prompt_cost = prompt * offer.worst_input / 1000.0
+    output_price = offer.worst_output
+    if request.kind is RequestKind.EMBEDDING or output_price <= 0.0:
         return prompt_cost
     out = request.max_output_tokens
     prompts = _prompts(request)
@@ -114,7 +144,7 @@ def worst_case_cost(request: InferenceRequest, offer: ModelOffer, ceiling: float
         out = room if out is None else min(out, room)
     if out is None:
         return max(ceiling, prompt_cost)
-    return prompt_cost + prompts * _choices(request) * out * offer.cost_per_1k_output / 1000.0
+    return prompt_cost + prompts * _choices(request) * out * output_price / 1000.0
 
 
 def incurred_cost(request: InferenceRequest, offer: ModelOffer, usage: Usage | None,
@@ -143,16 +173,46 @@ class LedgerHold:
     def amount(self) -> float:
         return self._reservation.amount
 
-    def settle(self, usage: Usage | None, chunks: int = 0) -> float:
-        cost = incurred_cost(self._request, self._offer, usage, chunks)
+    def settle(self, usage: Usage | None, chunks: int = 0, cost: float | None = None) -> float:
+        if cost is None or not cost >= 0:
+            cost = incurred_cost(self._request, self._offer, usage, chunks)
         self._ledger.settle(self._reservation, cost)
         return cost
+
+    def held(self) -> BudgetHeld | None:
+        return BudgetHeld(self._reservation.id, self._reservation.amount)
 
     def release(self) -> None:
         self._ledger.release(self._reservation)
 
     def abandon(self) -> None:
         self._ledger.settle(self._reservation, self._reservation.amount)
+
+
+def check_caller_cap(request: InferenceRequest, offer: ModelOffer, ceiling: float) -> None:
+    """A forwarded request may not cost more than its entry node reserved for it."""
+    caller = request.caller
+    if not request.visited or caller is None or caller.reserved_usd is None:
+        return
+    worst = 0.0 if is_free(offer) else worst_case_cost(request, offer, ceiling)
+    if worst > caller.reserved_usd + EPSILON:
+        raise BudgetExceeded(
+            f"{offer.provider} could cost up to ${worst:.6f} for this call, but the entry "
+            f"node {caller.entry_node} reserved only ${caller.reserved_usd:.6f}",
+            retry_after=1.0,
+        )
+
+
+class CapOnlyGate:
+    """`SpendGate` of a node with budgets off: nothing is reserved, but a forwarded request is
+    still held to what its entry node reserved."""
+
+    def __init__(self, ceiling: float) -> None:
+        self._ceiling = ceiling
+
+    def reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
+        check_caller_cap(request, offer, self._ceiling)
+        return UNCAPPED
 
 
 class BudgetGate:
@@ -169,10 +229,14 @@ class BudgetGate:
         self._ceiling = max_reservation
 
     def reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
-        if is_free(offer) or request.visited:
+        check_caller_cap(request, offer, self._ceiling)
+        forwarded = bool(request.visited)
+        caller = request.caller
+        if is_free(offer):
             return FREE
-        key = request.key_name
+        key = caller.key_name if forwarded and caller is not None else (
+            None if forwarded else request.key_name)
         limits = self._key_limits(key) if key is not None else None
         amount = worst_case_cost(request, offer, self._ceiling)
-        reservation = self._ledger.reserve(amount, key, limits)
+        reservation = self._ledger.reserve(amount, key, limits, served=forwarded)
         return LedgerHold(self._ledger, reservation, request, offer)

@@ -1,5 +1,6 @@
 """The aiohttp side of governance: the auth + rate-limit middleware, the `x-ratelimit-*`
-headers, and the key-management routes `/admin/keys`.
+headers, and the key-management routes `/admin/keys` (`POST`/`DELETE` answer 404
+`key_management_disabled` on a node with auth off: docs/security.md).
 
 `install(app, governance)` (via `Governance.install`, which has the `RouteRegistrar` shape that
 `create_app(extra_routes=...)` takes) appends the middleware, so it runs inside the request
@@ -141,8 +142,25 @@ def _opt_number(body: dict[str, Any], name: str, kind: type) -> Any:
     return kind(value)
 
 
+class KeyManagementDisabled(InvalidRequest):
+    """Key management on a node with auth off: it cannot tell who asks (404: not served)."""
+
+    status = 404
+    code = "key_management_disabled"
+
+
+def _require_auth(gov: Governance) -> None:
+    if not gov.auth_enabled:
+        raise KeyManagementDisabled(
+            "Key management is not served by this node: it runs with auth.enabled: false, so "
+            "it cannot tell who is asking, and a key it created would be trusted by the mesh. "
+            "Manage keys on a node with auth on (or with `meshnode keys` on this host)."
+        )
+
+
 async def create_key(request: web.Request) -> web.Response:
     gov = request.app[GOVERNANCE]
+    _require_auth(gov)
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -173,6 +191,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def revoke_key(request: web.Request) -> web.Response:
     gov = request.app[GOVERNANCE]
+    _require_auth(gov)
     record = gov.keys.revoke(request.match_info["name"])
     return _json(record.public())
 

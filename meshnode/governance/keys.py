@@ -11,6 +11,11 @@ name, the record with the larger `(version, origin)` (last writer wins), so a ke
 node and revoked on another converges to revoked everywhere. A revoked record stays as a
 tombstone so that the revocation wins over late copies of the live record.
 
+A record carries whether its origin ran with `auth.enabled` (`authorized`, inside the signed
+gossip digest): only authorised records are gossiped or merged (docs/security.md), so an
+auth-off node, which cannot tell who asked it, never creates or revokes a key for the mesh. A
+record written by `meshnode keys` against an auth-off config is kept and used locally.
+
 Keys from the config (`auth.keys`) are read-only and local: they are not gossiped, and a store
 record with the same name as a config key is ignored.
 
@@ -46,9 +51,13 @@ CREATE TABLE IF NOT EXISTS keys (
     name TEXT PRIMARY KEY, key_sha256 TEXT NOT NULL,
     rpm INTEGER, tpm INTEGER, daily_limit REAL, monthly_limit REAL, models TEXT,
     admin INTEGER NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL,
-    version INTEGER NOT NULL, origin TEXT NOT NULL
+    version INTEGER NOT NULL, origin TEXT NOT NULL,
+    authorized INTEGER NOT NULL DEFAULT 0, learned INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_COLUMNS = ("name, key_sha256, rpm, tpm, daily_limit, monthly_limit, models, admin, created_at, "
+            "revoked, version, origin, authorized, learned")
 
 
 class KeyNotFound(InvalidRequest):
@@ -87,6 +96,8 @@ class KeyRecord:
     revoked: bool = False
     version: int = 0
     origin: str = ""
+    authorized: bool = False  # the origin ran with auth.enabled when it wrote this version
+    learned: bool = False  # merged from a peer (not gossiped by this node); local, not on the wire
     source: str = "store"  # "store" (keys.db, gossiped) or "config" (auth.keys, local)
 
     def newer_than(self, other: KeyRecord) -> bool:
@@ -116,21 +127,26 @@ class KeyRecord:
             self.name, self.key_sha256, self.rpm, self.tpm, self.daily_limit,
             self.monthly_limit, list(self.models) if self.models is not None else None,
             self.admin, self.created_at, self.revoked, self.version, self.origin,
+            self.authorized,
         ]
 
     @classmethod
     def from_wire(cls, item: Any) -> KeyRecord | None:
         """None for anything malformed: a confused peer must not break key lookup."""
         try:
+            # 12 fields: a peer from before the `authorized` flag (read as not authorised).
             (name, digest, rpm, tpm, daily, monthly, models, admin, created, revoked,
-             version, origin) = item
+             version, origin, *rest) = item
+            if len(rest) > 1:
+                return None
+            authorized = bool(rest[0]) if rest else False
             record = cls(
                 name=str(name), key_sha256=str(digest).lower(),
                 rpm=_opt_int(rpm), tpm=_opt_int(tpm),
                 daily_limit=_opt_float(daily), monthly_limit=_opt_float(monthly),
                 models=tuple(str(m) for m in models) if models is not None else None,
                 admin=bool(admin), created_at=float(created), revoked=bool(revoked),
-                version=int(version), origin=str(origin),
+                version=int(version), origin=str(origin), authorized=authorized,
             )
         except (TypeError, ValueError):
             return None
@@ -187,8 +203,11 @@ class KeyStore:
         *,
         node_id: str = "cli",
         clock: Callable[[], float] = time.time,
+        authorized: bool = False,
     ) -> None:
+        """`authorized`: this node runs with auth on, so what it writes may travel."""
         self._path = path
+        self._authorized = authorized
         self._node_id = node_id
         self._clock = clock
         self._config = {k.name: record_from_config(k) for k in config_keys}
@@ -205,6 +224,11 @@ class KeyStore:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
+        if "authorized" not in columns:  # a keys.db from before the flag: not authorised
+            db.execute("ALTER TABLE keys ADD COLUMN authorized INTEGER NOT NULL DEFAULT 0")
+        if "learned" not in columns:
+            db.execute("ALTER TABLE keys ADD COLUMN learned INTEGER NOT NULL DEFAULT 0")
         self._db = db
         self._reload()
 
@@ -218,6 +242,20 @@ class KeyStore:
             raise RuntimeError("the key store is not open")
         return self._db
 
+    def mark_node_auth(self, enabled: bool) -> None:
+        """The node records whether it runs with auth on, so that `meshnode keys` on its
+        data_dir (the operator's shell, without --config) writes authorised records."""
+        self._conn().execute(
+            "INSERT INTO meta (name, value) VALUES ('node_auth', ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (str(int(enabled)),))
+
+    def node_auth(self) -> bool:
+        row = self._conn().execute("SELECT value FROM meta WHERE name = 'node_auth'").fetchone()
+        return row is not None and row[0] == "1"
+
+    def authorize_writes(self, authorized: bool) -> None:
+        self._authorized = authorized
+
     def refresh(self) -> bool:
         """Re-read keys.db if another process (the CLI) committed since; True when it did."""
         version = self._conn().execute("PRAGMA data_version").fetchone()[0]
@@ -229,19 +267,17 @@ class KeyStore:
     def _reload(self) -> None:
         db = self._conn()
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
-        rows = db.execute(
-            "SELECT name, key_sha256, rpm, tpm, daily_limit, monthly_limit, models, admin, "
-            "created_at, revoked, version, origin FROM keys"
-        ).fetchall()
+        rows = db.execute(f"SELECT {_COLUMNS} FROM keys").fetchall()
         stored: dict[str, KeyRecord] = {}
         for (name, digest, rpm, tpm, daily, monthly, models, admin, created, revoked,
-             version, origin) in rows:
+             version, origin, authorized, learned) in rows:
             stored[name] = KeyRecord(
                 name=name, key_sha256=digest, rpm=rpm, tpm=tpm, daily_limit=daily,
                 monthly_limit=monthly,
                 models=tuple(orjson.loads(models)) if models is not None else None,
                 admin=bool(admin), created_at=created, revoked=bool(revoked),
-                version=version, origin=origin,
+                version=version, origin=origin, authorized=bool(authorized),
+                learned=bool(learned),
             )
         self._stored = stored
         self._reindex()
@@ -257,20 +293,20 @@ class KeyStore:
 
     def _write(self, record: KeyRecord) -> None:
         self._conn().execute(
-            "INSERT INTO keys (name, key_sha256, rpm, tpm, daily_limit, monthly_limit, models, "
-            "admin, created_at, revoked, version, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"INSERT INTO keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT (name) DO UPDATE SET key_sha256=excluded.key_sha256, rpm=excluded.rpm, "
             "tpm=excluded.tpm, daily_limit=excluded.daily_limit, "
             "monthly_limit=excluded.monthly_limit, models=excluded.models, admin=excluded.admin, "
             "created_at=excluded.created_at, revoked=excluded.revoked, version=excluded.version, "
-            "origin=excluded.origin WHERE (excluded.version, excluded.origin) > "
+            "origin=excluded.origin, authorized=excluded.authorized, learned=excluded.learned "
+            "WHERE (excluded.version, excluded.origin) > "
             "(keys.version, keys.origin)",
             (
                 record.name, record.key_sha256, record.rpm, record.tpm, record.daily_limit,
                 record.monthly_limit,
                 orjson.dumps(list(record.models)).decode() if record.models is not None else None,
                 int(record.admin), record.created_at, int(record.revoked), record.version,
-                record.origin,
+                record.origin, int(record.authorized), int(record.learned),
             ),
         )
 
@@ -316,6 +352,7 @@ class KeyStore:
             created_at=self._clock(),
             version=self._next_version(name),
             origin=self._node_id,
+            authorized=self._authorized,
         )
         self._write(record)
         self._reload()
@@ -333,7 +370,7 @@ class KeyStore:
         if existing.revoked:
             return existing
         record = replace(existing, revoked=True, version=self._next_version(name),
-                         origin=self._node_id)
+                         origin=self._node_id, authorized=self._authorized, learned=False)
         self._write(record)
         self._reload()
         return record
@@ -351,6 +388,13 @@ class KeyStore:
             return None
         return record
 
+    def state(self, name: str) -> str:
+        """"live", "revoked" (a tombstone), or "unknown" on this node."""
+        record = self._config.get(name) or self._stored.get(name)
+        if record is None:
+            return "unknown"
+        return "revoked" if record.revoked else "live"
+
     def lookup(self, secret: str) -> KeyRecord | None:
         """The live key whose secret this is, or None."""
         digest = hash_secret(secret)
@@ -365,28 +409,37 @@ class KeyStore:
 
     # ------------------------------------------------------------------ gossip
     def export_records(self) -> list[KeyRecord]:
-        """Every stored record (tombstones included) for gossip; config keys stay local."""
-        return list(self._stored.values())
+        """The authorised records this node wrote (tombstones included) for gossip; learned
+        records, config keys and records written with auth off are not this node's to send."""
+        return [r for r in self._stored.values() if r.authorized and not r.learned]
 
-    def merge_records(self, records: Iterable[KeyRecord]) -> int:
-        """Keep, per name, the newer of ours and theirs; returns how many records changed."""
-        changed = 0
+    def merge_records(self, records: Iterable[KeyRecord],
+                      refused: list[KeyRecord] | None = None) -> int:
+        """Keep, per name, the newer of ours and theirs; returns how many records changed.
+        Records whose origin had auth off are not merged (appended to `refused`)."""
+        newer: dict[str, KeyRecord] = {}
+        for record in records:
+            if record.source != "store":
+                continue
+            if not record.authorized:
+                if refused is not None:
+                    refused.append(record)
+                continue
+            mine = newer.get(record.name) or self._stored.get(record.name)
+            if mine is None or record.newer_than(mine):
+                newer[record.name] = replace(record, learned=True)
+        if not newer:
+            return 0  # nothing new: no transaction, no write
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            for record in records:
-                if record.source != "store":
-                    continue
-                mine = self._stored.get(record.name)
-                if mine is None or record.newer_than(mine):
-                    self._write(record)
-                    self._stored[record.name] = record
-                    changed += 1
+            for record in newer.values():
+                self._write(record)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        if changed:
-            self._reindex()
-            # Our own commit does not move data_version; nothing to re-read.
-        return changed
+        self._stored.update(newer)
+        self._reindex()
+        # Our own commit does not move data_version; nothing to re-read.
+        return len(newer)

@@ -12,16 +12,25 @@ called from the event loop thread:
   own slots) in the state this node publishes, and call `merge_peer_counters(node_id,
   state.counters)` for every peer state received. A G-counter needs nothing more: each node
   carries only its own slots, every node takes the maximum per slot.
-- key records (and, redundantly, counters) as one opaque signed blob: `export_gossip() -> bytes`
-  (HMAC with the mesh secret), `merge_gossip(blob)` (raises `GossipRejected` on a bad MAC).
-  Key records are not node-owned, so every node carries every record it knows; merging is
-  last-writer-wins per name. This needs a bytes field in `NodeState` (e.g. `bytes governance`).
+- key records and spend slots as signed pages in `NodeState.blobs`: `gossip_blobs()` (this
+  node's own records, the ones it wrote, over stable pages, and its own slots in a spend page;
+  see `governance.gossip`), `merge_gossip_blobs(peer, blobs)` for every member's state (a page
+  unchanged since the last merge is skipped; spend slots are taken only in the owner's name).
+  Spend elsewhere changes neither this node's pages nor its state version. Merging is
+  last-writer-wins per name; records whose origin had auth off are refused, logged once per
+  peer and counted (`dropped`, and `on_dropped` for the metric); so are pages that do not
+  verify and records that do not fit in the pages. `export_gossip()` / `merge_gossip(blob)`
+  are the same as one digest (what nodes from before pages send as `governance.keys`).
+
+The mesh wires none of this on an unauthenticated mesh (docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -35,9 +44,15 @@ from meshnode.governance import http
 from meshnode.governance.auth import Authenticator
 from meshnode.governance.budget import BudgetLedger, SpendLimits
 from meshnode.governance.counters import GLOBAL_SCOPE, CounterEntry
-from meshnode.governance.gate import BudgetGate, SpendGate
-from meshnode.governance.gossip import decode_digest, encode_digest
-from meshnode.governance.keys import KeyStore
+from meshnode.governance.gate import BudgetGate, CapOnlyGate, SpendGate
+from meshnode.governance.gossip import (
+    LEGACY_BLOB,
+    GossipRejected,
+    decode_digest,
+    encode_digest,
+    encode_pages,
+)
+from meshnode.governance.keys import KeyRecord, KeyStore
 from meshnode.governance.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -65,21 +80,36 @@ class Governance:
         self._mesh_secret = mesh_secret
         self._refresh_interval_s = refresh_interval_s
         self.node_id = node_id
-        self.keys = KeyStore(data_dir / KEYS_FILE, auth.keys, node_id=node_id, clock=clock)
+        self.keys = KeyStore(data_dir / KEYS_FILE, auth.keys, node_id=node_id, clock=clock,
+                             authorized=auth.enabled)
         self.ledger = BudgetLedger(budget, data_dir / SPEND_FILE, node_id, clock=clock)
         self.authenticator = Authenticator(self.keys)
         self.limiter = RateLimiter(monotonic)
         self._gate = BudgetGate(self.ledger, self._key_limits, budget.max_reservation)
+        self._cap_only = CapOnlyGate(budget.max_reservation)
         self._opened = False
+        # Gossip this node refused, by reason (meshnode_gossip_dropped_total through
+        # `on_dropped`); peers already warned about, so a bad peer logs once.
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.on_dropped: Callable[[str, int], None] | None = None
+        self._warned: set[tuple[str, str]] = set()
+        # (peer, page name) -> hash of the page last merged: unchanged pages are skipped.
+        self._seen_pages: dict[tuple[str, str], bytes] = {}
+
+    def count_dropped(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+        if self.on_dropped is not None:
+            self.on_dropped(reason, n)
 
     @property
     def auth_enabled(self) -> bool:
         return self._auth_config.enabled
 
     @property
-    def spend_gate(self) -> SpendGate | None:
-        """What the router reserves budget through; None when budgets are off."""
-        return self._gate if self._budget_config.enabled else None
+    def spend_gate(self) -> SpendGate:
+        """What the router reserves budget through; with budgets off it only holds forwarded
+        requests to what their entry node reserved."""
+        return self._gate if self._budget_config.enabled else self._cap_only
 
     def _key_limits(self, name: str) -> SpendLimits | None:
         record = self.keys.get(name)
@@ -92,6 +122,7 @@ class Governance:
         if self._opened:
             return
         self.keys.open()
+        self.keys.mark_node_auth(self._auth_config.enabled)
         self.ledger.open()
         self._opened = True
 
@@ -126,16 +157,72 @@ class Governance:
 
     # ------------------------------------------------------------------ gossip
     def export_gossip(self) -> bytes:
-        return encode_digest(
-            self.keys.export_records(), self.ledger.export_counters(), self._mesh_secret
-        )
+        """Everything this node gossips as one digest (no paging)."""
+        return encode_digest(self.keys.export_records(), self._own_counters(), self._mesh_secret)
 
-    def merge_gossip(self, blob: bytes) -> tuple[int, int]:
-        """Merge a peer's digest; returns (key records changed, counter slots raised)."""
+    def _own_counters(self) -> list[CounterEntry]:
+        own = [e for e in self.ledger.export_counters() if e.node == self.node_id]
+        return sorted(own, key=lambda e: (e.scope != GLOBAL_SCOPE, e.scope, e.period))
+
+    def gossip_blobs(self) -> dict[str, bytes]:
+        """This node's own records and spend slots, as signed pages (NodeState.blobs)."""
+        pages = encode_pages(self.keys.export_records(), self._own_counters(), self._mesh_secret)
+        for reason, lost in (("key_overflow", len(pages.overflow_records)),
+                             ("spend_overflow", len(pages.overflow_counters))):
+            if lost:
+                self._warn_once("", reason, "mesh: %d governance entr(ies) do not fit in the "
+                                "gossip pages (%s) and are not gossiped", lost, reason)
+                self.count_dropped(reason, lost)
+        return pages.blobs
+
+    def _warn_once(self, peer: str, reason: str, message: str, *args: object) -> None:
+        first = (peer, reason) not in self._warned
+        self._warned.add((peer, reason))
+        log.log(logging.WARNING if first else logging.DEBUG, message, *args)
+
+    def merge_gossip_blobs(self, peer: str, blobs: Mapping[str, bytes]) -> tuple[int, int]:
+        """Merge the governance pages of `peer`'s state (its own: a state names its owner);
+        returns (key records changed, counter slots raised). Unchanged pages cost nothing."""
+        changed = raised = 0
+        for name, blob in blobs.items():
+            if not name.startswith("governance."):
+                continue
+            tag = hashlib.blake2b(blob, digest_size=16).digest()
+            if self._seen_pages.get((peer, name)) == tag:
+                continue
+            try:
+                c, r = self.merge_gossip(blob, peer, owner_only=name != LEGACY_BLOB)
+            except GossipRejected as exc:
+                self.count_dropped("bad_digest")
+                self._warn_once(peer, "bad_digest",
+                                "mesh: governance records from %s refused: %s", peer, exc)
+                continue
+            self._seen_pages[(peer, name)] = tag
+            changed += c
+            raised += r
+        return changed, raised
+
+    def merge_gossip(self, blob: bytes, peer: str = "", *,
+                     owner_only: bool = False) -> tuple[int, int]:
+        """Merge a peer's digest; returns (key records changed, counter slots raised).
+        `owner_only`: take only the spend slots named after `peer`."""
         digest = decode_digest(blob, self._mesh_secret)
-        return self.keys.merge_records(digest.records), self.ledger.merge_counters(
-            digest.counters
-        )
+        refused: list[KeyRecord] = []
+        changed = self.keys.merge_records(digest.records, refused)
+        if refused:
+            self.count_dropped("key_unauthorized", len(refused))
+            if (peer, "key_unauthorized") not in self._warned:
+                self._warned.add((peer, "key_unauthorized"))
+                log.warning(
+                    "mesh: %d key record(s) from %s refused: written by a node with auth off "
+                    "(origin %s), which cannot create or revoke keys for the mesh",
+                    len(refused), peer or "a peer",
+                    ", ".join(sorted({r.origin for r in refused})),
+                )
+        counters = digest.counters
+        if owner_only:
+            counters = [c for c in counters if c.node == peer]
+        return changed, self.ledger.merge_counters(counters) if counters else 0
 
     def gossip_counters(self, limit: int = 64) -> dict[str, float]:
         """This node's own spend slots of the current day and month, for the

@@ -315,14 +315,19 @@ class MeshDriver:
     ) -> None:
         timeout = timeout or max(1.0, self.gossip_interval_s)
         m = self.membership
-        message = GossipMessage(
-            self.self_id, tuple(m.digest()), (m.own_record(), *extra), join=join
-        )
+        # Our own state rides along only when joining: otherwise the digest carries our
+        # version, and the callee asks for the state (`wants`) only when its copy is older, so
+        # an unchanged state of governance pages costs nothing per round.
+        own = m.own_record()
+        if not join:
+            own = GossipRecord(own.member, None)
+        message = GossipMessage(self.self_id, tuple(m.digest()), (own, *extra), join=join)
         reply = await self.transport.gossip(address, message, timeout)
         m.heard_from(reply.from_node)
         self._spread_all(m.merge(reply.records))
         if reply.wants:
-            push = GossipMessage(self.self_id, records=tuple(m.records_for(reply.wants)))
+            push = GossipMessage(
+                self.self_id, records=tuple(m.records_for(reply.wants, reply.want_versions)))
             await self.transport.gossip(address, push, timeout)
 
     # ------------------------------------------------------------------ MeshHandler
@@ -351,6 +356,8 @@ class MeshDriver:
         self._spread_all(m.merge(message.records))
         if not message.digest and not message.join:
             return GossipReply(self.self_id)  # a push: nothing to answer
+        wants = m.wants(message.digest)
         return GossipReply(
-            self.self_id, tuple(m.newer_than(message.digest)), tuple(m.wants(message.digest))
+            self.self_id, tuple(m.newer_than(message.digest, message.from_node)), tuple(wants),
+            want_versions=tuple(m.held_versions(wants)),
         )

@@ -66,6 +66,9 @@ class MembershipSettings:
     dead_forget_s: float = 60.0
     max_members: int = 4096
     max_records_per_message: int = 256
+    # And by size: states carry governance pages (up to ~900 KB each), a message must stay
+    # under the gossip cap (rpc.options.MAX_GOSSIP_BYTES, 8 MiB) whatever the member count.
+    max_bytes_per_message: int = 4 * 1024 * 1024
     # Lifeguard: a lone suspicion waits this many times the base timeout; confirmations shrink it.
     suspicion_max_mult: float = 3.0
     max_awareness: int = 8
@@ -187,7 +190,14 @@ class Membership:
         if me.state is not None and me.state.same_content(state):
             return False
         version = max(state.version, me.state_version + 1)
-        me.state = replace(state, node_id=self.self_id, version=version)
+        prev = me.state
+        blob_versions = {
+            name: prev.blob_versions.get(name, version)
+            if prev is not None and prev.blobs.get(name) == blob else version
+            for name, blob in state.blobs.items()
+        }
+        me.state = replace(state, node_id=self.self_id, version=version,
+                           blob_versions=blob_versions, elided=())
         self.generation += 1
         if state.grpc_address and state.grpc_address != me.address:
             me.address = state.grpc_address
@@ -421,18 +431,24 @@ class Membership:
         me = self.me
         return GossipRecord(me.rumour(self.self_id), me.state)
 
-    def newer_than(self, digest: Iterable[DigestEntry]) -> list[GossipRecord]:
+    def newer_than(self, digest: Iterable[DigestEntry], to: str = "") -> list[GossipRecord]:
         """Records the digest's sender lacks: rumours it has older, states it has older.
-        Bounded by `max_records_per_message`; the rest follow in later rounds."""
+        Bounded by `max_records_per_message` and `max_bytes_per_message`; the rest follow in
+        later rounds. When the sender (`to`) speaks protocol 2, a state leaves out the blobs
+        the sender's copy already holds."""
         theirs = {d.node_id: d for d in digest}
+        peer = self._members.get(to) if to else None
+        elide = peer is not None and peer.state is not None and peer.state.protocol_version >= 2
         out: list[GossipRecord] = []
+        budget = self.settings.max_bytes_per_message
         members = list(self._members.values())
         self._rng.shuffle(members)  # a bounded answer must not always starve the same ones
         for member in members:
             known = theirs.get(member.node_id)
+            record: GossipRecord | None = None
             if known is None:
                 if member.status in LIVE:
-                    out.append(GossipRecord(member.rumour(), member.state))
+                    record = GossipRecord(member.rumour(), member.state)
             else:
                 rumour_newer = (member.incarnation, int(member.status)) > (
                     known.incarnation,
@@ -440,7 +456,19 @@ class Membership:
                 )
                 state_newer = member.state_version > known.state_version
                 if rumour_newer or state_newer:
-                    out.append(GossipRecord(member.rumour(), member.state if state_newer else None))
+                    state = member.state if state_newer else None
+                    if state is not None and elide and known.state_version > 0:
+                        state = state.without_blobs_held_at(known.state_version)
+                    record = GossipRecord(member.rumour(), state)
+            if record is None:
+                continue
+            size = record.state.wire_size() if record.state is not None else 0
+            if out and size > budget:
+                # Over the size bound: a rumour alone still fits; the state follows later.
+                record = GossipRecord(record.member, None)
+                size = 0
+            budget -= size
+            out.append(record)
             if len(out) >= self.settings.max_records_per_message:
                 break
         return out
@@ -462,12 +490,30 @@ class Membership:
                 break
         return out
 
-    def records_for(self, node_ids: Iterable[str]) -> list[GossipRecord]:
+    def held_versions(self, node_ids: Iterable[str]) -> list[int]:
+        """The state version held for each id (0: none), sent with `wants` (protocol 2)."""
+        return [m.state_version if (m := self._members.get(i)) is not None else 0
+                for i in node_ids]
+
+    def records_for(self, node_ids: Iterable[str],
+                    held: Sequence[int] = ()) -> list[GossipRecord]:
+        """Records to push; with `held` (the receiver's versions, one per id) each state leaves
+        out the blobs the receiver already holds."""
         out: list[GossipRecord] = []
-        for node_id in node_ids:
+        budget = self.settings.max_bytes_per_message
+        ids = list(node_ids)
+        held = list(held) if len(held) == len(ids) else [0] * len(ids)
+        for node_id, have in zip(ids, held, strict=True):
             member = self._members.get(node_id)
             if member is not None:
-                out.append(GossipRecord(member.rumour(), member.state))
+                state = member.state
+                if state is not None and have > 0:
+                    state = state.without_blobs_held_at(have)
+                size = state.wire_size() if state is not None else 0
+                if out and size > budget:
+                    break  # over the size bound: asked again next round
+                budget -= size
+                out.append(GossipRecord(member.rumour(), state))
             if len(out) >= self.settings.max_records_per_message:
                 break
         return out
@@ -494,5 +540,8 @@ class Membership:
                 me.state = replace(me.state, version=state.version + 1)
             return
         if state.version > member.state_version:
-            member.state = state
+            whole = state.with_blobs_from(member.state)
+            if whole is None:
+                return  # elided blobs we do not hold: the sender sends them next round
+            member.state = whole
             self.generation += 1

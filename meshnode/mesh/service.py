@@ -14,6 +14,7 @@ once) while in-flight forwarded calls may still finish; `stop()` then closes the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import socket
@@ -27,7 +28,8 @@ from aiohttp import web
 
 from meshnode.config import MeshConfig
 from meshnode.errors import UpstreamUnavailable
-from meshnode.governance.gossip import GossipRejected
+from meshnode.governance.forwarded import ForwardedAdmission
+from meshnode.governance.gossip import LEGACY_BLOB
 from meshnode.mesh.admin import mesh_json
 from meshnode.mesh.driver import MeshDriver, cancel_and_wait
 from meshnode.mesh.grpc_transport import GrpcTransport
@@ -46,13 +48,15 @@ from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
 from meshnode.observability.metrics import MeshView, Metrics
 from meshnode.providers.base import Provider
 from meshnode.providers.peer import MeshProvider
+from meshnode.rpc import convert
+from meshnode.rpc.caller import CallerAuthority
 from meshnode.rpc.client import PeerChannels
 from meshnode.rpc.security import MeshSecurity
-from meshnode.rpc.server import InferBackend, MeshServicer, start_server
+from meshnode.rpc.server import Admission, InferBackend, MeshServicer, start_server
 
 log = logging.getLogger(__name__)
 
-GOVERNANCE_BLOB = "governance.keys"  # NodeState.blobs entry: signed key records and spend
+GOVERNANCE_BLOB = LEGACY_BLOB  # one NodeState.blobs digest, from nodes before pages
 
 
 class MeshService:
@@ -72,10 +76,20 @@ class MeshService:
         on_peer_blobs: Callable[[str, Mapping[str, bytes]], object] | None = None,
         security: MeshSecurity | None = None,
         metrics: Metrics | None = None,
+        admission: Admission | None = None,
+        key_models: Callable[[str], tuple[str, ...] | None] | None = None,
+        on_dropped: Callable[[str, int], object] | None = None,
     ) -> None:
         self.config = config
         # Per-peer traffic and membership gauges (observability.metrics); None in bare tests.
         self._metrics = metrics
+        # The serving side's checks on forwarded requests (governance.forwarded), and the key
+        # scope the entry side asserts (docs/security.md).
+        self._admission = admission
+        self._key_models = key_models
+        # Gossip cut while decoding peers' states (rpc.convert.DROPPED), reported as deltas.
+        self._on_dropped = on_dropped
+        self._dropped_seen: dict[str, int] = {}
         # Extra counters this node gossips in its state (governance: its own spend slots), and
         # who merges the counters of every member's state (governance: the G-counter merge).
         self._counters = counters
@@ -96,7 +110,8 @@ class MeshService:
         self.settings = MembershipSettings.from_config(config)
         # Refuses (ConfigError) an unauthenticated mesh beyond loopback; reads the TLS files.
         self.security = security or MeshSecurity.from_config(config)
-        self.guard = self.security.guard()
+        self.guard = self.security.guard(node_id)
+        self.callers = CallerAuthority(node_id, self.security.auth, self.security.authenticated)
         self.channels = PeerChannels(
             credentials=self.security.channel_credentials, node_id=node_id,
             auth=self.security.auth,
@@ -120,7 +135,8 @@ class MeshService:
         # The servicer needs the driver and the driver needs the bound address: bind first,
         # then hand the servicer its handler.
         servicer = MeshServicer(self.node_id, _Pending(), backend=self.router,
-                                metrics=self._metrics)
+                                metrics=self._metrics, callers=self.callers,
+                                admission=self._admission)
         self._server, self.port = await start_server(
             self.config.listen_addr, servicer,
             interceptors=[self.guard],
@@ -155,7 +171,9 @@ class MeshService:
                 self.driver.rtt_ms,
             )
         self.provider = MeshProvider(
-            self.node_id, self.membership, self.channels, rtt_ms=self.driver.rtt_ms.get
+            self.node_id, self.membership, self.channels, rtt_ms=self.driver.rtt_ms.get,
+            callers=self.callers,
+            **({"key_models": self._key_models} if self._key_models is not None else {}),
         )
         self.router.add_provider(self.provider)
         self.driver.start()
@@ -259,6 +277,9 @@ class MeshService:
 
     def _local_state(self, version: int = 0) -> NodeState:
         ads: dict[tuple[str, str], ModelAd] = {}
+        # Per model, the dearest price of any local provider: a caller reserves against it,
+        # since this node may fail over to that provider (docs/security.md).
+        worst: dict[str, tuple[float, float]] = {}
         slots_total = slots_free = queue = 0
         tokens_per_s = 0.0
         for provider in self._local_providers():
@@ -268,6 +289,9 @@ class MeshService:
                     offer.model, offer.provider_kind, offer.kinds, offer.cost_per_1k_input,
                     offer.cost_per_1k_output, offer.max_context_tokens,
                 )
+                w_in, w_out = worst.get(offer.model, (0.0, 0.0))
+                worst[offer.model] = (max(w_in, offer.cost_per_1k_input),
+                                      max(w_out, offer.cost_per_1k_output))
                 known = ads.get(key)
                 if known is None or (ad.cost_per_1k_input + ad.cost_per_1k_output) < (
                     known.cost_per_1k_input + known.cost_per_1k_output
@@ -279,6 +303,9 @@ class MeshService:
                 slots_free += capacity.slots_free
                 queue += capacity.queue_depth
                 tokens_per_s += capacity.tokens_per_s
+        ads = {k: dataclasses.replace(ad, max_cost_per_1k_input=worst[ad.name][0],
+                                      max_cost_per_1k_output=worst[ad.name][1])
+               for k, ad in ads.items()}
         latency: list[LatencyAd] = []
         snapshot = getattr(self.router, "latency_snapshot", None)
         if snapshot is not None:
@@ -323,6 +350,16 @@ class MeshService:
                             log.exception("mesh: could not merge counters of a peer")
             if self._on_peer_blobs is not None:
                 self._merge_peer_blobs()
+            self._report_dropped()
+
+    def _report_dropped(self) -> None:
+        if self._on_dropped is None:
+            return
+        for reason, total in list(convert.DROPPED.items()):
+            delta = total - self._dropped_seen.get(reason, 0)
+            if delta > 0:
+                self._dropped_seen[reason] = total
+                self._on_dropped(reason, delta)
 
     def _merge_peer_blobs(self) -> None:
         assert self.membership is not None and self._on_peer_blobs is not None
@@ -367,35 +404,52 @@ class MeshService:
 
 
 def mesh_service(node: Any) -> MeshService:
-    """The `Node` service factory: `Node(config, services=[mesh_service])` when mesh.enabled."""
+    """The `Node` service factory: `Node(config, services=[mesh_service])` when mesh.enabled.
+
+    Governance (key records, spend counters) is wired into gossip only on an authenticated mesh
+    (docs/security.md): on a mesh anyone can join, nothing received can be attributed, so
+    nothing is sent or merged."""
+    config = node.config
+    # Refuses (ConfigError) an unauthenticated mesh beyond loopback, or under auth.enabled.
+    security = MeshSecurity.from_config(config.mesh, auth_enabled=config.auth.enabled)
     governance = getattr(node, "governance", None)
+    reporter = governance  # counts gossip drops (the metric) on any mesh
+    admission = ForwardedAdmission(node.node_id, governance)
+    key_models = None
+    if governance is not None:
+        keys = governance.keys
+
+        def key_models(name: str) -> tuple[str, ...] | None:
+            record = keys.get(name)
+            return record.models if record is not None else None
+    if governance is not None and not security.authenticated:
+        log.info("mesh: unauthenticated (no mesh.secret, no mesh.tls): key records and spend "
+                 "counters are neither sent nor merged; budgets and keys stay per node")
+        governance = None
     blobs = on_peer_blobs = None
     if governance is not None:
-        # Key records (created, changed, revoked) travel in the owner's state, signed with the
-        # mesh secret; a peer's digest that fails the check is refused and logged.
-        def blobs() -> dict[str, bytes]:
-            return {GOVERNANCE_BLOB: governance.export_gossip()}
+        # Key records and spend slots travel as signed pages in the owner's state; a page
+        # that fails the check is refused, logged and counted (Governance.merge_gossip_blobs).
+        blobs = governance.gossip_blobs
 
         def on_peer_blobs(peer: str, peer_blobs: Mapping[str, bytes]) -> None:
-            blob = peer_blobs.get(GOVERNANCE_BLOB)
-            if blob is None:
-                return
-            try:
-                governance.merge_gossip(blob)
-            except GossipRejected as exc:
-                log.warning("mesh: governance records from %s refused: %s", peer, exc)
+            governance.merge_gossip_blobs(peer, peer_blobs)
 
     return MeshService(
-        node.config.mesh,
+        config.mesh,
         node.node_id,
         node.router,
         http_address=lambda: str(node.http_address),
-        grace_s=node.config.server.shutdown_grace_s,
+        grace_s=config.server.shutdown_grace_s,
         counters=governance.gossip_counters if governance is not None else None,
         on_peer_counters=governance.merge_peer_counters if governance is not None else None,
         blobs=blobs,
         on_peer_blobs=on_peer_blobs,
         metrics=getattr(node, "metrics", None),
+        security=security,
+        admission=admission,
+        key_models=key_models,
+        on_dropped=reporter.count_dropped if reporter is not None else None,
     )
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from meshnode.types import RequestKind
 
-# The protocol version this code speaks (SPEC §5 messages carry it).
-PROTOCOL_VERSION = 1
+# The protocol version this code speaks (SPEC §5 messages carry it). 2: states may leave out
+# blobs the receiver already holds (`NodeState.elided`).
+PROTOCOL_VERSION = 2
 # The oldest version this code reads; newer ones are read too (they only add fields).
 MIN_PROTOCOL_VERSION = 1
 
@@ -68,6 +69,10 @@ class ModelAd:
     cost_per_1k_input: float = 0.0
     cost_per_1k_output: float = 0.0
     max_context_tokens: int | None = None
+    # The owner's dearest price for this model over every provider it could fail over to (what
+    # a caller reserves); None: not given (a node from before), the price above stands.
+    max_cost_per_1k_input: float | None = None
+    max_cost_per_1k_output: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,35 @@ class NodeState:
     protocol_version: int = PROTOCOL_VERSION
     # Opaque payloads other components gossip through this state, by name (bounded in rpc).
     blobs: Mapping[str, bytes] = field(default_factory=dict)
+    # Per blob, the version at which its content last changed (set by `Membership.publish`);
+    # `elided`: blobs left out of this copy on the wire because the receiver holds them.
+    blob_versions: Mapping[str, int] = field(default_factory=dict)
+    elided: tuple[str, ...] = ()
+
+    def without_blobs_held_at(self, version: int) -> NodeState:
+        """This state for a receiver that holds our copy at `version`: blobs unchanged since
+        then are left out (named in `elided`)."""
+        held = tuple(n for n in self.blobs if 0 < self.blob_versions.get(n, 0) <= version)
+        if not held:
+            return self
+        return replace(self, blobs={n: b for n, b in self.blobs.items() if n not in held},
+                       elided=held)
+
+    def with_blobs_from(self, base: NodeState | None) -> NodeState | None:
+        """The whole state, elided blobs taken from `base` (our copy); None when `base` is too
+        old to hold them (the sender will send them again)."""
+        if not self.elided:
+            return self
+        if base is None or any(base.version < self.blob_versions.get(n, 1 << 63)
+                               for n in self.elided):
+            return None
+        filled = {n: base.blobs[n] for n in self.elided if n in base.blobs}
+        return replace(self, blobs={**filled, **self.blobs}, elided=())
+
+    def wire_size(self) -> int:
+        """About how many bytes this state takes in a gossip message (an upper estimate, for
+        bounding messages; computed once per state)."""
+        return _wire_size(self)
 
     def latency_for(self, model: str) -> LatencyAd | None:
         for entry in self.latency:
@@ -139,3 +173,13 @@ class GossipRecord:
 
     member: MemberUpdate
     state: NodeState | None = None
+
+
+def _wire_size(state: NodeState) -> int:
+    return (
+        256 + len(state.grpc_address) + len(state.http_address)
+        + sum(96 + len(m.name) + len(m.provider_kind) for m in state.models)
+        + sum(48 + len(la.model) for la in state.latency)
+        + sum(16 + len(k) for k in state.counters)
+        + sum(8 + len(k) + len(v) for k, v in state.blobs.items())
+    )

@@ -68,6 +68,7 @@ class GossipReply:
     records: tuple[GossipRecord, ...] = ()
     wants: tuple[str, ...] = ()
     protocol_version: int = PROTOCOL_VERSION
+    want_versions: tuple[int, ...] = ()  # per want, the state version the sender holds
 
 
 class MeshHandler(Protocol):

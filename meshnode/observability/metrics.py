@@ -238,6 +238,10 @@ class Metrics:
         # The dashboard's history and last errors, fed by the same record calls.
         self.history = RequestHistory()
         self.recent_errors = RecentErrors()
+        self.gossip_dropped = Counter(
+            "meshnode_gossip_dropped", "Gossiped records refused or dropped, by reason",
+            ("reason",), registry=r,
+        )
         # A plain counter read at scrape time: a Gauge's inc/dec take a lock twice per request.
         self.in_flight = Level()
         Gauge(

@@ -1,7 +1,11 @@
 """The `mesh` provider: models offered by alive peers, served by forwarding over gRPC `Infer`.
 
-Offers come from gossip (one per peer and model, at the peer's cheapest price for it); the
-router ranks them beside local and cloud offers and skips peers already on the request's path.
+Offers come from gossip (one per peer and model, at the peer's cheapest price for it, with its
+dearest as the worst case a call there is reserved against); the router ranks them beside local
+and cloud offers and skips peers already on the request's path. Every call carries a caller
+assertion (`rpc.caller`: the key, its model scope, the budget held for the attempt) bound to the
+callee, and comes back with the peer's own charge (`Completion.cost`, or a stream's trailer
+chunk), which both ledgers settle on (docs/security.md).
 A forwarded call carries the remaining deadline (as the gRPC deadline and in the message) and the
 visited node ids with this node appended, so no request loops or exceeds `max_hops`.
 
@@ -28,6 +32,7 @@ from meshnode.mesh.membership import Membership, MemberStatus
 from meshnode.mesh.state import LatencyAd, NodeState
 from meshnode.providers.base import Provider
 from meshnode.rpc import convert
+from meshnode.rpc.caller import CallerAuthority
 from meshnode.rpc.client import PeerChannels, rpc_error
 from meshnode.types import (
     Capacity,
@@ -59,8 +64,12 @@ class MeshProvider(Provider):
         membership: Membership,
         channels: PeerChannels,
         rtt_ms: Callable[[str], float | None] = lambda _node: None,
+        callers: CallerAuthority | None = None,
+        key_models: Callable[[str], tuple[str, ...] | None] = lambda _name: None,
     ) -> None:
         self._node_id = node_id
+        self._callers = callers or CallerAuthority(node_id, None, authenticated=False)
+        self._key_models = key_models
         self._membership = membership
         self._channels = channels
         self._rtt_ms = rtt_ms
@@ -81,9 +90,16 @@ class MeshProvider(Provider):
                 continue
             states[member.node_id] = state
             best: dict[str, ModelOffer] = {}
+            # The peer's dearest price per model: what a call there is reserved against.
+            worst: dict[str, tuple[float, float]] = {}
             for ad in state.models:
                 if ad.provider_kind == "mesh":
                     continue
+                w_in, w_out = worst.get(ad.name, (0.0, 0.0))
+                worst[ad.name] = (
+                    max(w_in, ad.cost_per_1k_input, ad.max_cost_per_1k_input or 0.0),
+                    max(w_out, ad.cost_per_1k_output, ad.max_cost_per_1k_output or 0.0),
+                )
                 offer = ModelOffer(
                     model=ad.name,
                     provider=self.name,
@@ -102,7 +118,11 @@ class MeshProvider(Provider):
                     best[ad.name] = offer
                 elif known is not None:
                     best[ad.name] = _merge_kinds(known, offer)
-            offers.extend(best.values())
+            offers.extend(
+                replace(o, worst_cost_per_1k_input=worst[o.model][0],
+                        worst_cost_per_1k_output=worst[o.model][1])
+                for o in best.values()
+            )
         self._offers = offers
         self._states = states
         self._cache_generation = generation
@@ -159,8 +179,12 @@ class MeshProvider(Provider):
         visited = request.visited
         if self._node_id not in visited:
             visited = (*visited, self._node_id)
-        message = convert.infer_request_to_pb(request, visited, self._node_id, remaining)
-        call = self._channels.stub(address).Infer(message, timeout=remaining)
+        callee = offer.node or ""
+        key = request.key_name
+        claim = self._callers.claim(
+            request, callee, self._key_models(key) if key is not None else None)
+        message = convert.infer_request_to_pb(request, visited, self._node_id, remaining, claim)
+        call = self._channels.stub(address).Infer(message, timeout=remaining, callee=callee)
         return address, remaining, call
 
     async def complete(
@@ -177,6 +201,7 @@ class MeshProvider(Provider):
                         body=convert.unpack(final.body),
                         usage=convert.usage_from_pb(final.usage),
                         node=final.node or offer.node,
+                        cost=convert.reported_cost(final),
                     )
                 if which == "error":
                     raise convert.error_from_pb(msg.error, self.name, after_first_chunk=False)
@@ -234,6 +259,14 @@ class MeshProvider(Provider):
                     )
                     yielded = True
                 elif which == "final":
+                    if yielded:
+                        # The trailer: the peer's charge, for the settlement (never relayed).
+                        final = msg.final
+                        yield StreamChunk(
+                            data={}, node=node, reported_cost=convert.reported_cost(final),
+                            usage=convert.usage_from_pb(final.usage)
+                            if final.HasField("usage") else None,
+                        )
                     return
                 elif which == "error":
                     raise convert.error_from_pb(msg.error, self.name, after_first_chunk=yielded)

@@ -47,6 +47,7 @@ class Served:
     cache: str | None = None  # "hit" when answered from the cache
     policy: str | None = None
     chunks: int = 0  # stream chunks relayed (prices a stream cut short, with no usage)
+    reported_cost: float | None = None  # a peer's own charge for the stream (its Final.cost)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -102,6 +103,12 @@ class RoutedStream:
             served.chunks = 1
             yield self.first
             async for chunk in self._rest:
+                if chunk.reported_cost is not None and not chunk.data:
+                    # A peer's trailer: its charge, which the settlement uses; not a chunk.
+                    served.reported_cost = chunk.reported_cost
+                    if chunk.usage is not None:
+                        served.usage = chunk.usage
+                    continue
                 if chunk.usage is not None:
                     served.usage = chunk.usage
                 served.chunks += 1

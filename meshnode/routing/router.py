@@ -36,7 +36,7 @@ from meshnode.errors import (
     UpstreamError,
     UpstreamRateLimited,
 )
-from meshnode.governance.gate import FREE, Hold, SpendGate, prompt_tokens
+from meshnode.governance.gate import FREE, UNCAPPED, Hold, SpendGate, prompt_tokens
 from meshnode.observability import tracing
 from meshnode.providers.base import Provider
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
@@ -323,8 +323,9 @@ class Router:
         won = await self._failover(request, call, "was answering", lambda hold: hold.abandon())
         completion, offer = won.result, won.offer
         latency_ms = (won.t1 - won.t0) * 1000.0
-        cost = offer.cost(completion.usage)
-        won.hold.settle(completion.usage)
+        # A peer reports what it charged (docs/security.md); both ledgers settle on it.
+        cost = offer.cost(completion.usage) if completion.cost is None else completion.cost
+        won.hold.settle(completion.usage, cost=completion.cost)
         won.stats.in_flight -= 1
         won.stats.record_success(latency_ms, completion.usage, cost)
         node = completion.node or offer.node or self.node_id
@@ -436,16 +437,19 @@ class Router:
                 continue
             tried.add(offer.key)
             stats = self._stats_for(offer)
+            # A peer attempt carries what this node holds for it (the peer's spending cap).
+            attempt = request if offer.node is None else dataclasses.replace(
+                request, held=hold.held())
             t0 = self._clock()
             stats.in_flight += 1
             try:
                 with tracing.attempt_span(offer.provider, offer.model, offer.node,
                                           len(attempts) + 1):
                     if provider.enforces_deadline:
-                        result = await call(provider, offer, request)
+                        result = await call(provider, offer, attempt)
                     else:
                         async with asyncio.timeout(max(0.0, request.deadline - t0)):
-                            result = await call(provider, offer, request)
+                            result = await call(provider, offer, attempt)
             except TimeoutError:
                 hold.release()
                 stats.in_flight -= 1
@@ -481,7 +485,11 @@ class Router:
             stats.in_flight -= 1
             now = self._clock()
             served.latency_ms = (now - start) * 1000.0
-            if served.usage.total_tokens:
+            if served.reported_cost is not None:
+                # A peer's stream: its charge is the cost, in both ledgers.
+                served.cost = served.reported_cost
+                hold.settle(served.usage, served.chunks, cost=served.reported_cost)
+            elif served.usage.total_tokens:
                 served.cost = offer.cost(served.usage)
                 hold.settle(served.usage, served.chunks)
             else:
@@ -490,7 +498,7 @@ class Router:
                 served.usage = Usage(prompt_tokens=prompt_tokens(request),
                                      completion_tokens=served.chunks, estimated=True)
                 charged = hold.settle(None, served.chunks)
-                served.cost = charged if hold is not FREE else offer.cost(served.usage)
+                served.cost = charged if hold not in (FREE, UNCAPPED) else offer.cost(served.usage)
             if error is None or isinstance(error, (GeneratorExit, asyncio.CancelledError)):
                 stats.record_success((now - t0) * 1000.0, served.usage, served.cost)
             else:
@@ -500,7 +508,7 @@ class Router:
         return finish
 
     def _reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
-        return FREE if self._spend is None else self._spend.reserve(request, offer)
+        return UNCAPPED if self._spend is None else self._spend.reserve(request, offer)
 
     def _carrying_policy(
         self, request: InferenceRequest, rule: PolicyConfig | None

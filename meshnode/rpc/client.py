@@ -73,12 +73,14 @@ class PeerStub:
         return await self._unary(self._gossip, GOSSIP, request, pb.GossipResponse, timeout)
 
     def Infer(  # noqa: N802 - the gRPC method's name
-        self, request: pb.InferRequest, timeout: float
+        self, request: pb.InferRequest, timeout: float, callee: str = ""
     ) -> grpc.aio.UnaryStreamCall:
+        """`callee`: the serving node's id; the MAC binds it, so the call cannot be replayed
+        to another node."""
         body = request.SerializeToString()
         metadata = None
         if self._auth is not None:
-            metadata, _ = self._auth.sign_request(self._node_id, INFER, body)
+            metadata, _ = self._auth.sign_request(self._node_id, INFER, body, callee)
         trace = tracing.grpc_metadata()  # the attempt span's traceparent, when tracing is on
         if trace:
             metadata = [*(metadata or ()), *trace]

@@ -7,11 +7,16 @@ claimed infinite capacity, a NaN price or latency never reaches routing: a NaN p
 highest, a NaN latency as unknown); incarnations and state versions above 2**62 are dropped (membership refuses a suspicion at
 2**62 itself, so a refutation always fits). A message
 carries at most 256 records and a digest of at most 4,096 entries; the rest is ignored.
+Counters, blobs and oversized blobs cut from a peer's state are counted in `DROPPED` by reason
+(the mesh service turns them into `meshnode_gossip_dropped_total`) and logged, the first of
+each reason at warning: a cut record is never silent.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
 import math
 import time
 from typing import Any
@@ -19,11 +24,15 @@ from typing import Any
 import msgpack
 
 from meshnode.errors import (
+    AuthenticationError,
+    BudgetExceeded,
     DeadlineExceeded,
     InvalidRequest,
     MeshError,
     ModelNotFound,
     NoCapacity,
+    PermissionDenied,
+    RateLimited,
     StreamBroken,
     UpstreamAuthError,
     UpstreamBadRequest,
@@ -45,6 +54,7 @@ from meshnode.mesh.state import (
     NodeState,
 )
 from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
+from meshnode.rpc.caller import CallerClaim
 from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.types import InferenceRequest, PolicyConstraint, RequestKind, Usage
 
@@ -64,6 +74,16 @@ MAX_LATENCY_MS = 3_600_000.0
 MAX_COUNTER_VALUE = 1e15
 
 _KINDS = {k.value: k for k in RequestKind}
+log = logging.getLogger(__name__)
+# What decoding cut from peers' states, by reason (process-wide; read by the mesh service).
+DROPPED: collections.Counter[str] = collections.Counter()
+
+
+def _dropped(reason: str, n: int, node: str) -> None:
+    first = DROPPED[reason] == 0
+    DROPPED[reason] += n
+    log.log(logging.WARNING if first else logging.DEBUG,
+            "mesh: dropped %d gossiped entr(ies) from %s's state (%s)", n, node, reason)
 
 
 def _cut(text: str, limit: int = MAX_ID) -> str:
@@ -114,6 +134,8 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
                 name=m.name, provider_kind=m.provider_kind, kinds=sorted(k.value for k in m.kinds),
                 cost_per_1k_input=m.cost_per_1k_input, cost_per_1k_output=m.cost_per_1k_output,
                 max_context_tokens=m.max_context_tokens or 0,
+                max_cost_per_1k_input=m.max_cost_per_1k_input or 0.0,
+                max_cost_per_1k_output=m.max_cost_per_1k_output or 0.0,
             )
             for m in s.models
         ],
@@ -128,6 +150,8 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
         counters=dict(s.counters),
         protocol_version=s.protocol_version,
         blobs=dict(s.blobs),
+        blob_versions=dict(s.blob_versions),
+        elided_blobs=list(s.elided),
     )
 
 
@@ -137,6 +161,18 @@ def _price(value: float) -> float:
 
 def _ms(value: float) -> float:
     return clamp(value, 0.0, MAX_LATENCY_MS, 0.0)
+
+
+def _worst_prices(m: pb.ModelAd) -> dict[str, float | None]:
+    """The dearest prices, never below the cheapest (a peer cannot make a caller reserve less
+    than the price it routes by); both 0: not given."""
+    if m.max_cost_per_1k_input == 0.0 and m.max_cost_per_1k_output == 0.0:
+        return {"max_cost_per_1k_input": None, "max_cost_per_1k_output": None}
+    return {
+        "max_cost_per_1k_input": max(_price(m.max_cost_per_1k_input), _price(m.cost_per_1k_input)),
+        "max_cost_per_1k_output": max(_price(m.max_cost_per_1k_output),
+                                      _price(m.cost_per_1k_output)),
+    }
 
 
 def state_from_pb(s: pb.NodeState) -> NodeState | None:
@@ -150,6 +186,7 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
             cost_per_1k_input=_price(m.cost_per_1k_input),
             cost_per_1k_output=_price(m.cost_per_1k_output),
             max_context_tokens=m.max_context_tokens or None,
+            **_worst_prices(m),
         )
         for m in s.models[:MAX_MODELS]
         if m.name
@@ -159,11 +196,19 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
         for k, v in itertools.islice(s.counters.items(), MAX_COUNTERS)
         if math.isfinite(v) and abs(v) <= MAX_COUNTER_VALUE
     }
+    if len(s.counters) > MAX_COUNTERS:
+        _dropped("too_many_counters", len(s.counters) - MAX_COUNTERS, s.node_id[:MAX_ID])
     blobs = {
         _cut(k): v
         for k, v in itertools.islice(s.blobs.items(), MAX_BLOBS)
         if len(v) <= MAX_BLOB_BYTES
     }
+    if len(s.blobs) > MAX_BLOBS:
+        _dropped("too_many_blobs", len(s.blobs) - MAX_BLOBS, s.node_id[:MAX_ID])
+    oversized = sum(1 for v in itertools.islice(s.blobs.values(), MAX_BLOBS)
+                    if len(v) > MAX_BLOB_BYTES)
+    if oversized:
+        _dropped("oversized_blob", oversized, s.node_id[:MAX_ID])
     return NodeState(
         node_id=_cut(s.node_id),
         version=s.version,
@@ -179,6 +224,11 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
         counters=counters,
         protocol_version=s.protocol_version,
         blobs=blobs,
+        blob_versions={
+            _cut(k): v for k, v in itertools.islice(s.blob_versions.items(), MAX_BLOBS)
+            if v <= MAX_COUNTER
+        },
+        elided=tuple(_cut(n) for n in s.elided_blobs[:MAX_BLOBS]),
     )
 
 
@@ -245,13 +295,16 @@ def gossip_reply_to_pb(m: GossipReply) -> pb.GossipResponse:
     return pb.GossipResponse(
         protocol_version=PROTOCOL_VERSION, from_node=m.from_node,
         records=records_to_pb(m.records), wants=list(m.wants),
+        want_versions=list(m.want_versions),
     )
 
 
 def gossip_reply_from_pb(r: pb.GossipResponse) -> GossipReply:
+    wants = tuple(_cut(w) for w in r.wants[:MAX_RECORDS])
+    versions = tuple(min(v, MAX_COUNTER) for v in r.want_versions[:MAX_RECORDS])
     return GossipReply(
-        _cut(r.from_node), records_from_pb(r.records),
-        tuple(_cut(w) for w in r.wants[:MAX_RECORDS]), r.protocol_version,
+        _cut(r.from_node), records_from_pb(r.records), wants, r.protocol_version,
+        versions if len(versions) == len(wants) else (),
     )
 
 
@@ -308,8 +361,36 @@ def policy_from_pb(msg: pb.PolicyConstraint) -> PolicyConstraint:
     return PolicyConstraint(name=_cut(msg.name, 128), allow=allow, max_cost_per_1k=cap)
 
 
+def caller_to_pb(claim: CallerClaim) -> pb.CallerAssertion:
+    msg = pb.CallerAssertion(
+        key_name=claim.key_name or "", models_restricted=claim.models is not None,
+        models=list(claim.models or ()), reservation_id=claim.reservation_id,
+        entry_node=claim.entry_node, callee_node=claim.callee_node,
+        request_id=claim.request_id, issued_ms=claim.issued_ms, mac=claim.mac,
+    )
+    if claim.reserved_usd is not None:
+        msg.reserved_usd = claim.reserved_usd
+    return msg
+
+
+def caller_from_pb(msg: pb.CallerAssertion) -> CallerClaim:
+    """Bounded like every peer input; a NaN or negative reservation reads as 0 (the strictest
+    cap). Verification is `rpc.caller`'s."""
+    reserved = clamp(msg.reserved_usd, 0.0, MAX_PRICE, 0.0) \
+        if msg.HasField("reserved_usd") else None
+    return CallerClaim(
+        key_name=_cut(msg.key_name, 128) or None,
+        models=tuple(_cut(m) for m in msg.models[:MAX_MODELS]) if msg.models_restricted
+        else None,
+        reservation_id=msg.reservation_id, reserved_usd=reserved,
+        entry_node=_cut(msg.entry_node), callee_node=_cut(msg.callee_node),
+        request_id=_cut(msg.request_id), issued_ms=msg.issued_ms, mac=bytes(msg.mac[:64]),
+    )
+
+
 def infer_request_to_pb(
-    request: InferenceRequest, visited: tuple[str, ...], origin: str, remaining_s: float
+    request: InferenceRequest, visited: tuple[str, ...], origin: str, remaining_s: float,
+    caller: CallerClaim | None = None,
 ) -> pb.InferRequest:
     msg = pb.InferRequest(
         protocol_version=PROTOCOL_VERSION,
@@ -329,13 +410,16 @@ def infer_request_to_pb(
     )
     if request.policy is not None:
         msg.policy.CopyFrom(policy_to_pb(request.policy))
+    if caller is not None:
+        msg.caller.CopyFrom(caller_to_pb(caller))
     return msg
 
 
 def infer_request_from_pb(
     r: pb.InferRequest, self_id: str, remaining_s: float | None
 ) -> InferenceRequest:
-    """The serving node's request: visited is the caller chain plus this node."""
+    """The serving node's request: visited is the caller chain plus this node. `key_name` is
+    not read: the key comes only from a verified caller assertion (`rpc.caller`)."""
     kind = _KINDS.get(r.kind)
     if kind is None:
         raise InvalidRequest(f"unknown request kind {r.kind!r}")
@@ -359,13 +443,18 @@ def infer_request_from_pb(
         deadline=time.monotonic() + budget_s,
         stream=r.stream,
         include_usage=r.include_usage,
-        key_name=r.key_name or None,
         headers=dict(r.headers),
         visited=visited,
         prompt_tokens_estimate=r.prompt_tokens_estimate,
         max_output_tokens=r.max_output_tokens or None,
         policy=policy_from_pb(r.policy) if r.HasField("policy") else None,
     )
+
+
+def reported_cost(final: pb.Final) -> float:
+    """A peer's charge for a call, bounded (a NaN or negative claim reads as 0; the caller's
+    own reservation bounds what it can be billed for it anyway)."""
+    return clamp(final.cost, 0.0, MAX_PRICE, 0.0)
 
 
 def usage_to_pb(u: Usage) -> pb.Usage:
@@ -400,6 +489,12 @@ def error_to_pb(exc: MeshError, node: str) -> pb.Error:
 
 
 _BY_CODE: dict[str, type[MeshError]] = {
+    # The serving node's own refusals of the caller keep their meaning for the client.
+    "invalid_api_key": AuthenticationError,
+    "permission_denied": PermissionDenied,
+    "caller_assertion_invalid": PermissionDenied,
+    "rate_limit_exceeded": RateLimited,
+    "budget_exceeded": BudgetExceeded,
     "upstream_timeout": UpstreamTimeout,
     "upstream_rate_limited": UpstreamRateLimited,
     "upstream_bad_request": UpstreamBadRequest,

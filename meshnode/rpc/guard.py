@@ -41,8 +41,9 @@ class Refused(Exception):
 
 
 class MeshGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: MeshAuth | None = None) -> None:
+    def __init__(self, auth: MeshAuth | None = None, node_id: str = "") -> None:
         self.auth = auth
+        self.node_id = node_id  # calls addressed to another node id are refused
         self.refused: collections.Counter[str] = collections.Counter()
 
     def _admit(
@@ -55,7 +56,9 @@ class MeshGuard(grpc.aio.ServerInterceptor):
         nonce = ""
         if self.auth is not None:
             try:
-                _, nonce = self.auth.verify_request(context.invocation_metadata(), method, raw)
+                _, nonce = self.auth.verify_request(
+                    context.invocation_metadata(), method, raw, self.node_id
+                )
             except AuthError as exc:
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, exc.reason) from None
         try:

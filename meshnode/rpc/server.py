@@ -1,6 +1,8 @@
 """The gRPC server side: the `Mesh` servicer and the server it runs in.
 
-`Infer` hands the forwarded request to this node's router (which may serve it locally or, within
+`Infer` first decides whom the request is for: the caller assertion is verified
+(`rpc.caller.CallerAuthority`) and the node's own checks applied (`governance.forwarded`: key
+live here, model scope, rate limit); then it hands the forwarded request to this node's router (which may serve it locally or, within
 `max_hops`, forward it again); `Gossip` and `Health` go to the membership driver through the
 `MeshHandler` interface. Nothing here decides anything: it converts and delegates.
 
@@ -11,6 +13,7 @@ is safe. gRPC statuses are left for transport-level failures.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import time
@@ -26,10 +29,11 @@ from meshnode.mesh.transport import MeshHandler
 from meshnode.observability import tracing
 from meshnode.routing.outcome import RoutedCompletion, RoutedStream
 from meshnode.rpc import convert
+from meshnode.rpc.caller import CallerAuthority, CallerRefused
 from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.rpc.generated import mesh_pb2_grpc
 from meshnode.rpc.options import SERVER_OPTIONS
-from meshnode.types import InferenceRequest
+from meshnode.types import Caller, InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +66,27 @@ class PeerTraffic(Protocol):
     def record_gossip(self, peer: str, sent: int, received: int) -> None: ...
 
 
+class Admission(Protocol):
+    """The serving node's checks on a forwarded request (`governance.forwarded`)."""
+
+    def admit(self, request: InferenceRequest, caller: Caller | None) -> InferenceRequest: ...
+
+    def done(self, request: InferenceRequest, tokens: int) -> None: ...
+
+
 class MeshServicer(mesh_pb2_grpc.MeshServicer):
     def __init__(
         self, node_id: str, handler: MeshHandler, backend: InferBackend | None,
         metrics: PeerTraffic | None = None,
+        callers: CallerAuthority | None = None, admission: Admission | None = None,
     ) -> None:
         self._node_id = node_id
         self._handler = handler
         self._backend = backend
         self._metrics = metrics
+        self._callers = callers
+        self._admission = admission
+        self._warned: set[str] = set()
 
     def set_backend(self, backend: InferBackend) -> None:
         self._backend = backend
@@ -120,6 +136,7 @@ class MeshServicer(mesh_pb2_grpc.MeshServicer):
             if self._metrics is not None and len(req.visited) >= 2:
                 # visited ends with this node; the one before it is the caller.
                 self._metrics.record_received(req.visited[-2], req.kind.value)
+            req = self._admit(req, request)
             if req.deadline <= time.monotonic():
                 raise DeadlineExceeded("deadline passed before the peer started")
             if request.stream:
@@ -128,6 +145,8 @@ class MeshServicer(mesh_pb2_grpc.MeshServicer):
             else:
                 routed = await self._backend.complete(req)
                 served = routed.served
+                if self._admission is not None:
+                    self._admission.done(req, served.usage.total_tokens)
                 yield pb.InferChunk(
                     protocol_version=PROTOCOL_VERSION,
                     final=pb.Final(
@@ -144,6 +163,26 @@ class MeshServicer(mesh_pb2_grpc.MeshServicer):
             yield pb.InferChunk(
                 protocol_version=PROTOCOL_VERSION, error=convert.error_to_pb(exc, self._node_id)
             )
+
+    def _admit(self, req: InferenceRequest, request: pb.InferRequest) -> InferenceRequest:
+        """Whom the request is for (verified), and this node's own checks on it."""
+        claim = convert.caller_from_pb(request.caller) if request.HasField("caller") else None
+        caller = None
+        if self._callers is not None:
+            try:
+                caller = self._callers.verify(claim, req)
+            except CallerRefused as exc:
+                first = exc.message not in self._warned
+                self._warned.add(exc.message)
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "mesh: forwarded request %s from %s refused: %s", req.request_id,
+                        request.origin_node or "?", exc.message)
+                raise
+        if self._admission is not None:
+            return self._admission.admit(req, caller)
+        if caller is None:
+            return req
+        return dataclasses.replace(req, key_name=caller.key_name, caller=caller)
 
     async def _stream(self, req: InferenceRequest) -> AsyncIterator[pb.InferChunk]:
         assert self._backend is not None
@@ -162,6 +201,8 @@ class MeshServicer(mesh_pb2_grpc.MeshServicer):
         finally:
             # The caller went away (or we finished): release the upstream stream.
             await routed.aclose()
+            if self._admission is not None:
+                self._admission.done(req, served.usage.total_tokens)
         yield pb.InferChunk(
             protocol_version=PROTOCOL_VERSION,
             final=pb.Final(

@@ -318,8 +318,9 @@ async def test_mesh_scope_budget_counts_every_nodes_spend(
     worst = worst_case_tokens()
     fake.script(Behaviour.ok(text=" ".join(["w"] * (worst - len(CONTENT.split()))), times=-1))
     worst_cost = worst * PRICE_PER_1K / 1000.0
+    # Spend counters cross only an authenticated mesh (docs/security.md).
     mesh = {"enabled": True, "mdns": False, "gossip_interval_ms": 100,
-            "probe_interval_ms": 250, "probe_timeout_ms": 250}
+            "probe_interval_ms": 250, "probe_timeout_ms": 250, "secret": "mesh-scope-secret"}
     # Room for one worst case and a half: after B spent one call, A cannot afford another.
     budget = {"daily_limit": 1.5 * worst_cost, "scope": "mesh"}
     a = await NodeProcess({**node_config(fake, budget=budget), "mesh": mesh}, tmp_path,

@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreeNodes]:
-    with ThreeNodes(tmp_path_factory.mktemp("grafana"), auth_on_a=True) as nodes:
+    # Auth on b too: a (auth on) serves b's forwarded request only for a key b authenticated.
+    with ThreeNodes(tmp_path_factory.mktemp("grafana"), auth_on=("a", "b")) as nodes:
         nodes.chat("a", "m1")
         nodes.chat("a", "m2")  # forwarded to b
         nodes.chat("b", "m1")  # forwarded to a

@@ -1,6 +1,6 @@
 """A real three-node mesh on loopback for the meshctl and dashboard tests (blocking, no loop).
 
-    with ThreeNodes(tmp_path, auth_on_a=True) as mesh:
+    with ThreeNodes(tmp_path, auth_on_a=True) as mesh:   # or auth_on=("a", "b")
         mesh.a.url, mesh.b.url, mesh.c.url         # NodeProcess each; a is the seed
         mesh.chat("a", "shared", key=ADMIN_SECRET)  # one chat through a node
         mesh.wait_for(lambda: ..., "what")          # poll a condition, generous cap
@@ -29,6 +29,7 @@ from tests.kit.node_proc import NodeProcess
 
 ADMIN_SECRET = "sk-meshctl-admin-3f9a7c51e2b84d60"
 USER_SECRET = "sk-meshctl-user-8d2e6b04a9c17f35"
+MESH_SECRET = "three-nodes-mesh-secret-5e1c"
 MODELS = {"a": ["m1"], "b": ["m2", "shared"], "c": ["shared"]}
 DAILY_LIMIT = 5.0
 MONTHLY_LIMIT = 50.0
@@ -37,8 +38,9 @@ WAIT_S = 60.0
 
 def node_config(models: list[str], upstream: str, auth: bool) -> dict[str, Any]:
     config: dict[str, Any] = {
+        # A secret: node a may run with auth on, which needs an authenticated mesh.
         "mesh": {"mdns": False, "probe_interval_ms": 250, "probe_timeout_ms": 250,
-                 "suspicion_mult": 4, "gossip_interval_ms": 200},
+                 "suspicion_mult": 4, "gossip_interval_ms": 200, "secret": MESH_SECRET},
         "server": {"shutdown_grace_s": 2},
         "budget": {"daily_limit": DAILY_LIMIT, "monthly_limit": MONTHLY_LIMIT},
         "providers": {"upstream": {
@@ -58,11 +60,15 @@ def node_config(models: list[str], upstream: str, auth: bool) -> dict[str, Any]:
 
 class ThreeNodes:
     def __init__(
-        self, workdir: Path, *, auth_on_a: bool = False,
+        self, workdir: Path, *, auth_on_a: bool = False, auth_on: tuple[str, ...] = (),
         env: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
+        """`auth_on`: the nodes that run with auth on (`auth_on_a`: just a). A node with auth
+        on serves only requests its peers forwarded for a key (docs/security.md), so traffic
+        from b to a needs auth on b too."""
         self.workdir = workdir
-        self.auth_on_a = auth_on_a
+        self.auth_on = set(auth_on) | ({"a"} if auth_on_a else set())
+        self.auth_on_a = "a" in self.auth_on
         self._env = env  # extra environment per node name (e.g. a traces file)
         self.fake = FakeOpenAIProcess(models=["m1", "m2", "shared"])
         self.nodes: dict[str, NodeProcess] = {}
@@ -80,7 +86,7 @@ class ThreeNodes:
         return self.nodes["c"]
 
     def _node(self, name: str, seeds: list[str]) -> NodeProcess:
-        auth = self.auth_on_a and name == "a"
+        auth = name in self.auth_on
         node = NodeProcess(node_config(MODELS[name], self.fake.base_url, auth), self.workdir,
                            name=name, grpc_listen="127.0.0.1:0", seeds=seeds, node_id=name,
                            env=self._env(name) if self._env is not None else None)
@@ -115,7 +121,7 @@ class ThreeNodes:
 
     # ------------------------------------------------------------------ HTTP
     def key_for(self, name: str) -> str | None:
-        return ADMIN_SECRET if self.auth_on_a and name == "a" else None
+        return ADMIN_SECRET if name in self.auth_on else None
 
     def get(self, name: str, path: str) -> Any:
         request = urllib.request.Request(self.nodes[name].url + path)

@@ -21,7 +21,7 @@ DEAD: MemberStatus
 LEFT: MemberStatus
 
 class InferRequest(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "kind", "model", "body", "stream", "include_usage", "visited", "deadline_ms", "key_name", "headers", "prompt_tokens_estimate", "max_output_tokens", "origin_node", "policy")
+    __slots__ = ("protocol_version", "request_id", "kind", "model", "body", "stream", "include_usage", "visited", "deadline_ms", "key_name", "headers", "prompt_tokens_estimate", "max_output_tokens", "origin_node", "policy", "caller")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class InferRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_NODE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     kind: str
@@ -59,7 +60,32 @@ class InferRequest(_message.Message):
     max_output_tokens: int
     origin_node: str
     policy: PolicyConstraint
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., body: _Optional[bytes] = ..., stream: _Optional[bool] = ..., include_usage: _Optional[bool] = ..., visited: _Optional[_Iterable[str]] = ..., deadline_ms: _Optional[int] = ..., key_name: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., prompt_tokens_estimate: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., origin_node: _Optional[str] = ..., policy: _Optional[_Union[PolicyConstraint, _Mapping]] = ...) -> None: ...
+    caller: CallerAssertion
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., body: _Optional[bytes] = ..., stream: _Optional[bool] = ..., include_usage: _Optional[bool] = ..., visited: _Optional[_Iterable[str]] = ..., deadline_ms: _Optional[int] = ..., key_name: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., prompt_tokens_estimate: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., origin_node: _Optional[str] = ..., policy: _Optional[_Union[PolicyConstraint, _Mapping]] = ..., caller: _Optional[_Union[CallerAssertion, _Mapping]] = ...) -> None: ...
+
+class CallerAssertion(_message.Message):
+    __slots__ = ("key_name", "models_restricted", "models", "reservation_id", "reserved_usd", "entry_node", "callee_node", "request_id", "issued_ms", "mac")
+    KEY_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_RESTRICTED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_USD_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_NODE_FIELD_NUMBER: _ClassVar[int]
+    CALLEE_NODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_MS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    key_name: str
+    models_restricted: bool
+    models: _containers.RepeatedScalarFieldContainer[str]
+    reservation_id: int
+    reserved_usd: float
+    entry_node: str
+    callee_node: str
+    request_id: str
+    issued_ms: int
+    mac: bytes
+    def __init__(self, key_name: _Optional[str] = ..., models_restricted: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., reservation_id: _Optional[int] = ..., reserved_usd: _Optional[float] = ..., entry_node: _Optional[str] = ..., callee_node: _Optional[str] = ..., request_id: _Optional[str] = ..., issued_ms: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class PolicyConstraint(_message.Message):
     __slots__ = ("name", "restricts_providers", "allow", "max_cost_per_1k")
@@ -158,20 +184,24 @@ class MemberUpdate(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., status: _Optional[_Union[MemberStatus, str]] = ..., from_node: _Optional[str] = ...) -> None: ...
 
 class ModelAd(_message.Message):
-    __slots__ = ("name", "provider_kind", "kinds", "cost_per_1k_input", "cost_per_1k_output", "max_context_tokens")
+    __slots__ = ("name", "provider_kind", "kinds", "cost_per_1k_input", "cost_per_1k_output", "max_context_tokens", "max_cost_per_1k_input", "max_cost_per_1k_output")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_KIND_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     COST_PER_1K_INPUT_FIELD_NUMBER: _ClassVar[int]
     COST_PER_1K_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_PER_1K_INPUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_PER_1K_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     provider_kind: str
     kinds: _containers.RepeatedScalarFieldContainer[str]
     cost_per_1k_input: float
     cost_per_1k_output: float
     max_context_tokens: int
-    def __init__(self, name: _Optional[str] = ..., provider_kind: _Optional[str] = ..., kinds: _Optional[_Iterable[str]] = ..., cost_per_1k_input: _Optional[float] = ..., cost_per_1k_output: _Optional[float] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
+    max_cost_per_1k_input: float
+    max_cost_per_1k_output: float
+    def __init__(self, name: _Optional[str] = ..., provider_kind: _Optional[str] = ..., kinds: _Optional[_Iterable[str]] = ..., cost_per_1k_input: _Optional[float] = ..., cost_per_1k_output: _Optional[float] = ..., max_context_tokens: _Optional[int] = ..., max_cost_per_1k_input: _Optional[float] = ..., max_cost_per_1k_output: _Optional[float] = ...) -> None: ...
 
 class CapacityAd(_message.Message):
     __slots__ = ("slots_total", "slots_free", "queue_depth", "tokens_per_s")
@@ -198,7 +228,7 @@ class LatencyAd(_message.Message):
     def __init__(self, model: _Optional[str] = ..., ewma_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
 
 class NodeState(_message.Message):
-    __slots__ = ("node_id", "version", "grpc_address", "http_address", "status", "models", "capacity", "latency", "counters", "protocol_version", "blobs")
+    __slots__ = ("node_id", "version", "grpc_address", "http_address", "status", "models", "capacity", "latency", "counters", "protocol_version", "blobs", "blob_versions", "elided_blobs")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +243,13 @@ class NodeState(_message.Message):
         key: str
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class BlobVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +261,8 @@ class NodeState(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
+    BLOB_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ELIDED_BLOBS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     version: int
     grpc_address: str
@@ -235,7 +274,9 @@ class NodeState(_message.Message):
     counters: _containers.ScalarMap[str, float]
     protocol_version: int
     blobs: _containers.ScalarMap[str, bytes]
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., status: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelAd, _Mapping]]] = ..., capacity: _Optional[_Union[CapacityAd, _Mapping]] = ..., latency: _Optional[_Iterable[_Union[LatencyAd, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., protocol_version: _Optional[int] = ..., blobs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    blob_versions: _containers.ScalarMap[str, int]
+    elided_blobs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., status: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelAd, _Mapping]]] = ..., capacity: _Optional[_Union[CapacityAd, _Mapping]] = ..., latency: _Optional[_Iterable[_Union[LatencyAd, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., protocol_version: _Optional[int] = ..., blobs: _Optional[_Mapping[str, bytes]] = ..., blob_versions: _Optional[_Mapping[str, int]] = ..., elided_blobs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DigestEntry(_message.Message):
     __slots__ = ("node_id", "incarnation", "status", "state_version")
@@ -272,16 +313,18 @@ class GossipRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., from_node: _Optional[str] = ..., digest: _Optional[_Iterable[_Union[DigestEntry, _Mapping]]] = ..., records: _Optional[_Iterable[_Union[GossipRecord, _Mapping]]] = ..., join: _Optional[bool] = ...) -> None: ...
 
 class GossipResponse(_message.Message):
-    __slots__ = ("protocol_version", "from_node", "records", "wants")
+    __slots__ = ("protocol_version", "from_node", "records", "wants", "want_versions")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FROM_NODE_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     WANTS_FIELD_NUMBER: _ClassVar[int]
+    WANT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     from_node: str
     records: _containers.RepeatedCompositeFieldContainer[GossipRecord]
     wants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[int] = ..., from_node: _Optional[str] = ..., records: _Optional[_Iterable[_Union[GossipRecord, _Mapping]]] = ..., wants: _Optional[_Iterable[str]] = ...) -> None: ...
+    want_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, protocol_version: _Optional[int] = ..., from_node: _Optional[str] = ..., records: _Optional[_Iterable[_Union[GossipRecord, _Mapping]]] = ..., wants: _Optional[_Iterable[str]] = ..., want_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ("protocol_version", "from_node", "seq", "target_node", "target_address", "timeout_ms", "about_you")

@@ -162,3 +162,31 @@ def test_real_minilm_default_threshold_never_confuses_the_labelled_set(
     assert any(p >= threshold for p in positives)
     # The set is separable at all: every paraphrase is closer than every non-paraphrase.
     assert min(positives) > max(negatives)
+
+
+async def test_hits_never_cross_tenants_exact_or_semantic() -> None:
+    """Issue 15: key B received the answer to key A's similar prompt. The tenant (the key's
+    name; anonymous is one tenant) is part of the exact key and of the semantic context."""
+    import dataclasses
+
+    fake = FakeProvider("up")
+    router = make_router([fake])
+    cache = ResponseCache(semantic_config(0.9), node_id="n1", embedder=ScriptedEmbedder(TABLE))
+
+    def as_key(request: InferenceRequest, key: str | None) -> InferenceRequest:
+        return dataclasses.replace(request, key_name=key)
+
+    await cache.complete(router, as_key(chat("a", temperature=0), "alice"))
+    same_b = await cache.complete(router, as_key(chat("a", temperature=0), "bob"))
+    near_b = await cache.complete(router, as_key(chat("a'", temperature=0), "bob-2"))
+    anon = await cache.complete(router, as_key(chat("a'", temperature=0), None))
+    assert (same_b.served.cache, near_b.served.cache, anon.served.cache) == (None, None, None)
+    assert len(fake.calls) == 4
+    # Within a tenant both still hit.
+    near_a = await cache.complete(router, as_key(chat("a'", temperature=0), "alice"))
+    again_b = await cache.complete(router, as_key(chat("a", temperature=0), "bob"))
+    anon_again = await cache.complete(router, as_key(chat("a", temperature=0), None))
+    assert near_a.served.to_json()["cache_match"] == "semantic"
+    assert again_b.served.to_json()["cache_match"] == "exact"
+    assert anon_again.served.to_json()["cache_match"] == "semantic"  # anonymous: one tenant
+    assert len(fake.calls) == 4

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ from meshnode.config import BudgetConfig
 from meshnode.errors import BudgetExceeded
 from meshnode.governance.budget import BudgetLedger, SpendLimits
 from meshnode.governance.gate import FREE, BudgetGate, worst_case_cost
-from meshnode.types import InferenceRequest, ModelOffer, RequestKind, Usage
+from meshnode.types import BudgetHeld, Caller, InferenceRequest, ModelOffer, RequestKind, Usage
 
 PAID = ModelOffer(model="gpt", provider="openai", provider_kind="openai", upstream_model="gpt",
                   cost_per_1k_input=1.0, cost_per_1k_output=2.0)
@@ -58,12 +59,77 @@ def gate(tmp_path: Path, limit: float, key_limits: SpendLimits | None = None) ->
     return BudgetGate(led, lambda name: key_limits, max_reservation=1.0)
 
 
-def test_free_offers_and_forwarded_requests_pass_a_spent_budget(tmp_path: Path) -> None:
+def test_free_offers_pass_a_spent_budget_forwarded_requests_do_not(tmp_path: Path) -> None:
+    """Issue 15: a forwarded request was free on the serving node, whatever it cost there."""
     g = gate(tmp_path, 0.0)
     assert g.reserve(req(), FREE_OFFER) is FREE
-    assert g.reserve(req(visited=("x",)), PAID) is FREE
+    with pytest.raises(BudgetExceeded):
+        g.reserve(req(visited=("x",)), PAID)
     with pytest.raises(BudgetExceeded):
         g.reserve(req(), PAID)
+
+
+def forwarded(reserved: float | None, key: str | None = "ci") -> InferenceRequest:
+    return dataclasses.replace(
+        req(100, 50, key="forged", visited=("entry", "a")),
+        caller=Caller(key_name=key, models=None, entry_node="entry", reservation_id=7,
+                      reserved_usd=reserved),
+    )
+
+
+def test_a_peer_that_can_fail_over_to_paid_is_not_free_and_reserves_its_dearest(
+    tmp_path: Path,
+) -> None:
+    peer = dataclasses.replace(FREE_OFFER, provider="mesh", node="b",
+                               worst_cost_per_1k_input=1.0, worst_cost_per_1k_output=2.0)
+    g = gate(tmp_path, 10.0)
+    hold = g.reserve(req(100, 50), peer)
+    assert hold is not FREE and hold.held() == BudgetHeld(1, pytest.approx(0.2))
+    assert hold.settle(Usage(10, 5), cost=0.0123) == 0.0123  # the peer's report wins
+    assert g._ledger.spent() == pytest.approx(0.0123)
+
+
+def test_a_forwarded_request_is_capped_by_the_entry_reservation_and_charged_as_served(
+    tmp_path: Path,
+) -> None:
+    g = gate(tmp_path, 10.0)
+    with pytest.raises(BudgetExceeded) as err:
+        g.reserve(forwarded(0.1), PAID)  # worst case 0.2 > 0.1 held by the entry node
+    assert "entry node entry reserved only $0.100000" in err.value.message
+    with pytest.raises(BudgetExceeded):
+        g.reserve(forwarded(0.0), PAID)  # the entry node thought it free
+    assert g.reserve(forwarded(0.0), FREE_OFFER) is FREE
+    hold = g.reserve(forwarded(0.25), PAID)
+    assert hold.settle(Usage(10, 5)) == pytest.approx(0.02)
+    ledger = g._ledger
+    # Charged to the served twins, under the asserted key (never the body's key_name).
+    assert ledger.spent() == pytest.approx(0.02)  # its own providers' spend counts
+    assert ledger.counters.own("served:*", ledger.status()[0].period) == pytest.approx(0.02)
+    assert ledger.counters.own("*", ledger.status()[0].period) == 0.0
+    assert ledger.spent("served:key:ci") == pytest.approx(0.02)
+    assert ledger.spent("served:key:forged") == 0.0
+    assert ledger.summary()["served_today_this_node"] == pytest.approx(0.02)
+    # Uncapped: the entry node has no budget.
+    assert g.reserve(forwarded(None), PAID).held() is not None
+
+
+def test_mesh_totals_do_not_double_count_served_spend(tmp_path: Path) -> None:
+    entry = BudgetLedger(BudgetConfig(daily_limit=1.0, scope="mesh"), tmp_path / "e.db", "e")
+    served = BudgetLedger(BudgetConfig(daily_limit=1.0, scope="mesh"), tmp_path / "s.db", "s")
+    entry.open()
+    served.open()
+    entry.settle(entry.reserve(0.3, "ci"), 0.3)
+    served.settle(served.reserve(0.3, "ci", served=True), 0.3)
+    entry.merge_counters(served.export_counters())
+    served.merge_counters(entry.export_counters())
+    assert entry.spent() == served.spent() == pytest.approx(0.3)
+    # A caller that charged nothing (no budget, or no gossip): its own spend still counts.
+    lonely = BudgetLedger(BudgetConfig(daily_limit=1.0, scope="mesh"), tmp_path / "l.db", "l")
+    lonely.open()
+    lonely.settle(lonely.reserve(0.4, served=True), 0.4)
+    assert lonely.spent() == pytest.approx(0.4)
+    with pytest.raises(BudgetExceeded):
+        lonely.reserve(0.7, served=True)
 
 
 def test_settle_charges_real_usage_or_what_a_cut_stream_incurred(tmp_path: Path) -> None:

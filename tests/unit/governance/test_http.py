@@ -102,6 +102,18 @@ async def test_auth_off_lets_everything_through(stack: Any) -> None:
     assert (await s.client.get("/admin/stats")).status == 200
 
 
+async def test_auth_off_does_not_serve_key_management(stack: Any) -> None:
+    """A node that cannot tell who asks must not mint or revoke keys for the mesh."""
+    s = await stack([FakeProvider("fake", models=["m"])], auth=False)
+    for method, path in (("POST", "/admin/keys"), ("DELETE", "/admin/keys/user")):
+        r = await s.client.request(method, path, json={"name": "evil", "admin": True})
+        body = await r.json()
+        assert r.status == 404 and body["error"]["code"] == "key_management_disabled"
+        assert "auth.enabled: false" in body["error"]["message"]
+    listed = await (await s.client.get("/admin/keys")).json()
+    assert "evil" not in {k["name"] for k in listed["data"]}
+
+
 async def test_model_allow_list(stack: Any) -> None:
     secret = "sk-only-m-0123456789abcdef"
     s = await stack([FakeProvider("fake", models=["m", "other"])],

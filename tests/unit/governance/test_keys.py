@@ -16,8 +16,9 @@ class Clock:
 
 
 def store(path: Path, node: str = "a", config: list[KeyConfig] | None = None,
-          clock: Clock | None = None) -> KeyStore:
-    s = KeyStore(path, config or [], node_id=node, clock=clock or Clock())
+          clock: Clock | None = None, authorized: bool = True) -> KeyStore:
+    s = KeyStore(path, config or [], node_id=node, clock=clock or Clock(),
+                 authorized=authorized)
     s.open()
     return s
 
@@ -102,9 +103,13 @@ def test_gossip_merge_is_last_writer_wins_and_revocation_sticks(tmp_path: Path) 
 
 
 def test_wire_form_round_trips_and_rejects_garbage() -> None:
-    rec = KeyRecord(name="ci", key_sha256="b" * 64, rpm=5, models=("m",), version=3, origin="a")
+    rec = KeyRecord(name="ci", key_sha256="b" * 64, rpm=5, models=("m",), version=3, origin="a",
+                    authorized=True)
     assert KeyRecord.from_wire(rec.to_wire()) == rec
-    for bad in (None, [], ["x"] * 12, rec.to_wire()[:-1],
+    # A peer from before the flag sends 12 fields: read, but as not authorised.
+    old = KeyRecord.from_wire(rec.to_wire()[:-1])
+    assert old is not None and not old.authorized and old.name == "ci"
+    for bad in (None, [], ["x"] * 12, rec.to_wire()[:-2], [*rec.to_wire(), 1],
                 ["bad name", "b" * 64, None, None, None, None, None, False, 0, False, 1, "a"],
                 ["ci", "zz", None, None, None, None, None, False, 0, False, 1, "a"],
                 ["ci", "b" * 64, -1, None, None, None, None, False, 0, False, 1, "a"]):
@@ -115,3 +120,41 @@ def test_store_file_has_no_secret_column(tmp_path: Path) -> None:
     store(tmp_path / "k.db")
     cols = [r[1] for r in sqlite3.connect(tmp_path / "k.db").execute("PRAGMA table_info(keys)")]
     assert "secret" not in cols and "key_sha256" in cols
+
+
+def test_records_written_with_auth_off_stay_local(tmp_path: Path) -> None:
+    """An auth-off node's key (its own shell's `meshnode keys`) works there, is not exported,
+    and a peer refuses it even when it arrives (a forged or old digest)."""
+    off = store(tmp_path / "off.db", "off", authorized=False)
+    on = store(tmp_path / "on.db", "on")
+    record, secret = off.create("minted", admin=True)
+    assert not record.authorized and off.lookup(secret) is not None
+    assert off.export_records() == []
+    refused: list[KeyRecord] = []
+    assert on.merge_records([record], refused) == 0
+    assert refused == [record] and on.lookup(secret) is None
+    # Revocations need the flag too: an auth-off tombstone does not revoke a live key.
+    live, live_secret = on.create("ci")
+    off.merge_records([live])  # not authorised to write, but it may read what arrives
+    tomb = off.revoke("ci")
+    assert not tomb.authorized
+    assert on.merge_records([tomb]) == 0 and on.lookup(live_secret) is not None
+
+
+def test_a_keys_db_from_before_the_flag_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE keys (name TEXT PRIMARY KEY, key_sha256 TEXT NOT NULL, rpm INTEGER, "
+        "tpm INTEGER, daily_limit REAL, monthly_limit REAL, models TEXT, admin INTEGER NOT NULL, "
+        "created_at REAL NOT NULL, revoked INTEGER NOT NULL, version INTEGER NOT NULL, "
+        "origin TEXT NOT NULL)"
+    )
+    db.execute("INSERT INTO keys VALUES ('old', ?, NULL, NULL, NULL, NULL, NULL, 1, 0, 0, 1, 'x')",
+               (hash_secret("sk-old"),))
+    db.commit()
+    db.close()
+    s = store(path)
+    found = s.lookup("sk-old")
+    assert found is not None and not found.authorized
+    assert s.export_records() == []

@@ -260,3 +260,67 @@ def test_bounded_answers() -> None:
     for i in range(10):
         m.apply(alive(f"n{i}"))
     assert len(m.newer_than([])) == 3
+
+
+def test_gossip_messages_stay_under_the_size_bound_with_big_states() -> None:
+    """States carry governance pages; a joiner's answer is bounded in bytes, not only records,
+    and what does not fit follows in later rounds (rumours always go)."""
+    from meshnode.mesh.state import GossipRecord
+
+    settings = MembershipSettings(max_bytes_per_message=1_000_000)
+    clock = FakeClock()
+    m = Membership("a", "a:1", settings, clock, random.Random(1), NodeState("a", 1, "a:1"))
+    page = b"x" * 200_000
+    for i in range(20):
+        state = NodeState(f"n{i}", 1, f"n{i}:1", blobs={"governance.keys.00": page})
+        m.merge([GossipRecord(alive(f"n{i}"), state)])
+    answer = m.newer_than([])
+    with_state = [r for r in answer if r.state is not None]
+    assert sum(r.state.wire_size() for r in with_state) <= 1_000_000  # type: ignore[union-attr]
+    assert 1 <= len(with_state) < 20 and len(answer) == 21  # every rumour, some states
+    asked = m.records_for([f"n{i}" for i in range(20)])
+    assert sum(r.state.wire_size() for r in asked if r.state) <= 1_000_000
+    assert 1 <= len(asked) < 20
+
+
+def test_unchanged_blobs_are_left_out_for_a_peer_that_holds_them() -> None:
+    """Protocol 2: a new version of a state travels without the blobs the receiver's copy
+    already holds (a spend page changed, the key pages did not); the receiver fills them in."""
+    from meshnode.mesh.state import DigestEntry, GossipRecord
+
+    clock = FakeClock()
+    keys, spend = b"k" * 50_000, b"s1"
+    owner = Membership("o", "o:1", SETTINGS, clock, random.Random(1),
+                       NodeState("o", 1, "o:1"))
+    owner.publish(NodeState("o", 0, "o:1", blobs={"keys": keys, "spend": spend}))
+    relay = Membership("r", "r:1", SETTINGS, clock, random.Random(2), NodeState("r", 1, "r:1"))
+    reader = Membership("x", "x:1", SETTINGS, clock, random.Random(3), NodeState("x", 1, "x:1"))
+    for t in (relay, reader):
+        t.merge([owner.own_record()])
+    relay.merge([reader.own_record()])
+    first = owner.me.state_version
+    owner.publish(NodeState("o", 0, "o:1", blobs={"keys": keys, "spend": b"s2"}))
+    relay.merge([owner.own_record()])
+    # reader's digest says it holds o at `first`: the relay leaves the key page out.
+    digest = [DigestEntry("o", 0, MemberStatus.ALIVE, first), *[
+        d for d in reader.digest() if d.node_id != "o"]]
+    (record,) = [r for r in relay.newer_than(digest, "x") if r.member.node_id == "o"]
+    assert record.state is not None and record.state.elided == ("keys",)
+    assert set(record.state.blobs) == {"spend"} and record.state.wire_size() < 1_000
+    reader.merge([record])
+    got = reader.get("o")
+    assert got is not None and got.state is not None
+    assert got.state.blobs == {"keys": keys, "spend": b"s2"} and not got.state.elided
+    # The push after `wants` does the same with the versions the receiver said it holds.
+    (pushed,) = relay.records_for(["o"], [first])
+    assert pushed.state is not None and pushed.state.elided == ("keys",)
+    (whole_push,) = relay.records_for(["o"])
+    assert whole_push.state is not None and not whole_push.state.elided
+    # A peer on protocol 1 (or unknown) always gets the whole state.
+    (whole,) = [r for r in relay.newer_than(digest) if r.member.node_id == "o"]
+    assert whole.state is not None and not whole.state.elided
+    # A copy too old to hold the left-out blob: not merged (it comes whole next round).
+    stale = Membership("y", "y:1", SETTINGS, clock, random.Random(4), NodeState("y", 1, "y:1"))
+    stale.merge([GossipRecord(record.member, None)])
+    stale.merge([record])
+    assert stale.get("o") is not None and stale.get("o").state is None  # type: ignore[union-attr]

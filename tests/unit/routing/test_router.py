@@ -346,9 +346,13 @@ class _RecordingGate:
         gate, provider = self, offer.provider
 
         class _Hold:
-            def settle(self, usage: Usage | None, chunks: int = 0) -> float:
+            def settle(self, usage: Usage | None, chunks: int = 0,
+                       cost: float | None = None) -> float:
                 gate.events.append((provider, "settle" if usage else "settle-prompt"))
                 return 0.0
+
+            def held(self) -> None:
+                return None
 
             def release(self) -> None:
                 gate.events.append((provider, "release"))

@@ -28,7 +28,9 @@ from meshnode.providers.fake import FakeProvider
 from meshnode.routing.router import Router
 from meshnode.rpc import convert
 from meshnode.rpc.auth import MeshAuth, ReplayCache
-from meshnode.rpc.client import GOSSIP, HEALTH
+from meshnode.rpc.client import GOSSIP, HEALTH, INFER
+from meshnode.rpc.generated import mesh_pb2 as pb
+from meshnode.rpc.security import MeshSecurity
 from meshnode.types import InferenceRequest, RequestKind
 from tests.kit.mesh_services import MeshServices, members
 from tests.unit.rpc.tls_certs import LeafFiles, TestCA
@@ -169,6 +171,51 @@ async def test_replayed_message_is_refused(nodes: Nodes) -> None:
     assert a.guard.refused["replayed"] == 2
 
 
+def _infer_for(node: str) -> bytes:
+    request = InferenceRequest(
+        kind=RequestKind.CHAT, model="m", request_id="captured", deadline=time.monotonic() + 10,
+        body={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    return convert.infer_request_to_pb(request, ("x",), "x", 10.0).SerializeToString()
+
+
+async def _infer(address: str, body: bytes, metadata: list[tuple[str, str]]) -> list[str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_stream(INFER, response_deserializer=pb.InferChunk.FromString)
+        return [m.WhichOneof("payload") for m in [x async for x in call(
+            body, metadata=metadata, timeout=5)]]
+
+
+async def test_infer_captured_for_one_node_is_refused_by_another_and_after_a_restart(
+    nodes: Nodes,
+) -> None:
+    """The MAC names the callee, and the replay floor is the process start: a captured Infer
+    works once, on the node it was meant for, before that node restarts."""
+    b = await nodes.start("b", ["m"], secret=SECRET)
+    c = await nodes.start("c", ["m"], secret=SECRET)
+    body = _infer_for("b")
+    metadata, _ = MeshAuth(SECRET).sign_request("x", INFER, body, callee="b")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _infer(c.advertise_address, body, metadata)
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert c.guard.refused["wrong_callee"] == 1
+    unaddressed, _ = MeshAuth(SECRET).sign_request("x", INFER, body)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await _infer(b.advertise_address, body, unaddressed)
+    assert b.guard.refused["no_callee"] == 1
+    assert (await _infer(b.advertise_address, body, metadata))[-1] == "final"  # the original
+    address = b.advertise_address
+    await b.stop(graceful=False, grace_s=0)
+    nodes.services.remove(b)
+    restarted = await nodes.start("b", ["m"], secret=SECRET, listen_addr=address)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _infer(restarted.advertise_address, body, metadata)
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert restarted.guard.refused["stale"] == 1
+    fresh, _ = MeshAuth(SECRET).sign_request("x", INFER, body, callee="b")
+    assert (await _infer(restarted.advertise_address, body, fresh))[-1] == "final"
+
+
 async def test_tampered_body_is_refused(nodes: Nodes) -> None:
     a = await nodes.start("a", secret=SECRET)
     body = _ghost_join("ghost-3")
@@ -249,6 +296,19 @@ def test_unauthenticated_mesh_beyond_loopback_is_refused_at_start(listen: str) -
 def test_loopback_needs_no_authentication(listen: str) -> None:
     router = Router(RoutingConfig(), ["mesh"], [], "a")
     MeshService(MeshConfig(listen_addr=listen), "a", router, announce=False)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "0.0.0.0:50051"])
+def test_auth_on_needs_an_authenticated_mesh_even_on_loopback(listen: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        MeshSecurity.from_config(MeshConfig(listen_addr=listen), auth_enabled=True)
+    (line,) = err.value.errors
+    assert line.startswith("auth.enabled: true needs an authenticated mesh") and "--insecure" in line
+    assert MeshSecurity.from_config(MeshConfig(listen_addr=listen, secret="x"),
+                                    auth_enabled=True).authenticated
+    insecure = MeshSecurity.from_config(MeshConfig(listen_addr=listen, insecure=True),
+                                        auth_enabled=True)
+    assert not insecure.authenticated
 
 
 def test_insecure_flag_maps_to_mesh_insecure() -> None:

@@ -197,3 +197,40 @@ async def test_liar_with_cost_zero_and_infinite_capacity_loses_to_measurement(
     assert served == ["honest"] * 10
     # Its failures, measured here, cooled it down: the cheapest claim stopped being tried.
     assert 1 <= tried_liar <= 3
+
+
+def test_cut_counters_and_blobs_are_counted_not_silent() -> None:
+    from meshnode.rpc.convert import DROPPED, MAX_BLOB_BYTES, MAX_BLOBS, MAX_COUNTERS
+
+    before = dict(DROPPED)
+    state = pb.NodeState(
+        node_id="big", version=1, grpc_address="x",
+        counters={f"c{i}": 1.0 for i in range(MAX_COUNTERS + 5)},
+        blobs={**{f"b{i}": b"x" for i in range(MAX_BLOBS - 1)},
+               "huge": b"y" * (MAX_BLOB_BYTES + 1), "extra": b"z"},
+    )
+    decoded = convert.state_from_pb(state)
+    assert decoded is not None and len(decoded.counters) == MAX_COUNTERS
+    assert DROPPED["too_many_counters"] - before.get("too_many_counters", 0) == 5
+    assert DROPPED["too_many_blobs"] - before.get("too_many_blobs", 0) == 1
+    assert DROPPED["oversized_blob"] - before.get("oversized_blob", 0) == 1
+
+
+def test_the_dearest_price_travels_and_is_never_read_below_the_cheapest() -> None:
+    from meshnode.mesh.state import ModelAd, NodeState
+
+    state = NodeState("p", 1, "p:1", models=(
+        ModelAd("m", "local", cost_per_1k_input=0.0, cost_per_1k_output=0.0,
+                max_cost_per_1k_input=0.01, max_cost_per_1k_output=0.03),))
+    (ad,) = convert.state_from_pb(convert.state_to_pb(state)).models  # type: ignore[union-attr]
+    assert (ad.max_cost_per_1k_input, ad.max_cost_per_1k_output) == (0.01, 0.03)
+    old = convert.state_to_pb(state)
+    old.models[0].ClearField("max_cost_per_1k_input")
+    old.models[0].ClearField("max_cost_per_1k_output")
+    (ad,) = convert.state_from_pb(old).models  # type: ignore[union-attr]
+    assert ad.max_cost_per_1k_input is None  # a node from before: its price stands
+    liar = convert.state_to_pb(state)
+    liar.models[0].cost_per_1k_input = 0.5
+    liar.models[0].max_cost_per_1k_input = float("nan")
+    (ad,) = convert.state_from_pb(liar).models  # type: ignore[union-attr]
+    assert ad.max_cost_per_1k_input == convert.MAX_PRICE  # NaN reads as the highest
