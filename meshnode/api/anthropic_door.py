@@ -26,7 +26,12 @@ import orjson
 from aiohttp import web
 
 from meshnode.api.errors import JSON, retry_after_header
-from meshnode.api.handlers import _aiproxy_headers, _served_headers, require_model
+from meshnode.api.handlers import (
+    _aiproxy_headers,
+    _served_headers,
+    open_event_stream,
+    require_model,
+)
 from meshnode.api.protocol import loads_body, parse_chat
 from meshnode.api.state import CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, MeshError
@@ -609,18 +614,10 @@ async def _stream(
     request: web.Request, state: ApiState, inference: InferenceRequest
 ) -> web.StreamResponse:
     ctx = request[CONTEXT]
-    routed = await state.router.open_stream(inference)
-    ctx.served = routed.served
-    response = web.StreamResponse(status=200, headers=_served_headers(routed.served))
-    response.content_type = "text/event-stream"
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["x-request-id"] = ctx.request_id
-    response.headers["request-id"] = ctx.request_id
-    try:
-        await response.prepare(request)
-    except BaseException:
-        await routed.aclose()
-        raise
+    response, routed = await open_event_stream(
+        request, state, inference, cached=False, headers={"request-id": ctx.request_id})
+    if routed is None:
+        return response
     await _relay(response, routed, inference, ctx)
     return response
 

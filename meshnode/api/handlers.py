@@ -20,7 +20,7 @@ from meshnode.api.protocol import parse_request
 from meshnode.api.state import CACHE, CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, ModelNotFound
 from meshnode.governance.http import GOVERNANCE, key_name_of
-from meshnode.routing.outcome import Served
+from meshnode.routing.outcome import RoutedStream, Served
 from meshnode.types import InferenceRequest, RequestKind
 
 _KIND_NAMES = {
@@ -114,11 +114,20 @@ async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
         metrics.in_flight.dec()
 
 
-async def _stream(
-    request: web.Request, state: ApiState, inference: InferenceRequest
-) -> web.StreamResponse:
+async def open_event_stream(
+    request: web.Request, state: ApiState, inference: InferenceRequest, *, cached: bool = True,
+    headers: dict[str, str] | None = None,
+) -> tuple[web.StreamResponse, RoutedStream | None]:
+    """Route a streamed request (through the answer cache when `cached` and the app has one)
+    and send the event-stream headers: the one opening of every SSE answer (chat, completions,
+    Responses, Anthropic's messages).
+
+    `(response, None)` when the client went away before the headers went out: the route is
+    closed, the request is recorded as `client_closed` (not an internal error with a
+    traceback), and the handler returns the unwritten response, which aiohttp drops quietly.
+    """
     ctx = request[CONTEXT]
-    cache = request.app.get(CACHE)
+    cache = request.app.get(CACHE) if cached else None
     if cache is not None:
         routed = await cache.open_stream(
             state.router, inference, request.headers.get("Cache-Control"))
@@ -129,11 +138,27 @@ async def _stream(
     response.content_type = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     response.headers["x-request-id"] = ctx.request_id
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
     try:
         await response.prepare(request)
+    except ConnectionError:
+        await routed.aclose()
+        ctx.error_code = "client_closed"
+        return response, None
     except BaseException:
         await routed.aclose()
         raise
+    return response, routed
+
+
+async def _stream(
+    request: web.Request, state: ApiState, inference: InferenceRequest
+) -> web.StreamResponse:
+    ctx = request[CONTEXT]
+    response, routed = await open_event_stream(request, state, inference)
+    if routed is None:
+        return response
     report = await sse.relay(
         response, routed, include_usage=inference.include_usage, request_id=ctx.request_id
     )

@@ -28,7 +28,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from meshnode.api.handlers import _aiproxy_headers, _json, _served_headers, require_model
+from meshnode.api.handlers import (
+    _aiproxy_headers,
+    _json,
+    _served_headers,
+    open_event_stream,
+    require_model,
+)
 from meshnode.api.protocol import loads_body, parse_chat
 from meshnode.api.responses import (
     ResponseEventWriter,
@@ -128,22 +134,9 @@ async def _stream(
     history: list[dict[str, Any]], response_id: str, created_at: int,
 ) -> web.StreamResponse:
     ctx = request[CONTEXT]
-    cache = request.app.get(CACHE)
-    if cache is not None:
-        routed = await cache.open_stream(state.router, inference,
-                                         request.headers.get("Cache-Control"))
-    else:
-        routed = await state.router.open_stream(inference)
-    ctx.served = routed.served
-    response = web.StreamResponse(status=200, headers=_served_headers(routed.served))
-    response.content_type = "text/event-stream"
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["x-request-id"] = ctx.request_id
-    try:
-        await response.prepare(request)
-    except BaseException:
-        await routed.aclose()
-        raise
+    response, routed = await open_event_stream(request, state, inference)
+    if routed is None:
+        return response
     if is_native_event(routed.first.data):
         final = await _relay_native(response, routed, call, response_id, ctx)
     else:
