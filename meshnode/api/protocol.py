@@ -61,7 +61,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """A JSON value's type as error messages name it (`number`, `array` ...)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -83,7 +84,7 @@ def _model(body: Mapping[str, Any]) -> str:
         raise InvalidRequest("you must provide a model parameter", param="model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest(
-            f"'model' must be a non-empty string, got {_type_name(model)}", param="model"
+            f"'model' must be a non-empty string, got {type_name(model)}", param="model"
         )
     if len(model) > 256:
         raise InvalidRequest("'model' is too long (max 256 characters)", param="model")
@@ -97,7 +98,7 @@ def _optional_number(
     if value is None:
         return
     if not _is_number(value):
-        raise InvalidRequest(f"'{name}' must be a number, got {_type_name(value)}", param=name)
+        raise InvalidRequest(f"'{name}' must be a number, got {type_name(value)}", param=name)
     if not low <= value <= high:
         raise InvalidRequest(
             f"'{name}' must be between {low:g} and {high:g}, got {value}", param=name
@@ -109,7 +110,7 @@ def _optional_int(body: Mapping[str, Any], name: str, low: int, high: int) -> in
     if value is None:
         return None
     if not _is_int(value):
-        raise InvalidRequest(f"'{name}' must be an integer, got {_type_name(value)}", param=name)
+        raise InvalidRequest(f"'{name}' must be an integer, got {type_name(value)}", param=name)
     if not low <= value <= high:
         raise InvalidRequest(
             f"'{name}' must be between {low} and {high}, got {value}", param=name
@@ -122,7 +123,7 @@ def _optional_bool(body: Mapping[str, Any], name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be a boolean, got {_type_name(value)}", param=name)
+        raise InvalidRequest(f"'{name}' must be a boolean, got {type_name(value)}", param=name)
     return value
 
 
@@ -130,7 +131,7 @@ def _optional_type(body: Mapping[str, Any], name: str, kind: type, kind_name: st
     value = body.get(name)
     if value is not None and not isinstance(value, kind):
         raise InvalidRequest(
-            f"'{name}' must be {kind_name}, got {_type_name(value)}", param=name
+            f"'{name}' must be {kind_name}, got {type_name(value)}", param=name
         )
 
 
@@ -140,7 +141,7 @@ def _stop(body: Mapping[str, Any]) -> None:
         return
     if not isinstance(stop, list):
         raise InvalidRequest(
-            f"'stop' must be a string or an array of strings, got {_type_name(stop)}",
+            f"'stop' must be a string or an array of strings, got {type_name(stop)}",
             param="stop",
         )
     if len(stop) > MAX_STOP:
@@ -164,7 +165,7 @@ def _sampling(body: Mapping[str, Any], least_tokens: int = 1) -> int | None:
     _optional_number(body, "frequency_penalty", -2.0, 2.0)
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
-        raise InvalidRequest(f"'seed' must be an integer, got {_type_name(seed)}", param="seed")
+        raise InvalidRequest(f"'seed' must be an integer, got {type_name(seed)}", param="seed")
     _optional_type(body, "user", str, "a string")
     _optional_type(body, "logit_bias", dict, "an object")
     _stop(body)
@@ -178,7 +179,7 @@ def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
     if options is not None:
         if not isinstance(options, dict):
             raise InvalidRequest(
-                f"'stream_options' must be an object, got {_type_name(options)}",
+                f"'stream_options' must be an object, got {type_name(options)}",
                 param="stream_options",
             )
         usage = options.get("include_usage")
@@ -200,7 +201,7 @@ def _content_chars(content: Any, where: str) -> int:
         for j, part in enumerate(content):
             if not isinstance(part, dict):
                 raise InvalidRequest(
-                    f"'{where}[{j}]' must be an object, got {_type_name(part)}",
+                    f"'{where}[{j}]' must be an object, got {type_name(part)}",
                     param=f"{where}[{j}]",
                 )
             if not isinstance(part.get("type"), str):
@@ -212,7 +213,7 @@ def _content_chars(content: Any, where: str) -> int:
                 total += len(text)
         return total
     raise InvalidRequest(
-        f"'{where}' must be a string or an array of content parts, got {_type_name(content)}",
+        f"'{where}' must be a string or an array of content parts, got {type_name(content)}",
         param=where,
     )
 
@@ -224,7 +225,7 @@ def _messages(body: Mapping[str, Any]) -> int:
         raise InvalidRequest("'messages' is required", param="messages")
     if not isinstance(messages, list):
         raise InvalidRequest(
-            f"'messages' must be an array, got {_type_name(messages)}", param="messages"
+            f"'messages' must be an array, got {type_name(messages)}", param="messages"
         )
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
@@ -232,12 +233,12 @@ def _messages(body: Mapping[str, Any]) -> int:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidRequest(
-                f"'messages[{i}]' must be an object, got {_type_name(message)}",
+                f"'messages[{i}]' must be an object, got {type_name(message)}",
                 param=f"messages[{i}]",
             )
         role = message.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
-            got = repr(role) if isinstance(role, str) else _type_name(role)
+            got = repr(role) if isinstance(role, str) else type_name(role)
             raise InvalidRequest(
                 f"'messages[{i}].role' must be one of {', '.join(sorted(CHAT_ROLES))}, got {got}",
                 param=f"messages[{i}].role",
@@ -261,7 +262,7 @@ def _tools(body: Mapping[str, Any]) -> None:
     if tools is None:
         return
     if not isinstance(tools, list):
-        raise InvalidRequest(f"'tools' must be an array, got {_type_name(tools)}", param="tools")
+        raise InvalidRequest(f"'tools' must be an array, got {type_name(tools)}", param="tools")
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise InvalidRequest(f"'tools[{i}]' must be an object", param=f"tools[{i}]")

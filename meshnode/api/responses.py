@@ -38,6 +38,7 @@ from typing import Any
 
 import orjson
 
+from meshnode.api.protocol import type_name as _type_name
 from meshnode.errors import InvalidRequest, MeshError
 from meshnode.providers.anthropic_extensions import MESSAGE_FIELD
 from meshnode.types import REDIRECT_FIELDS
@@ -62,22 +63,6 @@ _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{os.urandom(12).hex()}"
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 # --------------------------------------------------------------------------- the request
