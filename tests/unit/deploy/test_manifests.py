@@ -113,11 +113,15 @@ def test_dockerfile(name: str) -> None:
     if name == "Dockerfile.cpu":
         assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
     copied = " ".join(df["COPY"])
-    for needed in ("pyproject.toml", "meshnode", "deploy/quickstart.sh",
+    for needed in ("pyproject.toml", "requirements/lock.txt", "meshnode", "deploy/quickstart.sh",
                    "deploy/docker/entrypoint.sh"):
         assert needed in copied
+    # the pinned set goes in before meshnode, which then adds nothing of its own
+    assert "pip install -r requirements/lock.txt" in df["RUN"]
+    assert "pip install --no-deps ." in df["RUN"]
     ignore = (DEPLOY / "docker" / f"{name}.dockerignore").read_text(encoding="utf-8")
-    for needed in ("!pyproject.toml", "!meshnode/", "!deploy/quickstart.sh"):
+    for needed in ("!pyproject.toml", "!requirements/lock.txt", "!meshnode/",
+                   "!deploy/quickstart.sh"):
         assert needed in ignore
     assert df["ENTRYPOINT"] == ['["/usr/local/bin/meshnode-entrypoint"]']
 
