@@ -104,6 +104,12 @@ class ServerConfig(_Strict):
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     cors: CorsConfig = Field(default_factory=CorsConfig)
     responses_store: ResponsesStoreConfig = Field(default_factory=ResponsesStoreConfig)
+    # Limits against clients that hold connections without sending (meshnode/api/server.py).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1024, gt=0)
+    reserved_connections: int = Field(default=16, ge=0)
 
 
 class LoggingConfig(_Strict):
@@ -338,6 +344,11 @@ class Config(_Strict):
             problem = _check_addr(addr)
             if problem:
                 errors.append(f"{addr_path}: {problem}")
+        if self.server.reserved_connections >= self.server.max_connections:
+            errors.append(
+                "server.reserved_connections: must be less than server.max_connections "
+                f"({self.server.max_connections})"
+            )
         for i, seed in enumerate(self.mesh.seeds):
             problem = _check_addr(seed)
             if problem:

@@ -50,6 +50,17 @@ DESCRIPTIONS: dict[str, str] = {
                               "`previous_response_id`), in `data_dir/responses.sqlite3`.",
     "server.responses_store.max_entries": "At most this many are kept; the oldest go first.",
     "server.responses_store.max_age_s": "Older ones are deleted (OpenAI keeps 30 days).",
+    "server.header_timeout_s": "A request's line and headers must arrive within this from its "
+                               "first byte, else the connection is closed.",
+    "server.body_timeout_s": "A request body must arrive whole within this, else 408 and the "
+                             "connection is closed (a slowly dribbled body included).",
+    "server.idle_timeout_s": "A connection with no request under way (a new silent one "
+                             "included) is closed after this.",
+    "server.max_connections": "Open HTTP connections at most; lowered to what the open-file "
+                              "limit (`ulimit -n`) allows. At the cap a new connection "
+                              "displaces the oldest idle one.",
+    "server.reserved_connections": "Of `max_connections`, kept for `/health/*`, `/admin/*` and "
+                                   "`/metrics`: other requests beyond the rest get 503.",
     "logging": "Log output.",
     "logging.format": "`text` for people, `json` for log shippers (`--log-format`).",
     "logging.level": "Minimum level logged.",

@@ -11,6 +11,7 @@ raises and catches only these. The API layer turns one into OpenAI's error shape
     ├── PermissionDenied              403 permission_error
     ├── ModelNotFound                 404 invalid_request_error, code model_not_found
     ├── NotFound                      404 invalid_request_error, code not_found (a stored object)
+    ├── RequestTimeout                408 invalid_request_error     (the body did not arrive)
     ├── PayloadTooLarge               413 invalid_request_error
     ├── RateLimited                   429 code rate_limit_exceeded  (our own limits, Retry-After)
     ├── BudgetExceeded                429 code budget_exceeded      (Retry-After)
@@ -111,6 +112,12 @@ class NotFound(MeshError):
     status = 404
     error_type = "invalid_request_error"
     code = "not_found"
+class RequestTimeout(MeshError):
+    """The client did not send its request body within `server.body_timeout_s`."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(MeshError):

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from meshnode.api.app import create_app
 from meshnode.api.responses_http import RESPONSE_STORE
+from meshnode.api.server import LimitedAppRunner
 from meshnode.api.state import CACHE
 from meshnode.cache.embedders import RouterEmbedder
 from meshnode.cache.service import ResponseCache
@@ -239,7 +240,7 @@ class Node:
 
     async def _start_http(self, sock: socket.socket) -> None:
         grace = self.config.server.shutdown_grace_s
-        runner = web.AppRunner(
+        runner = LimitedAppRunner(
             self.app,
             # A client that disconnects cancels its handler, and so its upstream call.
             handler_cancellation=True,

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from meshnode.api.errors import JSON, retry_after_header
+from meshnode.api.errors import JSON, error_response, retry_after_header
 from meshnode.api.handlers import (
     _aiproxy_headers,
     _served_headers,
@@ -571,6 +571,13 @@ def anthropic_error_response(exc: MeshError, request_id: str, node_id: str) -> w
         headers["x-aiproxy-provider"] = exc.provider
     return web.Response(body=orjson.dumps(error_envelope(exc)), status=exc.status,
                         content_type=JSON, headers=headers)
+
+
+def render_error(exc: MeshError, path: str, request_id: str, node_id: str) -> web.Response:
+    """The answer for `exc` in the envelope the client at `path` parses: Anthropic's at this
+    door (errors raised before its handler ran too: auth, limits, body size), else OpenAI's."""
+    render = anthropic_error_response if path.startswith("/v1/messages") else error_response
+    return render(exc, request_id, node_id)
 
 
 def _check_model(state: ApiState, model: str) -> None:

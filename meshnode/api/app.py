@@ -11,8 +11,12 @@ Middlewares, outermost first:
 - `request_middleware`: the request id (a sane client `x-request-id` is honoured, else one is
   generated; echoed in the response), the error mapping (`meshnode.api.errors`, the one place),
   and the per-request log line and metrics;
+- `reserve_middleware` (meshnode/api/server.py): 503 for inference once the connections kept
+  for `/health/*` and `/admin/*` are all that is left;
 - `body_limit_middleware`: a declared body over `server.max_body_bytes` is refused with 413
-  before it is read (aiohttp's `client_max_size` catches bodies without a length).
+  before it is read (aiohttp's `client_max_size` catches bodies without a length);
+- the registrars' middlewares (auth, rate limits), then `body_deadline_middleware`, the
+  innermost: the body is read whole within `server.body_timeout_s` or answered 408.
 
 Every answer gets `openai-processing-ms` (a response-prepare hook); whole answers of at least
 `GZIP_MIN_BYTES` are gzipped for clients that send `Accept-Encoding: gzip`.
@@ -30,10 +34,16 @@ from typing import Any
 from aiohttp import web
 
 from meshnode.api import cors, handlers
-from meshnode.api.anthropic_door import add_anthropic_routes, anthropic_error_response
-from meshnode.api.errors import error_response, http_error_response, unexpected_error_response
+from meshnode.api.anthropic_door import add_anthropic_routes, render_error
+from meshnode.api.errors import http_error_response, unexpected_error_response
 from meshnode.api.images import add_image_routes
 from meshnode.api.responses_http import add_responses_routes
+from meshnode.api.server import (
+    CONNECTIONS,
+    ConnectionGuard,
+    body_deadline_middleware,
+    reserve_middleware,
+)
 from meshnode.api.state import CONTEXT, STATE, ApiState, RequestContext, new_request_id
 from meshnode.config import ServerConfig, TimeoutsConfig
 from meshnode.dashboard import add_dashboard_routes
@@ -92,9 +102,7 @@ async def _serve(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx.attempts = exc.attempts
         # Errors raised before the Anthropic door's handler (auth, rate limits, body size)
         # still answer in the envelope its clients parse.
-        render = (anthropic_error_response if request.path.startswith("/v1/messages")
-                  else error_response)
-        response = render(exc, request_id, state.node_id)
+        response = render_error(exc, request.path, request_id, state.node_id)
     except web.HTTPException as exc:
         # aiohttp's own refusals (no such route, wrong method, body over client_max_size).
         ctx.error_code = "http_" + str(exc.status)
@@ -250,7 +258,7 @@ def create_app(
     # The router's own slice by default: one deadline for the front end and the failover loop.
     timeouts = timeouts or getattr(router, "timeouts", None) or TimeoutsConfig()
     app = web.Application(
-        middlewares=[request_middleware, body_limit_middleware],
+        middlewares=[request_middleware, reserve_middleware, body_limit_middleware],
         # Bodies without a Content-Length are cut off here while being read.
         client_max_size=server.max_body_bytes,
     )
@@ -263,9 +271,11 @@ def create_app(
     )
     app.on_response_prepare.append(_processing_ms)
     cors.install(app, server.cors)  # outermost: preflights are answered before auth
+    app[CONNECTIONS] = ConnectionGuard(server, node_id)
     add_routes(app)
     for registrar in extra_routes:
         registrar(app)
+    app.middlewares.append(body_deadline_middleware)
     if manage_providers:
         app.cleanup_ctx.append(_providers_ctx(router))
     return app

@@ -1,0 +1,295 @@
+"""The HTTP server's own limits: what a client may hold without sending, and how many it may hold.
+
+aiohttp alone waits an hour for a silent connection, forever for a dribbled body, accepts until
+the process runs out of file descriptors (then `/health/live` is unreachable too), and answers
+its parser's refusals (header floods, oversized headers, TLS bytes on the HTTP port) in plain
+text with a traceback at ERROR. This module owns the fixes, all read from `server.*`:
+
+- `idle_timeout_s`: a connection with no request under way is closed (aiohttp's keep-alive
+  timer, which also runs from the moment a connection opens);
+- `header_timeout_s`: from a request's first byte, its line and headers must be complete;
+- `body_timeout_s`: the body must arrive whole (`body_deadline_middleware` reads it first;
+  408, and the connection is closed without lingering);
+- `max_connections`: lowered to what `RLIMIT_NOFILE` leaves after `FD_HEADROOM`; a new
+  connection beyond it displaces the oldest idle one (a silent or half-sent one), or is closed
+  when every connection is busy;
+- `reserved_connections`: requests other than `/health/*`, `/admin/*` and `/metrics` get 503
+  once `max_connections - reserved_connections` connections are busy, so those always have
+  room;
+- parser refusals are answered in OpenAI's error shape (Anthropic's on `/v1/messages`) with
+  one WARNING line.
+
+`LimitedAppRunner` is the runner `meshnode.node.Node` uses; `ConnectionGuard` is shared by the
+runner (connection counts) and the app (`CONNECTIONS`, read by `reserve_middleware` and `body_deadline_middleware`). The handler
+subclass reads three attributes of aiohttp's `RequestHandler` (`_request_in_progress`,
+`_messages`, `_lingering_time`); the aiohttp version is pinned in requirements/lock.txt and
+tests/integration/test_server_limits.py drives all of this against a real node process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+from meshnode.api.anthropic_door import render_error
+from meshnode.api.state import new_request_id
+from meshnode.config import ServerConfig
+from meshnode.errors import InvalidRequest, MeshError, NoCapacity, RequestTimeout
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# File descriptors left for everything but HTTP connections: gRPC, peers, the worker's pipes,
+# sqlite, logs, zeroconf.
+FD_HEADROOM = 64
+# Paths that keep answering while inference fills the connections (load balancers, meshctl).
+PRIORITY_PREFIXES = ("/health/", "/admin/", "/metrics")
+# A flood displaces connections by the thousand: say so at most once per this many seconds.
+_EVICTION_LOG_INTERVAL_S = 10.0
+_MAX_REASON_CHARS = 200
+
+
+def connection_cap(configured: int, reserved: int) -> int:
+    """`configured`, lowered so the HTTP connections cannot exhaust the process's open-file
+    limit (the soft `RLIMIT_NOFILE`, what `ulimit -n` sets)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    room = soft - FD_HEADROOM if soft > 2 * FD_HEADROOM else soft // 2
+    return max(reserved + 1, min(configured, room))
+
+
+def is_priority(path: str) -> bool:
+    return path.startswith(PRIORITY_PREFIXES)
+
+
+class ConnectionGuard:
+    """Counts open and busy connections; decides who is displaced and who gets 503.
+
+    Runs on the event loop only (aiohttp calls it from its protocol callbacks); nothing here
+    blocks or awaits.
+    """
+
+    def __init__(self, config: ServerConfig, node_id: str) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.max_connections = connection_cap(config.max_connections,
+                                              config.reserved_connections)
+        self.general_limit = self.max_connections - config.reserved_connections
+        # Insertion order is opening order: the first idle one is the oldest.
+        self._open: dict[RequestHandler, None] = {}
+        self._busy: set[RequestHandler] = set()
+        self._busy_general = 0
+        self.displaced = 0
+        self.refused = 0
+        self._displaced_logged = 0
+        self._last_eviction_log = 0.0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    def opened(self, handler: RequestHandler) -> None:
+        self._open[handler] = None
+        if len(self._open) <= self.max_connections:
+            return
+        victim = next((h for h in self._open if h not in self._busy and h is not handler), None)
+        if victim is None:
+            self.refused += 1
+            victim = handler  # every other connection is busy: this one cannot have room
+        else:
+            self.displaced += 1
+        self._open.pop(victim, None)
+        victim.force_close()
+        self._log_eviction()
+
+    def closed(self, handler: RequestHandler) -> None:
+        self._open.pop(handler, None)
+        self._busy.discard(handler)
+
+    def request_started(self, handler: Any, path: str) -> None:
+        """Raises NoCapacity when `path` is not a priority path and the general connections are
+        all busy."""
+        if is_priority(path):
+            self._busy.add(handler)
+            return
+        if self._busy_general >= self.general_limit:
+            raise NoCapacity(
+                f"this node is serving {self._busy_general} requests, its limit "
+                "(server.max_connections - server.reserved_connections); retry shortly",
+                retry_after=1.0,
+            )
+        self._busy_general += 1
+        self._busy.add(handler)
+
+    def request_finished(self, handler: Any, path: str) -> None:
+        self._busy.discard(handler)
+        if not is_priority(path):
+            self._busy_general -= 1
+
+    def _log_eviction(self) -> None:
+        now = time.monotonic()
+        if now - self._last_eviction_log < _EVICTION_LOG_INTERVAL_S:
+            return
+        self._last_eviction_log = now
+        log.warning(
+            "HTTP connections at the cap (%d, server.max_connections within ulimit -n): "
+            "%d idle connections displaced, %d new ones refused so far",
+            self.max_connections, self.displaced, self.refused,
+        )
+
+
+CONNECTIONS = web.AppKey("meshnode_connection_guard", ConnectionGuard)
+
+
+class LimitedRequestHandler(RequestHandler):
+    """aiohttp's connection handler with a header deadline, a way to drop an abandoned body
+    without lingering, and parser refusals in our error shapes."""
+
+    def __init__(self, manager: Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._head_start = b""  # the first bytes of the request being received
+
+    def data_received(self, data: bytes) -> None:
+        waiting_for_head = not self._request_in_progress and not self._messages
+        if waiting_for_head and self._header_deadline is None:
+            self._head_start = data[:64]
+        super().data_received(data)
+        if self._messages or self._request_in_progress:
+            self._cancel_header_deadline()
+        elif self._header_deadline is None and self.transport is not None:
+            self._header_deadline = self._loop.call_later(
+                self._guard.config.header_timeout_s, self._header_timed_out
+            )
+
+    def _header_timed_out(self) -> None:
+        self._header_deadline = None
+        if not self._messages and not self._request_in_progress:
+            log.warning(
+                "closed an HTTP connection whose request headers did not arrive within %ss "
+                "(server.header_timeout_s)", self._guard.config.header_timeout_s,
+            )
+            self.force_close()
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_header_deadline()
+        self._guard.closed(self)
+        super().connection_lost(exc)
+
+    def abandon_body(self) -> None:
+        """Close after the current answer without reading the rest of the body (aiohttp
+        would otherwise linger, reading, for up to `lingering_time`)."""
+        self._lingering_time = 0.0
+        self.close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        reason = " ".join(str(message or exc or "malformed request").split())
+        reason = reason[:_MAX_REASON_CHARS]
+        if status >= 500:
+            log.error("HTTP request from %s failed inside aiohttp: %s", request.remote, reason)
+            error: MeshError = MeshError("internal error")
+        else:
+            log.warning("refused a malformed HTTP request from %s: %s", request.remote, reason)
+            error = InvalidRequest(f"malformed HTTP request: {reason}",
+                                   code="malformed_request")
+        path = "/v1/messages" if self._head_start.split(b" ", 2)[1:2] == [b"/v1/messages"] \
+            else "/"
+        response = render_error(error, path, new_request_id(), self._guard.node_id)
+        if status < 500:
+            response.set_status(status)
+        response.force_close()
+        return response
+
+
+class LimitedServer(Server):
+    """aiohttp's low-level server, making `LimitedRequestHandler`s and counting them."""
+
+    def __init__(self, base: Server, guard: ConnectionGuard) -> None:
+        # Built from the server aiohttp's AppRunner made, with every setting it chose.
+        super().__init__(base.request_handler, request_factory=base.request_factory,
+                         handler_cancellation=base.handler_cancellation,
+                         loop=asyncio.get_running_loop(), **base._kwargs)
+        self._guard = guard
+
+    def __call__(self) -> RequestHandler:
+        return LimitedRequestHandler(self, guard=self._guard, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._guard.opened(handler)
+
+
+class LimitedAppRunner(web.AppRunner):
+    """An AppRunner whose server applies `ConnectionGuard` and the timeouts of `server.*`."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        self._guard = app[CONNECTIONS]
+        # aiohttp closes a connection that waits this long for a request, counted from its
+        # opening too.
+        kwargs.setdefault("keepalive_timeout", self._guard.config.idle_timeout_s)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> Server:
+        base = await super()._make_server()  # runs the app's startup
+        return LimitedServer(base, self._guard)
+
+
+@web.middleware
+async def reserve_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """503 for a general request once the general connections are all busy, so `/health/*`,
+    `/admin/*` and `/metrics` keep `server.reserved_connections` for themselves."""
+    guard = request.app.get(CONNECTIONS)
+    if guard is None:
+        return await handler(request)
+    protocol = request.protocol
+    guard.request_started(protocol, request.path)
+    try:
+        return await handler(request)
+    finally:
+        guard.request_finished(protocol, request.path)
+
+
+@web.middleware
+async def body_deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Reads the body, whole, within `server.body_timeout_s`, so handlers find it read. The
+    innermost middleware: after auth, so an unauthenticated body is never read."""
+    guard = request.app.get(CONNECTIONS)
+    if guard is not None and request.body_exists:
+        timeout_s = guard.config.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await request.read()
+        except TimeoutError:
+            log.warning(
+                "request body from %s for %s not complete within %ss "
+                "(server.body_timeout_s): 408, connection closed",
+                request.remote, request.path, timeout_s,
+            )
+            protocol = request.protocol
+            if isinstance(protocol, LimitedRequestHandler):
+                protocol.abandon_body()
+            raise RequestTimeout(f"the request body did not arrive within {timeout_s} s") from None
+    return await handler(request)
