@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from typing import Any
 
 from meshnode.config import Config, load_config
 from meshnode.errors import ConfigError
+from meshnode.memory import tune_for_serving
 
 log = logging.getLogger("meshnode")
 
@@ -180,23 +180,13 @@ def _serve(config: Config, *, embedded_default: bool) -> int:
     except ConfigError as exc:
         log_config_errors(config.logging.format, exc.errors)
         return EXIT_INVALID
-    _tune_gc()
+    tune_for_serving()
     try:
         return _event_loop_run(node.run_until_signal())
     except OSError as exc:
         # Typically the address is in use; say so plainly rather than with a traceback.
         log.error("cannot start: %s", exc)
         return EXIT_FAILED
-
-
-def _tune_gc() -> None:
-    """Move everything built at start-up out of the collector's sight and collect young objects
-    less often. Requests allocate many short-lived objects; with the default threshold (700)
-    the cyclic collector ran every few requests and showed up as ~10% of the node's CPU.
-    Reference counting still frees almost everything at once; cycles are still collected."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
 
 
 def _event_loop_run(coro: Any) -> int:
