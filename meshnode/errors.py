@@ -18,6 +18,8 @@ raises and catches only these. The API layer turns one into OpenAI's error shape
     ├── NoCapacity                    503 service_unavailable       (nothing can serve now)
     ├── DeadlineExceeded              504 timeout
     ├── ConfigError                   not an HTTP error: the node refuses to start
+    ├── StateFileError                not an HTTP error: a file in data_dir cannot be trusted,
+    │                                 the node refuses to start (one line naming the file)
     └── UpstreamError                 502 upstream_error            retryable elsewhere
         ├── UpstreamUnavailable       502  connection refused/reset, 5xx, bad body: retryable
         ├── UpstreamTimeout           504  connect or first-byte timeout: retryable
@@ -158,6 +160,19 @@ class ConfigError(MeshError):
     def __init__(self, errors: list[str]) -> None:
         super().__init__("invalid configuration:\n  " + "\n  ".join(errors))
         self.errors = errors
+
+
+class StateFileError(MeshError):
+    """A file in data_dir is missing, empty or damaged where the node must not guess. The
+    message names the file and, when there is one, the flag that accepts starting afresh."""
+
+    def __init__(self, path: object, problem: str, remedy: str | None = None) -> None:
+        message = f"{path} {problem}"
+        if remedy:
+            message += f"; {remedy}"
+        super().__init__(message)
+        self.path = path
+        self.problem = problem
 
 
 class UpstreamError(MeshError):

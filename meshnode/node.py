@@ -85,10 +85,12 @@ class Node:
         services: Sequence[ServiceFactory] = (),
         embedded_default: bool = False,
         env: Mapping[str, str] | None = None,
+        reset_ledger: bool = False,
     ) -> None:
         """`embedded_default`: the config came from no file (SPEC §2); then a provider whose
         adapter cannot be imported yet is skipped with a warning instead of stopping the node.
-        Raises ConfigError when a provider cannot be built."""
+        Raises ConfigError when a provider cannot be built, StateFileError when a file in
+        data_dir cannot be trusted (`reset_ledger`: start a new spend ledger instead)."""
         self.config = config
         self.embedded_default = embedded_default
         self._env = os.environ if env is None else env
@@ -106,7 +108,7 @@ class Node:
             config.auth, config.budget, config.node.data_dir, self.node_id,
             mesh_secret=config.mesh.secret,
         )
-        self.governance.open()
+        self.governance.open(reset_ledger=reset_ledger)
         self.metrics.budget_source = self.governance.budget_summary  # read at scrape time
         self.governance.on_dropped = (
             lambda reason, n: self.metrics.gossip_dropped.labels(reason).inc(n)

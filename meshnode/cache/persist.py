@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshnode.cache.entry import CachedAnswer
+from meshnode.errors import StateFileError
+from meshnode.state_files import open_checked, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,16 @@ class SqliteStore:
 
     # All _sync_* methods run on the one executor thread, so the connection has one user.
     def _sync_open(self, max_entries: int, oldest: float | None) -> list[StoredRow]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
+        try:
+            conn = open_checked(self.path)
+            conn.executescript(_SCHEMA)
+        except (StateFileError, sqlite3.DatabaseError) as exc:
+            # Disposable: a damaged cache costs misses, never a refusal to start.
+            moved = set_aside(self.path)
+            log.warning("cache: %s; starting with an empty cache (the old file is kept as %s)",
+                        getattr(exc, "message", exc), ", ".join(p.name for p in moved))
+            conn = open_checked(self.path)
+            conn.executescript(_SCHEMA)
         self._conn = conn
         if oldest is not None:
             conn.execute("DELETE FROM answers WHERE created_at < ?", (oldest,))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode.config import Config, load_config
-from meshnode.errors import ConfigError
+from meshnode.errors import ConfigError, StateFileError
 from meshnode.memory import tune_for_serving
 
 log = logging.getLogger("meshnode")
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--insecure", action="store_true", default=None,
                      help="allow a mesh without mesh.secret or mesh.tls beyond loopback, or "
                      "under auth.enabled (mesh.insecure; docs/security.md)")
+    run.add_argument("--reset-ledger", action="store_true",
+                     help="start a new spend ledger at $0 when data_dir's spend.db is missing, "
+                     "empty or damaged (the old files are kept as spend.db.broken-*)")
 
     check = commands.add_parser(
         "check-config",
@@ -168,18 +171,21 @@ def run(args: argparse.Namespace) -> int:
         path, _, var = where.partition(": ")
         log.warning("config: %s (in %s) is not set in the environment; it expanded to an "
                     "empty string", var, path)
-    return _serve(config, embedded_default=args.config is None)
+    return _serve(config, embedded_default=args.config is None, reset_ledger=args.reset_ledger)
 
 
-def _serve(config: Config, *, embedded_default: bool) -> int:
+def _serve(config: Config, *, embedded_default: bool, reset_ledger: bool = False) -> int:
     from meshnode.node import Node
     from meshnode.observability.logging import log_config_errors
 
     try:
-        node = Node(config, embedded_default=embedded_default)
+        node = Node(config, embedded_default=embedded_default, reset_ledger=reset_ledger)
     except ConfigError as exc:
         log_config_errors(config.logging.format, exc.errors)
         return EXIT_INVALID
+    except StateFileError as exc:
+        log.error("cannot start: %s", exc.message)
+        return EXIT_FAILED
     tune_for_serving()
     try:
         return _event_loop_run(node.run_until_signal())

@@ -26,23 +26,35 @@ counts against its own limits: `scope: node` reads `own(S) + own(served:S)`, `sc
 `max(total(S), own(S) + own(served:S))`, so a peer (even one without a budget, which charges
 nothing) cannot make this node spend past its limit.
 
+A data_dir remembers that it has a ledger: the first open writes a random ledger id into
+`spend.db` and beside it (`spend.ledger_id`). From then on a missing or empty `spend.db`, one with
+another id, or one that fails its checks (`meshnode.state_files`: a damaged write-ahead log,
+a failed integrity check) refuses to start with a `StateFileError` naming the file and
+`--reset-ledger`, instead of starting silently at $0 spent. `open(reset=True)` sets the old
+files aside (`spend.db.broken-*`) and starts a new ledger. A clean close checkpoints the log
+into the database, so only a crash leaves one to check.
+
 It must not know about HTTP, routing or pricing: amounts arrive in USD.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meshnode.config import BudgetConfig
-from meshnode.errors import BudgetExceeded
+from meshnode.errors import BudgetExceeded, StateFileError
 from meshnode.governance.counters import GLOBAL_SCOPE, CounterEntry, SpendCounters, key_scope
 from meshnode.governance.periods import Periods, oldest_kept, periods_at
+from meshnode.state_files import open_checked, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +68,19 @@ SERVED_PREFIX = "served:"
 def served_scope(scope: str) -> str:
     return SERVED_PREFIX + scope
 
+
+# Beside spend.db: the id of the ledger this data_dir has (`spend.ledger_id`; see the module
+# docstring). Not `spend.db.*`, so that removing the database's files leaves it.
+LEDGER_ID_SUFFIX = ".ledger_id"
+RESET_HINT = ("to start a new ledger at $0 spent (the old files are kept as *.broken-*), run "
+              "`meshnode run --reset-ledger`")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend (
     node TEXT NOT NULL, scope TEXT NOT NULL, period TEXT NOT NULL, amount REAL NOT NULL,
     PRIMARY KEY (node, scope, period)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (
     id INTEGER PRIMARY KEY, key TEXT, amount REAL NOT NULL,
     day TEXT NOT NULL, month TEXT NOT NULL, created REAL NOT NULL,
@@ -124,17 +144,50 @@ class BudgetLedger:
         self.recovered = 0  # reservations found open at start and charged in full
 
     # ------------------------------------------------------------------ lifetime
-    def open(self) -> None:
-        """Open (or create) the ledger and settle what a crash left open."""
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(reservations)")}
-        if "served" not in columns:  # a spend.db from before served spend
-            db.execute("ALTER TABLE reservations ADD COLUMN served INTEGER NOT NULL DEFAULT 0")
+    def open(self, *, reset: bool = False) -> None:
+        """Open (or create) the ledger and settle what a crash left open. Raises
+        `StateFileError` when this data_dir had a ledger that is now missing, empty, another
+        one or damaged; `reset` sets such files aside and starts a new ledger instead."""
+        marker = self._path.with_name(self._path.stem + LEDGER_ID_SUFFIX)
+        if reset:
+            moved = set_aside(self._path)
+            marker.unlink(missing_ok=True)
+            if moved:
+                log.warning("budget: --reset-ledger: the old ledger is kept as %s; spend "
+                            "starts at $0", ", ".join(p.name for p in moved))
+        expected = marker.read_text(encoding="utf-8").strip() if marker.exists() else None
+        if self._path.exists() and self._path.stat().st_size == 0:
+            raise StateFileError(self._path, "is empty (0 bytes): what was spent is gone",
+                                 RESET_HINT)
+        if expected is not None and not self._path.exists():
+            raise StateFileError(
+                self._path, f"is missing, but this data_dir had a ledger ({marker.name}: "
+                f"{expected}): starting would forget what was spent", RESET_HINT)
+        try:
+            db = open_checked(self._path)
+        except StateFileError as exc:
+            raise StateFileError(exc.path, exc.problem, RESET_HINT) from None
+        try:
+            db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(reservations)")}
+            if "served" not in columns:  # a spend.db from before served spend
+                db.execute(
+                    "ALTER TABLE reservations ADD COLUMN served INTEGER NOT NULL DEFAULT 0")
+            row = db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StateFileError(self._path, f"cannot be read ({exc})", RESET_HINT) from None
+        stored = row[0] if row else None
+        if expected is not None and stored != expected:
+            db.close()
+            raise StateFileError(
+                self._path, f"is not this data_dir's ledger (its id is {stored or 'missing'}, "
+                f"{marker.name} says {expected})", RESET_HINT)
+        if stored is None:
+            stored = uuid.uuid4().hex
+            db.execute("INSERT INTO meta (key, value) VALUES ('ledger_id', ?)", (stored,))
+        if expected is None:
+            _write_atomically(marker, stored + "\n")
         self._db = db
         rows = db.execute("SELECT node, scope, period, amount FROM spend").fetchall()
         self.counters.merge(CounterEntry(n, s, p, float(a)) for n, s, p, a in rows)
@@ -143,6 +196,9 @@ class BudgetLedger:
 
     def close(self) -> None:
         if self._db is not None:
+            # Fold the log into the database: after a clean stop there is no log to damage.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
             self._db = None
 
@@ -382,3 +438,12 @@ def _exceeded(
     return BudgetExceeded(
         f"Budget exceeded: {why}; only free providers may serve now", retry_after=retry
     )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

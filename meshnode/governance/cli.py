@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from meshnode.config import Config, load_config
-from meshnode.errors import ConfigError, MeshError
+from meshnode.errors import ConfigError, MeshError, StateFileError
 from meshnode.governance.keys import KeyRecord, KeyStore
 from meshnode.governance.service import KEYS_FILE
 
@@ -81,7 +81,11 @@ def run_keys(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     store = KeyStore(Path(config.node.data_dir) / KEYS_FILE, config.auth.keys, node_id="cli",
                      authorized=config.auth.enabled)
-    store.open()
+    try:
+        store.open()
+    except StateFileError as exc:
+        print(f"meshnode keys: {exc.message}", file=sys.stderr)
+        return EXIT_REFUSED
     # The node on this data_dir runs with auth on (it says so in keys.db): what its operator
     # writes here is authorised, whichever config this command was given.
     store.authorize_writes(config.auth.enabled or store.node_auth())

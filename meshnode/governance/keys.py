@@ -41,6 +41,7 @@ import orjson
 
 from meshnode.config import KeyConfig
 from meshnode.errors import InvalidRequest
+from meshnode.state_files import open_checked
 
 SECRET_PREFIX = "sk-"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
@@ -218,11 +219,8 @@ class KeyStore:
 
     # ------------------------------------------------------------------ lifetime
     def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
+        """Raises `StateFileError` naming keys.db when it is damaged."""
+        db = open_checked(self._path)
         db.executescript(_SCHEMA)
         columns = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
         if "authorized" not in columns:  # a keys.db from before the flag: not authorised

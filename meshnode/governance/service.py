@@ -118,12 +118,18 @@ class Governance:
         return SpendLimits(record.daily_limit, record.monthly_limit)
 
     # ------------------------------------------------------------------ lifetime
-    def open(self) -> None:
+    def open(self, *, reset_ledger: bool = False) -> None:
+        """Raises `StateFileError` (naming the file) when keys.db or spend.db cannot be
+        trusted; `reset_ledger` starts a new spend ledger instead (`--reset-ledger`)."""
         if self._opened:
             return
         self.keys.open()
         self.keys.mark_node_auth(self._auth_config.enabled)
-        self.ledger.open()
+        try:
+            self.ledger.open(reset=reset_ledger)
+        except BaseException:
+            self.keys.close()
+            raise
         self._opened = True
 
     def close(self) -> None:
