@@ -36,7 +36,7 @@ from meshnode.api.protocol import loads_body, parse_chat
 from meshnode.api.state import CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, MeshError
 from meshnode.governance.http import key_name_of
-from meshnode.observability.logging import redact
+from meshnode.observability.redact import redact
 from meshnode.providers.anthropic_extensions import MESSAGE_FIELD, PART_FIELD
 from meshnode.providers.tokens import estimate_prompt_tokens
 from meshnode.routing.outcome import RoutedStream

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from meshnode.errors import MeshError, NoCapacity, PayloadTooLarge
-from meshnode.observability.logging import redact
+from meshnode.observability.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ DEFAULT_RETRY_AFTER_S = 1.0
 
 
 def error_body(exc: MeshError) -> dict[str, Any]:
-    """OpenAI's error object for `exc`, with the message redacted. An OpenAI-shaped upstream
+    """OpenAI's error object for `exc`, with the message and param redacted. An OpenAI-shaped upstream
     error keeps its own `type` and `code` (clients branch on `context_length_exceeded`);
     ours go in `x_aiproxy` then."""
     wire = exc.upstream_wire
@@ -36,7 +36,7 @@ def error_body(exc: MeshError) -> dict[str, Any]:
         "error": {
             "message": redact(exc.message),
             "type": exc.error_type if wire is None else wire[0],
-            "param": exc.param,
+            "param": redact(exc.param) if exc.param is not None else None,
             "code": exc.code if wire is None else wire[1],
         }
     }

@@ -51,7 +51,7 @@ from meshnode.api.responses import (
 from meshnode.api.state import CACHE, CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, MeshError, NotFound
 from meshnode.governance.http import key_name_of
-from meshnode.observability.logging import redact
+from meshnode.observability.redact import redact
 from meshnode.responses_store import ResponseStore
 from meshnode.routing.outcome import RoutedStream
 from meshnode.types import RESPONSES_NATIVE_FIELD, InferenceRequest, RequestKind

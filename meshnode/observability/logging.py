@@ -1,8 +1,12 @@
-"""Structured logs: one formatter for `json` or `text`, secret redaction, the request log line.
+"""Structured logs: one formatter for `json` or `text`, and the request log line.
 
 This module owns how meshnode writes logs (to stderr) and the one line per request
-(`log_request`). Redaction runs on every formatted line, whoever logged it: anything that looks
-like an API key, a bearer token or a `secret=...` pair is masked before it leaves the process.
+(`log_request`). Redaction (`meshnode.observability.redact`, the one redactor) runs on every
+formatted line, whoever logged it: anything that looks like an API key, a bearer token, a
+`secret=...` pair or URL userinfo is masked before it leaves the process. In the text format
+every message and field has its control characters escaped, so client-chosen text (a request
+path with `%0a`) cannot forge a line; a traceback's lines are indented under the line that
+logged it. JSON strings are escaped by JSON itself.
 It must not decide what is logged elsewhere; components log through `logging.getLogger(__name__)`.
 
 In `json` mode every line on stderr is JSON, also those that never pass through Python's
@@ -30,32 +34,9 @@ from typing import Any, TextIO
 
 import orjson
 
+from meshnode.observability.redact import escape_controls, redact
+
 REQUEST_LOGGER = "meshnode.request"
-
-# Secret-looking things. Kept deliberately broad: a false positive costs a masked log word; a
-# false negative leaks a credential.
-_SECRET_PATTERNS = (
-    # OpenAI/Anthropic/Together style keys: sk-..., sk-ant-..., and similar prefixed tokens.
-    re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-]{8,}"),
-    # Authorization headers.
-    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}"),
-    # key=value / "key": "value" pairs whose key names a secret. The value is never the scheme
-    # word of `Authorization: Bearer ...` (the pattern above masks the token after it): masking
-    # "Bearer" hid nothing and turned our own 401 hint into "Authorization: *** <API key>".
-    re.compile(
-        r"(?i)([\"']?\b[\w\-]*(?:api[_\-]?key|token|secret|password|passwd|authorization)"
-        r"[\"']?\s*[:=]\s*[\"']?)(?!(?:bearer|basic)\b)([^\s\"',}]{4,})"
-    ),
-)
-MASK = "***"
-
-
-def redact(text: str) -> str:
-    """`text` with every secret-looking substring masked."""
-    text = _SECRET_PATTERNS[0].sub(lambda m: m.group(1) + "-" + MASK, text)
-    text = _SECRET_PATTERNS[1].sub(lambda m: m.group(1) + " " + MASK, text)
-    return _SECRET_PATTERNS[2].sub(lambda m: m.group(1) + MASK, text)
-
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is a field.
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -93,17 +74,28 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = escape_controls(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         # Empty fields are noise for a reader; the JSON format keeps every field, always.
         fields = {k: v for k, v in _fields(record).items() if v is not None}
         if fields:
             line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        if record.exc_info:
+            trace = self.formatException(record.exc_info)
+            line += "".join("\n    " + escape_controls(t) for t in trace.splitlines())
+        if record.stack_info:
+            line += "".join("\n    " + escape_controls(t)
+                            for t in self.formatStack(record.stack_info).splitlines())
         return redact(line)
 
 
 def _text_value(value: Any) -> str:
     if isinstance(value, str):
-        return value if value and " " not in value else orjson.dumps(value).decode()
+        if value and " " not in value:
+            return escape_controls(value)
+        # quoted as JSON, which escapes \n and the like; escape_controls catches the rest
+        return escape_controls(orjson.dumps(value).decode())
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, dict)):

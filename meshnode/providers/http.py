@@ -63,12 +63,13 @@ from meshnode.errors import (
     UpstreamUnavailable,
 )
 from meshnode.observability import tracing
+from meshnode.observability.redact import MAX_CLIENT_CHARS, for_client
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "meshnode/0.1"
 # An upstream error message longer than this is cut: it ends up in a client-visible error.
-MAX_MESSAGE_CHARS = 500
+MAX_MESSAGE_CHARS = MAX_CLIENT_CHARS
 # Error bodies are read up to this size: enough for any JSON error, bounded against a flood.
 MAX_ERROR_BODY_BYTES = 64 * 1024
 # parse_retry_after never returns more (about 31 years): keeps arithmetic finite.
@@ -123,24 +124,6 @@ def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
 
 
 # --------------------------------------------------------------------------- error translation
-_KEYLIKE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}|\b(sk|pk|rk)-[A-Za-z0-9_-]{8,}")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def redact(text: str, secrets: Sequence[str] = ()) -> str:
-    """`text` safe to show a client: our secrets and anything key-shaped replaced, control
-    characters dropped, length capped."""
-    for secret in secrets:
-        # short "secrets" (empty, "x") would shred the message and protect nothing
-        if len(secret) >= 4:
-            text = text.replace(secret, "[redacted]")
-    text = _KEYLIKE.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
-    text = _CONTROL.sub(" ", text).strip()
-    if len(text) > MAX_MESSAGE_CHARS:
-        text = text[: MAX_MESSAGE_CHARS - 3] + "..."
-    return text
-
-
 def upstream_message(body: bytes) -> tuple[str | None, str | None]:
     """(message, param) from an upstream error body in any common shape, or (None, None).
 
@@ -226,7 +209,10 @@ def error_for_status(
     UpstreamTimeout; 5xx and anything else → UpstreamUnavailable.
     """
     message, param = upstream_message(body)
-    shown = redact(message, secrets) if message else ""
+    shown = for_client(message, secrets) if message else ""
+    # `param` is the upstream's text too: it has quoted keys back (the upstream echoing a bad
+    # field of ours), so it is redacted like the message.
+    param = for_client(param, secrets) if param else None
     suffix = f": {shown}" if shown else ""
     if status == 429:
         limited = UpstreamRateLimited(
@@ -271,7 +257,7 @@ def error_for_exception(
     """
     if isinstance(exc, MeshError):
         return exc
-    detail = redact(str(exc), secrets) or type(exc).__name__
+    detail = for_client(str(exc), secrets) or type(exc).__name__
     if isinstance(exc, TimeoutError):  # aiohttp's timeout errors are TimeoutErrors too
         if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
             return DeadlineExceeded(
@@ -500,7 +486,8 @@ class HttpUpstream:
         )
 
     def redact(self, text: str) -> str:
-        return redact(text, self._secrets)
+        """`text` (an upstream's) safe to show a client (`meshnode.observability.redact`)."""
+        return for_client(text, self._secrets)
 
     # ---- calls
     def timeout_for(self, deadline: float, timeouts: TimeoutsConfig) -> aiohttp.ClientTimeout:
@@ -646,7 +633,6 @@ __all__ = [
     "error_for_status",
     "iter_sse",
     "parse_retry_after",
-    "redact",
     "request_id_headers",
     "retry_after_from_headers",
     "upstream_message",
