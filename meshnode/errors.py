@@ -27,8 +27,9 @@ raises and catches only these. The API layer turns one into OpenAI's error shape
         │                                 Retry-After kept for the cooldown
         ├── UpstreamBadRequest        400 upstream rejected the request itself: NOT retryable,
         │                                 another provider would reject it too
-        ├── UpstreamAuthError         502 upstream rejected our credentials: NOT retryable, it is
-        │                                 the operator's error and failover would hide it
+        ├── UpstreamAuthError         502 upstream rejected our credentials: not retryable on the
+        │                                 same provider; the router still fails over (the request
+        │                                 is fine), cools it down and reports it
         └── StreamBroken              502 the stream broke after the first byte reached the
                                           client: never retried (text would be duplicated)
 
@@ -216,8 +217,10 @@ class UpstreamBadRequest(UpstreamError):
 
 
 class UpstreamAuthError(UpstreamError):
-    """The upstream rejected the operator's credentials (401/403). Not retryable: failing over
-    would hide a misconfiguration the operator must see."""
+    """The upstream rejected the operator's credentials (401/403). Not retryable on this
+    provider (the key will not heal); the router moves on to the next candidate all the same,
+    since the request is not at fault, and makes the misconfiguration visible instead: an
+    ERROR line, a cooldown, `/health/ready` and a metric (meshnode.routing.router)."""
 
     status = 502
     error_type = "upstream_error"

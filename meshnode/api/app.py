@@ -262,10 +262,12 @@ def create_app(
         # Bodies without a Content-Length are cut off here while being read.
         client_max_size=server.max_body_bytes,
     )
+    metrics = metrics or Metrics()
+    metrics.watch_provider_problems(router.provider_problems)
     app[STATE] = ApiState(
         router=router,
         node_id=node_id,
-        metrics=metrics or Metrics(),
+        metrics=metrics,
         max_body_bytes=server.max_body_bytes,
         timeout_s=timeouts.total_ms / 1000.0,
     )

@@ -52,18 +52,15 @@ def _served_headers(served: Served) -> dict[str, str]:
 
 
 def require_model(state: ApiState, model: str, kind: RequestKind) -> None:
-    """404 for a model nobody serves; 400 for one served, but not for `kind`."""
+    """404 for a model nobody serves (503 for one offered recently whose only provider left:
+    `Router.missing_model`); 400 for one served, but not for `kind`."""
     router = state.router
     if not router.has_model(model, kind):
         if router.has_model(model):
             raise InvalidRequest(
                 f"model {model!r} does not serve {_KIND_NAMES[kind]} here", param="model"
             )
-        raise ModelNotFound(
-            f"the model {model!r} does not exist on this node or its mesh; "
-            "GET /v1/models lists what is served",
-            param="model",
-        )
+        raise router.missing_model(model)
 
 
 # --------------------------------------------------------------------------- inference
@@ -217,8 +214,14 @@ async def ready(request: web.Request) -> web.Response:
     providers: dict[str, dict[str, Any]] = {}
     any_ready = False
     warming = False
+    # What the router learned serving (an upstream that rejects this node's key) outranks
+    # what a provider says of itself.
+    problems = state.router.provider_problems()
     for provider in state.router.providers:
         ok, why = provider.ready()
+        problem = problems.get(provider.name)
+        if problem is not None:
+            ok, why = False, problem
         offers = bool(provider.offers())
         any_ready = any_ready or (ok and offers)
         warming = warming or (provider.kind == "local" and offers and not ok)

@@ -21,7 +21,7 @@ from meshnode.api.errors import JSON
 from meshnode.api.handlers import _aiproxy_headers, _served_headers
 from meshnode.api.protocol import loads_body, strip_redirects
 from meshnode.api.state import CONTEXT, STATE
-from meshnode.errors import InvalidRequest, ModelNotFound
+from meshnode.errors import InvalidRequest
 from meshnode.governance.http import key_name_of
 from meshnode.providers.tokens import estimate_tokens
 from meshnode.routing.router import Router
@@ -105,9 +105,7 @@ async def images_generations(request: web.Request) -> web.Response:
             raise InvalidRequest(
                 f"model {inference.model!r} does not generate images here", param="model"
             )
-        raise ModelNotFound(
-            f"the model {inference.model!r} does not exist on this node or its mesh; "
-            "GET /v1/models lists what is served", param="model")
+        raise state.router.missing_model(inference.model)
     ctx.model = inference.model
     state.metrics.in_flight.inc()
     try:

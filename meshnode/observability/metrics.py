@@ -249,6 +249,11 @@ class Metrics:
         ).set_function(lambda: self.in_flight.value)
         self._children: dict[tuple[str, ...], Any] = {}
 
+    def watch_provider_problems(self, source: Callable[[], Mapping[str, str]]) -> None:
+        """Export `meshnode_provider_credentials_rejected{provider}` (1 while the provider's
+        upstream rejects this node's credentials), read from `source` at scrape time."""
+        self.registry.register(_ProviderProblems(source))
+
     # Cached children: prometheus-client resolves labels with locks and validation each call.
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (metric._name, *labels)
@@ -365,3 +370,18 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+class _ProviderProblems(Collector):
+    def __init__(self, source: Callable[[], Mapping[str, str]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "meshnode_provider_credentials_rejected",
+            "1 while a provider's upstream rejects this node's credentials (HTTP 401/403)",
+            labels=["provider"],
+        )
+        for provider in sorted(self._source()):
+            family.add_metric([provider], 1.0)
+        yield family

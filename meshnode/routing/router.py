@@ -7,9 +7,18 @@ For one request it
 2. ranks them with the strategy (pure functions in `strategies.py`), cooled-down ones last;
 3. tries them in order until one answers, at most `1 + max_retries` attempts, all before the
    first byte reaches the client and within one overall deadline. A non-retryable error (the
-   client's bad request, the operator's bad credentials) ends the loop at once. Backoff with
-   jitter is slept only before trying a candidate that already failed this request: moving on to
-   another provider is immediate.
+   client's bad request) ends the loop at once. Backoff with jitter is slept only before trying
+   a candidate that already failed this request: moving on to another provider is immediate.
+
+Provider faults that are not the client's:
+- any exception a provider raises that is not a MeshError (a bug, a library's error) is a failed
+  attempt like an upstream 5xx: logged once with its traceback, counted against the candidate,
+  and the next candidate is tried. Only cancellation is "the client went away";
+- an upstream 401/403 (`UpstreamAuthError`) is the operator's key: the candidate is cooled down
+  at once, the next candidate is tried, an ERROR line is logged and the provider is reported in
+  `provider_problems()` (readiness, metrics) until it answers again;
+- a model that was offered recently but has no live provider now (its only peer died) is
+  `NoCapacity` (503 with Retry-After), not `ModelNotFound` (`missing_model`).
 
 It never touches HTTP: the front end hands it an `InferenceRequest` and gets back a
 `RoutedCompletion` or a `RoutedStream` (see `outcome.py`), or a `MeshError`.
@@ -33,8 +42,10 @@ from meshnode.errors import (
     MeshError,
     ModelNotFound,
     NoCapacity,
+    UpstreamAuthError,
     UpstreamError,
     UpstreamRateLimited,
+    UpstreamUnavailable,
 )
 from meshnode.governance.gate import FREE, UNCAPPED, Hold, SpendGate, prompt_tokens
 from meshnode.observability import tracing
@@ -76,6 +87,10 @@ DEFAULT_OUTPUT_TOKENS = 256  # for ranking by cost when the client gives no max_
 # Errors that say nothing about the candidate's health: they neither cool it down nor count
 # in its error rate.
 NEUTRAL_CODES = frozenset({"local_queue_full", "local_not_ready"})
+# A model offered this recently that has no live provider now is "come back later" (503), not
+# "no such model" (404): its peer died or restarts, and gossip will bring it back.
+MODEL_MEMORY_S = 900.0
+MODEL_GONE_RETRY_AFTER_S = 5.0
 
 
 class Router:
@@ -103,6 +118,9 @@ class Router:
         self._stats: dict[tuple[str, str], CandidateStats] = {}
         self._turn = 0
         self._created = int(time.time())
+        self._offered_at: dict[str, float] = {}  # model -> when an offer for it was last seen
+        # provider -> why: its upstream rejected this node's credentials (until it answers again)
+        self._rejected_credentials: dict[str, str] = {}
 
     # ------------------------------------------------------------------ providers
     def add_provider(self, provider: Provider) -> None:
@@ -138,9 +156,11 @@ class Router:
             where = offer.provider if offer.node is None else f"{offer.provider}:{offer.node}"
             if where not in entry["providers"]:
                 entry["providers"].append(where)
+        now = self._clock()
         out = []
         for entry in by_name.values():
             entry["kinds"] = sorted(entry["kinds"])
+            self._offered_at[entry["id"]] = now
             out.append(entry)
         out.sort(key=lambda e: e["id"])
         return out
@@ -148,8 +168,31 @@ class Router:
     def has_model(self, model: str, kind: RequestKind | None = None) -> bool:
         for _, offer in self._all_offers():
             if offer.model == model and (kind is None or kind in offer.kinds):
+                self._offered_at[model] = self._clock()
                 return True
         return False
+
+    def missing_model(self, model: str) -> MeshError:
+        """The error for a request naming a model nothing offers now: 503 with Retry-After when
+        it was offered within MODEL_MEMORY_S (its provider or peer is gone for now), else 404."""
+        seen = self._offered_at.get(model)
+        if seen is not None and self._clock() - seen <= MODEL_MEMORY_S:
+            ago = self._clock() - seen
+            return NoCapacity(
+                f"no live provider serves the model {model!r} now (it was offered {ago:.0f} s "
+                "ago; the provider or peer serving it is gone); retry shortly",
+                retry_after=MODEL_GONE_RETRY_AFTER_S,
+            )
+        return ModelNotFound(
+            f"the model {model!r} does not exist on this node or its mesh; "
+            "GET /v1/models lists what is served",
+            param="model",
+        )
+
+    def provider_problems(self) -> dict[str, str]:
+        """Providers that cannot serve for a reason the operator must fix, with the reason (for
+        /health/ready and metrics): today, credentials their upstream rejected."""
+        return dict(self._rejected_credentials)
 
     # ------------------------------------------------------------------ stats
     def _stats_for(self, offer: ModelOffer) -> CandidateStats:
@@ -271,10 +314,8 @@ class Router:
                 )
             )
         if not known:
-            raise ModelNotFound(
-                f"The model '{request.model}' does not exist on this mesh",
-                param="model",
-            )
+            raise self.missing_model(request.model)
+        self._offered_at[request.model] = now
         self._turn += 1
         ranking = rank(strategy, candidates, self._turn)
         cooled = {c.offer.key for c in candidates if self._stats_for(c.offer).cooled_down(now)}
@@ -464,15 +505,25 @@ class Router:
                 stats.in_flight -= 1
                 last = exc
                 self._failed(stats, offer, exc, attempts, t0)
+                if isinstance(exc, UpstreamAuthError):
+                    self._credentials_rejected(offer, exc)
+                    continue  # the operator's key, not the client's request: try the next
                 if not exc.retryable:
                     raise
                 if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
                     told_to_wait.add(offer.key)
                 continue
-            except BaseException:
+            except Exception as exc:  # noqa: BLE001 - a provider's bug is a failed attempt
+                hold.release()
+                stats.in_flight -= 1
+                last = self._provider_raised(offer, exc)
+                self._failed(stats, offer, last, attempts, t0)
+                continue
+            except BaseException:  # cancelled: the client went away
                 on_client_gone(hold)
                 stats.in_flight -= 1
                 raise
+            self._rejected_credentials.pop(offer.provider, None)
             return _Won(result, offer, stats, hold, t0, self._clock(), start, attempts,
                         strategy, policy)
         raise self._final_error(last, attempts, request, policy, excluded)
@@ -548,6 +599,28 @@ class Router:
             raise DeadlineExceeded("The request's deadline passed while retrying")
         await asyncio.sleep(delay)
 
+    def _provider_raised(self, offer: ModelOffer, exc: BaseException) -> MeshError:
+        """An exception that is not a MeshError, from a provider: a bug or an untranslated
+        library error. Logged here, once, with its traceback; an upstream failure from then
+        on (retryable: the request was not the problem)."""
+        log.error(
+            "provider %s raised %s serving %s; counted as a failed attempt, trying the next "
+            "candidate", offer.provider, type(exc).__name__, offer.model, exc_info=exc,
+        )
+        return UpstreamUnavailable(
+            f"{offer.provider} failed unexpectedly ({type(exc).__name__})",
+            code="provider_error", provider=offer.provider,
+        )
+
+    def _credentials_rejected(self, offer: ModelOffer, exc: UpstreamAuthError) -> None:
+        """The upstream refused this node's credentials: cooled down (in `_failed`), reported
+        until the provider answers again, and logged at ERROR."""
+        self._rejected_credentials[offer.provider] = exc.message
+        log.error(
+            "provider %s: %s; it is cooled down and the next candidate is tried",
+            offer.provider, exc.message,
+        )
+
     def _failed(
         self,
         stats: CandidateStats,
@@ -559,8 +632,13 @@ class Router:
         now = self._clock()
         code = exc.code or type(exc).__name__
         retry_after = exc.retry_after if isinstance(exc, UpstreamRateLimited) else None
+        if isinstance(exc, UpstreamAuthError):
+            # Bad credentials do not heal by retrying: cool down at once, for the longest an
+            # upstream may ask for.
+            retry_after = self._config.failover.cooldown.max_retry_after_s
         # The client's bad request says nothing about the provider's health.
-        counts = exc.retryable and code not in NEUTRAL_CODES
+        counts = (exc.retryable or isinstance(exc, UpstreamAuthError)) \
+            and code not in NEUTRAL_CODES
         stats.record_failure(code, now, self._config.failover.cooldown, retry_after, counts)
         attempts.append(Attempt(
             offer.provider, offer.node or self.node_id, code, (now - t0) * 1000,

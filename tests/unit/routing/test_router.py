@@ -82,15 +82,69 @@ async def test_retryable_failure_fails_over_to_next_candidate() -> None:
         ("a", "upstream_error"), ("b", "ok")]
 
 
-@pytest.mark.parametrize("error", [
-    UpstreamBadRequest("bad field"), UpstreamAuthError("bad key")])
-async def test_non_retryable_errors_do_not_fail_over(error) -> None:
+async def test_the_clients_bad_request_does_not_fail_over() -> None:
     a, b = FakeProvider("a"), FakeProvider("b")
-    a.script(error)
+    a.script(UpstreamBadRequest("bad field"))
     router = Router(routing(strategy="availability"), ["a", "b"], [a, b], "n1")
-    with pytest.raises(type(error)):
+    with pytest.raises(UpstreamBadRequest):
         await router.complete(request())
     assert len(b.calls) == 0
+
+
+async def test_rejected_credentials_cool_the_provider_down_and_fail_over() -> None:
+    clock = Clock()
+    a, b = FakeProvider("a"), FakeProvider("b")
+    a.script(UpstreamAuthError("a rejected this node's credentials (HTTP 401)", provider="a"))
+    router = Router(routing(strategy="availability"), ["a", "b"], [a, b], "n1", clock=clock)
+    routed = await router.complete(request())
+    assert routed.served.offer.provider == "b"
+    assert [(x.provider, x.outcome) for x in routed.served.attempts] == [
+        ("a", "upstream_auth_error"), ("b", "ok")]
+    assert "HTTP 401" in router.provider_problems()["a"]
+    # cooled down at once: the next requests go to b without trying a
+    for _ in range(3):
+        assert (await router.complete(request())).served.offer.provider == "b"
+    assert len(a.calls) == 1
+    assert router.explain("m")["candidates"][-1]["cooling_down"] is True
+    # after the cooldown, once a answers again (b failing here), the problem is cleared
+    clock.now += 3600
+    b.script(UpstreamUnavailable("b down", provider="b"))
+    assert (await router.complete(request())).served.offer.provider == "a"
+    assert router.provider_problems() == {}
+
+
+class _Buggy(FakeProvider):
+    async def complete(self, req, offer, timeouts):  # type: ignore[no-untyped-def]
+        self.calls.append(req)
+        raise ValueError("Cannot combine AUTHORIZATION header with credentials in the URL")
+
+
+async def test_a_providers_unexpected_exception_is_a_failed_attempt(
+        caplog: pytest.LogCaptureFixture) -> None:
+    a, b = _Buggy("a"), FakeProvider("b")
+    router = Router(routing(strategy="availability"), ["a", "b"], [a, b], "n1")
+    routed = await router.complete(request())
+    assert routed.served.offer.provider == "b"
+    assert [(x.provider, x.outcome) for x in routed.served.attempts] == [
+        ("a", "provider_error"), ("b", "ok")]
+    (logged,) = [r for r in caplog.records if r.exc_info]
+    assert logged.levelname == "ERROR" and "provider a raised ValueError" in logged.getMessage()
+    # alone, it is a 502 that says what failed, not a phantom "client gone"
+    alone = Router(routing(), ["a"], [_Buggy("a")], "n1")
+    with pytest.raises(UpstreamUnavailable) as info:
+        await alone.complete(request())
+    assert "ValueError" in info.value.message
+
+
+async def test_a_model_whose_only_provider_left_is_503_not_404() -> None:
+    peer = FakeProvider("mesh", models=["shared"])
+    router = Router(routing(), ["mesh"], [peer], "n1")
+    assert (await router.complete(request("shared"))).served.offer.provider == "mesh"
+    peer._offers = []  # the only peer serving it died: its offers are gone
+    with pytest.raises(NoCapacity) as info:
+        await router.complete(request("shared"))
+    assert info.value.status == 503 and info.value.retry_after
+    assert isinstance(router.missing_model("never-offered"), ModelNotFound)
 
 
 async def test_max_retries_bounds_attempts_and_last_error_lists_them() -> None:
