@@ -44,6 +44,7 @@ from meshnode.api.anthropic_door import render_error
 from meshnode.api.state import new_request_id
 from meshnode.config import ServerConfig
 from meshnode.errors import InvalidRequest, MeshError, NoCapacity, RequestTimeout
+from meshnode.observability.logging import is_grpc_on_http
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,12 @@ class LimitedRequestHandler(RequestHandler):
         if status >= 500:
             log.error("HTTP request from %s failed inside aiohttp: %s", request.remote, reason)
             error: MeshError = MeshError("internal error")
+        elif is_grpc_on_http(exc):
+            # A peer seeded with the HTTP port: aiohttp's own record, which
+            # ProtocolMismatchFilter turns into one warning a minute that names the mistake.
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            error = InvalidRequest("this is the HTTP API port; gRPC peers use mesh.listen_addr",
+                                   code="malformed_request")
         else:
             log.warning("refused a malformed HTTP request from %s: %s", request.remote, reason)
             error = InvalidRequest(f"malformed HTTP request: {reason}",

@@ -108,6 +108,12 @@ _H2_PREFACE = ("PRI/Upgrade", "PRI * HTTP/2")
 MISMATCH_EVERY_S = 60.0
 
 
+def is_grpc_on_http(exc: BaseException | None) -> bool:
+    """Whether aiohttp's parser refused an HTTP/2 (gRPC) client's preface."""
+    return (exc is not None and type(exc).__name__ == "BadHttpMessage"
+            and any(mark in str(exc) for mark in _H2_PREFACE))
+
+
 class ProtocolMismatchFilter(logging.Filter):
     """Turns aiohttp's traceback for a gRPC client on the HTTP port into one warning naming the
     mistake, once a minute per client address; other records pass untouched."""
@@ -119,9 +125,7 @@ class ProtocolMismatchFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None or type(exc).__name__ != "BadHttpMessage":
-            return True
-        if not any(mark in str(exc) for mark in _H2_PREFACE):
+        if not is_grpc_on_http(exc):
             return True
         peer = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?"
         now = self._clock()
