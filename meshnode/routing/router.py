@@ -636,13 +636,14 @@ class Router:
             # Bad credentials do not heal by retrying: cool down at once, for the longest an
             # upstream may ask for.
             retry_after = self._config.failover.cooldown.max_retry_after_s
+        # Rejected credentials fail over too (see _credentials_rejected).
+        fails_over = exc.retryable or isinstance(exc, UpstreamAuthError)
         # The client's bad request says nothing about the provider's health.
-        counts = (exc.retryable or isinstance(exc, UpstreamAuthError)) \
-            and code not in NEUTRAL_CODES
+        counts = fails_over and code not in NEUTRAL_CODES
         stats.record_failure(code, now, self._config.failover.cooldown, retry_after, counts)
         attempts.append(Attempt(
             offer.provider, offer.node or self.node_id, code, (now - t0) * 1000,
-            retryable=exc.retryable, cooled=counts and stats.cooled_down(now), peer=offer.node,
+            retryable=fails_over, cooled=counts and stats.cooled_down(now), peer=offer.node,
         ))
         log.info(
             "attempt failed: provider=%s model=%s code=%s retryable=%s",
