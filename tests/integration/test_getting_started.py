@@ -75,9 +75,10 @@ class Shell:
     def rewrite(self, command: str) -> str:
         bindir = str(Path(sys.executable).parent)
         command = command.replace("sk-...", "sk-getting-started-test")
+        # The doc's /tmp/ paths first: the checkout itself may live under /tmp (CI's clone).
+        command = re.sub(r"(?<![\w/])/tmp/", str(self.tmp) + "/", command)
         command = re.sub(r"(?<![\w/])\.venv/bin/", bindir + "/", command)
         command = re.sub(r"(?<![\w/])deploy/", str(REPO_ROOT / "deploy") + "/", command)
-        command = command.replace("/tmp/", str(self.tmp) + "/")
         for doc_port, port in self.ports.items():
             command = re.sub(rf"127\.0\.0\.1:{doc_port}\b", f"127.0.0.1:{port}", command)
         return command
