@@ -222,6 +222,9 @@ class Capacity:
     # Names of the prompt-prefix KV blocks a local worker holds (meshnode.worker.prefix: hex
     # chain hashes, most recent first): what prefix-aware routing can prefer.
     prefix_blocks: tuple[str, ...] = ()
+    # A peer's gossiped routing prefix names (meshnode/routing/prefix.py): what `cache_aware`
+    # matches a request's chain against.
+    prefix_names: frozenset[bytes] = frozenset()
 
     @property
     def load(self) -> float:

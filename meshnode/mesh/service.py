@@ -48,6 +48,7 @@ from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
 from meshnode.observability.metrics import MeshView, Metrics
 from meshnode.providers.base import Provider
 from meshnode.providers.peer import MeshProvider
+from meshnode.routing import prefix
 from meshnode.rpc import convert
 from meshnode.rpc.caller import CallerAuthority
 from meshnode.rpc.client import PeerChannels
@@ -306,6 +307,8 @@ class MeshService:
         ads = {k: dataclasses.replace(ad, max_cost_per_1k_input=worst[ad.name][0],
                                       max_cost_per_1k_output=worst[ad.name][1])
                for k, ad in ads.items()}
+        index = getattr(self.router, "prefix_index", None)
+        names = index.names()[:prefix.MAX_NAMES] if index is not None else ()
         latency: list[LatencyAd] = []
         snapshot = getattr(self.router, "latency_snapshot", None)
         if snapshot is not None:
@@ -325,7 +328,9 @@ class MeshService:
             http_address=self.http_address,
             status="left" if self._left else "alive",
             models=tuple(sorted(ads.values(), key=lambda a: (a.name, a.provider_kind))),
-            capacity=CapacityAd(slots_total, slots_free, queue, round(tokens_per_s, 1)),
+            capacity=CapacityAd(slots_total, slots_free, queue, round(tokens_per_s, 1),
+                                prefix_scheme=prefix.SCHEME if names else 0,
+                                prefix_names=names),
             latency=tuple(latency),
             counters=self._counters() if self._counters is not None else {},
             blobs=self._blobs() if self._blobs is not None else {},

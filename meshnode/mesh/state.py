@@ -81,6 +81,9 @@ class CapacityAd:
     slots_free: int = 0
     queue_depth: int = 0
     tokens_per_s: float = 0.0
+    # The prompt prefixes the local worker holds (meshnode/routing/prefix.py), most recent first.
+    prefix_scheme: int = 0
+    prefix_names: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,4 +185,5 @@ def _wire_size(state: NodeState) -> int:
         + sum(48 + len(la.model) for la in state.latency)
         + sum(16 + len(k) for k in state.counters)
         + sum(8 + len(k) + len(v) for k, v in state.blobs.items())
+        + 8 + len(state.capacity.prefix_names) * 8
     )

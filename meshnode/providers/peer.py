@@ -138,7 +138,8 @@ class MeshProvider(Provider):
         if state is None:
             return None
         c = state.capacity
-        return Capacity(c.slots_total, c.slots_free, c.queue_depth, c.tokens_per_s)
+        return Capacity(c.slots_total, c.slots_free, c.queue_depth, c.tokens_per_s,
+                        prefix_names=frozenset(c.prefix_names))
 
     def peer_latency(self, node: str, model: str) -> PeerLatency | None:
         """Measured RTT to the peer plus the peer's own latency for the model."""

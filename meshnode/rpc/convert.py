@@ -54,6 +54,7 @@ from meshnode.mesh.state import (
     NodeState,
 )
 from meshnode.mesh.transport import Ack, GossipMessage, GossipReply, Probe
+from meshnode.routing import prefix
 from meshnode.rpc.caller import CallerClaim
 from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.types import InferenceRequest, PolicyConstraint, RequestKind, Usage
@@ -142,6 +143,8 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
         capacity=pb.CapacityAd(
             slots_total=s.capacity.slots_total, slots_free=s.capacity.slots_free,
             queue_depth=s.capacity.queue_depth, tokens_per_s=s.capacity.tokens_per_s,
+            prefix_scheme=s.capacity.prefix_scheme,
+            prefix_names=prefix.encode_names(s.capacity.prefix_names),
         ),
         latency=[
             pb.LatencyAd(model=la.model, ewma_ms=la.ewma_ms, p95_ms=la.p95_ms, ttft_ms=la.ttft_ms)
@@ -233,11 +236,15 @@ def state_from_pb(s: pb.NodeState) -> NodeState | None:
 
 
 def _capacity(c: pb.CapacityAd) -> CapacityAd:
-    """A claimed capacity, bounded: free slots never exceed total ones."""
+    """A claimed capacity, bounded: free slots never exceed total ones; prefix names only in a
+    scheme this node computes too, at most `prefix.MAX_NAMES` of them."""
     total = min(c.slots_total, MAX_SLOTS)
+    known = c.prefix_scheme == prefix.SCHEME
     return CapacityAd(
         total, min(c.slots_free, total), min(c.queue_depth, MAX_QUEUE),
         clamp(c.tokens_per_s, 0.0, MAX_TOKENS_PER_S, 0.0),
+        prefix_scheme=prefix.SCHEME if known else 0,
+        prefix_names=prefix.decode_names(c.prefix_names) if known else (),
     )
 
 

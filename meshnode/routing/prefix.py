@@ -1,0 +1,139 @@
+"""Prompt-prefix names for cache-aware routing: names every node computes alike.
+
+The local engine names its KV blocks by token ids (`meshnode.worker.prefix`), but an entry node
+may not have the serving node's tokenizer, or the model at all. Routing therefore uses its own
+names, over the request's text, which every node computes the same way from the same body:
+
+- `render` writes the prompt-bearing parts of the OpenAI body (`system`, `tools`, then each
+  message or the `prompt`) as canonical JSON, one part a line. A later turn of a conversation
+  resends the earlier messages unchanged, so its rendering starts with the earlier rendering.
+- The rendering is cut into blocks of `BLOCK_CHARS` characters; block i is named by a chained
+  blake2b (the previous name, then the block's UTF-8), seeded with the model name and cut to
+  `NAME_BYTES` bytes. A name stands for the whole prefix up to its block. Only full blocks are
+  named, as in the engine.
+
+A node records the chain of every prompt its own local worker served (`PrefixIndex`, bounded,
+least recently used out) and gossips the most recent names with its capacity (`SCHEME` says how
+they were made; a receiver ignores a scheme it does not know). That is an approximation of the
+engine's exact index: the engine may have evicted a block the summary still names (a wasted
+preference, never a wrong answer), and two renderings that tokenize alike but differ in JSON
+(say, a client that reorders keys: they are sorted here) would not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SCHEME = 1  # blake2b, chained, model-seeded, 256-character blocks, names cut to 8 bytes
+BLOCK_CHARS = 256
+NAME_BYTES = 8
+MAX_NAMES = 512  # what a node gossips: 4 KiB of names
+SESSION_HEADER = "x-aiproxy-session"
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def render(body: Mapping[str, Any]) -> str:
+    """The prompt-bearing parts of an OpenAI body as text, stable across turns."""
+    parts: list[str] = []
+    for key in ("system", "tools"):
+        if body.get(key):
+            parts.append(_dump(body[key]))
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts.extend(_dump(m) for m in messages)
+    elif "prompt" in body:
+        parts.append(_dump(body["prompt"]))
+    return "".join(p + "\n" for p in parts)
+
+
+def _seed(model: str) -> bytes:
+    return hashlib.blake2b(model.encode(), digest_size=NAME_BYTES).digest()
+
+
+def chain(model: str, text: str) -> tuple[bytes, ...]:
+    """The chained name of every full block of `text`."""
+    names: list[bytes] = []
+    parent = _seed(model)
+    for start in range(0, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS):
+        digest = hashlib.blake2b(parent, digest_size=NAME_BYTES)
+        digest.update(text[start:start + BLOCK_CHARS].encode())
+        parent = digest.digest()
+        names.append(parent)
+    return tuple(names)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPrefix:
+    """A request's prefix chain and what rendezvous hashing keys it on."""
+
+    chain: tuple[bytes, ...]
+    affinity: bytes  # the session value, else the first block's name, else the whole prompt's
+    source: str  # "session" | "first block" | "whole prompt"
+
+
+def request_prefix(model: str, body: Mapping[str, Any],
+                   headers: Mapping[str, str] | None = None) -> RequestPrefix:
+    text = render(body)
+    names = chain(model, text)
+    session = (headers or {}).get(SESSION_HEADER, "")
+    if session:
+        return RequestPrefix(names, b"session\0" + session.encode(), "session")
+    if names:
+        return RequestPrefix(names, names[0], "first block")
+    whole = hashlib.blake2b(_seed(model) + text.encode(), digest_size=NAME_BYTES).digest()
+    return RequestPrefix(names, whole, "whole prompt")
+
+
+def leading_hits(names: Sequence[bytes], held: Container[bytes]) -> int:
+    """How many leading blocks of `names` are held. A name stands for its whole prefix, so the
+    longest held one counts (a child can outlive an evicted parent in a sketch)."""
+    for i in range(len(names), 0, -1):
+        if names[i - 1] in held:
+            return i
+    return 0
+
+
+class PrefixIndex:
+    """The chains this node's local worker served, most recent first, bounded."""
+
+    def __init__(self, capacity: int = MAX_NAMES) -> None:
+        self.capacity = capacity
+        self._names: OrderedDict[bytes, None] = OrderedDict()  # least recent first
+
+    def record(self, names: Sequence[bytes]) -> None:
+        # Last to first, so a parent is always more recent than its child and eviction takes
+        # the tail of a chain first (as the engine's store does).
+        for name in reversed(names):
+            self._names[name] = None
+            self._names.move_to_end(name)
+        while len(self._names) > self.capacity:
+            self._names.popitem(last=False)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def names(self) -> tuple[bytes, ...]:
+        """Most recent first: what gossip carries."""
+        return tuple(reversed(self._names))
+
+
+def encode_names(names: Sequence[bytes]) -> bytes:
+    return b"".join(names[:MAX_NAMES])
+
+
+def decode_names(blob: bytes) -> tuple[bytes, ...]:
+    """Names from the wire, bounded; a ragged tail is dropped."""
+    blob = blob[:MAX_NAMES * NAME_BYTES]
+    whole = len(blob) - len(blob) % NAME_BYTES
+    return tuple(blob[i:i + NAME_BYTES] for i in range(0, whole, NAME_BYTES))
