@@ -254,7 +254,8 @@ class PolicyConfig(_Strict):
     match: PolicyMatch = Field(default_factory=PolicyMatch)
     allow: list[str] | None = None
     strategy: Literal[
-        "cost_optimized", "latency_optimized", "availability", "round_robin", "least_loaded"
+        "cost_optimized", "latency_optimized", "availability", "round_robin", "least_loaded",
+        "cache_aware",
     ] | None = None
     max_cost_per_1k: float | None = Field(default=None, ge=0)
     deadline_ms: float | None = Field(default=None, gt=0)
@@ -262,7 +263,8 @@ class PolicyConfig(_Strict):
 
 class RoutingConfig(_Strict):
     strategy: Literal[
-        "cost_optimized", "latency_optimized", "availability", "round_robin", "least_loaded"
+        "cost_optimized", "latency_optimized", "availability", "round_robin", "least_loaded",
+        "cache_aware",
     ] = "cost_optimized"
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)

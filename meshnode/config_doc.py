@@ -139,7 +139,8 @@ DESCRIPTIONS: dict[str, str] = {
     "providers.*.models[].max_context_tokens": "Bounds a call's worst-case cost for budget "
                                                "reservations.",
     "routing": "How a request picks its provider (docs/policies.md).",
-    "routing.strategy": "Ranking of the candidates.",
+    "routing.strategy": "Ranking of the candidates (`cache_aware`: where the prompt's KV cache is, "
+                        "load permitting; docs/policies.md).",
     "routing.failover": "Retries and fallbacks before the first byte reaches the client.",
     "routing.failover.enabled": "Off: one attempt only.",
     "routing.failover.fallback_chain": "Providers (names or kinds, and `mesh`) allowed, in order; "

@@ -231,6 +231,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/health/ready", handlers.ready)
     r.add_get("/metrics", handlers.metrics)
     r.add_get("/admin/route", handlers.admin_route)
+    r.add_post("/admin/route", handlers.admin_route)
     r.add_get("/admin/stats", handlers.admin_stats)
     add_image_routes(app)  # POST /v1/images/generations
     add_anthropic_routes(app)  # POST /v1/messages, /v1/messages/count_tokens

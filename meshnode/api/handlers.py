@@ -252,13 +252,26 @@ async def metrics(request: web.Request) -> web.Response:
 
 # --------------------------------------------------------------------------- admin
 async def admin_route(request: web.Request) -> web.Response:
+    """GET ?model=M, or POST a chat/completions body: then the ranking weighs its prompt too
+    (`cache_aware`: the prefix hit per candidate)."""
     state = request.app[STATE]
-    model = request.query.get("model")
-    if not model:
-        raise InvalidRequest("query parameter 'model' is required", param="model")
+    body: dict[str, Any] = {}
+    if request.method == "POST":
+        try:
+            posted = await request.json()
+        except ValueError:
+            raise InvalidRequest("the body is not JSON") from None
+        if not isinstance(posted, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        body = posted
+    model = body.get("model") or request.query.get("model")
+    if not model or not isinstance(model, str):
+        raise InvalidRequest("'model' is required (query parameter or body)", param="model")
     if not state.router.has_model(model):
         raise ModelNotFound(f"the model {model!r} does not exist on this node", param="model")
-    return _json(state.router.explain(model, headers=_aiproxy_headers(request)))
+    kind = RequestKind.COMPLETION if "prompt" in body else RequestKind.CHAT
+    return _json(state.router.explain(model, headers=_aiproxy_headers(request), kind=kind,
+                                      body=body))
 
 
 async def admin_stats(request: web.Request) -> web.Response:

@@ -52,9 +52,11 @@ from meshnode.observability import tracing
 from meshnode.providers.base import Provider
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
 from meshnode.routing.policy import allows, carried_constraint, constraint_allows, match_policy
+from meshnode.routing.prefix import PrefixIndex, RequestPrefix, leading_hits, request_prefix
 from meshnode.routing.stats import CandidateStats
-from meshnode.routing.strategies import Candidate, Ranked, demote, rank
+from meshnode.routing.strategies import NO_AFFINITY, Affinity, Candidate, Ranked, demote, rank
 from meshnode.types import (
+    Capacity,
     Completion,
     InferenceRequest,
     ModelOffer,
@@ -121,6 +123,8 @@ class Router:
         self._offered_at: dict[str, float] = {}  # model -> when an offer for it was last seen
         # provider -> why: its upstream rejected this node's credentials (until it answers again)
         self._rejected_credentials: dict[str, str] = {}
+        # The prompt prefixes this node's local worker served (gossiped; `cache_aware`).
+        self.prefix_index = PrefixIndex()
 
     # ------------------------------------------------------------------ providers
     def add_provider(self, provider: Provider) -> None:
@@ -261,6 +265,7 @@ class Router:
         queues: dict[tuple[str, str], int] = {}
         excluded: list[str] = []
         known = False
+        prefix = self._prefix(request) if strategy == "cache_aware" else None
         for provider, offer in self._all_offers():
             if offer.model != request.model:
                 continue
@@ -311,13 +316,19 @@ class Router:
                     in_flight=stats.in_flight,
                     load=capacity.load if capacity is not None else None,
                     max_concurrency=getattr(provider, "max_concurrency", 256),
+                    node_id=offer.node or self.node_id,
+                    prefix_hit=self._prefix_hit(prefix, offer, capacity),
+                    prefix_blocks=len(prefix.chain) if prefix else 0,
+                    slots_free=capacity.slots_free if capacity is not None else None,
+                    queue_depth=capacity.queue_depth if capacity is not None else 0,
                 )
             )
         if not known:
             raise self.missing_model(request.model)
         self._offered_at[request.model] = now
         self._turn += 1
-        ranking = rank(strategy, candidates, self._turn)
+        affinity = Affinity(prefix.affinity, prefix.source) if prefix else NO_AFFINITY
+        ranking = rank(strategy, candidates, self._turn, affinity)
         cooled = {c.offer.key for c in candidates if self._stats_for(c.offer).cooled_down(now)}
         if cooled:
             ranking = demote(ranking, cooled, "cooling down after failures")
@@ -329,6 +340,23 @@ class Router:
             ranking = demote(ranking, overflowing, f"queue over {bound}: overflow")
         name = policy.name if policy else (incoming.name if incoming else None)
         return ranking, strategy, name, excluded, policy
+
+    @staticmethod
+    def _prefix(request: InferenceRequest) -> RequestPrefix | None:
+        if request.kind not in (RequestKind.CHAT, RequestKind.COMPLETION):
+            return None
+        return request_prefix(request.model, request.body, request.headers)
+
+    def _prefix_hit(self, prefix: RequestPrefix | None, offer: ModelOffer,
+                    capacity: Capacity | None) -> int:
+        """Leading blocks of the request's prefix the serving node holds: this node's own index
+        for its local worker, a peer's gossiped names for the peer."""
+        if prefix is None:
+            return 0
+        if offer.node is None:
+            return (leading_hits(prefix.chain, self.prefix_index)
+                    if offer.provider_kind == "local" else 0)
+        return leading_hits(prefix.chain, capacity.prefix_names) if capacity is not None else 0
 
     def _attempt_plan(self, ranking: list[Ranked]) -> list[Ranked]:
         """The sequence of candidates to try: the ranking, cycled, capped by max_retries."""
@@ -524,6 +552,10 @@ class Router:
                 stats.in_flight -= 1
                 raise
             self._rejected_credentials.pop(offer.provider, None)
+            if offer.node is None and offer.provider_kind == "local":
+                served = self._prefix(request)
+                if served is not None:
+                    self.prefix_index.record(served.chain)
             return _Won(result, offer, stats, hold, t0, self._clock(), start, attempts,
                         strategy, policy)
         raise self._final_error(last, attempts, request, policy, excluded)
@@ -695,12 +727,14 @@ class Router:
         headers: dict[str, str] | None = None,
         key_name: str | None = None,
         kind: RequestKind = RequestKind.CHAT,
+        body: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """For /admin/route: every candidate with its score and why the winner won."""
+        """For /admin/route: every candidate with its score and why the winner won (`body`, a
+        request's body, for what `cache_aware` matches: its prefix)."""
         request = InferenceRequest(
             kind=kind,
             model=model,
-            body={},
+            body=body or {},
             request_id="explain",
             deadline=self._clock() + 1.0,
             headers=headers or {},
@@ -729,6 +763,10 @@ class Router:
                     "error_rate": r.candidate.error_rate,
                     "in_flight": r.candidate.in_flight,
                     "load": r.candidate.load,
+                    "prefix_hit_blocks": r.candidate.prefix_hit,
+                    "prefix_blocks": r.candidate.prefix_blocks,
+                    "slots_free": r.candidate.slots_free,
+                    "queue_depth": r.candidate.queue_depth,
                     "cooling_down": self._stats_for(o).cooled_down(now),
                 }
             )

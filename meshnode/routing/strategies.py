@@ -11,6 +11,7 @@ takes its turn counter as input).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -22,7 +23,17 @@ STRATEGY_NAMES = (
     "availability",
     "round_robin",
     "least_loaded",
+    "cache_aware",
 )
+
+# cache_aware: load is lopsided (balance first, as SGLang's router and Ray Serve's prefix-aware
+# router do) when the busiest candidate is over BALANCE_ABS more loaded than the idlest one and
+# over BALANCE_REL times as loaded. Load is in `Capacity.load` units (1.0: every slot busy).
+BALANCE_ABS = 0.5
+BALANCE_REL = 1.5
+# What a whole-prompt hit is worth in load: a full hit beats an idle node that holds nothing
+# while the holder is under HIT_WEIGHT more loaded.
+HIT_WEIGHT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +48,14 @@ class Candidate:
     in_flight: int
     load: float | None  # 0 idle .. 1 full, >1 queueing; None when the provider cannot tell
     max_concurrency: int = 256
+    # cache_aware: the node that would serve (the same name on every entry node), how many
+    # leading blocks of the request's prefix chain it holds, of how many, and its free slots and
+    # queue (None and 0 when it does not report them).
+    node_id: str = ""
+    prefix_hit: int = 0
+    prefix_blocks: int = 0
+    slots_free: int | None = None
+    queue_depth: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +73,17 @@ class Ranked:
         return f"{why}; {self.note}" if self.note else why
 
 
-Strategy = Callable[[Sequence[Candidate], int], list[Ranked]]
+@dataclass(frozen=True, slots=True)
+class Affinity:
+    """What rendezvous hashing keys a request on (`routing.prefix.request_prefix`)."""
+
+    key: bytes = b""
+    source: str = ""  # "session" | "first block" | "whole prompt"
+
+
+NO_AFFINITY = Affinity()
+
+Strategy = Callable[[Sequence[Candidate], int, Affinity], list[Ranked]]
 
 
 def _tiebreak(c: Candidate) -> tuple[int, int, str, str]:
@@ -65,12 +94,14 @@ def _sorted(ranked: list[Ranked]) -> list[Ranked]:
     return sorted(ranked, key=lambda r: (r.score, _tiebreak(r.candidate)))
 
 
-def cost_optimized(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
+def cost_optimized(candidates: Sequence[Candidate], turn: int = 0,
+                   affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
     """Cheapest estimated cost for this request; free local and peer offers win."""
     return _sorted([Ranked(c, c.estimated_cost, "cost_optimized") for c in candidates])
 
 
-def latency_optimized(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
+def latency_optimized(candidates: Sequence[Candidate], turn: int = 0,
+                      affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
     """Lowest measured latency. An offer never measured scores 0 so it gets measured once;
     a flaky one pays for its errors (each error counts as a full second)."""
     return _sorted(
@@ -85,12 +116,14 @@ def latency_optimized(candidates: Sequence[Candidate], turn: int = 0) -> list[Ra
     )
 
 
-def availability(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
+def availability(candidates: Sequence[Candidate], turn: int = 0,
+                 affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
     """Follow the fallback chain, demoting whatever has been failing recently."""
     return _sorted([Ranked(c, round(c.error_rate, 2), "availability") for c in candidates])
 
 
-def round_robin(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
+def round_robin(candidates: Sequence[Candidate], turn: int = 0,
+                affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
     """Each request starts one further along the (chain-ordered) list."""
     ordered = sorted(candidates, key=_tiebreak)
     n = len(ordered)
@@ -107,10 +140,71 @@ def _load(c: Candidate) -> float:
     return c.load if c.load is not None else c.in_flight / max(1, c.max_concurrency)
 
 
-def least_loaded(candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
+def least_loaded(candidates: Sequence[Candidate], turn: int = 0,
+                 affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
     """Lowest load: the provider's own capacity report when it has one (local worker, peers'
     gossip), else our in-flight count over its concurrency limit."""
     return _sorted([Ranked(c, _load(c), "least_loaded") for c in candidates])
+
+
+def rendezvous_weight(key: bytes, c: Candidate) -> int:
+    """Highest-random-weight hashing: every entry node computes the same weight for a key and a
+    serving node, so they agree on the winner without talking, and a node that leaves moves
+    only the keys it won."""
+    who = f"{c.node_id or c.offer.node or ''}/{c.offer.provider_kind}/{c.offer.model}"
+    digest = hashlib.blake2b(key, digest_size=8, person=b"meshnode-hrw")
+    digest.update(who.encode())
+    return int.from_bytes(digest.digest(), "big")
+
+
+def _by_rendezvous(key: bytes, candidates: Sequence[Candidate]) -> dict[int, int]:
+    """id(candidate) -> its place (0 = the winner) by rendezvous weight for `key`."""
+    order = sorted(candidates, key=lambda c: (-rendezvous_weight(key, c), _tiebreak(c)))
+    return {id(c): i for i, c in enumerate(order)}
+
+
+def imbalanced(candidates: Sequence[Candidate]) -> bool:
+    loads = [_load(c) for c in candidates]
+    if len(loads) < 2:
+        return False
+    low, high = min(loads), max(loads)
+    return high - low > BALANCE_ABS and high > BALANCE_REL * low
+
+
+def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
+                affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
+    """Where the request's KV cache is, unless that is lopsided.
+
+    - Load lopsided (`imbalanced`): least loaded first, as balance comes before hits.
+    - A session (`x-aiproxy-session`): rendezvous on its value, so every turn of it goes to
+      the same node from every entry node.
+    - Some candidate holds a leading part of the prompt: score = load - HIT_WEIGHT * the part
+      of the prompt's blocks it holds (lower is better).
+    - Nobody holds any of it: rendezvous on the prefix's first block, so two entry nodes send a
+      conversation's first turn to the same node and its later turns find their cache there.
+    Ties go by rendezvous place, then as every strategy breaks them.
+    """
+    if not candidates:
+        return []
+    place = _by_rendezvous(affinity.key, candidates)
+
+    def ranked(score: Callable[[Candidate], float], note: str) -> list[Ranked]:
+        rows = [Ranked(c, score(c), "cache_aware", note) for c in candidates]
+        return sorted(rows, key=lambda r: (r.score, place[id(r.candidate)],
+                                           _tiebreak(r.candidate)))
+
+    if imbalanced(candidates):
+        loads = [_load(c) for c in candidates]
+        return ranked(_load, f"load lopsided ({min(loads):.2f}..{max(loads):.2f}): "
+                             "balancing before cache hits")
+    if affinity.source == "session":
+        return ranked(lambda c: float(place[id(c)]), "session affinity (rendezvous on "
+                                                     "x-aiproxy-session)")
+    if any(c.prefix_hit for c in candidates):
+        return ranked(lambda c: _load(c) - HIT_WEIGHT * c.prefix_hit / max(1, c.prefix_blocks),
+                      "prefix hit weighed against load")
+    return ranked(lambda c: float(place[id(c)]),
+                  f"no node holds the prefix: rendezvous on the {affinity.source or 'request'}")
 
 
 def _why_cost(c: Candidate, score: float) -> str:
@@ -136,12 +230,19 @@ def _why_load(c: Candidate, score: float) -> str:
     return f"{c.in_flight} in flight of {c.max_concurrency}"
 
 
+def _why_cache(c: Candidate, score: float) -> str:
+    slots = f"{c.slots_free} slots free, " if c.slots_free is not None else ""
+    return (f"prefix hit {c.prefix_hit}/{c.prefix_blocks} blocks, load {_load(c):.2f} "
+            f"({slots}queue {c.queue_depth})")
+
+
 REASONS: dict[str, Callable[[Candidate, float], str]] = {
     "cost_optimized": _why_cost,
     "latency_optimized": _why_latency,
     "availability": _why_availability,
     "round_robin": _why_round_robin,
     "least_loaded": _why_load,
+    "cache_aware": _why_cache,
 }
 
 
@@ -151,11 +252,13 @@ STRATEGIES: dict[str, Strategy] = {
     "availability": availability,
     "round_robin": round_robin,
     "least_loaded": least_loaded,
+    "cache_aware": cache_aware,
 }
 
 
-def rank(strategy: str, candidates: Sequence[Candidate], turn: int = 0) -> list[Ranked]:
-    return STRATEGIES[strategy](candidates, turn)
+def rank(strategy: str, candidates: Sequence[Candidate], turn: int = 0,
+         affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
+    return STRATEGIES[strategy](candidates, turn, affinity)
 
 
 def demote(ranked: list[Ranked], cooled: set[tuple[str, str]], reason: str) -> list[Ranked]:
