@@ -505,3 +505,55 @@ async def test_a_stream_cut_short_reports_the_estimated_usage_it_is_charged_for(
     usage = routed.served.usage
     assert usage.estimated and usage.completion_tokens == 2 and usage.prompt_tokens > 0
     assert routed.served.cost == pytest.approx(usage.total_tokens / 1000.0)
+
+
+# ------------------------------------------------------------------ cache_aware
+CONVERSATION = [{"role": "system", "content": "You answer in haiku. " * 60},
+                {"role": "user", "content": "first question"}]
+
+
+def chat(messages: list[dict], headers: dict[str, str] | None = None) -> InferenceRequest:
+    return InferenceRequest(kind=RequestKind.CHAT, model="m", body={"messages": messages},
+                            request_id="r1", deadline=time.monotonic() + 5.0,
+                            headers=headers or {})
+
+
+async def test_cache_aware_follows_the_prefix_a_worker_served_and_fails_over() -> None:
+    from meshnode.routing.prefix import request_prefix
+
+    worker = FakeProvider("w", kind="local", capacity=Capacity(slots_total=4, slots_free=4))
+    router = Router(routing(strategy="cache_aware"), ["w", "mesh"], [worker], "n1")
+    await router.complete(chat(CONVERSATION))
+    served = request_prefix("m", {"messages": CONVERSATION}).chain
+    assert served and all(name in router.prefix_index for name in served)
+
+    # A peer holding nothing, idle: the local worker holding the prefix still wins the next turn.
+    peer = FakeProvider("mesh", kind="local", node="p",
+                        capacity=Capacity(slots_total=4, slots_free=4))
+    router.add_provider(peer)
+    later = [*CONVERSATION, {"role": "assistant", "content": "an answer " * 30},
+             {"role": "user", "content": "second question " * 30}]
+    out = router.explain("m", body={"messages": later})
+    first, second = out["candidates"]
+    assert (first["provider"], first["prefix_hit_blocks"]) == ("w", len(served))
+    assert second["prefix_hit_blocks"] == 0 and first["prefix_blocks"] > len(served)
+    assert "prefix hit" in first["reason"] and first["slots_free"] == 4
+    # The holder failing: failover goes on to the peer, and nothing it did not serve is recorded.
+    worker.script(UpstreamUnavailable("down", provider="w"))
+    routed = await router.complete(chat(later))
+    assert routed.served.offer.provider == "mesh"
+    assert request_prefix("m", {"messages": later}).chain[-1] not in router.prefix_index
+
+
+async def test_cache_aware_ranks_a_peer_by_its_gossiped_names() -> None:
+    from meshnode.routing.prefix import request_prefix
+
+    names = frozenset(request_prefix("m", {"messages": CONVERSATION}).chain)
+    holder = FakeProvider("mesh", kind="local", node="b",
+                          capacity=Capacity(slots_total=4, slots_free=3, prefix_names=names))
+    other = FakeProvider("mesh2", kind="local", node="c",
+                         capacity=Capacity(slots_total=4, slots_free=4))
+    router = Router(routing(strategy="cache_aware"), ["mesh", "mesh2"], [other, holder], "n1")
+    assert router.explain("m", body={"messages": CONVERSATION})["winner"]["node"] == "b"
+    routed = await router.complete(chat(CONVERSATION))
+    assert routed.served.offer.node == "b"

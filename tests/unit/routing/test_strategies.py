@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshnode.routing.strategies import Candidate, demote, rank
+from meshnode.routing.strategies import Affinity, Candidate, demote, rank
 from meshnode.types import ModelOffer
 
 
@@ -51,3 +51,98 @@ def test_demote_moves_cooled_candidates_last_with_reason() -> None:
     ranking = demote(rank("cost_optimized", cs), {("a", "m")}, "cooling down")
     assert names(ranking) == ["b", "a"]
     assert "cooling down" in ranking[1].reason
+
+
+# ------------------------------------------------------------------ cache_aware
+def node(name: str, *, hit: int = 0, blocks: int = 8, load: float = 0.2, via: str = "",
+         chain: int = 0) -> Candidate:
+    """The local worker on node `name`, as an entry node sees it: its own (`via` empty: the
+    local provider) or a peer's (`via` the entry node: offered through the mesh)."""
+    offer = ModelOffer(model="m", provider="mesh" if via else "local", provider_kind="local",
+                       upstream_model="m", node=name if via else None)
+    return Candidate(offer=offer, chain_index=chain, estimated_cost=0.0, latency_ms=None,
+                     error_rate=0.0, in_flight=0, load=load, node_id=name, prefix_hit=hit,
+                     prefix_blocks=blocks, slots_free=4, queue_depth=0)
+
+
+def winner(ranking) -> str:
+    return ranking[0].candidate.node_id
+
+
+def key(i: int) -> Affinity:
+    return Affinity(f"first-block-{i}".encode(), "first block")
+
+
+def test_cache_aware_prefers_the_node_holding_the_longest_prefix() -> None:
+    cs = [node("a", hit=0, load=0.0), node("b", hit=6, load=0.3), node("c", hit=2, load=0.1)]
+    ranking = rank("cache_aware", cs, 0, key(1))
+    assert [r.candidate.node_id for r in ranking] == ["b", "c", "a"]
+    assert "prefix hit 6/8 blocks, load 0.30" in ranking[0].reason
+    assert "weighed against load" in ranking[0].reason
+
+
+def test_cache_aware_a_small_hit_does_not_outweigh_much_more_load() -> None:
+    # 1 block of 8 is worth 0.125 of load: a node 0.4 busier loses it.
+    cs = [node("holder", hit=1, load=0.45), node("idle", hit=0, load=0.05)]
+    assert winner(rank("cache_aware", cs, 0, key(1))) == "idle"
+
+
+def test_cache_aware_balances_first_when_load_is_lopsided() -> None:
+    cs = [node("holder", hit=8, load=1.4), node("idle", hit=0, load=0.1)]
+    ranking = rank("cache_aware", cs, 0, key(1))
+    assert winner(ranking) == "idle"
+    assert "lopsided" in ranking[0].reason
+    # Within the threshold the full hit wins again.
+    even = [node("holder", hit=8, load=0.5), node("idle", hit=0, load=0.1)]
+    assert winner(rank("cache_aware", even, 0, key(1))) == "holder"
+
+
+def test_cache_aware_rendezvous_agrees_across_entry_nodes_and_spreads() -> None:
+    nodes = ["a", "b", "c", "d"]
+    # Entry node a sees its own worker locally and the rest through the mesh; entry node c the
+    # same from its side, in another order and another fallback chain position.
+    from_a = [node(n, via="" if n == "a" else "a", chain=0 if n == "a" else 1) for n in nodes]
+    from_c = [node(n, via="" if n == "c" else "c", chain=0 if n == "c" else 1)
+              for n in reversed(nodes)]
+    picks = {}
+    for i in range(200):
+        one = winner(rank("cache_aware", from_a, 0, key(i)))
+        assert one == winner(rank("cache_aware", from_c, 0, key(i)))
+        assert one == winner(rank("cache_aware", from_a, 7, key(i)))  # the turn plays no part
+        picks[i] = one
+    assert "rendezvous on the first block" in rank("cache_aware", from_a, 0, key(0))[0].reason
+    share = {n: sum(1 for p in picks.values() if p == n) for n in nodes}
+    assert all(20 <= s <= 80 for s in share.values()), share  # each about a quarter of 200
+
+
+def test_cache_aware_a_dead_node_moves_only_its_share() -> None:
+    everyone = [node(n) for n in ("a", "b", "c", "d")]
+    without_b = [c for c in everyone if c.node_id != "b"]
+    moved = 0
+    for i in range(200):
+        before = winner(rank("cache_aware", everyone, 0, key(i)))
+        after = winner(rank("cache_aware", without_b, 0, key(i)))
+        if before != "b":
+            assert after == before
+        else:
+            moved += 1
+    assert 20 <= moved <= 80
+
+
+def test_cache_aware_session_affinity_keeps_a_session_on_one_node() -> None:
+    cs = [node("a", hit=8), node("b"), node("c")]
+    homes = set()
+    for turn in range(5):
+        s = Affinity(b"session\0user-42", "session")
+        ranking = rank("cache_aware", cs, turn, s)
+        homes.add(winner(ranking))
+        assert "session affinity" in ranking[0].reason
+    assert len(homes) == 1
+    others = {winner(rank("cache_aware", cs, 0, Affinity(f"session\0u{i}".encode(), "session")))
+              for i in range(40)}
+    assert others == {"a", "b", "c"}  # sessions spread, whatever a holds
+    # A session does not pin a node that is drowning.
+    (home,) = homes
+    drowning = [node(n, load=2.0 if n == home else 0.1) for n in ("a", "b", "c")]
+    assert winner(rank("cache_aware", drowning, 0, Affinity(b"session\0user-42", "session"))) \
+        != home

@@ -234,3 +234,42 @@ def test_the_dearest_price_travels_and_is_never_read_below_the_cheapest() -> Non
     liar.models[0].max_cost_per_1k_input = float("nan")
     (ad,) = convert.state_from_pb(liar).models  # type: ignore[union-attr]
     assert ad.max_cost_per_1k_input == convert.MAX_PRICE  # NaN reads as the highest
+
+
+# ------------------------------------------------------------------------------ prefix names
+def test_prefix_names_round_trip_bounded_and_only_in_a_known_scheme() -> None:
+    from meshnode.mesh.state import CapacityAd, NodeState
+    from meshnode.routing import prefix
+
+    names = prefix.request_prefix("m", {"prompt": "p" * (4 * prefix.BLOCK_CHARS)}).chain
+    state = NodeState("p", 1, "p:1", capacity=CapacityAd(
+        4, 2, 0, 1.0, prefix_scheme=prefix.SCHEME, prefix_names=names))
+    wire = convert.state_to_pb(state).SerializeToString()
+    got = convert.state_from_pb(pb.NodeState.FromString(wire))
+    assert got is not None and got.capacity == state.capacity
+    old = pb.NodeState.FromString(wire)
+    old.capacity.ClearField("prefix_scheme")  # a node from before, or one with another scheme
+    assert convert.state_from_pb(old).capacity.prefix_names == ()  # type: ignore[union-attr]
+    old.capacity.prefix_scheme = prefix.SCHEME + 1
+    assert convert.state_from_pb(old).capacity.prefix_names == ()  # type: ignore[union-attr]
+    liar = pb.NodeState.FromString(wire)
+    liar.capacity.prefix_names = b"x" * (prefix.MAX_NAMES * prefix.NAME_BYTES * 4 + 3)
+    cut = convert.state_from_pb(liar).capacity.prefix_names  # type: ignore[union-attr]
+    assert len(cut) == prefix.MAX_NAMES
+
+
+async def test_prefix_names_a_worker_served_reach_a_peers_router(nodes: MeshServices) -> None:
+    from meshnode.routing import prefix
+
+    a = await nodes.start("a", providers=[FakeProvider("fakeai", models=["m"])])
+    b = await nodes.start("b", seeds=[a.advertise_address])
+    served = prefix.request_prefix("m", {"prompt": "q" * (3 * prefix.BLOCK_CHARS)}).chain
+    a.router.prefix_index.record(served)  # as the router does when its local worker answers
+    assert b.provider is not None
+
+    def seen() -> frozenset[bytes]:
+        capacity = b.provider.peer_capacity("a")  # type: ignore[union-attr]
+        return capacity.prefix_names if capacity is not None else frozenset()
+
+    await wait_for(lambda: set(served) <= seen())
+    assert prefix.leading_hits(served, seen()) == 3

@@ -1,0 +1,76 @@
+"""Routing prefix names: a later turn of a conversation names the earlier turn's blocks the
+same way on any node; the index is bounded and most recent first."""
+
+from __future__ import annotations
+
+from meshnode.routing.prefix import (
+    BLOCK_CHARS,
+    MAX_NAMES,
+    NAME_BYTES,
+    PrefixIndex,
+    decode_names,
+    encode_names,
+    leading_hits,
+    request_prefix,
+)
+
+SYSTEM = {"role": "system", "content": "You are terse. " * 80}  # ~1,200 characters
+
+
+def turn(n: int) -> dict:
+    messages = [SYSTEM]
+    for i in range(n):
+        messages.append({"role": "user", "content": f"question {i} " * 20})
+        messages.append({"role": "assistant", "content": f"answer {i} " * 20})
+    messages.append({"role": "user", "content": "and now?"})
+    return {"model": "m", "messages": messages, "temperature": 0.3 * n}
+
+
+def test_a_later_turn_holds_the_earlier_turns_blocks() -> None:
+    first, third = request_prefix("m", turn(0)), request_prefix("m", turn(2))
+    assert len(first.chain) >= 4 and len(third.chain) > len(first.chain)
+    assert third.chain[:len(first.chain)] == first.chain
+    assert all(len(n) == NAME_BYTES for n in third.chain)
+    index = PrefixIndex()
+    index.record(first.chain)
+    assert leading_hits(third.chain, index) == len(first.chain)
+    # Sampling settings are not prompt: the names do not change with them.
+    assert first.affinity == third.affinity == first.chain[0]
+
+
+def test_names_depend_on_the_model_and_the_text_only() -> None:
+    a = request_prefix("m", turn(1))
+    assert request_prefix("m", turn(1)) == a  # another node, the same names
+    assert request_prefix("other", turn(1)).chain[0] != a.chain[0]
+    other_system = turn(1)
+    other_system["messages"][0] = {"role": "system", "content": "Be kind. " * 80}
+    assert leading_hits(request_prefix("m", other_system).chain, set(a.chain)) == 0
+
+
+def test_short_prompts_and_sessions_still_have_an_affinity_key() -> None:
+    short = request_prefix("m", {"messages": [{"role": "user", "content": "hi"}]})
+    assert short.chain == () and short.source == "whole prompt" and short.affinity
+    assert short.affinity != request_prefix("m", {"prompt": "hello"}).affinity
+    session = request_prefix("m", turn(0), {"x-aiproxy-session": "s1"})
+    assert session.source == "session" and session.affinity.endswith(b"s1")
+    assert len(request_prefix("m", {"prompt": "x" * (3 * BLOCK_CHARS)}).chain) == 3
+
+
+def test_the_index_is_bounded_and_drops_the_tail_of_old_chains_first() -> None:
+    index = PrefixIndex(capacity=6)
+    old = request_prefix("m", turn(0)).chain[:4]
+    new = request_prefix("n", turn(0)).chain[:4]
+    index.record(old)
+    index.record(new)
+    assert len(index) == 6
+    assert index.names()[:4] == new  # most recent first, parents before children
+    assert old[0] in index and old[1] in index and old[3] not in index
+    assert leading_hits(old, index) == 2
+
+
+def test_names_on_the_wire_are_bounded() -> None:
+    names = tuple(bytes([i % 256, i // 256]) * 4 for i in range(MAX_NAMES + 10))
+    blob = encode_names(names)
+    assert len(blob) == MAX_NAMES * NAME_BYTES
+    assert decode_names(blob) == names[:MAX_NAMES]
+    assert decode_names(blob[:NAME_BYTES * 3 + 5]) == names[:3]  # a ragged tail is dropped
