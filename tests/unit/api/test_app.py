@@ -259,3 +259,24 @@ async def test_ready_waits_for_a_warming_local_worker_and_ignores_empty_provider
     only_mesh = await api_client([empty_mesh])
     body = await (await only_mesh.get("/health/ready")).json()
     assert body["status"] == "not_ready" and "no provider offers a model" in body["reasons"]
+
+
+async def test_admin_route_explains_a_bodys_prefix_hit(api_client) -> None:
+    worker = FakeProvider("w", models=["m"], kind="local")
+    client = await api_client([worker], strategy="cache_aware")
+    long_chat = {**CHAT, "messages": [{"role": "system", "content": "Be brief. " * 100},
+                                      {"role": "user", "content": "hi"}]}
+    assert (await client.post("/v1/chat/completions", json=long_chat)).status == 200
+    resp = await client.post("/admin/route", json=long_chat)
+    assert resp.status == 200
+    route = await resp.json()
+    assert route["strategy"] == "cache_aware"
+    row = route["winner"]
+    assert row["prefix_blocks"] >= 3 and row["prefix_hit_blocks"] == row["prefix_blocks"]
+    assert f"prefix hit {row['prefix_blocks']}/{row['prefix_blocks']} blocks" in row["reason"]
+    fresh = await (await client.post("/admin/route", json={**long_chat, "messages": [
+        {"role": "system", "content": "Be long. " * 100}]})).json()
+    assert fresh["winner"]["prefix_hit_blocks"] == 0
+    assert (await client.post("/admin/route", data=b"{nope")).status == 400
+    assert (await client.post("/admin/route", json=["m"])).status == 400
+    assert (await client.post("/admin/route", json={"model": "zz"})).status == 404
