@@ -5,11 +5,12 @@ may not have the serving node's tokenizer, or the model at all. Routing therefor
 names, over the request's text, which every node computes the same way from the same body:
 
 - `render` writes the prompt-bearing parts of the OpenAI body (`system`, `tools`, then each
-  message or the `prompt`) as canonical JSON, one part a line. A later turn of a conversation
-  resends the earlier messages unchanged, so its rendering starts with the earlier rendering.
-- The rendering is cut into blocks of `BLOCK_CHARS` characters; block i is named by a chained
-  blake2b (the previous name, then the block's UTF-8), seeded with the model name and cut to
-  `NAME_BYTES` bytes. A name stands for the whole prefix up to its block. Only full blocks are
+  message or the `prompt`) as canonical JSON (orjson, sorted keys, UTF-8), one part a line. A
+  later turn of a conversation resends the earlier messages unchanged, so its rendering starts
+  with the earlier rendering.
+- The rendering is cut into blocks of `BLOCK_BYTES` bytes; block i is named by blake2b (cut to
+  `NAME_BYTES` bytes) of the model name's seed and every byte up to the end of block i (one
+  running hash, copied at each block's end). A name stands for the whole prefix up to its block. Only full blocks are
   named, as in the engine.
 
 A node records the chain of every prompt its own local worker served (`PrefixIndex`, bounded,
@@ -23,26 +24,27 @@ preference, never a wrong answer), and two renderings that tokenize alike but di
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-SCHEME = 1  # blake2b, chained, model-seeded, 256-character blocks, names cut to 8 bytes
-BLOCK_CHARS = 256
+import orjson
+
+SCHEME = 1  # blake2b running over the prefix, model-seeded, 256-byte blocks of orjson, names cut to 8 bytes
+BLOCK_BYTES = 256
 NAME_BYTES = 8
 MAX_NAMES = 512  # what a node gossips: 4 KiB of names
 SESSION_HEADER = "x-aiproxy-session"
 
 
-def _dump(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def _dump(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
 
 
-def render(body: Mapping[str, Any]) -> str:
-    """The prompt-bearing parts of an OpenAI body as text, stable across turns."""
-    parts: list[str] = []
+def render(body: Mapping[str, Any]) -> bytes:
+    """The prompt-bearing parts of an OpenAI body, stable across turns."""
+    parts: list[bytes] = []
     for key in ("system", "tools"):
         if body.get(key):
             parts.append(_dump(body[key]))
@@ -51,22 +53,21 @@ def render(body: Mapping[str, Any]) -> str:
         parts.extend(_dump(m) for m in messages)
     elif "prompt" in body:
         parts.append(_dump(body["prompt"]))
-    return "".join(p + "\n" for p in parts)
+    return b"".join(parts)
 
 
 def _seed(model: str) -> bytes:
     return hashlib.blake2b(model.encode(), digest_size=NAME_BYTES).digest()
 
 
-def chain(model: str, text: str) -> tuple[bytes, ...]:
+def chain(model: str, text: bytes) -> tuple[bytes, ...]:
     """The chained name of every full block of `text`."""
     names: list[bytes] = []
-    parent = _seed(model)
-    for start in range(0, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS):
-        digest = hashlib.blake2b(parent, digest_size=NAME_BYTES)
-        digest.update(text[start:start + BLOCK_CHARS].encode())
-        parent = digest.digest()
-        names.append(parent)
+    running = hashlib.blake2b(_seed(model), digest_size=NAME_BYTES)
+    view = memoryview(text)
+    for start in range(0, len(text) - BLOCK_BYTES + 1, BLOCK_BYTES):
+        running.update(view[start:start + BLOCK_BYTES])
+        names.append(running.copy().digest())
     return tuple(names)
 
 
@@ -88,7 +89,7 @@ def request_prefix(model: str, body: Mapping[str, Any],
         return RequestPrefix(names, b"session\0" + session.encode(), "session")
     if names:
         return RequestPrefix(names, names[0], "first block")
-    whole = hashlib.blake2b(_seed(model) + text.encode(), digest_size=NAME_BYTES).digest()
+    whole = hashlib.blake2b(_seed(model) + text, digest_size=NAME_BYTES).digest()
     return RequestPrefix(names, whole, "whole prompt")
 
 

@@ -4,7 +4,7 @@ same way on any node; the index is bounded and most recent first."""
 from __future__ import annotations
 
 from meshnode.routing.prefix import (
-    BLOCK_CHARS,
+    BLOCK_BYTES,
     MAX_NAMES,
     NAME_BYTES,
     PrefixIndex,
@@ -53,7 +53,7 @@ def test_short_prompts_and_sessions_still_have_an_affinity_key() -> None:
     assert short.affinity != request_prefix("m", {"prompt": "hello"}).affinity
     session = request_prefix("m", turn(0), {"x-aiproxy-session": "s1"})
     assert session.source == "session" and session.affinity.endswith(b"s1")
-    assert len(request_prefix("m", {"prompt": "x" * (3 * BLOCK_CHARS)}).chain) == 3
+    assert len(request_prefix("m", {"prompt": "x" * (3 * BLOCK_BYTES)}).chain) == 3
 
 
 def test_the_index_is_bounded_and_drops_the_tail_of_old_chains_first() -> None:

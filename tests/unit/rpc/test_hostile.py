@@ -241,7 +241,7 @@ def test_prefix_names_round_trip_bounded_and_only_in_a_known_scheme() -> None:
     from meshnode.mesh.state import CapacityAd, NodeState
     from meshnode.routing import prefix
 
-    names = prefix.request_prefix("m", {"prompt": "p" * (4 * prefix.BLOCK_CHARS)}).chain
+    names = prefix.request_prefix("m", {"prompt": "p" * (4 * prefix.BLOCK_BYTES)}).chain
     state = NodeState("p", 1, "p:1", capacity=CapacityAd(
         4, 2, 0, 1.0, prefix_scheme=prefix.SCHEME, prefix_names=names))
     wire = convert.state_to_pb(state).SerializeToString()
@@ -263,7 +263,7 @@ async def test_prefix_names_a_worker_served_reach_a_peers_router(nodes: MeshServ
 
     a = await nodes.start("a", providers=[FakeProvider("fakeai", models=["m"])])
     b = await nodes.start("b", seeds=[a.advertise_address])
-    served = prefix.request_prefix("m", {"prompt": "q" * (3 * prefix.BLOCK_CHARS)}).chain
+    served = prefix.request_prefix("m", {"prompt": "q" * (3 * prefix.BLOCK_BYTES)}).chain
     a.router.prefix_index.record(served)  # as the router does when its local worker answers
     assert b.provider is not None
 
