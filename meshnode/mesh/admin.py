@@ -47,6 +47,8 @@ def member_json(
                 "slots_free": state.capacity.slots_free,
                 "queue_depth": state.capacity.queue_depth,
                 "tokens_per_s": state.capacity.tokens_per_s,
+                # How many prompt-prefix names it gossips (cache_aware routing, policies.md).
+                "prefix_names": len(state.capacity.prefix_names),
             }
             if state is not None
             else None
