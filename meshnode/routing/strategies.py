@@ -175,6 +175,8 @@ def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
                 affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
     """Where the request's KV cache is, unless that is lopsided.
 
+    Local workers (here or on peers: `provider_kind` local, whose KV cache routing can find)
+    are ranked first, the other candidates (cloud APIs) after them as fallbacks, each group so:
     - Load lopsided (`imbalanced`): least loaded first, as balance comes before hits.
     - A session (`x-aiproxy-session`): rendezvous on its value, so every turn of it goes to
       the same node from every entry node.
@@ -184,12 +186,20 @@ def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
       conversation's first turn to the same node and its later turns find their cache there.
     Ties go by rendezvous place, then as every strategy breaks them.
     """
+    workers = [c for c in candidates if c.offer.provider_kind == "local"]
+    others = [c for c in candidates if c.offer.provider_kind != "local"]
+    tail = "; no KV cache routing can see: after the local workers" if workers else ""
+    return _cache_group(workers, affinity, "") + _cache_group(others, affinity, tail)
+
+
+def _cache_group(candidates: Sequence[Candidate], affinity: Affinity,
+                 tail: str) -> list[Ranked]:
     if not candidates:
         return []
     place = _by_rendezvous(affinity.key, candidates)
 
     def ranked(score: Callable[[Candidate], float], note: str) -> list[Ranked]:
-        rows = [Ranked(c, score(c), "cache_aware", note) for c in candidates]
+        rows = [Ranked(c, score(c), "cache_aware", note + tail) for c in candidates]
         return sorted(rows, key=lambda r: (r.score, place[id(r.candidate)],
                                            _tiebreak(r.candidate)))
 

@@ -146,3 +146,15 @@ def test_cache_aware_session_affinity_keeps_a_session_on_one_node() -> None:
     drowning = [node(n, load=2.0 if n == home else 0.1) for n in ("a", "b", "c")]
     assert winner(rank("cache_aware", drowning, 0, Affinity(b"session\0user-42", "session"))) \
         != home
+
+
+def test_cache_aware_ranks_cloud_apis_after_the_local_workers() -> None:
+    cloud = cand("openai", load=0.0)
+    workers = [node("a", load=0.4), node("b", load=0.45)]
+    for i in range(30):
+        ranking = rank("cache_aware", [cloud, *workers], 0, key(i))
+        assert ranking[-1].candidate is cloud
+        assert "after the local workers" in ranking[-1].reason
+    # Only cloud candidates: ranked among themselves as usual (no local tail note).
+    only = rank("cache_aware", [cand("x"), cand("y")], 0, key(1))
+    assert len(only) == 2 and "after the local workers" not in only[0].reason
