@@ -34,6 +34,8 @@ BALANCE_REL = 1.5
 # What a whole-prompt hit is worth in load: a full hit beats an idle node that holds nothing
 # while the holder is under HIT_WEIGHT more loaded.
 HIT_WEIGHT = 1.0
+# Candidates whose KV cache cache_aware can see: this node's worker, and peers (their gossip).
+CACHE_KINDS = ("local", "mesh")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +153,7 @@ def rendezvous_weight(key: bytes, c: Candidate) -> int:
     """Highest-random-weight hashing: every entry node computes the same weight for a key and a
     serving node, so they agree on the winner without talking, and a node that leaves moves
     only the keys it won."""
-    who = f"{c.node_id or c.offer.node or ''}/{c.offer.provider_kind}/{c.offer.model}"
+    who = f"{c.node_id or c.offer.node or ''}/{c.offer.model}"
     digest = hashlib.blake2b(key, digest_size=8, person=b"meshnode-hrw")
     digest.update(who.encode())
     return int.from_bytes(digest.digest(), "big")
@@ -175,8 +177,9 @@ def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
                 affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
     """Where the request's KV cache is, unless that is lopsided.
 
-    Local workers (here or on peers: `provider_kind` local, whose KV cache routing can find)
-    are ranked first, the other candidates (cloud APIs) after them as fallbacks, each group so:
+    This node's local workers and peers (a peer serves with its own worker when it has one)
+    are ranked first, the other candidates (cloud APIs, whose cache routing cannot see) after
+    them as fallbacks, each group so:
     - Load lopsided (`imbalanced`): least loaded first, as balance comes before hits.
     - A session (`x-aiproxy-session`): rendezvous on its value, so every turn of it goes to
       the same node from every entry node.
@@ -186,8 +189,8 @@ def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
       conversation's first turn to the same node and its later turns find their cache there.
     Ties go by rendezvous place, then as every strategy breaks them.
     """
-    workers = [c for c in candidates if c.offer.provider_kind == "local"]
-    others = [c for c in candidates if c.offer.provider_kind != "local"]
+    workers = [c for c in candidates if c.offer.provider_kind in CACHE_KINDS]
+    others = [c for c in candidates if c.offer.provider_kind not in CACHE_KINDS]
     tail = "; no KV cache routing can see: after the local workers" if workers else ""
     return _cache_group(workers, affinity, "") + _cache_group(others, affinity, tail)
 

@@ -21,10 +21,11 @@ class MeshServices:
         self.services: list[MeshService] = []
 
     async def start(self, node_id: str, providers: list[FakeProvider] | None = None,
-                    relay: bool = True, **mesh: object) -> MeshService:
+                    relay: bool = True, routing: RoutingConfig | None = None,
+                    **mesh: object) -> MeshService:
         """A started service whose router has `providers` and, with `relay`, the mesh."""
         chain = [p.name for p in providers or []] + (["mesh"] if relay else [])
-        router = Router(RoutingConfig(), chain, providers or [], node_id)
+        router = Router(routing or RoutingConfig(), chain, providers or [], node_id)
         svc = MeshService(MeshConfig(**{**self.base, **mesh}), node_id, router, announce=False)
         await svc.start()
         self.services.append(svc)

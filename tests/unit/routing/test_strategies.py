@@ -58,8 +58,9 @@ def node(name: str, *, hit: int = 0, blocks: int = 8, load: float = 0.2, via: st
          chain: int = 0) -> Candidate:
     """The local worker on node `name`, as an entry node sees it: its own (`via` empty: the
     local provider) or a peer's (`via` the entry node: offered through the mesh)."""
-    offer = ModelOffer(model="m", provider="mesh" if via else "local", provider_kind="local",
-                       upstream_model="m", node=name if via else None)
+    offer = ModelOffer(model="m", provider="mesh" if via else "w",
+                       provider_kind="mesh" if via else "local", upstream_model="m",
+                       node=name if via else None)
     return Candidate(offer=offer, chain_index=chain, estimated_cost=0.0, latency_ms=None,
                      error_rate=0.0, in_flight=0, load=load, node_id=name, prefix_hit=hit,
                      prefix_blocks=blocks, slots_free=4, queue_depth=0)
