@@ -1,21 +1,25 @@
-"""`make bench`: direct vs one meshnode node vs LiteLLM's proxy, side by side, in one run (SPEC §6).
+"""`make bench`: direct vs meshnode before and after vs LiteLLM's proxy, side by side, in one run.
 
 It owns the order of a run and where each process runs:
-1. start the instant backend (`bench.backend`), one meshnode node (`meshnode run --config ...`)
-   and, when `make bench-setup` has installed it, LiteLLM's proxy (one worker);
+1. start the instant backend (`bench.backend`), today's meshnode node (this checkout's code),
+   a node of the baseline revision (`--baseline REV`, default in bench/baseline.rev, unpacked
+   with `git archive`, run with this venv) and, when `make bench-setup` has installed it,
+   LiteLLM's proxy (one worker);
 2. 1 client, sequential non-stream requests, interleaved rounds: p50/p99 and what each proxy adds;
 3. streaming: time to first token (instant backend) and a slow stream (is each chunk relayed?);
-4. 32 connections for a bounded time with the same load generator (wrk, else `bench.pyload`):
-   requests/s and CPU µs per request of the target's process tree (/proc utime+stime);
-5. print the table, the ratios and the SPEC §6 checks; write `bench/results/latest.json` and
-   `bench/results/latest.md`.
+4. 32 connections for a bounded time with the same load generator (wrk, else `bench.pyload`),
+   non-stream and then `stream: true` (a whole streamed answer is one request): requests/s and
+   CPU µs per request of the target's process tree (/proc utime+stime);
+5. print the table, before/after (baseline vs today, same run) and the SPEC §6 / issue 20
+   checks; write `bench/results/latest.json` and `bench/results/latest.md`.
 
 CPU placement on a 2-core box: the proxy under test (meshnode or LiteLLM) alone on core 0; the
 backend, the load generator and the 1-client probe share core 1. The proxy is what saturates, so
 it gets a core of its own; the backend answers ~75k req/s on half a core, far above any proxy.
 With more cores the backend and the load generator get separate ones; with one, nothing is pinned.
-Everything listens on 127.0.0.1, every phase is bounded in count or time, and every process is
-stopped on exit, error or Ctrl-C.
+Both nodes share the proxy's core; only one of them is under load at any time. Everything listens
+on 127.0.0.1, every phase is bounded in count or time, and every process is stopped on exit,
+error or Ctrl-C (the unpacked baseline goes with the run's scratch folder).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import orjson
 
+from bench.baseline import BaselineSource, BaselineUnavailable, default_rev, parse_rev_arg, unpack
 from bench.loadgen import LoadResult, pick_tool, run_load
 from bench.probes import Samples, sequential_latency, stream_ttft, warm_up
 from bench.procs import BenchProcessError, ProcessSet, cpu_count
@@ -46,7 +51,15 @@ from bench.report import (
     percentile,
 )
 from bench.setup_litellm import BENCH_VENV
-from bench.targets import REPO, Target, chat_body, start_backend, start_litellm, start_meshnode
+from bench.targets import (
+    REPO,
+    Target,
+    chat_body,
+    slug,
+    start_backend,
+    start_litellm,
+    start_meshnode,
+)
 
 RESULTS_DIR = REPO / "bench" / "results"
 
@@ -75,12 +88,18 @@ def plan_cores(pin: bool = True) -> CorePlan:
 
 
 def _git_commit() -> str:
+    """HEAD's short hash, `+dirty` when tracked files differ from it (what is measured is the tree)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                              capture_output=True, text=True, timeout=10)  # fmt: skip
-        return out.stdout.strip() or "unknown"
-    except OSError:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+    commit = out.stdout.strip()
+    if not commit:
+        return "unknown"
+    return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _cpu_model() -> str:
@@ -119,6 +138,7 @@ def machine_info(plan: CorePlan, tool: str, venv: Path) -> dict[str, object]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "meshnode_commit": _git_commit(),
+        "meshnode_source": str(REPO),
         "litellm_version": _litellm_version(venv),
         "load_generator": tool,
         "placement": plan.describe(),
@@ -136,11 +156,18 @@ def _note(message: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (~30 s)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (~45 s)")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="git revision measured as the 'before' node, meshnode@REV "
+                             f"(default: {default_rev() or 'none'}, from bench/baseline.rev); "
+                             "`none` to skip")  # fmt: skip
     parser.add_argument("--requests", type=int, help="1-client requests per target (2000)")
     parser.add_argument("--stream-requests", type=int, help="streams per target for TTFT (500)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds for the probes (5)")
-    parser.add_argument("--duration", type=float, help="seconds of 32-client load per target (10)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds of 32-client load per target, non-stream (10)")  # fmt: skip
+    parser.add_argument("--stream-duration", type=float,
+                        help="seconds of 32-client streaming load per target (10)")  # fmt: skip
     parser.add_argument("--load-rounds", type=int,
                         help="interleaved segments the 32-client time is split into (2)")  # fmt: skip
     parser.add_argument("--warmup", type=float, help="seconds of load before each measured run (2)")
@@ -167,13 +194,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "stream_requests": 30 if quick else 500,
         "rounds": 2 if quick else 5,
         "duration": 2.0 if quick else 10.0,
+        "stream_duration": 1.0 if quick else 10.0,
         "warmup": 1.0 if quick else 2.0,
         "load_rounds": 1 if quick else 2,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    try:
+        args.baseline = parse_rev_arg(args.baseline) if args.baseline is not None else default_rev()
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
+
+
+def _start_baseline(args: argparse.Namespace, procs: ProcessSet, plan: CorePlan, backend: Target,
+                    work_dir: Path) -> tuple[TargetResult, Target | None]:  # fmt: skip
+    """Unpack the baseline revision and start a node from it, or say why it is not measured."""
+    rev = args.baseline
+    _note(f"baseline: unpacking {rev} with `git archive`")
+    source: BaselineSource | None = None
+    try:
+        source = unpack(REPO, rev, work_dir / "baseline-src")
+        _note(f"starting {source.target_name} from {source.path}")
+        node = start_meshnode(procs, plan.proxy, backend, work_dir, args.meshnode,
+                              args.start_timeout, name=source.target_name,
+                              source_dir=source.path)  # fmt: skip
+    except (BaselineUnavailable, BenchProcessError) as exc:
+        name = source.target_name if source else f"meshnode@{rev}"
+        _note(f"baseline {name} not measured: {exc}")
+        return TargetResult(name, error=f"baseline not measured: {exc}"), None
+    return TargetResult(source.target_name, node.base_url), node
 
 
 def measure(args: argparse.Namespace, procs: ProcessSet, report: Report, plan: CorePlan,
@@ -183,7 +234,16 @@ def measure(args: argparse.Namespace, procs: ProcessSet, report: Report, plan: C
     report.targets["direct"] = TargetResult("direct", backend.base_url)
     targets: list[Target] = [backend]
 
-    _note(f"starting meshnode ({args.meshnode or 'default'})")
+    if args.baseline is None:
+        _note("no baseline revision (--baseline none): measuring today's node alone")
+    else:
+        result, started = _start_baseline(args, procs, plan, backend, work_dir)
+        report.baseline = result.name
+        report.targets[result.name] = result
+        if started is not None:
+            targets.append(started)
+
+    _note(f"starting meshnode from {REPO} ({args.meshnode or 'default'})")
     try:
         node = start_meshnode(
             procs, plan.proxy, backend, work_dir, args.meshnode, args.start_timeout
@@ -241,25 +301,41 @@ def measure(args: argparse.Namespace, procs: ProcessSet, report: Report, plan: C
             total_p50_ms=percentile(samples.totals, 50) * 1e3,
         )
 
-    body = chat_body()
+    for stream in (False, True):
+        duration = args.stream_duration if stream else args.duration
+        if duration <= 0:
+            continue
+        results = _load_phase(args, procs, targets, plan, tool, stream, duration)
+        for name, stats in results.items():
+            if stream:
+                report.targets[name].stream_throughput = stats
+            else:
+                report.targets[name].throughput = stats
+
+
+def _load_phase(args: argparse.Namespace, procs: ProcessSet, targets: Sequence[Target],
+                plan: CorePlan, tool: str, stream: bool,
+                duration: float) -> dict[str, ThroughputStats]:  # fmt: skip
+    """32 closed-loop clients on every target in turn, in interleaved segments."""
+    body = chat_body(stream=stream)
+    kind = "streams" if stream else "non-stream"
     segments = max(1, args.load_rounds)
-    seg_s = max(1.0, args.duration / segments)
+    seg_s = max(1.0, duration / segments)
     for target in targets:
-        _note(f"{args.connections} clients: warming up {target.name} ({args.warmup:g} s)")
+        _note(f"{args.connections} clients, {kind}: warming up {target.name} ({args.warmup:g} s)")
         run_load(procs, target.chat_url, body, args.connections, args.warmup, plan.loadgen, tool,
-                 name=f"warmup-{target.name}")  # fmt: skip
+                 name=f"warmup-{slug(target.name)}")  # fmt: skip
     loads: dict[str, list[tuple[LoadResult, float]]] = {t.name: [] for t in targets}
     for segment in range(segments):
         # Interleaved segments: a burst of load from a neighbour hits every target alike.
         for target in targets:
-            _note(f"{args.connections} clients: {target.name}, {seg_s:g} s "
+            _note(f"{args.connections} clients, {kind}: {target.name}, {seg_s:g} s "
                   f"(segment {segment + 1}/{segments}, {tool})")  # fmt: skip
             cpu_before = target.process.cpu_seconds()
             load = run_load(procs, target.chat_url, body, args.connections, seg_s, plan.loadgen,
-                            tool, name=f"load-{target.name}")  # fmt: skip
+                            tool, name=f"load-{slug(target.name)}")  # fmt: skip
             loads[target.name].append((load, target.process.cpu_seconds() - cpu_before))
-    for name, parts in loads.items():
-        report.targets[name].throughput = _throughput(parts)
+    return {name: _throughput(parts) for name, parts in loads.items()}
 
 
 def _throughput(parts: list[tuple[LoadResult, float]]) -> ThroughputStats:
@@ -294,7 +370,8 @@ def describe_machine(report: Report) -> str:
         f"Measured {m['date_utc']} on {m['cpu']} ({m['cores']} cores, load average "
         f"{m['loadavg_at_start']:.2f} at start, {m.get('loadavg_at_end', 0):.2f} at end; "
         f"CPU pressure {_pct(m.get('cpu_pressure_at_start'))} at start, "
-        f"{_pct(m.get('cpu_pressure_at_end'))} at end), Python {m['python']}, meshnode {m['meshnode_commit']}, "
+        f"{_pct(m.get('cpu_pressure_at_end'))} at end), Python {m['python']}, meshnode {m['meshnode_commit']}"
+        f"{' against ' + report.baseline if report.baseline else ''}, "
         f"LiteLLM {m['litellm_version'] or 'not installed'}, load generator {m['load_generator']}; "
         f"{m['placement']}."
     )

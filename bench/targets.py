@@ -8,6 +8,8 @@ a name, a base URL and the process whose CPU is charged to it.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,7 @@ _CLOUD_ENV = (
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "direct", "meshnode", "litellm"
+    name: str  # "direct", "meshnode", "meshnode@0c3eb37", "litellm"
     base_url: str  # http://127.0.0.1:PORT
     process: Managed  # whose CPU a request through this target costs
 
@@ -123,7 +125,11 @@ def meshnode_config(backend_url: str, listen_port: int, grpc_port: int, data_dir
 
 
 def meshnode_argv(meshnode_bin: Path | None) -> list[str]:
-    """The installed `meshnode` script, else `python -m meshnode` from this checkout."""
+    """The installed `meshnode` script, else `python -m meshnode`.
+
+    Either way the code it runs is the source folder that `start_meshnode` puts first on
+    `PYTHONPATH`, not whatever checkout the venv's editable install points at.
+    """
     if meshnode_bin is not None:
         if not meshnode_bin.exists():
             raise BenchProcessError(f"{meshnode_bin} not found (run `make install`)")
@@ -134,6 +140,32 @@ def meshnode_argv(meshnode_bin: Path | None) -> list[str]:
     return [sys.executable, "-m", "meshnode"]
 
 
+def slug(name: str) -> str:
+    """A target's name as a file name: "meshnode@0c3eb37" -> "meshnode-0c3eb37"."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+
+
+def node_env(source_dir: Path) -> dict[str, str]:
+    """The environment of a node that runs the meshnode package found in `source_dir`."""
+    return _clean_env({"PYTHONPATH": str(source_dir)})
+
+
+def check_imports_from(source_dir: Path, env: dict[str, str]) -> None:
+    """Fail unless this venv's Python, given `env`, imports meshnode from `source_dir`.
+
+    A venv's editable install points at one checkout; a worktree or an unpacked baseline must
+    win over it, or "before" and "after" would both be that checkout.
+    """
+    probe = "import meshnode, sys; sys.stdout.write(meshnode.__file__ or '')"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=source_dir,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    found = Path(done.stdout.strip()).resolve() if done.returncode == 0 else None
+    if found is None or not found.is_relative_to(source_dir.resolve()):
+        raise BenchProcessError(
+            f"meshnode imports from {found or done.stderr.strip()[-300:]}, not {source_dir}"
+        )
+
+
 def start_meshnode(
     procs: ProcessSet,
     cores: set[int] | None,
@@ -141,17 +173,23 @@ def start_meshnode(
     work_dir: Path,
     meshnode_bin: Path | None,
     timeout_s: float,
+    name: str = "meshnode",
+    source_dir: Path = REPO,
 ) -> Target:
-    config_path = work_dir / "meshnode.yaml"
-    config = meshnode_config(backend.base_url, 0, free_port(), work_dir / "meshnode-data")
+    """A node named `name` running the meshnode package in `source_dir` (today's: this checkout)."""
+    file_name = slug(name)
+    config_path = work_dir / f"{file_name}.yaml"
+    config = meshnode_config(backend.base_url, 0, free_port(), work_dir / f"{file_name}-data")
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = node_env(source_dir)
+    check_imports_from(source_dir, env)
     argv = [*meshnode_argv(meshnode_bin), "run", "--config", str(config_path),
             "--listen", "127.0.0.1:0"]  # fmt: skip
-    managed = procs.start("meshnode", argv, cores=cores, env=_clean_env(), cwd=REPO)
+    managed = procs.start(file_name, argv, cores=cores, env=env, cwd=source_dir)
     # The node binds port 0 and says where it listens.
     url = managed.wait_for_line(r"^MESHNODE_HTTP=(http://\S+?)/?$", timeout_s).group(1)
     _wait_chat_ok(managed, url, timeout_s)
-    return Target("meshnode", url, managed)
+    return Target(name, url, managed)
 
 
 def litellm_config(backend_url: str) -> dict:
