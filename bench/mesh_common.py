@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from bench.procs import ProcessSet
-from bench.targets import REPO, Target, _clean_env, meshnode_argv, meshnode_config
+from bench.targets import REPO, Target, meshnode_argv, meshnode_config, node_env
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -45,7 +45,7 @@ def start_mesh_node(
     path = work_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [*meshnode_argv(None), "run", "--config", str(path), "--listen", "127.0.0.1:0"]
-    managed = procs.start(name, argv, cores=cores, env=_clean_env(), cwd=REPO)
+    managed = procs.start(name, argv, cores=cores, env=node_env(REPO), cwd=REPO)
     url = managed.wait_for_line(r"^MESHNODE_HTTP=(http://\S+?)/?$", 60).group(1)
     grpc = managed.wait_for_line(r"^MESHNODE_GRPC=(\S+)$", 60).group(1)
     return Target(name, url, managed), grpc

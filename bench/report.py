@@ -88,6 +88,8 @@ class ThroughputStats:
     # CPU seconds per wall second: below ~0.95 on a saturated proxy means neighbours took
     # part of its core, which lowers req/s but not CPU µs per request.
     cores_used: float
+    # CPU µs per request of each interleaved segment: the run's own spread for this number.
+    segment_cpu_us: tuple[float, ...] = ()
 
     @property
     def rps_per_core(self) -> float:
@@ -147,6 +149,20 @@ class Comparison:
     # > 1 is better: before ÷ after for costs (µs, ms), after ÷ before for rates (req/s).
     factor: float
     higher_is_better: bool
+    # (lowest, highest) over the interleaved segments, where the number has segments.
+    before_range: tuple[float, float] | None = None
+    after_range: tuple[float, float] | None = None
+
+    @property
+    def within_spread(self) -> bool | None:
+        """True when the segments of before and after overlap: a difference this run cannot tell
+        from the box's noise. None without segments."""
+        if self.before_range is None or self.after_range is None:
+            return None
+        return (
+            self.before_range[0] <= self.after_range[1]
+            and self.after_range[0] <= self.before_range[1]
+        )
 
 
 @dataclass
@@ -191,35 +207,43 @@ class Report:
         after = self.targets.get(NOW)
         if before is None or after is None or not before.ok or not after.ok:
             return []
-        rows: list[tuple[str, float | None, float | None, bool]] = []
+        Range = tuple[float, float] | None
+        rows: list[tuple[str, float | None, float | None, bool, Range, Range]] = []
 
         def throughput(result: TargetResult, stream: bool) -> ThroughputStats | None:
             return result.stream_throughput if stream else result.throughput
+
+        def spread(stats: ThroughputStats | None, per_core: bool = False) -> Range:
+            if stats is None or len(stats.segment_cpu_us) < 2:
+                return None
+            values = [1e6 / v if per_core else v for v in stats.segment_cpu_us if v > 0]
+            return (min(values), max(values)) if len(values) >= 2 else None
 
         for stream, label in ((False, ""), (True, ", stream")):
             b, a = throughput(before, stream), throughput(after, stream)
             rows.append((f"CPU µs per request (32 clients{label})",
                          b.cpu_us_per_request if b else None,
-                         a.cpu_us_per_request if a else None, False))  # fmt: skip
+                         a.cpu_us_per_request if a else None, False, spread(b), spread(a)))  # fmt: skip
             rows.append((f"req/s per core (32 clients{label})",
-                         b.rps_per_core if b else None, a.rps_per_core if a else None, True))  # fmt: skip
+                         b.rps_per_core if b else None, a.rps_per_core if a else None, True,
+                         spread(b, per_core=True), spread(a, per_core=True)))  # fmt: skip
             rows.append((f"req/s (32 clients{label})", b.rps if b else None,
-                         a.rps if a else None, True))  # fmt: skip
+                         a.rps if a else None, True, None, None))  # fmt: skip
         added_b, added_a = self.added(before.name), self.added(NOW)
         for key, label in (("p50_ms", "added p50 ms (1 client)"),
                            ("p99_ms", "added p99 ms (1 client)"),
                            ("ttft_p50_ms", "added TTFT p50 ms (stream)")):  # fmt: skip
-            rows.append((label, added_b.get(key), added_a.get(key), False))
+            rows.append((label, added_b.get(key), added_a.get(key), False, None, None))
         b_lat, a_lat = before.latency, after.latency
         rows.append(("CPU µs per request (1 client)",
                      b_lat.cpu_us_per_request if b_lat else None,
-                     a_lat.cpu_us_per_request if a_lat else None, False))  # fmt: skip
+                     a_lat.cpu_us_per_request if a_lat else None, False, None, None))  # fmt: skip
         out = []
-        for metric, b_value, a_value, higher in rows:
+        for metric, b_value, a_value, higher, b_range, a_range in rows:
             if b_value is None or a_value is None or math.isnan(b_value) or math.isnan(a_value):
                 continue
             factor = _factor(b_value, a_value, higher)
-            out.append(Comparison(metric, b_value, a_value, factor, higher))
+            out.append(Comparison(metric, b_value, a_value, factor, higher, b_range, a_range))
         return out
 
     def checks(self) -> list[Check]:
@@ -281,7 +305,9 @@ class Report:
             "targets": targets,
             "added": {name: self.added(name) for name in self.targets if name != "direct"},
             "ratios": self.ratios(),
-            "before_after": [asdict(c) for c in self.before_after()],
+            "before_after": [
+                {**asdict(c), "within_spread": c.within_spread} for c in self.before_after()
+            ],
             "checks": [asdict(c) for c in self.checks()],
         }
 
@@ -325,15 +351,17 @@ class Report:
     ]  # fmt: skip
 
     def _before_after_lines(self) -> list[tuple[str, str, str, str]]:
-        return [
-            (
-                c.metric,
-                _num(c.before),
-                _num(c.after),
-                "n/a" if math.isnan(c.factor) else f"{c.factor:.2f}x",
-            )  # fmt: skip
-            for c in self.before_after()
-        ]
+        out = []
+        for c in self.before_after():
+            factor = "n/a" if math.isnan(c.factor) else f"{c.factor:.2f}x"
+            if c.within_spread:
+                factor += " ~"
+            before, after = (
+                _with_range(c.before, c.before_range),
+                _with_range(c.after, c.after_range),
+            )
+            out.append((c.metric, before, after, factor))
+        return out
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self._HEADERS) + " |", "|" + "---|" * len(self._HEADERS)]
@@ -343,6 +371,7 @@ class Report:
             lines += ["", f"| before/after | {self.baseline} | {NOW} | better by |",
                       "|---|---:|---:|---:|"]  # fmt: skip
             lines += [f"| {m} | {b} | {a} | {f} |" for m, b, a, f in comparisons]
+            lines += ["", _SPREAD_NOTE]
         checks = self.checks()
         if checks:
             lines += ["", "| target | measured | target | from | |", "|---|---|---|---|---|"]
@@ -370,7 +399,8 @@ class Report:
             table = [("", "before", "after", "better by"), *comparisons]
             w = [max(len(r[i]) for r in table) for i in range(4)]
             for m, b, a, f in table:
-                out.append(f"  {m.ljust(w[0])}  {b.rjust(w[1])}  {a.rjust(w[2])}  {f.rjust(w[3])}")
+                out.append(f"  {m.ljust(w[0])}  {b.rjust(w[1])}  {a.rjust(w[2])}  {f.ljust(w[3])}")
+            out.append("  " + _SPREAD_NOTE)
         checks = self.checks()
         if checks:
             out.append("")
@@ -381,6 +411,18 @@ class Report:
                     f"(target {c.target}, {c.source})"
                 )
         return "\n".join(out)
+
+
+_SPREAD_NOTE = (
+    "[low-high]: the interleaved 32-client segments; ~: before's and after's segments overlap, "
+    "so this run cannot tell the difference from the box's noise."
+)
+
+
+def _with_range(value: float, spread: tuple[float, float] | None) -> str:
+    if spread is None:
+        return _num(value)
+    return f"{_num(value)} [{_num(spread[0])}-{_num(spread[1])}]"
 
 
 def _factor(before: float, after: float, higher_is_better: bool) -> float:

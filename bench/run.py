@@ -357,6 +357,11 @@ def _throughput(parts: list[tuple[LoadResult, float]]) -> ThroughputStats:
         cpu_s=cpu,
         cpu_us_per_request=cpu * 1e6 / ok if ok else 0.0,
         cores_used=cpu / duration if duration > 0 else 0.0,
+        segment_cpu_us=tuple(
+            c * 1e6 / (load.requests - load.errors)
+            for load, c in parts
+            if load.requests > load.errors
+        ),
     )
 
 

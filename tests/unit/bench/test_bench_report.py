@@ -4,6 +4,7 @@ how both are rendered, from hand-made results (no process, no timing)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -158,3 +159,38 @@ def test_text_markdown_and_json_carry_before_after_and_the_checks() -> None:
     metrics = {row["metric"]: row for row in data["before_after"]}
     assert metrics["CPU µs per request (32 clients, stream)"]["before"] == 545
     assert {c["metric"] for c in data["checks"]} >= {"CPU per proxied stream"}
+
+
+def _with_segments(result: TargetResult, *segments: float) -> TargetResult:
+    assert result.throughput is not None
+    result.throughput = replace(result.throughput, segment_cpu_us=segments)
+    return result
+
+
+def test_before_after_says_when_the_segments_overlap() -> None:
+    noisy = _report(
+        _with_segments(_target("meshnode", 0.8, 2.5, 460, 550, 2_100), 420, 500),
+        _with_segments(_target(BASELINE, 0.8, 2.5, 435, 550, 2_200), 430, 440),
+    )
+    row = {c.metric: c for c in noisy.before_after()}["CPU µs per request (32 clients)"]
+    assert (row.before_range, row.after_range) == ((430, 440), (420, 500))
+    assert row.within_spread is True
+    assert "435 [430-440]" in noisy.text() and "460 [420-500]" in noisy.text()
+    assert "0.95x ~" in noisy.text()
+    per_core = {c.metric: c for c in noisy.before_after()}["req/s per core (32 clients)"]
+    assert per_core.after_range == pytest.approx((1e6 / 500, 1e6 / 420))
+
+    clear = _report(
+        _with_segments(_target("meshnode", 0.4, 1.5, 260, 280, 3_800), 250, 270),
+        _with_segments(_target(BASELINE, 0.8, 2.5, 510, 560, 1_900), 500, 520),
+    )
+    row = {c.metric: c for c in clear.before_after()}["CPU µs per request (32 clients)"]
+    assert row.within_spread is False
+    assert "| CPU µs per request (32 clients) | 510 [500-520] | 260 [250-270] | 1.96x |" in (
+        clear.markdown()
+    )
+    assert clear.to_json()["before_after"][0]["within_spread"] is False
+    # One segment (--quick) has no spread to judge by.
+    single = {c.metric: c for c in _report(_target("meshnode", 0.4, 1.5, 260, 280, 3_800),
+                                           _target(BASELINE, 0.8, 2.5, 510, 560, 1_900)).before_after()}  # fmt: skip
+    assert single["CPU µs per request (32 clients)"].within_spread is None
