@@ -350,6 +350,9 @@ class Report:
         "errors (32c)",
     ]  # fmt: skip
 
+    def _has_spread(self) -> bool:
+        return any(c.within_spread is not None for c in self.before_after())
+
     def _before_after_lines(self) -> list[tuple[str, str, str, str]]:
         out = []
         for c in self.before_after():
@@ -371,7 +374,8 @@ class Report:
             lines += ["", f"| before/after | {self.baseline} | {NOW} | better by |",
                       "|---|---:|---:|---:|"]  # fmt: skip
             lines += [f"| {m} | {b} | {a} | {f} |" for m, b, a, f in comparisons]
-            lines += ["", _SPREAD_NOTE]
+            if self._has_spread():
+                lines += ["", _SPREAD_NOTE]
         checks = self.checks()
         if checks:
             lines += ["", "| target | measured | target | from | |", "|---|---|---|---|---|"]
@@ -400,7 +404,8 @@ class Report:
             w = [max(len(r[i]) for r in table) for i in range(4)]
             for m, b, a, f in table:
                 out.append(f"  {m.ljust(w[0])}  {b.rjust(w[1])}  {a.rjust(w[2])}  {f.ljust(w[3])}")
-            out.append("  " + _SPREAD_NOTE)
+            if self._has_spread():
+                out.append("  " + _SPREAD_NOTE)
         checks = self.checks()
         if checks:
             out.append("")

@@ -194,3 +194,7 @@ def test_before_after_says_when_the_segments_overlap() -> None:
     single = {c.metric: c for c in _report(_target("meshnode", 0.4, 1.5, 260, 280, 3_800),
                                            _target(BASELINE, 0.8, 2.5, 510, 560, 1_900)).before_after()}  # fmt: skip
     assert single["CPU µs per request (32 clients)"].within_spread is None
+    assert "[low-high]" in clear.text() and "[low-high]" in clear.markdown()
+    one_segment = _report(_target("meshnode", 0.4, 1.5, 260, 280, 3_800),
+                          _target(BASELINE, 0.8, 2.5, 510, 560, 1_900))  # fmt: skip
+    assert "[low-high]" not in one_segment.text() and "[low-high]" not in one_segment.markdown()
