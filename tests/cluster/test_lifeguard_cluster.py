@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from tests.kit.node_proc import NodeProcess
+from tests.kit.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -51,20 +52,19 @@ async def test_starved_node_causes_no_false_deaths(tmp_path: Path) -> None:
         seed = NodeProcess(CONFIG, tmp_path, name="a", grpc_listen="127.0.0.1:0", node_id="a")
         await seed.astart()
         nodes["a"] = seed
-        await asyncio.to_thread(_wait_announce, seed)
+        await wait_for(lambda: "MESHNODE_GRPC" in seed.refresh_announcements(),
+                       "the seed announces its gRPC address", 60)
         started = [NodeProcess(CONFIG, tmp_path, name=n, grpc_listen="127.0.0.1:0", node_id=n,
                                seeds=[seed.announced["MESHNODE_GRPC"]]) for n in NAMES[1:]]
         await asyncio.gather(*(p.astart() for p in started))
         nodes.update({p.name: p for p in started})
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            end = time.monotonic() + 60
-            while True:
+            async def formed() -> dict[str, dict]:
                 views = await _views(http, nodes)
-                if all(set(v) == set(NAMES) and set(v.values()) == {"alive"}
-                       for v in views.values()):
-                    break
-                assert time.monotonic() < end, f"the mesh did not form: {views}"
-                await asyncio.sleep(0.1)
+                return views if all(set(v) == set(NAMES) and set(v.values()) == {"alive"}
+                                    for v in views.values()) else {}
+
+            await wait_for(formed, "the mesh forms, everyone alive for everyone", 60)
             # Starve e: all its threads share one core with processes that never sleep.
             core = min(os.sched_getaffinity(0))
             busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -103,10 +103,3 @@ def pin_all_threads(pid: int, core: int) -> None:
         except ProcessLookupError:
             pass  # a thread that just ended
 
-
-def _wait_announce(node: NodeProcess) -> None:
-    end = time.monotonic() + 60
-    while "MESHNODE_GRPC" not in node.refresh_announcements():
-        if time.monotonic() > end:
-            raise AssertionError("the seed did not announce its gRPC address")
-        time.sleep(0.05)

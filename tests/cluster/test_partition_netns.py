@@ -15,7 +15,7 @@ namespace. Mesh timing is short (probe 250 ms); every wait is on a condition wit
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,14 @@ import pytest
 
 from tests.kit.netns import NetnsLab, netns_unavailable
 from tests.kit.node_proc import NodeProcess
+from tests.kit.wait import wait_for_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 SIDES = {"left": ["a", "b"], "right": ["c", "d"]}
 NAMES = [n for nodes in SIDES.values() for n in nodes]
 WAIT_S = 45.0
+SETTLED_S = 3.0  # a dozen probe rounds
 
 
 def node_config() -> dict[str, Any]:
@@ -46,14 +48,6 @@ def node_config() -> dict[str, Any]:
         "server": {"shutdown_grace_s": 2},
         "providers": {},
     }
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(0.1)
 
 
 class Lab:
@@ -73,8 +67,8 @@ class Lab:
         )
         self.nodes[name] = node
         node.start()
-        wait_for(lambda: "MESHNODE_GRPC" in node.refresh_announcements(),
-                 f"{name} announces its gRPC address")
+        wait_for_sync(lambda: "MESHNODE_GRPC" in node.refresh_announcements(),
+                      f"{name} announces its gRPC address", WAIT_S)
         return node
 
     def view(self, name: str) -> dict[str, str]:
@@ -113,7 +107,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def test_four_nodes_in_namespaces_join_over_the_bridge(lab: Lab) -> None:
-    wait_for(lambda: lab.sees(NAMES, NAMES, "alive"), "every node sees all four alive")
+    wait_for_sync(lambda: lab.sees(NAMES, NAMES, "alive"), "every node sees all four alive", WAIT_S)
     # They really are on the private subnet, not loopback.
     assert lab.nodes["c"].announced["MESHNODE_GRPC"].startswith(lab.net.address("c") + ":")
 
@@ -121,11 +115,8 @@ def test_four_nodes_in_namespaces_join_over_the_bridge(lab: Lab) -> None:
 def test_cut_each_side_marks_the_other_dead(lab: Lab) -> None:
     left, right = SIDES["left"], SIDES["right"]
     lab.net.cut("left", "right")
-    try:
-        wait_for(lambda: lab.sees(left, right, "dead") and lab.sees(right, left, "dead"),
-                 "each side sees the other dead")
-    except AssertionError:
-        raise AssertionError(f"{lab.views()}\n{lab.logs()}") from None
+    wait_for_sync(lambda: lab.sees(left, right, "dead") and lab.sees(right, left, "dead"),
+                  lambda: f"each side sees the other dead\n{lab.views()}\n{lab.logs()}", WAIT_S)
     # Each side stayed whole: a partition is not a death within a side.
     assert lab.sees(left, left, "alive"), lab.views()
     assert lab.sees(right, right, "alive"), lab.views()
@@ -133,20 +124,21 @@ def test_cut_each_side_marks_the_other_dead(lab: Lab) -> None:
 
 def test_heal_reconverges_with_no_node_left_suspect(lab: Lab) -> None:
     lab.net.heal("left", "right")
-    try:
-        wait_for(lambda: lab.sees(NAMES, NAMES, "alive"),
-                 "every node sees every node alive after the heal")
-    except AssertionError:
-        raise AssertionError(f"{lab.views()}\n{lab.logs()}") from None
-    # And it settles: six polls in a row (a dozen probe rounds) with nobody suspect or dead
-    # anywhere. Right after a heal, gossip may carry one side's stale "dead" across for a
-    # moment before the accused refutes it (docs/mesh.md, "Partitions"); the mesh must come
-    # back to all-alive and stay there.
-    stable, views = 0, lab.views()
-    end = time.monotonic() + WAIT_S
-    while stable < 6:
-        assert time.monotonic() < end, f"the mesh did not settle after the heal: {views}"
-        time.sleep(0.5)
-        views = lab.views()
-        settled = all(v == dict.fromkeys(NAMES, "alive") for v in views.values())
-        stable = stable + 1 if settled else 0
+    wait_for_sync(lambda: lab.sees(NAMES, NAMES, "alive"),
+                  lambda: f"every node sees every node alive after the heal\n{lab.views()}\n"
+                          f"{lab.logs()}", WAIT_S)
+    # And it settles: SETTLED_S (a dozen probe rounds) with nobody suspect or dead anywhere.
+    # Right after a heal, gossip may carry one side's stale "dead" across for a moment before
+    # the accused refutes it (docs/mesh.md, "Partitions"); the mesh must come back to
+    # all-alive and stay there.
+    settled_since: list[float] = []
+
+    def settled_long_enough() -> bool:
+        if not all(v == dict.fromkeys(NAMES, "alive") for v in lab.views().values()):
+            settled_since.clear()
+            return False
+        settled_since[:] = settled_since or [time.monotonic()]
+        return time.monotonic() - settled_since[0] >= SETTLED_S
+
+    wait_for_sync(settled_long_enough,
+                  lambda: f"the mesh settles after the heal: {lab.views()}", WAIT_S, interval=0.5)

@@ -6,8 +6,6 @@ cloud through A."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import pytest
 
 from tests.kit.fake_openai import FakeOpenAI
 from tests.kit.node_proc import NodeProcess
+from tests.kit.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -49,14 +48,11 @@ async def test_a_pii_request_forwarded_to_a_peer_never_reaches_the_peers_cloud(
                                   node_id="b", seeds=[seed]).astart()
             try:
                 async with aiohttp.ClientSession() as http:
-                    end = time.monotonic() + 60
-                    while True:  # A learns B's offer by gossip
+                    async def a_offers() -> bool:
                         async with http.get(a.base_url + "/models") as r:
-                            ids = {m["id"] for m in (await r.json())["data"]}
-                        if "cloud-only" in ids:
-                            break
-                        assert time.monotonic() < end, "A never learned B's model"
-                        await asyncio.sleep(0.1)
+                            return "cloud-only" in {m["id"] for m in (await r.json())["data"]}
+
+                    await wait_for(a_offers, "A learns B's model by gossip", 60)
                     async with http.post(a.base_url + "/chat/completions", json=BODY,
                                          headers={"x-aiproxy-tags": "pii"}) as r:
                         assert r.status == 503, await r.text()

@@ -25,14 +25,13 @@ from meshnode.mesh.service import GOVERNANCE_BLOB
 from meshnode.rpc.generated import mesh_pb2 as pb
 from tests.kit.fake_openai import FakeOpenAIProcess
 from tests.kit.node_proc import REPO_ROOT, NodeProcess, NodeStartError
-from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
 ADMIN_SECRET = "sk-trust-admin-6b1f0c2d9e8a7342"
 USER_SECRET = "sk-trust-user-1a2b3c4d5e6f7081"
 MESH_SECRET = "trust-mesh-secret-90af"
-wait_for = ThreeNodes.wait_for
 MESH = {"mdns": False, "gossip_interval_ms": 100, "probe_interval_ms": 250,
         "probe_timeout_ms": 250}
 AUTH = {"enabled": True, "keys": [
@@ -145,7 +144,7 @@ def test_an_auth_off_member_cannot_mint_or_revoke_keys_for_the_mesh(
             # B learns the keys B's mesh makes; the one A minted never works there.
             travelled = keys_cli(b, "create", "--name", "from-b")
             assert travelled.returncode == 0, travelled.stderr
-            wait_for(lambda: "from-b" in {k["name"] for k in call(
+            wait_for_sync(lambda: "from-b" in {k["name"] for k in call(
                 a.url + "/admin/keys")[1]["data"]}, "b's authorised record reaches a")
             assert call(b.url + "/admin/keys", key=minted)[0] == 401
             names = {k["name"] for k in call(b.url + "/admin/keys", key=ADMIN_SECRET)[1]["data"]}
@@ -187,10 +186,10 @@ def test_no_secret_mesh_merges_no_key_records_from_a_local_process(
         finally:
             channel.close()
         # The intruder is a member (nothing can stop that without a secret) ...
-        wait_for(lambda: "intruder" in {m["id"] for m in call(
+        wait_for_sync(lambda: "intruder" in {m["id"] for m in call(
             victim.url + "/admin/mesh", key=ADMIN_SECRET)[1]["members"]}, "intruder joined")
         # ... but its key never works, however long we wait for a publish tick to merge it.
-        wait_for(lambda: logged(victim, "mesh: node victim serving gRPC"), "mesh started")
+        wait_for_sync(lambda: logged(victim, "mesh: node victim serving gRPC"), "mesh started")
         for _ in range(5):
             assert call(victim.base_url + "/models", key=evil_secret)[0] == 401
         names = {k["name"] for k in call(victim.url + "/admin/keys", key=ADMIN_SECRET)[1]["data"]}
@@ -256,7 +255,7 @@ def two_nodes(tmp_path: Path, serving: dict[str, Any], entry: dict[str, Any],
                     seeds=[seed])
     try:
         a.start()
-        wait_for(lambda: "mesh:tb" in {p for m in call(a.base_url + "/models", key=key)[1][
+        wait_for_sync(lambda: "mesh:tb" in {p for m in call(a.base_url + "/models", key=key)[1][
             "data"] for p in m["providers"]}, "a routes gpt-t to tb")
     except BaseException:
         b.stop()
@@ -447,13 +446,13 @@ def test_six_hundred_keys_propagate_and_so_does_a_revocation(
                                     key=ADMIN_SECRET)
                 assert status == 201, body
                 secrets.append(body["key"])
-            wait_for(lambda: call(b.base_url + "/models", key=secrets[-1])[0] == 200,
-                     "the 600th key works on b")
+            wait_for_sync(lambda: call(b.base_url + "/models", key=secrets[-1])[0] == 200,
+                          "the 600th key works on b")
             assert all(call(b.base_url + "/models", key=s)[0] == 200 for s in secrets[::50])
             status, _ = call(b.url + "/admin/keys/bulk-007", "DELETE", key=ADMIN_SECRET)
             assert status == 200
-            wait_for(lambda: call(a.base_url + "/models", key=secrets[7])[0] == 401,
-                     "b's revocation reaches a")
+            wait_for_sync(lambda: call(a.base_url + "/models", key=secrets[7])[0] == 401,
+                          "b's revocation reaches a")
             request = urllib.request.Request(
                 b.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_SECRET}"})
             with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310 - loopback

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.kit.browser import CHROMIUM, Browser, wait_until
+from tests.kit.browser import CHROMIUM, WAIT_S, Browser
 from tests.kit.fake_openai import FakeOpenAIProcess
 from tests.kit.node_proc import NodeProcess
+from tests.kit.wait import wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -92,7 +93,7 @@ async def _call_from(browser: Browser, origin: str, url: str, body: dict[str, An
     async def loaded() -> bool:
         return bool(await browser.evaluate("document.title") == "cors page")
 
-    await wait_until(loaded, f"the page at {origin} is loaded")
+    await wait_for(loaded, f"the page at {origin} is loaded", WAIT_S)
     raw = await browser.evaluate(CALL % {"url": json.dumps(url), "body": json.dumps(body)},
                                  await_promise=True)
     return dict(json.loads(raw))

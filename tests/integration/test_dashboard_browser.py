@@ -27,9 +27,10 @@ from typing import Any
 
 import pytest
 
-from tests.kit.browser import CHROMIUM, Browser, wait_until
+from tests.kit.browser import CHROMIUM, WAIT_S, Browser
 from tests.kit.fake_openai import Behaviour
 from tests.kit.three_nodes import ADMIN_SECRET, ThreeNodes
+from tests.kit.wait import wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -140,7 +141,7 @@ async def test_dashboard_shows_the_mesh_and_marks_a_killed_node_dead(
         state = await page_state(browser)
         return state["nodes"] == {"a": "alive", "b": "alive", "c": "alive"}
 
-    await wait_until(shows_three_alive, "the page shows a, b and c alive")
+    await wait_for(shows_three_alive, "the page shows a, b and c alive", WAIT_S)
     state = await page_state(browser)
     assert state["graph"] == {"a": "alive", "b": "alive", "c": "alive"}
     assert sorted(state["links"]) == ["a-b", "a-c"]
@@ -175,7 +176,8 @@ async def test_dashboard_shows_the_mesh_and_marks_a_killed_node_dead(
         state = await page_state(browser)
         return [e[0] for e in state["errors"]][:3] == failed[::-1]
 
-    await wait_until(shows_the_errors, "the page lists the three failed requests, newest first")
+    await wait_for(shows_the_errors,
+                   "the page lists the three failed requests, newest first", WAIT_S)
     state = await page_state(browser)
     assert state["errorRates"]["upstream/m1"] == "75.0%"  # 3 of 4
     assert all(status == "400" and attempts == "1" for _, status, attempts in state["errors"][:3])
@@ -201,7 +203,7 @@ async def test_dashboard_shows_the_mesh_and_marks_a_killed_node_dead(
         state = await page_state(browser)
         return state["nodes"].get("c") == "dead" and state["graph"].get("c") == "dead"
 
-    await wait_until(c_dead, "the open page marks c dead")
+    await wait_for(c_dead, "the open page marks c dead", WAIT_S)
     state = await page_state(browser)
     assert state["nodes"]["a"] == "alive" and state["nodes"]["b"] == "alive"
     assert "2/3 nodes alive" in state["summary"]
@@ -218,7 +220,7 @@ async def test_without_a_key_the_page_asks_for_one(mesh: ThreeNodes, browser: Br
     async def asks() -> bool:
         return bool((await page_state(browser))["keyForm"])
 
-    await wait_until(asks, "the page shows the key form")
+    await wait_for(asks, "the page shows the key form", WAIT_S)
     state = await page_state(browser)
     assert "HTTP 401" in state["banner"]
     assert state["nodes"] == {}

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.kit.node_proc import REPO_ROOT
-from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 DOC = REPO_ROOT / "docs" / "getting-started.md"
@@ -138,8 +138,8 @@ def test_section_2_a_config_file(shell: Shell) -> None:
         assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"
     assert (shell.tmp / "meshnode.yaml").exists()
     ((proc, log),) = shell.nodes
-    ThreeNodes.wait_for(lambda: shell.url_of(log) and live(shell.url_of(log)),
-                        "the node of section 2 answers")
+    wait_for_sync(lambda: shell.url_of(log) and live(shell.url_of(log)),
+                  "the node of section 2 answers")
     text = log.read_text()
     # the exported secret reached the node: no empty ${MESH_SECRET}, peers authenticate
     assert "is not set in the environment" not in text
@@ -162,7 +162,7 @@ def test_section_3_a_three_node_mesh(shell: Shell) -> None:
         return sorted((n["id"], n["status"]) for n in nodes) == [
             ("a", "alive"), ("b", "alive"), ("c", "alive")]
 
-    ThreeNodes.wait_for(all_alive, "a, b and c see each other alive")
+    wait_for_sync(all_alive, "a, b and c see each other alive")
     for command in commands(inspect):
         done = shell.run(command)
         assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"

@@ -29,8 +29,10 @@ from meshnode.governance.keys import hash_secret
 from meshnode.types import RequestKind
 from tests.kit.fake_openai import Behaviour, FakeOpenAIProcess
 from tests.kit.node_proc import REPO_ROOT, NodeProcess
+from tests.kit.wait import wait_for
 
 pytestmark = pytest.mark.slow
+WAIT_S = 30.0  # a node honours a CLI key, and gossip carries a slot, within seconds
 
 PRICE_PER_1K = 1.0
 MAX_TOKENS = 10
@@ -76,14 +78,6 @@ async def get_json(session: aiohttp.ClientSession, url: str, **kw: Any) -> Any:
     async with session.get(url, **kw) as r:
         assert r.status == 200, await r.text()
         return await r.json()
-
-
-async def wait_until(predicate: Any, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not await predicate():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- budget
@@ -151,7 +145,7 @@ async def test_sigkill_with_open_reservations_keeps_spend_and_charges_them(
                 budget = await get_json(session, node.url + "/admin/budget")
                 return bool(budget["open_reservations"] == 3)
 
-            await wait_until(three_open)
+            await wait_for(three_open, "three requests hold reservations", WAIT_S)
             before = await get_json(session, node.url + "/admin/budget")
             node.kill()
             await asyncio.gather(*pending)
@@ -253,13 +247,13 @@ async def test_every_route_needs_the_right_key_and_cli_changes_apply_within_seco
         async def accepted() -> bool:
             return await status_with(temp) == 200 and await status_with(doomed) == 200
 
-        await wait_until(accepted)  # the CLI's keys are honoured by the running node
+        await wait_for(accepted, "the node honours the CLI's new key", WAIT_S)
         assert keys_cli(secured, "revoke", "doomed").returncode == 0
 
         async def refused() -> bool:
             return await status_with(doomed) == 401
 
-        await wait_until(refused)
+        await wait_for(refused, "the node refuses the revoked key", WAIT_S)
         wrong = "sk-planted-wrong-1234567890abcdef"
         for method, path in ROUTES:
             for headers in ({}, {"Authorization": f"Bearer {wrong}"},
@@ -341,7 +335,7 @@ async def test_mesh_scope_budget_counts_every_nodes_spend(
                     got = await get_json(session, a.url + "/admin/budget")
                     return bool(abs(got["spent_today"] - cost) < 1e-9)
 
-                await wait_until(a_knows)  # B's slot reached A by gossip
+                await wait_for(a_knows, "B's budget slot reached A by gossip", WAIT_S)
                 got = await get_json(session, a.url + "/admin/budget")
                 assert got["spent_today_this_node"] == 0
                 async with session.post(a.base_url + "/chat/completions",
@@ -391,13 +385,13 @@ async def test_a_key_created_on_one_node_works_on_another_and_revocation_travels
                 async def b_accepts() -> bool:
                     return await status_on(b) == 200
 
-                await wait_until(b_accepts)
+                await wait_for(b_accepts, "B accepts the key made on A", WAIT_S)
                 assert keys_cli(b, "revoke", "travelling").returncode == 0
 
                 async def a_refuses() -> bool:
                     return await status_on(a) == 401
 
-                await wait_until(a_refuses)
+                await wait_for(a_refuses, "A refuses the key revoked on B", WAIT_S)
                 assert await status_on(stranger) == 401
         finally:
             await stranger.astop()

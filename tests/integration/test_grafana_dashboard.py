@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.kit.three_nodes import ADMIN_SECRET, DAILY_LIMIT, ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "meshnode-dashboard.json"
 METRIC = re.compile(r"\bmeshnode_[a-z0-9_]+")
@@ -84,7 +85,7 @@ def test_every_dashboard_query_resolves_against_a_live_node(mesh: ThreeNodes) ->
 
     # Per-peer series (RTT, gossip bytes) appear once a has probed and gossiped with a peer.
     with contextlib.suppress(AssertionError):
-        mesh.wait_for(lambda: not missing(), "a exposes every series the dashboard names")
+        wait_for_sync(lambda: not missing(), "a exposes every series the dashboard names")
     assert missing() == [], f"queries name series a live node does not expose: {missing()}"
 
 
@@ -102,7 +103,7 @@ def test_peer_mesh_budget_and_key_series_carry_the_traffic(mesh: ThreeNodes) -> 
 
     got: dict[str, list[tuple[dict[str, str], float]]] = {}
     # Probes and gossip pick peers at random each round: wait until a met both.
-    mesh.wait_for(probed_and_gossiped, "a has probed and gossiped with b and c")
+    wait_for_sync(probed_and_gossiped, "a has probed and gossiped with b and c")
     assert value("meshnode_peer_forwarded_requests_total", peer="b", outcome="ok") >= 1
     assert value("meshnode_peer_received_requests_total", peer="b", kind="chat") == 1
     assert value("meshnode_mesh_members", status="alive") == 3

@@ -18,7 +18,7 @@ import pytest
 
 from meshnode.rpc.client import INFER
 from tests.kit.node_proc import NodeProcess
-from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     }
     with NodeProcess(config, tmp_path_factory.mktemp("grpc-memory"), node_id="grpc-memory",
                      grpc_listen="127.0.0.1:0") as proc:
-        ThreeNodes.wait_for(lambda: "MESHNODE_GRPC" in proc.refresh_announcements(),
-                            "the node announced its gRPC address")
+        wait_for_sync(lambda: "MESHNODE_GRPC" in proc.refresh_announcements(),
+                      "the node announced its gRPC address")
         yield proc
 
 
@@ -73,9 +73,9 @@ def test_refused_oversized_calls_do_not_keep_memory(node: NodeProcess) -> None:
                                                os.urandom(CALL_BYTES)))
     assert codes == {"UNAUTHENTICATED": CALLS}
     peak_if_kept = before + CALLS * CALL_BYTES / 2**20
-    ThreeNodes.wait_for(lambda: rss_mb(node.pid) < before + SETTLED_GROWTH_MB,
-                        f"RSS back near {before:.0f} MB (it would be ~{peak_if_kept:.0f} MB "
-                        "if the refused bytes were kept)", timeout=30)
+    wait_for_sync(lambda: rss_mb(node.pid) < before + SETTLED_GROWTH_MB,
+                  f"RSS back near {before:.0f} MB (it would be ~{peak_if_kept:.0f} MB "
+                  "if the refused bytes were kept)", timeout=30)
     assert node.proc is not None and node.proc.poll() is None
     refusals = [r for r in node.log_records() if "refused a call" in r.get("msg", "")]
     assert len(refusals) == 1  # the first at warning; the rest at debug (not logged at info)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import openai
 import pytest
 
 from tests.kit.node_proc import NodeProcess
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +66,8 @@ def _ready(url: str) -> bool:
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     with NodeProcess(CONFIG, tmp_path_factory.mktemp("decoding-node"),
                      startup_timeout=120) as n:
-        deadline = time.monotonic() + 240
-        while not _ready(n.url):
-            assert time.monotonic() < deadline, n.log_tail()
-            time.sleep(0.1)
+        wait_for_sync(lambda: _ready(n.url),
+                      lambda: f"the node's workers are ready\n{n.log_tail()}", 240)
         yield n
 
 

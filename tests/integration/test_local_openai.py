@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 
 from tests.kit.node_proc import NodeProcess
 from tests.kit.openai_schemas import validate
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +46,8 @@ def _ready(url: str) -> bool:
 
 
 def _wait_ready(node: NodeProcess, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not _ready(node.url):
-        assert time.monotonic() < deadline, node.log_tail()
-        time.sleep(0.1)
+    wait_for_sync(lambda: _ready(node.url),
+                  lambda: f"the node's workers are ready\n{node.log_tail()}", timeout)
 
 
 def _worker_pids(node_pid: int) -> list[int]:

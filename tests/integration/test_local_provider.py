@@ -28,6 +28,7 @@ from meshnode.errors import (
 from meshnode.providers.local import LocalProvider
 from meshnode.providers.registry import ProviderContext
 from meshnode.types import InferenceRequest, ModelOffer, RequestKind, StreamChunk
+from tests.kit.wait import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -44,10 +45,8 @@ def _provider(data_dir: Path, models: list[dict[str, Any]], **kwargs: Any) -> Lo
 
 
 async def _wait_ready(provider: LocalProvider) -> None:
-    deadline = time.monotonic() + READY_WAIT_S
-    while not provider.ready()[0]:
-        assert time.monotonic() < deadline, provider.ready()[1]
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: provider.ready()[0],
+                   lambda: f"the workers are ready: {provider.ready()[1]}", READY_WAIT_S)
 
 
 def _request(kind: RequestKind, body: dict[str, Any], stream: bool = False) -> InferenceRequest:
@@ -216,10 +215,8 @@ async def test_a_repeated_long_prompt_reuses_its_prefix(provider: LocalProvider)
     assert cached >= 256 and cached % 16 == 0 and cached > first.usage.cached_tokens
     details = second.body["usage"]["prompt_tokens_details"]
     assert details == {"cached_tokens": second.usage.cached_tokens}
-    deadline = time.monotonic() + 10
-    while not provider.capacity().prefix_blocks:  # the next heartbeat carries them
-        assert time.monotonic() < deadline, "no held prefix blocks in capacity()"
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: provider.capacity().prefix_blocks,  # the next heartbeat carries them
+                   "held prefix blocks in capacity()")
 
 
 async def test_an_out_of_memory_step_fails_only_its_request(
@@ -278,8 +275,7 @@ async def test_a_full_queue_overflows_with_a_retryable_error(provider: LocalProv
     first = asyncio.create_task(provider.complete(
         _request(RequestKind.CHAT, _chat(40, n=16)), offer, TIMEOUTS))
     await asyncio.sleep(0)
-    while provider.capacity().slots_free > 0:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: provider.capacity().slots_free == 0, "the first call fills every slot")
     with pytest.raises(UpstreamUnavailable) as info:
         await provider.complete(_request(RequestKind.CHAT, _chat(2, n=16)), offer, TIMEOUTS)
     assert info.value.code == "local_queue_full" and info.value.retryable
@@ -293,10 +289,7 @@ async def test_client_going_away_cancels_generation(provider: LocalProvider) -> 
     await stream.aclose()  # type: ignore[attr-defined]
     worker = provider.workers[0]
     assert worker.slots_busy == 0
-    deadline = time.monotonic() + 60
-    while worker.heartbeat.active:  # the worker dropped the row
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: not worker.heartbeat.active, "the worker dropped the row", 60)
 
 
 async def test_killed_worker_mid_stream_breaks_cleanly_and_comes_back(

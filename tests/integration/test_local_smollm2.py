@@ -36,7 +36,7 @@ from meshnode.worker.gguf import cache_dir
 from tests.kit.node_proc import NodeProcess
 from tests.kit.openai_node import kept_dir, openai_node_folder
 from tests.kit.openai_schemas import validate
-from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def node(request: pytest.FixtureRequest,
     (workdir / "node-data" / "models").symlink_to(models, target_is_directory=True)
     cached = (cache_dir(smollm2_gguf(), workdir / "node-data") / "config.json").is_file()
     with NodeProcess(_config(), workdir, startup_timeout=120) as n:
-        ThreeNodes.wait_for(lambda: _ready(n.url), "the worker loaded smollm2", timeout=300)
+        wait_for_sync(lambda: _ready(n.url), "the worker loaded smollm2", timeout=300)
         n.cached_before = cached  # type: ignore[attr-defined]
         yield n
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.kit.fake_openai import Behaviour, FakeOpenAIProcess
 from tests.kit.node_proc import NodeProcess
-from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_a_newline_in_the_path_cannot_forge_a_log_line(node: NodeProcess) -> Non
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n".encode())
         sock.settimeout(10)
         assert sock.recv(65536).startswith(b"HTTP/1.1 404")
-    ThreeNodes.wait_for(lambda: "FORGED" in node.logs(), "the request's log line")
+    wait_for_sync(lambda: "FORGED" in node.logs(), "the request's log line")
     lines = node.logs().splitlines()
     assert not [line for line in lines if line.startswith("FORGED")]
     assert any("/v1/models/x\\nFORGED" in line for line in lines)

@@ -22,6 +22,7 @@ import pytest
 
 from tests.kit.node_proc import REPO_ROOT, NodeProcess
 from tests.kit.three_nodes import ADMIN_SECRET, DAILY_LIMIT, USER_SECRET, ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra")
 referencing = pytest.importorskip("referencing", reason="installed with jsonschema")
@@ -75,7 +76,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreeNodes]:
         for model in ("m1", "m2", "shared", "shared", "shared"):
             nodes.chat("a", model)
         # b's and c's latency for `shared` reaches a by gossip; wait so `models` shows it.
-        nodes.wait_for(lambda: any(
+        wait_for_sync(lambda: any(
             m["latency"].get("shared") for m in nodes.get("a", "/admin/mesh")["members"]
             if m["id"] in ("b", "c")), "a knows a peer's latency for shared")
         yield nodes
@@ -91,7 +92,7 @@ def test_the_documented_schemas_are_all_there() -> None:
 # --------------------------------------------------------------------------- --json
 def test_peers_json(mesh: ThreeNodes) -> None:
     # RTTs appear once a probe of each peer has been answered: wait for that, then read.
-    mesh.wait_for(
+    wait_for_sync(
         lambda: all(p["rtt_ms"] is not None for p in ok_json(
             meshctl("peers", "--json", node=mesh.a.url, key=ADMIN_SECRET))["peers"]),
         "a has probed both peers")

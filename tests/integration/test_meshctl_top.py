@@ -22,6 +22,7 @@ import pytest
 
 from tests.kit.node_proc import REPO_ROOT
 from tests.kit.three_nodes import ADMIN_SECRET, ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = [
     pytest.mark.slow,
@@ -90,7 +91,7 @@ def test_top_shows_the_mesh_live_and_quits_with_q(mesh: ThreeNodes, tmux: Tmux,
     tmux.start(f"cd {shlex.quote(str(REPO_ROOT))} && env -u COLUMNS -u LINES {exports} {top}; "
                f"echo $? > {shlex.quote(str(rc_file))}")
 
-    mesh.wait_for(lambda: "3/3 nodes alive" in tmux.screen(), "top shows 3/3 nodes alive")
+    wait_for_sync(lambda: "3/3 nodes alive" in tmux.screen(), "top shows 3/3 nodes alive")
     screen = tmux.screen()
     assert "meshctl top" in screen and "node a" in screen
     for node in ("a", "b", "c"):
@@ -101,18 +102,18 @@ def test_top_shows_the_mesh_live_and_quits_with_q(mesh: ThreeNodes, tmux: Tmux,
 
     # It refreshes: traffic sent now shows up, and a killed node turns dead.
     mesh.chat("a", "m1")
-    mesh.wait_for(lambda: "m1" in screen_row(tmux.screen(), "upstream"),
+    wait_for_sync(lambda: "m1" in screen_row(tmux.screen(), "upstream"),
                   "top shows the new upstream traffic")
     mesh.c.kill()
-    mesh.wait_for(lambda: "dead" in screen_row(tmux.screen(), "c"), "top shows c dead")
+    wait_for_sync(lambda: "dead" in screen_row(tmux.screen(), "c"), "top shows c dead")
     assert "2/3 nodes alive" in tmux.screen()
     # The asked node itself going away is shown, not fatal: top keeps running.
     mesh.a.kill()
-    mesh.wait_for(lambda: "stale: the last poll failed" in tmux.screen(), "top shows stale")
+    wait_for_sync(lambda: "stale: the last poll failed" in tmux.screen(), "top shows stale")
     assert "cannot reach the node" in tmux.screen()
     assert not rc_file.exists()
 
     tmux.keys("q")
-    mesh.wait_for(lambda: rc_file.exists() and rc_file.read_text().strip() != "",
+    wait_for_sync(lambda: rc_file.exists() and rc_file.read_text().strip() != "",
                   "top exits after q", timeout=30)
     assert rc_file.read_text().strip() == "0"

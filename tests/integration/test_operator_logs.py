@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.kit.node_proc import REPO_ROOT, NodeProcess, NodeStartError
-from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 SECRET = "operators-test-secret-0123456789abcdef"
@@ -54,7 +54,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeP
         a = nodes["a"] = NodeProcess(mesh_config(SECRET), work, name="a", node_id="a",
                                      grpc_listen="127.0.0.1:0",
                                      env={"GRPC_VERBOSITY": "debug"}).start()
-        ThreeNodes.wait_for(lambda: "MESHNODE_GRPC" in a.refresh_announcements(), "a's gRPC")
+        wait_for_sync(lambda: "MESHNODE_GRPC" in a.refresh_announcements(), "a's gRPC")
         grpc_addr, http_addr = a.announced["MESHNODE_GRPC"], a.url.split("//")[1]
         for name, secret, seed in (("wrong-secret", "another-secret-0123456789abcdefgh",
                                     grpc_addr),
@@ -63,8 +63,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeP
             nodes[name] = NodeProcess(mesh_config(secret), work, name=name, node_id=name,
                                       grpc_listen="127.0.0.1:0", seeds=[seed]).start()
         for name in ("wrong-secret", "http-port", "nothing"):
-            ThreeNodes.wait_for(lambda n=name: warnings_of(nodes[n], "meshnode.mesh.seeds"),
-                                f"{name} says why it could not join")
+            wait_for_sync(lambda n=name: warnings_of(nodes[n], "meshnode.mesh.seeds"),
+                          f"{name} says why it could not join")
         yield nodes
     finally:
         for node in nodes.values():
@@ -84,7 +84,7 @@ def test_the_seeded_http_port_logs_one_line_not_tracebacks(
     seeded: dict[str, NodeProcess]
 ) -> None:
     a = seeded["a"]
-    ThreeNodes.wait_for(lambda: warnings_of(a, "aiohttp.server"), "a names the mistake")
+    wait_for_sync(lambda: warnings_of(a, "aiohttp.server"), "a names the mistake")
     lines = warnings_of(a, "aiohttp.server")
     # The joiner knocks again and again (backoff from 0.5 s); a line at most once a minute, so
     # a module that runs a few minutes on a slow box sees one to three, never one per knock.

@@ -23,6 +23,7 @@ import pytest
 from tests.kit.fake_openai import FakeOpenAIProcess
 from tests.kit.node_proc import NodeProcess
 from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +124,7 @@ def test_a_model_whose_only_peer_died_is_503_with_retry_after(
     with ThreeNodes(tmp_path_factory.mktemp("peer-died")) as mesh:
         assert mesh.chat("a", "m2")["x_aiproxy"]["node"] == "b"  # m2 lives on b alone
         mesh.b.kill()
-        mesh.wait_for(lambda: "m2" not in {m["id"] for m in mesh.get("a", "/v1/models")["data"]},
+        wait_for_sync(lambda: "m2" not in {m["id"] for m in mesh.get("a", "/v1/models")["data"]},
                       "a forgets b's models")
         body = json.dumps({"model": "m2", "messages": [{"role": "user", "content": "hi"}]})
         request = urllib.request.Request(mesh.a.url + "/v1/chat/completions", data=body.encode(),

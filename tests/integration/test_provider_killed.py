@@ -12,6 +12,7 @@ import pytest
 
 from tests.kit.fake_openai import Behaviour, FakeOpenAIProcess
 from tests.kit.node_proc import NodeProcess
+from tests.kit.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +55,7 @@ async def test_killing_a_provider_under_load_loses_no_request(tmp_path: Path) ->
                         done += 1
 
             async def killer() -> None:
-                while served.get("doomed", 0) < 20:
-                    await asyncio.sleep(0.01)
+                await wait_for(lambda: served.get("doomed", 0) >= 20, "doomed served 20", 60)
                 await asyncio.to_thread(doomed.kill)
 
             async with aiohttp.ClientSession() as session:

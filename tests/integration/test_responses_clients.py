@@ -27,7 +27,7 @@ from tests.kit.fake_openai import Behaviour, FakeOpenAIProcess
 from tests.kit.node_proc import NodeProcess
 from tests.kit.openai_node import openai_node_folder
 from tests.kit.openai_schemas import validate
-from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
@@ -76,13 +76,13 @@ def nodes(upstream: FakeOpenAIProcess, tmp_path_factory: pytest.TempPathFactory
     config_a = {"mesh": _mesh("a"), "providers": {"local": {"enabled": False}}}
     with NodeProcess(config_b, workdir, name="b", grpc_listen="127.0.0.1:0", node_id="resp-b",
                      startup_timeout=120) as b:
-        ThreeNodes.wait_for(lambda: "MESHNODE_GRPC" in b.refresh_announcements(),
-                            "b announces gRPC")
-        ThreeNodes.wait_for(lambda: _get(b, "/health/ready")["status"] == "ready",
-                            "b's local model is loaded", timeout=240)
+        wait_for_sync(lambda: "MESHNODE_GRPC" in b.refresh_announcements(),
+                      "b announces gRPC")
+        wait_for_sync(lambda: _get(b, "/health/ready")["status"] == "ready",
+                      "b's local model is loaded", timeout=240)
         with NodeProcess(config_a, workdir, name="a", grpc_listen="127.0.0.1:0",
                          node_id="resp-a", seeds=[b.announced["MESHNODE_GRPC"]]) as a:
-            ThreeNodes.wait_for(lambda: {"tiny-gpt2", "cloud", "native"} <= {
+            wait_for_sync(lambda: {"tiny-gpt2", "cloud", "native"} <= {
                 m["id"] for m in _get(a, "/v1/models")["data"]}, "a sees b's models")
             yield a, b
 

@@ -25,11 +25,10 @@ import pytest
 
 from tests.kit.fake_openai import Behaviour, FakeOpenAIProcess
 from tests.kit.node_proc import NodeProcess
-from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
-wait_for = ThreeNodes.wait_for
 FD_LIMIT = 256
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
@@ -122,8 +121,8 @@ def test_idle_flood_past_the_fd_limit_leaves_health_reachable(node: NodeProcess)
         status, body = _get(node.url + "/health/live")
         assert status == 200, body
         # older silent connections made room; the process never reached its limit
-        wait_for(lambda: sum(_closed_by_peer(s) for s in flood) > 0,
-                 "the node closed some silent connections", timeout=IDLE_TIMEOUT_S)
+        wait_for_sync(lambda: sum(_closed_by_peer(s) for s in flood) > 0,
+                      "the node closed some silent connections", timeout=IDLE_TIMEOUT_S)
         assert _open_files(node.pid) < FD_LIMIT
         assert _get(node.url + "/health/live")[0] == 200
     finally:
@@ -198,7 +197,7 @@ def test_parser_refusals_are_shaped_and_logged_once(node: NodeProcess, raw: byte
         return [r for r in node.log_records()[before:]
                 if "malformed HTTP request" in r.get("msg", "")]
 
-    wait_for(refusal_logged, "the refusal's log line")
+    wait_for_sync(refusal_logged, "the refusal's log line")
     (line,) = refusal_logged()
     assert line["level"] == "warning"
     assert "\n" not in line["msg"] and "exc" not in line
@@ -223,8 +222,8 @@ def test_reserve_keeps_health_and_admin_answering(upstream: FakeOpenAIProcess,
                 sock = socket.create_connection(_address(node))
                 sock.sendall(request % (len(chat), chat.encode()))
                 held.append(sock)
-            wait_for(lambda: upstream.stats()["requests"] >= max_connections - reserved,
-                     "the held requests reached the upstream")
+            wait_for_sync(lambda: upstream.stats()["requests"] >= max_connections - reserved,
+                          "the held requests reached the upstream")
             with socket.create_connection(_address(node)) as sock:
                 sock.sendall(request % (len(chat), chat.encode()))
                 sock.settimeout(10)
@@ -240,7 +239,7 @@ def test_reserve_keeps_health_and_admin_answering(upstream: FakeOpenAIProcess,
             upstream.reset()
         # the held requests ended with their clients: inference has room again
         upstream.script(Behaviour.ok(text="back"))
-        wait_for(lambda: _post_status(node.url, chat) == 200, "inference answers again")
+        wait_for_sync(lambda: _post_status(node.url, chat) == 200, "inference answers again")
 
 
 def _post_status(url: str, body: str) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.kit.three_nodes import ThreeNodes
+from tests.kit.wait import wait_for_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -65,7 +66,7 @@ def test_one_trace_spans_client_a_b_and_the_provider(traced: tuple[ThreeNodes, P
         return {"POST /v1/chat/completions", "meshnode.attempt"} <= kinds_a and {
             "meshnode.Infer", "meshnode.attempt"} <= kinds_b
 
-    mesh.wait_for(complete, "both nodes wrote their spans of the trace")
+    wait_for_sync(complete, "both nodes wrote their spans of the trace")
     a_spans, b_spans = ours(workdir / "spans-a.jsonl"), ours(workdir / "spans-b.jsonl")
     a_request = next(s for s in a_spans if s["name"] == "POST /v1/chat/completions")
     a_attempt = next(s for s in a_spans if s["name"] == "meshnode.attempt")
@@ -95,7 +96,7 @@ def test_one_trace_spans_client_a_b_and_the_provider(traced: tuple[ThreeNodes, P
                  "traceparent": f"00-{secrets.token_hex(16)}-{client_span}-01"})
     with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
         assert response.read().rstrip().endswith(b"data: [DONE]")
-    mesh.wait_for(lambda: len(spans(workdir / "spans-b.jsonl")) >= 4, "b traced the stream")
+    wait_for_sync(lambda: len(spans(workdir / "spans-b.jsonl")) >= 4, "b traced the stream")
     for node in (mesh.a, mesh.b):
         assert "Failed to detach context" not in node.logs()
 

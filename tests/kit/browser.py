@@ -9,8 +9,8 @@
 
 chromium's own `--remote-debugging-port` is spoken with aiohttp's websocket client: no driver
 to install. `CHROMIUM` is the binary found on PATH, or None (tests skip with
-`apt-get install -y chromium` as the reason). `wait_until` polls a condition (sync or async)
-with a bound, for pages that change on their own.
+`apt-get install -y chromium` as the reason). Pages that change on their own are waited on with
+`tests.kit.wait.wait_for(cond, what, WAIT_S)`.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import itertools
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from tests.kit.wait import wait_for
+
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))
                  if p), None)
-WAIT_S = 60.0
+WAIT_S = 60.0  # a page polls the node on its own timer; chromium starts in seconds
 
 
 class Browser:
@@ -56,8 +57,8 @@ class Browser:
         )
         # Port 0: chromium writes the port it took into the profile.
         port_file = self.profile / "DevToolsActivePort"
-        await wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "",
-                         "chromium writes DevToolsActivePort")
+        await wait_for(lambda: port_file.exists() and port_file.read_text().strip() != "",
+                       "chromium writes DevToolsActivePort", WAIT_S)
         port = int(port_file.read_text().split()[0])
         self.http = aiohttp.ClientSession()
         targets: list[dict[str, Any]] = []
@@ -68,7 +69,7 @@ class Browser:
                 targets[:] = [t for t in await r.json() if t.get("type") == "page"]
             return bool(targets)
 
-        await wait_until(page_target, "chromium has a page")
+        await wait_for(page_target, "chromium has a page", WAIT_S)
         self.ws = await self.http.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0)
         return self
 
@@ -113,15 +114,3 @@ class Browser:
                 self.proc.kill()
                 self.proc.wait()
 
-
-async def wait_until(cond: Any, what: str, timeout: float = WAIT_S) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        await asyncio.sleep(0.1)

@@ -79,7 +79,6 @@ import math
 import signal
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -88,6 +87,7 @@ import orjson
 from aiohttp import web
 
 from tests.kit.fake_process import FakeServerProcess
+from tests.kit.wait import wait_for
 
 DEFAULT_TEXT = "Hello from the fake OpenAI server."
 DEFAULT_MODELS = ("fake-model",)
@@ -291,14 +291,14 @@ class FakeOpenAI:
         self._release = asyncio.Event()
 
     async def wait_until(
-        self, predicate: Callable[[FakeOpenAI], bool], timeout: float = 10.0
+        self, predicate: Callable[[FakeOpenAI], bool], what: str = "the fake's state",
+        timeout: float = 10.0,
     ) -> None:
-        """Wait until `predicate(self)` holds (polled); AssertionError after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s")
-            await asyncio.sleep(0.005)
+        """Wait until `predicate(self)` holds (tests.kit.wait); AssertionError after `timeout`
+        naming `what` and the fake's counters."""
+        await wait_for(lambda: predicate(self),
+                       lambda: f"{what} (requests {self.request_count}, "
+                               f"disconnects {self.disconnects})", timeout)
 
     def _next(self, model: str | None) -> Behaviour:
         for i, queued in enumerate(self._queue):

@@ -35,12 +35,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from tests.kit.wait import wait_for_sync
+
+T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLOUD_KEYS = (
     "OPENAI_API_KEY",
@@ -131,38 +133,40 @@ class NodeProcess:
         return self
 
     def _wait_for_url(self, deadline: float) -> None:
-        delay = 0.01
-        while True:
+        def announced() -> str | None:
             self._read_announcements()
-            if "MESHNODE_HTTP" in self.announced:
-                self.url = self.announced["MESHNODE_HTTP"]
-                return
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise NodeStartError(f"{self.name} printed no MESHNODE_HTTP line in time\n"
-                                     + self.log_tail())
-            time.sleep(delay)
-            delay = min(0.2, delay * 2)
+            if "MESHNODE_HTTP" not in self.announced:
+                self._check_alive()
+            return self.announced.get("MESHNODE_HTTP")
+
+        self.url = self._wait(announced, "printed no MESHNODE_HTTP line in time", deadline)
 
     def _wait_live(self, deadline: float) -> None:
-        delay = 0.01
-        while True:
+        def live() -> bool:
             try:
                 if self._http_get is not None:
-                    if self._http_get(self.url + "/health/live") == 200:
-                        return
+                    answered = self._http_get(self.url + "/health/live") == 200
                 else:
                     with urllib.request.urlopen(self.url + "/health/live", timeout=5) as r:  # noqa: S310
-                        if r.status == 200:
-                            return
-            except (urllib.error.URLError, OSError):
-                pass
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise NodeStartError(f"{self.name} /health/live did not answer\n"
-                                     + self.log_tail())
-            time.sleep(delay)
-            delay = min(0.2, delay * 2)
+                        answered = r.status == 200
+            except OSError:  # urllib.error.URLError included: not listening yet
+                self._check_alive()
+                raise
+            if not answered:
+                self._check_alive()
+            return answered
+
+        self._wait(live, "/health/live did not answer", deadline)
+
+    def _wait(self, cond: Callable[[], T | None], what: str, deadline: float) -> T:
+        """tests.kit.wait's poll up to `deadline`; a node that exits fails it at once."""
+        try:
+            value = wait_for_sync(cond, f"{self.name} {what}",
+                                  max(deadline - time.monotonic(), 0.01))
+        except AssertionError as exc:
+            raise NodeStartError(f"{self.name} {what}\n" + self.log_tail()) from exc
+        assert value is not None
+        return value
 
     def _check_alive(self) -> None:
         assert self.proc is not None

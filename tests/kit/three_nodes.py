@@ -3,7 +3,7 @@
     with ThreeNodes(tmp_path, auth_on_a=True) as mesh:   # or auth_on=("a", "b")
         mesh.a.url, mesh.b.url, mesh.c.url         # NodeProcess each; a is the seed
         mesh.chat("a", "shared", key=ADMIN_SECRET)  # one chat through a node
-        mesh.wait_for(lambda: ..., "what")          # poll a condition, generous cap
+        wait_for_sync(lambda: ..., "what")          # poll a condition, generous cap
 
 One fake OpenAI upstream process serves every node; what differs is each node's model list:
 a offers `m1`, b offers `m2` and `shared`, c offers `shared` (so `shared` has two candidates
@@ -15,8 +15,6 @@ key (`ADMIN_SECRET`) and a plain one (`USER_SECRET`). Budget: $5 a day, $50 a mo
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +24,7 @@ from typing import Any
 from meshnode.governance.keys import hash_secret
 from tests.kit.fake_openai import FakeOpenAIProcess
 from tests.kit.node_proc import NodeProcess
+from tests.kit.wait import wait_for_sync
 
 ADMIN_SECRET = "sk-meshctl-admin-3f9a7c51e2b84d60"
 USER_SECRET = "sk-meshctl-user-8d2e6b04a9c17f35"
@@ -33,7 +32,6 @@ MESH_SECRET = "three-nodes-mesh-secret-5e1c"
 MODELS = {"a": ["m1"], "b": ["m2", "shared"], "c": ["shared"]}
 DAILY_LIMIT = 5.0
 MONTHLY_LIMIT = 50.0
-WAIT_S = 60.0
 
 
 def node_config(models: list[str], upstream: str, auth: bool) -> dict[str, Any]:
@@ -92,7 +90,7 @@ class ThreeNodes:
                            env=self._env(name) if self._env is not None else None)
         self.nodes[name] = node
         node.start()
-        self.wait_for(lambda: "MESHNODE_GRPC" in node.refresh_announcements(),
+        wait_for_sync(lambda: "MESHNODE_GRPC" in node.refresh_announcements(),
                       f"{name} announces its gRPC address")
         return node
 
@@ -102,7 +100,7 @@ class ThreeNodes:
             seed = self._node("a", []).announced["MESHNODE_GRPC"]
             with ThreadPoolExecutor(2) as pool:
                 list(pool.map(lambda n: self._node(n, [seed]), ["b", "c"]))
-            self.wait_for(self.converged, "a sees b and c alive and routes shared to both")
+            wait_for_sync(self.converged, "a sees b and c alive and routes shared to both")
         except BaseException:
             self.stop()
             raise
@@ -151,17 +149,3 @@ class ThreeNodes:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
             return json.loads(response.read())
 
-    @staticmethod
-    def wait_for(cond: Callable[[], Any], what: str, timeout: float = WAIT_S) -> None:
-        end = time.monotonic() + timeout
-        delay = 0.05
-        while True:
-            try:
-                if cond():
-                    return
-            except (urllib.error.URLError, OSError, KeyError):
-                pass
-            if time.monotonic() > end:
-                raise AssertionError(f"not within {timeout:.0f}s: {what}")
-            time.sleep(delay)
-            delay = min(0.5, delay * 1.5)

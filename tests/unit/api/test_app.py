@@ -9,6 +9,7 @@ import orjson
 
 from meshnode.errors import UpstreamBadRequest, UpstreamUnavailable
 from meshnode.providers.fake import FakeProvider, Hang
+from tests.kit.wait import wait_for
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -153,16 +154,9 @@ async def test_client_disconnect_cancels_upstream(api_client) -> None:
     a.script(Hang())
     client = await api_client([a])
     task = asyncio.ensure_future(client.post("/v1/chat/completions", json=CHAT))
-    for _ in range(500):
-        if a.calls:
-            break
-        await asyncio.sleep(0.01)
-    assert a.calls
+    await wait_for(lambda: a.calls, "the request reaches the provider")
     task.cancel()
-    for _ in range(500):
-        if a.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: a.cancelled, "the provider's call is cancelled")
     assert a.cancelled == 1
 
 

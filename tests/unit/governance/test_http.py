@@ -11,6 +11,7 @@ import pytest
 from meshnode.config import BudgetConfig, KeyConfig
 from meshnode.governance.keys import KeyStore, hash_secret
 from meshnode.providers.fake import Delay, FakeProvider
+from tests.kit.wait import wait_for
 
 from .conftest import ADMIN_SECRET
 
@@ -19,14 +20,6 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 
 def chat(**over: Any) -> dict[str, Any]:
     return {**CHAT, **over}
-
-
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 ROUTES = [
@@ -241,7 +234,7 @@ async def test_stream_cut_by_the_client_pays_what_was_incurred(stack: Any) -> No
     r = await s.client.post("/v1/chat/completions", json=chat(stream=True), headers=s.auth())
     assert r.status == 200
     await r.read()
-    await wait_for(lambda: s.gov.ledger.open_reservations == 0)
+    await wait_for(lambda: s.gov.ledger.open_reservations == 0, "every reservation is settled")
     assert s.gov.ledger.spent() > 0
 
 
@@ -252,10 +245,12 @@ async def test_key_created_by_another_process_is_honoured_within_seconds(
     cli = KeyStore(tmp_path / "keys.db", node_id="cli")
     cli.open()
     _, secret = cli.create("late")
-    await wait_for(lambda: s.gov.keys.lookup(secret) is not None)
+    await wait_for(lambda: s.gov.keys.lookup(secret) is not None,
+                   "the running node honours the new key")
     assert (await s.client.get("/v1/models", headers=s.auth(secret))).status == 200
     cli.revoke("late")
-    await wait_for(lambda: s.gov.keys.lookup(secret) is None)
+    await wait_for(lambda: s.gov.keys.lookup(secret) is None,
+                   "the running node forgets the revoked key")
     assert (await s.client.get("/v1/models", headers=s.auth(secret))).status == 401
     listed = await (await s.client.get("/admin/keys", headers=s.auth())).json()
     late = next(k for k in listed["data"] if k["name"] == "late")

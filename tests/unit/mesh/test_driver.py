@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,6 +12,7 @@ from meshnode.mesh.driver import MeshDriver
 from meshnode.mesh.membership import Membership, MembershipSettings
 from meshnode.mesh.state import MemberStatus, NodeState
 from meshnode.mesh.transport import MockNetwork
+from tests.kit.wait import wait_for
 
 # A hang (a stop that never returns) must fail fast, not after the global 300 s.
 pytestmark = pytest.mark.timeout(60)
@@ -20,15 +21,6 @@ FAST = MembershipSettings(
     probe_interval_s=0.05, probe_timeout_s=0.04, indirect_probes=2, suspicion_mult=3.0,
     dead_forget_s=60.0,
 )
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class Cluster:
@@ -73,14 +65,15 @@ async def test_five_nodes_join_through_one_seed_and_detect_a_death(cluster: Clus
     for name in names[1:]:
         assert await cluster.drivers[name].join("a")
     await wait_for(lambda: all(cluster.everyone_sees(s, MemberStatus.ALIVE, names)
-                               for s in names))
+                               for s in names), "every node sees every node alive")
     # States travelled with the records.
     assert cluster.drivers["e"].membership.get("b").state is not None
 
     cluster.net.down.add("c")
     await cluster.drivers["c"].stop()
     live = [n for n in names if n != "c"]
-    await wait_for(lambda: cluster.everyone_sees("c", MemberStatus.DEAD, live))
+    await wait_for(lambda: cluster.everyone_sees("c", MemberStatus.DEAD, live),
+                   "the live nodes all see c dead")
     # No false deaths among the live ones.
     assert all(cluster.everyone_sees(s, MemberStatus.ALIVE, live) for s in live)
 
@@ -92,7 +85,7 @@ async def test_graceful_leave_reaches_everyone(cluster: Cluster) -> None:
     for name in names[1:]:
         await cluster.drivers[name].join("a")
     await wait_for(lambda: all(cluster.everyone_sees(s, MemberStatus.ALIVE, names)
-                               for s in names))
+                               for s in names), "every node sees every node alive")
     leaver = cluster.drivers["b"]
     await leaver.stop()
     acked = await leaver.leave(timeout=1.0)
@@ -108,13 +101,15 @@ async def test_suspected_node_refutes_and_stays_alive(cluster: Cluster) -> None:
     for name in names[1:]:
         await cluster.drivers[name].join("a")
     await wait_for(lambda: all(cluster.everyone_sees(s, MemberStatus.ALIVE, names)
-                               for s in names))
+                               for s in names), "every node sees every node alive")
     # a wrongly suspects b; b hears it and refutes with a higher incarnation.
     spread = cluster.drivers["a"].membership.probe_failed("b")
     assert spread is not None
     cluster.drivers["a"].spread(spread)
-    await wait_for(lambda: cluster.drivers["b"].membership.me.incarnation >= 1)
-    await wait_for(lambda: cluster.everyone_sees("b", MemberStatus.ALIVE, names))
+    await wait_for(lambda: cluster.drivers["b"].membership.me.incarnation >= 1,
+                   "b refutes with a higher incarnation")
+    await wait_for(lambda: cluster.everyone_sees("b", MemberStatus.ALIVE, names),
+                   "everyone sees b alive again")
     assert cluster.drivers["a"].membership.get("b").incarnation >= 1
 
 
@@ -125,10 +120,12 @@ async def test_partitioned_node_is_declared_dead_then_rejoins(cluster: Cluster) 
     for name in names[1:]:
         await cluster.drivers[name].join("a")
     await wait_for(lambda: all(cluster.everyone_sees(s, MemberStatus.ALIVE, names)
-                               for s in names))
+                               for s in names), "every node sees every node alive")
     cluster.net.down.add("c")
-    await wait_for(lambda: cluster.everyone_sees("c", MemberStatus.DEAD, ["a", "b"]))
+    await wait_for(lambda: cluster.everyone_sees("c", MemberStatus.DEAD, ["a", "b"]),
+                   "a and b see c dead")
     # c comes back (same process, it never stopped): it learns it was declared dead and refutes.
     cluster.net.down.discard("c")
     assert await cluster.drivers["c"].join("a")
-    await wait_for(lambda: cluster.everyone_sees("c", MemberStatus.ALIVE, names))
+    await wait_for(lambda: cluster.everyone_sees("c", MemberStatus.ALIVE, names),
+                   "everyone sees c alive after it refutes")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,21 +14,13 @@ from meshnode.mesh.driver import MeshDriver
 from meshnode.mesh.membership import Membership, MembershipSettings
 from meshnode.mesh.state import MAX_INCARNATION, GossipRecord, MemberStatus, MemberUpdate, NodeState
 from meshnode.mesh.transport import GossipMessage, MockNetwork
+from tests.kit.wait import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 FAST = MembershipSettings(probe_interval_s=0.05, probe_timeout_s=0.04, indirect_probes=2,
                           suspicion_mult=3.0, dead_forget_s=60.0)
 NAMES = ["a", "b", "c", "d"]
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -45,7 +37,7 @@ async def drivers() -> AsyncIterator[dict[str, MeshDriver]]:
         d.start()
     for name in NAMES[1:]:
         assert await out[name].join("a")
-    await wait_for(lambda: all_see(out, MemberStatus.ALIVE))
+    await wait_for(lambda: all_see(out, MemberStatus.ALIVE), "every node sees every node alive")
     yield out
     for d in out.values():
         await d.stop()
@@ -75,8 +67,9 @@ async def test_forged_death_is_refuted_by_the_accused(
 ) -> None:
     await drivers["a"].on_gossip(forge("b", incarnation))
     assert seen(drivers, "a", "b").status is MemberStatus.DEAD  # a believed it at first
-    await wait_for(lambda: drivers["b"].membership.me.incarnation > incarnation)
-    await wait_for(lambda: all_see(drivers, MemberStatus.ALIVE, "b"))
+    await wait_for(lambda: drivers["b"].membership.me.incarnation > incarnation,
+                   "b refutes with a higher incarnation")
+    await wait_for(lambda: all_see(drivers, MemberStatus.ALIVE, "b"), "everyone sees b alive again")
     assert all(seen(drivers, o, "b").incarnation > incarnation for o in NAMES)
     # b never stopped considering itself alive.
     assert drivers["b"].membership.me.status is MemberStatus.ALIVE
@@ -85,7 +78,8 @@ async def test_forged_death_is_refuted_by_the_accused(
 async def test_forged_leave_is_refuted_too(drivers: dict[str, MeshDriver]) -> None:
     await drivers["c"].on_gossip(forge("d", 0, MemberStatus.LEFT))
     await wait_for(lambda: all_see(drivers, MemberStatus.ALIVE, "d")
-                   and seen(drivers, "c", "d").incarnation >= 1)
+                   and seen(drivers, "c", "d").incarnation >= 1,
+                   "everyone sees d alive, c at incarnation >= 1")
 
 
 @pytest.mark.parametrize("incarnation", [MAX_INCARNATION, MAX_INCARNATION + 1, 2**64 - 1])

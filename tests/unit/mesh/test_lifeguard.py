@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,21 +15,13 @@ from meshnode.mesh.driver import MeshDriver
 from meshnode.mesh.membership import Membership, MembershipSettings
 from meshnode.mesh.state import MemberStatus, NodeState
 from meshnode.mesh.transport import Ack, MockNetwork, MockTransport, Probe, TransportError
+from tests.kit.wait import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 FAST = MembershipSettings(probe_interval_s=0.05, probe_timeout_s=0.04, indirect_probes=2,
                           suspicion_mult=3.0, dead_forget_s=60.0)
 NAMES = ["a", "b", "c", "d"]
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class DeafTransport(MockTransport):
@@ -69,7 +61,7 @@ async def mesh() -> AsyncIterator[tuple[dict[str, MeshDriver], DeafTransport]]:
         assert await drivers[name].join("a")
     await wait_for(lambda: all(
         (x := drivers[o].membership.get(s)) is not None and x.status is MemberStatus.ALIVE
-        for o in NAMES for s in NAMES))
+        for o in NAMES for s in NAMES), "every node sees every node alive")
     yield drivers, deaf
     for d in drivers.values():
         await d.stop()
@@ -87,13 +79,13 @@ async def test_starved_node_does_not_accuse_and_slows_down(
     drivers, deaf = mesh
     deaf.deaf = deaf.starve = True
     a = drivers["a"]
-    await wait_for(lambda: a.lagged >= 3)
+    await wait_for(lambda: a.lagged >= 3, "a counts three lagged probe rounds")
     assert suspected_by_a(drivers) == []
     assert a.membership.awareness >= 1
     assert a.membership.probe_timeout() > FAST.probe_timeout_s
     # Healthy again: successful probes bring the score back down.
     deaf.deaf = deaf.starve = False
-    await wait_for(lambda: a.membership.awareness == 0)
+    await wait_for(lambda: a.membership.awareness == 0, "a's awareness returns to 0")
     assert suspected_by_a(drivers) == []
 
 
@@ -102,4 +94,4 @@ async def test_control_the_same_silence_without_lag_is_a_suspicion(
 ) -> None:
     drivers, deaf = mesh
     deaf.deaf = True
-    await wait_for(lambda: suspected_by_a(drivers) != [])
+    await wait_for(lambda: suspected_by_a(drivers) != [], "a suspects someone")

@@ -9,14 +9,16 @@ import asyncio
 import logging
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from meshnode.mesh.mdns import interface_addresses
 from tests.kit.mesh_services import MeshServices, members
+from tests.kit.wait import wait_for
 
 pytestmark = pytest.mark.timeout(90)
+WAIT_S = 30.0  # mDNS answers and re-announces on its own timers
 
 
 def _loopback_multicast() -> str:
@@ -37,15 +39,6 @@ def _loopback_multicast() -> str:
 
 NO_MULTICAST = _loopback_multicast()
 needs_multicast = pytest.mark.skipif(bool(NO_MULTICAST), reason=NO_MULTICAST)
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -72,10 +65,12 @@ async def test_three_nodes_find_each_other_by_mdns_alone(nodes: MeshServices) ->
     assert all(s.mdns is not None and s.mdns.running for s in trio)
     assert all(s.mdns.interfaces == ["127.0.0.1"] for s in trio)  # type: ignore[union-attr]
     names = {s.node_id for s in trio}
-    await wait_for(lambda: all(members(s) == names for s in trio))
+    await wait_for(lambda: all(members(s) == names for s in trio),
+                   "the three nodes find each other by mDNS", WAIT_S)
     # A node of another mesh on the same link is never joined (nor does it join us).
     stranger = await nodes.start("stranger", secret=uuid.uuid4().hex)
-    await wait_for(lambda: stranger.mdns is not None and bool(stranger.mdns.running))
+    await wait_for(lambda: stranger.mdns is not None and bool(stranger.mdns.running),
+                   "the stranger's mDNS runs", WAIT_S)
     await asyncio.sleep(1.0)
     assert members(stranger) == {"stranger"}
     assert all(members(s) == names for s in trio)
@@ -90,7 +85,8 @@ async def test_two_nodes_with_the_same_id_are_reported(
     first = await nodes.start("twin", secret=secret)
     second = await nodes.start("twin", secret=secret)
     await wait_for(lambda: "twin" in first.mdns.duplicates  # type: ignore[union-attr]
-                   and "twin" in second.mdns.duplicates)  # type: ignore[union-attr]
+                   and "twin" in second.mdns.duplicates,  # type: ignore[union-attr]
+                   "both twins see the duplicate id", WAIT_S)
     assert any("two nodes announce the id twin" in r.getMessage() for r in caplog.records)
     assert members(first) == {"twin"} and members(second) == {"twin"}
 
@@ -101,6 +97,7 @@ async def test_missing_interface_is_a_warning_and_seeds_still_work(
     caplog.set_level(logging.WARNING)
     a = await nodes.start("a", mdns_interfaces=["no-such-if0"])
     b = await nodes.start("b", mdns_interfaces=["no-such-if0"], seeds=[a.advertise_address])
-    await wait_for(lambda: members(a) == {"a", "b"} == members(b))
+    await wait_for(lambda: members(a) == {"a", "b"} == members(b),
+                   "a and b join by mDNS on the interface left", WAIT_S)
     assert a.mdns is not None and not a.mdns.running
     assert any("no-such-if0" in r.getMessage() for r in caplog.records)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -17,6 +17,7 @@ from meshnode.mesh.driver import MeshDriver
 from meshnode.mesh.membership import Membership, MembershipSettings
 from meshnode.mesh.state import MemberStatus, MemberUpdate, NodeState
 from meshnode.mesh.transport import MockNetwork
+from tests.kit.wait import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,15 +28,6 @@ FAST = MembershipSettings(
 LEFT = ("a", "b")
 RIGHT = ("c", "d")
 NAMES = LEFT + RIGHT
-
-
-async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        await asyncio.sleep(0.01)
 
 
 class Mesh:

@@ -36,6 +36,7 @@ from meshnode.types import (
     RequestKind,
     Usage,
 )
+from tests.kit.wait import wait_for
 
 
 class Clock:
@@ -429,8 +430,7 @@ async def test_budget_holds_are_released_settled_or_abandoned_exactly_once() -> 
     a.script(Hang())
     before = len(a.calls)
     task = asyncio.create_task(router.complete(request()))
-    while len(a.calls) == before:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: len(a.calls) > before, "the router calls a")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -440,8 +440,7 @@ async def test_budget_holds_are_released_settled_or_abandoned_exactly_once() -> 
     a.script(Hang())
     before = len(a.calls)
     task = asyncio.create_task(router.open_stream(request(stream=True)))
-    while len(a.calls) == before:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: len(a.calls) > before, "the router calls a")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

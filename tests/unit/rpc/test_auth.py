@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -33,6 +33,7 @@ from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.rpc.security import MeshSecurity
 from meshnode.types import InferenceRequest, RequestKind
 from tests.kit.mesh_services import MeshServices, members
+from tests.kit.wait import wait_for
 from tests.unit.rpc.tls_certs import LeafFiles, TestCA
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,15 +41,6 @@ pytestmark = pytest.mark.timeout(60)
 SECRET = "s3cret-mesh-key-for-tests"
 MESH = dict(listen_addr="127.0.0.1:0", probe_interval_ms=50, probe_timeout_ms=100,
             gossip_interval_ms=50, mdns=False)
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class Nodes(MeshServices):
@@ -79,8 +71,9 @@ async def test_nodes_with_the_secret_join_and_forward(nodes: Nodes,
     caplog.set_level(logging.DEBUG)
     b = await nodes.start("b", models=["m"], secret=SECRET)
     a = await nodes.start("a", secret=SECRET, seeds=[b.advertise_address])
-    await wait_for(lambda: members(a) == {"a", "b"} == members(b))
-    await wait_for(lambda: any(o.model == "m" for o in a.provider.offers()))
+    await wait_for(lambda: members(a) == {"a", "b"} == members(b), "a and b see each other")
+    await wait_for(lambda: any(o.model == "m" for o in a.provider.offers()),
+                   "a learns b's offer of m")
     request = InferenceRequest(
         kind=RequestKind.CHAT, model="m", body={"model": "m", "messages": []},
         request_id=uuid.uuid4().hex, deadline=time.monotonic() + 10,
@@ -96,7 +89,7 @@ async def test_nodes_with_the_secret_join_and_forward(nodes: Nodes,
 async def test_wrong_secret_is_refused_and_never_a_member(nodes: Nodes) -> None:
     a = await nodes.start("a", secret=SECRET)
     intruder = await nodes.start("intruder", secret="not-the-secret", seeds=[a.advertise_address])
-    await wait_for(lambda: a.guard.refused["bad_mac"] >= 2)
+    await wait_for(lambda: a.guard.refused["bad_mac"] >= 2, "a refuses two gossips with a bad MAC")
     await settle(a)
     assert members(a) == {"a"}
     assert members(intruder) == {"intruder"}
@@ -105,7 +98,7 @@ async def test_wrong_secret_is_refused_and_never_a_member(nodes: Nodes) -> None:
 async def test_no_secret_at_all_is_refused(nodes: Nodes) -> None:
     a = await nodes.start("a", secret=SECRET)
     intruder = await nodes.start("plain", seeds=[a.advertise_address])
-    await wait_for(lambda: a.guard.refused["missing"] >= 2)
+    await wait_for(lambda: a.guard.refused["missing"] >= 2, "a refuses two gossips with no MAC")
     await settle(a)
     assert members(a) == {"a"} and members(intruder) == {"plain"}
 
@@ -253,7 +246,7 @@ async def test_mtls_same_ca_joins_other_ca_is_refused(nodes: Nodes, tmp_path: Pa
     other_ca = TestCA(tmp_path, "other")
     a = await nodes.start("a", **_tls(mesh_ca.issue("a")))
     b = await nodes.start("b", seeds=[a.advertise_address], **_tls(mesh_ca.issue("b")))
-    await wait_for(lambda: members(a) == {"a", "b"} == members(b))
+    await wait_for(lambda: members(a) == {"a", "b"} == members(b), "a and b join over mTLS")
     assert a.security.mode == "mtls"
     # A client certificate from another CA (which trusts its own CA only, or ours).
     rogue = await nodes.start("rogue", seeds=[a.advertise_address], **_tls(other_ca.issue("rogue")))
@@ -264,7 +257,8 @@ async def test_mtls_same_ca_joins_other_ca_is_refused(nodes: Nodes, tmp_path: Pa
     )
     # A plaintext client: no certificate at all.
     plain = await nodes.start("plain", seeds=[a.advertise_address])
-    await wait_for(lambda: rogue.joiner is not None and trusting.joiner is not None)
+    await wait_for(lambda: rogue.joiner is not None and trusting.joiner is not None,
+                   "rogue and rogue2 have tried to join")
     await settle(a, 30)
     assert members(a) == {"a", "b"} and members(b) == {"a", "b"}
     assert members(rogue) == {"rogue"} and members(trusting) == {"rogue2"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,21 +21,13 @@ from meshnode.mesh.state import MemberStatus
 from meshnode.providers.fake import BreakAfter, Delay, FakeProvider, Hang
 from meshnode.routing.router import Router
 from meshnode.types import Capacity, InferenceRequest, RequestKind, StreamChunk
+from tests.kit.wait import wait_for
 
 # A hang (a stop that never returns) must fail fast, not after the global 300 s.
 pytestmark = pytest.mark.timeout(60)
 
 MESH = dict(listen_addr="127.0.0.1:0", probe_interval_ms=50, probe_timeout_ms=100,
             gossip_interval_ms=50, mdns=False)
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def request(stream: bool = False, model: str = "m", timeout_s: float = 10.0) -> InferenceRequest:
@@ -64,7 +56,8 @@ class Pair:
         self.a = MeshService(MeshConfig(**MESH, seeds=[self.b.advertise_address]), "node-a",
                              self.router_a, announce=False)
         await self.a.start()
-        await wait_for(lambda: any(o.model == "m" for o in self.a.provider.offers()))
+        await wait_for(lambda: any(o.model == "m" for o in self.a.provider.offers()),
+                       "a learns b's offer of m")
 
     async def stop(self) -> None:
         for svc in (self.a, self.b):
@@ -146,21 +139,22 @@ async def test_peer_dying_before_first_chunk_is_retryable(pair: Pair) -> None:
     task = asyncio.create_task(
         pair.a.provider.complete(request(), offer, RoutingConfig().timeouts)
     )
-    await wait_for(lambda: len(pair.fake.calls) > 0)
+    await wait_for(lambda: len(pair.fake.calls) > 0, "b's provider got the call")
     await pair.b.stop(graceful=False, grace_s=0)
     with pytest.raises(UpstreamUnavailable) as info:
         await task
     assert info.value.retryable
     # The membership notices too, and the offer disappears.
     await wait_for(lambda: pair.a.membership.get("node-b").status
-                   in (MemberStatus.SUSPECT, MemberStatus.DEAD))
+                   in (MemberStatus.SUSPECT, MemberStatus.DEAD), "a suspects b or sees it dead")
     assert not [o for o in pair.a.provider.offers() if o.model == "m"] or \
         pair.a.membership.get("node-b").status is MemberStatus.SUSPECT
 
 
 async def test_graceful_leave_removes_offers_at_once(pair: Pair) -> None:
     await pair.b.leave()
-    await wait_for(lambda: pair.a.membership.get("node-b").status is MemberStatus.LEFT)
+    await wait_for(lambda: pair.a.membership.get("node-b").status is MemberStatus.LEFT,
+                   "a sees b left")
     assert [o for o in pair.a.provider.offers() if o.model == "m"] == []
 
 
@@ -184,7 +178,8 @@ async def test_peer_dying_after_first_chunk_is_stream_broken() -> None:
                     Router(RoutingConfig(), ["mesh"], [], "node-a"), announce=False)
     await a.start()
     try:
-        await wait_for(lambda: any(o.model == "m" for o in a.provider.offers()))
+        await wait_for(lambda: any(o.model == "m" for o in a.provider.offers()),
+                       "a learns b's offer of m")
         offer = next(o for o in a.provider.offers() if o.model == "m")
         stream = a.provider.stream(request(stream=True), offer, RoutingConfig().timeouts)
         first = await stream.__anext__()
@@ -210,10 +205,12 @@ async def test_per_offer_capacity_and_latency_come_from_gossip() -> None:
                     Router(RoutingConfig(), ["mesh"], [], "node-a"), announce=False)
     await a.start()
     try:
-        await wait_for(lambda: any(o.model == "m" for o in a.provider.offers()))
+        await wait_for(lambda: any(o.model == "m" for o in a.provider.offers()),
+                       "a learns b's offer of m")
         offer = next(o for o in a.provider.offers() if o.model == "m")
         assert a.provider.capacity_for(offer) == capacity
-        await wait_for(lambda: a.provider.latency_ms_for(offer) is not None)
+        await wait_for(lambda: a.provider.latency_ms_for(offer) is not None,
+                       "a measured b's latency for m")
         assert a.provider.latency_ms_for(offer) >= 10.0
     finally:
         await a.stop(graceful=False, grace_s=0)
@@ -232,7 +229,7 @@ async def test_blobs_travel_in_node_state_and_are_handed_over_once_per_version()
                     on_peer_blobs=lambda node, blobs: received.append((node, dict(blobs))))
     await a.start()
     try:
-        await wait_for(lambda: len(received) >= 1)
+        await wait_for(lambda: len(received) >= 1, "the hand-over arrived")
         assert received[0] == ("node-b", payload)
         await asyncio.sleep(0.2)  # several publish ticks: no new version, no new hand-over
         assert len(received) == 1

@@ -4,12 +4,11 @@ message claiming hundreds of thousands of members, numbers out of range, and a l
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
@@ -24,20 +23,12 @@ from meshnode.rpc.client import GOSSIP, HEALTH, INFER
 from meshnode.rpc.generated import mesh_pb2 as pb
 from meshnode.types import Capacity, InferenceRequest, RequestKind
 from tests.kit.mesh_services import MeshServices, members
+from tests.kit.wait import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
 MESH = dict(listen_addr="127.0.0.1:0", probe_interval_ms=50, probe_timeout_ms=100,
             gossip_interval_ms=50, mdns=False)
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -65,7 +56,8 @@ async def call(address: str, method: str, body: bytes) -> grpc.StatusCode:
 async def still_serves(a: MeshService, nodes: MeshServices, name: str) -> None:
     """An honest node can still join afterwards: the node survived."""
     b = await nodes.start(name, seeds=[a.advertise_address])
-    await wait_for(lambda: name in members(a) and a.node_id in members(b))
+    await wait_for(lambda: name in members(a) and a.node_id in members(b),
+                   "the two nodes see each other")
 
 
 # ------------------------------------------------------------------------------ bytes
@@ -116,7 +108,7 @@ def _record_bytes(i: int) -> bytes:
 async def test_a_message_claiming_huge_membership_is_bounded(nodes: MeshServices) -> None:
     a = await nodes.start("a")
     b = await nodes.start("b", seeds=[a.advertise_address])
-    await wait_for(lambda: members(a) == {"a", "b"})
+    await wait_for(lambda: members(a) == {"a", "b"}, "a and b see each other")
     # A million members does not even fit the gossip bound: refused unread.
     head = pb.GossipRequest(protocol_version=1, from_node="mallory", join=True).SerializeToString()
     million = head + b"".join(_record_bytes(i) for i in range(1_000_000))
@@ -181,7 +173,7 @@ async def test_liar_with_cost_zero_and_infinite_capacity_loses_to_measurement(
     a = await nodes.start("a", seeds=[liar.advertise_address])
     assert a.provider is not None
     await wait_for(lambda: {o.node for o in a.provider.offers() if o.model == "m"}
-                   == {"liar", "honest"})
+                   == {"liar", "honest"}, "a learns the offers of liar and honest")
     # What the liar claims arrives bounded.
     claimed = a.provider.peer_capacity("liar")
     assert claimed is not None and claimed.slots_total == convert.MAX_SLOTS
@@ -277,7 +269,7 @@ async def test_prefix_names_a_worker_served_reach_a_peers_router(nodes: MeshServ
         capacity = b.provider.peer_capacity("a")  # type: ignore[union-attr]
         return capacity.prefix_names if capacity is not None else frozenset()
 
-    await wait_for(lambda: set(served) <= seen())
+    await wait_for(lambda: set(served) <= seen(), "a sees every served prefix name")
     assert prefix.leading_hits(served, seen()) == 3
 
 
@@ -299,7 +291,7 @@ async def test_cache_aware_entry_nodes_agree_and_a_later_turn_finds_its_cache(
     def peers_seen(svc: MeshService) -> int:
         return len({o.node for o in svc.provider.offers()})  # type: ignore[union-attr]
 
-    await wait_for(lambda: peers_seen(a) == 2 and peers_seen(b) == 2)
+    await wait_for(lambda: peers_seen(a) == 2 and peers_seen(b) == 2, "a and b each see two peers")
     system = {"role": "system", "content": "You reply in one line. " * 60}
     first = [system, {"role": "user", "content": "hello " * 60}]
     home = a.router.explain("m", body={"messages": first})["winner"]["node"]
@@ -318,7 +310,7 @@ async def test_cache_aware_entry_nodes_agree_and_a_later_turn_finds_its_cache(
         rows = b.router.explain("m", body={"messages": later})["candidates"]
         return next(r["prefix_hit_blocks"] for r in rows if r["node"] == home)
 
-    await wait_for(lambda: hit_from_b() > 0)
+    await wait_for(lambda: hit_from_b() > 0, "b routes a prefix hit to home")
     out = b.router.explain("m", body={"messages": later})
     assert out["winner"]["node"] == home and "prefix hit" in out["winner"]["reason"]
     routed = await b.router.complete(chat(later))
