@@ -353,6 +353,7 @@ class LocalProvider(Provider):
         completion_lps = [CompletionLogprobs() for _ in range(text.choices)]
         texts = [""] * text.choices
         finishes: list[str | None] = [None] * text.choices
+        fired: list[str | None] = [None] * text.choices
         usage = Usage(0, 0)
         async with contextlib.aclosing(self._text_events(request, timeouts, text,
                                                          stream=False)) as events:
@@ -371,11 +372,12 @@ class LocalProvider(Provider):
                         completion_lps[i].add(event.logprobs)
                 if event.finish is not None:
                     finishes[i] = event.finish
+                    fired[i] = event.stop_sequence
         if text.chat:
-            body = _chat_body(offer, chats, finishes, usage, text.fingerprint)
+            body = _chat_body(offer, chats, finishes, fired, usage, text.fingerprint)
         else:
             body = _completion_body(offer, texts, completion_lps if text.logprobs else None,
-                                    finishes, usage, text.fingerprint)
+                                    finishes, fired, usage, text.fingerprint)
         return Completion(body=body, usage=usage)
 
     async def _embed(self, request: InferenceRequest, offer: ModelOffer,
@@ -448,7 +450,7 @@ class LocalProvider(Provider):
                 if event.finish is not None:
                     yield StreamChunk({**base, "choices": [{
                         "text": "", "index": i, "logprobs": None,
-                        "finish_reason": event.finish}]})
+                        "finish_reason": event.finish, **_stop_reason(event.stop_sequence)}]})
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,18 +498,26 @@ def _chat_stream_choices(builder: ChatChoice, event: TextDelta) -> list[dict[str
                     "logprobs": None, "finish_reason": None})
     if event.finish is not None:
         out.append({"index": i, "delta": {}, "logprobs": None,
-                    "finish_reason": builder.finish_reason(event.finish)})
+                    "finish_reason": builder.finish_reason(event.finish),
+                    **_stop_reason(event.stop_sequence)})
     return out
 
 
+def _stop_reason(fired: str | None) -> dict[str, str]:
+    """vLLM's `stop_reason` on a choice that a stop string ended: which one fired. The Anthropic
+    adapter sets the same field and the Anthropic door reads it (`stop_sequence`); OpenAI's own
+    shape is unchanged (`finish_reason` stays "stop", the field is absent otherwise)."""
+    return {"stop_reason": fired} if fired is not None else {}
+
+
 def _chat_body(offer: ModelOffer, chats: list[ChatChoice], finishes: list[str | None],
-               usage: Usage, fingerprint: str) -> dict[str, Any]:
+               fired: list[str | None], usage: Usage, fingerprint: str) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
         "created": int(time.time()), "model": offer.model, "system_fingerprint": fingerprint,
         "choices": [
             {"index": c.index, "message": c.message(), "logprobs": c.logprobs(),
-             "finish_reason": c.finish_reason(finishes[c.index])}
+             "finish_reason": c.finish_reason(finishes[c.index]), **_stop_reason(fired[c.index])}
             for c in chats
         ],
         "usage": usage.to_openai(),
@@ -516,14 +526,14 @@ def _chat_body(offer: ModelOffer, chats: list[ChatChoice], finishes: list[str | 
 
 def _completion_body(offer: ModelOffer, texts: list[str],
                      logprobs: list[CompletionLogprobs] | None, finishes: list[str | None],
-                     usage: Usage, fingerprint: str) -> dict[str, Any]:
+                     fired: list[str | None], usage: Usage, fingerprint: str) -> dict[str, Any]:
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
         "created": int(time.time()), "model": offer.model, "system_fingerprint": fingerprint,
         "choices": [
             {"text": text, "index": i,
              "logprobs": logprobs[i].whole if logprobs is not None else None,
-             "finish_reason": finishes[i] or "stop"}
+             "finish_reason": finishes[i] or "stop", **_stop_reason(fired[i])}
             for i, text in enumerate(texts)
         ],
         "usage": usage.to_openai(),

@@ -55,6 +55,7 @@ class TextDelta:
     finish: str | None
     # When asked: [[token bytes, logprob | None, [[bytes, logprob], ...]], ...] (protocol.py)
     logprobs: list[Any] | None = None
+    stop_sequence: str | None = None  # the stop string that ended this choice, if one did
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +367,8 @@ class WorkerProcess:
             call = calls.get(item[0])
             if call is not None:
                 call.events.put_nowait(TextDelta(item[1] + call.choice_offset, item[2], item[3],
-                                                 item[4] if len(item) > 4 else None))
+                                                 item[4] if len(item) > 4 else None,
+                                                 item[5] if len(item) > 5 else None))
         for request_id, prompt_tokens, completion_tokens, *rest in message["done"]:
             call = calls.pop(request_id, None)
             if call is not None:

@@ -118,15 +118,17 @@ class _Request:
 
 @dataclass(frozen=True, slots=True)
 class TextEvent:
-    """New text for one choice; `finish` ("stop" | "length") on its last event. `logprobs`:
-    one entry per token this event stands for, when the request asked for them (an echoed
-    prompt's event carries the prompt's tokens)."""
+    """New text for one choice; `finish` ("stop" | "length") on its last event, with
+    `stop_sequence` set when one of the request's stop strings ended it. `logprobs`: one entry
+    per token this event stands for, when the request asked for them (an echoed prompt's event
+    carries the prompt's tokens)."""
 
     request_id: int
     choice: int
     text: str
     finish: str | None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,7 +640,8 @@ class GenerationEngine:
                 finish = "length"
         if text or finish or entry is not None:
             result.events.append(TextEvent(request.request_id, row.choice, text, finish,
-                                           (entry,) if entry is not None else None))
+                                           (entry,) if entry is not None else None,
+                                           row.text.stop_sequence))
         if finish is not None:
             self._leave(row, finish, result)
 

@@ -310,12 +310,17 @@ class Worker:
 
 def _event_wire(engine: Any, event: Any) -> list[Any]:
     """A TextEvent as the `step` frame carries it; logprobs (when asked) as
-    [[token bytes, logprob | None, [[bytes, logprob], ...]], ...]."""
+    [[token bytes, logprob | None, [[bytes, logprob], ...]], ...], then the stop string that
+    fired, if one did (logprobs None before it when not asked)."""
     item: list[Any] = [event.request_id, event.choice, event.text, event.finish]
     if event.logprobs is not None:
         token_bytes = engine.grammars.token_bytes
         item.append([[token_bytes(e.token), e.logprob,
                       [[token_bytes(t), v] for t, v in e.top]] for e in event.logprobs])
+    if event.stop_sequence is not None:
+        if event.logprobs is None:
+            item.append(None)
+        item.append(event.stop_sequence)
     return item
 
 

@@ -16,8 +16,9 @@ worker -> node
     {"t": "ready",  "models": {name: {"kind", "context", "vocab", "fingerprint",
                                       "dimensions" (embedding models)}}}   loaded, warmed up
     {"t": "fatal",  "message"}                         cannot load; the worker exits
-    {"t": "step",   "ev": [[id, choice, text, finish|None, logprobs?], ...], "done": [[id, prompt, completion], ...]}
+    {"t": "step",   "ev": [[id, choice, text, finish|None, logprobs?, stop?], ...], "done": [[id, prompt, completion], ...]}
                     logprobs, only when asked: [[token bytes, logprob|None, [[bytes, logprob], ...]], ...]
+                    stop, only on the event a stop string ended: that string (logprobs None if not asked)
     {"t": "emb",    "id", "dim", "vectors": bytes (float32, row-major), "tokens"}
     {"t": "err",    "id", "message", "param"}          the request is invalid for this model (400)
     {"t": "hb",     "tps", "mem", "active", "queued"}  heartbeat, at least every HEARTBEAT_S

@@ -3,7 +3,8 @@
 Incremental detokenisation the way TGI and vLLM do it: decode a short window twice (with and
 without the newest token) and emit the difference, holding back while the text ends in an
 incomplete UTF-8 character. Stop sequences: text that could be the start of a stop sequence is
-held back until it is known not to be one, so a stop string never reaches the client.
+held back until it is known not to be one, so a stop string never reaches the client; the one
+that ended the text is kept in `stop_sequence` (the Anthropic door reports it).
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ class TextStream:
         self._stop = stop
         self._held = ""  # decoded but not yet emitted (possible start of a stop sequence)
         self.stopped = False
+        self.stop_sequence: str | None = None  # the stop string that ended the text
 
     def _decode(self, ids: list[int]) -> str:
         text: str = self._tokenizer.decode(ids, skip_special_tokens=True)
         return text
 
     def push(self, token_id: int) -> str:
-        """Add one token; return the text that may be emitted now. Sets `stopped` when a stop
-        sequence completed (the returned text is then everything before it)."""
+        """Add one token; return the text that may be emitted now. Sets `stopped` and
+        `stop_sequence` when a stop sequence completed (the returned text is then everything
+        before it; the first to complete wins, and of two that complete with the same token,
+        the one that starts first)."""
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
@@ -58,13 +62,14 @@ class TextStream:
         if not self._stop:
             return delta
         held = self._held + delta
-        cut = -1
+        cut, fired = -1, None
         for s in self._stop:
             i = held.find(s)
             if i != -1 and (cut == -1 or i < cut):
-                cut = i
-        if cut != -1:
+                cut, fired = i, s
+        if fired is not None:
             self.stopped = True
+            self.stop_sequence = fired
             self._held = ""
             return held[:cut]
         keep = 0

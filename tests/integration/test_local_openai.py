@@ -1,4 +1,5 @@
-"""The local worker through a real node process and the official `openai` client."""
+"""The local worker through a real node process and the official `openai` client (and the
+`anthropic` one, for the stop sequence that fired)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -235,3 +237,30 @@ def test_every_chat_body_and_chunk_fits_openais_schema(node: NodeProcess) -> Non
         validate("CreateChatCompletionStreamResponse", chunk)
         assert chunk["system_fingerprint"] == body["system_fingerprint"]
     assert chunks[0]["choices"][0]["delta"]["refusal"] is None
+
+
+def test_a_fired_stop_sequence_is_named_on_the_anthropic_door(node: NodeProcess) -> None:
+    """The worker says which stop string ended the answer; /v1/messages reports it as Anthropic
+    does for its own models, streamed and not; OpenAI's answer keeps finish_reason "stop"."""
+    client = anthropic.Anthropic(api_key="unused", base_url=node.url, max_retries=0, timeout=120)
+    # Greedy (this SDK has no `temperature` argument any more; the door still reads it).
+    ask: dict[str, Any] = {"model": "tiny-gpt2", "max_tokens": 12,
+                           "extra_body": {"temperature": 0},
+                           "messages": [{"role": "user", "content": "the end is near"}]}
+    free = client.messages.create(**ask)
+    assert (free.stop_reason, free.stop_sequence) == ("max_tokens", None)
+    text = "".join(b.text for b in free.content if b.type == "text")
+    # The tiny model answers newlines, then printable noise: stop on one of those.
+    stop = next(c for c in text[2:] if c.isascii() and c.isprintable() and not c.isspace())
+    message = client.messages.create(**ask, stop_sequences=["\x00never", stop])
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", stop)
+    assert [b.text for b in message.content if b.type == "text"] == [text[:text.index(stop)]]
+    with client.messages.stream(**ask, stop_sequences=["\x00never", stop]) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+    assert [b.text for b in final.content if b.type == "text"] == [text[:text.index(stop)]]
+    chat = openai.OpenAI(base_url=node.base_url, api_key="unused", max_retries=0).chat \
+        .completions.create(model="tiny-gpt2", max_tokens=12, temperature=0, stop=[stop],
+                            messages=[{"role": "user", "content": "the end is near"}])
+    assert chat.choices[0].finish_reason == "stop"
+    assert chat.choices[0].message.content == text[:text.index(stop)]

@@ -120,6 +120,42 @@ async def test_chat_stream_shape_and_usage(provider: LocalProvider) -> None:
     assert len({c.data["id"] for c in chunks}) == 1
 
 
+def _stop_in(text: str) -> str:
+    """A character the greedy answer emits past its start (the tiny model's text is noise; for
+    "the end is near" it is newlines, then printable characters)."""
+    return next(c for c in text[2:] if c.isascii() and c.isprintable() and not c.isspace())
+
+
+async def test_the_stop_string_that_fired_is_named_streamed_and_not(
+        provider: LocalProvider) -> None:
+    offer = _offer(provider, "tiny-gpt2")
+    messages = [{"role": "user", "content": "the end is near"}]
+    plain = {"model": "tiny-gpt2", "messages": messages, "max_tokens": 12, "temperature": 0}
+    free = await provider.complete(_request(RequestKind.CHAT, plain), offer, TIMEOUTS)
+    [choice] = free.body["choices"]
+    assert "stop_reason" not in choice  # OpenAI's shape when no stop string ended it
+    text = choice["message"]["content"]
+    stop = _stop_in(text)
+    body = {**plain, "stop": ["\x00never", stop]}
+    whole = await provider.complete(_request(RequestKind.CHAT, body), offer, TIMEOUTS)
+    [choice] = whole.body["choices"]
+    assert choice["message"]["content"] == text[:text.index(stop)]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
+    chunks = await _collect(provider, _request(RequestKind.CHAT, body, stream=True))
+    finish = chunks[-2].data["choices"][0]
+    assert (finish["finish_reason"], finish["stop_reason"]) == ("stop", stop)
+    assert all("stop_reason" not in c for chunk in chunks[:-2] for c in chunk.data["choices"])
+    # Completions too, whole and streamed.
+    prompt = {"model": "tiny-gpt2", "prompt": "The", "max_tokens": 12, "temperature": 0}
+    free = await provider.complete(_request(RequestKind.COMPLETION, prompt), offer, TIMEOUTS)
+    stop = _stop_in(free.body["choices"][0]["text"])
+    prompt["stop"] = stop
+    whole = await provider.complete(_request(RequestKind.COMPLETION, prompt), offer, TIMEOUTS)
+    assert whole.body["choices"][0]["stop_reason"] == stop
+    chunks = await _collect(provider, _request(RequestKind.COMPLETION, prompt, stream=True))
+    assert chunks[-2].data["choices"][0]["stop_reason"] == stop
+
+
 async def test_completion_stream_with_n_and_seed_is_reproducible(provider: LocalProvider) -> None:
     body = {"model": "tiny-gpt2", "prompt": "once upon", "max_tokens": 5, "n": 2, "seed": 42,
             "temperature": 0.8}

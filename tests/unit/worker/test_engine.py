@@ -119,10 +119,17 @@ def test_stop_string_ends_with_finish_stop(tiny_gpt2: Any) -> None:
     text = free[(1, 0)][0]
     # A printable character of the free answer past its start (the model's text is noise).
     stop = next(c for c in text[2:] if c.isascii() and c.isprintable() and not c.isspace())
-    params = SamplingParams(max_tokens=16, temperature=1.0, seed=1, stop=(stop,))
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=1, stop=("\x00never", stop))
     stopped, usage = _run(model, tokenizer, [(1, prompt, params)])
     assert stopped[(1, 0)] == (text[: text.index(stop)], "stop")
     assert usage[1][1] < 16
+    # The last event names the string that fired; an answer that ran out of tokens names none.
+    for asked, fired in ((params, stop), (SamplingParams(max_tokens=4, temperature=0.0), None)):
+        engine = GenerationEngine(model, tokenizer, torch.device("cpu"), 4)
+        engine.submit(1, prompt, asked)
+        events = [e for _ in iter(engine.has_work, False) for e in engine.step().events]
+        assert events[-1].finish is not None and events[-1].stop_sequence == fired
+        assert all(e.stop_sequence is None for e in events[:-1])
 
 
 # --------------------------------------------------------------------------- fixed slots

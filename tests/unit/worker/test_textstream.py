@@ -16,14 +16,17 @@ def tokenizer() -> Any:
     return build_byte_tokenizer(400)
 
 
-def _run(tokenizer: Any, text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+def _run(tokenizer: Any, text: str, stop: tuple[str, ...]) -> tuple[str, str | None]:
+    """The text emitted and the stop sequence that ended it (None: it ran to the end)."""
     stream = TextStream(tokenizer, tokenizer.encode("prompt"), stop)
     out = ""
     for token in tokenizer.encode(text):
         out += stream.push(token)
         if stream.stopped:
-            return out, True
-    return out + stream.flush(), False
+            assert stream.stop_sequence is not None
+            return out, stream.stop_sequence
+    assert stream.stop_sequence is None
+    return out + stream.flush(), None
 
 
 def test_deltas_add_up_to_the_text_even_across_utf8_boundaries(tokenizer: Any) -> None:
@@ -35,16 +38,19 @@ def test_deltas_add_up_to_the_text_even_across_utf8_boundaries(tokenizer: Any) -
 
 
 @pytest.mark.parametrize(
-    ("text", "stop", "expected", "stopped"),
+    ("text", "stop", "expected", "fired"),
     [
-        ("one two. three", (".",), "one two", True),
-        ("one two. three", ("two", "one"), "", True),
-        ("abcabd", ("abd",), "abc", True),
-        ("abcab", ("abd",), "abcab", False),  # held-back prefix is released at the end
-        ("no stop here", ("zz",), "no stop here", False),
+        ("one two. three", (".",), "one two", "."),
+        ("one two. three", ("two", "one"), "", "one"),  # the one that starts first
+        ("one two. three", ("zz", "two"), "one ", "two"),
+        ("say ENDING now", ("ENDING", "END"), "say ", "END"),  # the first to complete
+        ("say ENDING now", ("NDING", "ENDING"), "say ", "ENDING"),  # at once: the earlier start
+        ("abcabd", ("abd",), "abc", "abd"),
+        ("abcab", ("abd",), "abcab", None),  # held-back prefix is released at the end
+        ("no stop here", ("zz",), "no stop here", None),
     ],
 )
-def test_stop_sequences_never_reach_the_client(
-    tokenizer: Any, text: str, stop: tuple[str, ...], expected: str, stopped: bool
+def test_stop_sequences_never_reach_the_client_and_the_fired_one_is_named(
+    tokenizer: Any, text: str, stop: tuple[str, ...], expected: str, fired: str | None
 ) -> None:
-    assert _run(tokenizer, text, stop) == (expected, stopped)
+    assert _run(tokenizer, text, stop) == (expected, fired)
