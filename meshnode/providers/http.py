@@ -1,12 +1,14 @@
 """Shared HTTP plumbing for the cloud adapters (OpenAI-compatible, Anthropic, Cloudflare).
 
 Owns, for every HTTP upstream:
-- `HttpUpstream`: ONE long-lived `aiohttp.ClientSession` per provider (opened in `start()`,
-  closed in `close()`), keep-alive connection pool sized by `max_concurrency`, DNS cache; the
-  adapter gives it the auth headers. Every call is bounded by `TimeoutsConfig` (connect,
-  first byte) and by the request's deadline (`time.monotonic()`), never waiting past it.
+- `HttpUpstream`: ONE keep-alive connection pool per provider (opened in `start()`, closed in
+  `close()`), sized by `max_concurrency`, DNS cache; the adapter gives it the auth headers.
+  Its POSTs (every adapter call) go through the lean HTTP/1.1 client `providers/h1.py`, which
+  this module drives (it encodes the request, translates the errors); any other method through
+  one `aiohttp.ClientSession`. Every call is bounded by `TimeoutsConfig` (connect, first byte)
+  and by the request's deadline (`time.monotonic()`), never waiting past it.
 - the one translation of foreign failures into `MeshError` (SPEC/errors.py): HTTP statuses and
-  upstream error bodies (`error_for_status`), aiohttp/OS exceptions (`error_for_exception`).
+  upstream error bodies (`error_for_status`), h1/aiohttp/OS exceptions (`error_for_exception`).
   Every error carries `provider=`; messages are sanitised (our credentials redacted, length
   capped, control characters dropped).
 - `parse_retry_after`: the `Retry-After` header, both forms.
@@ -26,26 +28,30 @@ How an adapter uses it (see `openai_compat.py` for the full pattern):
                                       deadline=request.deadline, timeouts=timeouts)
     async with self._http.stream("/chat/completions", payload, deadline=..., timeouts=...) as resp:
         async for event in iter_sse(resp):      # SseEvent(event, data)
-            ...                                  # wrap aiohttp errors: error_for_exception
+            ...                                  # wrap h1's OSErrors: error_for_exception
 
 Errors raised by `post_json`/`request`/`stream` (before the body is read) are already
-`MeshError`s. Errors while iterating a stream body are aiohttp's: the adapter translates them
-with `HttpUpstream.error_for_exception` and, once it has yielded a chunk, re-raises them as
+`MeshError`s. Errors while iterating a stream body are h1's (OSErrors and TimeoutErrors, which
+the adapters' `except (aiohttp.ClientError, OSError, TimeoutError)` catch): the adapter
+translates them with `HttpUpstream.error_for_exception` and, once it has yielded a chunk, re-raises them as
 `StreamBroken` (see `as_stream_broken`).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import re
+import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 import orjson
@@ -64,6 +70,8 @@ from meshnode.errors import (
 )
 from meshnode.observability import tracing
 from meshnode.observability.redact import MAX_CLIENT_CHARS, for_client
+from meshnode.providers import h1
+from meshnode.providers.h1 import ACCEPT_ENCODING, H1Pool, H1Response
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +262,7 @@ def error_for_exception(
     deadline has passed (no time is left for any retry), else `UpstreamTimeout` (another
     candidate may be faster). Connection refused/reset, ServerDisconnected, a truncated or
     malformed body (ClientPayloadError) and any other aiohttp/OS error → `UpstreamUnavailable`.
+    The lean client's errors (`providers/h1.py`) map to the same MeshErrors as aiohttp's.
     """
     if isinstance(exc, MeshError):
         return exc
@@ -263,18 +272,18 @@ def error_for_exception(
             return DeadlineExceeded(
                 f"the request's deadline passed while waiting for {provider}", provider=provider
             )
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, (aiohttp.ConnectionTimeoutError, h1.ConnectTimeout)):
             what = "connecting"
         else:
             what = "waiting for data"
         return UpstreamTimeout(f"{provider} timed out {what}", provider=provider)
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, (aiohttp.ClientPayloadError, h1.PayloadError)):
         return UpstreamUnavailable(
             f"{provider} sent a broken response body ({detail})", provider=provider
         )
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, h1.ServerDisconnected)):
         return UpstreamUnavailable(f"{provider} closed the connection", provider=provider)
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, (aiohttp.ClientConnectorError, h1.ConnectError)):
         return UpstreamUnavailable(f"cannot connect to {provider} ({detail})", provider=provider)
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return UpstreamUnavailable(
@@ -380,11 +389,12 @@ class SseParser:
         return None
 
 
-async def iter_sse(response: aiohttp.ClientResponse) -> AsyncGenerator[SseEvent, None]:
+async def iter_sse(response: H1Response | aiohttp.ClientResponse
+                   ) -> AsyncGenerator[SseEvent, None]:
     """The events of a response body, each yielded as soon as its bytes arrive.
 
-    Raises aiohttp's errors as they are (the caller translates, knowing whether a chunk has
-    already gone out).
+    Raises the transport's errors as they are (the caller translates, knowing whether a chunk
+    has already gone out).
     """
     parser = SseParser()
     async for data in response.content.iter_any():
@@ -405,7 +415,12 @@ class UpstreamResponse:
 
 
 class HttpUpstream:
-    """One provider's HTTP client: one long-lived session, keep-alive pool, bounded waits.
+    """One provider's HTTP client: keep-alive pool, bounded waits.
+
+    The calls (POSTs: `post_json`, `request("POST", ...)`, `stream`) go through the lean
+    HTTP/1.1 client (`providers/h1.py`, one pool per provider); other methods (`GET /models`)
+    through one long-lived `aiohttp.ClientSession`, opened when first needed. Both ignore the
+    environment's proxies and netrc: the operator's base_url is where traffic goes.
 
     Concurrency: safe to call from many tasks on one event loop. `max_concurrency` bounds open
     connections; a call waiting for a free connection is still bounded by its deadline.
@@ -424,6 +439,7 @@ class HttpUpstream:
         secrets: Sequence[str] = (),
         keepalive_s: float = 30.0,
         dns_cache_s: int = 300,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.provider = provider
         self.base_url = base_url.rstrip("/")
@@ -437,16 +453,41 @@ class HttpUpstream:
         self._max_concurrency = max_concurrency
         self._keepalive_s = keepalive_s
         self._dns_cache_s = dns_cache_s
+        self._ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._pool: H1Pool | None = None
+        self._origin = _Origin.of(self.base_url, self._headers)
+        self._targets: dict[str, bytes] = {}
 
     # ---- lifecycle
     async def start(self) -> None:
-        self._ensure_session()
+        if self._origin.error is None:  # else each call reports it, as aiohttp did
+            self._ensure_pool()
 
     async def close(self) -> None:
         session, self._session = self._session, None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
         if session is not None:
             await session.close()
+
+    def _ensure_pool(self) -> H1Pool:
+        pool = self._pool
+        if pool is None or pool.closed:
+            origin = self._origin
+            if origin.error is not None:
+                raise UpstreamUnavailable(
+                    f"connection to {self.provider} failed ({origin.error})",
+                    provider=self.provider,
+                )
+            pool = H1Pool(
+                host=origin.host, port=origin.port, tls=origin.tls,
+                limit=self._max_concurrency, keepalive_s=self._keepalive_s,
+                dns_cache_s=self._dns_cache_s, ssl_context=self._ssl_context,
+            )
+            self._pool = pool
+        return pool
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         session = self._session
@@ -457,6 +498,7 @@ class HttpUpstream:
                 use_dns_cache=True,
                 ttl_dns_cache=self._dns_cache_s,
                 keepalive_timeout=self._keepalive_s,
+                ssl=self._ssl_context if self._ssl_context is not None else True,
             )
             session = aiohttp.ClientSession(
                 connector=connector,
@@ -490,22 +532,74 @@ class HttpUpstream:
         return for_client(text, self._secrets)
 
     # ---- calls
-    def timeout_for(self, deadline: float, timeouts: TimeoutsConfig) -> aiohttp.ClientTimeout:
-        """aiohttp's timeout for one call; raises DeadlineExceeded when no time is left."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+    def _check_deadline(self, deadline: float) -> None:
+        if deadline <= time.monotonic():
             raise DeadlineExceeded(
                 f"the request's deadline passed before calling {self.provider}",
                 provider=self.provider,
             )
+
+    def timeout_for(self, deadline: float, timeouts: TimeoutsConfig) -> aiohttp.ClientTimeout:
+        """aiohttp's timeout for one call; raises DeadlineExceeded when no time is left."""
+        self._check_deadline(deadline)
         return aiohttp.ClientTimeout(
-            total=remaining,
+            total=deadline - time.monotonic(),
             sock_connect=timeouts.connect_ms / 1000.0,
             sock_read=timeouts.first_byte_ms / 1000.0,
             # aiohttp rounds timeouts over the threshold up to a whole second; the deadline
             # must not be overshot by up to a second
             ceil_threshold=math.inf,
         )
+
+    def _wire(
+        self, method: str, path: str, payload: bytes | None, headers: Mapping[str, str] | None
+    ) -> bytes:
+        """The whole request on the wire: request line, headers (ours, then the call's: a
+        call's header replaces ours of the same name), body."""
+        target = self._targets.get(path)
+        if target is None:
+            target = self._targets[path] = self._origin.target(path)
+        origin = self._origin
+        if origin.header_error is not None:
+            raise ValueError(origin.header_error)
+        if tracing.enabled():
+            carrier: dict[str, str] = {}
+            tracing.inject_headers(carrier)
+            headers = {**(headers or {}), **carrier}
+        if origin.url_auth and (headers and any(k.lower() == "authorization" for k in headers)
+                                or origin.url_auth_conflict):
+            raise ValueError("Cannot combine AUTHORIZATION header with AUTH argument or "
+                             "credentials encoded in URL")
+        block = origin.block if not headers else origin.with_headers(headers)
+        if payload is None:
+            if method in _BODY_METHODS:
+                block += b"Content-Length: 0\r\n"
+            return b"%s %s HTTP/1.1\r\n%s\r\n" % (method.encode(), target, block)
+        return b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s" % (
+            method.encode(), target, block, len(payload), payload)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        payload: bytes | None,
+        deadline: float,
+        timeouts: TimeoutsConfig,
+        headers: Mapping[str, str] | None,
+    ) -> H1Response:
+        """The response head of one call over the lean client (MeshErrors already)."""
+        self._check_deadline(deadline)
+        pool = self._ensure_pool()
+        # a ValueError (a header with a line break; credentials in the URL and an
+        # Authorization header) is raised as it is, as aiohttp did: the config is wrong
+        data = self._wire(method, path, payload, headers)
+        try:
+            return await pool.request(
+                data, deadline=deadline, connect_timeout=timeouts.connect_ms / 1000.0,
+                read_timeout=timeouts.first_byte_ms / 1000.0,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise self.error_for_exception(exc, deadline) from exc
 
     async def request(
         self,
@@ -518,6 +612,31 @@ class HttpUpstream:
         headers: Mapping[str, str] | None = None,
     ) -> UpstreamResponse:
         """One whole call: a 2xx answer's raw body, or a MeshError (already translated)."""
+        if method != "POST":
+            return await self._request_aiohttp(method, path, payload, deadline=deadline,
+                                               timeouts=timeouts, headers=headers)
+        resp = await self._send(method, path, payload, deadline, timeouts, headers)
+        try:
+            if resp.status >= 300:
+                body = await resp.content.read(MAX_ERROR_BODY_BYTES)
+                raise self.error_for_status(resp.status, body, resp.headers)
+            body = await resp.content.read()
+            return UpstreamResponse(resp.status, body, resp.content_type)
+        except (OSError, TimeoutError) as exc:
+            raise self.error_for_exception(exc, deadline) from exc
+        finally:
+            resp.release()
+
+    async def _request_aiohttp(
+        self,
+        method: str,
+        path: str,
+        payload: bytes | None,
+        *,
+        deadline: float,
+        timeouts: TimeoutsConfig,
+        headers: Mapping[str, str] | None = None,
+    ) -> UpstreamResponse:
         timeout = self.timeout_for(deadline, timeouts)
         session = self._ensure_session()
         try:
@@ -574,26 +693,18 @@ class HttpUpstream:
         timeouts: TimeoutsConfig,
         headers: Mapping[str, str] | None = None,
         method: str = "POST",
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[H1Response]:
         """Open a streamed call: yields the 2xx response with its body unread.
 
         Before the body: failures are MeshErrors (already translated), and a 2xx that is not an
         event stream (a JSON error, a gateway page) is UpstreamUnavailable. On leaving the
         block, the connection goes back to the pool when the body was read to its end, and is
         closed otherwise (cancelled, abandoned, broken), which stops the upstream's work.
+        Errors while the body is read are `h1`'s (OSErrors, TimeoutErrors): the adapter
+        translates them with `error_for_exception`.
         """
-        timeout = self.timeout_for(deadline, timeouts)
-        session = self._ensure_session()
-        try:
-            resp = await session.request(
-                method,
-                self.base_url + path,
-                data=payload,
-                headers=headers or {"Accept": "text/event-stream"},
-                timeout=timeout,
-            )
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise self.error_for_exception(exc, deadline) from exc
+        resp = await self._send(method, path, payload, deadline, timeouts,
+                                headers or STREAM_ACCEPT)
         try:
             if resp.status >= 300:
                 body = await resp.content.read(MAX_ERROR_BODY_BYTES)
@@ -607,7 +718,7 @@ class HttpUpstream:
                     f"{resp.content_type or 'no content type'}{shown}",
                     provider=self.provider,
                 )
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             resp.close()
             raise self.error_for_exception(exc, deadline) from exc
         except BaseException:
@@ -621,6 +732,91 @@ class HttpUpstream:
             else:
                 # not read to the end: drop the connection so the upstream stops generating
                 resp.close()
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# What may stay unescaped in a request target (RFC 3986 pchar, "/", "?" and escapes).
+_TARGET_SAFE = "/?:@!$&'()*+,;=-._~%"
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a provider's calls go, and the header lines every call carries (encoded once):
+    the session's (User-Agent, Content-Type, Accept, the adapter's auth), Host, aiohttp's
+    default Accept-Encoding, Basic auth from credentials in the URL. `error`: why the base
+    URL cannot be called (UpstreamUnavailable per call, as aiohttp's InvalidURL was)."""
+
+    host: str
+    port: int
+    tls: bool
+    base_path: str
+    names: frozenset[str]  # lower-case names in `block`
+    lines: tuple[tuple[str, str], ...]
+    block: bytes
+    error: str | None = None
+    header_error: str | None = None  # a header of ours holds a line break: ValueError per call
+    url_auth: bool = False  # credentials in the URL (sent as Basic auth)
+    url_auth_conflict: bool = False  # ... and an Authorization header of ours: never sent
+
+    @classmethod
+    def of(cls, base_url: str, headers: Mapping[str, str]) -> _Origin:
+        split = urlsplit(base_url)
+        tls = split.scheme == "https"
+        try:
+            port = split.port or (443 if tls else 80)
+        except ValueError as exc:
+            return cls("", 0, tls, "", frozenset(), (), b"", error=f"invalid URL: {exc}")
+        host = split.hostname or ""
+        error = None
+        if split.scheme not in ("http", "https") or not host:
+            error = f"invalid URL {split.scheme}://{host}"
+        shown_host = f"[{host}]" if ":" in host else host
+        if port != (443 if tls else 80):
+            shown_host = f"{shown_host}:{port}"
+        lines: dict[str, tuple[str, str]] = {"host": ("Host", shown_host)}
+        for name, value in headers.items():
+            lines[name.lower()] = (name, value)
+        lines.setdefault("accept-encoding", ("Accept-Encoding", ACCEPT_ENCODING))
+        url_auth = split.username is not None
+        conflict = url_auth and "authorization" in lines
+        if url_auth and not conflict:
+            user = unquote(split.username or "")
+            password = unquote(split.password or "")
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            lines["authorization"] = ("Authorization", f"Basic {token}")
+        base_path = split.path.rstrip("/")
+        if split.query:
+            base_path += "?" + split.query
+        items = tuple(lines.values())
+        header_error: str | None = None
+        try:
+            block = _encode_lines(items)
+        except ValueError as exc:
+            block, header_error = b"", str(exc)
+        return cls(host, port, tls, base_path, frozenset(lines), items, block, error,
+                   header_error, url_auth, conflict)
+
+    def target(self, path: str) -> bytes:
+        return quote(self.base_path + path, safe=_TARGET_SAFE).encode("ascii")
+
+    def with_headers(self, headers: Mapping[str, str]) -> bytes:
+        names = self.names
+        if not any(name.lower() in names for name in headers):
+            return self.block + _encode_lines(headers.items())
+        merged = {name.lower(): (name, value) for name, value in self.lines}
+        for name, value in headers.items():
+            merged[name.lower()] = (name, value)
+        return _encode_lines(merged.values())
+
+
+def _encode_lines(lines: Iterable[tuple[str, str]]) -> bytes:
+    """Header lines, each "Name: value\\r\\n"; a line break or NUL in a name or value is
+    refused (ValueError, as aiohttp does), so no header can smuggle another one in."""
+    pairs = list(lines)
+    text = "".join([f"{name}: {value}\r\n" for name, value in pairs])
+    if text.count("\n") != len(pairs) or text.count("\r") != len(pairs) or "\x00" in text:
+        raise ValueError("a header name or value holds a line break")
+    return text.encode("utf-8")
 
 
 __all__ = [

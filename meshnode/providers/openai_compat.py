@@ -42,6 +42,7 @@ from meshnode.errors import InvalidRequest, MeshError, UpstreamUnavailable
 from meshnode.providers import openai_responses
 from meshnode.providers.anthropic_extensions import drop_extensions
 from meshnode.providers.base import Provider
+from meshnode.providers.h1 import H1Response
 from meshnode.providers.http import (
     STREAM_ACCEPT,
     HttpUpstream,
@@ -402,7 +403,7 @@ def _usage_chunk(last: Mapping[str, Any], usage: Usage) -> dict[str, Any]:
     }
 
 
-async def _drain(resp: aiohttp.ClientResponse) -> None:
+async def _drain(resp: H1Response) -> None:
     """Read what follows `[DONE]` (normally just the end of the chunked body), briefly."""
     if resp.content.at_eof():
         return
