@@ -533,6 +533,11 @@ class H1Pool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def idle(self) -> int:
+        """Connections waiting in the pool now (closed ones are dropped as they close)."""
+        return len(self._idle)
+
     async def request(
         self, data: bytes, *, deadline: float, connect_timeout: float, read_timeout: float
     ) -> H1Response:
