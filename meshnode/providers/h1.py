@@ -208,7 +208,15 @@ class _Connection(asyncio.Protocol):
         pass
 
     # ---- httptools callbacks (run inside feed_data)
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # bytes after the answer's end (a second answer nobody asked for): this one stands,
+            # the rest is ignored and the connection is not reused
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return
         self.raw_headers.append((name, value))
         lower = name.lower()
         if lower == _CONTENT_TYPE:
@@ -219,6 +227,8 @@ class _Connection(asyncio.Protocol):
             self._framed = True
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an informational answer: the real one follows
             self.raw_headers = []
@@ -238,7 +248,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self._exc is not None:
+        if self._exc is not None or self.complete:
             return
         decoder = self._decoder
         if decoder is not None:
@@ -261,7 +271,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if not self._head_done:  # the end of an informational answer
+        if not self._head_done or self.complete:  # an informational answer's end; an extra one
             return
         self.keep_alive = self.parser.should_keep_alive()
         self._finish_body()

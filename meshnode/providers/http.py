@@ -558,7 +558,9 @@ class HttpUpstream:
         call's header replaces ours of the same name), body."""
         target = self._targets.get(path)
         if target is None:
-            target = self._targets[path] = self._origin.target(path)
+            target = self._origin.target(path)
+            if len(self._targets) < _MAX_TARGETS:  # paths come from the config: few
+                self._targets[path] = target
         origin = self._origin
         if origin.header_error is not None:
             raise ValueError(origin.header_error)
@@ -735,6 +737,7 @@ class HttpUpstream:
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_MAX_TARGETS = 256
 # What may stay unescaped in a request target (RFC 3986 pchar, "/", "?" and escapes).
 _TARGET_SAFE = "/?:@!$&'()*+,;=-._~%"
 

@@ -245,6 +245,38 @@ async def test_a_post_is_not_retried_when_the_server_drops_it(
         assert len(server.requests) == 1  # like aiohttp: a POST is never sent twice
 
 
+async def test_bytes_after_the_answer_make_the_connection_unfit_for_reuse(
+        http_factory: Callable[..., HttpUpstream]) -> None:
+    async def extra(exchange: Exchange) -> None:
+        while await exchange.request() is not None:
+            if exchange.number == 1:  # an answer, then a second one nobody asked for
+                await exchange.send(json_answer() + json_answer(b'{"stray": 1}'))
+            else:
+                await exchange.send(json_answer())
+
+    async with RawServer(extra) as server:
+        http = http_factory(server.url)
+        assert await http.post_json("/c", b"{}", deadline=_soon(),
+                                    timeouts=TIMEOUTS) == {"ok": 1}
+        assert await http.post_json("/c", b"{}", deadline=_soon(),
+                                    timeouts=TIMEOUTS) == {"ok": 1}  # never the stray one
+        assert server.connections == 2
+
+
+async def test_an_informational_answer_is_skipped(
+        http_factory: Callable[..., HttpUpstream]) -> None:
+    async def early(exchange: Exchange) -> None:
+        while await exchange.request() is not None:
+            await exchange.send(b"HTTP/1.1 100 Continue\r\n\r\n" + json_answer())
+
+    async with RawServer(early) as server:
+        http = http_factory(server.url)
+        for _ in range(2):
+            assert await http.post_json("/c", b"{}", deadline=_soon(),
+                                        timeouts=TIMEOUTS) == {"ok": 1}
+        assert server.connections == 1
+
+
 # --------------------------------------------------------------------------- bodies
 async def test_content_length_chunked_until_close_and_gzip_bodies_read_the_same(
         http_factory: Callable[..., HttpUpstream]) -> None:
