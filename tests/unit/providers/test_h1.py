@@ -214,6 +214,21 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
         assert server.connections == 2
 
 
+async def test_a_connection_idle_past_keepalive_is_closed_by_us(
+        http_factory: Callable[..., HttpUpstream]) -> None:
+    async def serve(exchange: Exchange) -> None:
+        if await exchange.request() is not None:
+            await exchange.send(json_answer())
+            await exchange.client_gone()
+
+    async with RawServer(serve) as server:
+        http = http_factory(server.url, keepalive_s=0.2)
+        await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS)
+        await wait_until(lambda: server.hangups == 1, "the idle connection was closed")
+        await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS)
+        assert server.connections == 2
+
+
 async def test_connection_close_and_http10_answers_are_not_reused(
         http_factory: Callable[..., HttpUpstream]) -> None:
     answers = [json_answer(extra=b"Connection: close\r\n"),
