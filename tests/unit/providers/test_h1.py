@@ -19,7 +19,7 @@ import uvloop
 from meshnode.config import TimeoutsConfig
 from meshnode.errors import DeadlineExceeded, UpstreamTimeout, UpstreamUnavailable
 from meshnode.providers.http import HttpUpstream, SseEvent, iter_sse
-from tests.kit.browser import wait_until
+from tests.kit.wait import wait_for
 from tests.unit.rpc.tls_certs import TestCA
 
 TIMEOUTS = TimeoutsConfig(connect_ms=2000, first_byte_ms=5000)
@@ -166,7 +166,7 @@ async def test_concurrent_calls_open_what_they_need_then_reuse(
         http = http_factory(server.url, max_concurrency=8)
         calls = [asyncio.create_task(http.post_json("/c", b"{}", deadline=_soon(),
                                                     timeouts=TIMEOUTS)) for _ in range(3)]
-        await wait_until(lambda: len(server.requests) == 3, "three requests in flight")
+        await wait_for(lambda: len(server.requests) == 3, "three requests in flight")
         gate.set()
         assert await asyncio.gather(*calls) == [{"ok": 1}] * 3
         for _ in range(3):
@@ -189,7 +189,7 @@ async def test_max_concurrency_bounds_connections_and_waiters_see_the_deadline(
                                                    timeouts=TIMEOUTS))
         second = asyncio.create_task(http.post_json("/c", b"{}", deadline=_soon(),
                                                     timeouts=TIMEOUTS))
-        await wait_until(lambda: len(server.requests) == 1, "the first request")
+        await wait_for(lambda: len(server.requests) == 1, "the first request")
         with pytest.raises(DeadlineExceeded):  # waits for the one connection, then gives up
             await http.post_json("/c", b"{}", deadline=_soon(0.2), timeouts=TIMEOUTS)
         gate.set()
@@ -208,7 +208,7 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
         await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS)
         pool = http._pool  # noqa: SLF001
         assert pool is not None
-        await wait_until(lambda: pool.idle == 0, "the client noticed the server's close")
+        await wait_for(lambda: pool.idle == 0, "the client noticed the server's close")
         assert await http.post_json("/c", b"{}", deadline=_soon(),
                                     timeouts=TIMEOUTS) == {"ok": 1}
         assert server.connections == 2
@@ -224,7 +224,7 @@ async def test_a_connection_idle_past_keepalive_is_closed_by_us(
     async with RawServer(serve) as server:
         http = http_factory(server.url, keepalive_s=0.2)
         await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS)
-        await wait_until(lambda: server.hangups == 1, "the idle connection was closed")
+        await wait_for(lambda: server.hangups == 1, "the idle connection was closed")
         await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS)
         assert server.connections == 2
 
@@ -243,7 +243,7 @@ async def test_connection_close_and_http10_answers_are_not_reused(
         http = http_factory(server.url)
         for _ in answers:
             await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS)
-        await wait_until(lambda: server.hangups == 2, "the client closed both connections")
+        await wait_for(lambda: server.hangups == 2, "the client closed both connections")
         assert server.connections == 2
 
 
@@ -386,7 +386,7 @@ async def test_slow_first_byte_times_out_and_hangs_up(
         with pytest.raises(UpstreamTimeout, match="waiting for data") as info:
             await http.post_json("/c", b"{}", deadline=_soon(), timeouts=SHORT)
         assert info.value.retryable
-        await wait_until(lambda: server.hangups == 1, "the client hung up")
+        await wait_for(lambda: server.hangups == 1, "the client hung up")
 
 
 async def test_a_stream_that_stalls_mid_way_times_out(
@@ -405,7 +405,7 @@ async def test_a_stream_that_stalls_mid_way_times_out(
                     events.append(event)
         assert events == [SseEvent("message", "one")]
         assert isinstance(http.error_for_exception(info.value, _soon()), UpstreamTimeout)
-        await wait_until(lambda: server.hangups == 1, "the client hung up")
+        await wait_for(lambda: server.hangups == 1, "the client hung up")
 
 
 async def test_the_deadline_bounds_a_body_that_keeps_trickling(
@@ -525,11 +525,11 @@ async def test_a_cancelled_whole_call_drops_the_connection(
         http = http_factory(server.url)
         task = asyncio.create_task(http.post_json("/c", b"{}", deadline=_soon(),
                                                   timeouts=TIMEOUTS))
-        await wait_until(lambda: len(server.requests) == 1, "the request arrived")
+        await wait_for(lambda: len(server.requests) == 1, "the request arrived")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await wait_until(lambda: server.hangups == 1, "the client hung up")
+        await wait_for(lambda: server.hangups == 1, "the client hung up")
         await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS)
         assert server.connections == 2
 
