@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from meshnode.api import sse
 from meshnode.api.errors import JSON, error_response, retry_after_header
 from meshnode.api.handlers import (
     _aiproxy_headers,
@@ -33,14 +34,15 @@ from meshnode.api.handlers import (
     require_model,
 )
 from meshnode.api.protocol import loads_body, parse_chat
+from meshnode.api.sse import named_event
 from meshnode.api.state import CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, MeshError
 from meshnode.governance.http import key_name_of
 from meshnode.observability.redact import redact
 from meshnode.providers.anthropic_extensions import MESSAGE_FIELD, PART_FIELD
 from meshnode.providers.tokens import estimate_prompt_tokens
-from meshnode.routing.outcome import RoutedStream
-from meshnode.types import InferenceRequest, RequestKind
+from meshnode.routing.outcome import Served
+from meshnode.types import InferenceRequest, RequestKind, StreamChunk
 
 log = logging.getLogger(__name__)
 
@@ -368,10 +370,6 @@ def error_envelope(exc: MeshError) -> dict[str, Any]:
             "error": {"type": error_type_for(exc), "message": redact(exc.message)}}
 
 
-def event(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-
 class _Pending:
     """A block that could not be written when its data came (another block was open)."""
 
@@ -418,27 +416,27 @@ class EventWriter:
             "id": self.id, "type": "message", "role": "assistant", "model": self.model,
             "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}
-        return (event("message_start", {"type": "message_start", "message": message})
-                + event("ping", {"type": "ping"}))
+        return (named_event("message_start", {"type": "message_start", "message": message})
+                + named_event("ping", {"type": "ping"}))
 
     def _close(self) -> bytes:
         if self._open is None:
             return b""
         index = self._open[1]
         self._open = None
-        return event("content_block_stop", {"type": "content_block_stop", "index": index})
+        return named_event("content_block_stop", {"type": "content_block_stop", "index": index})
 
     def _open_block(self, kind: str, block: dict[str, Any], key: Any = None) -> bytes:
         out = self._close()
         index = self._next_index
         self._next_index += 1
         self._open = (kind, index, key)
-        return out + event("content_block_start",
+        return out + named_event("content_block_start",
                            {"type": "content_block_start", "index": index, "content_block": block})
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
         assert self._open is not None  # noqa: S101 - callers open a block first
-        return event("content_block_delta",
+        return named_event("content_block_delta",
                      {"type": "content_block_delta", "index": self._open[1], "delta": delta})
 
     def _text(self, text: str) -> bytes:
@@ -552,12 +550,12 @@ class EventWriter:
         }
         if x_aiproxy is not None:
             delta["x_aiproxy"] = x_aiproxy
-        return (self._flush() + event("message_delta", delta)
-                + event("message_stop", {"type": "message_stop"}))
+        return (self._flush() + named_event("message_delta", delta)
+                + named_event("message_stop", {"type": "message_stop"}))
 
     @staticmethod
     def error(exc: MeshError) -> bytes:
-        return event("error", error_envelope(exc))
+        return named_event("error", error_envelope(exc))
 
 
 # --------------------------------------------------------------------------- handlers
@@ -623,46 +621,36 @@ async def _stream(
     ctx = request[CONTEXT]
     response, routed = await open_event_stream(
         request, state, inference, cached=False, headers={"request-id": ctx.request_id})
-    if routed is None:
-        return response
-    await _relay(response, routed, inference, ctx)
+    if routed is not None:
+        writer = EventWriter(inference.model, ctx.request_id, inference.prompt_tokens_estimate)
+        await sse.relay(response, routed, _Events(writer, routed.served, ctx.request_id), ctx)
     return response
 
 
-async def _relay(
-    response: web.StreamResponse, routed: RoutedStream, inference: InferenceRequest, ctx: Any
-) -> None:
-    """Write Anthropic events for each chunk as it arrives (never buffered)."""
-    writer = EventWriter(inference.model, ctx.request_id, inference.prompt_tokens_estimate)
-    iterator = routed.__aiter__()
-    try:
-        await response.write(writer.start())
-        try:
-            async for chunk in iterator:
-                data = writer.feed(chunk.data)
-                if data:
-                    if ctx.ttft_s is None:
-                        ctx.ttft_s = time.perf_counter() - ctx.started
-                    await response.write(data)
-        except MeshError as exc:
-            ctx.error_code = exc.code or exc.error_type
-            await response.write(writer.error(exc))
-            return
-        except Exception:  # noqa: BLE001 - a bug mid-stream still ends as an error event
-            log.exception("unhandled error in stream %s", ctx.request_id)
-            ctx.error_code = "internal_error"
-            await response.write(writer.error(MeshError(
-                f"internal error; quote request id {ctx.request_id} when reporting it")))
-            return
-        await response.write(writer.finish(routed.served.to_json()))
-        await response.write_eof()
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-        ctx.error_code = "client_closed"
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        await routed.aclose()
+class _Events:
+    """The `EventEncoder` of this door: Anthropic's events (`EventWriter`) for chat chunks."""
+
+    __slots__ = ("_request_id", "_served", "_writer")
+
+    def __init__(self, writer: EventWriter, served: Served, request_id: str) -> None:
+        self._writer = writer
+        self._served = served
+        self._request_id = request_id
+
+    def start(self) -> bytes:
+        return self._writer.start()
+
+    def feed(self, chunk: StreamChunk) -> bytes:
+        return self._writer.feed(chunk.data)
+
+    def finish(self) -> bytes:
+        return self._writer.finish(self._served.to_json())
+
+    def fail(self, exc: BaseException) -> bytes:
+        if not isinstance(exc, MeshError):
+            exc = MeshError(f"internal error; quote request id {self._request_id} when "
+                            "reporting it")
+        return self._writer.error(exc)
 
 
 async def count_tokens_handler(request: web.Request) -> web.Response:

@@ -131,7 +131,8 @@ async def open_event_stream(
     else:
         routed = await state.router.open_stream(inference)
     ctx.served = routed.served
-    response = web.StreamResponse(status=200, headers=_served_headers(routed.served))
+    # Its head goes out with the first events, in one write.
+    response = sse.EventStreamResponse(status=200, headers=_served_headers(routed.served))
     response.content_type = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     response.headers["x-request-id"] = ctx.request_id
@@ -154,20 +155,10 @@ async def _stream(
 ) -> web.StreamResponse:
     ctx = request[CONTEXT]
     response, routed = await open_event_stream(request, state, inference)
-    if routed is None:
-        return response
-    report = await sse.relay(
-        response, routed, include_usage=inference.include_usage, request_id=ctx.request_id
-    )
-    if report.first_write_at is not None:
-        ctx.ttft_s = report.first_write_at - ctx.started
-    if report.client_gone:
-        ctx.error_code = "client_closed"
-        return response
-    if report.error is not None:
-        error = report.error
-        ctx.error_code = getattr(error, "code", None) or "internal_error"
-    await response.write_eof()
+    if routed is not None:
+        encoder = sse.ChatEvents(routed.served, include_usage=inference.include_usage,
+                                 request_id=ctx.request_id)
+        await sse.relay(response, routed, encoder, ctx)
     return response
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from meshnode.api.protocol import type_name as _type_name
+from meshnode.api.sse import named_event
 from meshnode.errors import InvalidRequest, MeshError
 from meshnode.providers.anthropic_extensions import MESSAGE_FIELD
 from meshnode.types import REDIRECT_FIELDS
@@ -784,7 +785,7 @@ class ResponseEventWriter:
     def _event(self, kind: str, **data: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self._sequence, **data}
         self._sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+        return named_event(kind, payload)
 
     def start(self) -> bytes:
         return (self._event("response.created", response=self.response)

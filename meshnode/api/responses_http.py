@@ -25,9 +25,9 @@ import sqlite3
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 
+from meshnode.api import sse
 from meshnode.api.handlers import (
     _aiproxy_headers,
     _json,
@@ -53,8 +53,8 @@ from meshnode.errors import InvalidRequest, MeshError, NotFound
 from meshnode.governance.http import key_name_of
 from meshnode.observability.redact import redact
 from meshnode.responses_store import ResponseStore
-from meshnode.routing.outcome import RoutedStream
-from meshnode.types import RESPONSES_NATIVE_FIELD, InferenceRequest, RequestKind
+from meshnode.routing.outcome import Served
+from meshnode.types import RESPONSES_NATIVE_FIELD, InferenceRequest, RequestKind, StreamChunk
 
 log = logging.getLogger(__name__)
 
@@ -137,105 +137,102 @@ async def _stream(
     response, routed = await open_event_stream(request, state, inference)
     if routed is None:
         return response
+    encoder: _ChatAsResponses | _NativeEvents
     if is_native_event(routed.first.data):
-        final = await _relay_native(response, routed, call, response_id, ctx)
+        encoder = _NativeEvents(call, response_id, routed.served, ctx.request_id)
     else:
-        writer = ResponseEventWriter(call, response_id, created_at)
-        final = writer.response if await _relay(response, routed, writer, ctx) else None
+        encoder = _ChatAsResponses(ResponseEventWriter(call, response_id, created_at),
+                                   routed.served, ctx.request_id)
+    report = await sse.relay(response, routed, encoder, ctx)
+    final = encoder.final() if report.completed else None
     if final is not None and call.store:
         await _keep(request, final, [*history, *call.items, *final.get("output", [])])
     return response
 
 
-async def _relay(
-    response: web.StreamResponse, routed: RoutedStream, writer: ResponseEventWriter, ctx: Any
-) -> bool:
-    """Write the events of every chunk as it arrives; True when the response completed."""
-    iterator = routed.__aiter__()
-    try:
-        await response.write(writer.start())
-        try:
-            async for chunk in iterator:
-                data = writer.feed(chunk.data)
-                if data:
-                    if ctx.ttft_s is None:
-                        ctx.ttft_s = time.perf_counter() - ctx.started
-                    await response.write(data)
-        except MeshError as exc:
-            ctx.error_code = exc.code or exc.error_type
-            await response.write(writer.fail(exc, redact(exc.message)))
-            return False
-        except Exception as exc:  # noqa: BLE001 - a bug mid-stream still ends as an event
-            log.exception("unhandled error in stream %s", ctx.request_id)
-            ctx.error_code = "internal_error"
-            await response.write(writer.fail(
-                exc, f"internal error; quote request id {ctx.request_id} when reporting it"))
-            return False
-        served = routed.served
-        await response.write(writer.finish(served.to_json(), served.usage.to_openai()))
-        await response.write_eof()
-        return True
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-        ctx.error_code = "client_closed"
-        return False
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        await routed.aclose()
+def _failure_message(exc: BaseException, request_id: str) -> str:
+    if isinstance(exc, MeshError):
+        return redact(exc.message)
+    return f"internal error; quote request id {request_id} when reporting it"
 
 
-def _sse(event: dict[str, Any]) -> bytes:
-    return (b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event)
-            + b"\n\n")
+class _ChatAsResponses:
+    """The `EventEncoder` of a chat stream as Responses events (`ResponseEventWriter`)."""
+
+    __slots__ = ("_request_id", "_served", "_writer")
+
+    def __init__(self, writer: ResponseEventWriter, served: Served, request_id: str) -> None:
+        self._writer = writer
+        self._served = served
+        self._request_id = request_id
+
+    def start(self) -> bytes:
+        return self._writer.start()
+
+    def feed(self, chunk: StreamChunk) -> bytes:
+        return self._writer.feed(chunk.data)
+
+    def finish(self) -> bytes:
+        served = self._served
+        return self._writer.finish(served.to_json(), served.usage.to_openai())
+
+    def fail(self, exc: BaseException) -> bytes:
+        return self._writer.fail(exc, _failure_message(exc, self._request_id))
+
+    def final(self) -> dict[str, Any] | None:
+        """The response object, once the stream completed."""
+        return self._writer.response
 
 
-async def _relay_native(
-    response: web.StreamResponse, routed: RoutedStream, call: ResponsesCall,
-    response_id: str, ctx: Any,
-) -> dict[str, Any] | None:
-    """Relay an upstream's own Responses events as they arrive, each response object in them
-    made ours (`native_response`), `x_aiproxy` on the terminal event. Returns the final
-    response when it completed (or ended incomplete), else None."""
-    iterator = routed.__aiter__()
-    last: dict[str, Any] = {}
-    sequence = -1
-    final: dict[str, Any] | None = None
-    try:
-        try:
-            async for chunk in iterator:
-                event = dict(chunk.data)
-                sequence = int(event.get("sequence_number", sequence + 1))
-                kind = event["type"]
-                if isinstance(event.get("response"), dict):
-                    last = native_response(call, event["response"], response_id)
-                    event["response"] = last
-                if kind in ("response.completed", "response.incomplete"):
-                    x_aiproxy = routed.served.to_json()
-                    last = {**last, "x_aiproxy": x_aiproxy}
-                    event["response"] = last
-                    event["x_aiproxy"] = x_aiproxy
-                    final = last
-                if ctx.ttft_s is None:
-                    ctx.ttft_s = time.perf_counter() - ctx.started
-                await response.write(_sse(event))
-        except MeshError as exc:
-            ctx.error_code = exc.code or exc.error_type
-            failed = {**last, "status": "failed",
-                      "error": {"code": error_code(exc), "message": redact(exc.message)}}
-            await response.write(_sse({"type": "response.failed",
-                                       "sequence_number": sequence + 1, "response": failed}))
-            return None
-        await response.write_eof()
-        return final
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-        ctx.error_code = "client_closed"
-        return None
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        await routed.aclose()
+class _NativeEvents:
+    """The `EventEncoder` of an upstream's own Responses events: relayed as they come, each
+    response object in them made ours (`native_response`), `x_aiproxy` on the terminal event."""
+
+    __slots__ = ("_call", "_final", "_last", "_request_id", "_response_id", "_sequence",
+                 "_served")
+
+    def __init__(self, call: ResponsesCall, response_id: str, served: Served,
+                 request_id: str) -> None:
+        self._call = call
+        self._response_id = response_id
+        self._served = served
+        self._request_id = request_id
+        self._last: dict[str, Any] = {}
+        self._sequence = -1
+        self._final: dict[str, Any] | None = None
+
+    def start(self) -> bytes:
+        return b""
+
+    def feed(self, chunk: StreamChunk) -> bytes:
+        event = dict(chunk.data)
+        self._sequence = int(event.get("sequence_number", self._sequence + 1))
+        kind = event["type"]
+        if isinstance(event.get("response"), dict):
+            self._last = native_response(self._call, event["response"], self._response_id)
+            event["response"] = self._last
+        if kind in ("response.completed", "response.incomplete"):
+            x_aiproxy = self._served.to_json()
+            self._last = {**self._last, "x_aiproxy": x_aiproxy}
+            event["response"] = self._last
+            event["x_aiproxy"] = x_aiproxy
+            self._final = self._last
+        return sse.named_event(kind, event)
+
+    def finish(self) -> bytes:
+        return b""
+
+    def fail(self, exc: BaseException) -> bytes:
+        failed = {**self._last, "status": "failed",
+                  "error": {"code": error_code(exc),
+                            "message": _failure_message(exc, self._request_id)}}
+        return sse.named_event("response.failed", {
+            "type": "response.failed", "sequence_number": self._sequence + 1,
+            "response": failed})
+
+    def final(self) -> dict[str, Any] | None:
+        """The terminal response (completed, or ended incomplete); None without one."""
+        return self._final
 
 
 async def get_response(request: web.Request) -> web.Response:

@@ -1,7 +1,23 @@
-"""The SSE writer: relays a `RoutedStream` to the client as OpenAI's `data: {...}` events.
+"""The SSE relay: one loop that writes a `RoutedStream` to the client, for every event format.
 
-The streaming contract (router ↔ API):
-- every content chunk is written the moment it arrives, never buffered;
+Every streamed answer (chat and completions chunks, Responses events, Anthropic's events) goes
+through `relay`; what differs is the `EventEncoder`, which turns chunks into wire bytes. The
+relay owns what they share:
+- the events of one upstream read go out in one write: encoded events are buffered while the
+  source hands over chunks without waiting, and written the moment it is about to wait for
+  the upstream (no timer, so no added latency: a chunk that arrives alone is written alone, as
+  it arrives); the response head goes out with the first events (`EventStreamResponse`), and
+  the last events with the end of the body, so a stream that arrived whole is one write;
+- a failure after the first byte: the encoder's error event, without the normal ending; a
+  MeshError keeps its code, anything else (a bug) is logged with its traceback here and ends
+  as a generic `internal_error` naming the request id;
+- a client that goes away: the upstream call is cancelled (`routed.aclose()`) and the request
+  is `client_closed`; a CancelledError is re-raised after that;
+- the request context: time to first token and the error code, for the log line and metrics.
+
+`ChatEvents` is the encoder of OpenAI's `data: {...}` chunks (chat and completions); its
+contract (router ↔ API):
+- every content chunk is written the moment it arrives, never held back;
 - a chunk whose every choice has a non-null `finish_reason` is the last choice-bearing chunk:
   only that one is held until the stream ends, so it can carry `x_aiproxy` when the client did
   not ask for usage;
@@ -11,44 +27,211 @@ The streaming contract (router ↔ API):
   asked for usage, else the held finish chunk, else a final chunk with `choices: []`;
 - a failure after the first byte writes `data: {"error": {...}}` and ends WITHOUT `[DONE]`.
 
-This module owns only the wire framing; it does not route, retry or record metrics. It reports
-what happened in a `StreamReport` for the handler to log.
+This module owns only the wire framing and the relay; it does not route, retry or record
+metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from meshnode.api.errors import stream_error_event
+from meshnode.api.state import RequestContext
 from meshnode.errors import MeshError
-from meshnode.routing.outcome import RoutedStream
+from meshnode.routing.outcome import RoutedStream, Served
 from meshnode.types import StreamChunk
+
+log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 _PREFIX = b"data: "
 _SUFFIX = b"\n\n"
+# What a write to a client that went away raises (aiohttp's ClientConnectionResetError is a
+# ConnectionResetError).
+_CLIENT_GONE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    """An unnamed event: `data: {...}` (OpenAI's chunks)."""
+    return _PREFIX + orjson.dumps(data) + _SUFFIX
+
+
+def named_event(name: str, data: dict[str, Any]) -> bytes:
+    """A named event: `event: NAME` then `data: {...}` (Responses' and Anthropic's events)."""
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + _SUFFIX
+
+
+class EventStreamResponse(web.StreamResponse):
+    """An event-stream response whose head waits for the first body write and goes out in the
+    same write (aiohttp's `web.Response` does this for its body; a `StreamResponse` otherwise
+    sends its head alone at `prepare()`). A client that left before it is seen at that write,
+    which the relay answers as `client_closed`."""
+
+    _send_headers_immediately = False
+
+
+class EventEncoder(Protocol):
+    """Turns a stream's chunks into one wire format. Each method returns the bytes to send
+    (b"" for none) and must not block: the relay calls them between reads."""
+
+    def start(self) -> bytes:
+        """The events before the first chunk."""
+
+    def feed(self, chunk: StreamChunk) -> bytes:
+        """The events of one chunk (it may hold some back, e.g. to put `x_aiproxy` on them)."""
+
+    def finish(self) -> bytes:
+        """The closing events of a stream that ran to its end (`x_aiproxy`, usage)."""
+
+    def fail(self, exc: BaseException) -> bytes:
+        """The event that ends a stream broken after its first byte (what was held first)."""
 
 
 @dataclass(slots=True)
 class StreamReport:
     """How a relayed stream ended."""
 
-    chunks: int = 0
-    first_write_at: float | None = None  # time.perf_counter() of the first byte written
     error: BaseException | None = None  # the error that ended it after the first byte
     client_gone: bool = False  # the client disconnected before the end
 
+    @property
+    def completed(self) -> bool:
+        return self.error is None and not self.client_gone
 
-def encode(data: dict[str, Any]) -> bytes:
-    return _PREFIX + orjson.dumps(data) + _SUFFIX
+
+class _ClientGone(Exception):
+    """A write to the client failed: it went away (raised from the relay's own writes only, so
+    an untranslated connection error of the source is not mistaken for it)."""
 
 
+async def relay(
+    response: web.StreamResponse, routed: RoutedStream, encoder: EventEncoder,
+    ctx: RequestContext,
+) -> StreamReport:
+    """Write `encoder`'s events for every chunk of `routed` to the prepared `response`, end
+    the response, and return how it ended (also set on `ctx`: `ttft_s`, `error_code`)."""
+    report = StreamReport()
+    iterator = routed.__aiter__()
+    out = bytearray(encoder.start())
+    try:
+        try:
+            next_step = iterator.__anext__
+            while True:
+                # The next chunk, driven by hand for one step: when the source hands it over
+                # without waiting (the rest of an upstream read), it joins the buffer; when the
+                # source is about to wait for the upstream, the buffer goes out first.
+                step = next_step().__await__()
+                try:
+                    try:
+                        waiting = step.send(None)
+                    except StopIteration as got:
+                        chunk: StreamChunk = got.value
+                    else:
+                        if out:
+                            try:
+                                await _write(response, out)
+                            except BaseException:
+                                await _abandon(step, waiting)
+                                raise
+                            out = bytearray()
+                        chunk = await _Resume(step, waiting)
+                except StopAsyncIteration:
+                    break
+                data = encoder.feed(chunk)
+                if data:
+                    if ctx.ttft_s is None:
+                        ctx.ttft_s = time.perf_counter() - ctx.started
+                    out += data
+        except _ClientGone:
+            raise
+        except MeshError as exc:
+            report.error = exc
+            ctx.error_code = exc.code or exc.error_type
+        except Exception as exc:  # noqa: BLE001 - a bug mid-stream still ends as an error event
+            log.error("unhandled error in stream %s: %s", ctx.request_id, type(exc).__name__,
+                      exc_info=exc, extra={"request_id": ctx.request_id})
+            report.error = exc
+            ctx.error_code = "internal_error"
+        if report.error is None:
+            tail = encoder.finish()
+            if tail and ctx.ttft_s is None:
+                ctx.ttft_s = time.perf_counter() - ctx.started
+            out += tail
+        else:
+            out += encoder.fail(report.error)
+        # The end of the body with the last events: one write.
+        try:
+            await response.write_eof(bytes(out))
+        except _CLIENT_GONE as exc:
+            raise _ClientGone from exc
+        return report
+    except _ClientGone:
+        report.client_gone = True
+        ctx.error_code = "client_closed"
+        return report
+    finally:
+        # Closes the upstream call if the stream did not run to its end (client gone,
+        # cancellation); a no-op after a complete stream.
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await routed.aclose()
+
+
+async def _write(response: web.StreamResponse, data: bytearray) -> None:
+    try:
+        await response.write(data)
+    except _CLIENT_GONE as exc:
+        raise _ClientGone from exc
+
+
+class _Resume:
+    """Awaits the rest of a coroutine step already started by hand and suspended on `waiting`
+    (what it yielded for the task to wait on): `yield from`, minus the first send."""
+
+    __slots__ = ("_step", "_waiting")
+
+    def __init__(self, step: Generator[Any, Any, Any], waiting: Any) -> None:
+        self._step = step
+        self._waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        step = self._step
+        waiting = self._waiting
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:  # noqa: BLE001 - thrown in (a cancellation): passed on
+                try:
+                    waiting = step.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    waiting = step.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _abandon(step: Generator[Any, Any, Any], waiting: Any) -> None:
+    """Cancel a step of the source suspended mid-read, as a task cancellation would, and let
+    its cleanup run (the write that failed is what the caller reports)."""
+    del waiting  # the future it waited on: nobody waits on it any more
+    try:
+        await _Resume(step, step.throw(asyncio.CancelledError()))
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the cancel, or its cleanup's error
+        pass
+
+
+# --------------------------------------------------------------------------- OpenAI chunks
 def is_finish_chunk(data: dict[str, Any]) -> bool:
     """True when the chunk has choices and every one of them has finished."""
     choices = data.get("choices")
@@ -77,88 +260,55 @@ def _closing_chunk(last_seen: dict[str, Any] | None, x_aiproxy: dict[str, Any]) 
     return out
 
 
-async def relay(
-    response: web.StreamResponse,
-    routed: RoutedStream,
-    *,
-    include_usage: bool,
-    request_id: str,
-) -> StreamReport:
-    """Write every chunk of `routed` to the prepared `response`, then the closing events.
+class ChatEvents:
+    """The `EventEncoder` of OpenAI's chunks (chat and completions): the contract above."""
 
-    On a client disconnect (write fails, or the handler is cancelled) the upstream call is
-    cancelled through `routed.aclose()`; a CancelledError is re-raised after that.
-    """
-    report = StreamReport()
-    held_finish: StreamChunk | None = None
-    held_usage: StreamChunk | None = None
-    last_seen: dict[str, Any] | None = None
-    iterator: AsyncIterator[StreamChunk] = routed.__aiter__()
-    write = response.write
-    try:
-        try:
-            async for chunk in iterator:
-                data = chunk.data
-                last_seen = data
-                choices = data.get("choices")
-                if choices == [] or (choices is None and chunk.usage is not None):
-                    # Usage-only chunk: it ends the stream; keep it for x_aiproxy if asked.
-                    if include_usage:
-                        if held_usage is not None:
-                            await write(encode(held_usage.data))
-                        held_usage = chunk
-                    continue
-                if held_finish is not None:
-                    # More choice chunks after a finish (n > 1 providers may do this): the held
-                    # one was not the last after all; release it in order.
-                    await write(encode(held_finish.data))
-                    held_finish = None
-                if is_finish_chunk(data):
-                    held_finish = chunk
-                    continue
-                await write(encode(data))
-                report.chunks += 1
-                if report.first_write_at is None:
-                    report.first_write_at = time.perf_counter()
-        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-            report.client_gone = True
-            return report
-        except MeshError as exc:
-            report.error = exc
-        except Exception as exc:  # noqa: BLE001 - a bug mid-stream still ends as an error event
-            report.error = exc
+    __slots__ = ("_held_finish", "_held_usage", "_include_usage", "_last_seen", "_request_id",
+                 "_served")
 
-        if report.error is not None:
-            if held_finish is not None:
-                # Text already produced is delivered; the error comes after it, no [DONE].
-                await write(encode(held_finish.data))
-            await write(stream_error_event(report.error, request_id))
-            return report
+    def __init__(self, served: Served, *, include_usage: bool, request_id: str) -> None:
+        self._served = served
+        self._include_usage = include_usage
+        self._request_id = request_id
+        self._held_finish: StreamChunk | None = None
+        self._held_usage: StreamChunk | None = None
+        self._last_seen: dict[str, Any] | None = None
 
-        x_aiproxy = routed.served.to_json()
-        tail: list[bytes] = []
-        if include_usage and held_usage is not None:
-            if held_finish is not None:
-                tail.append(encode(held_finish.data))
-            tail.append(encode(_with_aiproxy(held_usage.data, x_aiproxy)))
-        elif held_finish is not None:
-            tail.append(encode(_with_aiproxy(held_finish.data, x_aiproxy)))
-        else:
-            tail.append(encode(_closing_chunk(last_seen, x_aiproxy)))
-        tail.append(DONE)
-        report.chunks += 1
-        if report.first_write_at is None:
-            report.first_write_at = time.perf_counter()
-        # One write for the tail: it is the end of the stream, nothing waits behind it.
-        await write(b"".join(tail))
-        return report
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-        report.client_gone = True
-        return report
-    finally:
-        # Closes the upstream call if the stream did not run to its end (client gone,
-        # cancellation); a no-op after a complete stream.
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        await routed.aclose()
+    def start(self) -> bytes:
+        return b""
+
+    def feed(self, chunk: StreamChunk) -> bytes:
+        data = chunk.data
+        self._last_seen = data
+        choices = data.get("choices")
+        if choices == [] or (choices is None and chunk.usage is not None):
+            # Usage-only chunk: it ends the stream; keep it for x_aiproxy if asked.
+            if not self._include_usage:
+                return b""
+            held, self._held_usage = self._held_usage, chunk
+            return encode(held.data) if held is not None else b""
+        out = b""
+        if self._held_finish is not None:
+            # More choice chunks after a finish (n > 1 providers may do this): the held one
+            # was not the last after all; release it in order.
+            out = encode(self._held_finish.data)
+            self._held_finish = None
+        if is_finish_chunk(data):
+            self._held_finish = chunk
+            return out
+        return out + encode(data)
+
+    def finish(self) -> bytes:
+        x_aiproxy = self._served.to_json()
+        held_finish, held_usage = self._held_finish, self._held_usage
+        if self._include_usage and held_usage is not None:
+            head = encode(held_finish.data) if held_finish is not None else b""
+            return head + encode(_with_aiproxy(held_usage.data, x_aiproxy)) + DONE
+        if held_finish is not None:
+            return encode(_with_aiproxy(held_finish.data, x_aiproxy)) + DONE
+        return encode(_closing_chunk(self._last_seen, x_aiproxy)) + DONE
+
+    def fail(self, exc: BaseException) -> bytes:
+        # Text already produced is delivered; the error comes after it, no [DONE].
+        held = encode(self._held_finish.data) if self._held_finish is not None else b""
+        return held + stream_error_event(exc, self._request_id)

@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from meshnode.api.sse import relay
+from meshnode.api.sse import ChatEvents, StreamReport, relay
+from meshnode.api.state import RequestContext
 from meshnode.errors import StreamBroken
 from meshnode.routing.outcome import RoutedStream, Served
 from meshnode.types import ModelOffer, StreamChunk, Usage
@@ -19,28 +20,41 @@ OFFER = ModelOffer(model="m", provider="p", provider_kind="openai", upstream_mod
 
 
 class Recorder:
-    """Stands in for aiohttp's StreamResponse: records each write as it happens."""
+    """Stands in for aiohttp's StreamResponse: records each write as it happens (the end of
+    the body, `write_eof`, is a write too)."""
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, fail_at_end: bool = False) -> None:
         self.writes: list[bytes] = []
         self.fail_after = fail_after
+        self.fail_at_end = fail_at_end
         self.wrote = asyncio.Event()
+        self.ended = False
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray) -> None:
         if self.fail_after is not None and len(self.writes) >= self.fail_after:
             raise ConnectionResetError("client gone")
-        self.writes.append(data)
+        assert not self.ended
+        self.writes.append(bytes(data))
         self.wrote.set()
 
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self.fail_at_end:
+            raise ConnectionResetError("client gone")
+        await self.write(data)
+        self.ended = True
+
     def events(self) -> list[Any]:
+        return self.parse(b"".join(self.writes))
+
+    @staticmethod
+    def parse(blob: bytes) -> list[Any]:
         out: list[Any] = []
-        for blob in self.writes:
-            for event in blob.split(b"\n\n"):
-                if not event:
-                    continue
-                assert event.startswith(b"data: ")
-                payload = event[6:]
-                out.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
+        for event in blob.split(b"\n\n"):
+            if not event:
+                continue
+            assert event.startswith(b"data: ")
+            payload = event[6:]
+            out.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
         return out
 
 
@@ -58,30 +72,48 @@ USAGE = StreamChunk({"id": "c", "object": "chat.completion.chunk", "created": 1,
                     usage=Usage(3, 2))
 
 
+async def relay_chat(rec: Recorder, routed: RoutedStream, *, include_usage: bool,
+                     request_id: str = "r", ctx: RequestContext | None = None) -> StreamReport:
+    """`relay` with OpenAI's chunk encoder, as the chat handler runs it."""
+    encoder = ChatEvents(routed.served, include_usage=include_usage, request_id=request_id)
+    ctx = ctx or RequestContext(request_id=request_id, started=0.0)
+    return await relay(rec, routed, encoder, ctx)  # type: ignore[arg-type]
+
+
 def routed_from(chunks: list[StreamChunk], *, error: Exception | None = None,
-                closed: list[bool] | None = None) -> RoutedStream:
+                closed: list[bool] | None = None, paced: bool = False,
+                settled: list[BaseException | None] | None = None) -> RoutedStream:
+    """A routed stream of `chunks`. `paced`: the source waits (one loop turn, as for another
+    upstream read) before each chunk after the first; else they come as from one read."""
     served = Served(offer=OFFER, node="n1", strategy="cost_optimized")
 
     async def rest() -> AsyncIterator[StreamChunk]:
         try:
             for chunk in chunks[1:]:
+                if paced:
+                    await asyncio.sleep(0)
                 yield chunk
             if error is not None:
+                if paced:
+                    await asyncio.sleep(0)
                 raise error
         finally:
             if closed is not None:
+                await asyncio.sleep(0)  # an async cleanup, as an upstream connection's release
                 closed.append(True)
 
     def finish(s: Served, err: BaseException | None) -> None:
         s.cost = OFFER.cost(s.usage)
+        if settled is not None:
+            settled.append(err)
 
     return RoutedStream(chunks[0], rest(), served, finish)
 
 
 async def test_x_aiproxy_rides_the_finish_chunk_and_usage_is_dropped() -> None:
     rec = Recorder()
-    report = await relay(rec, routed_from([content("a"), content("b"), FINISH, USAGE]),  # type: ignore[arg-type]
-                         include_usage=False, request_id="r")
+    report = await relay_chat(rec, routed_from([content("a"), content("b"), FINISH, USAGE]),
+                         include_usage=False)
     events = rec.events()
     assert events[-1] == "[DONE]"
     assert [e["choices"][0]["delta"].get("content") for e in events[:2]] == ["a", "b"]
@@ -96,8 +128,8 @@ async def test_x_aiproxy_rides_the_finish_chunk_and_usage_is_dropped() -> None:
 
 async def test_usage_chunk_carries_x_aiproxy_when_asked() -> None:
     rec = Recorder()
-    await relay(rec, routed_from([content("a"), FINISH, USAGE]),  # type: ignore[arg-type]
-                include_usage=True, request_id="r")
+    await relay_chat(rec, routed_from([content("a"), FINISH, USAGE]),
+                include_usage=True)
     events = rec.events()
     assert events[-1] == "[DONE]"
     usage_chunk = events[-2]
@@ -111,8 +143,8 @@ async def test_usage_chunk_carries_x_aiproxy_when_asked() -> None:
 
 async def test_closing_chunk_when_no_finish_and_no_usage() -> None:
     rec = Recorder()
-    await relay(rec, routed_from([content("a"), content("b")]),  # type: ignore[arg-type]
-                include_usage=False, request_id="r")
+    await relay_chat(rec, routed_from([content("a"), content("b")]),
+                include_usage=False)
     events = rec.events()
     assert events[-1] == "[DONE]"
     closing = events[-2]
@@ -133,15 +165,15 @@ async def test_content_is_relayed_before_the_next_chunk_arrives() -> None:
         yield FINISH
 
     routed = RoutedStream(content("a"), rest(), served, lambda s, e: None)
-    await relay(rec, routed, include_usage=False, request_id="r")  # type: ignore[arg-type]
+    await relay_chat(rec, routed, include_usage=False)
     assert gate.is_set()
     assert rec.events()[-1] == "[DONE]"
 
 
 async def test_failure_after_first_byte_ends_with_error_and_no_done() -> None:
     rec = Recorder()
-    report = await relay(
-        rec,  # type: ignore[arg-type]
+    report = await relay_chat(
+        rec,
         routed_from([content("a"), content("b")], error=StreamBroken("upstream reset")),
         include_usage=True, request_id="r",
     )
@@ -155,7 +187,7 @@ async def test_failure_after_first_byte_ends_with_error_and_no_done() -> None:
 
 async def test_unexpected_error_mid_stream_is_generic() -> None:
     rec = Recorder()
-    await relay(rec, routed_from([content("a")], error=RuntimeError("secret sk-abcdefghijk")),  # type: ignore[arg-type]
+    await relay_chat(rec, routed_from([content("a")], error=RuntimeError("secret sk-abcdefghijk")),
                 include_usage=False, request_id="r-9")
     last = rec.events()[-1]
     assert last["error"]["type"] == "internal_error"
@@ -166,11 +198,87 @@ async def test_unexpected_error_mid_stream_is_generic() -> None:
 async def test_client_gone_closes_upstream() -> None:
     rec = Recorder(fail_after=1)
     closed: list[bool] = []
-    report = await relay(
-        rec,  # type: ignore[arg-type]
-        routed_from([content("a"), content("b"), content("c"), FINISH], closed=closed),
-        include_usage=False, request_id="r",
+    settled: list[BaseException | None] = []
+    ctx = RequestContext(request_id="r", started=0.0)
+    report = await relay_chat(
+        rec,
+        routed_from([content("a"), content("b"), content("c"), FINISH], closed=closed,
+                    paced=True, settled=settled),
+        include_usage=False, ctx=ctx,
     )
-    assert report.client_gone
+    assert report.client_gone and not report.completed
+    assert ctx.error_code == "client_closed"
+    # The write failed while the source waited for its next read: the source was cancelled
+    # there, its cleanup ran, and the route was settled once.
     assert closed == [True]
+    assert len(settled) == 1
     assert len(rec.writes) == 1
+
+
+async def test_client_gone_at_the_last_write() -> None:
+    rec = Recorder(fail_at_end=True)
+    closed: list[bool] = []
+    ctx = RequestContext(request_id="r", started=0.0)
+    report = await relay_chat(rec, routed_from([content("a"), FINISH], closed=closed),
+                              include_usage=False, ctx=ctx)
+    assert report.client_gone and ctx.error_code == "client_closed"
+    assert closed == [True] and not rec.ended
+
+
+async def test_the_events_of_one_read_go_out_in_one_write() -> None:
+    rec = Recorder()
+    ctx = RequestContext(request_id="r", started=0.0)
+    await relay_chat(rec, routed_from([content("a"), content("b"), FINISH, USAGE]),
+                     include_usage=True, ctx=ctx)
+    # Every chunk came without the source waiting: one write, which also ends the body.
+    assert len(rec.writes) == 1 and rec.ended
+    events = rec.events()
+    assert [e["choices"][0]["delta"].get("content") for e in events[:2]] == ["a", "b"]
+    assert events[-1] == "[DONE]" and events[-2]["x_aiproxy"]["node"] == "n1"
+    assert ctx.ttft_s is not None and ctx.error_code is None
+
+
+async def test_each_read_is_written_before_the_source_waits_again() -> None:
+    rec = Recorder()
+    await relay_chat(rec, routed_from([content("a"), content("b"), content("c"), FINISH],
+                                      paced=True), include_usage=False)
+    per_write = [[e if e == "[DONE]" else e["choices"][0]["delta"].get("content")
+                  for e in Recorder.parse(w)] for w in rec.writes]
+    # a, b and c each arrived alone and went out alone, before the next was read; the held
+    # finish chunk goes out with [DONE] and the end of the body.
+    assert per_write[:3] == [["a"], ["b"], ["c"]]
+    assert rec.events()[-1] == "[DONE]" and len(rec.writes) == 4 and rec.ended
+
+
+async def test_cancelled_while_the_source_waits_closes_it_and_reraises() -> None:
+    rec = Recorder()
+    closed: list[bool] = []
+    never = asyncio.Event()
+
+    async def rest() -> AsyncIterator[StreamChunk]:
+        try:
+            await never.wait()
+            yield FINISH
+        finally:
+            closed.append(True)
+
+    served = Served(offer=OFFER, node="n1", strategy="s")
+    routed = RoutedStream(content("a"), rest(), served, lambda s, e: None)
+    task = asyncio.ensure_future(relay_chat(rec, routed, include_usage=False))
+    await asyncio.wait_for(rec.wrote.wait(), timeout=10)  # "a" went out before the wait
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert closed == [True]
+    assert [e["choices"][0]["delta"]["content"] for e in rec.events()] == ["a"]
+
+
+async def test_a_connection_error_of_the_source_is_an_error_not_a_client_gone() -> None:
+    rec = Recorder()
+    ctx = RequestContext(request_id="r-2", started=0.0)
+    report = await relay_chat(
+        rec, routed_from([content("a")], error=ConnectionResetError("untranslated")),
+        include_usage=False, ctx=ctx)
+    assert not report.client_gone and isinstance(report.error, ConnectionResetError)
+    assert ctx.error_code == "internal_error"
+    assert rec.events()[-1]["error"]["type"] == "internal_error" and rec.ended
