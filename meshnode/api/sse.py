@@ -6,8 +6,9 @@ relay owns what they share:
 - the events of one upstream read go out in one write: encoded events are buffered while the
   source hands over chunks without waiting, and written the moment it is about to wait for
   the upstream (no timer, so no added latency: a chunk that arrives alone is written alone, as
-  it arrives); the response head goes out with the first events (`EventStreamResponse`), and
-  the last events with the end of the body, so a stream that arrived whole is one write;
+  it arrives); the response head goes out with the first events (`EventStreamResponse`; at
+  the source's first wait at the latest), and the last events with the end of the body, so a
+  stream that arrived whole is one write;
 - a failure after the first byte: the encoder's error event, without the normal ending; a
   MeshError keeps its code, anything else (a bug) is logged with its traceback here and ends
   as a generic `internal_error` naming the request id;
@@ -121,6 +122,7 @@ async def relay(
     report = StreamReport()
     iterator = routed.__aiter__()
     out = bytearray(encoder.start())
+    head_sent = False
     try:
         try:
             next_step = iterator.__anext__
@@ -135,13 +137,16 @@ async def relay(
                     except StopIteration as got:
                         chunk: StreamChunk = got.value
                     else:
-                        if out:
+                        # (The head goes out then too, even with no event yet: the client
+                        # knows the stream is on before a long wait.)
+                        if out or not head_sent:
                             try:
                                 await _write(response, out)
                             except BaseException:
                                 await _abandon(step, waiting)
                                 raise
                             out = bytearray()
+                            head_sent = True
                         chunk = await _Resume(step, waiting)
                 except StopAsyncIteration:
                     break

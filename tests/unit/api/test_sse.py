@@ -8,8 +8,10 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from meshnode.api.sse import ChatEvents, StreamReport, relay
+from meshnode.api.sse import ChatEvents, EventStreamResponse, StreamReport, relay
 from meshnode.api.state import RequestContext
 from meshnode.errors import StreamBroken
 from meshnode.routing.outcome import RoutedStream, Served
@@ -282,3 +284,57 @@ async def test_a_connection_error_of_the_source_is_an_error_not_a_client_gone() 
     assert not report.client_gone and isinstance(report.error, ConnectionResetError)
     assert ctx.error_code == "internal_error"
     assert rec.events()[-1]["error"]["type"] == "internal_error" and rec.ended
+
+
+async def test_the_head_goes_out_at_the_first_wait_even_with_nothing_to_say() -> None:
+    rec = Recorder()
+    gate = asyncio.Event()
+    served = Served(offer=OFFER, node="n1", strategy="s")
+
+    async def rest() -> AsyncIterator[StreamChunk]:
+        # The finish chunk is held (for x_aiproxy), so nothing is written yet; the upstream
+        # then waits: the head (an empty write here) must not wait with it.
+        await asyncio.wait_for(rec.wrote.wait(), timeout=10)
+        gate.set()
+        yield USAGE
+
+    routed = RoutedStream(FINISH, rest(), served, lambda s, e: None)
+    await relay_chat(rec, routed, include_usage=True)
+    assert gate.is_set() and rec.writes[0] == b""
+    events = rec.events()
+    assert events[0]["choices"][0]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+
+
+async def test_a_stream_that_arrived_whole_is_one_write_on_the_wire() -> None:
+    """On a real aiohttp server: head, every event and the body's end in one transport write."""
+    writes: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        write = transport.write
+
+        def counted(data: Any) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        transport.write = counted  # type: ignore[method-assign]
+        response = EventStreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await relay(response, routed_from([content("a"), content("b"), FINISH, USAGE]),
+                    ChatEvents(Served(offer=OFFER, node="n1", strategy="s"),
+                               include_usage=True, request_id="r"),
+                    RequestContext(request_id="r", started=0.0))
+        return response
+
+    app = web.Application()
+    app.router.add_get("/s", handler)
+    async with TestServer(app, host="127.0.0.1") as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+    assert len(writes) == 1 and writes[0] == raw
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and raw.endswith(b"\r\n0\r\n\r\n")
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    assert b'"content":"a"' in body and b'"content":"b"' in body and b"data: [DONE]" in body
