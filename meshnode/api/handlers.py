@@ -131,13 +131,14 @@ async def open_event_stream(
     else:
         routed = await state.router.open_stream(inference)
     ctx.served = routed.served
+    head = _served_headers(routed.served)
+    head["Content-Type"] = "text/event-stream"
+    head["Cache-Control"] = "no-cache"
+    head["x-request-id"] = ctx.request_id
+    if headers:
+        head.update(headers)
     # Its head goes out with the first events, in one write.
-    response = sse.EventStreamResponse(status=200, headers=_served_headers(routed.served))
-    response.content_type = "text/event-stream"
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["x-request-id"] = ctx.request_id
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
+    response = sse.EventStreamResponse(status=200, headers=head)
     try:
         await response.prepare(request)
     except ConnectionError:
