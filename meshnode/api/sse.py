@@ -214,6 +214,9 @@ class _Resume:
         while True:
             try:
                 sent = yield waiting
+            except GeneratorExit:
+                step.close()
+                raise
             except BaseException as exc:  # noqa: BLE001 - thrown in (a cancellation): passed on
                 try:
                     waiting = step.throw(exc)
@@ -229,7 +232,8 @@ class _Resume:
 async def _abandon(step: Generator[Any, Any, Any], waiting: Any) -> None:
     """Cancel a step of the source suspended mid-read, as a task cancellation would, and let
     its cleanup run (the write that failed is what the caller reports)."""
-    del waiting  # the future it waited on: nobody waits on it any more
+    if isinstance(waiting, asyncio.Future):
+        waiting.cancel()  # as `Task.cancel` does with the future its task waits on
     try:
         await _Resume(step, step.throw(asyncio.CancelledError()))
     except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the cancel, or its cleanup's error
