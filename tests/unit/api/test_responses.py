@@ -674,3 +674,27 @@ async def test_native_stream_broken_mid_way_ends_with_response_failed() -> None:
             assert body["x_aiproxy"]["provider"] == "openai"
         finally:
             await client.close()
+
+
+def test_native_events_a_bug_mid_stream_ends_as_a_generic_response_failed() -> None:
+    from meshnode.api.responses_http import _NativeEvents
+    from meshnode.routing.outcome import Served
+    from meshnode.types import ModelOffer, StreamChunk
+
+    offer = ModelOffer(model="native", provider="openai", provider_kind="openai",
+                       upstream_model="gpt-x", cost_per_1k_input=0.0, cost_per_1k_output=0.0)
+    call = parse_create({"model": "native", "input": "x", "stream": True})
+    encoder = _NativeEvents(call, "resp_ours", Served(offer=offer, node="n1", strategy="s"),
+                            "req-7")
+    upstream = {"id": "resp_theirs", "object": "response", "created_at": 1, "model": "gpt-x",
+                "status": "in_progress", "output": []}
+    first = sse_events(encoder.feed(StreamChunk({
+        "type": "response.created", "sequence_number": 0, "response": upstream})))
+    assert first[0]["response"]["id"] == "resp_ours"
+    (failed,) = sse_events(encoder.fail(RuntimeError("secret sk-abcdefghijk")))
+    assert failed["type"] == "response.failed" and failed["sequence_number"] == 1
+    assert failed["response"]["id"] == "resp_ours"
+    assert failed["response"]["error"]["code"] == "server_error"
+    assert "req-7" in failed["response"]["error"]["message"]
+    assert "sk-" not in failed["response"]["error"]["message"]
+    assert encoder.final() is None
