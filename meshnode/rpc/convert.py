@@ -466,12 +466,15 @@ def reported_cost(final: pb.Final) -> float:
 
 def usage_to_pb(u: Usage) -> pb.Usage:
     return pb.Usage(
-        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, estimated=u.estimated
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, estimated=u.estimated,
+        cached_tokens=u.cached_tokens,
     )
 
 
 def usage_from_pb(u: pb.Usage) -> Usage:
-    return Usage(u.prompt_tokens, u.completion_tokens, u.estimated)
+    # A peer cannot claim more cached tokens than the prompt had.
+    return Usage(u.prompt_tokens, u.completion_tokens, u.estimated,
+                 cached_tokens=min(u.cached_tokens, u.prompt_tokens))
 
 
 # ------------------------------------------------------------------------------ errors
