@@ -321,6 +321,8 @@ class Router:
                     prefix_blocks=len(prefix.chain) if prefix else 0,
                     slots_free=capacity.slots_free if capacity is not None else None,
                     queue_depth=capacity.queue_depth if capacity is not None else 0,
+                    slots_total=capacity.slots_total if capacity is not None else 0,
+                    tokens_per_s=capacity.tokens_per_s if capacity is not None else 0.0,
                 )
             )
         if not known:
@@ -767,6 +769,7 @@ class Router:
                     "prefix_blocks": r.candidate.prefix_blocks,
                     "slots_free": r.candidate.slots_free,
                     "queue_depth": r.candidate.queue_depth,
+                    "tokens_per_s": r.candidate.tokens_per_s,
                     "cooling_down": self._stats_for(o).cooled_down(now),
                 }
             )

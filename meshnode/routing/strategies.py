@@ -36,6 +36,10 @@ BALANCE_REL = 1.5
 HIT_WEIGHT = 1.0
 # Candidates whose KV cache cache_aware can see: this node's worker, and peers (their gossip).
 CACHE_KINDS = ("local", "mesh")
+# cache_aware weighs a node's speed into its load: its tokens/s per busy slot against the median
+# of the candidates that report one, bounded so that one noisy heartbeat cannot swamp the
+# occupancy it scales (a node twice as fast as the others counts half as loaded).
+SPEED_BOUNDS = (0.5, 2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,10 @@ class Candidate:
     prefix_blocks: int = 0
     slots_free: int | None = None
     queue_depth: int = 0
+    # The serving node's slots and what it makes now (tokens/s over its last heartbeat): how
+    # fast its busy slots drain (0 when it reports nothing, or is idle).
+    slots_total: int = 0
+    tokens_per_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +173,40 @@ def _by_rendezvous(key: bytes, candidates: Sequence[Candidate]) -> dict[int, int
     return {id(c): i for i, c in enumerate(order)}
 
 
-def imbalanced(candidates: Sequence[Candidate]) -> bool:
-    loads = [_load(c) for c in candidates]
+def stream_speed(c: Candidate) -> float | None:
+    """Tokens/s per busy slot: how fast this node serves each request it holds (None when it
+    is idle or reports no rate: nothing to tell)."""
+    if c.slots_free is None or c.slots_total <= 0 or c.tokens_per_s <= 0:
+        return None
+    busy = c.slots_total - c.slots_free
+    return c.tokens_per_s / busy if busy > 0 else None
+
+
+def speed_factors(candidates: Sequence[Candidate]) -> dict[int, float]:
+    """id(candidate) -> its speed against the median speed of those that report one (1.0 for
+    the rest, and for everyone when fewer than two report), within SPEED_BOUNDS."""
+    speeds = {id(c): v for c in candidates if (v := stream_speed(c)) is not None}
+    if len(speeds) < 2:
+        return {id(c): 1.0 for c in candidates}
+    ordered = sorted(speeds.values())
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    low, high = SPEED_BOUNDS
+    return {id(c): min(high, max(low, speeds[id(c)] / median)) if id(c) in speeds else 1.0
+            for c in candidates}
+
+
+def weighed_loads(candidates: Sequence[Candidate]) -> dict[int, float]:
+    """id(candidate) -> its load (busy slots and queue over slots) over its speed factor: what
+    cache_aware weighs a hit against."""
+    factors = speed_factors(candidates)
+    return {id(c): _load(c) / factors[id(c)] for c in candidates}
+
+
+def imbalanced(candidates: Sequence[Candidate],
+               loads_by_id: dict[int, float] | None = None) -> bool:
+    loads = (list(loads_by_id.values()) if loads_by_id is not None
+             else [_load(c) for c in candidates])
     if len(loads) < 2:
         return False
     low, high = min(loads), max(loads)
@@ -200,21 +240,24 @@ def _cache_group(candidates: Sequence[Candidate], affinity: Affinity,
     if not candidates:
         return []
     place = _by_rendezvous(affinity.key, candidates)
+    loads = weighed_loads(candidates)
+
+    def load(c: Candidate) -> float:
+        return loads[id(c)]
 
     def ranked(score: Callable[[Candidate], float], note: str) -> list[Ranked]:
         rows = [Ranked(c, score(c), "cache_aware", note + tail) for c in candidates]
         return sorted(rows, key=lambda r: (r.score, place[id(r.candidate)],
                                            _tiebreak(r.candidate)))
 
-    if imbalanced(candidates):
-        loads = [_load(c) for c in candidates]
-        return ranked(_load, f"load lopsided ({min(loads):.2f}..{max(loads):.2f}): "
-                             "balancing before cache hits")
+    if imbalanced(candidates, loads):
+        return ranked(load, f"load lopsided ({min(loads.values()):.2f}.."
+                            f"{max(loads.values()):.2f}): balancing before cache hits")
     if affinity.source == "session":
         return ranked(lambda c: float(place[id(c)]), "session affinity (rendezvous on "
                                                      "x-aiproxy-session)")
     if any(c.prefix_hit for c in candidates):
-        return ranked(lambda c: _load(c) - HIT_WEIGHT * c.prefix_hit / max(1, c.prefix_blocks),
+        return ranked(lambda c: load(c) - HIT_WEIGHT * c.prefix_hit / max(1, c.prefix_blocks),
                       "prefix hit weighed against load")
     return ranked(lambda c: float(place[id(c)]),
                   f"no node holds the prefix: rendezvous on the {affinity.source or 'request'}")
@@ -245,8 +288,10 @@ def _why_load(c: Candidate, score: float) -> str:
 
 def _why_cache(c: Candidate, score: float) -> str:
     slots = f"{c.slots_free} slots free, " if c.slots_free is not None else ""
+    speed = stream_speed(c)
+    rate = f", {c.tokens_per_s:.1f} tok/s ({speed:.1f} a stream)" if speed is not None else ""
     return (f"prefix hit {c.prefix_hit}/{c.prefix_blocks} blocks, load {_load(c):.2f} "
-            f"({slots}queue {c.queue_depth})")
+            f"({slots}queue {c.queue_depth}{rate})")
 
 
 REASONS: dict[str, Callable[[Candidate, float], str]] = {

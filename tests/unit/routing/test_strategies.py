@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from meshnode.routing.strategies import Affinity, Candidate, demote, rank
+from dataclasses import replace
+
+from meshnode.routing.strategies import (
+    SPEED_BOUNDS,
+    Affinity,
+    Candidate,
+    demote,
+    rank,
+    speed_factors,
+    stream_speed,
+    weighed_loads,
+)
 from meshnode.types import ModelOffer
 
 
@@ -159,3 +170,58 @@ def test_cache_aware_ranks_cloud_apis_after_the_local_workers() -> None:
     # Only cloud candidates: ranked among themselves as usual (no local tail note).
     only = rank("cache_aware", [cand("x"), cand("y")], 0, key(1))
     assert len(only) == 2 and "after the local workers" not in only[0].reason
+
+
+# ------------------------------------------------------------------ cache_aware: tokens/s
+def busy(c: Candidate, *, slots: int, free: int, tps: float) -> Candidate:
+    return replace(c, slots_total=slots, slots_free=free, tokens_per_s=tps,
+                   load=(slots - free) / slots)
+
+
+def test_stream_speed_is_tokens_per_s_per_busy_slot_and_unknown_when_idle() -> None:
+    assert stream_speed(busy(node("a"), slots=4, free=2, tps=30.0)) == 15.0
+    assert stream_speed(busy(node("a"), slots=4, free=4, tps=0.0)) is None  # idle: no news
+    assert stream_speed(node("a")) is None  # reports no rate
+    assert stream_speed(replace(node("a"), slots_free=None, slots_total=4,
+                                tokens_per_s=9.0)) is None
+
+
+def test_speed_factors_are_against_the_median_and_bounded() -> None:
+    slow = busy(node("slow"), slots=2, free=1, tps=10.0)
+    mid = busy(node("mid"), slots=2, free=1, tps=20.0)
+    rocket = busy(node("rocket"), slots=2, free=1, tps=2000.0)
+    quiet = node("quiet")  # no rate reported: neither helped nor punished
+    factors = speed_factors([slow, mid, rocket, quiet])
+    assert factors[id(slow)] == 0.5 and factors[id(mid)] == 1.0 and factors[id(quiet)] == 1.0
+    assert factors[id(rocket)] == SPEED_BOUNDS[1]
+    # One node alone reporting has nobody to be compared with.
+    assert set(speed_factors([slow, quiet]).values()) == {1.0}
+    loads = weighed_loads([slow, mid, rocket])
+    assert loads[id(slow)] == 1.0 and loads[id(mid)] == 0.5  # both half busy, slow counts double
+    assert loads[id(rocket)] == 0.25
+
+
+def test_cache_aware_a_faster_node_counts_less_loaded() -> None:
+    # Same hit, same occupancy: the node making twice the tokens/s a stream wins, whatever the
+    # rendezvous order of the key.
+    for i in range(20):
+        fast = busy(node("fast", hit=4), slots=4, free=2, tps=40.0)
+        slow = busy(node("slow", hit=4), slots=4, free=2, tps=20.0)
+        ranking = rank("cache_aware", [slow, fast], 0, key(i))
+        assert winner(ranking) == "fast"
+        assert "40.0 tok/s (20.0 a stream)" in ranking[0].reason
+    # Without rates the same two tie on load and the rendezvous decides: both win some keys.
+    plain = {winner(rank("cache_aware", [node("fast", hit=4, load=0.5),
+                                         node("slow", hit=4, load=0.5)], 0, key(i)))
+             for i in range(20)}
+    assert plain == {"fast", "slow"}
+
+
+def test_cache_aware_speed_shifts_the_balance_threshold() -> None:
+    # Equal occupancy is lopsided once one node drains four times slower: against the median
+    # (7.5 tok/s a stream) 0.75 / 0.5 (the lower bound) = 1.5 and 0.75 / 1.6 = 0.47: balance
+    # first, to the fast one, even though the slow one holds the whole prefix.
+    slow = busy(node("slow", hit=8), slots=4, free=1, tps=3.0)
+    fast = busy(node("fast", hit=0), slots=4, free=1, tps=12.0)
+    ranking = rank("cache_aware", [slow, fast], 0, key(1))
+    assert winner(ranking) == "fast" and "lopsided" in ranking[0].reason
