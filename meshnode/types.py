@@ -222,9 +222,14 @@ class Capacity:
     # Names of the prompt-prefix KV blocks a local worker holds (meshnode.worker.prefix: hex
     # chain hashes, most recent first): what prefix-aware routing can prefer.
     prefix_blocks: tuple[str, ...] = ()
-    # A peer's gossiped routing prefix names (meshnode/routing/prefix.py): what `cache_aware`
-    # matches a request's chain against.
+    # Routing prefix names (meshnode/routing/prefix.py) whose KV the serving engine holds: a
+    # peer's gossiped ones, or what a local worker reports. What `cache_aware` matches a
+    # request's chain against.
     prefix_names: frozenset[bytes] = frozenset()
+    # The same names most recent first, from a provider that knows what its engine holds (the
+    # local worker: it drops a name when its engine evicts the blocks); None when it cannot tell
+    # (the router then records what the provider served).
+    prefix_recent: tuple[bytes, ...] | None = None
 
     @property
     def load(self) -> float:

@@ -283,6 +283,7 @@ class MeshService:
         worst: dict[str, tuple[float, float]] = {}
         slots_total = slots_free = queue = 0
         tokens_per_s = 0.0
+        reported: list[tuple[bytes, ...]] = []
         for provider in self._local_providers():
             for offer in provider.offers():
                 key = (offer.model, offer.provider_kind)
@@ -304,11 +305,17 @@ class MeshService:
                 slots_free += capacity.slots_free
                 queue += capacity.queue_depth
                 tokens_per_s += capacity.tokens_per_s
+                if capacity.prefix_recent is not None:
+                    reported.append(capacity.prefix_recent)
         ads = {k: dataclasses.replace(ad, max_cost_per_1k_input=worst[ad.name][0],
                                       max_cost_per_1k_output=worst[ad.name][1])
                for k, ad in ads.items()}
+        # What the local engines hold (a worker reports it and drops what its engine evicts),
+        # then what the router saw served by local providers that cannot tell.
         index = getattr(self.router, "prefix_index", None)
-        names = index.names()[:prefix.MAX_NAMES] if index is not None else ()
+        held = [*(n for names in reported for n in names),
+                *(index.names() if index is not None else ())]
+        names = tuple(dict.fromkeys(held))[:prefix.MAX_NAMES]
         latency: list[LatencyAd] = []
         snapshot = getattr(self.router, "latency_snapshot", None)
         if snapshot is not None:

@@ -40,6 +40,7 @@ from meshnode.providers.base import Provider
 from meshnode.providers.embeddings import EmbeddingOptions, encode_vectors, parse_embedding_options
 from meshnode.providers.local_choices import ChatChoice, CompletionLogprobs
 from meshnode.providers.registry import ProviderContext
+from meshnode.routing.prefix import MAX_NAMES, chain, encode_names, render
 from meshnode.types import (
     Capacity,
     Completion,
@@ -54,6 +55,7 @@ from meshnode.worker.client import (
     Embedded,
     Event,
     Finished,
+    Heartbeat,
     Rejected,
     StepFailed,
     TextDelta,
@@ -196,6 +198,7 @@ class LocalProvider(Provider):
         total = busy = queued = memory = 0
         tps = 0.0
         prefixes: list[str] = []
+        beats: list[Heartbeat] = []
         for worker in self._workers:
             if worker.state is not WorkerState.READY:
                 continue
@@ -207,9 +210,16 @@ class LocalProvider(Provider):
             tps += worker.heartbeat.tokens_per_s
             memory += worker.heartbeat.memory_bytes
             prefixes.extend(worker.heartbeat.prefix_blocks)
+            beats.append(worker.heartbeat)
+        if len(beats) == 1:  # one worker: its heartbeat's set, built once per heartbeat
+            names, held = beats[0].routed, beats[0].routed_set
+        else:
+            names = tuple(dict.fromkeys(n for b in beats for n in b.routed))[:MAX_NAMES]
+            held = frozenset(names)
         return Capacity(slots_total=total, slots_free=total - busy, queue_depth=queued,
                         tokens_per_s=tps, memory_used_bytes=memory,
-                        prefix_blocks=tuple(dict.fromkeys(prefixes)))
+                        prefix_blocks=tuple(dict.fromkeys(prefixes)),
+                        prefix_names=held, prefix_recent=names)
 
     # ------------------------------------------------------------------ dispatch
     async def _pick_worker(self, timeouts: TimeoutsConfig, deadline: float,
@@ -272,12 +282,14 @@ class LocalProvider(Provider):
             check_token_ids(prompts, int(model["vocab"]), "prompt")
         events: asyncio.Queue[Event] = asyncio.Queue()
         wire = params.to_wire()
+        # The routing names of a one-prompt request, which the worker ties to its KV blocks.
+        route = _route(request) if count == 1 else None
         if chat:
             calls = [worker.generate(offer.upstream_model, messages, None, wire, params.n,
-                                     events=events, tools=tools_wire)]
+                                     events=events, tools=tools_wire, route=route)]
         else:
             calls = [worker.generate(offer.upstream_model, None, prompt, wire, params.n,
-                                     events=events, choice_offset=i * params.n)
+                                     events=events, choice_offset=i * params.n, route=route)
                      for i, prompt in enumerate(list[Any](prompts))]
         return _TextCalls(worker, calls, events, params.n * count,
                           str(model.get("fingerprint", "fp_local")), chat, tool_names,
@@ -451,6 +463,14 @@ class LocalProvider(Provider):
                     yield StreamChunk({**base, "choices": [{
                         "text": "", "index": i, "logprobs": None,
                         "finish_reason": event.finish, **_stop_reason(event.stop_sequence)}]})
+
+
+def _route(request: InferenceRequest) -> tuple[bytes, int] | None:
+    """The request's routing names (`meshnode.routing.prefix`, packed as on the gossip wire) and
+    its rendering's length: the same names the router matches, computed from the same body."""
+    text = render(request.body)
+    names = chain(request.model, text)
+    return (encode_names(names), len(text)) if names else None
 
 
 @dataclass(frozen=True, slots=True)

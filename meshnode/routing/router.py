@@ -123,7 +123,8 @@ class Router:
         self._offered_at: dict[str, float] = {}  # model -> when an offer for it was last seen
         # provider -> why: its upstream rejected this node's credentials (until it answers again)
         self._rejected_credentials: dict[str, str] = {}
-        # The prompt prefixes this node's local worker served (gossiped; `cache_aware`).
+        # The prompt prefixes this node's local providers served, for those that cannot tell
+        # what their engine holds (a local worker reports that itself: `Capacity.prefix_recent`).
         self.prefix_index = PrefixIndex()
 
     # ------------------------------------------------------------------ providers
@@ -351,14 +352,24 @@ class Router:
 
     def _prefix_hit(self, prefix: RequestPrefix | None, offer: ModelOffer,
                     capacity: Capacity | None) -> int:
-        """Leading blocks of the request's prefix the serving node holds: this node's own index
-        for its local worker, a peer's gossiped names for the peer."""
+        """Leading blocks of the request's prefix the serving node holds: what a local worker
+        reports its engine holds (or, for a local provider that cannot tell, what this router
+        saw it serve), a peer's gossiped names for the peer."""
         if prefix is None:
             return 0
-        if offer.node is None:
-            return (leading_hits(prefix.chain, self.prefix_index)
-                    if offer.provider_kind == "local" else 0)
-        return leading_hits(prefix.chain, capacity.prefix_names) if capacity is not None else 0
+        if offer.node is None and offer.provider_kind != "local":
+            return 0
+        if capacity is not None and (offer.node is not None or capacity.prefix_recent is not None):
+            return leading_hits(prefix.chain, capacity.prefix_names)
+        # A local provider that cannot tell what its engine holds: what it served.
+        return leading_hits(prefix.chain, self.prefix_index) if offer.node is None else 0
+
+    @staticmethod
+    def _records(provider: Provider) -> bool:
+        """Whether this router keeps the provider's prefixes itself: a local worker reports what
+        its engine holds (and drops what it evicts), anything else cannot tell."""
+        capacity = provider.capacity()
+        return capacity is None or capacity.prefix_recent is None
 
     def _attempt_plan(self, ranking: list[Ranked]) -> list[Ranked]:
         """The sequence of candidates to try: the ranking, cycled, capped by max_retries."""
@@ -554,7 +565,7 @@ class Router:
                 stats.in_flight -= 1
                 raise
             self._rejected_credentials.pop(offer.provider, None)
-            if offer.node is None and offer.provider_kind == "local":
+            if offer.node is None and offer.provider_kind == "local" and self._records(provider):
                 served = self._prefix(request)
                 if served is not None:
                     self.prefix_index.record(served.chain)

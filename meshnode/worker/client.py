@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import meshnode
+from meshnode.routing.prefix import decode_names
 from meshnode.worker.main import WorkerConfig
 from meshnode.worker.protocol import FrameError, encode, read_frame
 
@@ -113,6 +114,10 @@ class Heartbeat:
     active: int = 0
     queued: int = 0
     prefix_blocks: tuple[str, ...] = ()
+    # Routing names (meshnode.routing.prefix) whose KV the worker's engines hold, most recent
+    # first, and the same as a set: what cache_aware matches and the node gossips.
+    routed: tuple[bytes, ...] = ()
+    routed_set: frozenset[bytes] = frozenset()
 
 
 class WorkerProcess:
@@ -204,10 +209,12 @@ class WorkerProcess:
     def generate(self, model: str, messages: list[dict[str, str]] | None,
                  prompt: str | list[int] | None, params: dict[str, Any], slots: int, *,
                  events: asyncio.Queue[Event] | None = None, choice_offset: int = 0,
-                 tools: list[dict[str, Any]] | None = None) -> Call:
+                 tools: list[dict[str, Any]] | None = None,
+                 route: tuple[bytes, int] | None = None) -> Call:
         """Start one generation. `prompt` is text or token ids; `events` lets several calls
         share one queue (their choices told apart by `choice_offset`); `tools` (ToolSpec
-        wire dicts) are rendered into a chat prompt."""
+        wire dicts) are rendered into a chat prompt; `route` is the request's routing names
+        (packed) and its rendering's length, which the worker ties to the prompt's KV blocks."""
         call = self._new_call(slots)
         if events is not None:
             call.events = events
@@ -222,6 +229,8 @@ class WorkerProcess:
             frame["prompt"] = prompt
         if tools:
             frame["tools"] = tools
+        if route is not None:
+            frame["rpfx"], frame["rlen"] = route
         self._send(frame, call)
         return call
 
@@ -334,9 +343,12 @@ class WorkerProcess:
             if kind == "step":
                 self._on_step(message)
             elif kind == "hb":
+                blob = message.get("rpfx")
+                routed = decode_names(blob) if isinstance(blob, bytes) else ()
                 self.heartbeat = Heartbeat(float(message["tps"]), int(message["mem"]),
                                            int(message["active"]), int(message["queued"]),
-                                           tuple(str(h) for h in message.get("pfx", ())))
+                                           tuple(str(h) for h in message.get("pfx", ())),
+                                           routed, frozenset(routed))
             elif kind == "emb":
                 call = self._calls.pop(message["id"], None)
                 if call is not None:

@@ -49,7 +49,7 @@ from meshnode.worker.grammar import GrammarError, Grammars
 from meshnode.worker.graphs import DecodeGraphs
 from meshnode.worker.kvcache import CacheShape, SlotCache, probe_shape
 from meshnode.worker.params import SamplingParams
-from meshnode.worker.prefix import DEFAULT_BLOCK, PrefixStore, chain_hashes
+from meshnode.worker.prefix import DEFAULT_BLOCK, PrefixStore, Route, chain_hashes
 from meshnode.worker.sampler import TokenLogprob, prompt_logprobs, sample, token_logprobs
 from meshnode.worker.scheduler import Plan, Scheduler, Sequence
 from meshnode.worker.textstream import TextStream
@@ -107,6 +107,7 @@ class _Request:
     completion_tokens: int = 0
     cancelled: bool = False
     first_block: bytes | None = None  # the chained name of its prompt's first block
+    route: Route | None = None  # its routing names, tied to its prompt's blocks once stored
     # echo + logprobs only: every prompt position's logits, by chunk start (a retried chunk
     # overwrites its own entry)
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -276,7 +277,8 @@ class GenerationEngine:
                 self.graphs = graphs
 
     # ------------------------------------------------------------------ requests
-    def submit(self, request_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def submit(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
+               route: Route | None = None) -> None:
         prompt_len = len(prompt_ids)
         if prompt_len == 0:
             raise RequestRejected("the prompt is empty", "messages")
@@ -309,7 +311,8 @@ class GenerationEngine:
                 raise RequestRejected(exc.message, exc.param) from None
             self._grammar_eos = self.grammars.stop_ids()
         sequence = Sequence(request_id, prompt_len, params.n)
-        request = _Request(request_id, list(prompt_ids), params, max_tokens, sequence, matcher)
+        request = _Request(request_id, list(prompt_ids), params, max_tokens, sequence, matcher,
+                           route=route)
         if max_tokens == 0 and not params.echo:
             # A legacy completion's `max_tokens: 0`: nothing to generate or show, finished at
             # the next step without a slot.
@@ -585,7 +588,7 @@ class GenerationEngine:
             request = row.request
             request.open_rows = len(request.rows)
             if row.choice == 0:  # its prompt's blocks, for the next prompt that starts alike
-                self.prefix.store(request.prompt_ids, row.slot)
+                self.prefix.store(request.prompt_ids, row.slot, request.route)
             if request.params.echo and request.request_id not in echoed:
                 echoed.add(request.request_id)
                 self._echo(request, result)
@@ -683,6 +686,11 @@ class GenerationEngine:
     # ------------------------------------------------------------------ reporting
     def prefix_summary(self, limit: int = 256) -> list[str]:
         return self.prefix.summary(limit)
+
+    def routed_names(self, limit: int) -> list[bytes]:
+        """The routing names of the prompts whose blocks the prefix store still holds, most
+        recent first (what the node gossips for cache-aware routing)."""
+        return self.prefix.routes.names(limit)
 
 
 class ThroughputMeter:

@@ -219,7 +219,18 @@ class Worker:
                     "active": sum(e.active_rows for e in self.engines.values()),
                     "queued": sum(e.queued for e in self.engines.values()),
                     "pfx": [h for e in self.engines.values() for h in e.prefix_summary(64)],
+                    "rpfx": self._routed_names(),
                 })
+
+    def _routed_names(self) -> bytes:
+        """The routing names whose KV the engines hold (most recent first, each engine's in
+        turn, at most MAX_NAMES in all), packed as on the gossip wire."""
+        from meshnode.routing.prefix import MAX_NAMES, encode_names
+
+        names: list[bytes] = []
+        for engine in self.engines.values():
+            names += engine.routed_names(MAX_NAMES - len(names))
+        return encode_names(names)
 
     def _step(self, engine: Any) -> int:
         """One engine step, its output sent; returns the tokens it made. Whatever a step raises
@@ -275,7 +286,8 @@ class Worker:
                 tools = [ToolSpec.from_wire(t) for t in message.get("tools") or ()]
                 ids = encode_prompt(engine.tokenizer, message.get("messages"),
                                     message.get("prompt"), tools or None)
-            engine.submit(message["id"], ids, SamplingParams.from_wire(message["params"]))
+            engine.submit(message["id"], ids, SamplingParams.from_wire(message["params"]),
+                          _route(message))
         except RequestRejected as exc:
             # The engine names the chat field; a legacy completion's prompt is `prompt`.
             param = exc.param
@@ -306,6 +318,17 @@ class Worker:
 
     def _reject(self, request_id: int, text: str, param: str | None) -> None:
         self.channel.send({"t": "err", "id": request_id, "message": text, "param": param})
+
+
+def _route(message: dict[str, Any]) -> Any:
+    """The request's routing names (`rpfx`, packed; `rlen`: its rendering's bytes), if sent."""
+    from meshnode.routing.prefix import decode_names
+    from meshnode.worker.prefix import Route
+
+    blob, length = message.get("rpfx"), message.get("rlen")
+    if not isinstance(blob, bytes) or not isinstance(length, int) or length <= 0:
+        return None
+    return Route(decode_names(blob), length)
 
 
 def _event_wire(engine: Any, event: Any) -> list[Any]:

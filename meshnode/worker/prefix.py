@@ -12,9 +12,14 @@ parent is always more recent than its child and eviction takes the tail of a cha
 Only full blocks are held, and a hit never covers a prompt's last token: the model has to see
 at least one token to give the first answer's logits.
 
-`summary()` lists the held chain names (hex, most recent first): what `capacity()` carries so
-that routing can later prefer the node holding a conversation's prefix. Names depend only on
-the token ids and the block size, so nodes with the same tokenizer agree on them.
+`summary()` lists the held chain names (hex, most recent first). Names depend only on the
+token ids and the block size, so nodes with the same tokenizer agree on them.
+
+Routing cannot use those names (an entry node may lack the tokenizer): it names a prompt by its
+text (`meshnode.routing.prefix`). A request carries its routing names (`Route`), and
+`RoutedNames` ties each to the block that covers the same share of the prompt, so when the store
+evicts that block the routing name goes too: the summary the node gossips (`routes.names()`) names
+only prefixes whose KV the engine still holds.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from meshnode.routing.prefix import BLOCK_BYTES, MAX_NAMES
 from meshnode.worker.kvcache import SlotCache
 
 DEFAULT_BLOCK = 16
@@ -42,6 +50,76 @@ def chain_hashes(tokens: list[int], block: int) -> list[bytes]:
     return names
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A request's routing names (`meshnode.routing.prefix.chain`: one per `BLOCK_BYTES` of its
+    rendered prompt, whose length is `rendered_bytes`)."""
+
+    names: tuple[bytes, ...]
+    rendered_bytes: int
+
+
+class RoutedNames:
+    """Routing names tied to the engine blocks that hold their prefix, most recent first.
+
+    Routing name i covers the first (i + 1) * BLOCK_BYTES bytes of the rendering; it is tied to
+    the engine block that ends at the same share of the prompt's tokens, rounded up (so it goes
+    no later than the KV it stands for). Only names whose block is held are kept; evicting a
+    block drops every name tied to it. Bounded: the `capacity` most recent names.
+    """
+
+    def __init__(self, capacity: int = MAX_NAMES) -> None:
+        self.capacity = capacity
+        self._tied: OrderedDict[bytes, bytes] = OrderedDict()  # routing -> block, least recent first
+        self._by_block: dict[bytes, set[bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tied)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tied
+
+    def link(self, route: Route, blocks: Sequence[bytes], block: int, prompt_tokens: int) -> None:
+        """Tie `route`'s names to `blocks` (the held chain of the prompt's full blocks)."""
+        if not blocks or route.rendered_bytes <= 0:
+            return
+        tied: list[tuple[bytes, bytes]] = []
+        for i, name in enumerate(route.names):
+            end_token = -(-(i + 1) * BLOCK_BYTES * prompt_tokens // route.rendered_bytes)
+            at = max(0, -(-end_token // block) - 1)
+            if at >= len(blocks):
+                break  # that far into the prompt the engine holds no full block
+            tied.append((name, blocks[at]))
+        for name, owner in reversed(tied):  # a parent more recent than its child, as the store
+            self._untie(name)
+            self._tied[name] = owner
+            self._by_block.setdefault(owner, set()).add(name)
+        while len(self._tied) > self.capacity:
+            self._untie(next(iter(self._tied)))
+
+    def evicted(self, block_name: bytes) -> None:
+        for name in self._by_block.pop(block_name, ()):
+            self._tied.pop(name, None)
+
+    def _untie(self, name: bytes) -> None:
+        owner = self._tied.pop(name, None)
+        if owner is not None:
+            names = self._by_block.get(owner)
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self._by_block[owner]
+
+    def names(self, limit: int = MAX_NAMES) -> list[bytes]:
+        """Most recent first, at most `limit`."""
+        out: list[bytes] = []
+        for name in reversed(self._tied):
+            if len(out) >= limit:
+                break
+            out.append(name)
+        return out
+
+
 class PrefixStore:
     def __init__(self, cache: SlotCache, capacity_blocks: int, block: int = DEFAULT_BLOCK) -> None:
         self.cache = cache
@@ -57,6 +135,7 @@ class PrefixStore:
         self._free = list(range(capacity_blocks - 1, -1, -1))
         self.hits = 0
         self.hit_tokens = 0
+        self.routes = RoutedNames()
 
     @property
     def size_bytes(self) -> int:
@@ -100,9 +179,11 @@ class PrefixStore:
             spans.append((k, v))
         self.cache.write_span(slot, 0, spans)
 
-    def store(self, tokens: list[int], slot: int) -> int:
+    def store(self, tokens: list[int], slot: int, route: Route | None = None) -> int:
         """Hold the full blocks of `tokens` (already in `slot`) that are not held yet; returns
-        how many were added. Evicts the least recently used blocks to make room."""
+        how many were added. Evicts the least recently used blocks to make room (and the
+        routing names tied to them). With `route` (`tokens` is then the request's prompt), its
+        routing names are tied to the blocks."""
         if self.capacity == 0:
             return 0
         names = chain_hashes(tokens, self.block)[:self.capacity]
@@ -111,6 +192,7 @@ class PrefixStore:
         while len(self._free) < len(missing):
             victim = next(name for name in self._held if name not in chain)
             self._free.append(self._held.pop(victim))
+            self.routes.evicted(victim)
         new: list[tuple[int, int]] = []  # (block number, pool index)
         for number, name in enumerate(names):
             if name not in self._held:
@@ -119,6 +201,8 @@ class PrefixStore:
                 new.append((number, pool))
         for name in reversed(names):  # parents more recent than their children
             self._held.move_to_end(name)
+        if route is not None:
+            self.routes.link(route, names, self.block, len(tokens))
         if not new:
             return 0
         block = self.block

@@ -253,6 +253,16 @@ async def test_a_repeated_long_prompt_reuses_its_prefix(provider: LocalProvider)
     assert details == {"cached_tokens": second.usage.cached_tokens}
     await wait_for(lambda: provider.capacity().prefix_blocks,  # the next heartbeat carries them
                    "held prefix blocks in capacity()")
+    # The routing names of what it served, as the router computes them, come with the capacity
+    # (the worker ties them to the blocks it holds: routing follows its evictions).
+    from meshnode.routing.prefix import request_prefix
+
+    served = request_prefix("tiny-gpt2", body("and second?")).chain
+    assert served
+    await wait_for(lambda: set(served) <= provider.capacity().prefix_names,
+                   "the served prompt's routing names in capacity()")
+    recent = provider.capacity().prefix_recent
+    assert recent is not None and recent[0] == served[0]
 
 
 async def test_an_out_of_memory_step_fails_only_its_request(

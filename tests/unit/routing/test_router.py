@@ -544,6 +544,26 @@ async def test_cache_aware_follows_the_prefix_a_worker_served_and_fails_over() -
     assert request_prefix("m", {"messages": later}).chain[-1] not in router.prefix_index
 
 
+async def test_cache_aware_takes_a_workers_own_report_and_follows_its_evictions() -> None:
+    from meshnode.routing.prefix import request_prefix
+
+    chain = request_prefix("m", {"messages": CONVERSATION}).chain
+    holds = Capacity(slots_total=4, slots_free=4, prefix_names=frozenset(chain),
+                     prefix_recent=chain)
+    worker = FakeProvider("w", kind="local", capacity=holds)
+    peer = FakeProvider("mesh", kind="local", node="p",
+                        capacity=Capacity(slots_total=4, slots_free=4))
+    router = Router(routing(strategy="cache_aware"), ["w", "mesh"], [worker, peer], "n1")
+    out = router.explain("m", body={"messages": CONVERSATION})
+    assert (out["winner"]["provider"], out["winner"]["prefix_hit_blocks"]) == ("w", len(chain))
+    await router.complete(chat(CONVERSATION))
+    assert len(router.prefix_index) == 0  # the worker says what it holds; nothing kept here
+    # The engine evicted the blocks: the worker's next report no longer names them.
+    worker._capacity = Capacity(slots_total=4, slots_free=4, prefix_recent=())
+    rows = router.explain("m", body={"messages": CONVERSATION})["candidates"]
+    assert all(r["prefix_hit_blocks"] == 0 for r in rows)
+
+
 async def test_cache_aware_ranks_a_peer_by_its_gossiped_names() -> None:
     from meshnode.routing.prefix import request_prefix
 

@@ -273,6 +273,27 @@ async def test_prefix_names_a_worker_served_reach_a_peers_router(nodes: MeshServ
     assert prefix.leading_hits(served, seen()) == 3
 
 
+async def test_prefix_names_a_worker_reports_are_what_its_node_gossips(
+        nodes: MeshServices) -> None:
+    from meshnode.routing import prefix
+
+    held = prefix.request_prefix("m", {"prompt": "w" * (2 * prefix.BLOCK_BYTES)}).chain
+    report = Capacity(slots_total=2, slots_free=2, prefix_names=frozenset(held),
+                      prefix_recent=held)
+    worker = FakeProvider("w", models=["m"], kind="local", capacity=report)
+    a = await nodes.start("a", providers=[worker])
+    b = await nodes.start("b", seeds=[a.advertise_address])
+    assert b.provider is not None
+
+    def seen() -> frozenset[bytes]:
+        capacity = b.provider.peer_capacity("a")  # type: ignore[union-attr]
+        return capacity.prefix_names if capacity is not None else frozenset()
+
+    await wait_for(lambda: set(held) <= seen())
+    worker._capacity = Capacity(slots_total=2, slots_free=2, prefix_recent=())  # evicted
+    await wait_for(lambda: not seen())
+
+
 async def test_cache_aware_entry_nodes_agree_and_a_later_turn_finds_its_cache(
         nodes: MeshServices) -> None:
     """Three nodes, each with a local worker; two entry nodes. A conversation's first turn goes
