@@ -76,6 +76,12 @@ def build_model(name: str, cache_dir: Path) -> Path:
         return build_random_gpt2(
             target, n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048
         )
+    if name == "gpt2-tiny-2k":  # 2 layers, 128 wide, GPT-2's tokenizer: smoke runs
+        from meshnode.worker.builtins import build_random_gpt2
+
+        return build_random_gpt2(
+            target, n_layer=2, n_embd=128, n_head=2, vocab_size=50257, n_positions=2048
+        )
     if name == "llama-1b":
         return _build_random_llama(target)
     raise SystemExit(f"unknown bench model {name!r}")

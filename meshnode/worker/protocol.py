@@ -7,7 +7,9 @@ worker's stdout and stderr stay free for its logs.
 node -> worker
     {"t": "gen",    "id", "model", "messages" | "prompt" | "prompt_ids",
                     "params": SamplingParams.to_wire(),
-                    "tools": [ToolSpec.to_wire()]?}   tools to render into the chat prompt
+                    "tools": [ToolSpec.to_wire()]?,   tools to render into the chat prompt
+                    "rpfx": bytes?, "rlen": int?}     routing names (8 bytes each) and the
+                                                      rendering's length (routing/prefix.py)
     {"t": "emb",    "id", "model", "input": [str] | [[token id]]}
     {"t": "cancel", "id"}
     {"t": "stop"}                                      finish and exit
@@ -21,7 +23,8 @@ worker -> node
                     stop, only on the event a stop string ended: that string (logprobs None if not asked)
     {"t": "emb",    "id", "dim", "vectors": bytes (float32, row-major), "tokens"}
     {"t": "err",    "id", "message", "param"}          the request is invalid for this model (400)
-    {"t": "hb",     "tps", "mem", "active", "queued"}  heartbeat, at least every HEARTBEAT_S
+    {"t": "hb",     "tps", "mem", "active", "queued", "pfx", "rpfx"}  heartbeat, at least every
+                    HEARTBEAT_S; rpfx: the routing names whose KV the engines still hold
 """
 
 from __future__ import annotations
