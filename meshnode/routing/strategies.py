@@ -28,12 +28,18 @@ STRATEGY_NAMES = (
 
 # cache_aware: load is lopsided (balance first, as SGLang's router and Ray Serve's prefix-aware
 # router do) when the busiest candidate is over BALANCE_ABS more loaded than the idlest one and
-# over BALANCE_REL times as loaded. Load is in `Capacity.load` units (1.0: every slot busy).
-BALANCE_ABS = 0.5
+# over BALANCE_REL times as loaded. Load is in `Capacity.load` units (1.0: every slot busy), so
+# BALANCE_ABS is a whole batch of extra work: SGLang and Ray Serve count an absolute margin of
+# requests (32 and 10 by default, on GPU batches of hundreds), not one request, since a busy
+# node with continuous batching admits the next request at the next step while a miss elsewhere
+# recomputes the whole prompt.
+BALANCE_ABS = 1.0
 BALANCE_REL = 1.5
 # What a whole-prompt hit is worth in load: a full hit beats an idle node that holds nothing
-# while the holder is under HIT_WEIGHT more loaded.
-HIT_WEIGHT = 1.0
+# while the holder is under HIT_WEIGHT more loaded. Above BALANCE_ABS, so that short of
+# lopsided load the holder keeps its conversation (SGLang: the longest match wins unless
+# imbalanced); a part of the prompt is worth its share.
+HIT_WEIGHT = 2.0
 # Candidates whose KV cache cache_aware can see: this node's worker, and peers (their gossip).
 CACHE_KINDS = ("local", "mesh")
 # cache_aware weighs a node's speed into its load: its tokens/s per busy slot against the median

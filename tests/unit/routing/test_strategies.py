@@ -107,6 +107,13 @@ def test_cache_aware_balances_first_when_load_is_lopsided() -> None:
     # Within the threshold the full hit wins again.
     even = [node("holder", hit=8, load=0.5), node("idle", hit=0, load=0.1)]
     assert winner(rank("cache_aware", even, 0, key(1))) == "holder"
+    # Every slot busy is not lopsided: the holder admits the turn at its next step, while the
+    # idle node would recompute the whole prompt.
+    full = [node("holder", hit=8, load=1.0), node("idle", hit=0, load=0.0)]
+    assert winner(rank("cache_aware", full, 0, key(1))) == "holder"
+    # A batch and a half queued beyond the idle node's is.
+    queued = [node("holder", hit=8, load=1.5), node("idle", hit=0, load=0.0)]
+    assert winner(rank("cache_aware", queued, 0, key(1))) == "idle"
 
 
 def test_cache_aware_rendezvous_agrees_across_entry_nodes_and_spreads() -> None:
