@@ -68,7 +68,9 @@ bench-setup: $(STAMP)
 
 # The proxy (direct vs node vs LiteLLM), the local worker (1 vs 16 streams on the CPU), the
 # built-in smollm2 (first and later start, greedy tokens/s), one peer hop, failure detection
-# with 5 real nodes. The 1,000-node gossip simulation (also with 500 API keys per node) takes a
+# with 5 real nodes, mesh scheduling (round robin vs least_loaded vs cache_aware over 3 real
+# nodes with local workers; MESH_SCHED_ARGS=--quick for a smoke run) and its 1,000-node
+# simulation. The 1,000-node gossip simulation (also with 500 API keys per node) takes a
 # few minutes: `make bench-gossip`.
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
@@ -76,6 +78,8 @@ bench: $(STAMP)
 	$(PY) -m bench.local_smollm2
 	$(PY) -m bench.mesh_hop
 	$(PY) -m bench.mesh_failure
+	$(PY) -m bench.mesh_sched $(MESH_SCHED_ARGS)
+	$(PY) -m bench.mesh_sched_sim
 
 bench-gossip: $(STAMP)
 	$(PY) -m bench.mesh_gossip_sim

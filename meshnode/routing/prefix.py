@@ -13,12 +13,14 @@ names, over the request's text, which every node computes the same way from the 
   running hash, copied at each block's end). A name stands for the whole prefix up to its block. Only full blocks are
   named, as in the engine.
 
-A node records the chain of every prompt its own local worker served (`PrefixIndex`, bounded,
-least recently used out) and gossips the most recent names with its capacity (`SCHEME` says how
-they were made; a receiver ignores a scheme it does not know). That is an approximation of the
-engine's exact index: the engine may have evicted a block the summary still names (a wasted
-preference, never a wrong answer), and two renderings that tokenize alike but differ in JSON
-(say, a client that reorders keys: they are sorted here) would not match.
+A local worker ties the names of each prompt it served to the KV blocks that hold them and drops
+them when its engine evicts those blocks (`meshnode.worker.prefix.RoutedNames`); the node
+matches and gossips what the worker reports (`Capacity.prefix_recent`, `SCHEME` says how the
+names were made; a receiver ignores a scheme it does not know). `PrefixIndex` (bounded, least
+recently used out) keeps, in the router, the chains of local providers that cannot tell what
+they hold. Still approximate: a name is tied to the block at the same share of the prompt, not
+an exact token offset, and two renderings that tokenize alike but differ in JSON (a client
+that reorders keys: they are sorted here) would not match.
 """
 
 from __future__ import annotations
