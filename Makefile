@@ -78,8 +78,8 @@ bench: $(STAMP)
 	$(PY) -m bench.local_smollm2
 	$(PY) -m bench.mesh_hop
 	$(PY) -m bench.mesh_failure
-	$(PY) -m bench.mesh_sched $(MESH_SCHED_ARGS)
 	$(PY) -m bench.mesh_sched_sim
+	$(PY) -m bench.mesh_sched $(MESH_SCHED_ARGS)
 
 bench-gossip: $(STAMP)
 	$(PY) -m bench.mesh_gossip_sim

@@ -289,9 +289,9 @@ async def test_prefix_names_a_worker_reports_are_what_its_node_gossips(
         capacity = b.provider.peer_capacity("a")  # type: ignore[union-attr]
         return capacity.prefix_names if capacity is not None else frozenset()
 
-    await wait_for(lambda: set(held) <= seen())
+    await wait_for(lambda: set(held) <= seen(), "b sees the names a's worker reports")
     worker._capacity = Capacity(slots_total=2, slots_free=2, prefix_recent=())  # evicted
-    await wait_for(lambda: not seen())
+    await wait_for(lambda: not seen(), "b sees them gone once a's worker evicted them")
 
 
 async def test_cache_aware_entry_nodes_agree_and_a_later_turn_finds_its_cache(
