@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from meshnode.cache.entry import CachedAnswer
 from meshnode.cache.key import (
@@ -45,6 +45,7 @@ from meshnode.cache.semantic import Embedder, SemanticIndex, unit_vector, vector
 from meshnode.cache.store import MemoryStore
 from meshnode.config import CacheConfig
 from meshnode.errors import MeshError
+from meshnode.observability.loopmetrics import LoopCounter, LoopGauge
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
 from meshnode.types import Completion, InferenceRequest, ModelOffer, StreamChunk, Usage
 
@@ -107,21 +108,23 @@ class Lookup:
 
 
 class CacheMetrics:
+    """The cache's series (lock-free: `observability.loopmetrics`), on the node's registry."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.lookups = Counter(
+        self.lookups = LoopCounter(
             "meshnode_cache_lookups",
             "Response-cache lookups by result (hit, semantic_hit, miss, bypass, uncacheable)",
             ("result",), registry=registry,
         )
-        self.saved = Counter(
+        self.saved = LoopCounter(
             "meshnode_cache_saved_usd", "Upstream cost avoided by cache hits, USD",
             registry=registry,
         )
-        self.entries = Gauge("meshnode_cache_entries", "Answers kept", registry=registry)
-        self.evictions = Counter(
+        self.entries = LoopGauge("meshnode_cache_entries", "Answers kept", registry=registry)
+        self.evictions = LoopCounter(
             "meshnode_cache_evictions", "Answers dropped for size or age", registry=registry
         )
-        self.errors = Counter(
+        self.errors = LoopCounter(
             "meshnode_cache_errors", "Cache failures that cost a miss (embedding failed, ...)",
             ("stage",), registry=registry,
         )

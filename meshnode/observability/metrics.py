@@ -7,10 +7,11 @@ histograms, tokens (prompt/completion), cost in USD. Upstream attempts by outcom
 counted for failed requests too. Per peer: requests forwarded to it (by attempt outcome) and
 received from it, its RTT, gossip bytes each way. The mesh: members by status, suspicions
 raised. The budget: spent, reserved and the limits. Per API key (its name, never the key):
-requests, tokens and spend. Labelled children are cached so the hot path does one dict lookup
-per series, not prometheus-client's label resolution. Gauges that mirror state someone else
-owns (membership, RTT, budget) are read at scrape time by a collector, so nothing is updated
-on the hot path for them.
+requests, tokens and spend. Counters and histograms are `loopmetrics` ones: plain numbers the
+event loop's thread updates without a lock (a dict lookup per series), folded into
+prometheus-client's exposition at scrape time. Gauges that mirror state someone else owns
+(membership, RTT, budget) are read at scrape time by a collector, so nothing is updated on the
+hot path for them.
 
 Label values are only ever provider names, public model names that this node serves, status
 codes, error codes, peer node ids and API key names: never a key, a header, or a model name a
@@ -29,18 +30,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshnode.observability.history import ErrorRecord, RecentErrors, RequestHistory
+from meshnode.observability.loopmetrics import LoopCounter, LoopHistogram
 from meshnode.routing.outcome import Attempt, Served
 
 UNKNOWN = "_unknown"
@@ -175,58 +170,58 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "meshnode_requests", "Inference requests answered",
             ("provider", "model", "kind", "status"), registry=r,
         )
-        self.errors = Counter(
+        self.errors = LoopCounter(
             "meshnode_errors", "Inference requests that ended in an error",
             ("provider", "model", "code"), registry=r,
         )
-        self.latency = Histogram(
+        self.latency = LoopHistogram(
             "meshnode_request_latency_seconds", "Whole-request latency",
             ("provider", "model"), buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "meshnode_time_to_first_token_seconds", "Time to the first streamed chunk",
             ("provider", "model"), buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = LoopCounter(
             "meshnode_tokens", "Tokens served", ("provider", "model", "direction"), registry=r,
         )
-        self.cost = Counter(
+        self.cost = LoopCounter(
             "meshnode_cost_usd", "Cost of served requests in USD", ("provider", "model"),
             registry=r,
         )
-        self.attempts = Counter(
+        self.attempts = LoopCounter(
             "meshnode_upstream_attempts",
             "Upstream attempts by outcome: ok, retryable_error, fatal_error, cooled_down",
             ("provider", "outcome"), registry=r,
         )
-        self.forwarded = Counter(
+        self.forwarded = LoopCounter(
             "meshnode_peer_forwarded_requests", "Attempts this node forwarded to a peer",
             ("peer", "outcome"), registry=r,
         )
-        self.received = Counter(
+        self.received = LoopCounter(
             "meshnode_peer_received_requests", "Requests a peer forwarded to this node",
             ("peer", "kind"), registry=r,
         )
-        self.gossip_bytes = Counter(
+        self.gossip_bytes = LoopCounter(
             "meshnode_gossip_bytes", "Gossip payload bytes exchanged with each peer",
             ("peer", "direction"), registry=r,
         )
-        self.suspicions = Counter(
+        self.suspicions = LoopCounter(
             "meshnode_mesh_suspicions", "Times a peer was marked suspect", registry=r,
         )
-        self.key_requests = Counter(
+        self.key_requests = LoopCounter(
             "meshnode_key_requests", "Inference requests per API key name",
             ("key", "status"), registry=r,
         )
-        self.key_tokens = Counter(
+        self.key_tokens = LoopCounter(
             "meshnode_key_tokens", "Tokens served per API key name", ("key", "direction"),
             registry=r,
         )
-        self.key_cost = Counter(
+        self.key_cost = LoopCounter(
             "meshnode_key_cost_usd", "Spend per API key name in USD", ("key",), registry=r,
         )
         self.peer_label = BoundedLabels(MAX_PEERS)
@@ -238,7 +233,7 @@ class Metrics:
         # The dashboard's history and last errors, fed by the same record calls.
         self.history = RequestHistory()
         self.recent_errors = RecentErrors()
-        self.gossip_dropped = Counter(
+        self.gossip_dropped = LoopCounter(
             "meshnode_gossip_dropped", "Gossiped records refused or dropped, by reason",
             ("reason",), registry=r,
         )
@@ -247,20 +242,11 @@ class Metrics:
         Gauge(
             "meshnode_in_flight_requests", "Inference requests being served now", registry=r,
         ).set_function(lambda: self.in_flight.value)
-        self._children: dict[tuple[str, ...], Any] = {}
 
     def watch_provider_problems(self, source: Callable[[], Mapping[str, str]]) -> None:
         """Export `meshnode_provider_credentials_rejected{provider}` (1 while the provider's
         upstream rejects this node's credentials), read from `source` at scrape time."""
         self.registry.register(_ProviderProblems(source))
-
-    # Cached children: prometheus-client resolves labels with locks and validation each call.
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def record_served(
         self,
@@ -277,20 +263,20 @@ class Metrics:
         """A request that reached a provider (its answer was delivered, or broke mid-stream)."""
         provider = served.offer.provider
         model = served.offer.model
-        self._child(self.requests, provider, model, kind, str(status)).inc()
-        self._child(self.latency, provider, model).observe(latency_s)
+        self.requests.labels(provider, model, kind, status).inc()
+        self.latency.labels(provider, model).observe(latency_s)
         if ttft_s is not None:
-            self._child(self.ttft, provider, model).observe(ttft_s)
+            self.ttft.labels(provider, model).observe(ttft_s)
         usage = served.usage
         if usage.prompt_tokens:
-            self._child(self.tokens, provider, model, "prompt").inc(usage.prompt_tokens)
+            self.tokens.labels(provider, model, "prompt").inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            self._child(self.tokens, provider, model, "completion").inc(usage.completion_tokens)
+            self.tokens.labels(provider, model, "completion").inc(usage.completion_tokens)
         if served.cost:
-            self._child(self.cost, provider, model).inc(served.cost)
+            self.cost.labels(provider, model).inc(served.cost)
         self.record_attempts(served.attempts)
         if error_code is not None:
-            self._child(self.errors, provider, model, error_code).inc()
+            self.errors.labels(provider, model, error_code).inc()
         if key is not None:
             self._record_key(key, status, usage.prompt_tokens, usage.completion_tokens,
                              served.cost)
@@ -309,33 +295,33 @@ class Metrics:
     def record_attempts(self, attempts: Sequence[Attempt]) -> None:
         for attempt in attempts:
             outcome = "ok" if attempt.outcome == "ok" else attempt_outcome(attempt)
-            self._child(self.attempts, attempt.provider, outcome).inc()
+            self.attempts.labels(attempt.provider, outcome).inc()
             if attempt.peer is not None:
-                self._child(self.forwarded, self.peer_label(attempt.peer), outcome).inc()
+                self.forwarded.labels(self.peer_label(attempt.peer), outcome).inc()
 
     def _record_key(self, key: str, status: int, prompt: int, completion: int,
                     cost: float) -> None:
         label = self.key_label(key)
-        self._child(self.key_requests, label, str(status)).inc()
+        self.key_requests.labels(label, status).inc()
         if prompt:
-            self._child(self.key_tokens, label, "prompt").inc(prompt)
+            self.key_tokens.labels(label, "prompt").inc(prompt)
         if completion:
-            self._child(self.key_tokens, label, "completion").inc(completion)
+            self.key_tokens.labels(label, "completion").inc(completion)
         if cost:
-            self._child(self.key_cost, label).inc(cost)
+            self.key_cost.labels(label).inc(cost)
 
     # ------------------------------------------------------------------ mesh
     def record_received(self, peer: str, kind: str) -> None:
         """A peer forwarded a request to this node."""
-        self._child(self.received, self.peer_label(peer), kind).inc()
+        self.received.labels(self.peer_label(peer), kind).inc()
 
     def record_gossip(self, peer: str, sent: int, received: int) -> None:
         """One gossip exchange with `peer`: payload bytes each way."""
         label = self.peer_label(peer)
         if sent:
-            self._child(self.gossip_bytes, label, "sent").inc(sent)
+            self.gossip_bytes.labels(label, "sent").inc(sent)
         if received:
-            self._child(self.gossip_bytes, label, "received").inc(received)
+            self.gossip_bytes.labels(label, "received").inc(received)
 
     def record_failed(
         self, *, model: str | None, kind: str, status: int, code: str, provider: str | None = None,
@@ -347,8 +333,8 @@ class Metrics:
         reported as `_unknown`)."""
         model_label = model or UNKNOWN
         provider_label = provider or NONE
-        self._child(self.requests, provider_label, model_label, kind, str(status)).inc()
-        self._child(self.errors, provider_label, model_label, code).inc()
+        self.requests.labels(provider_label, model_label, kind, status).inc()
+        self.errors.labels(provider_label, model_label, code).inc()
         if attempts:
             self.record_attempts(attempts)
         if key is not None:
