@@ -18,16 +18,20 @@ them when its engine evicts those blocks (`meshnode.worker.prefix.RoutedNames`);
 matches and gossips what the worker reports (`Capacity.prefix_recent`, `SCHEME` says how the
 names were made; a receiver ignores a scheme it does not know). `PrefixIndex` (bounded, least
 recently used out) keeps, in the router, the chains of local providers that cannot tell what
-they hold. Still approximate: a name is tied to the block at the same share of the prompt, not
-an exact token offset, and two renderings that tokenize alike but differ in JSON (a client
-that reorders keys: they are sorted here) would not match.
+they hold. Naming a prompt costs ~54 µs for a 16 KB conversation, so for those an answer only
+queues its prompt (`record_later`) and the index names the queued prompts when it is read (a
+routing decision, a gossip round), newest first, stopping once it holds `capacity` fresh names:
+older prompts could only have been evicted, so the index reads exactly as if every prompt had
+been named when served. Still approximate: a name is tied to the block at the same share of the
+prompt, not an exact token offset, and two renderings that tokenize alike but differ in JSON (a
+client that reorders keys: they are sorted here) would not match.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +41,8 @@ SCHEME = 1  # blake2b running over the prefix, model-seeded, 256-byte blocks of 
 BLOCK_BYTES = 256
 NAME_BYTES = 8
 MAX_NAMES = 512  # what a node gossips: 4 KiB of names
+# Prompts queued unnamed at most (each holds its request's body until named or dropped).
+MAX_PENDING = 32
 SESSION_HEADER = "x-aiproxy-session"
 
 
@@ -82,6 +88,11 @@ class RequestPrefix:
     source: str  # "session" | "first block" | "whole prompt"
 
 
+def prompt_chain(model: str, body: Mapping[str, Any]) -> tuple[bytes, ...]:
+    """The names of a request's prompt (what the local worker served), nothing more."""
+    return chain(model, render(body))
+
+
 def request_prefix(model: str, body: Mapping[str, Any],
                    headers: Mapping[str, str] | None = None) -> RequestPrefix:
     text = render(body)
@@ -105,29 +116,62 @@ def leading_hits(names: Sequence[bytes], held: Container[bytes]) -> int:
 
 
 class PrefixIndex:
-    """The chains this node's local worker served, most recent first, bounded."""
+    """The chains this node's local worker served, most recent first, bounded.
 
-    def __init__(self, capacity: int = MAX_NAMES) -> None:
+    `record` takes names already made; `record_later` a way to make them, run only if they can
+    still matter when the index is next read (see the module docstring). Both keep the order
+    they were called in. Not thread-safe: the event loop's thread owns it."""
+
+    def __init__(self, capacity: int = MAX_NAMES, max_pending: int = MAX_PENDING) -> None:
         self.capacity = capacity
+        self._max_pending = max_pending
         self._names: OrderedDict[bytes, None] = OrderedDict()  # least recent first
+        self._pending: list[Sequence[bytes] | Callable[[], Sequence[bytes]]] = []
 
     def record(self, names: Sequence[bytes]) -> None:
-        # Last to first, so a parent is always more recent than its child and eviction takes
-        # the tail of a chain first (as the engine's store does).
-        for name in reversed(names):
-            self._names[name] = None
-            self._names.move_to_end(name)
-        while len(self._names) > self.capacity:
-            self._names.popitem(last=False)
+        self._queue(names)
+
+    def record_later(self, names: Callable[[], Sequence[bytes]]) -> None:
+        self._queue(names)
+
+    def _queue(self, item: Sequence[bytes] | Callable[[], Sequence[bytes]]) -> None:
+        self._pending.append(item)
+        if len(self._pending) >= self._max_pending:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Apply the queued chains. Recording a chain touches its names last to first (a parent
+        is more recent than its child, so eviction takes a chain's tail first, as the engine's
+        store does); newest chain first, names first to last is therefore most recent first,
+        and only the first `capacity` distinct names can survive the eviction."""
+        pending, self._pending = self._pending, []
+        fresh: dict[bytes, None] = {}  # most recent first
+        for item in reversed(pending):
+            for name in item() if callable(item) else item:
+                fresh.setdefault(name)
+            if len(fresh) >= self.capacity:
+                break
+        names = self._names
+        for name in reversed(fresh):
+            names[name] = None
+            names.move_to_end(name)
+        while len(names) > self.capacity:
+            names.popitem(last=False)
 
     def __contains__(self, name: object) -> bool:
+        if self._pending:
+            self._settle()
         return name in self._names
 
     def __len__(self) -> int:
+        if self._pending:
+            self._settle()
         return len(self._names)
 
     def names(self) -> tuple[bytes, ...]:
         """Most recent first: what gossip carries."""
+        if self._pending:
+            self._settle()
         return tuple(reversed(self._names))
 
 

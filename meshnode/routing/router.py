@@ -52,7 +52,13 @@ from meshnode.observability import tracing
 from meshnode.providers.base import Provider
 from meshnode.routing.outcome import Attempt, RoutedCompletion, RoutedStream, Served
 from meshnode.routing.policy import allows, carried_constraint, constraint_allows, match_policy
-from meshnode.routing.prefix import PrefixIndex, RequestPrefix, leading_hits, request_prefix
+from meshnode.routing.prefix import (
+    PrefixIndex,
+    RequestPrefix,
+    leading_hits,
+    prompt_chain,
+    request_prefix,
+)
 from meshnode.routing.stats import CandidateStats
 from meshnode.routing.strategies import NO_AFFINITY, Affinity, Candidate, Ranked, demote, rank
 from meshnode.types import (
@@ -60,6 +66,7 @@ from meshnode.types import (
     Completion,
     InferenceRequest,
     ModelOffer,
+    PolicyConstraint,
     RequestKind,
     StreamChunk,
     Usage,
@@ -85,6 +92,39 @@ class _Won(Generic[T]):
     strategy: str
     policy: str | None
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A candidate past the filters that change only with the offers: its provider, offer,
+    stats key, place in the fallback chain and stats (kept as long as the router lives)."""
+
+    provider: Provider
+    offer: ModelOffer
+    key: tuple[str, str]
+    chain_index: int
+    stats: CandidateStats
+
+
+@dataclass(frozen=True, slots=True)
+class _Shortlist:
+    """The candidates for one (model, kind, policy, origin constraint, path) while no
+    provider's offers change, and why the others were left out."""
+
+    known: bool  # some provider offers the model at all
+    entries: tuple[_Entry, ...]
+    excluded: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """One request's routing turn: its shortlist, strategy and policy."""
+
+    shortlist: _Shortlist
+    strategy: str
+    rule: PolicyConfig | None  # this node's rule that matched
+    policy_name: str | None  # that rule's name, else the origin's
+    now: float
+
+
 DEFAULT_OUTPUT_TOKENS = 256  # for ranking by cost when the client gives no max_tokens
 # Errors that say nothing about the candidate's health: they neither cool it down nor count
 # in its error rate.
@@ -93,6 +133,9 @@ NEUTRAL_CODES = frozenset({"local_queue_full", "local_not_ready"})
 # "no such model" (404): its peer died or restarts, and gossip will bring it back.
 MODEL_MEMORY_S = 900.0
 MODEL_GONE_RETRY_AFTER_S = 5.0
+# Shortlists kept at most (one per model, kind, policy, origin constraint and path seen since
+# the offers last changed); past it they are all recomputed.
+MAX_SHORTLISTS = 1024
 
 
 class Router:
@@ -126,6 +169,10 @@ class Router:
         # The prompt prefixes this node's local providers served, for those that cannot tell
         # what their engine holds (a local worker reports that itself: `Capacity.prefix_recent`).
         self.prefix_index = PrefixIndex()
+        # The routing plan: shortlists computed once per model, policy, ... and offers seen
+        # (`_shortlist`); every provider's offers when they were computed.
+        self._shortlists: dict[tuple[Any, ...], _Shortlist] = {}
+        self._offers_seen: tuple[tuple[ModelOffer, ...], ...] = ()
 
     # ------------------------------------------------------------------ providers
     def add_provider(self, provider: Provider) -> None:
@@ -245,11 +292,69 @@ class Router:
                 return i
         return None
 
-    def _plan(
-        self, request: InferenceRequest
-    ) -> tuple[list[Ranked], str, str | None, list[str], PolicyConfig | None]:
-        """Rank the candidates for a request. Returns (ranking, strategy, policy name, excluded
-        with reasons, the rule of this node that matched)."""
+    def _shortlist(self, request: InferenceRequest, policy: PolicyConfig | None,
+                   incoming: PolicyConstraint | None) -> _Shortlist:
+        """The candidates that pass the filters which change only with the offers (kind, chain,
+        policies, the request's path), computed once per (model, kind, policy, origin
+        constraint, path) and kept until some provider's offers change: comparing the offers
+        with the last ones seen is an identity check per offer when nothing moved."""
+        offers = tuple(tuple(p.offers()) for p in self._providers)
+        if offers != self._offers_seen:
+            self._offers_seen = offers
+            self._shortlists.clear()
+        # The policy is one of this node's config objects, alive as long as the router.
+        key = (request.model, request.kind, id(policy), incoming, request.visited)
+        found = self._shortlists.get(key)
+        if found is None:
+            found = self._build_shortlist(request, policy, incoming, offers)
+            if found.known:  # a made-up model name is not kept
+                if len(self._shortlists) >= MAX_SHORTLISTS:
+                    self._shortlists.clear()
+                self._shortlists[key] = found
+        return found
+
+    def _build_shortlist(
+        self, request: InferenceRequest, policy: PolicyConfig | None,
+        incoming: PolicyConstraint | None, offers: tuple[tuple[ModelOffer, ...], ...],
+    ) -> _Shortlist:
+        entries: list[_Entry] = []
+        excluded: list[str] = []
+        known = False
+        for provider, offered in zip(self._providers, offers, strict=True):
+            for offer in offered:
+                if offer.model != request.model:
+                    continue
+                known = True
+                label = offer.provider if offer.node is None else f"{offer.provider}:{offer.node}"
+                if request.kind not in offer.kinds:
+                    excluded.append(f"{label}: does not serve {request.kind.value}")
+                    continue
+                idx = self._chain_index(offer)
+                if idx is None:
+                    excluded.append(f"{label}: not in the fallback chain")
+                    continue
+                if not allows(policy, offer):
+                    excluded.append(
+                        f"{label}: forbidden by policy {policy.name if policy else ''}")
+                    continue
+                if not constraint_allows(incoming, offer):
+                    excluded.append(
+                        f"{label}: forbidden by policy {incoming.name if incoming else ''} "
+                        "(from the origin)"
+                    )
+                    continue
+                if offer.node is not None:
+                    if offer.node in request.visited or offer.node == self.node_id:
+                        excluded.append(f"{label}: already on this request's path")
+                        continue
+                    if len(request.visited) >= self._max_hops:
+                        excluded.append(f"{label}: max_hops {self._max_hops} reached")
+                        continue
+                entries.append(_Entry(provider, offer, offer.key, idx, self._stats_for(offer)))
+        return _Shortlist(known, tuple(entries), tuple(excluded))
+
+    def _choose(self, request: InferenceRequest) -> _Choice:
+        """The rule, strategy and shortlist for a request; counts it as a routing turn."""
         policy = match_policy(
             self._config.policies,
             request.model,
@@ -260,45 +365,40 @@ class Router:
         incoming = request.policy  # the origin's constraints, when a peer forwarded this
         strategy = (policy.strategy if policy and policy.strategy else None) or self._config.strategy
         now = self._clock()
+        shortlist = self._shortlist(request, policy, incoming)
+        if not shortlist.known:
+            raise self.missing_model(request.model)
+        self._offered_at[request.model] = now
+        self._turn += 1
+        name = policy.name if policy else (incoming.name if incoming else None)
+        return _Choice(shortlist, strategy, policy, name, now)
+
+    def _plan(
+        self, request: InferenceRequest
+    ) -> tuple[list[Ranked], str, str | None, list[str], PolicyConfig | None]:
+        """Rank the candidates for a request. Returns (ranking, strategy, policy name, excluded
+        with reasons, the rule of this node that matched)."""
+        choice = self._choose(request)
+        ranking, _ = self._rank(request, choice.shortlist.entries, choice.strategy, choice.now)
+        return (ranking, choice.strategy, choice.policy_name, list(choice.shortlist.excluded),
+                choice.rule)
+
+    def _rank(
+        self, request: InferenceRequest, entries: Sequence[_Entry], strategy: str, now: float
+    ) -> tuple[list[Ranked], RequestPrefix | None]:
+        """The strategy's ranking over what is known of each candidate right now (measured
+        latency, errors, load, cooldowns, queues), and the request's prefix when the strategy
+        read it."""
         out_tokens = (DEFAULT_OUTPUT_TOKENS if request.max_output_tokens is None
                       else request.max_output_tokens)
         candidates: list[Candidate] = []
         queues: dict[tuple[str, str], int] = {}
-        excluded: list[str] = []
-        known = False
         prefix = self._prefix(request) if strategy == "cache_aware" else None
-        for provider, offer in self._all_offers():
-            if offer.model != request.model:
-                continue
-            known = True
-            label = offer.provider if offer.node is None else f"{offer.provider}:{offer.node}"
-            if request.kind not in offer.kinds:
-                excluded.append(f"{label}: does not serve {request.kind.value}")
-                continue
-            idx = self._chain_index(offer)
-            if idx is None:
-                excluded.append(f"{label}: not in the fallback chain")
-                continue
-            if not allows(policy, offer):
-                excluded.append(f"{label}: forbidden by policy {policy.name if policy else ''}")
-                continue
-            if not constraint_allows(incoming, offer):
-                excluded.append(
-                    f"{label}: forbidden by policy {incoming.name if incoming else ''} "
-                    "(from the origin)"
-                )
-                continue
-            if offer.node is not None:
-                if offer.node in request.visited or offer.node == self.node_id:
-                    excluded.append(f"{label}: already on this request's path")
-                    continue
-                if len(request.visited) >= self._max_hops:
-                    excluded.append(f"{label}: max_hops {self._max_hops} reached")
-                    continue
-            stats = self._stats_for(offer)
+        for entry in entries:
+            provider, offer, stats = entry.provider, entry.offer, entry.stats
             capacity = provider.capacity_for(offer)
             if capacity is not None:
-                queues[offer.key] = capacity.queue_depth
+                queues[entry.key] = capacity.queue_depth
             # What this node measured itself outweighs an estimate (a peer's gossip).
             latency = stats.latency_ewma_ms
             if latency is None:
@@ -306,7 +406,7 @@ class Router:
             candidates.append(
                 Candidate(
                     offer=offer,
-                    chain_index=idx,
+                    chain_index=entry.chain_index,
                     estimated_cost=(
                         request.prompt_tokens_estimate * offer.cost_per_1k_input
                         + out_tokens * offer.cost_per_1k_output
@@ -326,13 +426,9 @@ class Router:
                     tokens_per_s=capacity.tokens_per_s if capacity is not None else 0.0,
                 )
             )
-        if not known:
-            raise self.missing_model(request.model)
-        self._offered_at[request.model] = now
-        self._turn += 1
         affinity = Affinity(prefix.affinity, prefix.source) if prefix else NO_AFFINITY
         ranking = rank(strategy, candidates, self._turn, affinity)
-        cooled = {c.offer.key for c in candidates if self._stats_for(c.offer).cooled_down(now)}
+        cooled = {e.key for e in entries if e.stats.cooled_down(now)}
         if cooled:
             ranking = demote(ranking, cooled, "cooling down after failures")
         # A provider whose queue is over the bound overflows to the next candidate instead of
@@ -341,14 +437,34 @@ class Router:
         overflowing = {k for k, q in queues.items() if q > bound}
         if overflowing and len(overflowing) < len(ranking):
             ranking = demote(ranking, overflowing, f"queue over {bound}: overflow")
-        name = policy.name if policy else (incoming.name if incoming else None)
-        return ranking, strategy, name, excluded, policy
+        return ranking, prefix
+
+    def _order(
+        self, request: InferenceRequest, choice: _Choice
+    ) -> tuple[list[_Entry], RequestPrefix | None]:
+        """The candidates best first, for serving. One candidate is its own ranking under every
+        strategy (and no demotion moves it), so only two or more are ranked."""
+        entries = choice.shortlist.entries
+        if len(entries) <= 1:
+            return list(entries), None
+        ranking, prefix = self._rank(request, entries, choice.strategy, choice.now)
+        by_offer = {id(e.offer): e for e in entries}
+        return [by_offer[id(r.candidate.offer)] for r in ranking], prefix
 
     @staticmethod
     def _prefix(request: InferenceRequest) -> RequestPrefix | None:
         if request.kind not in (RequestKind.CHAT, RequestKind.COMPLETION):
             return None
         return request_prefix(request.model, request.body, request.headers)
+
+    def _record_prefix(self, request: InferenceRequest, prefix: RequestPrefix | None) -> None:
+        """The local worker served this prompt: into the prefix index, named now when the
+        ranking already named it, else only once someone reads the index."""
+        if prefix is not None:
+            self.prefix_index.record(prefix.chain)
+        elif request.kind in (RequestKind.CHAT, RequestKind.COMPLETION):
+            model, body = request.model, request.body
+            self.prefix_index.record_later(lambda: prompt_chain(model, body))
 
     def _prefix_hit(self, prefix: RequestPrefix | None, offer: ModelOffer,
                     capacity: Capacity | None) -> int:
@@ -371,13 +487,13 @@ class Router:
         capacity = provider.capacity()
         return capacity is None or capacity.prefix_recent is None
 
-    def _attempt_plan(self, ranking: list[Ranked]) -> list[Ranked]:
+    def _attempt_plan(self, order: list[_Entry]) -> list[_Entry]:
         """The sequence of candidates to try: the ranking, cycled, capped by max_retries."""
-        if not ranking:
+        if not order:
             return []
         failover = self._config.failover
         total = 1 + failover.max_retries if failover.enabled else 1
-        return [ranking[i % len(ranking)] for i in range(total)]
+        return [order[i % len(order)] for i in range(total)]
 
     def _backoff_s(self, retry_no: int) -> float:
         b = self._config.failover.backoff
@@ -385,7 +501,7 @@ class Router:
         return max(0.0, delay * (1.0 + self._rng.uniform(-b.jitter, b.jitter)))
 
     def _no_candidates(self, request: InferenceRequest, policy: str | None,
-                       excluded: list[str]) -> MeshError:
+                       excluded: Sequence[str]) -> MeshError:
         why = "; ".join(excluded) if excluded else "no provider offers it now"
         if policy is not None:
             return NoCapacity(
@@ -470,16 +586,18 @@ class Router:
     ) -> _Won[T]:
         """The failover loop shared by both verbs: try the ranked candidates until `call`
         returns. The winner comes back still counted in flight, its budget hold open."""
-        ranking, strategy, policy, excluded, rule = self._plan(request)
-        request = self._bounded_by_policy(request, rule)
-        request = self._carrying_policy(request, rule)
-        plan = self._attempt_plan(ranking)
+        choice = self._choose(request)
+        order, prefix = self._order(request, choice)
+        request = self._bounded_by_policy(request, choice.rule)
+        request = self._carrying_policy(request, choice.rule)
+        plan = self._attempt_plan(order)
+        policy, excluded = choice.policy_name, choice.shortlist.excluded
         if not plan:
             raise self._no_candidates(request, policy, excluded)
         attempts: list[Attempt] = []
         try:
             return await self._try_plan(request, plan, call, doing, on_client_gone, attempts,
-                                        strategy, policy, excluded)
+                                        choice.strategy, policy, excluded, prefix)
         except MeshError as exc:
             # The log line and metrics of a failed request say what was tried.
             exc.attempts = tuple(attempts)
@@ -488,37 +606,37 @@ class Router:
     async def _try_plan(
         self,
         request: InferenceRequest,
-        plan: list[Ranked],
+        plan: list[_Entry],
         call: Callable[[Provider, ModelOffer, InferenceRequest], Awaitable[T]],
         doing: str,
         on_client_gone: Callable[[Hold], object],
         attempts: list[Attempt],
         strategy: str,
         policy: str | None,
-        excluded: list[str],
+        excluded: Sequence[str],
+        prefix: RequestPrefix | None,
     ) -> _Won[T]:
         start = self._clock()
         tried: set[tuple[str, str]] = set()
         last: MeshError | None = None
         unaffordable: set[tuple[str, str]] = set()
         told_to_wait: set[tuple[str, str]] = set()  # answered 429 with Retry-After
-        for ranked in plan:
-            offer = ranked.candidate.offer
-            provider = self._provider_for(offer)
-            if provider is None or offer.key in unaffordable:
+        for entry in plan:
+            offer, provider, stats, key = entry.offer, entry.provider, entry.stats, entry.key
+            if key in unaffordable:
                 continue
-            if offer.key in told_to_wait and self._stats_for(offer).cooled_down(self._clock()):
+            if key in told_to_wait and stats.cooled_down(self._clock()):
                 continue  # never re-sent before its Retry-After; the next candidate goes now
-            await self._pause_before(offer, tried, len(attempts), request)
+            if key in tried:
+                await self._pause_before(len(attempts), request)
             try:
                 hold = self._reserve(request, offer)
             except BudgetExceeded as exc:
                 # Spent budget: skip paid candidates, free ones may still serve.
                 last = exc
-                unaffordable.add(offer.key)
+                unaffordable.add(key)
                 continue
-            tried.add(offer.key)
-            stats = self._stats_for(offer)
+            tried.add(key)
             # A peer attempt carries what this node holds for it (the peer's spending cap).
             attempt = request if offer.node is None else dataclasses.replace(
                 request, held=hold.held())
@@ -552,7 +670,7 @@ class Router:
                 if not exc.retryable:
                     raise
                 if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
-                    told_to_wait.add(offer.key)
+                    told_to_wait.add(key)
                 continue
             except Exception as exc:  # noqa: BLE001 - a provider's bug is a failed attempt
                 hold.release()
@@ -566,9 +684,7 @@ class Router:
                 raise
             self._rejected_credentials.pop(offer.provider, None)
             if offer.node is None and offer.provider_kind == "local" and self._records(provider):
-                served = self._prefix(request)
-                if served is not None:
-                    self.prefix_index.record(served.chain)
+                self._record_prefix(request, prefix)
             return _Won(result, offer, stats, hold, t0, self._clock(), start, attempts,
                         strategy, policy)
         raise self._final_error(last, attempts, request, policy, excluded)
@@ -625,19 +741,8 @@ class Router:
             return request
         return dataclasses.replace(request, deadline=deadline)
 
-    def _provider_for(self, offer: ModelOffer) -> Provider | None:
-        for provider in self._providers:
-            if provider.name == offer.provider:
-                return provider
-        return None
-
-    async def _pause_before(
-        self, offer: ModelOffer, tried: set[tuple[str, str]], n_attempts: int,
-        request: InferenceRequest,
-    ) -> None:
-        """Back off only before re-trying a candidate this request already tried."""
-        if offer.key not in tried:
-            return
+    async def _pause_before(self, n_attempts: int, request: InferenceRequest) -> None:
+        """Back off before re-trying a candidate this request already tried."""
         delay = self._backoff_s(n_attempts)
         remaining = request.deadline - self._clock()
         if delay >= remaining:
@@ -701,11 +806,11 @@ class Router:
         attempts: list[Attempt],
         request: InferenceRequest | None = None,
         policy: str | None = None,
-        excluded: list[str] | None = None,
+        excluded: Sequence[str] | None = None,
     ) -> MeshError:
         if last is None:
             assert request is not None
-            return self._no_candidates(request, policy, excluded or [])
+            return self._no_candidates(request, policy, excluded or ())
         if request is not None and policy is not None and attempts and not isinstance(
             last, DeadlineExceeded | BudgetExceeded
         ):

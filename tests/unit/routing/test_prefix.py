@@ -3,6 +3,10 @@ same way on any node; the index is bounded and most recent first."""
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+
 from meshnode.routing.prefix import (
     BLOCK_BYTES,
     MAX_NAMES,
@@ -74,3 +78,48 @@ def test_names_on_the_wire_are_bounded() -> None:
     assert len(blob) == MAX_NAMES * NAME_BYTES
     assert decode_names(blob) == names[:MAX_NAMES]
     assert decode_names(blob[:NAME_BYTES * 3 + 5]) == names[:3]  # a ragged tail is dropped
+
+
+def eager_index(chains: list[tuple[bytes, ...]], capacity: int) -> tuple[bytes, ...]:
+    """What the index held when every chain was named as it was served (the reference)."""
+    names: OrderedDict[bytes, None] = OrderedDict()
+    for names_of in chains:
+        for name in reversed(names_of):
+            names[name] = None
+            names.move_to_end(name)
+        while len(names) > capacity:
+            names.popitem(last=False)
+    return tuple(reversed(names))
+
+
+def test_deferred_naming_reads_as_if_every_prompt_was_named_when_served() -> None:
+    rng = random.Random(7)
+    pool = [bytes([i]) * NAME_BYTES for i in range(40)]
+    for _ in range(200):
+        capacity = rng.randint(1, 12)
+        chains = [tuple(rng.sample(pool, rng.randint(0, 6))) for _ in range(rng.randint(0, 30))]
+        index = PrefixIndex(capacity=capacity, max_pending=rng.randint(1, 8))
+        for i, names in enumerate(chains):
+            if i % 3:
+                index.record_later(lambda names=names: names)
+            else:
+                index.record(names)
+            if rng.random() < 0.2:
+                assert index.names() == eager_index(chains[:i + 1], capacity)
+        assert index.names() == eager_index(chains, capacity)
+
+
+def test_prompts_that_can_no_longer_matter_are_never_named() -> None:
+    index = PrefixIndex(capacity=4, max_pending=10)
+    named: list[int] = []
+
+    def later(i: int) -> Callable[[], tuple[bytes, ...]]:
+        def names() -> tuple[bytes, ...]:
+            named.append(i)
+            return tuple(bytes([i, j]) * 4 for j in range(2))
+        return names
+
+    for i in range(5):
+        index.record_later(later(i))
+    assert len(index) == 4
+    assert named == [4, 3]  # the two newest prompts fill the index; older ones were evicted

@@ -576,3 +576,54 @@ async def test_cache_aware_ranks_a_peer_by_its_gossiped_names() -> None:
     assert router.explain("m", body={"messages": CONVERSATION})["winner"]["node"] == "b"
     routed = await router.complete(chat(CONVERSATION))
     assert routed.served.offer.node == "b"
+
+
+async def test_the_shortlist_is_computed_once_until_the_offers_change(monkeypatch) -> None:
+    a = FakeProvider("a", models=["m", "other"], cost_per_1k=0.01)
+    b = FakeProvider("b", models=["m"], cost_per_1k=0.02)
+    router = Router(routing(), ["a", "b"], [a, b], "n1")
+    built: list[str] = []
+    build = router._build_shortlist
+
+    def spy(request, *args):  # type: ignore[no-untyped-def]
+        built.append(request.model)
+        return build(request, *args)
+
+    monkeypatch.setattr(router, "_build_shortlist", spy)
+    for _ in range(3):
+        assert (await router.complete(request())).served.offer.provider == "a"
+    await router.complete(request("other"))
+    assert built == ["m", "other"]
+    # b gets cheaper (its offers change in place): the plan follows at once.
+    b._offers[0] = replace(b._offers[0], cost_per_1k_input=0.0, cost_per_1k_output=0.0)
+    assert (await router.complete(request())).served.offer.provider == "b"
+    # a goes away: only b is left, and a made-up model is still a 404 (and never kept).
+    a._offers = []
+    assert (await router.complete(request())).served.offer.provider == "b"
+    with pytest.raises(NoCapacity):
+        await router.complete(request("other"))  # offered a moment ago: 503, not 404
+    with pytest.raises(ModelNotFound):
+        await router.complete(request("made-up"))
+    assert built == ["m", "other", "m", "m", "other", "made-up"]
+    assert all(key[0] != "made-up" for key in router._shortlists)
+
+
+async def test_a_prompt_the_worker_served_is_named_when_the_index_is_read(monkeypatch) -> None:
+    from meshnode.routing import prefix as prefix_module
+
+    worker = FakeProvider("w", kind="local")
+    router = Router(routing(strategy="cost_optimized"), ["w"], [worker], "n1")
+    named: list[str] = []
+    real = prefix_module.chain
+
+    def counting(model: str, text: bytes) -> tuple[bytes, ...]:
+        named.append(model)
+        return real(model, text)
+
+    monkeypatch.setattr(prefix_module, "chain", counting)
+    await router.complete(chat(CONVERSATION))
+    assert named == []  # not on the request's path
+    served = prefix_module.request_prefix("m", {"messages": CONVERSATION}).chain
+    named.clear()
+    assert served and router.prefix_index.names()[:len(served)] == served  # gossip reads it
+    assert named == ["m"]
