@@ -164,6 +164,7 @@ class ResponseCache:
         semantic = config.semantic
         self._semantic_all = semantic.enabled and not semantic.models
         self._semantic_models = frozenset(semantic.models) if semantic.enabled else frozenset()
+        self._on = config.enabled and config.max_entries > 0
 
     # ------------------------------------------------------------------ lifetime
     async def start(self) -> None:
@@ -194,10 +195,18 @@ class ResponseCache:
     ) -> Lookup:
         """Decide and look: `Lookup.hit` is set on a hit. Raises InvalidRequest only for a
         malformed directive (`"cache": "yes"`)."""
+        found = self._lookup_exact(request, cache_control)
+        if found.eligible and found.hit is None:
+            await self._semantic_or_miss(found)
+        return found
+
+    def _lookup_exact(self, request: InferenceRequest, cache_control: str | None) -> Lookup:
+        """The directive, eligibility and the exact key's answer, without awaiting anything:
+        the whole lookup but for an eligible miss (`_semantic_or_miss` finishes that one)."""
         wish = directive(request, cache_control)
         upstream = strip_cache_field(request)
         metrics = self.metrics
-        if not self.config.enabled or self.config.max_entries <= 0:
+        if not self._on:
             return Lookup(upstream, wish, eligible=False)
         if wish is CacheDirective.OFF:
             metrics.result["bypass"].inc()
@@ -213,15 +222,19 @@ class ResponseCache:
                 found.hit = CacheHit(key, answer, "exact")
                 metrics.result["hit"].inc()
                 metrics.saved.inc(answer.cost)
-                return found
-        if self.semantic_enabled_for(upstream.model):
+        return found
+
+    async def _semantic_or_miss(self, found: Lookup) -> None:
+        """An eligible request the exact key missed: the semantic index when the model is
+        opted in, else (or when it misses too) a miss."""
+        metrics = self.metrics
+        if self.semantic_enabled_for(found.request.model):
             await self._semantic_lookup(found)
             if found.hit is not None:
                 metrics.result["semantic_hit"].inc()
                 metrics.saved.inc(found.hit.answer.cost)
-                return found
-        metrics.result["miss" if wish.reads else "bypass"].inc()
-        return found
+                return
+        metrics.result["miss" if found.directive.reads else "bypass"].inc()
 
     def store(
         self,
@@ -263,7 +276,12 @@ class ResponseCache:
         self, router: Routes, request: InferenceRequest, cache_control: str | None = None
     ) -> RoutedCompletion:
         """`router.complete(request)`, answered from the cache when it can be."""
-        lookup = await self.lookup(request, cache_control)
+        if not self._on:  # the directive is still checked: a malformed one is refused
+            directive(request, cache_control)
+            return await router.complete(strip_cache_field(request))
+        lookup = self._lookup_exact(request, cache_control)
+        if lookup.eligible and lookup.hit is None:
+            await self._semantic_or_miss(lookup)
         if lookup.hit is not None:
             answer = lookup.hit.answer
             return RoutedCompletion(

@@ -99,10 +99,13 @@ async def test_cache_off_in_config_still_strips_our_field() -> None:
     assert all("cache" not in c.body for c in fake.calls)
 
 
-async def test_malformed_directive_is_the_clients_error() -> None:
-    cache = ResponseCache(CacheConfig(), node_id="n1")
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_malformed_directive_is_the_clients_error(enabled: bool) -> None:
+    fake = FakeProvider("up")
+    cache = ResponseCache(CacheConfig(enabled=enabled), node_id="n1")
     with pytest.raises(InvalidRequest):
-        await cache.complete(make_router([FakeProvider("up")]), chat(cache="yes"))
+        await cache.complete(make_router([fake]), chat(cache="yes"))
+    assert fake.calls == []  # whether the cache is on or off
 
 
 async def test_embeddings_are_cached() -> None:
