@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import re
 
 import pytest
 
+from meshnode.observability import redact as redact_module
 from meshnode.observability.logging import JsonFormatter, TextFormatter
 from meshnode.observability.redact import escape_controls, for_client, redact
 from meshnode.providers.http import error_for_status
@@ -100,3 +103,46 @@ def test_an_upstream_error_param_is_redacted(status: int) -> None:
     error = error_for_status(status, body.encode(), {}, provider="openai", secrets=[SECRET])
     assert SECRET not in error.message
     assert error.param is not None and SECRET not in error.param
+
+
+def every_pattern(text: str) -> str:
+    """The redactor's definition: each pattern applied in turn, wherever it matches."""
+    text = redact_module._URL_USERINFO.sub(lambda m: m.group(1) + "***@", text)
+    text = redact_module._KEY_SHAPED.sub(lambda m: m.group(1) + "-***", text)
+    text = redact_module._AUTH_SCHEME.sub(lambda m: m.group(1) + " ***", text)
+    return redact_module._SECRET_PAIR.sub(lambda m: m.group(1) + "***", text)
+
+
+# Pieces that make the patterns match, almost match, or match through case folding.
+PIECES = [
+    "api_key", "API-KEY", "apikey", "ApIkEy", "token", "TOKENS", "tok\u212aen", "ſecret",
+    "SECRET", "passwd", "Password", "authorıization", "authorization", "AUTHORİZATION",
+    "bearer", "Bearer", "BASIC", "baſic", "sk-", "pk-", "rk-", "Sk-", "k-", "://", "https://",
+    "@", "user:pass", "=", ":", " = ", " : ", "\u00a0", "\u2003", "\t", "\n", "'", '"', ",",
+    "}", "{", "abcdefgh", "12345678", "x", "-", "_", "/", "prompt_tokens=5", "key=ci",
+]
+
+
+def test_the_prefilters_never_skip_a_match() -> None:
+    rng = random.Random(20)
+    for _ in range(20000):
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 12)))
+        assert redact(text) == every_pattern(text), text
+
+
+def test_the_ascii_fold_is_the_one_re_ignorecase_uses() -> None:
+    letter = re.compile(r"(?i)[a-z]")
+    folded = [chr(c) for c in range(0x80, 0x110000)
+              if not 0xD800 <= c <= 0xDFFF and letter.fullmatch(chr(c))]
+    assert sorted(folded) == sorted(redact_module._ASCII_FOLD_CHARS)
+    for char in folded:
+        plain = redact_module._folded(char)
+        assert plain.isascii() and re.fullmatch(f"(?i){plain}", char)
+
+
+def test_escaping_skips_only_lines_without_controls() -> None:
+    rng = random.Random(21)
+    alphabet = ["a", " ", "\n", "\x1b", "\x7f", "\x9f", "\u2028", "\u2029", "\u00a0", "é", "\t"]
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        assert escape_controls(text) == redact_module._CONTROL.sub(redact_module._escape, text)
