@@ -95,13 +95,15 @@ class _Won(Generic[T]):
 @dataclass(frozen=True, slots=True)
 class _Entry:
     """A candidate past the filters that change only with the offers: its provider, offer,
-    stats key, place in the fallback chain and stats (kept as long as the router lives)."""
+    stats key, place in the fallback chain, stats (kept as long as the router lives) and
+    concurrency bound (config)."""
 
     provider: Provider
     offer: ModelOffer
     key: tuple[str, str]
     chain_index: int
     stats: CandidateStats
+    max_concurrency: int  # the provider's bound on calls in flight (least_loaded's divisor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +352,8 @@ class Router:
                     if len(request.visited) >= self._max_hops:
                         excluded.append(f"{label}: max_hops {self._max_hops} reached")
                         continue
-                entries.append(_Entry(provider, offer, offer.key, idx, self._stats_for(offer)))
+                entries.append(_Entry(provider, offer, offer.key, idx, self._stats_for(offer),
+                                      getattr(provider, "max_concurrency", 256)))
         return _Shortlist(known, tuple(entries), tuple(excluded))
 
     def _choose(self, request: InferenceRequest) -> _Choice:
@@ -394,32 +397,33 @@ class Router:
         candidates: list[Candidate] = []
         queues: dict[tuple[str, str], int] = {}
         prefix = self._prefix(request) if strategy == "cache_aware" else None
+        prompt_tokens = request.prompt_tokens_estimate
+        prefix_blocks = len(prefix.chain) if prefix else 0
         for entry in entries:
             provider, offer, stats = entry.provider, entry.offer, entry.stats
             capacity = provider.capacity_for(offer)
-            if capacity is not None:
-                queues[entry.key] = capacity.queue_depth
             # What this node measured itself outweighs an estimate (a peer's gossip).
             latency = stats.latency_ewma_ms
             if latency is None:
                 latency = provider.latency_ms_for(offer)
+            estimated_cost = (prompt_tokens * offer.cost_per_1k_input
+                              + out_tokens * offer.cost_per_1k_output) / 1000.0
+            prefix_hit = 0 if prefix is None else self._prefix_hit(prefix, offer, capacity)
+            if capacity is not None:
+                queues[entry.key] = capacity.queue_depth
             candidates.append(
                 Candidate(
                     offer=offer,
                     chain_index=entry.chain_index,
-                    estimated_cost=(
-                        request.prompt_tokens_estimate * offer.cost_per_1k_input
-                        + out_tokens * offer.cost_per_1k_output
-                    )
-                    / 1000.0,
+                    estimated_cost=estimated_cost,
                     latency_ms=latency,
                     error_rate=stats.error_rate,
                     in_flight=stats.in_flight,
                     load=capacity.load if capacity is not None else None,
-                    max_concurrency=getattr(provider, "max_concurrency", 256),
+                    max_concurrency=entry.max_concurrency,
                     node_id=offer.node or self.node_id,
-                    prefix_hit=self._prefix_hit(prefix, offer, capacity),
-                    prefix_blocks=len(prefix.chain) if prefix else 0,
+                    prefix_hit=prefix_hit,
+                    prefix_blocks=prefix_blocks,
                     slots_free=capacity.slots_free if capacity is not None else None,
                     queue_depth=capacity.queue_depth if capacity is not None else 0,
                     slots_total=capacity.slots_total if capacity is not None else 0,
