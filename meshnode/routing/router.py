@@ -3,8 +3,10 @@
 For one request it
 1. collects the offers of every provider for the model and request kind, keeps those the fallback
    chain and the applying policy allow (and, for peers, those not already visited and within
-   `max_hops`);
-2. ranks them with the strategy (pure functions in `strategies.py`), cooled-down ones last;
+   `max_hops`). That shortlist depends only on the offers, so it is computed once per (model,
+   kind, policy, origin constraint, path) and kept until some provider's offers change;
+2. ranks them with the strategy (pure functions in `strategies.py`) over what is measured right
+   now, cooled-down ones last (a lone candidate is its own ranking: nothing is ranked);
 3. tries them in order until one answers, at most `1 + max_retries` attempts, all before the
    first byte reaches the client and within one overall deadline. A non-retryable error (the
    client's bad request) ends the loop at once. Backoff with jitter is slept only before trying
