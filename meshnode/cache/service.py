@@ -300,6 +300,9 @@ class ResponseCache:
     ) -> RoutedStream:
         """`router.open_stream(request)`; a hit replays the kept answer as a normal stream,
         an eligible miss is recorded and kept once it ended well."""
+        if not self._on:  # as in complete()
+            directive(request, cache_control)
+            return await router.open_stream(strip_cache_field(request))
         lookup = await self.lookup(request, cache_control)
         if lookup.hit is not None:
             answer = lookup.hit.answer

@@ -95,8 +95,11 @@ async def test_cache_off_in_config_still_strips_our_field() -> None:
     cache = ResponseCache(CacheConfig(enabled=False), node_id="n1")
     await cache.complete(router, chat(temperature=0, cache=True))
     await cache.complete(router, chat(temperature=0, cache=True))
-    assert len(fake.calls) == 2
+    stream = await cache.open_stream(router, chat(stream=True, temperature=0, cache=True))
+    assert [chunk async for chunk in stream]
+    assert len(fake.calls) == 3
     assert all("cache" not in c.body for c in fake.calls)
+    assert len(cache.memory) == 0
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -105,6 +108,8 @@ async def test_malformed_directive_is_the_clients_error(enabled: bool) -> None:
     cache = ResponseCache(CacheConfig(enabled=enabled), node_id="n1")
     with pytest.raises(InvalidRequest):
         await cache.complete(make_router([fake]), chat(cache="yes"))
+    with pytest.raises(InvalidRequest):
+        await cache.open_stream(make_router([fake]), chat(cache="yes"))
     assert fake.calls == []  # whether the cache is on or off
 
 
