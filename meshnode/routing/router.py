@@ -499,7 +499,7 @@ class Router:
             return []
         failover = self._config.failover
         total = 1 + failover.max_retries if failover.enabled else 1
-        return [order[i % len(order)] for i in range(total)]
+        return (order * (total // len(order) + 1))[:total]  # order[i % len(order)], i < total
 
     def _backoff_s(self, retry_no: int) -> float:
         b = self._config.failover.backoff
