@@ -6,20 +6,23 @@ cleanup, which aiohttp runs only after the server stopped accepting and in-fligh
 drained). It does not bind sockets; the caller runs it (build the runner with
 `handler_cancellation=True` so a client that disconnects cancels its upstream call).
 
-Middlewares, outermost first:
-- `cors` (only with `server.cors.allow_origins`): answers preflights (`meshnode.api.cors`);
-- `request_middleware`: the request id (a sane client `x-request-id` is honoured, else one is
-  generated; echoed in the response), the error mapping (`meshnode.api.errors`, the one place),
-  and the per-request log line and metrics;
-- `reserve_middleware` (meshnode/api/server.py): 503 for inference once the connections kept
-  for `/health/*` and `/admin/*` are all that is left;
-- `body_limit_middleware`: a declared body over `server.max_body_bytes` is refused with 413
-  before it is read (aiohttp's `client_max_size` catches bodies without a length);
-- the registrars' middlewares (auth, rate limits), then `body_deadline_middleware`, the
-  innermost: the body is read whole within `server.body_timeout_s` or answered 408.
+One middleware, `front_door` (each layer of middleware cost a coroutine frame and a call per
+request), does in order:
+- CORS preflights (only with `server.cors.allow_origins`) are answered first
+  (`meshnode.api.cors`), before auth;
+- the request id (a sane client `x-request-id` is honoured, else one is generated; echoed in
+  the response), the error mapping (`meshnode.api.errors`, the one place), and the
+  per-request log line and metrics;
+- 503 for inference once the connections kept for `/health/*` and `/admin/*` are all that is
+  left (`ConnectionGuard`, meshnode/api/server.py);
+- a declared body over `server.max_body_bytes` is refused with 413 before it is read
+  (aiohttp's `client_max_size` catches bodies without a length);
+- the gate a registrar installed at `GATE` (governance: auth, rate limits);
+- the body is read whole within `server.body_timeout_s` or answered 408 (`read_body`).
 
-Every answer gets `openai-processing-ms` (a response-prepare hook); whole answers of at least
-`GZIP_MIN_BYTES` are gzipped for clients that send `Accept-Encoding: gzip`.
+Every answer gets `openai-processing-ms` (set here on whole answers, by
+`handlers.open_event_stream` on streams); whole answers of at least `GZIP_MIN_BYTES` are
+gzipped for clients that send `Accept-Encoding: gzip`.
 """
 
 from __future__ import annotations
@@ -35,16 +38,12 @@ from aiohttp import web
 
 from meshnode.api import cors, handlers
 from meshnode.api.anthropic_door import add_anthropic_routes, render_error
+from meshnode.api.cors import CORS
 from meshnode.api.errors import http_error_response, unexpected_error_response
 from meshnode.api.images import add_image_routes
 from meshnode.api.responses_http import add_responses_routes
-from meshnode.api.server import (
-    CONNECTIONS,
-    ConnectionGuard,
-    body_deadline_middleware,
-    reserve_middleware,
-)
-from meshnode.api.state import CONTEXT, STATE, ApiState, RequestContext, new_request_id
+from meshnode.api.server import CONNECTIONS, ConnectionGuard, read_body
+from meshnode.api.state import CONTEXT, GATE, STATE, ApiState, RequestContext, new_request_id
 from meshnode.config import ServerConfig, TimeoutsConfig
 from meshnode.dashboard import add_dashboard_routes
 from meshnode.errors import MeshError, PayloadTooLarge
@@ -67,25 +66,20 @@ GZIP_MIN_BYTES = 1400
 
 
 @web.middleware
-async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not tracing.enabled() or not request.path.startswith("/v1/"):
-        return await _serve(request, handler)
-    # One server span per inference request, child of the client's traceparent when it sent
-    # one; the router's attempt spans and the peer's spans hang below it.
-    with tracing.request_span(
-        f"{request.method} {request.path}", request.headers,
-        {"http.request.method": request.method, "url.path": request.path},
-    ) as span:
-        response = await _serve(request, handler)
-        ctx = request[CONTEXT]
-        tracing.set_attributes(span, {
-            "http.response.status_code": response.status, "meshnode.request_id": ctx.request_id,
-            "meshnode.model": ctx.model or "", "meshnode.error": ctx.error_code or "",
-        })
-        return response
-
-
-async def _serve(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def front_door(
+    request: web.Request, handler: Handler, span: Any = None
+) -> web.StreamResponse:
+    """The one middleware: every step of a request's way in and out, in order, in one frame
+    (each middleware layer cost a coroutine and a call per request)."""
+    app = request.app
+    if request.method == "OPTIONS":
+        cors_policy = app.get(CORS)
+        if cors_policy is not None:
+            preflight = cors_policy.preflight(request)
+            if preflight is not None:
+                return preflight
+    if span is None and tracing.enabled() and request.path.startswith("/v1/"):
+        return await _traced(request, handler)
     incoming = request.headers.get("x-request-id")
     if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
         request_id = incoming
@@ -93,9 +87,31 @@ async def _serve(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = new_request_id()
     ctx = RequestContext(request_id=request_id, started=time.perf_counter())
     request[CONTEXT] = ctx
-    state = request.app[STATE]
+    state = app[STATE]
     try:
-        response = await handler(request)
+        guard = app.get(CONNECTIONS)
+        protocol, path = request.protocol, request.path
+        if guard is not None:
+            guard.request_started(protocol, path)  # 503 when only the reserved ones are left
+        try:
+            length = request.content_length
+            if length is not None and length > state.max_body_bytes:
+                # Refused on the declared length alone: the body is never read into memory.
+                raise PayloadTooLarge(f"request body is {length} bytes; this node accepts at "
+                                      f"most {state.max_body_bytes}")
+            gate = app.get(GATE)
+            settle = gate is not None and await gate.admit(request)
+            try:
+                if request.body_exists:
+                    # After the gate: an unauthenticated body is never read.
+                    await read_body(request)
+                response = await handler(request)
+            finally:
+                if settle and gate is not None:
+                    gate.settle(request)
+        finally:
+            if guard is not None:
+                guard.request_finished(protocol, path)
     except MeshError as exc:
         ctx.error_code = exc.code or exc.error_type
         ctx.error_provider = exc.provider
@@ -120,9 +136,28 @@ async def _serve(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers["x-request-id"] = request_id
         if "x-aiproxy-node" not in headers:
             headers["x-aiproxy-node"] = state.node_id
+        if "openai-processing-ms" not in headers:
+            headers["openai-processing-ms"] = ctx.processing_ms()
         _maybe_gzip(request, response)
     _finish(state, ctx, request, response.status)
     return response
+
+
+async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # One server span per inference request, child of the client's traceparent when it sent
+    # one; the router's attempt spans and the peer's spans hang below it.
+    with tracing.request_span(
+        f"{request.method} {request.path}", request.headers,
+        {"http.request.method": request.method, "url.path": request.path},
+    ) as span:
+        # `span` tells the front door this request is traced already (True if none came).
+        response = await front_door(request, handler, span if span is not None else True)
+        ctx = request[CONTEXT]
+        tracing.set_attributes(span, {
+            "http.response.status_code": response.status, "meshnode.request_id": ctx.request_id,
+            "meshnode.model": ctx.model or "", "meshnode.error": ctx.error_code or "",
+        })
+        return response
 
 
 def _maybe_gzip(request: web.Request, response: web.StreamResponse) -> None:
@@ -138,15 +173,6 @@ def _maybe_gzip(request: web.Request, response: web.StreamResponse) -> None:
     if "gzip" not in request.headers.get("Accept-Encoding", "").lower():
         return
     response.enable_compression(web.ContentCoding.gzip)
-
-
-async def _processing_ms(request: web.Request, response: web.StreamResponse) -> None:
-    """`openai-processing-ms` on every answer, as OpenAI sends it: the time from the request
-    to its headers (for a stream, to its first event)."""
-    ctx = request.get(CONTEXT)
-    if ctx is not None and "openai-processing-ms" not in response.headers:
-        response.headers["openai-processing-ms"] = str(
-            int((time.perf_counter() - ctx.started) * 1000))
 
 
 def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: int) -> None:
@@ -186,19 +212,6 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
             started=ctx.started, model=ctx.model, provider=ctx.error_provider,
             attempts=len(attempts), stream=ctx.stream, error=ctx.error_code, key=key,
         )
-
-
-@web.middleware
-async def body_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    length = request.content_length
-    if length is not None:
-        limit = request.app[STATE].max_body_bytes
-        if length > limit:
-            # Refused on the declared length alone: the body is never read into memory.
-            raise PayloadTooLarge(
-                f"request body is {length} bytes; this node accepts at most {limit}"
-            )
-    return await handler(request)
 
 
 def _providers_ctx(router: Router) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -259,7 +272,7 @@ def create_app(
     # The router's own slice by default: one deadline for the front end and the failover loop.
     timeouts = timeouts or getattr(router, "timeouts", None) or TimeoutsConfig()
     app = web.Application(
-        middlewares=[request_middleware, reserve_middleware, body_limit_middleware],
+        middlewares=[front_door],
         # Bodies without a Content-Length are cut off here while being read.
         client_max_size=server.max_body_bytes,
     )
@@ -272,13 +285,11 @@ def create_app(
         max_body_bytes=server.max_body_bytes,
         timeout_s=timeouts.total_ms / 1000.0,
     )
-    app.on_response_prepare.append(_processing_ms)
-    cors.install(app, server.cors)  # outermost: preflights are answered before auth
+    cors.install(app, server.cors)  # the front door answers preflights first, before auth
     app[CONNECTIONS] = ConnectionGuard(server, node_id)
     add_routes(app)
     for registrar in extra_routes:
         registrar(app)
-    app.middlewares.append(body_deadline_middleware)
     if manage_providers:
         app.cleanup_ctx.append(_providers_ctx(router))
     return app

@@ -4,8 +4,8 @@ With no `allow_origins` (the default) nothing is installed and nothing changes: 
 is ever sent and an `OPTIONS` request gets the router's 405. With origins listed:
 
 - a preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) on any route of the
-  app is answered here, before authentication (browsers never send credentials on a
-  preflight): 204 with the allowed origin, the route's methods, the headers the browser asked
+  app is answered here (`CorsPolicy.preflight`, the front door's first step), before
+  authentication (browsers never send credentials on a preflight): 204 with the allowed origin, the route's methods, the headers the browser asked
   for (SDKs send their own, `x-stainless-*`, `anthropic-version`, ...), `Max-Age`, and the
   private-network permission when Chrome asks for it (Private Network Access: a public page
   calling a node on a private address); from an origin that is not listed, or for a method the route lacks, 403 with no CORS header, so the
@@ -22,15 +22,12 @@ This module owns only these headers; it does not authenticate or route.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 from aiohttp.web_exceptions import HTTPMethodNotAllowed
 
 from meshnode.config import CorsConfig
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 EXPOSED_HEADERS = ", ".join([
     "x-request-id", "request-id", "x-aiproxy-provider", "x-aiproxy-node", "x-aiproxy-cost",
@@ -69,6 +66,40 @@ class CorsPolicy:
             if self.credentials:
                 out["Access-Control-Allow-Credentials"] = "true"
 
+    def preflight(self, request: web.Request) -> web.Response | None:
+        """The whole answer to a preflight (204, or 403 refused), or None when `request` is
+        not one (or names no route: it gets the usual 404) and is served as usual. The front
+        door (`meshnode.api.app`) asks this first, before authentication."""
+        origin = request.headers.get("Origin")
+        wanted = request.headers.get("Access-Control-Request-Method")
+        if request.method != "OPTIONS" or origin is None or wanted is None:
+            return None
+        allowed = self.allow_origin(origin)
+        if allowed is None:
+            return _refused(f"origin {origin!r} is not allowed (server.cors.allow_origins)")
+        problem = request.match_info.http_exception
+        if problem is not None and not isinstance(problem, HTTPMethodNotAllowed):
+            return None  # no such route: the usual 404
+        methods = (sorted(problem.allowed_methods) if isinstance(problem, HTTPMethodNotAllowed)
+                   else [request.method])
+        if wanted.upper() not in methods:
+            return _refused(f"{wanted} is not allowed on {request.path}")
+        response = web.Response(status=204)
+        self.add_headers(response, allowed)
+        response.headers["Access-Control-Allow-Methods"] = ", ".join(methods)
+        asked = request.headers.get("Access-Control-Request-Headers", "").strip()
+        if asked and len(asked) <= _MAX_REQUEST_HEADERS and _HEADER_LIST.fullmatch(asked):
+            response.headers["Access-Control-Allow-Headers"] = asked
+        response.headers["Access-Control-Max-Age"] = self.max_age
+        if request.headers.get("Access-Control-Request-Private-Network") == "true":
+            # Chrome's Private Network Access: a public page calling a node on this network
+            # or on loopback asks first; a listed origin may.
+            response.headers["Access-Control-Allow-Private-Network"] = "true"
+        return response
+
+
+CORS = web.AppKey("meshnode_cors_policy", CorsPolicy)
+
 
 def _refused(reason: str) -> web.Response:
     body = {"error": {"message": reason, "type": "invalid_request_error", "param": None,
@@ -77,50 +108,22 @@ def _refused(reason: str) -> web.Response:
 
 
 def install(app: web.Application, config: CorsConfig) -> None:
-    """Add the preflight middleware (outermost) and the response hook, when origins are set."""
+    """Put the policy where the front door finds it (`CORS`: it answers preflights first) and
+    add the response hook, when origins are set."""
     if not config.allow_origins:
         return
     policy = CorsPolicy(config)
 
-    @web.middleware
-    async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        wanted = request.headers.get("Access-Control-Request-Method")
-        if request.method != "OPTIONS" or origin is None or wanted is None:
-            return await handler(request)
-        allowed = policy.allow_origin(origin)
-        if allowed is None:
-            return _refused(f"origin {origin!r} is not allowed (server.cors.allow_origins)")
-        problem = request.match_info.http_exception
-        if problem is not None and not isinstance(problem, HTTPMethodNotAllowed):
-            return await handler(request)  # no such route: the usual 404
-        methods = (sorted(problem.allowed_methods) if isinstance(problem, HTTPMethodNotAllowed)
-                   else [request.method])
-        if wanted.upper() not in methods:
-            return _refused(f"{wanted} is not allowed on {request.path}")
-        response = web.Response(status=204)
-        policy.add_headers(response, allowed)
-        response.headers["Access-Control-Allow-Methods"] = ", ".join(methods)
-        asked = request.headers.get("Access-Control-Request-Headers", "").strip()
-        if asked and len(asked) <= _MAX_REQUEST_HEADERS and _HEADER_LIST.fullmatch(asked):
-            response.headers["Access-Control-Allow-Headers"] = asked
-        response.headers["Access-Control-Max-Age"] = policy.max_age
-        if request.headers.get("Access-Control-Request-Private-Network") == "true":
-            # Chrome's Private Network Access: a public page calling a node on this network
-            # or on loopback asks first; a listed origin may.
-            response.headers["Access-Control-Allow-Private-Network"] = "true"
-        return response
-
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            return  # a preflight: answered (or refused) completely by the middleware
+            return  # a preflight: answered (or refused) completely by `preflight`
         allowed = policy.allow_origin(request.headers.get("Origin"))
         if allowed is not None:
             policy.add_headers(response, allowed)
             response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
 
-    app.middlewares.insert(0, cors_middleware)
+    app[CORS] = policy
     app.on_response_prepare.append(on_prepare)
 
 
-__all__ = ["CorsPolicy", "EXPOSED_HEADERS", "install"]
+__all__ = ["CORS", "CorsPolicy", "EXPOSED_HEADERS", "install"]

@@ -135,6 +135,7 @@ async def open_event_stream(
     head["Content-Type"] = "text/event-stream"
     head["Cache-Control"] = "no-cache"
     head["x-request-id"] = ctx.request_id
+    head["openai-processing-ms"] = ctx.processing_ms()  # to the head, sent with the first events
     if headers:
         head.update(headers)
     # Its head goes out with the first events, in one write.

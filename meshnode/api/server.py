@@ -8,8 +8,8 @@ text with a traceback at ERROR. This module owns the fixes, all read from `serve
 - `idle_timeout_s`: a connection with no request under way is closed (aiohttp's keep-alive
   timer, which also runs from the moment a connection opens);
 - `header_timeout_s`: from a request's first byte, its line and headers must be complete;
-- `body_timeout_s`: the body must arrive whole (`body_deadline_middleware` reads it first;
-  408, and the connection is closed without lingering);
+- `body_timeout_s`: the body must arrive whole (`read_body`, which the front door calls after
+  admission, so handlers find it read; 408, and the connection is closed without lingering);
 - `max_connections`: lowered to what `RLIMIT_NOFILE` leaves after `FD_HEADROOM`; a new
   connection beyond it displaces the oldest idle one (a silent or half-sent one), or is closed
   when every connection is busy;
@@ -20,7 +20,8 @@ text with a traceback at ERROR. This module owns the fixes, all read from `serve
   one WARNING line.
 
 `LimitedAppRunner` is the runner `meshnode.node.Node` uses; `ConnectionGuard` is shared by the
-runner (connection counts) and the app (`CONNECTIONS`, read by `reserve_middleware` and `body_deadline_middleware`). The handler
+runner (connection counts) and the app (`CONNECTIONS`, read by the front door in
+`meshnode.api.app`: `request_started`/`request_finished` around each request). The handler
 subclass reads three attributes of aiohttp's `RequestHandler` (`_request_in_progress`,
 `_messages`, `_lingering_time`); the aiohttp version is pinned in requirements/lock.txt and
 tests/integration/test_server_limits.py drives all of this against a real node process.
@@ -32,7 +33,6 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -47,8 +47,6 @@ from meshnode.errors import InvalidRequest, MeshError, NoCapacity, RequestTimeou
 from meshnode.observability.logging import is_grpc_on_http
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # File descriptors left for everything but HTTP connections: gRPC, peers, the worker's pipes,
 # sqlite, logs, zeroconf.
@@ -264,39 +262,26 @@ class LimitedAppRunner(web.AppRunner):
         return LimitedServer(base, self._guard)
 
 
-@web.middleware
-async def reserve_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """503 for a general request once the general connections are all busy, so `/health/*`,
-    `/admin/*` and `/metrics` keep `server.reserved_connections` for themselves."""
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, read whole within `server.body_timeout_s`, else `RequestTimeout`
+    (408) and the connection is closed after the answer without reading the rest.
+
+    A body that came with its headers (most: aiohttp has parsed it to the end already) is read
+    without a timer; only one still arriving gets one (`asyncio.timeout`, one timer handle)."""
     guard = request.app.get(CONNECTIONS)
-    if guard is None:
-        return await handler(request)
-    protocol = request.protocol
-    guard.request_started(protocol, request.path)
+    if guard is None or request.content.is_eof():
+        return await request.read()
+    timeout_s = guard.config.body_timeout_s
     try:
-        return await handler(request)
-    finally:
-        guard.request_finished(protocol, request.path)
-
-
-@web.middleware
-async def body_deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Reads the body, whole, within `server.body_timeout_s`, so handlers find it read. The
-    innermost middleware: after auth, so an unauthenticated body is never read."""
-    guard = request.app.get(CONNECTIONS)
-    if guard is not None and request.body_exists:
-        timeout_s = guard.config.body_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                await request.read()
-        except TimeoutError:
-            log.warning(
-                "request body from %s for %s not complete within %ss "
-                "(server.body_timeout_s): 408, connection closed",
-                request.remote, request.path, timeout_s,
-            )
-            protocol = request.protocol
-            if isinstance(protocol, LimitedRequestHandler):
-                protocol.abandon_body()
-            raise RequestTimeout(f"the request body did not arrive within {timeout_s} s") from None
-    return await handler(request)
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        log.warning(
+            "request body from %s for %s not complete within %ss "
+            "(server.body_timeout_s): 408, connection closed",
+            request.remote, request.path, timeout_s,
+        )
+        protocol = request.protocol
+        if isinstance(protocol, LimitedRequestHandler):
+            protocol.abandon_body()
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s} s") from None

@@ -1,8 +1,10 @@
-"""Typed state shared by the app, its middlewares and its handlers.
+"""Typed state shared by the app, its front-door middleware and its handlers.
 
 `STATE` (an `aiohttp.web.AppKey`) holds the app-wide `ApiState`; `CONTEXT` (a `RequestKey`)
-holds the per-request `RequestContext` the request middleware creates and the handlers fill in.
-Kept apart from `app.py` so handlers can import it without a cycle.
+holds the per-request `RequestContext` the front door creates and the handlers fill in; `GATE`
+holds the admission step (governance: auth, rate limits) the front door runs before a handler,
+when a registrar installed one. Kept apart from `app.py` so handlers can import it without a
+cycle.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 
@@ -47,11 +51,33 @@ class RequestContext:
     error_provider: str | None = None
     attempts: tuple[object, ...] = ()  # what the router tried, for a request that failed
 
+    def processing_ms(self) -> str:
+        """`openai-processing-ms`, as OpenAI sends it: the time from the request to its
+        headers (for a stream, to its first event)."""
+        return str(int((time.perf_counter() - self.started) * 1000))
+
+
+class Gate(Protocol):
+    """Admission the front door runs for every request before its handler, after the body
+    size check and before the body is read (governance: `meshnode.governance.http`).
+
+    Runs on the event loop; raises a `MeshError` to refuse (the front door maps it)."""
+
+    def admit(self, request: web.Request) -> Awaitable[bool]:
+        """Refuse, or admit; True when `settle` must run once the handler is done."""
+        ...
+
+    def settle(self, request: web.Request) -> None:
+        """After the handler (answered, failed or cancelled), for an admitted request whose
+        `admit` returned True. Must not raise."""
+        ...
+
 
 STATE = web.AppKey("meshnode_api_state", ApiState)
 # The response cache, when the node has one (`meshnode.cache`); handlers go through it.
 CACHE = web.AppKey("meshnode_response_cache", ResponseCache)
 CONTEXT = web.RequestKey("meshnode_request_context", RequestContext)
+GATE: web.AppKey[Gate] = web.AppKey("meshnode_admission_gate")
 
 
 # A random per-process prefix and a counter: unique across nodes and restarts without a

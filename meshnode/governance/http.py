@@ -1,11 +1,12 @@
-"""The aiohttp side of governance: the auth + rate-limit middleware, the `x-ratelimit-*`
-headers, and the key-management routes `/admin/keys` (`POST`/`DELETE` answer 404
+"""The aiohttp side of governance: the auth + rate-limit gate, the `x-ratelimit-*` headers,
+and the key-management routes `/admin/keys` (`POST`/`DELETE` answer 404
 `key_management_disabled` on a node with auth off: docs/security.md).
 
 `install(app, governance)` (via `Governance.install`, which has the `RouteRegistrar` shape that
-`create_app(extra_routes=...)` takes) appends the middleware, so it runs inside the request
-middleware: our `AuthenticationError` / `PermissionDenied` / `RateLimited` become OpenAI-shaped
-401 / 403 / 429 answers in the one place that maps errors. Headers are added in
+`create_app(extra_routes=...)` takes) puts a `GovernanceGate` at `GATE`, which the front door
+(`meshnode.api.app`) runs after the body size check and before the body is read: our
+`AuthenticationError` / `PermissionDenied` / `RateLimited` become OpenAI-shaped 401 / 403 / 429
+answers in the one place that maps errors. Headers are added in
 `on_response_prepare`, the one moment that sees streamed and error answers alike before their
 headers leave.
 
@@ -21,13 +22,12 @@ Nothing here writes the Authorization header, the key or its hash anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
-from meshnode.api.state import CONTEXT
+from meshnode.api.state import CONTEXT, GATE
 from meshnode.errors import InvalidRequest, RateLimited
 from meshnode.governance.auth import Authenticator, RouteClass, route_class
 from meshnode.governance.keys import KeyRecord
@@ -36,8 +36,6 @@ from meshnode.governance.spend_report import spend_report
 
 if TYPE_CHECKING:
     from meshnode.governance.service import Governance
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 KEY = web.RequestKey("meshnode_api_key", KeyRecord)
 RATE = web.RequestKey("meshnode_rate_decision", RateDecision)
@@ -66,7 +64,11 @@ def _presented(request: web.Request) -> str | None:
 
 
 async def _peek_model(request: web.Request) -> str | None:
-    raw = await request.read()
+    # Within server.body_timeout_s, like every body. (Imported here: meshnode.api.server
+    # imports the handlers, which import this module.)
+    from meshnode.api.server import read_body
+
+    raw = await read_body(request)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -75,31 +77,31 @@ async def _peek_model(request: web.Request) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def make_middleware(gov: Governance) -> Callable[..., Awaitable[web.StreamResponse]]:
-    authenticator = gov.authenticator
-    limiter = gov.limiter
+class GovernanceGate:
+    """The front door's admission step (`meshnode.api.state.Gate`) on a node with auth on:
+    authenticate and authorize, check a model-limited key's model, take one request from the
+    key's request bucket; after the handler, charge the answer's tokens."""
 
-    @web.middleware
-    async def governance_middleware(
-        request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        if not gov.auth_enabled:
-            return await handler(request)
+    def __init__(self, gov: Governance) -> None:
+        self._authenticator = gov.authenticator
+        self._limiter = gov.limiter
+
+    async def admit(self, request: web.Request) -> bool:
         route = route_class(request.path)
         if route is RouteClass.PUBLIC:
-            return await handler(request)
-        record = authenticator.authenticate(_presented(request))
+            return False
+        record = self._authenticator.authenticate(_presented(request))
         Authenticator.authorize(record, route)
         request[KEY] = record
         if request.method != "POST" or not request.path.startswith("/v1/"):
-            return await handler(request)
+            return False
         if record.models is not None:
             model = await _peek_model(request)
             if model is not None:
                 Authenticator.authorize_model(record, model)
         if record.rpm is None and record.tpm is None:
-            return await handler(request)
-        decision = limiter.acquire(record.name, record.rpm, record.tpm)
+            return False
+        decision = self._limiter.acquire(record.name, record.rpm, record.tpm)
         request[RATE] = decision
         if not decision.allowed:
             per = "requests" if decision.limited_by == "requests" else "tokens"
@@ -109,15 +111,14 @@ def make_middleware(gov: Governance) -> Callable[..., Awaitable[web.StreamRespon
                 f"Try again in {decision.retry_after_s:.3g}s.",
                 retry_after=decision.retry_after_s,
             )
-        try:
-            return await handler(request)
-        finally:
-            ctx = request.get(CONTEXT)
-            served = ctx.served if ctx is not None else None
-            if served is not None:
-                limiter.charge_tokens(record.name, record.tpm, served.usage.total_tokens)
+        return True
 
-    return governance_middleware
+    def settle(self, request: web.Request) -> None:
+        record = request[KEY]
+        ctx = request.get(CONTEXT)
+        served = ctx.served if ctx is not None else None
+        if served is not None:
+            self._limiter.charge_tokens(record.name, record.tpm, served.usage.total_tokens)
 
 
 async def _rate_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -211,9 +212,9 @@ async def admin_spend(request: web.Request) -> web.Response:
 
 def install(app: web.Application, gov: Governance) -> None:
     app[GOVERNANCE] = gov
-    if gov.auth_enabled:  # with auth off the middleware would only cost time
-        app.middlewares.append(make_middleware(gov))
-    app.on_response_prepare.append(_rate_headers)
+    if gov.auth_enabled:  # with auth off the gate would only cost time (and RATE is never set)
+        app[GATE] = GovernanceGate(gov)
+        app.on_response_prepare.append(_rate_headers)
     app.router.add_post("/admin/keys", create_key)
     app.router.add_get("/admin/keys", list_keys)
     app.router.add_delete("/admin/keys/{name}", revoke_key)
