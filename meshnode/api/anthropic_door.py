@@ -26,7 +26,8 @@ import orjson
 from aiohttp import web
 
 from meshnode.api import sse
-from meshnode.api.errors import JSON, error_response, retry_after_header
+from meshnode.api.answer import JSON, JsonAnswer
+from meshnode.api.errors import error_response, retry_after_header
 from meshnode.api.handlers import (
     _aiproxy_headers,
     _served_headers,
@@ -567,8 +568,7 @@ def anthropic_error_response(exc: MeshError, request_id: str, node_id: str) -> w
         headers["Retry-After"] = retry_after
     if exc.provider:
         headers["x-aiproxy-provider"] = exc.provider
-    return web.Response(body=orjson.dumps(error_envelope(exc)), status=exc.status,
-                        content_type=JSON, headers=headers)
+    return JsonAnswer(orjson.dumps(error_envelope(exc)), status=exc.status, headers=headers)
 
 
 def render_error(exc: MeshError, path: str, request_id: str, node_id: str) -> web.Response:
@@ -612,7 +612,7 @@ async def messages_handler(request: web.Request) -> web.StreamResponse:
     message["x_aiproxy"] = routed.served.to_json()
     headers = _served_headers(routed.served)
     headers["request-id"] = ctx.request_id
-    return web.Response(body=orjson.dumps(message), content_type=JSON, headers=headers)
+    return JsonAnswer(orjson.dumps(message), headers=headers)
 
 
 async def _stream(

@@ -131,6 +131,9 @@ async def front_door(
     except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a generic 500
         ctx.error_code = "internal_error"
         response = unexpected_error_response(exc, request_id, state.node_id)
+    # A client gone before its answer was whole (`handlers.open_event_stream`, `sse.relay`) is
+    # 499 whichever way its going was noticed, as it is when it cancels the handler.
+    status = CLIENT_CLOSED if ctx.error_code == "client_closed" else response.status
     if not response.prepared:
         headers = response.headers
         headers["x-request-id"] = request_id
@@ -139,7 +142,7 @@ async def front_door(
         if "openai-processing-ms" not in headers:
             headers["openai-processing-ms"] = ctx.processing_ms()
         _maybe_gzip(request, response)
-    _finish(state, ctx, request, response.status)
+    _finish(state, ctx, request, status)
     return response
 
 

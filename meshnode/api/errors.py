@@ -17,12 +17,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from meshnode.api.answer import JsonAnswer
 from meshnode.errors import MeshError, NoCapacity, PayloadTooLarge
 from meshnode.observability.redact import redact
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
 # When we have no better hint, tell clients to come back in a second rather than hammer us.
 DEFAULT_RETRY_AFTER_S = 1.0
 
@@ -75,12 +75,7 @@ def error_response(exc: MeshError, request_id: str, node_id: str) -> web.Respons
         headers["Retry-After"] = retry_after
     if exc.provider:
         headers["x-aiproxy-provider"] = exc.provider
-    return web.Response(
-        body=orjson.dumps(error_body(exc)),
-        status=exc.status,
-        content_type=JSON,
-        headers=headers,
-    )
+    return JsonAnswer(orjson.dumps(error_body(exc)), status=exc.status, headers=headers)
 
 
 def unexpected_error_response(
@@ -94,12 +89,8 @@ def unexpected_error_response(
         exc_info=exc,
         extra={"request_id": request_id},
     )
-    return web.Response(
-        body=orjson.dumps(internal_error_body(request_id)),
-        status=500,
-        content_type=JSON,
-        headers={"x-request-id": request_id, "x-aiproxy-node": node_id},
-    )
+    return JsonAnswer(orjson.dumps(internal_error_body(request_id)), status=500,
+                      headers={"x-request-id": request_id, "x-aiproxy-node": node_id})
 
 
 def stream_error_event(exc: BaseException, request_id: str) -> bytes:
@@ -136,6 +127,4 @@ def http_error_response(
     allow = exc.headers.get("Allow")
     if allow:
         headers["Allow"] = allow
-    return web.Response(
-        body=orjson.dumps(body), status=exc.status, content_type=JSON, headers=headers
-    )
+    return JsonAnswer(orjson.dumps(body), status=exc.status, headers=headers)

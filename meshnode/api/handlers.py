@@ -15,7 +15,8 @@ import orjson
 from aiohttp import web
 
 from meshnode.api import sse
-from meshnode.api.errors import JSON, no_capacity
+from meshnode.api.answer import JsonAnswer
+from meshnode.api.errors import no_capacity
 from meshnode.api.protocol import parse_request
 from meshnode.api.state import CACHE, CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, ModelNotFound
@@ -31,7 +32,7 @@ _KIND_NAMES = {
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
+    return JsonAnswer(orjson.dumps(data), status=status, headers=headers)
 
 
 def _aiproxy_headers(request: web.Request) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from meshnode.api.errors import JSON
+from meshnode.api.answer import JSON
 from meshnode.api.handlers import _aiproxy_headers, _served_headers
 from meshnode.api.protocol import loads_body, strip_redirects
 from meshnode.api.state import CONTEXT, STATE
