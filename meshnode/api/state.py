@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -22,6 +22,10 @@ from meshnode.cache.service import ResponseCache
 from meshnode.observability.metrics import Metrics
 from meshnode.routing.outcome import Served
 from meshnode.routing.router import Router
+
+if TYPE_CHECKING:
+    from meshnode.governance.keys import KeyRecord
+    from meshnode.governance.ratelimit import RateDecision
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,8 @@ class ApiState:
 
 @dataclass(slots=True)
 class RequestContext:
-    """Per-request facts gathered for the request log line and metrics."""
+    """Per-request facts gathered for the request log line and metrics, and what the gate
+    decided (`key`, `rate`: set by governance's gate, read through `governance.http`)."""
 
     request_id: str
     started: float  # time.perf_counter()
@@ -50,6 +55,8 @@ class RequestContext:
     error_code: str | None = None
     error_provider: str | None = None
     attempts: tuple[object, ...] = ()  # what the router tried, for a request that failed
+    key: KeyRecord | None = None  # the API key that authenticated the request
+    rate: RateDecision | None = None  # its rate-limit decision, for the x-ratelimit-* headers
 
     def processing_ms(self) -> str:
         """`openai-processing-ms`, as OpenAI sends it: the time from the request to its

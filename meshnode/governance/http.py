@@ -15,8 +15,9 @@ request bucket before the handler runs, and the answer's real token usage is tak
 token bucket after it (`ratelimit.py` explains why after). A key limited to some models has its
 body's `model` checked here (the body is read once; aiohttp keeps it for the handler).
 
-The request's key (its record) is put on the request (`key_of(request)`), for the handler to
-pass the key name to the router (policies, per-key budgets) and to the request log line.
+The request's key (its record) is put on the request's context (`key_of(request)`), for the
+handler to pass the key name to the router (policies, per-key budgets) and to the request log
+line.
 Nothing here writes the Authorization header, the key or its hash anywhere.
 """
 
@@ -31,25 +32,24 @@ from meshnode.api.state import CONTEXT, GATE
 from meshnode.errors import InvalidRequest, RateLimited
 from meshnode.governance.auth import Authenticator, RouteClass, route_class
 from meshnode.governance.keys import KeyRecord
-from meshnode.governance.ratelimit import RateDecision
 from meshnode.governance.spend_report import spend_report
 
 if TYPE_CHECKING:
     from meshnode.governance.service import Governance
 
-KEY = web.RequestKey("meshnode_api_key", KeyRecord)
-RATE = web.RequestKey("meshnode_rate_decision", RateDecision)
 GOVERNANCE: web.AppKey[Any] = web.AppKey("meshnode_governance", object)
 
 
 def key_of(request: web.Request) -> KeyRecord | None:
     """The API key that authenticated this request (None when auth is off or the route is
-    public)."""
-    return request.get(KEY)
+    public). It is kept on the request's context (`RequestContext.key`): a miss in the
+    request's own mapping costs an exception, and this is asked on every request."""
+    ctx = request.get(CONTEXT)
+    return ctx.key if ctx is not None else None
 
 
 def key_name_of(request: web.Request) -> str | None:
-    record = request.get(KEY)
+    record = key_of(request)
     return record.name if record is not None else None
 
 
@@ -92,7 +92,8 @@ class GovernanceGate:
             return False
         record = self._authenticator.authenticate(_presented(request))
         Authenticator.authorize(record, route)
-        request[KEY] = record
+        ctx = request[CONTEXT]  # the front door made it before asking the gate
+        ctx.key = record
         if request.method != "POST" or not request.path.startswith("/v1/"):
             return False
         if record.models is not None:
@@ -102,7 +103,7 @@ class GovernanceGate:
         if record.rpm is None and record.tpm is None:
             return False
         decision = self._limiter.acquire(record.name, record.rpm, record.tpm)
-        request[RATE] = decision
+        ctx.rate = decision
         if not decision.allowed:
             per = "requests" if decision.limited_by == "requests" else "tokens"
             limit = decision.limit_requests if per == "requests" else decision.limit_tokens
@@ -114,15 +115,15 @@ class GovernanceGate:
         return True
 
     def settle(self, request: web.Request) -> None:
-        record = request[KEY]
-        ctx = request.get(CONTEXT)
-        served = ctx.served if ctx is not None else None
-        if served is not None:
+        ctx = request[CONTEXT]
+        record, served = ctx.key, ctx.served
+        if record is not None and served is not None:
             self._limiter.charge_tokens(record.name, record.tpm, served.usage.total_tokens)
 
 
 async def _rate_headers(request: web.Request, response: web.StreamResponse) -> None:
-    decision = request.get(RATE)
+    ctx = request.get(CONTEXT)
+    decision = ctx.rate if ctx is not None else None
     if decision is not None:
         response.headers.update(decision.headers())
 
@@ -212,7 +213,7 @@ async def admin_spend(request: web.Request) -> web.Response:
 
 def install(app: web.Application, gov: Governance) -> None:
     app[GOVERNANCE] = gov
-    if gov.auth_enabled:  # with auth off the gate would only cost time (and RATE is never set)
+    if gov.auth_enabled:  # with auth off the gate would only cost time (and no rate is ever decided)
         app[GATE] = GovernanceGate(gov)
         app.on_response_prepare.append(_rate_headers)
     app.router.add_post("/admin/keys", create_key)
