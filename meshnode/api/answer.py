@@ -9,8 +9,8 @@ the headers and the body to the transport at once, with the headers aiohttp woul
 (`Content-Length`, `Date`, `Server`, `Connection: close` when the connection will not be kept).
 
 The plain aiohttp path is kept for everything the one-write path does not cover: a compressed
-answer (gzip, `meshnode.api.app`), a request that is not HTTP/1.1, `HEAD`, a status without a
-body, cookies. The header block is serialised by aiohttp's own serialiser, which refuses a
+answer (gzip, `meshnode.api.app`), a request that is not HTTP/1.1 (aiohttp's own parser
+refusals among them), `HEAD`, a status without a body, cookies, a request outside an app. The header block is serialised by aiohttp's own serialiser, which refuses a
 CR or LF in a header exactly as the plain path does. This module reads two of aiohttp's
 internals (`http_writer._serialize_headers`, `Response._body`); the aiohttp version is pinned
 in requirements/lock.txt and tests/unit/api/test_answer.py compares the bytes on the wire with
@@ -20,7 +20,6 @@ the plain path's.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import cast
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
@@ -49,8 +48,8 @@ class JsonAnswer(web.Response):
             return self._payload_writer
         body = self._body
         status = self._status
-        if (self._compression or self._cookies or self._chunked
-                or not isinstance(body, bytes) or request.version != HttpVersion11
+        if (self._compression or self._cookies or self._chunked or not isinstance(body, bytes)
+                or not isinstance(request, web.Request) or request.version != HttpVersion11
                 or request.method == hdrs.METH_HEAD or status < 200 or status in (204, 304)):
             return await super().prepare(request)
         keep_alive = self._keep_alive
@@ -65,10 +64,9 @@ class JsonAnswer(web.Response):
         if not keep_alive and hdrs.CONNECTION not in headers:
             headers[hdrs.CONNECTION] = "close"
         self._req = request
-        web_request = cast(web.Request, request)  # what aiohttp's server passes its handlers
-        hooks = web_request.app.on_response_prepare
+        hooks = request.app.on_response_prepare
         if hooks:
-            await hooks.send(web_request, self)  # CORS, rate-limit headers
+            await hooks.send(request, self)  # CORS, rate-limit headers
         block = _serialize_headers(f"HTTP/1.1 {status} {self._reason}", headers)
         protocol = request.protocol
         transport = protocol.transport

@@ -142,3 +142,18 @@ async def test_a_big_body_is_whole(server: int) -> None:
     _status, headers, body, _closed = await _assert_same(
         server, lambda p: (_post(p + "?big=1"), b"{}"))
     assert body == BIG and int(headers["content-length"]) == len(BIG)
+
+
+async def test_pipelined_requests_are_answered_in_order(server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    try:
+        writer.write(_post("/answer?status=201") + b"{}" + _post("/answer?big=1") + b"{}")
+        for status, body in ((b"HTTP/1.1 201 Created\r\n", BODY), (b"HTTP/1.1 200 OK\r\n", BIG)):
+            assert await reader.readline() == status
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length"):
+                    length = int(line.split(b":")[1])
+            assert await reader.readexactly(length) == body
+    finally:
+        writer.close()
