@@ -47,7 +47,6 @@ from meshnode.api.state import CONTEXT, GATE, STATE, ApiState, RequestContext, n
 from meshnode.config import ServerConfig, TimeoutsConfig
 from meshnode.dashboard import add_dashboard_routes
 from meshnode.errors import MeshError, PayloadTooLarge
-from meshnode.governance.http import key_name_of
 from meshnode.observability import tracing
 from meshnode.observability.logging import log_request
 from meshnode.observability.metrics import Metrics
@@ -189,7 +188,7 @@ def _finish(state: ApiState, ctx: RequestContext, request: web.Request, status: 
         ctx.kind = "_unknown"
     latency_s = time.perf_counter() - ctx.started
     served = ctx.served
-    key = key_name_of(request)
+    key = ctx.key_name
     if served is not None:
         state.metrics.record_served(
             served, kind=ctx.kind, status=status, latency_s=latency_s, ttft_s=ctx.ttft_s,

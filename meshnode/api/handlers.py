@@ -20,7 +20,7 @@ from meshnode.api.errors import no_capacity
 from meshnode.api.protocol import parse_request
 from meshnode.api.state import CACHE, CONTEXT, STATE, ApiState
 from meshnode.errors import InvalidRequest, ModelNotFound
-from meshnode.governance.http import GOVERNANCE, key_name_of
+from meshnode.governance.http import GOVERNANCE
 from meshnode.routing.outcome import RoutedStream, Served
 from meshnode.types import InferenceRequest, RequestKind
 
@@ -84,7 +84,7 @@ async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
     raw = await request.read()
     inference = parse_request(
         kind, raw, request_id=ctx.request_id, timeout_s=state.timeout_s,
-        headers=_aiproxy_headers(request), key_name=key_name_of(request),
+        headers=_aiproxy_headers(request), key_name=ctx.key_name,
     )
     router = state.router
     require_model(state, inference.model, kind)

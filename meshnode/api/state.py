@@ -58,6 +58,10 @@ class RequestContext:
     key: KeyRecord | None = None  # the API key that authenticated the request
     rate: RateDecision | None = None  # its rate-limit decision, for the x-ratelimit-* headers
 
+    @property
+    def key_name(self) -> str | None:
+        return self.key.name if self.key is not None else None
+
     def processing_ms(self) -> str:
         """`openai-processing-ms`, as OpenAI sends it: the time from the request to its
         headers (for a stream, to its first event)."""

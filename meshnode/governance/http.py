@@ -49,8 +49,8 @@ def key_of(request: web.Request) -> KeyRecord | None:
 
 
 def key_name_of(request: web.Request) -> str | None:
-    record = key_of(request)
-    return record.name if record is not None else None
+    ctx = request.get(CONTEXT)
+    return ctx.key_name if ctx is not None else None
 
 
 def _presented(request: web.Request) -> str | None:
