@@ -23,7 +23,7 @@ from meshnode.api.state import CONTEXT, RequestContext
 from meshnode.observability.logging import REQUEST_LOGGER
 from meshnode.providers.fake import FakeProvider
 from meshnode.routing.outcome import RoutedStream, Served
-from tests.kit.browser import wait_until
+from tests.kit.wait import wait_for
 from tests.unit.api.conftest import make_router
 from tests.unit.api.test_sse import FINISH, OFFER, content
 
@@ -142,11 +142,11 @@ async def test_a_real_socket_closed_before_the_headers_is_client_closed(
         def request_lines() -> list[logging.LogRecord]:
             return [r for r in caplog.records if r.name == REQUEST_LOGGER]
 
-        await wait_until(request_lines, "the request's log line")
+        await wait_for(request_lines, "the request's log line")
         (line,) = request_lines()
         assert line.__dict__["error"] == "client_closed"
         assert line.__dict__["status"] == 499
-        await wait_until(lambda: held.closed_streams == 1, "the route closed")
+        await wait_for(lambda: held.closed_streams == 1, "the route closed")
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
         await runner.cleanup()
