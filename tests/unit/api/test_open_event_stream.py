@@ -102,10 +102,10 @@ async def test_a_real_socket_closed_before_the_headers_is_client_closed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """On a real connection: the client resets its socket while the route is being opened,
-    and the server's handler goes on to send the headers on the closed transport. The
-    request is `client_closed` (logged 499), the route is closed, nothing is logged as an
-    error. (Without handler cancellation, so the handler reaches `prepare()` after the
-    disconnect every time: in production it does so when the disconnect is seen in the loop
+    and the server's handler goes on to send the head (with the first events) on the closed
+    transport. The request is `client_closed` (logged 499), the route is closed, nothing is
+    logged as an error. (Without handler cancellation, so the handler always reaches the
+    write after the disconnect: in production it does when the disconnect is seen in the loop
     turn the route opened in, before the cancellation lands.)"""
     caplog.set_level(logging.INFO)
     held = _HeldProvider()
