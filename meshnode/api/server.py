@@ -21,7 +21,9 @@ text with a traceback at ERROR. This module owns the fixes, all read from `serve
 
 `LimitedAppRunner` is the runner `meshnode.node.Node` uses; `ConnectionGuard` is shared by the
 runner (connection counts) and the app (`CONNECTIONS`, read by the front door in
-`meshnode.api.app`: `request_started`/`request_finished` around each request). The handler
+`meshnode.api.app`: `request_started`/`request_finished` around each request); it also drops
+aiohttp's no-op per-request middleware layer of an app without sub-apps
+(`drop_current_app_layer`). The handler
 subclass reads three attributes of aiohttp's `RequestHandler` (`_request_in_progress`,
 `_messages`, `_lingering_time`); the aiohttp version is pinned in requirements/lock.txt and
 tests/integration/test_server_limits.py drives all of this against a real node process.
@@ -259,7 +261,32 @@ class LimitedAppRunner(web.AppRunner):
 
     async def _make_server(self) -> Server:
         base = await super()._make_server()  # runs the app's startup
+        drop_current_app_layer(self.app)
         return LimitedServer(base, self._guard)
+
+
+# The layer aiohttp appends to every app's middlewares (`web_middlewares`).
+_CURRENT_APP_LAYER = "_fix_request_current_app.<locals>.impl"
+
+
+def drop_current_app_layer(app: web.Application) -> bool:
+    """Drop aiohttp's own last middleware of a frozen app without sub-apps; True if dropped.
+
+    aiohttp wraps each app's handlers in one more middleware that points
+    `request.match_info.current_app` at the app whose middlewares run, and back. Without
+    sub-apps that is the app the match info already names (aiohttp sets it when it resolves
+    the route), so the layer changes nothing and costs a coroutine frame per request on every
+    resumption of the handler. This reads aiohttp's `Application._subapps` and
+    `_middlewares_handlers` (the version is pinned in requirements/lock.txt); if they look
+    other than expected, nothing is changed."""
+    handlers = getattr(app, "_middlewares_handlers", None)
+    if not app.frozen or getattr(app, "_subapps", None) or not handlers:
+        return False
+    kept = tuple(h for h in handlers if getattr(h[0], "__qualname__", "") != _CURRENT_APP_LAYER)
+    if len(kept) != len(handlers) - 1:
+        return False
+    app._middlewares_handlers = kept
+    return True
 
 
 async def read_body(request: web.Request) -> bytes:

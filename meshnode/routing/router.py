@@ -520,8 +520,12 @@ class Router:
     async def complete(self, request: InferenceRequest) -> RoutedCompletion:
         """Serve a non-stream request with failover. Raises MeshError."""
 
-        async def call(provider: Provider, offer: ModelOffer, req: InferenceRequest) -> Completion:
-            return await provider.complete(req, offer, self._config.timeouts)
+        def call(
+            provider: Provider, offer: ModelOffer, req: InferenceRequest
+        ) -> Awaitable[Completion]:
+            # The provider's coroutine itself (awaited by the failover loop), not one that
+            # awaits it: one frame less on every resumption of the request.
+            return provider.complete(req, offer, self._config.timeouts)
 
         # A client gone mid-call: the upstream may finish and bill it anyway.
         won = await self._failover(request, call, "was answering", lambda hold: hold.abandon())

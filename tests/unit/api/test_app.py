@@ -274,3 +274,40 @@ async def test_admin_route_explains_a_bodys_prefix_hit(api_client) -> None:
     assert (await client.post("/admin/route", data=b"{nope")).status == 400
     assert (await client.post("/admin/route", json=["m"])).status == 400
     assert (await client.post("/admin/route", json={"model": "zz"})).status == 404
+
+
+async def test_runner_drops_aiohttps_no_op_layer_and_requests_still_see_their_app(fake) -> None:
+    # The production runner drops aiohttp's per-request `current_app` middleware of an app
+    # without sub-apps; the front door and handlers still find the app (its state) through
+    # `request.app`, and an app with a sub-app keeps the layer.
+    from aiohttp import ClientSession, web
+
+    from meshnode.api.app import create_app, front_door
+    from meshnode.api.server import LimitedAppRunner, drop_current_app_layer
+    from tests.unit.api.conftest import make_router
+
+    app = create_app(make_router([fake]), node_id="node-runner", manage_providers=False)
+    runner = LimitedAppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        assert [m for m, _ in app._middlewares_handlers] == [front_door]
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/health/live") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["node"] == "node-runner"
+            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                    json=CHAT) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-aiproxy-node"] == "node-test"  # the router's node
+                assert (await resp.json())["x_aiproxy"]["provider"] == "fake"
+    finally:
+        await runner.cleanup()
+
+    parent = web.Application(middlewares=[front_door])
+    parent.add_subapp("/sub", web.Application())
+    parent.freeze()
+    assert not drop_current_app_layer(parent)
+    assert len(parent._middlewares_handlers) == 2
