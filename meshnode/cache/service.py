@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -272,13 +272,21 @@ class ResponseCache:
         return True
 
     # ------------------------------------------------------------------ wrapping a router
-    async def complete(
+    def complete(
         self, router: Routes, request: InferenceRequest, cache_control: str | None = None
-    ) -> RoutedCompletion:
-        """`router.complete(request)`, answered from the cache when it can be."""
+    ) -> Awaitable[RoutedCompletion]:
+        """`router.complete(request)`, answered from the cache when it can be (await it).
+
+        With the cache off it is the router's own coroutine (no frame of this module on every
+        resumption of the request)."""
         if not self._on:  # the directive is still checked: a malformed one is refused
             directive(request, cache_control)
-            return await router.complete(strip_cache_field(request))
+            return router.complete(strip_cache_field(request))
+        return self._complete(router, request, cache_control)
+
+    async def _complete(
+        self, router: Routes, request: InferenceRequest, cache_control: str | None
+    ) -> RoutedCompletion:
         lookup = self._lookup_exact(request, cache_control)
         if lookup.eligible and lookup.hit is None:
             await self._semantic_or_miss(lookup)
@@ -295,14 +303,19 @@ class ResponseCache:
             )
         return routed
 
-    async def open_stream(
+    def open_stream(
         self, router: Routes, request: InferenceRequest, cache_control: str | None = None
-    ) -> RoutedStream:
+    ) -> Awaitable[RoutedStream]:
         """`router.open_stream(request)`; a hit replays the kept answer as a normal stream,
-        an eligible miss is recorded and kept once it ended well."""
+        an eligible miss is recorded and kept once it ended well (await it)."""
         if not self._on:  # as in complete()
             directive(request, cache_control)
-            return await router.open_stream(strip_cache_field(request))
+            return router.open_stream(strip_cache_field(request))
+        return self._open_stream(router, request, cache_control)
+
+    async def _open_stream(
+        self, router: Routes, request: InferenceRequest, cache_control: str | None
+    ) -> RoutedStream:
         lookup = await self.lookup(request, cache_control)
         if lookup.hit is not None:
             answer = lookup.hit.answer

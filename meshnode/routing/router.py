@@ -605,99 +605,86 @@ class Router:
         if not plan:
             raise self._no_candidates(request, policy, excluded)
         attempts: list[Attempt] = []
+        # The attempts, in this frame (not a coroutine it awaits: one frame less on every
+        # resumption of the request).
         try:
-            return await self._try_plan(request, plan, call, doing, on_client_gone, attempts,
-                                        choice.strategy, policy, excluded, prefix)
+            start = self._clock()
+            tried: set[tuple[str, str]] = set()
+            last: MeshError | None = None
+            unaffordable: set[tuple[str, str]] = set()
+            told_to_wait: set[tuple[str, str]] = set()  # answered 429 with Retry-After
+            for entry in plan:
+                offer, provider, stats, key = entry.offer, entry.provider, entry.stats, entry.key
+                if key in unaffordable:
+                    continue
+                if key in told_to_wait and stats.cooled_down(self._clock()):
+                    continue  # never re-sent before its Retry-After; the next one goes now
+                if key in tried:
+                    await self._pause_before(len(attempts), request)
+                try:
+                    hold = self._reserve(request, offer)
+                except BudgetExceeded as exc:
+                    # Spent budget: skip paid candidates, free ones may still serve.
+                    last = exc
+                    unaffordable.add(key)
+                    continue
+                tried.add(key)
+                # A peer attempt carries what this node holds for it (the peer's spending cap).
+                attempt = request if offer.node is None else dataclasses.replace(
+                    request, held=hold.held())
+                t0 = self._clock()
+                stats.in_flight += 1
+                try:
+                    with tracing.attempt_span(offer.provider, offer.model, offer.node,
+                                              len(attempts) + 1):
+                        if provider.enforces_deadline:
+                            result = await call(provider, offer, attempt)
+                        else:
+                            async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                                result = await call(provider, offer, attempt)
+                except TimeoutError:
+                    hold.release()
+                    stats.in_flight -= 1
+                    last = DeadlineExceeded(
+                        f"The request's deadline passed before {offer.provider} {doing}",
+                        provider=offer.provider,
+                    )
+                    self._failed(stats, offer, last, attempts, t0)
+                    raise self._final_error(last, attempts) from None
+                except MeshError as exc:
+                    hold.release()
+                    stats.in_flight -= 1
+                    last = exc
+                    self._failed(stats, offer, exc, attempts, t0)
+                    if isinstance(exc, UpstreamAuthError):
+                        self._credentials_rejected(offer, exc)
+                        continue  # the operator's key, not the client's request: try the next
+                    if not exc.retryable:
+                        raise
+                    if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
+                        told_to_wait.add(key)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a provider's bug is a failed attempt
+                    hold.release()
+                    stats.in_flight -= 1
+                    last = self._provider_raised(offer, exc)
+                    self._failed(stats, offer, last, attempts, t0)
+                    continue
+                except BaseException:  # cancelled: the client went away
+                    on_client_gone(hold)
+                    stats.in_flight -= 1
+                    raise
+                self._rejected_credentials.pop(offer.provider, None)
+                if (offer.node is None and offer.provider_kind == "local"
+                        and self._records(provider)):
+                    self._record_prefix(request, prefix)
+                return _Won(result, offer, stats, hold, t0, self._clock(), start, attempts,
+                            choice.strategy, policy)
+            raise self._final_error(last, attempts, request, policy, excluded)
         except MeshError as exc:
             # The log line and metrics of a failed request say what was tried.
             exc.attempts = tuple(attempts)
             raise
-
-    async def _try_plan(
-        self,
-        request: InferenceRequest,
-        plan: list[_Entry],
-        call: Callable[[Provider, ModelOffer, InferenceRequest], Awaitable[T]],
-        doing: str,
-        on_client_gone: Callable[[Hold], object],
-        attempts: list[Attempt],
-        strategy: str,
-        policy: str | None,
-        excluded: Sequence[str],
-        prefix: RequestPrefix | None,
-    ) -> _Won[T]:
-        start = self._clock()
-        tried: set[tuple[str, str]] = set()
-        last: MeshError | None = None
-        unaffordable: set[tuple[str, str]] = set()
-        told_to_wait: set[tuple[str, str]] = set()  # answered 429 with Retry-After
-        for entry in plan:
-            offer, provider, stats, key = entry.offer, entry.provider, entry.stats, entry.key
-            if key in unaffordable:
-                continue
-            if key in told_to_wait and stats.cooled_down(self._clock()):
-                continue  # never re-sent before its Retry-After; the next candidate goes now
-            if key in tried:
-                await self._pause_before(len(attempts), request)
-            try:
-                hold = self._reserve(request, offer)
-            except BudgetExceeded as exc:
-                # Spent budget: skip paid candidates, free ones may still serve.
-                last = exc
-                unaffordable.add(key)
-                continue
-            tried.add(key)
-            # A peer attempt carries what this node holds for it (the peer's spending cap).
-            attempt = request if offer.node is None else dataclasses.replace(
-                request, held=hold.held())
-            t0 = self._clock()
-            stats.in_flight += 1
-            try:
-                with tracing.attempt_span(offer.provider, offer.model, offer.node,
-                                          len(attempts) + 1):
-                    if provider.enforces_deadline:
-                        result = await call(provider, offer, attempt)
-                    else:
-                        async with asyncio.timeout(max(0.0, request.deadline - t0)):
-                            result = await call(provider, offer, attempt)
-            except TimeoutError:
-                hold.release()
-                stats.in_flight -= 1
-                last = DeadlineExceeded(
-                    f"The request's deadline passed before {offer.provider} {doing}",
-                    provider=offer.provider,
-                )
-                self._failed(stats, offer, last, attempts, t0)
-                raise self._final_error(last, attempts) from None
-            except MeshError as exc:
-                hold.release()
-                stats.in_flight -= 1
-                last = exc
-                self._failed(stats, offer, exc, attempts, t0)
-                if isinstance(exc, UpstreamAuthError):
-                    self._credentials_rejected(offer, exc)
-                    continue  # the operator's key, not the client's request: try the next
-                if not exc.retryable:
-                    raise
-                if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
-                    told_to_wait.add(key)
-                continue
-            except Exception as exc:  # noqa: BLE001 - a provider's bug is a failed attempt
-                hold.release()
-                stats.in_flight -= 1
-                last = self._provider_raised(offer, exc)
-                self._failed(stats, offer, last, attempts, t0)
-                continue
-            except BaseException:  # cancelled: the client went away
-                on_client_gone(hold)
-                stats.in_flight -= 1
-                raise
-            self._rejected_credentials.pop(offer.provider, None)
-            if offer.node is None and offer.provider_kind == "local" and self._records(provider):
-                self._record_prefix(request, prefix)
-            return _Won(result, offer, stats, hold, t0, self._clock(), start, attempts,
-                        strategy, policy)
-        raise self._final_error(last, attempts, request, policy, excluded)
 
     def _stream_finisher(
         self, request: InferenceRequest, stats: CandidateStats, offer: ModelOffer, start: float,
