@@ -311,3 +311,16 @@ async def test_runner_drops_aiohttps_no_op_layer_and_requests_still_see_their_ap
     parent.freeze()
     assert not drop_current_app_layer(parent)
     assert len(parent._middlewares_handlers) == 2
+
+
+def test_aiproxy_headers_are_the_clients_x_aiproxy_ones_lower_cased() -> None:
+    from aiohttp.test_utils import make_mocked_request
+    from multidict import CIMultiDict
+
+    from meshnode.api.handlers import _aiproxy_headers
+
+    request = make_mocked_request("POST", "/v1/chat/completions", headers=CIMultiDict([
+        ("X-AIPROXY-Tags", "pii"), ("x-aiproxy-policy", "p"), ("X-Aiproxy-", "bare prefix"),
+        ("X-Other", "o"), ("Accept", "application/json"), ("x", "short"),
+    ]))
+    assert _aiproxy_headers(request) == {"x-aiproxy-tags": "pii", "x-aiproxy-policy": "p"}
