@@ -265,8 +265,10 @@ def simulate(strategy: str, p: Params, deadline: float) -> list[Window]:
             turn_counter[entry] = turn_counter.get(entry, rng.randrange(1 << 16)) + 1
             cands = candidates(model, chain, now)
             index = {n.name: n for n in by_model[model]}
-            ranking = rank(strategy, cands, turn_counter[entry],
-                           Affinity(chain[0], "first block"))
+            # Keyed on the conversation's opening (its system prompt and first turn), as
+            # `routing.prefix.request_prefix` keys a chat.
+            opening = chain[p.system_blocks + p.turn_blocks - 1]
+            ranking = rank(strategy, cands, turn_counter[entry], Affinity(opening, "opening"))
             for position, ranked in enumerate(ranking):
                 node = index[ranked.candidate.node_id]
                 if node.alive:

@@ -50,18 +50,28 @@ def _dump(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
 
 
-def render(body: Mapping[str, Any]) -> bytes:
-    """The prompt-bearing parts of an OpenAI body, stable across turns."""
+def _parts(body: Mapping[str, Any]) -> tuple[list[bytes], int]:
+    """The rendered parts, and how many of them make the conversation's opening (through its
+    first user message; 0 when it has none)."""
     parts: list[bytes] = []
     for key in ("system", "tools"):
         if body.get(key):
             parts.append(_dump(body[key]))
+    opening = 0
     messages = body.get("messages")
     if isinstance(messages, list):
-        parts.extend(_dump(m) for m in messages)
+        for m in messages:
+            parts.append(_dump(m))
+            if not opening and isinstance(m, Mapping) and m.get("role") == "user":
+                opening = len(parts)
     elif "prompt" in body:
         parts.append(_dump(body["prompt"]))
-    return b"".join(parts)
+    return parts, opening
+
+
+def render(body: Mapping[str, Any]) -> bytes:
+    """The prompt-bearing parts of an OpenAI body, stable across turns."""
+    return b"".join(_parts(body)[0])
 
 
 def _seed(model: str) -> bytes:
@@ -84,8 +94,10 @@ class RequestPrefix:
     """A request's prefix chain and what rendezvous hashing keys it on."""
 
     chain: tuple[bytes, ...]
-    affinity: bytes  # the session value, else the first block's name, else the whole prompt's
-    source: str  # "session" | "first block" | "whole prompt"
+    # The session value, else the name of the conversation's opening, else the first block's
+    # name, else the whole prompt's.
+    affinity: bytes
+    source: str  # "session" | "opening" | "first block" | "whole prompt"
 
 
 def prompt_chain(model: str, body: Mapping[str, Any]) -> tuple[bytes, ...]:
@@ -95,11 +107,22 @@ def prompt_chain(model: str, body: Mapping[str, Any]) -> tuple[bytes, ...]:
 
 def request_prefix(model: str, body: Mapping[str, Any],
                    headers: Mapping[str, str] | None = None) -> RequestPrefix:
-    text = render(body)
+    """The chain, and the affinity key: a conversation's opening (the system prompt, tools and
+    messages through the first user message) when it has one. Every later turn resends the
+    opening unchanged, so it finds the node its first turn went to, while conversations that
+    share only a system prompt key apart and spread over the nodes (keyed on the first block,
+    a group sharing a system prompt would all go to one node)."""
+    parts, opening = _parts(body)
+    text = b"".join(parts)
     names = chain(model, text)
     session = (headers or {}).get(SESSION_HEADER, "")
     if session:
         return RequestPrefix(names, b"session\0" + session.encode(), "session")
+    if opening:
+        digest = hashlib.blake2b(_seed(model), digest_size=NAME_BYTES, person=b"opening")
+        for part in parts[:opening]:
+            digest.update(part)
+        return RequestPrefix(names, digest.digest(), "opening")
     if names:
         return RequestPrefix(names, names[0], "first block")
     whole = hashlib.blake2b(_seed(model) + text, digest_size=NAME_BYTES).digest()

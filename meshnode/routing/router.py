@@ -430,6 +430,8 @@ class Router:
                     queue_depth=capacity.queue_depth if capacity is not None else 0,
                     slots_total=capacity.slots_total if capacity is not None else 0,
                     tokens_per_s=capacity.tokens_per_s if capacity is not None else 0.0,
+                    prompt_tokens=prompt_tokens,
+                    output_tokens=out_tokens,
                 )
             )
         affinity = Affinity(prefix.affinity, prefix.source) if prefix else NO_AFFINITY

@@ -35,11 +35,19 @@ STRATEGY_NAMES = (
 # recomputes the whole prompt.
 BALANCE_ABS = 1.0
 BALANCE_REL = 1.5
-# What a whole-prompt hit is worth in load: a full hit beats an idle node that holds nothing
-# while the holder is under HIT_WEIGHT more loaded. Above BALANCE_ABS, so that short of
-# lopsided load the holder keeps its conversation (SGLang: the longest match wins unless
-# imbalanced); a part of the prompt is worth its share.
-HIT_WEIGHT = 2.0
+# Short of lopsided load, cache_aware weighs in time, per candidate: the wait for a slot plus
+# the prefill of what it does not hold plus the decode, in units of this request's whole
+# service (a full miss) at a node of median speed; the lowest expected time to the answer wins
+# (go elsewhere when the wait exceeds the prefill a hit saves).
+# - prefill's share of the service: prompt / (prompt + DECODE_PREFILL_RATIO * output tokens),
+#   since a decoded token costs about as long as DECODE_PREFILL_RATIO prompt tokens of prefill
+#   (a prompt runs in one batched pass; ~10 for a CPU worker, more on a GPU);
+# - the wait: nothing while a slot is free (continuous batching admits the request at the next
+#   step), else the (queue + 1)-th of the busy requests to finish, each uniformly far along:
+#   (queue + 1) / (slots + 1) of a service;
+# - CONTENTION: what sharing the node's steps with its busy slots adds, a full node's worth.
+DECODE_PREFILL_RATIO = 10.0
+CONTENTION = 0.25
 # Candidates whose KV cache cache_aware can see: this node's worker, and peers (their gossip).
 CACHE_KINDS = ("local", "mesh")
 # cache_aware weighs a node's speed into its load: its tokens/s per busy slot against the median
@@ -72,6 +80,10 @@ class Candidate:
     # fast its busy slots drain (0 when it reports nothing, or is idle).
     slots_total: int = 0
     tokens_per_s: float = 0.0
+    # The request's size (the router's estimate; the same for every candidate): what prefill's
+    # share of its service is (0: unknown, the prompt is all of it).
+    prompt_tokens: int = 0
+    output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +231,34 @@ def imbalanced(candidates: Sequence[Candidate],
     return high - low > BALANCE_ABS and high > BALANCE_REL * low
 
 
+def prefill_share(c: Candidate) -> float:
+    """Prefill's share of the request's service at a node that holds none of it."""
+    if c.prompt_tokens <= 0:
+        return 1.0
+    return c.prompt_tokens / (c.prompt_tokens + DECODE_PREFILL_RATIO * max(0, c.output_tokens))
+
+
+def slot_wait(c: Candidate) -> tuple[float, float]:
+    """(the expected wait for a slot, the occupancy of the node's steps), in services: from its
+    slots and queue when it reports them, else from its load (1.0: every slot busy)."""
+    if c.slots_free is not None and c.slots_total > 0:
+        busy = max(0, c.slots_total - c.slots_free)
+        occupancy = min(1.0, busy / c.slots_total)
+        if c.slots_free > 0 and c.queue_depth == 0:
+            return 0.0, occupancy
+        return (c.queue_depth + 1) / (c.slots_total + 1), occupancy
+    load = _load(c)
+    return max(0.0, load - 1.0), min(1.0, load)
+
+
+def expected_time(c: Candidate, factor: float = 1.0) -> float:
+    """The time to the answer at this candidate, in services at a median-speed node (lower is
+    better): wait + contention + what prefill its hit does not save, over its speed factor."""
+    wait, occupancy = slot_wait(c)
+    saved = prefill_share(c) * c.prefix_hit / max(1, c.prefix_blocks)
+    return (wait + CONTENTION * occupancy + 1.0 - saved) / factor
+
+
 def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
                 affinity: Affinity = NO_AFFINITY) -> list[Ranked]:
     """Where the request's KV cache is, unless that is lopsided.
@@ -229,10 +269,13 @@ def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
     - Load lopsided (`imbalanced`): least loaded first, as balance comes before hits.
     - A session (`x-aiproxy-session`): rendezvous on its value, so every turn of it goes to
       the same node from every entry node.
-    - Some candidate holds a leading part of the prompt: score = load - HIT_WEIGHT * the part
-      of the prompt's blocks it holds (lower is better).
-    - Nobody holds any of it: rendezvous on the prefix's first block, so two entry nodes send a
-      conversation's first turn to the same node and its later turns find their cache there.
+    - Some candidate holds a leading part of the prompt: score = the expected time to the
+      answer there (`expected_time`: the wait for a slot against the prefill its hit saves,
+      in services; lower is better).
+    - Nobody holds any of it: rendezvous on the conversation's opening (`routing.prefix`) among
+      the nodes with the least wait for a slot (all of them while each has a free slot), so
+      two entry nodes send a conversation's first turn to the same node and its later turns
+      find their cache there, while conversations sharing a system prompt spread.
     Ties go by rendezvous place, then as every strategy breaks them.
     """
     workers = [c for c in candidates if c.offer.provider_kind in CACHE_KINDS]
@@ -246,6 +289,7 @@ def _cache_group(candidates: Sequence[Candidate], affinity: Affinity,
     if not candidates:
         return []
     place = _by_rendezvous(affinity.key, candidates)
+    factors = speed_factors(candidates)
     loads = weighed_loads(candidates)
 
     def load(c: Candidate) -> float:
@@ -263,10 +307,11 @@ def _cache_group(candidates: Sequence[Candidate], affinity: Affinity,
         return ranked(lambda c: float(place[id(c)]), "session affinity (rendezvous on "
                                                      "x-aiproxy-session)")
     if any(c.prefix_hit for c in candidates):
-        return ranked(lambda c: load(c) - HIT_WEIGHT * c.prefix_hit / max(1, c.prefix_blocks),
-                      "prefix hit weighed against load")
-    return ranked(lambda c: float(place[id(c)]),
-                  f"no node holds the prefix: rendezvous on the {affinity.source or 'request'}")
+        return ranked(lambda c: expected_time(c, factors[id(c)]),
+                      "prefill saved weighed against the wait for a slot")
+    return ranked(lambda c: slot_wait(c)[0] / factors[id(c)],
+                  f"no node holds the prefix: rendezvous on the {affinity.source or 'request'} "
+                  f"among the nodes with the least wait for a slot")
 
 
 def _why_cost(c: Candidate, score: float) -> str:
@@ -296,8 +341,10 @@ def _why_cache(c: Candidate, score: float) -> str:
     slots = f"{c.slots_free} slots free, " if c.slots_free is not None else ""
     speed = stream_speed(c)
     rate = f", {c.tokens_per_s:.1f} tok/s ({speed:.1f} a stream)" if speed is not None else ""
+    wait, _ = slot_wait(c)
     return (f"prefix hit {c.prefix_hit}/{c.prefix_blocks} blocks, load {_load(c):.2f} "
-            f"({slots}queue {c.queue_depth}{rate})")
+            f"({slots}queue {c.queue_depth}{rate}), wait {wait:.2f} and prefill "
+            f"{prefill_share(c):.2f} of a service")
 
 
 REASONS: dict[str, Callable[[Candidate, float], str]] = {

@@ -39,7 +39,36 @@ def test_a_later_turn_holds_the_earlier_turns_blocks() -> None:
     index.record(first.chain)
     assert leading_hits(third.chain, index) == len(first.chain)
     # Sampling settings are not prompt: the names do not change with them.
-    assert first.affinity == third.affinity == first.chain[0]
+    again = dict(turn(2), temperature=1.5)
+    assert request_prefix("m", again) == third
+
+
+def conversation(opening: str, turns: int, system: dict = SYSTEM) -> dict:
+    """A conversation that keeps its first user message as it grows, as real ones do."""
+    messages = [system, {"role": "user", "content": opening}]
+    for i in range(turns):
+        messages.append({"role": "assistant", "content": f"answer {i} " * 20})
+        messages.append({"role": "user", "content": f"question {i} " * 20})
+    return {"model": "m", "messages": messages}
+
+
+def test_the_affinity_key_is_the_conversations_opening() -> None:
+    first = request_prefix("m", conversation("plan my trip", 0))
+    later = request_prefix("m", conversation("plan my trip", 3))
+    assert first.source == later.source == "opening"
+    assert first.affinity == later.affinity  # every turn keys where its first turn went
+    # The same system prompt with another first question: the same first block, another key
+    # (conversations sharing a system prompt spread instead of all keying on its first block).
+    other = request_prefix("m", conversation("fix my bike", 3))
+    assert other.chain[0] == first.chain[0] and other.affinity != first.affinity
+    assert request_prefix("n", conversation("plan my trip", 0)).affinity != first.affinity
+    # Anthropic's top-level system prompt is part of the opening.
+    a = {"system": "Be brief.", "messages": [{"role": "user", "content": "hi"}]}
+    b = {"system": "Be kind.", "messages": [{"role": "user", "content": "hi"}]}
+    assert request_prefix("m", a).affinity != request_prefix("m", b).affinity
+    # No user message: keyed on the first block as before.
+    no_user = request_prefix("m", {"messages": [SYSTEM]})
+    assert no_user.source == "first block" and no_user.affinity == no_user.chain[0]
 
 
 def test_names_depend_on_the_model_and_the_text_only() -> None:
@@ -52,9 +81,11 @@ def test_names_depend_on_the_model_and_the_text_only() -> None:
 
 
 def test_short_prompts_and_sessions_still_have_an_affinity_key() -> None:
-    short = request_prefix("m", {"messages": [{"role": "user", "content": "hi"}]})
+    short = request_prefix("m", {"prompt": "hi"})
     assert short.chain == () and short.source == "whole prompt" and short.affinity
     assert short.affinity != request_prefix("m", {"prompt": "hello"}).affinity
+    chat = request_prefix("m", {"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.chain == () and chat.source == "opening" and chat.affinity != short.affinity
     session = request_prefix("m", turn(0), {"x-aiproxy-session": "s1"})
     assert session.source == "session" and session.affinity.endswith(b"s1")
     assert len(request_prefix("m", {"prompt": "x" * (3 * BLOCK_BYTES)}).chain) == 3

@@ -9,7 +9,9 @@ from meshnode.routing.strategies import (
     Affinity,
     Candidate,
     demote,
+    prefill_share,
     rank,
+    slot_wait,
     speed_factors,
     stream_speed,
     weighed_loads,
@@ -90,13 +92,65 @@ def test_cache_aware_prefers_the_node_holding_the_longest_prefix() -> None:
     ranking = rank("cache_aware", cs, 0, key(1))
     assert [r.candidate.node_id for r in ranking] == ["b", "c", "a"]
     assert "prefix hit 6/8 blocks, load 0.30" in ranking[0].reason
-    assert "weighed against load" in ranking[0].reason
+    assert "weighed against the wait for a slot" in ranking[0].reason
 
 
-def test_cache_aware_a_small_hit_does_not_outweigh_much_more_load() -> None:
-    # 1 block of 8 is worth 0.125 of load: a node 0.4 busier loses it.
-    cs = [node("holder", hit=1, load=0.45), node("idle", hit=0, load=0.05)]
-    assert winner(rank("cache_aware", cs, 0, key(1))) == "idle"
+def worker(name: str, *, hit: int = 0, slots: int = 2, busy: int = 0, queue: int = 0,
+           prompt: int = 1000, out: int = 8) -> Candidate:
+    """A node reporting its slots and queue, for a request of `prompt` and `out` tokens."""
+    return replace(node(name, hit=hit, load=(busy + queue) / slots), slots_total=slots,
+                   slots_free=slots - busy, queue_depth=queue, prompt_tokens=prompt,
+                   output_tokens=out)
+
+
+def test_slot_wait_is_nothing_while_a_slot_is_free_then_a_share_of_a_service() -> None:
+    assert slot_wait(worker("a", slots=4, busy=3)) == (0.0, 0.75)
+    # Every slot busy: the first of the 4 to finish, each uniformly far along: 1/5.
+    assert slot_wait(worker("a", slots=4, busy=4)) == (0.2, 1.0)
+    assert slot_wait(worker("a", slots=4, busy=4, queue=2)) == (0.6, 1.0)
+    # Without slots: the load beyond 1.0 (every slot busy) is the queue, in services.
+    assert slot_wait(node("a", load=1.5)) == (0.5, 1.0)
+    # Prefill's share of a service: the whole of it unknown, less with long answers.
+    assert prefill_share(node("a")) == 1.0
+    assert prefill_share(worker("a", prompt=1000, out=100)) == 0.5
+
+
+def test_cache_aware_a_hit_is_worth_the_prefill_it_saves_against_the_wait() -> None:
+    # A free slot: no wait, so even a small hit keeps the holder, though it is busier.
+    small = [worker("holder", hit=1, slots=4, busy=1), worker("idle", slots=4)]
+    assert all(winner(rank("cache_aware", small, 0, key(i))) == "holder" for i in range(20))
+    # Every slot taken: the wait (a fifth of a service) and the shared steps are more than an
+    # eighth of the prefill; another node recomputes it sooner. (Not lopsided: load 1.0 to 0.)
+    full = [worker("holder", hit=1, slots=4, busy=4), worker("idle", slots=4)]
+    assert all(winner(rank("cache_aware", full, 0, key(i))) == "idle" for i in range(20))
+    assert "lopsided" not in rank("cache_aware", full, 0, key(1))[0].reason
+    # The whole prompt held is worth that wait.
+    whole = [worker("holder", hit=8, slots=4, busy=4), worker("idle", slots=4)]
+    assert all(winner(rank("cache_aware", whole, 0, key(i))) == "holder" for i in range(20))
+    # ... unless the answer, not the prompt, is most of the work: then the hit saves little.
+    long = [worker("holder", hit=8, slots=4, busy=4, out=1000), worker("idle", slots=4, out=1000)]
+    assert all(winner(rank("cache_aware", long, 0, key(i))) == "idle" for i in range(20))
+    assert "wait 0.20 and prefill 0.93 of a service" in rank("cache_aware", whole, 0,
+                                                              key(1))[0].reason
+
+
+def test_cache_aware_a_later_turn_goes_home_unless_home_is_full() -> None:
+    # Its own node holds the conversation (7 blocks of 8), the others only the shared system
+    # prompt (5 of 8): home wins while it has a free slot ...
+    home, others = worker("home", hit=7, busy=1), [worker("b", hit=5), worker("c", hit=5)]
+    assert winner(rank("cache_aware", [home, *others], 0, key(1))) == "home"
+    # ... and once its slots are all taken, recomputing 2 blocks elsewhere beats the wait.
+    full = worker("home", hit=7, busy=2)
+    assert winner(rank("cache_aware", [full, *others], 0, key(1))) in ("b", "c")
+
+
+def test_cache_aware_with_no_hit_a_full_rendezvous_winner_yields_to_a_free_node() -> None:
+    cs = [worker("a"), worker("b"), worker("c")]
+    for i in range(30):
+        first = winner(rank("cache_aware", cs, 0, key(i)))
+        filled = [replace(c, slots_free=0) if c.node_id == first else c for c in cs]
+        ranking = rank("cache_aware", filled, 0, key(i))
+        assert winner(ranking) != first and "least wait for a slot" in ranking[0].reason
 
 
 def test_cache_aware_balances_first_when_load_is_lopsided() -> None:
