@@ -35,17 +35,22 @@ STRATEGY_NAMES = (
 # recomputes the whole prompt.
 BALANCE_ABS = 1.0
 BALANCE_REL = 1.5
-# Short of lopsided load, cache_aware weighs in time, per candidate: the wait for a slot plus
-# the prefill of what it does not hold plus the decode, in units of this request's whole
-# service (a full miss) at a node of median speed; the lowest expected time to the answer wins
-# (go elsewhere when the wait exceeds the prefill a hit saves).
-# - prefill's share of the service: prompt / (prompt + DECODE_PREFILL_RATIO * output tokens),
-#   since a decoded token costs about as long as DECODE_PREFILL_RATIO prompt tokens of prefill
-#   (a prompt runs in one batched pass; ~10 for a CPU worker, more on a GPU);
-# - the wait: nothing while a slot is free (continuous batching admits the request at the next
-#   step), else the (queue + 1)-th of the busy requests to finish, each uniformly far along:
-#   (queue + 1) / (slots + 1) of a service;
+# Short of lopsided load, cache_aware weighs in time, per candidate: the expected time to the
+# answer there, in units of this request's whole service (a full miss) at a node of median
+# speed, lowest wins (go elsewhere when the wait costs more than the prefill a hit saves):
+# - its service there: 1 - the prefill its hit saves, prefill's share of a service being
+#   prompt / (prompt + DECODE_PREFILL_RATIO * output tokens), since a decoded token costs about
+#   as long as DECODE_PREFILL_RATIO prompt tokens of prefill (a prompt runs in one batched
+#   pass; ~10 for a CPU worker, more on a GPU);
+# - the wait, in services like its own there (what a node serves is alike: a node that holds a
+#   conversation serves its turns as hits): nothing while a slot is free (continuous batching
+#   admits it at the next step), else the (queue + 1)-th of the busy requests to finish, each
+#   uniformly far along: (queue + 1) / (slots + 1);
 # - CONTENTION: what sharing the node's steps with its busy slots adds, a full node's worth.
+# So time = service * (1 + wait + CONTENTION * occupancy) / speed factor. Found by
+# bench.mesh_sched: counting the wait in full-miss services sent a conversation's turn off its
+# node whenever the node's two slots were busy, to recompute 1,400 tokens (18 s) elsewhere,
+# while the turns ahead of it at home were 200-token hits.
 DECODE_PREFILL_RATIO = 10.0
 CONTENTION = 0.25
 # Candidates whose KV cache cache_aware can see: this node's worker, and peers (their gossip).
@@ -106,7 +111,7 @@ class Affinity:
     """What rendezvous hashing keys a request on (`routing.prefix.request_prefix`)."""
 
     key: bytes = b""
-    source: str = ""  # "session" | "first block" | "whole prompt"
+    source: str = ""  # "session" | "opening" | "first block" | "whole prompt"
 
 
 NO_AFFINITY = Affinity()
@@ -253,10 +258,11 @@ def slot_wait(c: Candidate) -> tuple[float, float]:
 
 def expected_time(c: Candidate, factor: float = 1.0) -> float:
     """The time to the answer at this candidate, in services at a median-speed node (lower is
-    better): wait + contention + what prefill its hit does not save, over its speed factor."""
+    better): its service there (what prefill its hit does not save) times the wait and the
+    steps it shares, over its speed factor."""
     wait, occupancy = slot_wait(c)
-    saved = prefill_share(c) * c.prefix_hit / max(1, c.prefix_blocks)
-    return (wait + CONTENTION * occupancy + 1.0 - saved) / factor
+    service = 1.0 - prefill_share(c) * c.prefix_hit / max(1, c.prefix_blocks)
+    return service * (1.0 + wait + CONTENTION * occupancy) / factor
 
 
 def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
@@ -270,7 +276,7 @@ def cache_aware(candidates: Sequence[Candidate], turn: int = 0,
     - A session (`x-aiproxy-session`): rendezvous on its value, so every turn of it goes to
       the same node from every entry node.
     - Some candidate holds a leading part of the prompt: score = the expected time to the
-      answer there (`expected_time`: the wait for a slot against the prefill its hit saves,
+      answer there (`expected_time`: the prefill its hit saves against the wait for a slot,
       in services; lower is better).
     - Nobody holds any of it: rendezvous on the conversation's opening (`routing.prefix`) among
       the nodes with the least wait for a slot (all of them while each has a free slot), so

@@ -134,14 +134,22 @@ def test_cache_aware_a_hit_is_worth_the_prefill_it_saves_against_the_wait() -> N
                                                               key(1))[0].reason
 
 
-def test_cache_aware_a_later_turn_goes_home_unless_home_is_full() -> None:
+def test_cache_aware_a_later_turn_goes_home_unless_home_is_lopsided() -> None:
     # Its own node holds the conversation (7 blocks of 8), the others only the shared system
     # prompt (5 of 8): home wins while it has a free slot ...
     home, others = worker("home", hit=7, busy=1), [worker("b", hit=5), worker("c", hit=5)]
     assert winner(rank("cache_aware", [home, *others], 0, key(1))) == "home"
-    # ... and once its slots are all taken, recomputing 2 blocks elsewhere beats the wait.
+    # ... and with every slot busy: the turns ahead of it are hits like itself, done sooner
+    # than recomputing 2 blocks elsewhere.
     full = worker("home", hit=7, busy=2)
-    assert winner(rank("cache_aware", [full, *others], 0, key(1))) in ("b", "c")
+    assert winner(rank("cache_aware", [full, *others], 0, key(1))) == "home"
+    # With a whole batch queued beyond the others, it balances first.
+    queued = worker("home", hit=7, busy=2, queue=2)
+    assert winner(rank("cache_aware", [queued, *others], 0, key(1))) in ("b", "c")
+    # Where only one node holds the shared system prompt too, a node that holds a part of
+    # the prompt serves sooner than a node holding nothing whose slots are all busy.
+    held = [worker("b", hit=5), worker("c", busy=2)]
+    assert winner(rank("cache_aware", held, 0, key(1))) == "b"
 
 
 def test_cache_aware_with_no_hit_a_full_rendezvous_winner_yields_to_a_free_node() -> None:
