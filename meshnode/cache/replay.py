@@ -2,7 +2,8 @@
 
 - `assemble(kind, chunks, usage)`: the chunks of a streamed answer -> the non-stream body the
   cache keeps (content and refusals concatenated, tool-call deltas merged by index, the last
-  finish_reason). Returns None for a shape it does not fully understand, so the cache never
+  finish_reason and, when a stop string ended a choice, which one: `stop_reason`, vLLM's field,
+  which the Anthropic door reads). Returns None for a shape it does not fully understand, so the cache never
   keeps a half answer.
 - `chunks_of(answer)`: a kept answer -> the chunks of a normal OpenAI stream (a role chunk, one
   content chunk, the finish chunk, then the usage chunk), which the SSE writer relays like any
@@ -56,7 +57,7 @@ def _assemble_chat(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
             acc = choices.setdefault(
                 index,
                 {"role": "assistant", "content": [], "refusal": [], "tools": {},
-                 "finish_reason": None, "logprobs": None},
+                 "finish_reason": None, "stop_reason": None, "logprobs": None},
             )
             delta = choice.get("delta") or {}
             if not isinstance(delta, dict):
@@ -79,6 +80,8 @@ def _assemble_chat(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
                 acc["logprobs"]["content"].extend(logprobs["content"])
             if choice.get("finish_reason") is not None:
                 acc["finish_reason"] = choice["finish_reason"]
+            if isinstance(choice.get("stop_reason"), str):
+                acc["stop_reason"] = choice["stop_reason"]
     if not choices or any(c["finish_reason"] is None for c in choices.values()):
         return None  # an answer that never finished is not an answer to keep
     body = _header(chunks, "chat.completion")
@@ -102,11 +105,16 @@ def _assemble_chat(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
             ]
         out_choices.append(
             {"index": index, "message": message, "logprobs": acc["logprobs"],
-             "finish_reason": acc["finish_reason"]}
+             "finish_reason": acc["finish_reason"], **_fired(acc["stop_reason"])}
         )
     body["choices"] = out_choices
     body["usage"] = usage.to_openai()
     return body
+
+
+def _fired(stop_reason: Any) -> dict[str, str]:
+    """`stop_reason` on a choice a stop string ended (which one fired), else nothing."""
+    return {"stop_reason": stop_reason} if isinstance(stop_reason, str) else {}
 
 
 def _merge_tool_call(tools: dict[int, dict[str, Any]], call: Any) -> bool:
@@ -132,6 +140,7 @@ def _merge_tool_call(tools: dict[int, dict[str, Any]], call: Any) -> bool:
 def _assemble_text(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, Any] | None:
     texts: dict[int, list[str]] = {}
     finish: dict[int, Any] = {}
+    fired: dict[int, str] = {}
     logprobs: dict[int, dict[str, list[Any]]] = {}
     for chunk in chunks:
         for choice in chunk.get("choices") or ():
@@ -149,12 +158,14 @@ def _assemble_text(chunks: Sequence[dict[str, Any]], usage: Usage) -> dict[str, 
                     acc[key].extend(part.get(key) or ())
             if choice.get("finish_reason") is not None:
                 finish[index] = choice["finish_reason"]
+            if isinstance(choice.get("stop_reason"), str):
+                fired[index] = choice["stop_reason"]
     if not texts or set(finish) != set(texts):
         return None
     body = _header(chunks, "text_completion")
     body["choices"] = [
         {"index": i, "text": "".join(texts[i]), "logprobs": logprobs.get(i),
-         "finish_reason": finish[i]}
+         "finish_reason": finish[i], **_fired(fired.get(i))}
         for i in sorted(texts)
     ]
     body["usage"] = usage.to_openai()
@@ -207,7 +218,8 @@ def _chat_chunks(body: dict[str, Any], usage: Usage) -> list[StreamChunk]:
                  "logprobs": None, "finish_reason": None}]}))
         out.append(StreamChunk({**base, "choices": [
             {"index": index, "delta": {}, "logprobs": None,
-             "finish_reason": choice.get("finish_reason") or "stop"}]}))
+             "finish_reason": choice.get("finish_reason") or "stop",
+             **_fired(choice.get("stop_reason"))}]}))
     out.append(StreamChunk({**base, "choices": [], "usage": usage.to_openai()}, usage=usage))
     return out
 
@@ -224,6 +236,7 @@ def _text_chunks(body: dict[str, Any], usage: Usage) -> list[StreamChunk]:
                  "finish_reason": None}]}))
         out.append(StreamChunk({**base, "choices": [
             {"index": index, "text": "", "logprobs": None,
-             "finish_reason": choice.get("finish_reason") or "stop"}]}))
+             "finish_reason": choice.get("finish_reason") or "stop",
+             **_fired(choice.get("stop_reason"))}]}))
     out.append(StreamChunk({**base, "choices": [], "usage": usage.to_openai()}, usage=usage))
     return out

@@ -122,3 +122,32 @@ def test_logprobs_survive_the_round_trip() -> None:
     assert lp["tokens"] == ["a", "b"] and lp["text_offset"] == [0, 1]
     again = chunks_of(RequestKind.COMPLETION, text_body, USAGE)
     assert again[0].data["choices"][0]["logprobs"] == lp
+
+
+def test_the_stop_string_that_fired_survives_the_round_trip() -> None:
+    """A choice a stop string ended keeps `stop_reason` (which string fired: the Anthropic door
+    answers `stop_sequence` from it) through assembly and replay, chat and text."""
+    chunks = [
+        chunk([{"index": 0, "delta": {"role": "assistant", "content": "Paris"},
+                "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "\n\n"}]),
+    ]
+    body = assemble(RequestKind.CHAT, chunks, USAGE)
+    assert body is not None
+    assert body["choices"][0]["stop_reason"] == "\n\n"
+    replayed = chunks_of(RequestKind.CHAT, body, USAGE)
+    finish = [c.data["choices"][0] for c in replayed if c.data["choices"]][-1]
+    assert finish["finish_reason"] == "stop" and finish["stop_reason"] == "\n\n"
+    assert assemble(RequestKind.CHAT, [c.data for c in replayed], USAGE) == body
+
+    text = {"id": "cmpl-2", "object": "text_completion", "created": 3, "model": "m",
+            "choices": [{"index": 0, "text": "once", "logprobs": None,
+                         "finish_reason": "stop", "stop_reason": "END"}],
+            "usage": USAGE.to_openai()}
+    again = assemble(RequestKind.COMPLETION,
+                     [c.data for c in chunks_of(RequestKind.COMPLETION, text, USAGE)], USAGE)
+    assert again == text
+    # A choice no stop string ended carries no stop_reason at all (OpenAI's own shape).
+    plain = assemble(RequestKind.CHAT, [chunk([{"index": 0, "delta": {"content": "x"},
+                                                "finish_reason": "length"}])], USAGE)
+    assert plain is not None and "stop_reason" not in plain["choices"][0]
