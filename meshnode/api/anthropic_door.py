@@ -27,7 +27,7 @@ from aiohttp import web
 
 from meshnode.api import sse
 from meshnode.api.answer import JSON, JsonAnswer
-from meshnode.api.errors import error_response, retry_after_header
+from meshnode.api.errors import error_response, internal_error_message, retry_after_header
 from meshnode.api.handlers import (
     _aiproxy_headers,
     _served_headers,
@@ -648,8 +648,7 @@ class _Events:
 
     def fail(self, exc: BaseException) -> bytes:
         if not isinstance(exc, MeshError):
-            exc = MeshError(f"internal error; quote request id {self._request_id} when "
-                            "reporting it")
+            exc = MeshError(internal_error_message(self._request_id))
         return self._writer.error(exc)
 
 

@@ -46,10 +46,15 @@ def error_body(exc: MeshError) -> dict[str, Any]:
     return body
 
 
+def internal_error_message(request_id: str) -> str:
+    """What a client is told of a bug: nothing of it, only the request id to quote."""
+    return f"internal error; quote request id {request_id} when reporting it"
+
+
 def internal_error_body(request_id: str) -> dict[str, Any]:
     return {
         "error": {
-            "message": f"internal error; quote request id {request_id} when reporting it",
+            "message": internal_error_message(request_id),
             "type": "internal_error",
             "param": None,
             "code": "internal_error",

@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from meshnode.api import sse
+from meshnode.api.errors import internal_error_message
 from meshnode.api.handlers import (
     _aiproxy_headers,
     _json,
@@ -153,7 +154,7 @@ async def _stream(
 def _failure_message(exc: BaseException, request_id: str) -> str:
     if isinstance(exc, MeshError):
         return redact(exc.message)
-    return f"internal error; quote request id {request_id} when reporting it"
+    return internal_error_message(request_id)
 
 
 class _ChatAsResponses:
