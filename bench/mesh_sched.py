@@ -86,16 +86,35 @@ class Sizes:
     think_s: float
     model: str
     max_batch: int
-    prefix_pool_tokens: int
     rounds: int
+    prefix_pool_tokens: int | None = None  # None: derived from the run (`pool_tokens`)
 
 
 FULL = Sizes(conversations=24, group=6, turns=5, system_tokens=1024, user_tokens=160,
              max_tokens=16, spread_s=2.0, think_s=1.0, model="gpt2-small-2k", max_batch=2,
-             prefix_pool_tokens=6144, rounds=2)
+             rounds=2)
 QUICK = Sizes(conversations=12, group=6, turns=3, system_tokens=256, user_tokens=48,
               max_tokens=8, spread_s=0.5, think_s=0.5, model="gpt2-tiny-2k", max_batch=2,
-              prefix_pool_tokens=2048, rounds=2)
+              rounds=2)
+
+
+def distinct_prompt_tokens(sizes: Sizes) -> int:
+    """The distinct prompt tokens the run's conversations hold at their last turn: each
+    group's system prompt once, and each conversation's own user turns and answers (what a
+    mesh must keep to hit on every turn; chat-template tokens left out)."""
+    groups = -(-sizes.conversations // sizes.group)
+    own = sizes.turns * sizes.user_tokens + (sizes.turns - 1) * sizes.max_tokens
+    return groups * sizes.system_tokens + sizes.conversations * own
+
+
+def pool_tokens(sizes: Sizes) -> int:
+    """Each engine's prefix pool: as given, else a third of the run's distinct prompt tokens,
+    so the three nodes together hold the run once (the mesh's cache is the sum of its nodes'):
+    a strategy that keeps a conversation on one node finds its cache, one that sends every
+    node every conversation does not."""
+    if sizes.prefix_pool_tokens is not None:
+        return sizes.prefix_pool_tokens
+    return -(-distinct_prompt_tokens(sizes) // 3)
 
 
 @dataclass
@@ -202,7 +221,7 @@ def node_config(name: str, work: Path, model_dir: Path, sizes: Sizes, secret: st
                 "max_batch": sizes.max_batch,
                 "max_queue": 64,
                 "max_len": 2048,
-                "prefix_cache_mb": prefix_cache_mb(model_dir, sizes.prefix_pool_tokens),
+                "prefix_cache_mb": prefix_cache_mb(model_dir, pool_tokens(sizes)),
                 "models": [{"name": "bench", "path": str(model_dir), "kind": "chat"}],
             },
         },
@@ -412,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int,
                         help="the conversations are split over this many rounds of the three")
     parser.add_argument("--prefix-pool-tokens", type=int,
-                        help="each engine's prefix cache (the default holds about a third of "
-                             "the full run's prompts: the mesh's cache is the sum of its nodes')")
+                        help="each engine's prefix cache, in tokens (default: a third of the "
+                             "distinct prompt tokens this run's conversations hold at their "
+                             "last turn, so the three nodes together hold the run once: the "
+                             "mesh's cache is the sum of its nodes')")
     parser.add_argument("--request-timeout-s", type=float, default=180.0)
     parser.add_argument("--phase-timeout-s", type=float, default=300.0)
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".meshnode" / "bench-models")
@@ -423,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     base = QUICK if args.quick else FULL
     sizes = Sizes(**{k: (getattr(args, k) if getattr(args, k) is not None else v)
                      for k, v in asdict(base).items()})
+    sizes = replace(sizes, prefix_pool_tokens=pool_tokens(sizes))  # the report shows the pool
 
     from transformers import AutoTokenizer
 
