@@ -12,8 +12,12 @@ parse and a second serialisation on the hot path.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, NewType
+from typing import TYPE_CHECKING, Any, NewType
+
+if TYPE_CHECKING:
+    from meshnode.routing.prefix import RequestPrefix
 
 # Fields of an OpenAI body that would redirect traffic or swap credentials (LiteLLM-style
 # per-request overrides), or that are routing knobs of other proxies. Never honoured: the front
@@ -182,6 +186,9 @@ class InferenceRequest:
     # vouched for it). Entry side: set by the router for an attempt at a peer.
     caller: Caller | None = None
     held: BudgetHeld | None = None
+    # Set by the router for an attempt at a local provider when its ranking already named the
+    # prompt (cache_aware): the worker ties these names to its KV, so they are made once.
+    prefix: RequestPrefix | None = None
 
 
 @dataclass(slots=True)
@@ -210,6 +217,13 @@ class StreamChunk:
     reported_cost: float | None = None
 
 
+def mean_rate(rates: Iterable[float]) -> float:
+    """The mean of the measured rates among `rates` (0.0 stands for not measured and counts
+    for nothing): how one figure speaks for several engines, workers or providers."""
+    measured = [r for r in rates if r > 0]
+    return sum(measured) / len(measured) if measured else 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Capacity:
     """What a provider can take now; feeds `least_loaded` and gossip."""
@@ -230,6 +244,11 @@ class Capacity:
     # local worker: it drops a name when its engine evicts the blocks); None when it cannot tell
     # (the router then records what the provider served).
     prefix_recent: tuple[bytes, ...] | None = None
+    # The serving engine's measured prefill tokens/s and decode tokens/s per stream
+    # (meshnode.worker.rates; 0.0: not measured): how much of a request's service a prefix hit
+    # saves there (`cache_aware`).
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
 
     @property
     def load(self) -> float:

@@ -47,6 +47,8 @@ def member_json(
                 "slots_free": state.capacity.slots_free,
                 "queue_depth": state.capacity.queue_depth,
                 "tokens_per_s": state.capacity.tokens_per_s,
+                "prefill_tokens_per_s": state.capacity.prefill_tokens_per_s,
+                "decode_tokens_per_s": state.capacity.decode_tokens_per_s,
                 # How many prompt-prefix names it gossips (cache_aware routing, policies.md).
                 "prefix_names": len(state.capacity.prefix_names),
             }

@@ -54,6 +54,7 @@ from meshnode.rpc.caller import CallerAuthority
 from meshnode.rpc.client import PeerChannels
 from meshnode.rpc.security import MeshSecurity
 from meshnode.rpc.server import Admission, InferBackend, MeshServicer, start_server
+from meshnode.types import mean_rate
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,8 @@ class MeshService:
         slots_total = slots_free = queue = 0
         tokens_per_s = 0.0
         reported: list[tuple[bytes, ...]] = []
+        prefill_rates: list[float] = []
+        decode_rates: list[float] = []
         for provider in self._local_providers():
             for offer in provider.offers():
                 key = (offer.model, offer.provider_kind)
@@ -305,6 +308,8 @@ class MeshService:
                 slots_free += capacity.slots_free
                 queue += capacity.queue_depth
                 tokens_per_s += capacity.tokens_per_s
+                prefill_rates.append(capacity.prefill_tokens_per_s)
+                decode_rates.append(capacity.decode_tokens_per_s)
                 if capacity.prefix_recent is not None:
                     reported.append(capacity.prefix_recent)
         ads = {k: dataclasses.replace(ad, max_cost_per_1k_input=worst[ad.name][0],
@@ -337,7 +342,9 @@ class MeshService:
             models=tuple(sorted(ads.values(), key=lambda a: (a.name, a.provider_kind))),
             capacity=CapacityAd(slots_total, slots_free, queue, round(tokens_per_s, 1),
                                 prefix_scheme=prefix.SCHEME if names else 0,
-                                prefix_names=names),
+                                prefix_names=names,
+                                prefill_tokens_per_s=round(mean_rate(prefill_rates), 1),
+                                decode_tokens_per_s=round(mean_rate(decode_rates), 2)),
             latency=tuple(latency),
             counters=self._counters() if self._counters is not None else {},
             blobs=self._blobs() if self._blobs is not None else {},

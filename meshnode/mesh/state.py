@@ -84,6 +84,10 @@ class CapacityAd:
     # The prompt prefixes the local worker holds (meshnode/routing/prefix.py), most recent first.
     prefix_scheme: int = 0
     prefix_names: tuple[bytes, ...] = ()
+    # The local engine's measured prefill tokens/s and decode tokens/s per stream (0.0: not
+    # measured): what cache_aware weighs a hit's saved prefill with.
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from meshnode.providers.base import Provider
 from meshnode.providers.embeddings import EmbeddingOptions, encode_vectors, parse_embedding_options
 from meshnode.providers.local_choices import ChatChoice, CompletionLogprobs
 from meshnode.providers.registry import ProviderContext
-from meshnode.routing.prefix import MAX_NAMES, chain, encode_names, render
+from meshnode.routing.prefix import MAX_NAMES, worker_route
 from meshnode.types import (
     Capacity,
     Completion,
@@ -49,6 +49,7 @@ from meshnode.types import (
     RequestKind,
     StreamChunk,
     Usage,
+    mean_rate,
 )
 from meshnode.worker.client import (
     Call,
@@ -219,7 +220,9 @@ class LocalProvider(Provider):
         return Capacity(slots_total=total, slots_free=total - busy, queue_depth=queued,
                         tokens_per_s=tps, memory_used_bytes=memory,
                         prefix_blocks=tuple(dict.fromkeys(prefixes)),
-                        prefix_names=held, prefix_recent=names)
+                        prefix_names=held, prefix_recent=names,
+                        prefill_tokens_per_s=mean_rate(b.prefill_tokens_per_s for b in beats),
+                        decode_tokens_per_s=mean_rate(b.decode_tokens_per_s for b in beats))
 
     # ------------------------------------------------------------------ dispatch
     async def _pick_worker(self, timeouts: TimeoutsConfig, deadline: float,
@@ -282,8 +285,9 @@ class LocalProvider(Provider):
             check_token_ids(prompts, int(model["vocab"]), "prompt")
         events: asyncio.Queue[Event] = asyncio.Queue()
         wire = params.to_wire()
-        # The routing names of a one-prompt request, which the worker ties to its KV blocks.
-        route = _route(request) if count == 1 else None
+        # The routing names of a one-prompt request, which the worker ties to its KV blocks:
+        # the router's when its ranking named the prompt, else made here from the same body.
+        route = worker_route(request.model, body, request.prefix) if count == 1 else None
         if chat:
             calls = [worker.generate(offer.upstream_model, messages, None, wire, params.n,
                                      events=events, tools=tools_wire, route=route)]
@@ -463,14 +467,6 @@ class LocalProvider(Provider):
                     yield StreamChunk({**base, "choices": [{
                         "text": "", "index": i, "logprobs": None,
                         "finish_reason": event.finish, **_stop_reason(event.stop_sequence)}]})
-
-
-def _route(request: InferenceRequest) -> tuple[bytes, int] | None:
-    """The request's routing names (`meshnode.routing.prefix`, packed as on the gossip wire) and
-    its rendering's length: the same names the router matches, computed from the same body."""
-    text = render(request.body)
-    names = chain(request.model, text)
-    return (encode_names(names), len(text)) if names else None
 
 
 @dataclass(frozen=True, slots=True)

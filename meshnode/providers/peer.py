@@ -139,7 +139,9 @@ class MeshProvider(Provider):
             return None
         c = state.capacity
         return Capacity(c.slots_total, c.slots_free, c.queue_depth, c.tokens_per_s,
-                        prefix_names=frozenset(c.prefix_names))
+                        prefix_names=frozenset(c.prefix_names),
+                        prefill_tokens_per_s=c.prefill_tokens_per_s,
+                        decode_tokens_per_s=c.decode_tokens_per_s)
 
     def peer_latency(self, node: str, model: str) -> PeerLatency | None:
         """Measured RTT to the peer plus the peer's own latency for the model."""

@@ -98,6 +98,9 @@ class RequestPrefix:
     # name, else the whole prompt's.
     affinity: bytes
     source: str  # "session" | "opening" | "first block" | "whole prompt"
+    # The rendering's length in bytes: with the chain, what a local worker ties to its KV
+    # blocks (the router hands this prefix to the local provider, so a prompt is named once).
+    rendered_bytes: int = 0
 
 
 def prompt_chain(model: str, body: Mapping[str, Any]) -> tuple[bytes, ...]:
@@ -115,18 +118,32 @@ def request_prefix(model: str, body: Mapping[str, Any],
     parts, opening = _parts(body)
     text = b"".join(parts)
     names = chain(model, text)
+    size = len(text)
     session = (headers or {}).get(SESSION_HEADER, "")
     if session:
-        return RequestPrefix(names, b"session\0" + session.encode(), "session")
+        return RequestPrefix(names, b"session\0" + session.encode(), "session", size)
     if opening:
         digest = hashlib.blake2b(_seed(model), digest_size=NAME_BYTES, person=b"opening")
         for part in parts[:opening]:
             digest.update(part)
-        return RequestPrefix(names, digest.digest(), "opening")
+        return RequestPrefix(names, digest.digest(), "opening", size)
     if names:
-        return RequestPrefix(names, names[0], "first block")
+        return RequestPrefix(names, names[0], "first block", size)
     whole = hashlib.blake2b(_seed(model) + text, digest_size=NAME_BYTES).digest()
-    return RequestPrefix(names, whole, "whole prompt")
+    return RequestPrefix(names, whole, "whole prompt", size)
+
+
+def worker_route(model: str, body: Mapping[str, Any],
+                 named: RequestPrefix | None = None) -> tuple[bytes, int] | None:
+    """What a local worker ties to the KV blocks of a prompt it serves: the prompt's names
+    packed as on the gossip wire and its rendering's length (None: no full block). `named`:
+    the router's names of the same request (`request_prefix`), used as they are."""
+    if named is not None:
+        names, size = named.chain, named.rendered_bytes
+    else:
+        text = render(body)
+        names, size = chain(model, text), len(text)
+    return (encode_names(names), size) if names else None
 
 
 def leading_hits(names: Sequence[bytes], held: Container[bytes]) -> int:

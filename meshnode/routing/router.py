@@ -430,6 +430,10 @@ class Router:
                     queue_depth=capacity.queue_depth if capacity is not None else 0,
                     slots_total=capacity.slots_total if capacity is not None else 0,
                     tokens_per_s=capacity.tokens_per_s if capacity is not None else 0.0,
+                    prefill_tokens_per_s=(capacity.prefill_tokens_per_s
+                                          if capacity is not None else 0.0),
+                    decode_tokens_per_s=(capacity.decode_tokens_per_s
+                                         if capacity is not None else 0.0),
                     prompt_tokens=prompt_tokens,
                     output_tokens=out_tokens,
                 )
@@ -631,9 +635,14 @@ class Router:
                     unaffordable.add(key)
                     continue
                 tried.add(key)
-                # A peer attempt carries what this node holds for it (the peer's spending cap).
-                attempt = request if offer.node is None else dataclasses.replace(
-                    request, held=hold.held())
+                # A peer attempt carries what this node holds for it (the peer's spending cap);
+                # a local worker's, the names cache_aware made of its prompt (made once).
+                if offer.node is not None:
+                    attempt = dataclasses.replace(request, held=hold.held())
+                elif prefix is not None and offer.provider_kind == "local":
+                    attempt = dataclasses.replace(request, prefix=prefix)
+                else:
+                    attempt = request
                 t0 = self._clock()
                 stats.in_flight += 1
                 try:
@@ -885,6 +894,8 @@ class Router:
                     "slots_free": r.candidate.slots_free,
                     "queue_depth": r.candidate.queue_depth,
                     "tokens_per_s": r.candidate.tokens_per_s,
+                    "prefill_tokens_per_s": r.candidate.prefill_tokens_per_s,
+                    "decode_tokens_per_s": r.candidate.decode_tokens_per_s,
                     "cooling_down": self._stats_for(o).cooled_down(now),
                 }
             )

@@ -39,9 +39,11 @@ BALANCE_REL = 1.5
 # answer there, in units of this request's whole service (a full miss) at a node of median
 # speed, lowest wins (go elsewhere when the wait costs more than the prefill a hit saves):
 # - its service there: 1 - the prefill its hit saves, prefill's share of a service being
-#   prompt / (prompt + DECODE_PREFILL_RATIO * output tokens), since a decoded token costs about
-#   as long as DECODE_PREFILL_RATIO prompt tokens of prefill (a prompt runs in one batched
-#   pass; ~10 for a CPU worker, more on a GPU);
+#   prompt / (prompt + ratio * output tokens), the ratio being how many prompt tokens of
+#   prefill one decoded token costs as long as there: the node's measured prefill tokens/s
+#   over its decode tokens/s per stream (meshnode.worker.rates, gossiped with its capacity),
+#   within RATIO_BOUNDS; DEFAULT_DECODE_PREFILL_RATIO until it has measured both (a prompt
+#   runs in one batched pass: ~10-30 for a CPU worker, hundreds on a GPU);
 # - the wait, in services like its own there (what a node serves is alike: a node that holds a
 #   conversation serves its turns as hits): nothing while a slot is free (continuous batching
 #   admits it at the next step), else the (queue + 1)-th of the busy requests to finish, each
@@ -51,7 +53,8 @@ BALANCE_REL = 1.5
 # bench.mesh_sched: counting the wait in full-miss services sent a conversation's turn off its
 # node whenever the node's two slots were busy, to recompute 1,400 tokens (18 s) elsewhere,
 # while the turns ahead of it at home were 200-token hits.
-DECODE_PREFILL_RATIO = 10.0
+DEFAULT_DECODE_PREFILL_RATIO = 10.0
+RATIO_BOUNDS = (1.0, 1000.0)
 CONTENTION = 0.25
 # Candidates whose KV cache cache_aware can see: this node's worker, and peers (their gossip).
 CACHE_KINDS = ("local", "mesh")
@@ -85,6 +88,9 @@ class Candidate:
     # fast its busy slots drain (0 when it reports nothing, or is idle).
     slots_total: int = 0
     tokens_per_s: float = 0.0
+    # Its engine's measured prefill tokens/s and decode tokens/s per stream (0.0: not measured).
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
     # The request's size (the router's estimate; the same for every candidate): what prefill's
     # share of its service is (0: unknown, the prompt is all of it).
     prompt_tokens: int = 0
@@ -236,11 +242,22 @@ def imbalanced(candidates: Sequence[Candidate],
     return high - low > BALANCE_ABS and high > BALANCE_REL * low
 
 
+def decode_prefill_ratio(c: Candidate) -> float:
+    """How many prompt tokens of prefill one decoded token costs as long as at this node: its
+    measured prefill rate over its per-stream decode rate, within RATIO_BOUNDS (the default
+    until it has measured both)."""
+    if c.prefill_tokens_per_s <= 0 or c.decode_tokens_per_s <= 0:
+        return DEFAULT_DECODE_PREFILL_RATIO
+    low, high = RATIO_BOUNDS
+    return min(high, max(low, c.prefill_tokens_per_s / c.decode_tokens_per_s))
+
+
 def prefill_share(c: Candidate) -> float:
     """Prefill's share of the request's service at a node that holds none of it."""
     if c.prompt_tokens <= 0:
         return 1.0
-    return c.prompt_tokens / (c.prompt_tokens + DECODE_PREFILL_RATIO * max(0, c.output_tokens))
+    return c.prompt_tokens / (c.prompt_tokens
+                              + decode_prefill_ratio(c) * max(0, c.output_tokens))
 
 
 def slot_wait(c: Candidate) -> tuple[float, float]:
@@ -348,9 +365,12 @@ def _why_cache(c: Candidate, score: float) -> str:
     speed = stream_speed(c)
     rate = f", {c.tokens_per_s:.1f} tok/s ({speed:.1f} a stream)" if speed is not None else ""
     wait, _ = slot_wait(c)
+    measured = ("measured" if c.prefill_tokens_per_s > 0 and c.decode_tokens_per_s > 0
+                else "default")
     return (f"prefix hit {c.prefix_hit}/{c.prefix_blocks} blocks, load {_load(c):.2f} "
             f"({slots}queue {c.queue_depth}{rate}), wait {wait:.2f} and prefill "
-            f"{prefill_share(c):.2f} of a service")
+            f"{prefill_share(c):.2f} of a service (a decoded token = "
+            f"{decode_prefill_ratio(c):.0f} prompt tokens, {measured})")
 
 
 REASONS: dict[str, Callable[[Candidate, float], str]] = {

@@ -145,6 +145,8 @@ def state_to_pb(s: NodeState) -> pb.NodeState:
             queue_depth=s.capacity.queue_depth, tokens_per_s=s.capacity.tokens_per_s,
             prefix_scheme=s.capacity.prefix_scheme,
             prefix_names=prefix.encode_names(s.capacity.prefix_names),
+            prefill_tokens_per_s=s.capacity.prefill_tokens_per_s,
+            decode_tokens_per_s=s.capacity.decode_tokens_per_s,
         ),
         latency=[
             pb.LatencyAd(model=la.model, ewma_ms=la.ewma_ms, p95_ms=la.p95_ms, ttft_ms=la.ttft_ms)
@@ -245,6 +247,8 @@ def _capacity(c: pb.CapacityAd) -> CapacityAd:
         clamp(c.tokens_per_s, 0.0, MAX_TOKENS_PER_S, 0.0),
         prefix_scheme=prefix.SCHEME if known else 0,
         prefix_names=prefix.decode_names(c.prefix_names) if known else (),
+        prefill_tokens_per_s=clamp(c.prefill_tokens_per_s, 0.0, MAX_TOKENS_PER_S, 0.0),
+        decode_tokens_per_s=clamp(c.decode_tokens_per_s, 0.0, MAX_TOKENS_PER_S, 0.0),
     )
 
 

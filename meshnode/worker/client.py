@@ -22,6 +22,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -118,6 +119,10 @@ class Heartbeat:
     # first, and the same as a set: what cache_aware matches and the node gossips.
     routed: tuple[bytes, ...] = ()
     routed_set: frozenset[bytes] = frozenset()
+    # Measured prefill tokens/s and decode tokens/s per stream (meshnode.worker.rates; 0.0:
+    # not measured yet): what cache_aware weighs a hit's saved prefill with.
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
 
 
 class WorkerProcess:
@@ -348,7 +353,8 @@ class WorkerProcess:
                 self.heartbeat = Heartbeat(float(message["tps"]), int(message["mem"]),
                                            int(message["active"]), int(message["queued"]),
                                            tuple(str(h) for h in message.get("pfx", ())),
-                                           routed, frozenset(routed))
+                                           routed, frozenset(routed),
+                                           _rate(message.get("pps")), _rate(message.get("dps")))
             elif kind == "emb":
                 call = self._calls.pop(message["id"], None)
                 if call is not None:
@@ -392,3 +398,10 @@ class WorkerProcess:
         for call in calls.values():
             call.events.put_nowait(WorkerGone(reason))
         self._writer = None
+
+
+def _rate(value: object) -> float:
+    """A measured rate from a heartbeat: a finite number >= 0, else 0.0 (not measured)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0.0
+    return float(value)

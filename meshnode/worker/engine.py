@@ -50,6 +50,7 @@ from meshnode.worker.graphs import DecodeGraphs
 from meshnode.worker.kvcache import CacheShape, SlotCache, probe_shape
 from meshnode.worker.params import SamplingParams
 from meshnode.worker.prefix import DEFAULT_BLOCK, PrefixStore, Route, chain_hashes
+from meshnode.worker.rates import StepRates
 from meshnode.worker.sampler import TokenLogprob, prompt_logprobs, sample, token_logprobs
 from meshnode.worker.scheduler import Plan, Scheduler, Sequence
 from meshnode.worker.textstream import TextStream
@@ -264,6 +265,7 @@ class GenerationEngine:
         self._next_input = torch.full((self.max_batch,), self._pad_id, dtype=torch.long,
                                       device=device)
         self.prefilled_tokens = 0  # prompt positions computed (not reused): for tests, bench
+        self.rates = StepRates()  # measured prefill and decode speed (heartbeats, cache_aware)
         self.inject_oom = 0  # test hook: this many next steps raise torch.OutOfMemoryError
         log.info("engine: %d slots x %d positions (%.0f MB KV), prefix pool %d blocks "
                  "(%.0f MB), prefill chunk %d", self.max_batch, max_len, self.cache.size_bytes / 1e6,
@@ -387,10 +389,14 @@ class GenerationEngine:
             if self.inject_oom > 0:
                 self.inject_oom -= 1
                 raise torch.OutOfMemoryError("injected out-of-memory (test hook)")
+            started = time.perf_counter()
             firsts, drew, host, entries = self._forward(plan)
+            seconds = time.perf_counter() - started  # to the step's one host sync
         except torch.OutOfMemoryError as exc:
             self._out_of_memory(plan, admitted, exc, result)
             return result
+        self.rates.record(sum(c.end - c.start for c in plan.chunks), len(drew) > len(firsts),
+                          seconds)
         self._emit_step(plan, firsts, drew, host, entries, result)
         return result
 

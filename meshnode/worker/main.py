@@ -156,6 +156,7 @@ class Worker:
         from meshnode.worker.engine import RequestRejected
         from meshnode.worker.models import encode_prompt
         from meshnode.worker.params import Constraint, SamplingParams
+        from meshnode.worker.rates import StepRates
 
         for embedder in self.embedders.values():
             embedder.embed(["warm up"])
@@ -174,6 +175,8 @@ class Worker:
             while engine.has_work():
                 engine.step()
             engine.prepare()  # CUDA graphs of the decode step, once the kernels are warm
+            # First-call costs are not its speed: the rates start from the first real step.
+            engine.rates = StepRates()
 
     # ------------------------------------------------------------------ serve
     def _reader(self) -> None:
@@ -220,7 +223,17 @@ class Worker:
                     "queued": sum(e.queued for e in self.engines.values()),
                     "pfx": [h for e in self.engines.values() for h in e.prefix_summary(64)],
                     "rpfx": self._routed_names(),
+                    **self._rates(),
                 })
+
+    def _rates(self) -> dict[str, float]:
+        """The engines' measured prefill tokens/s ("pps") and decode tokens/s per stream
+        ("dps"), averaged over the engines that measured them (0.0: none yet)."""
+        from meshnode.types import mean_rate
+
+        rates = [e.rates for e in self.engines.values() if hasattr(e, "rates")]
+        return {"pps": round(mean_rate(r.prefill_tokens_per_s for r in rates), 1),
+                "dps": round(mean_rate(r.decode_tokens_per_s for r in rates), 2)}
 
     def _routed_names(self) -> bytes:
         """The routing names whose KV the engines hold (most recent first, each engine's in

@@ -23,8 +23,11 @@ worker -> node
                     stop, only on the event a stop string ended: that string (logprobs None if not asked)
     {"t": "emb",    "id", "dim", "vectors": bytes (float32, row-major), "tokens"}
     {"t": "err",    "id", "message", "param"}          the request is invalid for this model (400)
-    {"t": "hb",     "tps", "mem", "active", "queued", "pfx", "rpfx"}  heartbeat, at least every
-                    HEARTBEAT_S; rpfx: the routing names whose KV the engines still hold
+    {"t": "hb",     "tps", "mem", "active", "queued", "pfx", "rpfx", "pps", "dps"}  heartbeat,
+                    at least every HEARTBEAT_S; rpfx: the routing names whose KV the engines
+                    still hold; pps, dps: measured prefill tokens/s and decode tokens/s per
+                    stream (meshnode.worker.rates; 0.0 until measured; absent from an older
+                    worker)
 """
 
 from __future__ import annotations

@@ -263,6 +263,10 @@ async def test_a_repeated_long_prompt_reuses_its_prefix(provider: LocalProvider)
                    "the served prompt's routing names in capacity()")
     recent = provider.capacity().prefix_recent
     assert recent is not None and recent[0] == served[0]
+    # The worker measured its prefill and decode speed on these steps (warm-up excluded).
+    await wait_for(lambda: provider.capacity().prefill_tokens_per_s > 0
+                   and provider.capacity().decode_tokens_per_s > 0,
+                   "measured prefill and decode speeds in capacity()")
 
 
 async def test_an_out_of_memory_step_fails_only_its_request(

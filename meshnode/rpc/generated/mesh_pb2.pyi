@@ -206,20 +206,24 @@ class ModelAd(_message.Message):
     def __init__(self, name: _Optional[str] = ..., provider_kind: _Optional[str] = ..., kinds: _Optional[_Iterable[str]] = ..., cost_per_1k_input: _Optional[float] = ..., cost_per_1k_output: _Optional[float] = ..., max_context_tokens: _Optional[int] = ..., max_cost_per_1k_input: _Optional[float] = ..., max_cost_per_1k_output: _Optional[float] = ...) -> None: ...
 
 class CapacityAd(_message.Message):
-    __slots__ = ("slots_total", "slots_free", "queue_depth", "tokens_per_s", "prefix_scheme", "prefix_names")
+    __slots__ = ("slots_total", "slots_free", "queue_depth", "tokens_per_s", "prefix_scheme", "prefix_names", "prefill_tokens_per_s", "decode_tokens_per_s")
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREFIX_SCHEME_FIELD_NUMBER: _ClassVar[int]
     PREFIX_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     slots_total: int
     slots_free: int
     queue_depth: int
     tokens_per_s: float
     prefix_scheme: int
     prefix_names: bytes
-    def __init__(self, slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., prefix_scheme: _Optional[int] = ..., prefix_names: _Optional[bytes] = ...) -> None: ...
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    def __init__(self, slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., prefix_scheme: _Optional[int] = ..., prefix_names: _Optional[bytes] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class LatencyAd(_message.Message):
     __slots__ = ("model", "ewma_ms", "p95_ms", "ttft_ms")

@@ -15,7 +15,9 @@ from meshnode.routing.prefix import (
     decode_names,
     encode_names,
     leading_hits,
+    render,
     request_prefix,
+    worker_route,
 )
 
 SYSTEM = {"role": "system", "content": "You are terse. " * 80}  # ~1,200 characters
@@ -78,6 +80,28 @@ def test_names_depend_on_the_model_and_the_text_only() -> None:
     other_system = turn(1)
     other_system["messages"][0] = {"role": "system", "content": "Be kind. " * 80}
     assert leading_hits(request_prefix("m", other_system).chain, set(a.chain)) == 0
+
+
+def test_what_a_worker_ties_to_its_blocks_is_the_routers_names_made_once(monkeypatch) -> None:
+    from meshnode.routing import prefix as prefix_module
+
+    body = turn(2)
+    named = request_prefix("m", body, {"x-aiproxy-session": "s1"})
+    assert named.rendered_bytes == len(render(body))
+    # Made from the body (no ranking named it) and handed over by the router: the same.
+    own = worker_route("m", body)
+    assert own == (encode_names(named.chain), len(render(body)))
+    calls: list[int] = []
+    real = prefix_module.render
+
+    def counting(b):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(b)
+
+    monkeypatch.setattr(prefix_module, "render", counting)
+    assert worker_route("m", body, named) == own and calls == []  # nothing named again
+    assert worker_route("m", {"prompt": "hi"}) is None and calls == [1]  # no full block
+    assert worker_route("m", body, request_prefix("m", {"prompt": "hi"})) is None
 
 
 def test_short_prompts_and_sessions_still_have_an_affinity_key() -> None:

@@ -564,6 +564,29 @@ async def test_cache_aware_takes_a_workers_own_report_and_follows_its_evictions(
     assert all(r["prefix_hit_blocks"] == 0 for r in rows)
 
 
+async def test_cache_aware_hands_its_names_of_the_prompt_to_the_local_worker() -> None:
+    from meshnode.routing.prefix import render, request_prefix
+
+    worker = FakeProvider("w", kind="local", capacity=Capacity(slots_total=4, slots_free=4))
+    peer = FakeProvider("mesh", kind="local", node="p",
+                        capacity=Capacity(slots_total=4, slots_free=4))
+    router = Router(routing(strategy="cache_aware"), ["w", "mesh"], [worker, peer], "n1")
+    routed = await router.complete(chat(CONVERSATION))
+    assert routed.served.offer.provider == "w"
+    given = worker.calls[-1].prefix
+    expected = request_prefix("m", {"messages": CONVERSATION})
+    assert given == expected and given is not None and given.chain
+    assert given.rendered_bytes == len(render({"messages": CONVERSATION}))
+    # A peer's attempt carries no names (the peer names the prompt for its own worker) ...
+    worker.script(UpstreamUnavailable("down", provider="w"))
+    routed = await router.complete(chat(CONVERSATION))
+    assert routed.served.offer.node == "p" and peer.calls[-1].prefix is None
+    # ... nor does a local attempt under a strategy that did not name the prompt.
+    plain = Router(routing(strategy="least_loaded"), ["w", "mesh"], [worker, peer], "n1")
+    assert (await plain.complete(chat(CONVERSATION))).served.offer.provider == "w"
+    assert worker.calls[-1].prefix is None
+
+
 async def test_cache_aware_ranks_a_peer_by_its_gossiped_names() -> None:
     from meshnode.routing.prefix import request_prefix
 

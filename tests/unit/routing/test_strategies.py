@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from meshnode.routing.strategies import (
+    DEFAULT_DECODE_PREFILL_RATIO,
+    RATIO_BOUNDS,
     SPEED_BOUNDS,
     Affinity,
     Candidate,
+    decode_prefill_ratio,
     demote,
     prefill_share,
     rank,
@@ -132,6 +135,42 @@ def test_cache_aware_a_hit_is_worth_the_prefill_it_saves_against_the_wait() -> N
     assert all(winner(rank("cache_aware", long, 0, key(i))) == "idle" for i in range(20))
     assert "wait 0.20 and prefill 0.93 of a service" in rank("cache_aware", whole, 0,
                                                               key(1))[0].reason
+
+
+def rated(c: Candidate, prefill: float, decode: float) -> Candidate:
+    """The node's measured prefill tokens/s and decode tokens/s per stream."""
+    return replace(c, prefill_tokens_per_s=prefill, decode_tokens_per_s=decode)
+
+
+def test_the_decode_prefill_ratio_is_the_nodes_measured_one_within_bounds() -> None:
+    plain = worker("a", prompt=1000, out=100)
+    assert decode_prefill_ratio(plain) == DEFAULT_DECODE_PREFILL_RATIO
+    # Only one of the two measured: still the default.
+    assert decode_prefill_ratio(rated(plain, 400.0, 0.0)) == DEFAULT_DECODE_PREFILL_RATIO
+    assert decode_prefill_ratio(rated(plain, 0.0, 20.0)) == DEFAULT_DECODE_PREFILL_RATIO
+    # A CPU worker: 400 prompt tokens/s, 20 tokens/s a stream: a decoded token is 20 of prefill.
+    cpu = rated(plain, 400.0, 20.0)
+    assert decode_prefill_ratio(cpu) == 20.0
+    assert prefill_share(cpu) == 1000 / (1000 + 20 * 100)
+    # Bounded both ways: a decode faster than prefill per token, a noisy huge prefill rate.
+    assert decode_prefill_ratio(rated(plain, 10.0, 50.0)) == RATIO_BOUNDS[0]
+    assert decode_prefill_ratio(rated(plain, 1e9, 1.0)) == RATIO_BOUNDS[1]
+    reasons = {r.candidate.node_id: r.reason for r in rank(
+        "cache_aware", [cpu, worker("b", prompt=1000, out=100)], 0, key(1))}
+    assert "(a decoded token = 20 prompt tokens, measured)" in reasons["a"]
+    assert "(a decoded token = 10 prompt tokens, default)" in reasons["b"]
+
+
+def test_cache_aware_weighs_a_hit_by_the_nodes_measured_prefill_speed() -> None:
+    # The whole prompt held, every slot busy, against an idle node (as above): with a CPU's
+    # ratio the prefill is most of the service, so the hit is worth the wait ...
+    cpu = [rated(worker("holder", hit=8, slots=4, busy=4), 200.0, 20.0),
+           rated(worker("idle", slots=4), 200.0, 20.0)]
+    assert all(winner(rank("cache_aware", cpu, 0, key(i))) == "holder" for i in range(20))
+    # ... on a GPU (20,000 prompt tokens/s, 20 a stream) prefill is cheap and decode is the
+    # service: the hit saves a ninth of it, less than the wait, so the idle node serves.
+    gpu = [rated(c, 20_000.0, 20.0) for c in cpu]
+    assert all(winner(rank("cache_aware", gpu, 0, key(i))) == "idle" for i in range(20))
 
 
 def test_cache_aware_a_later_turn_goes_home_unless_home_is_lopsided() -> None:

@@ -132,7 +132,8 @@ def test_claimed_numbers_are_clamped() -> None:
         models=[pb.ModelAd(name="m", provider_kind="p", kinds=["chat"],
                            cost_per_1k_input=-3.0, cost_per_1k_output=math.nan)],
         capacity=pb.CapacityAd(slots_total=2**32 - 1, slots_free=2**32 - 1,
-                               queue_depth=2**32 - 1, tokens_per_s=math.inf),
+                               queue_depth=2**32 - 1, tokens_per_s=math.inf,
+                               prefill_tokens_per_s=math.nan, decode_tokens_per_s=math.inf),
         latency=[pb.LatencyAd(model="m", ewma_ms=-1.0, p95_ms=math.inf, ttft_ms=math.nan)],
         counters={"spend": math.inf, "ok": 1.5, "nan": math.nan},
     )
@@ -145,6 +146,15 @@ def test_claimed_numbers_are_clamped() -> None:
     assert got.capacity.slots_free == convert.MAX_SLOTS
     assert got.capacity.queue_depth == convert.MAX_QUEUE
     assert got.capacity.tokens_per_s == convert.MAX_TOKENS_PER_S
+    # Measured speeds: not a number reads as not measured, an infinity as the bound.
+    assert got.capacity.prefill_tokens_per_s == 0.0
+    assert got.capacity.decode_tokens_per_s == convert.MAX_TOKENS_PER_S
+    negative = convert.state_from_pb(pb.NodeState(
+        node_id="x", version=1, capacity=pb.CapacityAd(prefill_tokens_per_s=-5.0,
+                                                       decode_tokens_per_s=20.0)))
+    assert negative is not None
+    assert (negative.capacity.prefill_tokens_per_s, negative.capacity.decode_tokens_per_s) == (
+        0.0, 20.0)
     latency = got.latency[0]
     assert (latency.ewma_ms, latency.p95_ms, latency.ttft_ms) == (0.0, convert.MAX_LATENCY_MS, 0.0)
     assert dict(got.counters) == {"ok": 1.5}
@@ -292,6 +302,27 @@ async def test_prefix_names_a_worker_reports_are_what_its_node_gossips(
     await wait_for(lambda: set(held) <= seen(), "b sees the names a's worker reports")
     worker._capacity = Capacity(slots_total=2, slots_free=2, prefix_recent=())  # evicted
     await wait_for(lambda: not seen(), "b sees them gone once a's worker evicted them")
+
+
+async def test_a_nodes_measured_prefill_and_decode_speed_reach_its_peers(
+        nodes: MeshServices) -> None:
+    worker = FakeProvider("w", models=["m"], kind="local",
+                          capacity=Capacity(slots_total=2, slots_free=2, prefill_tokens_per_s=420.0,
+                                            decode_tokens_per_s=21.5))
+    a = await nodes.start("a", providers=[worker])
+    b = await nodes.start("b", seeds=[a.advertise_address])
+    assert b.provider is not None
+
+    def rates() -> tuple[float, float]:
+        capacity = b.provider.peer_capacity("a")  # type: ignore[union-attr]
+        if capacity is None:
+            return (0.0, 0.0)
+        return (capacity.prefill_tokens_per_s, capacity.decode_tokens_per_s)
+
+    await wait_for(lambda: rates() == (420.0, 21.5), "b sees a's measured speeds")
+    # What b's cache_aware weighs a's hits with: a's ratio, not the default.
+    row = b.router.explain("m", body={"prompt": "x"})["candidates"][0]
+    assert (row["prefill_tokens_per_s"], row["decode_tokens_per_s"]) == (420.0, 21.5)
 
 
 async def test_cache_aware_entry_nodes_agree_and_a_later_turn_finds_its_cache(

@@ -312,3 +312,16 @@ def test_max_tokens_zero_finishes_at_once_with_length(tiny_gpt2: Any) -> None:
     assert answers[(1, 0)] == ("", "length") and answers[(1, 1)] == ("", "length")
     assert usage[1] == (len(prompts[0]), 0)
     assert usage[2] == (len(prompts[1]), 2)
+
+
+def test_the_engine_measures_its_prefill_and_decode_speed(tiny_gpt2: Any) -> None:
+    model, tokenizer, _ = tiny_gpt2
+    engine = GenerationEngine(model, tokenizer, torch.device("cpu"), 2)
+    assert (engine.rates.prefill_tokens_per_s, engine.rates.decode_tokens_per_s) == (0.0, 0.0)
+    prompt = _prompts(tokenizer)[1]
+    engine.submit(1, prompt, SamplingParams(max_tokens=4, temperature=0.0))
+    engine.step()  # the prefill (and its first token): no decode step measured yet
+    assert engine.rates.prefill_tokens_per_s > 0 and engine.rates.decode_step_s == 0.0
+    while engine.has_work():
+        engine.step()
+    assert engine.rates.decode_tokens_per_s > 0
