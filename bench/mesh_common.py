@@ -56,3 +56,10 @@ def mesh_view(url: str, timeout: float = 2.0) -> dict[str, str]:
     with _OPENER.open(url + "/admin/mesh", timeout=timeout) as resp:
         body = json.loads(resp.read())
     return {m["id"]: m["status"] for m in body["members"]}
+
+
+def own_capacity(url: str, timeout: float = 2.0) -> dict[str, Any]:
+    """The capacity the node at `url` gossips of itself (`/admin/mesh`, its own member)."""
+    with _OPENER.open(url + "/admin/mesh", timeout=timeout) as resp:
+        body = json.loads(resp.read())
+    return next((m.get("capacity") or {} for m in body["members"] if m.get("self")), {})

@@ -55,7 +55,7 @@ import orjson
 import yaml
 
 from bench.local_tokens import build_model
-from bench.mesh_common import mesh_view
+from bench.mesh_common import mesh_view, own_capacity
 from bench.procs import ProcessSet
 from bench.report import percentile
 from bench.targets import REPO, _clean_env
@@ -414,6 +414,21 @@ def target_line(v: dict[str, Any]) -> str:
             f"{'PASS' if v['tokens_per_s_ok'] else 'FAIL'}; errors {v['errors']}")
 
 
+def node_speed(capacity: dict[str, Any]) -> dict[str, float]:
+    """A node's gossiped, measured speeds (what cache_aware weighs its hits with)."""
+    prefill = float(capacity.get("prefill_tokens_per_s") or 0.0)
+    decode = float(capacity.get("decode_tokens_per_s") or 0.0)
+    return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+            "ratio": prefill / decode if prefill > 0 and decode > 0 else 0.0}
+
+
+def speed_line(speeds: dict[str, dict[str, float]]) -> str:
+    parts = [f"{name} {s['prefill_tokens_per_s']:.0f} prefill / {s['decode_tokens_per_s']:.1f} "
+             f"decode tok/s a stream (a decoded token = {s['ratio']:.0f} prompt tokens)"
+             for name, s in speeds.items()]
+    return "measured at the end (gossiped): " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -485,14 +500,17 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(2.0)  # the nodes settle and gossip what they hold
         for node in nodes:  # nothing of a phase may be left in a worker's queue
             assert all(v == "alive" for v in mesh_view(node.url).values()), node.name
+        speeds = {node.name: node_speed(own_capacity(node.url)) for node in nodes}
     rows = {name: phase.summary() for name, phase in phases.items()}
     v = verdict(rows)
     out_table = table(rows)
     print()
     print(out_table)
     print(target_line(v))
+    print(speed_line(speeds))
     elapsed = time.monotonic() - started
     result = {"bench": "mesh_sched", "sizes": asdict(sizes), "strategies": rows, "target": v,
+              "measured_speeds": speeds,
               "seconds": elapsed, "cpus": len(os.sched_getaffinity(0)),
               "turns": {name: [asdict(t) for t in p.turns] for name, p in phases.items()}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -500,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     args.markdown.write_text(
         f"# bench.mesh_sched ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
         f"sizes: `{json.dumps(asdict(sizes))}`, {result['cpus']} CPUs, {elapsed:.0f} s\n\n"
-        f"{out_table}\n\n{target_line(v)}\n"
+        f"{out_table}\n\n{target_line(v)}\n\n{speed_line(speeds)}\n"
     )
     print(f"wrote {args.output} and {args.markdown} ({elapsed:.0f}s)")
     return 0 if v["pass"] else 1
