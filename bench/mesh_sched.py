@@ -7,7 +7,9 @@
 
 Three `meshnode run` processes on this box join one mesh (gRPC on loopback, mDNS off, a random
 mesh secret); each serves model `bench` from its own local worker (a random-weight GPT-2 of the
-chosen shape as a `path:` model, `max_batch` small so that load matters, one torch thread).
+chosen shape as a `path:` model, `max_batch` small so that load matters, one torch thread,
+a prefix pool of a third of the distinct prompt tokens the run's conversations hold at their
+last turn unless `--prefix-pool-tokens` says otherwise: the three nodes hold the run once).
 `mesh.max_hops` is 1: the entry node decides and the chosen peer serves (no second hop).
 
 The conversations enter through two different nodes (turn t of conversation i through node
