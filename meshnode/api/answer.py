@@ -28,6 +28,8 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_request import BaseRequest
 
+from meshnode.api.fastdoor import FastRequest
+
 JSON = "application/json"
 # Bodies at least this big go out as two buffers (no copy to join them), as aiohttp does.
 _JOIN_BELOW_BYTES = 16 * 1024
@@ -49,7 +51,7 @@ class JsonAnswer(web.Response):
         body = self._body
         status = self._status
         if (self._compression or self._cookies or self._chunked or not isinstance(body, bytes)
-                or not isinstance(request, web.Request) or request.version != HttpVersion11
+                or not isinstance(request, (web.Request, FastRequest)) or request.version != HttpVersion11
                 or request.method == hdrs.METH_HEAD or status < 200 or status in (204, 304)):
             return await super().prepare(request)
         keep_alive = self._keep_alive

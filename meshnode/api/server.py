@@ -232,17 +232,31 @@ class LimitedRequestHandler(RequestHandler):
 
 
 class LimitedServer(Server):
-    """aiohttp's low-level server, making `LimitedRequestHandler`s and counting them."""
+    """aiohttp's low-level server, making `LimitedRequestHandler`s and counting them; with
+    `fast_door` (an app, its fast routes and its front door), every connection starts on a
+    `meshnode.api.fastdoor.FastDoor`, which hands it to a `LimitedRequestHandler`
+    (`make_handler`) at the first request it does not serve itself."""
 
-    def __init__(self, base: Server, guard: ConnectionGuard) -> None:
+    def __init__(self, base: Server, guard: ConnectionGuard,
+                 fast_door: tuple[web.Application, dict[str, Any], Any] | None = None) -> None:
         # Built from the server aiohttp's AppRunner made, with every setting it chose.
         super().__init__(base.request_handler, request_factory=base.request_factory,
                          handler_cancellation=base.handler_cancellation,
                          loop=asyncio.get_running_loop(), **base._kwargs)
         self._guard = guard
+        self._fast_door = fast_door
 
-    def __call__(self) -> RequestHandler:
+    def make_handler(self) -> RequestHandler:
         return LimitedRequestHandler(self, guard=self._guard, loop=self._loop, **self._kwargs)
+
+    def __call__(self) -> Any:
+        if self._fast_door is None:
+            return self.make_handler()
+        from meshnode.api.fastdoor import FastDoor
+
+        app, routes, front_door = self._fast_door
+        return FastDoor(self, self._guard, app, routes, front_door,
+                        float(self._kwargs.get("keepalive_timeout", 75.0)))
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -257,12 +271,29 @@ class LimitedAppRunner(web.AppRunner):
         # aiohttp closes a connection that waits this long for a request, counted from its
         # opening too.
         kwargs.setdefault("keepalive_timeout", self._guard.config.idle_timeout_s)
+        # False: every connection is aiohttp's from its first byte (no `FastDoor`).
+        self._fast_door_enabled = bool(kwargs.pop("fast_door", True))
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> Server:
         base = await super()._make_server()  # runs the app's startup
         drop_current_app_layer(self.app)
-        return LimitedServer(base, self._guard)
+        return LimitedServer(base, self._guard, self._fast_door(base))
+
+    def _fast_door(self, base: Server) -> tuple[web.Application, dict[str, Any], Any] | None:
+        """What the fast door needs, when it can serve this app: its only middleware is the
+        front door (aiohttp's own layer dropped), and the server cancels a handler whose client
+        left, as the fast door does."""
+        from meshnode.api.app import front_door
+        from meshnode.api.fastdoor import fast_routes
+
+        app = self.app
+        layers = getattr(app, "_middlewares_handlers", None)
+        if (not self._fast_door_enabled or not base.handler_cancellation
+                or not layers or len(layers) != 1 or layers[0][0] is not front_door):
+            return None
+        routes = fast_routes(app)
+        return (app, routes, front_door) if routes else None
 
 
 # The layer aiohttp appends to every app's middlewares (`web_middlewares`).

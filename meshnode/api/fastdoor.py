@@ -1,0 +1,415 @@
+"""The fast door: a thin asyncio protocol that serves the common inference request itself.
+
+aiohttp's server machinery around the front door (its `RequestHandler`, `BaseRequest`, the
+`StreamReader` of the body, the application's route resolution, the answer's finishing) cost
+about a quarter of a proxied request's CPU. Every HTTP connection the node accepts starts on a
+`FastDoor`. A message that is exactly the common shape, at a message boundary:
+
+- `POST` to one of `FAST_PATHS` (no query string), `HTTP/1.1`;
+- one `Content-Length` of at most `FAST_BODY_MAX_BYTES` (and within `server.max_body_bytes`),
+  no `Transfer-Encoding`, `Expect` or `Upgrade`;
+- a head that is plain tokens and values (`_HEAD` matches it whole), under `MAX_HEAD_BYTES`;
+- tracing off;
+
+is served here: the SAME `front_door` (`meshnode.api.app`: request id, connection guard,
+gate, error mapping, metrics and log line) and the same route handler aiohttp would run are
+called with a `FastRequest` (the few parts of `web.Request` they use), and the answer they
+return is written with aiohttp's own response classes (`JsonAnswer` writes itself in one
+write; streams and gzipped answers go through aiohttp's `StreamWriter` on this protocol).
+
+Anything else (another route, `OPTIONS`, a chunked body, HTTP/1.0, an odd head, a body that is
+still arriving when the header deadline passes) hands the connection ONE-WAY to aiohttp's
+handler (`LimitedRequestHandler`): the transport is given to it with every byte not yet
+served, and the connection is aiohttp's from then on. A request is only served here once its
+whole body has arrived, so a body this door holds was read before the gate ran (at most
+`FAST_BODY_MAX_BYTES`; bigger bodies go to aiohttp, whose front door admits before reading).
+
+Kept from aiohttp's handler: a client that disconnects cancels its handler (and so its
+upstream call; the front door logs 499); `server.header_timeout_s` from a head's first byte;
+`server.idle_timeout_s` on a connection waiting for a request (from its opening too);
+graceful shutdown (the runner's `Server.pre_shutdown`/`shutdown` see fast connections in its
+connection table: idle ones are closed, in-flight requests drain within the grace);
+`ConnectionGuard` counts fast connections as it counts aiohttp's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpVersion11
+from aiohttp.http_writer import StreamWriter
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+from meshnode.observability import tracing
+
+if TYPE_CHECKING:
+    from meshnode.api.server import ConnectionGuard, LimitedServer
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FrontDoor = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+# The routes served here (when the app has them: their POST handlers are looked up in it).
+FAST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
+              "/v1/responses")
+# Bigger bodies go to aiohttp: its front door runs the gate before reading a body.
+FAST_BODY_MAX_BYTES = 256 * 1024
+# aiohttp's own limits on a request line and a header line are 8190 bytes each.
+MAX_HEAD_BYTES = 8190
+# Stop reading while this much is buffered behind a request in flight (pipelining).
+_READ_BUFFER_LIMIT = 2 * FAST_BODY_MAX_BYTES
+# A head this door serves: `POST <path> HTTP/1.1`, then `name: value` lines of RFC 9110 tokens
+# and visible characters, nothing else (obs-fold, bare CR or LF, NUL, control bytes go to
+# aiohttp's strict parser, which refuses them in our error shape).
+_HEAD = re.compile(
+    rb"POST (/[!-~]*) HTTP/1\.1\r\n"
+    rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*)"
+)
+_LINE = re.compile(rb"([^:\r\n]+):[ \t]*(.*?)[ \t]*\r\n")
+_EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+
+
+class FastRequest:
+    """What the front door, the gate and the inference handlers use of a `web.Request`, for a
+    request whose body is here whole (so `read()` never waits and `content.is_eof()`)."""
+
+    __slots__ = ("app", "method", "path", "headers", "protocol", "_keep_alive", "task",
+                 "_body", "_state", "_writer")
+
+    version = HttpVersion11
+    query = _EMPTY_QUERY
+
+    def __init__(self, app: web.Application, path: str, headers: CIMultiDictProxy[str],
+                 body: bytes, protocol: FastDoor, keep_alive: bool) -> None:
+        self.app = app
+        self.method = "POST"
+        self.path = path
+        self.headers = headers
+        self.protocol = protocol
+        self._keep_alive = keep_alive
+        self.task: asyncio.Task[None] | None = None
+        self._body = body
+        self._state: dict[Any, Any] = {}
+        self._writer: StreamWriter | None = None
+
+    @property
+    def keep_alive(self) -> bool:
+        """False when the client asked to close, or the node is shutting down (the answer then
+        says `Connection: close`)."""
+        return self._keep_alive and not self.protocol._closing
+
+    # The request's own mapping (`request[CONTEXT]`).
+    def __getitem__(self, key: Any) -> Any:
+        return self._state[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._state[key] = value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+    @property
+    def content_length(self) -> int:
+        return len(self._body)
+
+    @property
+    def body_exists(self) -> bool:
+        return bool(self._body)
+
+    can_read_body = body_exists
+
+    @property
+    def content(self) -> FastRequest:
+        return self  # `read_body` asks `request.content.is_eof()`
+
+    def is_eof(self) -> bool:
+        return True
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def text(self) -> str:
+        return self._body.decode()
+
+    async def json(self) -> Any:
+        import orjson
+
+        return orjson.loads(self._body)
+
+    @property
+    def remote(self) -> str | None:
+        transport = self.protocol.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, (tuple, list)) and peer else None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.protocol.transport
+
+    # What aiohttp's response classes use to send (`StreamResponse._start`, `JsonAnswer`).
+    @property
+    def _payload_writer(self) -> StreamWriter:
+        if self._writer is None:
+            self._writer = StreamWriter(self.protocol, self.protocol._loop)
+        return self._writer
+
+    @property
+    def writer(self) -> StreamWriter:
+        return self._payload_writer
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        hooks = self.app.on_response_prepare
+        if hooks:
+            await hooks.send(self, response)  # type: ignore[arg-type]  # CORS, rate-limit headers
+
+
+def fast_routes(app: web.Application) -> dict[str, Handler]:
+    """The app's POST handlers of `FAST_PATHS` (those it has)."""
+    routes: dict[str, Handler] = {}
+    for resource in app.router.resources():
+        path = resource.canonical
+        if path not in FAST_PATHS:
+            continue
+        for route in resource:
+            if route.method == "POST":
+                routes[path] = route.handler  # type: ignore[assignment]
+    return routes
+
+
+class FastDoor(BaseProtocol):
+    """One HTTP connection: served here while its requests are the common shape, then handed to
+    aiohttp for good (`_hand_off`)."""
+
+    def __init__(self, server: LimitedServer, guard: ConnectionGuard, app: web.Application,
+                 routes: Mapping[str, Handler], front_door: FrontDoor,
+                 keepalive_timeout: float) -> None:
+        super().__init__(server._loop)
+        self._server = server
+        self._guard = guard
+        self._app = app
+        self._routes = routes
+        self._front_door = front_door
+        self._keepalive_timeout = keepalive_timeout
+        self._header_timeout = guard.config.header_timeout_s
+        self._max_body = min(FAST_BODY_MAX_BYTES, guard.config.max_body_bytes)
+        self._buffer = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._deadline: float | None = None
+        self._phase = "idle"  # "idle", "head" (one is arriving) or "busy" (one is served)
+        self._closing = False  # shutting down or the client asked to close: no new requests
+        self._handed_off = False
+
+    # ----------------------------------------------------------------- connection
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self._server._connections[self] = self.transport  # type: ignore[index]
+        self._guard.opened(self)  # type: ignore[arg-type]
+        self._idle()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_timer()
+        if not self._handed_off:
+            self._server._connections.pop(self, None)  # type: ignore[call-overload]
+            self._guard.closed(self)  # type: ignore[arg-type]
+        super().connection_lost(exc)
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()  # the client left: its handler, and so its upstream call, stop
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._task is None:
+            self._next()
+        elif len(self._buffer) > _READ_BUFFER_LIMIT:
+            self._pause_reading_for_buffer()
+
+    # What the runner and ConnectionGuard call on a connection.
+    def close(self) -> None:
+        """Close once the request in flight (if any) is answered."""
+        self._closing = True
+        if self._task is None and self.transport is not None:
+            self.transport.close()
+
+    def force_close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """Let the request in flight finish within `timeout`, then cancel it; close."""
+        self._closing = True
+        self._cancel_timer()
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(task)
+            except (asyncio.CancelledError, TimeoutError):
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            if not task.done():
+                task.cancel()
+        self.force_close()
+
+    # ----------------------------------------------------------------- timers
+    # One timer at a time, re-armed lazily: a request on a kept-alive connection moves the
+    # deadline (`_deadline`), and the timer, when it fires early, waits for the rest.
+    def _arm(self, phase: str, timeout: float) -> None:
+        self._phase = phase
+        if timeout <= 0:
+            self._deadline = None
+            return
+        deadline = self._deadline = self._loop.time() + timeout
+        if self._timer is not None:
+            if self._timer_when <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_when = deadline
+        self._timer = self._loop.call_at(deadline, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle(self) -> None:
+        """Waiting for a request: closed after `server.idle_timeout_s`."""
+        self._arm("idle", self._keepalive_timeout)
+
+    def _head_deadline(self) -> None:
+        """A head has begun: it must be whole within `server.header_timeout_s`."""
+        if self._phase != "head":
+            self._arm("head", self._header_timeout)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if self._task is not None or self.transport is None or deadline is None:
+            return
+        if self._loop.time() < deadline:
+            self._timer_when = deadline
+            self._timer = self._loop.call_at(deadline, self._timed_out)
+            return
+        self._deadline = None
+        if self._phase == "idle":
+            self.force_close()
+            return
+        if self._buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4) >= 0:
+            # The head came, its body is still arriving: aiohttp reads it, within
+            # server.body_timeout_s.
+            self._hand_off()
+            return
+        log.warning(
+            "closed an HTTP connection whose request headers did not arrive within %ss "
+            "(server.header_timeout_s)", self._header_timeout,
+        )
+        self.force_close()
+
+    # ----------------------------------------------------------------- requests
+    def _next(self) -> None:
+        """Serve the next message in the buffer if it is whole, wait for more if it may still
+        be the fast shape, else hand the connection to aiohttp."""
+        buffer = self._buffer
+        if not buffer:
+            return
+        if self._closing:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+        if end < 0:
+            if len(buffer) > MAX_HEAD_BYTES or not b"POST /v1/".startswith(bytes(buffer[:9])):
+                self._hand_off()
+            else:
+                self._head_deadline()
+            return
+        head = _HEAD.fullmatch(buffer, 0, end + 2)
+        if head is None or tracing._tracer is not None:  # tracing.enabled(), without a call
+            self._hand_off()
+            return
+        path = head.group(1).decode("ascii")
+        handler = self._routes.get(path)
+        if handler is None:
+            self._hand_off()
+            return
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name.decode("ascii"), value.decode("latin-1"))
+            for name, value in _LINE.findall(head.group(2))
+        )
+        lengths = headers.getall("Content-Length", ())
+        if (len(lengths) != 1 or not lengths[0].isdigit() or "Transfer-Encoding" in headers
+                or "Expect" in headers or "Upgrade" in headers):
+            self._hand_off()
+            return
+        length = int(lengths[0])
+        if length > self._max_body:
+            self._hand_off()  # aiohttp's path: 413 on the length, or the gate before the body
+            return
+        start = end + 4
+        if len(buffer) < start + length:
+            self._head_deadline()
+            return
+        self._phase = "busy"
+        body = bytes(buffer[start:start + length])
+        del buffer[:start + length]
+        keep_alive = "close" not in headers.get("Connection", "").lower()
+        request = FastRequest(self._app, path, CIMultiDictProxy(headers), body, self,
+                              keep_alive)
+        self._task = task = self._loop.create_task(self._serve(request, handler))
+        request.task = task
+
+    async def _serve(self, request: FastRequest, handler: Handler) -> None:
+        keep = False
+        try:
+            response = await self._front_door(request, handler)  # type: ignore[arg-type]
+            await response.prepare(request)  # type: ignore[arg-type]
+            await response.write_eof()
+            keep = request.keep_alive and response.keep_alive is not False
+        except asyncio.CancelledError:
+            keep = False
+            raise
+        except ConnectionError:
+            keep = False  # the client left while its answer was written
+        except Exception:  # noqa: BLE001 - a bug past the front door: as aiohttp, log and close
+            log.exception("answering %s failed", request.path)
+            keep = False
+        finally:
+            self._task = None
+            if not keep or self._closing:
+                self.force_close()
+            elif self.transport is not None:
+                if self._buffer_paused and len(self._buffer) <= _READ_BUFFER_LIMIT:
+                    self._resume_reading_for_buffer()
+                self._idle()
+                self._next()
+
+    def _hand_off(self) -> None:
+        """Give the connection, with every byte not yet served, to aiohttp's handler."""
+        transport = self.transport
+        if transport is None or self._handed_off:
+            return
+        self._cancel_timer()
+        self._handed_off = True
+        self._server._connections.pop(self, None)  # type: ignore[call-overload]
+        self._guard.closed(self)  # type: ignore[arg-type]
+        if self._buffer_paused:
+            self._resume_reading_for_buffer()
+        data, self._buffer = bytes(self._buffer), bytearray()
+        handler = self._server.make_handler()
+        transport.set_protocol(handler)
+        self.transport = None
+        handler.connection_made(transport)  # counted by the server and the guard there
+        if data:
+            handler.data_received(data)
