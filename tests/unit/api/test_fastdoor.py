@@ -1,0 +1,243 @@
+"""The fast door (meshnode/api/fastdoor.py) on a real socket: the production runner
+(`LimitedAppRunner`) in front of a real OpenAI provider and the in-process fake upstream.
+
+Each test looks at which protocol holds the connection on the server (`FastDoor` or aiohttp's
+`LimitedRequestHandler`), so a fast door that handed everything to aiohttp would fail them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from meshnode.api.app import create_app
+from meshnode.api.fastdoor import FastDoor
+from meshnode.api.server import LimitedAppRunner, LimitedRequestHandler
+from meshnode.config import validate
+from meshnode.observability.logging import REQUEST_LOGGER
+from meshnode.providers.registry import ProviderContext, build_providers
+from meshnode.routing.router import Router
+from tests.kit.fake_openai import Behaviour, FakeOpenAI
+from tests.kit.wait import wait_for
+
+HEADER_TIMEOUT_S = 0.5
+CHAT = orjson.dumps({"model": "gpt", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def chat_request(body: bytes = CHAT, extra: bytes = b"") -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
+
+
+@dataclass
+class Node:
+    runner: LimitedAppRunner
+    upstream: FakeOpenAI
+    port: int
+
+    def protocols(self) -> list[type]:
+        return [type(c) for c in self.runner.server.connections]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    async with FakeOpenAI() as upstream:
+        config = validate({
+            "server": {"header_timeout_s": HEADER_TIMEOUT_S, "idle_timeout_s": 30.0,
+                       "shutdown_grace_s": 10.0},
+            "providers": {"openai": {
+                "base_url": upstream.base_url, "credentials": {"api_key": "sk-test"},
+                "models": [{"name": "gpt", "openai_model": "gpt-4o"}]}},
+        })
+        providers = build_providers(
+            config, ProviderContext("node-f", tmp_path, config.routing.timeouts))
+        router = Router(config.routing, config.fallback_chain(), providers, "node-f")
+        app = create_app(router, node_id="node-f", server=config.server,
+                         timeouts=config.routing.timeouts)
+        runner = LimitedAppRunner(app, handler_cancellation=True, access_log=None,
+                                  shutdown_timeout=config.server.shutdown_grace_s)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            yield Node(runner, upstream, runner.addresses[0][1])
+        finally:
+            await runner.cleanup()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:]
+                                                    if line)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    return status, headers, body
+
+
+async def test_keep_alive_chat_then_a_handed_off_request_then_chat_again(node: Node) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(chat_request())
+        status, headers, body = await read_answer(reader)
+        assert status == 200 and orjson.loads(body)["x_aiproxy"]["provider"] == "openai"
+        assert headers["x-aiproxy-node"] == "node-f" and headers["x-request-id"]
+        assert "openai-processing-ms" in headers
+        assert node.protocols() == [FastDoor]  # served by the fast door, connection kept
+
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await read_answer(reader)
+        assert status == 200 and orjson.loads(body)["data"][0]["id"] == "gpt"
+        assert node.protocols() == [LimitedRequestHandler]  # handed to aiohttp for good
+
+        writer.write(chat_request())
+        status, headers, body = await read_answer(reader)
+        assert status == 200 and orjson.loads(body)["choices"]
+        assert node.upstream.request_count == 2
+    finally:
+        writer.close()
+
+
+async def test_two_pipelined_requests_in_one_write_get_two_answers_in_order(node: Node) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(chat_request(extra=b"x-request-id: first\r\n")
+                     + chat_request(extra=b"x-request-id: second\r\n"))
+        first = await read_answer(reader)
+        second = await read_answer(reader)
+        assert [first[0], second[0]] == [200, 200]
+        assert [first[1]["x-request-id"], second[1]["x-request-id"]] == ["first", "second"]
+        assert node.upstream.request_count == 2
+        assert node.protocols() == [FastDoor]
+    finally:
+        writer.close()
+
+
+async def test_a_fast_door_error_is_the_same_answer_as_aiohttps(node: Node) -> None:
+    # A body that is not JSON: 400 in OpenAI's shape from the fast door, and the same bytes
+    # (but the request id) once the connection is aiohttp's.
+    bad = chat_request(b"{nope", b"x-request-id: r1\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(bad)
+        fast = await read_answer(reader)
+        assert node.protocols() == [FastDoor]
+        writer.write(b"OPTIONS /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # 405: handed off
+        assert (await read_answer(reader))[0] == 405
+        writer.write(bad)
+        slow = await read_answer(reader)
+        assert node.protocols() == [LimitedRequestHandler]
+    finally:
+        writer.close()
+    assert fast[0] == slow[0] == 400
+    assert fast[2] == slow[2] and orjson.loads(fast[2])["error"]["type"] == "invalid_request_error"
+    same = ("content-type", "x-request-id", "x-aiproxy-node", "server", "content-length")
+    assert {k: fast[1][k] for k in same} == {k: slow[1][k] for k in same}
+
+
+async def test_a_slow_head_is_closed_after_the_header_deadline(
+    node: Node, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(b"POST /v1/chat/comp")  # and nothing more
+        await wait_for(lambda: node.protocols() == [FastDoor], "the fast door holds it")
+        # Closed by the node (idle_timeout_s is 30 s: this is the header deadline).
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+    assert any("server.header_timeout_s" in r.getMessage() for r in caplog.records)
+    await wait_for(lambda: node.protocols() == [], "the connection is forgotten")
+
+
+async def test_a_client_that_leaves_mid_request_cancels_the_upstream_call_and_logs_499(
+    node: Node, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    node.upstream.script(Behaviour.hang())
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    writer.write(chat_request())
+    await node.upstream.wait_until(lambda f: f.request_count == 1, "the upstream has it")
+    assert node.protocols() == [FastDoor]
+    writer.close()
+    await node.upstream.wait_until(lambda f: f.disconnects == 1, "the upstream call closed")
+
+    def lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == REQUEST_LOGGER]
+
+    await wait_for(lines, "the request log line")
+    assert [r.__dict__["status"] for r in lines()] == [499]
+    assert lines()[0].__dict__["error"] == "client_closed"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_shutdown_drains_an_in_flight_fast_request_and_closes_idle_ones(
+    node: Node,
+) -> None:
+    node.upstream.script(Behaviour.ok(delay_s=0.5))
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(chat_request())
+        await node.upstream.wait_until(lambda f: f.request_count == 1, "the upstream has it")
+        assert node.protocols() == [FastDoor, FastDoor]
+        cleanup = asyncio.create_task(node.runner.cleanup())
+        status, headers, body = await read_answer(reader)  # answered, not cut off
+        assert status == 200 and orjson.loads(body)["choices"]
+        assert headers.get("connection", "").lower() == "close"
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert await asyncio.wait_for(idle_reader.read(), 10) == b""  # the idle one: closed
+        await asyncio.wait_for(cleanup, 20)
+    finally:
+        writer.close()
+        idle_writer.close()
+
+
+async def test_a_stream_on_the_fast_door_keeps_the_connection(node: Node) -> None:
+    body = orjson.dumps({"model": "gpt", "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(chat_request(body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+        assert re.search(rb"(?i)transfer-encoding: chunked", head)
+        events = await reader.readuntil(b"0\r\n\r\n")
+        assert b"data: [DONE]" in events and b"x_aiproxy" in events
+        assert node.protocols() == [FastDoor]
+        writer.write(chat_request())
+        assert (await read_answer(reader))[0] == 200
+    finally:
+        writer.close()
+
+
+async def test_other_shapes_go_to_aiohttp(node: Node) -> None:
+    # HTTP/1.0, a chunked body, a query string: each connection is aiohttp's, and answered.
+    cases: list[tuple[bytes, Any]] = [  # (each kept alive, to see who holds it after)
+        (b"POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\n"
+         b"Content-Length: %d\r\n\r\n%s"
+         % (len(CHAT), CHAT), None),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT), None),
+        (chat_request().replace(b"completions HTTP", b"completions?x=1 HTTP"), None),
+    ]
+    for raw, _ in cases:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        try:
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b" 200 " in head.split(b"\r\n")[0], head
+            assert node.protocols() == [LimitedRequestHandler]
+        finally:
+            writer.close()
+            await wait_for(lambda: node.protocols() == [], "the connection is forgotten")
