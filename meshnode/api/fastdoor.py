@@ -345,7 +345,7 @@ class FastDoor(BaseProtocol):
             self._hand_off()
             return
         headers: CIMultiDict[str] = CIMultiDict(
-            (name.decode("ascii"), value.decode("latin-1"))
+            (name.decode("ascii"), value.decode("utf-8", "surrogateescape"))  # as aiohttp
             for name, value in _LINE.findall(head.group(2))
         )
         lengths = headers.getall("Content-Length", ())
