@@ -72,7 +72,9 @@ _HEAD = re.compile(
     rb"POST (/[!-~]*) HTTP/1\.1\r\n"
     rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*)"
 )
-_LINE = re.compile(rb"([^:\r\n]+):[ \t]*(.*?)[ \t]*\r\n")
+# The name and value of each line of a head `_HEAD` matched (greedy, without backtracking: a
+# value with whitespace at its end is left to aiohttp, which strips it).
+_LINE = re.compile(r"([^:\r\n]+):[ \t]*([^\r\n]*)\r\n")
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
@@ -344,10 +346,13 @@ class FastDoor(BaseProtocol):
         if handler is None:
             self._hand_off()
             return
+        block = head.group(2)
+        if b" \r\n" in block or b"\t\r\n" in block:
+            self._hand_off()
+            return
+        # Decoded as aiohttp decodes them.
         headers: CIMultiDict[str] = CIMultiDict(
-            (name.decode("ascii"), value.decode("utf-8", "surrogateescape"))  # as aiohttp
-            for name, value in _LINE.findall(head.group(2))
-        )
+            _LINE.findall(block.decode("utf-8", "surrogateescape")))
         lengths = headers.getall("Content-Length", ())
         if (len(lengths) != 1 or not lengths[0].isdigit() or "Transfer-Encoding" in headers
                 or "Expect" in headers or "Upgrade" in headers):
