@@ -27,6 +27,8 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import MAX_SYNC_CHUNK_SIZE, REASON_PHRASES
+from multidict import CIMultiDict
 
 from meshnode.api.fastdoor import FastRequest
 
@@ -41,7 +43,19 @@ class JsonAnswer(web.Response):
     def __init__(
         self, body: bytes, *, status: int = 200, headers: Mapping[str, str] | None = None
     ) -> None:
-        super().__init__(body=body, status=status, content_type=JSON, headers=headers)
+        # What `web.Response.__init__` sets for a bytes body and a content type, without its
+        # general path (text, charset, payload lookup), which cost more than the rest of the
+        # answer's building (the aiohttp version is pinned; test_answer compares the wire bytes).
+        self._state = {}
+        real_headers: CIMultiDict[str] = CIMultiDict() if headers is None else CIMultiDict(headers)
+        real_headers[hdrs.CONTENT_TYPE] = JSON
+        self._headers = real_headers
+        self._status = status
+        self._reason = REASON_PHRASES.get(status, "")
+        self._body = body
+        self._compressed_body = None
+        self._zlib_executor_size = MAX_SYNC_CHUNK_SIZE
+        self._zlib_executor = None
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:
