@@ -6,6 +6,10 @@ cleanup, which aiohttp runs only after the server stopped accepting and in-fligh
 drained). It does not bind sockets; the caller runs it (build the runner with
 `handler_cancellation=True` so a client that disconnects cancels its upstream call).
 
+Requests reach the front door through aiohttp, or through the fast door
+(`meshnode.api.fastdoor`: whole inference POSTs on a thin protocol, with a `FastRequest` in place
+of aiohttp's request), which calls `front_door` and the route's handler directly.
+
 One middleware, `front_door` (each layer of middleware cost a coroutine frame and a call per
 request), does in order:
 - CORS preflights (only with `server.cors.allow_origins`) are answered first

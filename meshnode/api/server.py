@@ -19,6 +19,11 @@ text with a traceback at ERROR. This module owns the fixes, all read from `serve
 - parser refusals are answered in OpenAI's error shape (Anthropic's on `/v1/messages`) with
   one WARNING line.
 
+Every connection starts on the fast door (`meshnode.api.fastdoor.FastDoor`, made by
+`LimitedServer`), which serves whole inference POSTs itself and hands any other connection to a
+`LimitedRequestHandler` for good; both are counted by `ConnectionGuard` and drained by the
+runner's shutdown alike (`LimitedAppRunner(app, fast_door=False)`: aiohttp's handler only).
+
 `LimitedAppRunner` is the runner `meshnode.node.Node` uses; `ConnectionGuard` is shared by the
 runner (connection counts) and the app (`CONNECTIONS`, read by the front door in
 `meshnode.api.app`: `request_started`/`request_finished` around each request); it also drops
