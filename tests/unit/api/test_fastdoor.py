@@ -241,3 +241,26 @@ async def test_other_shapes_go_to_aiohttp(node: Node) -> None:
         finally:
             writer.close()
             await wait_for(lambda: node.protocols() == [], "the connection is forgotten")
+
+
+async def test_a_body_after_its_head_is_served_here_or_by_aiohttp_once_the_deadline_passed(
+    node: Node,
+) -> None:
+    head, _, body = chat_request().partition(b"\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        # The body in a later write, as httpx sends it (which door answers depends on whether
+        # the header deadline passed in between: either way, the answer).
+        writer.write(head + b"\r\n\r\n")
+        await writer.drain()
+        writer.write(body)
+        assert (await read_answer(reader))[0] == 200
+
+        writer.write(head + b"\r\n\r\n")
+        # Past the header deadline the connection is aiohttp's, which reads the body.
+        await wait_for(lambda: node.protocols() == [LimitedRequestHandler], "handed off")
+        writer.write(body)
+        status, _, answer = await read_answer(reader)
+        assert status == 200 and orjson.loads(answer)["choices"]
+    finally:
+        writer.close()
