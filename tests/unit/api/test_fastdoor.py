@@ -191,7 +191,7 @@ async def test_shutdown_drains_an_in_flight_fast_request_and_closes_idle_ones(
     try:
         writer.write(chat_request())
         await node.upstream.wait_until(lambda f: f.request_count == 1, "the upstream has it")
-        assert node.protocols() == [FastDoor, FastDoor]
+        await wait_for(lambda: node.protocols() == [FastDoor, FastDoor], "both accepted")
         cleanup = asyncio.create_task(node.runner.cleanup())
         status, headers, body = await read_answer(reader)  # answered, not cut off
         assert status == 200 and orjson.loads(body)["choices"]
