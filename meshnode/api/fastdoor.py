@@ -44,6 +44,7 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 from aiohttp.http_writer import StreamWriter
+from aiohttp.tcp_helpers import tcp_keepalive
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from meshnode.observability import tracing
@@ -212,8 +213,10 @@ class FastDoor(BaseProtocol):
 
     # ----------------------------------------------------------------- connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        super().connection_made(transport)  # TCP_NODELAY, as aiohttp's handler
         assert self.transport is not None
+        if self._server._kwargs.get("tcp_keepalive", True):
+            tcp_keepalive(self.transport)  # SO_KEEPALIVE, as aiohttp's handler
         self._server._connections[self] = self.transport  # type: ignore[index]
         self._guard.opened(self)  # type: ignore[arg-type]
         self._idle()
