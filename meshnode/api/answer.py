@@ -65,7 +65,7 @@ class JsonAnswer(web.Response):
         body = self._body
         status = self._status
         if (self._compression or self._cookies or self._chunked or not isinstance(body, bytes)
-                or not isinstance(request, (web.Request, FastRequest)) or request.version != HttpVersion11
+                or not isinstance(request, (FastRequest, web.Request)) or request.version != HttpVersion11
                 or request.method == hdrs.METH_HEAD or status < 200 or status in (204, 304)):
             return await super().prepare(request)
         keep_alive = self._keep_alive
