@@ -21,7 +21,12 @@ from aiohttp import web
 
 from meshnode.api.app import create_app
 from meshnode.api.fastdoor import FastDoor
-from meshnode.api.server import LimitedAppRunner, LimitedRequestHandler
+from meshnode.api.server import (
+    CONNECTIONS,
+    ConnectionGuard,
+    LimitedAppRunner,
+    LimitedRequestHandler,
+)
 from meshnode.config import validate
 from meshnode.observability.logging import REQUEST_LOGGER
 from meshnode.providers.registry import ProviderContext, build_providers
@@ -43,6 +48,9 @@ class Node:
     runner: LimitedAppRunner
     upstream: FakeOpenAI
     port: int
+
+    def guard(self) -> ConnectionGuard:
+        return self.runner.app[CONNECTIONS]
 
     def protocols(self) -> list[type]:
         return [type(c) for c in self.runner.server.connections]  # type: ignore[union-attr]
@@ -93,11 +101,13 @@ async def test_keep_alive_chat_then_a_handed_off_request_then_chat_again(node: N
         assert headers["x-aiproxy-node"] == "node-f" and headers["x-request-id"]
         assert "openai-processing-ms" in headers
         assert node.protocols() == [FastDoor]  # served by the fast door, connection kept
+        assert node.guard().open_connections == 1
 
         writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body = await read_answer(reader)
         assert status == 200 and orjson.loads(body)["data"][0]["id"] == "gpt"
         assert node.protocols() == [LimitedRequestHandler]  # handed to aiohttp for good
+        assert node.guard().open_connections == 1  # counted once, before and after
 
         writer.write(chat_request())
         status, headers, body = await read_answer(reader)
@@ -159,6 +169,7 @@ async def test_a_slow_head_is_closed_after_the_header_deadline(
     assert [r.name for r in caplog.records if "server.header_timeout_s" in r.getMessage()] \
         == ["meshnode.api.fastdoor"]
     await wait_for(lambda: node.protocols() == [], "the connection is forgotten")
+    assert node.guard().open_connections == 0
 
 
 async def test_a_client_that_leaves_mid_request_cancels_the_upstream_call_and_logs_499(
