@@ -35,7 +35,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshnode.observability.history import ErrorRecord, RecentErrors, RequestHistory
-from meshnode.observability.loopmetrics import LoopCounter, LoopHistogram
+from meshnode.observability.loopmetrics import (
+    CounterValue,
+    HistogramValue,
+    LoopCounter,
+    LoopHistogram,
+)
 from meshnode.routing.outcome import Attempt, Served
 
 UNKNOWN = "_unknown"
@@ -162,6 +167,52 @@ class _StateCollector(Collector):
         yield limit
 
 
+# (provider, model, kind, status) series bundles kept at most (they are few: one per served
+# model and status); past it they are looked up again.
+MAX_SERVED_KEYS = 4096
+
+
+class _Served:
+    """The series one served request of a (provider, model, kind, status) updates, looked up
+    in one dict instead of one `labels` call each. Those a request may not touch (tokens,
+    cost, time to first token, the ok attempt) are looked up when first needed."""
+
+    __slots__ = ("provider", "model", "requests", "latency", "ttft", "prompt", "completion",
+                 "cost", "ok")
+
+    def __init__(self, provider: str, model: str, requests: CounterValue,
+                 latency: HistogramValue) -> None:
+        self.provider = provider
+        self.model = model
+        self.requests = requests
+        self.latency = latency
+        self.ttft: HistogramValue | None = None
+        self.prompt: CounterValue | None = None
+        self.completion: CounterValue | None = None
+        self.cost: CounterValue | None = None
+        self.ok: CounterValue | None = None
+
+    def make_ttft(self, m: Metrics) -> HistogramValue:
+        self.ttft = m.ttft.labels(self.provider, self.model)
+        return self.ttft
+
+    def make_prompt(self, m: Metrics) -> CounterValue:
+        self.prompt = m.tokens.labels(self.provider, self.model, "prompt")
+        return self.prompt
+
+    def make_completion(self, m: Metrics) -> CounterValue:
+        self.completion = m.tokens.labels(self.provider, self.model, "completion")
+        return self.completion
+
+    def make_cost(self, m: Metrics) -> CounterValue:
+        self.cost = m.cost.labels(self.provider, self.model)
+        return self.cost
+
+    def make_ok(self, m: Metrics) -> CounterValue:
+        self.ok = m.attempts.labels(self.provider, "ok")
+        return self.ok
+
+
 class Metrics:
     """The node's metrics. One instance per node (per app in tests)."""
 
@@ -224,6 +275,7 @@ class Metrics:
         self.key_cost = LoopCounter(
             "meshnode_key_cost_usd", "Spend per API key name in USD", ("key",), registry=r,
         )
+        self._served: dict[tuple[str, str, str, int], _Served] = {}
         self.peer_label = BoundedLabels(MAX_PEERS)
         self.key_label = BoundedLabels(MAX_KEYS)
         # Read at scrape time; set by the mesh service and the node (None: not reported).
@@ -261,36 +313,57 @@ class Metrics:
         request_id: str = "",
     ) -> None:
         """A request that reached a provider (its answer was delivered, or broke mid-stream)."""
-        provider = served.offer.provider
-        model = served.offer.model
-        self.requests.labels(provider, model, kind, status).inc()
-        self.latency.labels(provider, model).observe(latency_s)
+        offer = served.offer
+        provider = offer.provider
+        model = offer.model
+        # The series of this (provider, model, kind, status), looked up once per request: each
+        # one is still made where the `labels` calls of a first request would make it (the
+        # exposition lists series in the order they were first seen).
+        found = self._served.get((provider, model, kind, status))
+        if found is None:
+            found = self._served_series(provider, model, kind, status)
+        found.requests.inc()
+        found.latency.observe(latency_s)
         if ttft_s is not None:
-            self.ttft.labels(provider, model).observe(ttft_s)
+            (found.ttft or found.make_ttft(self)).observe(ttft_s)
         usage = served.usage
-        if usage.prompt_tokens:
-            self.tokens.labels(provider, model, "prompt").inc(usage.prompt_tokens)
-        if usage.completion_tokens:
-            self.tokens.labels(provider, model, "completion").inc(usage.completion_tokens)
-        if served.cost:
-            self.cost.labels(provider, model).inc(served.cost)
-        self.record_attempts(served.attempts)
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        if prompt:
+            (found.prompt or found.make_prompt(self)).inc(prompt)
+        if completion:
+            (found.completion or found.make_completion(self)).inc(completion)
+        cost = served.cost
+        if cost:
+            (found.cost or found.make_cost(self)).inc(cost)
+        attempts = served.attempts
+        if len(attempts) == 1 and attempts[0].outcome == "ok" and attempts[0].peer is None \
+                and attempts[0].provider == provider:
+            (found.ok or found.make_ok(self)).inc()  # the common case: one local attempt
+        else:
+            self.record_attempts(attempts)
         if error_code is not None:
             self.errors.labels(provider, model, error_code).inc()
         if key is not None:
-            self._record_key(key, status, usage.prompt_tokens, usage.completion_tokens,
-                             served.cost)
+            self._record_key(key, status, prompt, completion, cost)
         # 499: the client went away, nothing failed on our side.
         failed = status != 499 and (error_code is not None or status >= 400)
         self.history.record(
-            provider=served.offer.key[0], node=served.node, error=failed,
-            tokens=usage.prompt_tokens + usage.completion_tokens, latency_ms=latency_s * 1000.0,
+            provider=offer.key[0], node=served.node, error=failed,
+            tokens=prompt + completion, latency_ms=latency_s * 1000.0,
         )
         if failed:
             self.recent_errors.add(ErrorRecord(
                 time.time(), request_id, status, error_code or str(status), model, provider, key,
-                len(served.attempts),
+                len(attempts),
             ))
+
+    def _served_series(self, provider: str, model: str, kind: str, status: int) -> _Served:
+        if len(self._served) >= MAX_SERVED_KEYS:
+            self._served.clear()
+        found = self._served[(provider, model, kind, status)] = _Served(
+            provider, model, self.requests.labels(provider, model, kind, status),
+            self.latency.labels(provider, model))
+        return found
 
     def record_attempts(self, attempts: Sequence[Attempt]) -> None:
         for attempt in attempts:
