@@ -151,28 +151,52 @@ def _stop(body: Mapping[str, Any]) -> None:
             raise InvalidRequest(f"'stop[{i}]' must be a string", param=f"stop[{i}]")
 
 
+# The fields `_sampling` checks: a body with none of them (after the model and the messages,
+# the common case is one or two) is passed by one set operation; each present one is checked
+# in the order below (the first bad one is the error), an absent one costs a dict lookup.
+_SAMPLING_FIELDS = frozenset({
+    "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "presence_penalty",
+    "frequency_penalty", "seed", "user", "logit_bias", "stop",
+})
+
+
 def _sampling(body: Mapping[str, Any], least_tokens: int = 1) -> int | None:
     """Checks shared by chat and completions; returns the output token bound, if any.
     `least_tokens`: legacy completions allow `max_tokens: 0` (OpenAI's minimum there, sent
     with `echo` + `logprobs` to score a prompt); chat wants at least one token."""
-    max_tokens = _optional_int(body, "max_tokens", least_tokens, MAX_OUTPUT_TOKENS)
-    max_completion = _optional_int(body, "max_completion_tokens", least_tokens,
-                                   MAX_OUTPUT_TOKENS)
-    _optional_int(body, "n", 1, MAX_N)
-    _optional_number(body, "temperature", 0.0, 2.0)
-    _optional_number(body, "top_p", 0.0, 1.0)
-    _optional_number(body, "presence_penalty", -2.0, 2.0)
-    _optional_number(body, "frequency_penalty", -2.0, 2.0)
+    if _SAMPLING_FIELDS.isdisjoint(body):
+        return None
+    max_tokens = max_completion = None
+    if "max_tokens" in body:
+        max_tokens = _optional_int(body, "max_tokens", least_tokens, MAX_OUTPUT_TOKENS)
+    if "max_completion_tokens" in body:
+        max_completion = _optional_int(body, "max_completion_tokens", least_tokens,
+                                       MAX_OUTPUT_TOKENS)
+    if "n" in body:
+        _optional_int(body, "n", 1, MAX_N)
+    if "temperature" in body:
+        _optional_number(body, "temperature", 0.0, 2.0)
+    if "top_p" in body:
+        _optional_number(body, "top_p", 0.0, 1.0)
+    if "presence_penalty" in body:
+        _optional_number(body, "presence_penalty", -2.0, 2.0)
+    if "frequency_penalty" in body:
+        _optional_number(body, "frequency_penalty", -2.0, 2.0)
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise InvalidRequest(f"'seed' must be an integer, got {type_name(seed)}", param="seed")
-    _optional_type(body, "user", str, "a string")
-    _optional_type(body, "logit_bias", dict, "an object")
-    _stop(body)
+    if "user" in body:
+        _optional_type(body, "user", str, "a string")
+    if "logit_bias" in body:
+        _optional_type(body, "logit_bias", dict, "an object")
+    if "stop" in body:
+        _stop(body)
     return max_completion if max_completion is not None else max_tokens
 
 
 def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    if "stream" not in body and "stream_options" not in body:
+        return False, False
     stream = _optional_bool(body, "stream")
     options = body.get("stream_options")
     include_usage = False
@@ -252,12 +276,16 @@ def _messages(body: Mapping[str, Any]) -> int:
                 f"'messages[{i}].content' is required for role {role!r}",
                 param=f"messages[{i}].content",
             )
-        chars += _content_chars(content, f"messages[{i}].content")
+        if isinstance(content, str):
+            chars += len(content)
+        else:
+            chars += _content_chars(content, f"messages[{i}].content")
     return chars
 
 
 def _tools(body: Mapping[str, Any]) -> None:
-    _optional_type(body, "response_format", dict, "an object")
+    if "response_format" in body:
+        _optional_type(body, "response_format", dict, "an object")
     tools = body.get("tools")
     if tools is None:
         return
@@ -314,9 +342,12 @@ def parse_chat(
     model = _model(body)
     chars = _messages(body)
     max_out = _sampling(body)
-    _tools(body)
-    _optional_bool(body, "logprobs")
-    _optional_int(body, "top_logprobs", 0, 20)
+    if "tools" in body or "response_format" in body:
+        _tools(body)
+    if "logprobs" in body:
+        _optional_bool(body, "logprobs")
+    if "top_logprobs" in body:
+        _optional_int(body, "top_logprobs", 0, 20)
     stream, include_usage = _stream_flags(body)
     return _request(
         RequestKind.CHAT, body, model, request_id=request_id, deadline=deadline,
