@@ -287,8 +287,7 @@ class _Connection(asyncio.Protocol):
             if rest:
                 self._chunks.append(rest)
                 self._body_bytes += len(rest)
-        self.complete = True
-        self._cancel_timer()
+        self.complete = True  # the timer stays armed: it finds the call complete, or the next
         self._wake()
 
     def _body_allowed(self) -> bool:
@@ -296,21 +295,36 @@ class _Connection(asyncio.Protocol):
 
     # ---- the request side (the task that holds the connection)
     def send(self, data: bytes, deadline: float, read_timeout: float) -> None:
-        """Write one request and start its timer."""
-        self._begin_state()
+        """Write one request and make sure its timer is armed. The connection's state is fresh:
+        a new one's, or reset when the pool took it back (`H1Pool.release`)."""
         self.busy = True
         self._deadline = deadline
         self._read_timeout = read_timeout
-        if self.transport is None or self.closed:
+        transport = self.transport
+        if transport is None or self.closed:
             raise ServerDisconnected("the server closed the connection")
-        self.transport.write(data)
+        transport.write(data)
         now = self._last = self._loop.time()
         when = now + read_timeout
-        self._timer = self._loop.call_at(deadline if deadline < when else when, self._on_timer)
+        if deadline < when:
+            when = deadline
+        # The timer outlives the answer it was armed for (one less timer made and cancelled
+        # per request): one due no later than this call needs is kept; it looks at the call
+        # in flight when it fires and re-arms for it (`_on_timer`).
+        timer = self._timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(when, self._on_timer)
 
     async def wait_head(self) -> None:
         while not self._head_done:
-            await self._wait()
+            if self._exc is not None:
+                raise self._exc
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            self._last = self._loop.time()  # a wait starts the read clock
+            await waiter
         if self._exc is not None:
             raise self._exc
 

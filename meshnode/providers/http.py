@@ -590,8 +590,11 @@ class HttpUpstream:
         headers: Mapping[str, str] | None,
     ) -> H1Response:
         """The response head of one call over the lean client (MeshErrors already)."""
-        self._check_deadline(deadline)
-        pool = self._ensure_pool()
+        if deadline <= time.monotonic():
+            self._check_deadline(deadline)
+        pool = self._pool
+        if pool is None or pool.closed:
+            pool = self._ensure_pool()
         # a ValueError (a header with a line break; credentials in the URL and an
         # Authorization header) is raised as it is, as aiohttp did: the config is wrong
         data = self._wire(method, path, payload, headers)
@@ -666,10 +669,18 @@ class HttpUpstream:
     ) -> dict[str, Any]:
         """POST a serialized JSON body; the parsed JSON object of a 2xx answer. A 2xx whose body
         is not a JSON object is UpstreamUnavailable (a broken proxy or gateway page)."""
-        resp = await self.request(
-            "POST", path, payload, deadline=deadline, timeouts=timeouts, headers=headers
-        )
-        return self.parse_json_object(resp.body)
+        # `request`'s POST, in this frame (one coroutine less per call, no UpstreamResponse).
+        resp = await self._send("POST", path, payload, deadline, timeouts, headers)
+        try:
+            if resp.status >= 300:
+                error_body = await resp.content.read(MAX_ERROR_BODY_BYTES)
+                raise self.error_for_status(resp.status, error_body, resp.headers)
+            body = await resp.content.read()
+        except (OSError, TimeoutError) as exc:
+            raise self.error_for_exception(exc, deadline) from exc
+        finally:
+            resp.release()
+        return self.parse_json_object(body)
 
     def parse_json_object(self, body: bytes) -> dict[str, Any]:
         try:
@@ -804,7 +815,10 @@ class _Origin:
 
     def with_headers(self, headers: Mapping[str, str]) -> bytes:
         names = self.names
-        if not any(name.lower() in names for name in headers):
+        for name in headers:
+            if name.lower() in names:
+                break
+        else:  # none replaces one of ours (the common case: the request id)
             return self.block + _encode_lines(headers.items())
         merged = {name.lower(): (name, value) for name, value in self.lines}
         for name, value in headers.items():

@@ -389,6 +389,30 @@ async def test_slow_first_byte_times_out_and_hangs_up(
         await wait_for(lambda: server.hangups == 1, "the client hung up")
 
 
+async def test_a_reused_connection_times_each_call_by_its_own_read_timeout(
+        http_factory: Callable[..., HttpUpstream]) -> None:
+    """The connection's timer outlives a call: a call after one with a shorter read timeout
+    is not cut by it, and one after a longer timeout is still cut by its own."""
+    async def varied(exchange: Exchange) -> None:
+        while (got := await exchange.request()) is not None:
+            if got[1] == b'"slow"':
+                await asyncio.sleep(0.5)  # past SHORT's 200 ms, well inside TIMEOUTS' 5 s
+            elif got[1] == b'"silent"':
+                await exchange.client_gone()
+                return
+            await exchange.send(json_answer())
+
+    async with RawServer(varied) as server:
+        http = http_factory(server.url)
+        assert await http.post_json("/c", b"{}", deadline=_soon(), timeouts=SHORT) == {"ok": 1}
+        assert await http.post_json("/c", b'"slow"', deadline=_soon(),
+                                    timeouts=TIMEOUTS) == {"ok": 1}
+        # A timer kept at the 5 s of the call before would let the 3 s deadline pass first.
+        with pytest.raises(UpstreamTimeout, match="waiting for data"):
+            await http.post_json("/c", b'"silent"', deadline=_soon(3.0), timeouts=SHORT)
+        assert server.connections == 1
+
+
 async def test_a_stream_that_stalls_mid_way_times_out(
         http_factory: Callable[..., HttpUpstream]) -> None:
     async def stall(exchange: Exchange) -> None:
