@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import operator
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -140,6 +141,13 @@ MODEL_GONE_RETRY_AFTER_S = 5.0
 # Shortlists kept at most (one per model, kind, policy, origin constraint and path seen since
 # the offers last changed); past it they are all recomputed.
 MAX_SHORTLISTS = 1024
+
+
+def _abandon(hold: Hold) -> None:
+    hold.abandon()
+
+
+_OFFERS = operator.methodcaller("offers")
 
 
 class Router:
@@ -302,7 +310,7 @@ class Router:
         policies, the request's path), computed once per (model, kind, policy, origin
         constraint, path) and kept until some provider's offers change: comparing the offers
         with the last ones seen is an identity check per offer when nothing moved."""
-        offers = tuple(tuple(p.offers()) for p in self._providers)
+        offers = tuple(map(tuple, map(_OFFERS, self._providers)))
         if offers != self._offers_seen:
             self._offers_seen = offers
             self._shortlists.clear()
@@ -360,13 +368,14 @@ class Router:
 
     def _choose(self, request: InferenceRequest) -> _Choice:
         """The rule, strategy and shortlist for a request; counts it as a routing turn."""
+        policies = self._config.policies
         policy = match_policy(
-            self._config.policies,
+            policies,
             request.model,
             request.headers,
             request.key_name,
             request.prompt_tokens_estimate,
-        )
+        ) if policies else None
         incoming = request.policy  # the origin's constraints, when a peer forwarded this
         strategy = (policy.strategy if policy and policy.strategy else None) or self._config.strategy
         now = self._clock()
@@ -523,18 +532,17 @@ class Router:
         return NoCapacity(f"Nothing can serve '{request.model}' now ({why})", retry_after=1.0)
 
     # ------------------------------------------------------------------ serving
+    def _complete_call(
+        self, provider: Provider, offer: ModelOffer, req: InferenceRequest
+    ) -> Awaitable[Completion]:
+        # The provider's coroutine itself (awaited by the failover loop), not one that awaits
+        # it: one frame less on every resumption of the request.
+        return provider.complete(req, offer, self._config.timeouts)
+
     async def complete(self, request: InferenceRequest) -> RoutedCompletion:
         """Serve a non-stream request with failover. Raises MeshError."""
-
-        def call(
-            provider: Provider, offer: ModelOffer, req: InferenceRequest
-        ) -> Awaitable[Completion]:
-            # The provider's coroutine itself (awaited by the failover loop), not one that
-            # awaits it: one frame less on every resumption of the request.
-            return provider.complete(req, offer, self._config.timeouts)
-
         # A client gone mid-call: the upstream may finish and bill it anyway.
-        won = await self._failover(request, call, "was answering", lambda hold: hold.abandon())
+        won = await self._failover(request, self._complete_call, "was answering", _abandon)
         completion, offer = won.result, won.offer
         latency_ms = (won.t1 - won.t0) * 1000.0
         # A peer reports what it charged (docs/security.md); both ledgers settle on it.
@@ -604,8 +612,9 @@ class Router:
         returns. The winner comes back still counted in flight, its budget hold open."""
         choice = self._choose(request)
         order, prefix = self._order(request, choice)
-        request = self._bounded_by_policy(request, choice.rule)
-        request = self._carrying_policy(request, choice.rule)
+        if choice.rule is not None or request.policy is not None:  # else both keep it as it is
+            request = self._bounded_by_policy(request, choice.rule)
+            request = self._carrying_policy(request, choice.rule)
         plan = self._attempt_plan(order)
         policy, excluded = choice.policy_name, choice.shortlist.excluded
         if not plan:
@@ -646,13 +655,16 @@ class Router:
                 t0 = self._clock()
                 stats.in_flight += 1
                 try:
-                    with tracing.attempt_span(offer.provider, offer.model, offer.node,
-                                              len(attempts) + 1):
-                        if provider.enforces_deadline:
+                    if tracing.enabled():
+                        with tracing.attempt_span(offer.provider, offer.model, offer.node,
+                                                  len(attempts) + 1):
+                            result = await self._call_within(call, provider, offer, attempt,
+                                                             request.deadline - t0)
+                    elif provider.enforces_deadline:
+                        result = await call(provider, offer, attempt)
+                    else:
+                        async with asyncio.timeout(max(0.0, request.deadline - t0)):
                             result = await call(provider, offer, attempt)
-                        else:
-                            async with asyncio.timeout(max(0.0, request.deadline - t0)):
-                                result = await call(provider, offer, attempt)
                 except TimeoutError:
                     hold.release()
                     stats.in_flight -= 1
@@ -685,7 +697,8 @@ class Router:
                     on_client_gone(hold)
                     stats.in_flight -= 1
                     raise
-                self._rejected_credentials.pop(offer.provider, None)
+                if self._rejected_credentials:
+                    self._rejected_credentials.pop(offer.provider, None)
                 if (offer.node is None and offer.provider_kind == "local"
                         and self._records(provider)):
                     self._record_prefix(request, prefix)
@@ -696,6 +709,18 @@ class Router:
             # The log line and metrics of a failed request say what was tried.
             exc.attempts = tuple(attempts)
             raise
+
+    @staticmethod
+    async def _call_within(
+        call: Callable[[Provider, ModelOffer, InferenceRequest], Awaitable[T]],
+        provider: Provider, offer: ModelOffer, attempt: InferenceRequest, left_s: float,
+    ) -> T:
+        """One attempt within the request's deadline (`left_s`), for a provider that does not
+        enforce it itself."""
+        if provider.enforces_deadline:
+            return await call(provider, offer, attempt)
+        async with asyncio.timeout(max(0.0, left_s)):
+            return await call(provider, offer, attempt)
 
     def _stream_finisher(
         self, request: InferenceRequest, stats: CandidateStats, offer: ModelOffer, start: float,
