@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshnode.types import Completion, ModelOffer, StreamChunk, Usage
+from meshnode.types import Completion, ModelOffer, StreamChunk, Usage, frozen_record
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Attempt:
     """One try of one candidate."""
 

@@ -119,7 +119,7 @@ class _Shortlist:
     excluded: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Choice:
     """One request's routing turn: its shortlist, strategy and policy."""
 
