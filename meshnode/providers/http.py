@@ -669,8 +669,21 @@ class HttpUpstream:
     ) -> dict[str, Any]:
         """POST a serialized JSON body; the parsed JSON object of a 2xx answer. A 2xx whose body
         is not a JSON object is UpstreamUnavailable (a broken proxy or gateway page)."""
-        # `request`'s POST, in this frame (one coroutine less per call, no UpstreamResponse).
-        resp = await self._send("POST", path, payload, deadline, timeouts, headers)
+        # `request`'s POST and `_send`, in this frame (two coroutines less per call, no
+        # UpstreamResponse).
+        if deadline <= time.monotonic():
+            self._check_deadline(deadline)
+        pool = self._pool
+        if pool is None or pool.closed:
+            pool = self._ensure_pool()
+        data = self._wire("POST", path, payload, headers)  # a ValueError as `_send` says
+        try:
+            resp = await pool.request(
+                data, deadline=deadline, connect_timeout=timeouts.connect_ms / 1000.0,
+                read_timeout=timeouts.first_byte_ms / 1000.0,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise self.error_for_exception(exc, deadline) from exc
         try:
             if resp.status >= 300:
                 error_body = await resp.content.read(MAX_ERROR_BODY_BYTES)
