@@ -43,11 +43,33 @@ def _clean_parts(content: Any) -> tuple[Any, bool]:
             for p in content], True
 
 
+_TOP_LEVEL_SET = frozenset(TOP_LEVEL)
+
+
+def _plain(body: Mapping[str, Any], also: tuple[str, ...]) -> bool:
+    """Nothing to drop for sure: no extension at the top level, no tools, and no message that
+    has thinking blocks or content parts (those are looked at part by part)."""
+    if not _TOP_LEVEL_SET.isdisjoint(body) or "tools" in body:
+        return False
+    for name in also:
+        if name in body:
+            return False
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict) and (
+                    MESSAGE_FIELD in message or isinstance(message.get("content"), list)):
+                return False
+    return True
+
+
 def drop_extensions(
     body: Mapping[str, Any], provider: str, *, also: tuple[str, ...] = ()
 ) -> Mapping[str, Any]:
     """`body` without the Anthropic-only fields (and the top-level names in `also`, e.g.
     `top_k` for OpenAI itself, which refuses it). Logs what was dropped, once per call."""
+    if _plain(body, also):
+        return body  # the common case, told without building anything
     dropped: list[str] = [name for name in (*TOP_LEVEL, *also) if name in body]
     messages = body.get("messages")
     new_messages = messages
