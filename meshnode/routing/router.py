@@ -185,6 +185,8 @@ class Router:
         # (`_shortlist`); every provider's offers when they were computed.
         self._shortlists: dict[tuple[Any, ...], _Shortlist] = {}
         self._offers_seen: tuple[tuple[ModelOffer, ...], ...] = ()
+        # What those offers serve: model names, and (model, kind) pairs (`has_model`).
+        self._served_index: tuple[frozenset[str], frozenset[tuple[str, RequestKind]]] | None = None
 
     # ------------------------------------------------------------------ providers
     def add_provider(self, provider: Provider) -> None:
@@ -230,11 +232,29 @@ class Router:
         return out
 
     def has_model(self, model: str, kind: RequestKind | None = None) -> bool:
-        for _, offer in self._all_offers():
-            if offer.model == model and (kind is None or kind in offer.kinds):
-                self._offered_at[model] = self._clock()
-                return True
+        self._offers_now()
+        index = self._served_index
+        if index is None:
+            index = self._served_index = (
+                frozenset(o.model for offered in self._offers_seen for o in offered),
+                frozenset((o.model, k) for offered in self._offers_seen for o in offered
+                          for k in o.kinds),
+            )
+        if model in index[0] if kind is None else (model, kind) in index[1]:
+            self._offered_at[model] = self._clock()
+            return True
         return False
+
+    def _offers_now(self) -> tuple[tuple[ModelOffer, ...], ...]:
+        """Every provider's offers now; what was derived from them (shortlists, the served
+        index) is dropped when some provider's changed: an identity check per offer when
+        nothing moved."""
+        offers = tuple(map(tuple, map(_OFFERS, self._providers)))
+        if offers != self._offers_seen:
+            self._offers_seen = offers
+            self._shortlists.clear()
+            self._served_index = None
+        return offers
 
     def missing_model(self, model: str) -> MeshError:
         """The error for a request naming a model nothing offers now: 503 with Retry-After when
@@ -310,10 +330,7 @@ class Router:
         policies, the request's path), computed once per (model, kind, policy, origin
         constraint, path) and kept until some provider's offers change: comparing the offers
         with the last ones seen is an identity check per offer when nothing moved."""
-        offers = tuple(map(tuple, map(_OFFERS, self._providers)))
-        if offers != self._offers_seen:
-            self._offers_seen = offers
-            self._shortlists.clear()
+        offers = self._offers_now()
         # The policy is one of this node's config objects, alive as long as the router.
         key = (request.model, request.kind, id(policy), incoming, request.visited)
         found = self._shortlists.get(key)
