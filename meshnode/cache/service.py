@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from meshnode.cache.entry import CachedAnswer
 from meshnode.cache.key import (
+    CACHE_HEADER,
     CacheDirective,
     SemanticParts,
     directive,
@@ -140,6 +141,16 @@ def strip_cache_field(request: InferenceRequest) -> InferenceRequest:
     if "cache" not in request.body:
         return request
     return replace(request, body={k: v for k, v in request.body.items() if k != "cache"})
+
+
+def _uncached(request: InferenceRequest, cache_control: str | None) -> InferenceRequest:
+    """The request as the router gets it with the cache off: the client's directive is still
+    checked (a malformed one is refused) and the body's `cache` field dropped. Without body
+    field, header or Cache-Control there is nothing to check (the directive is AUTO)."""
+    if "cache" in request.body or cache_control or CACHE_HEADER in request.headers:
+        directive(request, cache_control)
+        return strip_cache_field(request)
+    return request
 
 
 class ResponseCache:
@@ -279,9 +290,8 @@ class ResponseCache:
 
         With the cache off it is the router's own coroutine (no frame of this module on every
         resumption of the request)."""
-        if not self._on:  # the directive is still checked: a malformed one is refused
-            directive(request, cache_control)
-            return router.complete(strip_cache_field(request))
+        if not self._on:
+            return router.complete(_uncached(request, cache_control))
         return self._complete(router, request, cache_control)
 
     async def _complete(
@@ -308,9 +318,8 @@ class ResponseCache:
     ) -> Awaitable[RoutedStream]:
         """`router.open_stream(request)`; a hit replays the kept answer as a normal stream,
         an eligible miss is recorded and kept once it ended well (await it)."""
-        if not self._on:  # as in complete()
-            directive(request, cache_control)
-            return router.open_stream(strip_cache_field(request))
+        if not self._on:
+            return router.open_stream(_uncached(request, cache_control))
         return self._open_stream(router, request, cache_control)
 
     async def _open_stream(
