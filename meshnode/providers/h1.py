@@ -436,48 +436,22 @@ class _Connection(asyncio.Protocol):
         self._pool.discard(self)
 
 
-class H1Body:
-    """The body of an `H1Response`, read as bytes arrive (the shape of aiohttp's
-    `StreamReader` that `iter_sse` and the adapters use)."""
-
-    __slots__ = ("_conn",)
-
-    def __init__(self, conn: _Connection) -> None:
-        self._conn = conn
-
-    def at_eof(self) -> bool:
-        """The whole body arrived and was read (a broken body is never at its end)."""
-        return self._conn.at_eof()
-
-    async def read(self, n: int = -1) -> bytes:
-        return await self._conn.read(n)
-
-    def iter_any(self) -> H1Body:
-        """`async for data in body.iter_any()`: each read yields what is buffered."""
-        return self
-
-    def __aiter__(self) -> H1Body:
-        return self
-
-    async def __anext__(self) -> bytes:
-        data = await self._conn.read_any()
-        if not data:
-            raise StopAsyncIteration
-        return data
-
-
 class H1Response:
     """An answer whose head has arrived. `headers`: lower-case names, repeated ones joined by
     ", "; `content_type`: the media type without parameters (aiohttp's rule: absent is
     `application/octet-stream`). Leave with `release()` or `close()` (both idempotent)."""
 
-    __slots__ = ("_conn", "_headers", "_pool", "_raw", "content", "content_type", "status")
+    __slots__ = ("_conn", "_headers", "_pool", "_raw", "_reader", "content", "content_type",
+                 "status")
 
     def __init__(self, pool: H1Pool, conn: _Connection) -> None:
         self._pool = pool
         self._conn: _Connection | None = conn
+        self._reader = conn  # the body's connection (kept after release, as `_conn` is not)
         self.status = conn.status
-        self.content = H1Body(conn)
+        # The body, read as bytes arrive (the shape of aiohttp's `StreamReader` that
+        # `iter_sse` and the adapters use): the response itself, one object less per call.
+        self.content = self
         self._headers: dict[str, str] | None = None
         self._raw = conn.raw_headers
         raw_type = conn.raw_content_type
@@ -496,8 +470,27 @@ class H1Response:
             self._headers = headers
         return headers
 
-    async def read(self) -> bytes:
-        return await self.content.read()
+    # ---- the body (`content`)
+    def at_eof(self) -> bool:
+        """The whole body arrived and was read (a broken body is never at its end)."""
+        return self._reader.at_eof()
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes of the body (all of it when n < 0), less only at its end."""
+        return await self._reader.read(n)
+
+    def iter_any(self) -> H1Response:
+        """`async for data in body.iter_any()`: each read yields what is buffered."""
+        return self
+
+    def __aiter__(self) -> H1Response:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self._reader.read_any()
+        if not data:
+            raise StopAsyncIteration
+        return data
 
     def release(self) -> None:
         """Done with the answer: the connection goes back to the pool when its body was read
@@ -740,7 +733,6 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "DeadlineTimeout",
-    "H1Body",
     "H1Error",
     "H1Pool",
     "H1Response",
