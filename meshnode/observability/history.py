@@ -90,15 +90,23 @@ class RequestHistory:
         self, *, provider: str, node: str | None, error: bool, tokens: int, latency_ms: float,
         now: float | None = None,
     ) -> None:
-        by = self._bucket(time.time() if now is None else now).by
-        series = by["provider"].get(provider)
+        if now is None:
+            now = time.time()
+        current = self._current  # `_bucket`'s first step, here: once per request
+        if current is not None and current.start <= now < self._current_end:
+            by = current.by
+        else:
+            by = self._bucket(now).by
+        table = by["provider"]
+        series = table.get(provider)
         if series is None:
-            series = self._new_series(by["provider"], provider)
+            series = self._new_series(table, provider)
         series.add(error, tokens, latency_ms)
         if node is not None:
-            series = by["node"].get(node)
+            table = by["node"]
+            series = table.get(node)
             if series is None:
-                series = self._new_series(by["node"], node)
+                series = self._new_series(table, node)
             series.add(error, tokens, latency_ms)
 
     @staticmethod

@@ -174,11 +174,12 @@ class OpenAICompatProvider(Provider):
     async def complete(
         self, request: InferenceRequest, offer: ModelOffer, timeouts: TimeoutsConfig
     ) -> Completion:
-        native = self._native(request)
-        if native is not None:
-            return await openai_responses.complete(self._http, self.name, request, offer,
-                                                   timeouts, native)
-        path = _path(request.kind)
+        if self.kind == "openai":
+            native = openai_responses.native_body(request)  # `_native`
+            if native is not None:
+                return await openai_responses.complete(self._http, self.name, request, offer,
+                                                       timeouts, native)
+        path = PATHS.get(request.kind) or _path(request.kind)
         payload = orjson.dumps(upstream_body(self._body(request), offer.upstream_model,
                                              stream=False))
         data = await self._http.post_json(
