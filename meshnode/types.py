@@ -149,7 +149,7 @@ class ModelOffer:
         return (self.provider if self.node is None else f"{self.provider}:{self.node}", self.model)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class PolicyConstraint:
     """A routing policy's constraints as they travel with a forwarded request (the origin's
     matched rule, merged with any it received): `allow` None means unrestricted providers."""
@@ -159,7 +159,7 @@ class PolicyConstraint:
     max_cost_per_1k: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Caller:
     """Whom a forwarded request is for, as its entry node asserted it and this node verified it
     (docs/security.md): the key (None: anonymous), the key's model scope there (None: every
@@ -172,7 +172,7 @@ class Caller:
     reserved_usd: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class BudgetHeld:
     """The budget the entry node holds for one attempt at a peer (travels in the assertion)."""
 
@@ -237,7 +237,7 @@ def mean_rate(rates: Iterable[float]) -> float:
     return sum(measured) / len(measured) if measured else 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Capacity:
     """What a provider can take now; feeds `least_loaded` and gossip."""
 
