@@ -317,17 +317,6 @@ class _Connection(asyncio.Protocol):
                 timer.cancel()
             self._timer = self._loop.call_at(when, self._on_timer)
 
-    async def wait_head(self) -> None:
-        while not self._head_done:
-            if self._exc is not None:
-                raise self._exc
-            waiter = self._loop.create_future()
-            self._waiter = waiter
-            self._last = self._loop.time()  # a wait starts the read clock
-            await waiter
-        if self._exc is not None:
-            raise self._exc
-
     async def _wait(self) -> None:
         if self._exc is not None:
             raise self._exc
@@ -564,7 +553,7 @@ class H1Pool:
             conn = await self._acquire(deadline, connect_timeout)
         try:
             conn.send(data, deadline, read_timeout)
-            # `conn.wait_head()`, in this frame (one coroutine less per call)
+            # Wait for the response head, in this frame (one coroutine less per call).
             while not conn._head_done:
                 if conn._exc is not None:
                     raise conn._exc
