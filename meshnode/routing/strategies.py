@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from meshnode.types import ModelOffer
+from meshnode.types import ModelOffer, frozen_record
 
 STRATEGY_NAMES = (
     "cost_optimized",
@@ -64,7 +64,7 @@ CACHE_KINDS = ("local", "mesh")
 SPEED_BOUNDS = (0.5, 2.0)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Candidate:
     """One offer and the router's view of it at decision time."""
 
@@ -97,7 +97,7 @@ class Candidate:
     output_tokens: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Ranked:
     candidate: Candidate
     score: float
