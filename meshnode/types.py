@@ -228,6 +228,10 @@ class StreamChunk:
     node: str | None = None
     # Set only on a peer stream's trailer (empty `data`, never relayed): what the peer charged.
     reported_cost: float | None = None
+    # The JSON text `data` was parsed from, when an adapter has it as it came (one line, valid
+    # UTF-8): the SSE encoder relays these bytes instead of serializing `data` again. Whoever
+    # wants a changed chunk builds a new one (`data` is never mutated; `raw` would be stale).
+    raw: bytes | None = None
 
 
 def mean_rate(rates: Iterable[float]) -> float:

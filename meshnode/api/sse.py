@@ -252,6 +252,12 @@ def is_finish_chunk(data: dict[str, Any]) -> bool:
     return True
 
 
+def _frame(chunk: StreamChunk) -> bytes:
+    """A chunk's event: its JSON as it came when the adapter kept it, else serialized."""
+    raw = chunk.raw
+    return _PREFIX + (orjson.dumps(chunk.data) if raw is None else raw) + _SUFFIX
+
+
 def _with_aiproxy(data: dict[str, Any], x_aiproxy: dict[str, Any]) -> dict[str, Any]:
     # A shallow copy: chunk dicts belong to the provider and are never mutated.
     return {**data, "x_aiproxy": x_aiproxy}
@@ -295,23 +301,26 @@ class ChatEvents:
             if not self._include_usage:
                 return b""
             held, self._held_usage = self._held_usage, chunk
-            return encode(held.data) if held is not None else b""
+            return _frame(held) if held is not None else b""
         out = b""
         if self._held_finish is not None:
             # More choice chunks after a finish (n > 1 providers may do this): the held one
             # was not the last after all; release it in order.
-            out = encode(self._held_finish.data)
+            out = _frame(self._held_finish)
             self._held_finish = None
         if is_finish_chunk(data):
             self._held_finish = chunk
             return out
+        raw = chunk.raw
+        if raw is not None:
+            return out + _PREFIX + raw + _SUFFIX
         return out + encode(data)
 
     def finish(self) -> bytes:
         x_aiproxy = self._served.to_json()
         held_finish, held_usage = self._held_finish, self._held_usage
         if self._include_usage and held_usage is not None:
-            head = encode(held_finish.data) if held_finish is not None else b""
+            head = _frame(held_finish) if held_finish is not None else b""
             return head + encode(_with_aiproxy(held_usage.data, x_aiproxy)) + DONE
         if held_finish is not None:
             return encode(_with_aiproxy(held_finish.data, x_aiproxy)) + DONE
@@ -319,5 +328,5 @@ class ChatEvents:
 
     def fail(self, exc: BaseException) -> bytes:
         # Text already produced is delivered; the error comes after it, no [DONE].
-        held = encode(self._held_finish.data) if self._held_finish is not None else b""
+        held = _frame(self._held_finish) if self._held_finish is not None else b""
         return held + stream_error_event(exc, self._request_id)

@@ -52,8 +52,8 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Coroutine, Sequence
+from typing import Any, cast
 
 import httptools
 
@@ -467,6 +467,10 @@ class H1Response:
     async def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes of the body (all of it when n < 0), less only at its end."""
         return await self._reader.read(n)
+
+    def read_any(self) -> Coroutine[Any, Any, bytes]:
+        """What is buffered now (waiting for some); b"" at the end of the body."""
+        return self._reader.read_any()
 
     def iter_any(self) -> H1Response:
         """`async for data in body.iter_any()`: each read yields what is buffered."""

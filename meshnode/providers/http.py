@@ -322,60 +322,90 @@ class SseParser:
     feeds. A lone CR as a line end is not supported (no upstream we speak uses it). Unlike the
     spec, an event not closed by a blank line before EOF is still delivered by `close()`:
     servers that end on `data: [DONE]` without the blank line are common.
+
+    `feed_raw` / `close_raw` give each event's data as the bytes that came (lines joined by
+    b"\\n", not decoded), for a caller that parses them as JSON itself; `feed` / `close`
+    decode them (invalid UTF-8 replaced). A read is split at its blank lines in one pass; an
+    event that is one `data: ` line (every OpenAI chunk) is taken whole, without a pass per
+    line.
     """
 
     __slots__ = ("_buffer", "_data", "_event", "last_event_id")
 
     def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[bytes] = []
+        self._buffer = b""  # what follows the last blank line seen, not yet parsed
+        self._data: list[bytes] = []  # the data lines of an event begun, parsed by line
         self._event = ""
         self.last_event_id = ""
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
+        return [SseEvent(name, data.decode("utf-8", "replace"))
+                for name, data in self.feed_raw(chunk)]
+
+    def close(self) -> list[SseEvent]:
+        """End of input: the pending event, if any (see the class note)."""
+        return [SseEvent(name, data.decode("utf-8", "replace"))
+                for name, data in self.close_raw()]
+
+    def feed_raw(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        """The events completed by `chunk`: (type, data bytes)."""
         buf = self._buffer + chunk if self._buffer else chunk
-        events: list[SseEvent] = []
+        events: list[tuple[str, bytes]] = []
+        if b"\r" in buf or self._data or self._event:
+            # CRLF line ends, or an event begun by line (its blank line may start `buf`)
+            self._buffer = self._lines(buf, events)
+            return events
+        parts = buf.split(b"\n\n")
+        rest = parts.pop()
+        for part in parts:
+            if part[:6] == b"data: " and b"\n" not in part:
+                events.append(("message", part[6:]))
+                continue
+            for line in part.split(b"\n"):
+                self._line(line, events)
+            self._line(b"", events)
+        if len(rest) > _SSE_UNSPLIT_MAX:
+            # A long event still open: parse its whole lines now rather than rescan them at
+            # every read.
+            rest = self._lines(rest, events)
+        self._buffer = rest
+        return events
+
+    def close_raw(self) -> list[tuple[str, bytes]]:
+        """`close`, with the data as bytes."""
+        events: list[tuple[str, bytes]] = []
+        buf, self._buffer = self._buffer, b""
+        if buf:
+            if not buf.endswith(b"\n"):
+                buf += b"\n"
+            self._lines(buf, events)
+        self._line(b"", events)
+        return events
+
+    def _lines(self, buf: bytes, events: list[tuple[str, bytes]]) -> bytes:
+        """Parse every whole line of `buf`; the unfinished last one is returned."""
         start = 0
         while True:
             end = buf.find(b"\n", start)
             if end < 0:
-                break
+                return buf[start:]
             line = buf[start:end]
             start = end + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
-            event = self._line(line)
-            if event is not None:
-                events.append(event)
-        self._buffer = buf[start:]
-        return events
+            self._line(line, events)
 
-    def close(self) -> list[SseEvent]:
-        """End of input: the pending event, if any (see the class note)."""
-        events: list[SseEvent] = []
-        if self._buffer:
-            line = self._buffer[:-1] if self._buffer.endswith(b"\r") else self._buffer
-            self._buffer = b""
-            event = self._line(line)
-            if event is not None:
-                events.append(event)
-        event = self._line(b"")
-        if event is not None:
-            events.append(event)
-        return events
-
-    def _line(self, line: bytes) -> SseEvent | None:
+    def _line(self, line: bytes, events: list[tuple[str, bytes]]) -> None:
         if not line:
             if not self._data:
                 self._event = ""
-                return None
-            data = b"\n".join(self._data).decode("utf-8", "replace")
-            event = SseEvent(self._event or "message", data)
+                return
+            events.append((self._event or "message", b"\n".join(self._data)))
             self._data = []
             self._event = ""
-            return event
+            return
         if line[0] == 0x3A:  # ":" comment / ping
-            return None
+            return
         name, sep, value = line.partition(b":")
         if sep and value.startswith(b" "):
             value = value[1:]
@@ -386,7 +416,10 @@ class SseParser:
         elif name == b"id":
             self.last_event_id = value.decode("utf-8", "replace")
         # "retry" and unknown fields are ignored, as the spec says
-        return None
+
+
+# Past this many bytes after the last blank line, `SseParser` parses the lines it holds.
+_SSE_UNSPLIT_MAX = 1 << 16
 
 
 async def iter_sse(response: H1Response | aiohttp.ClientResponse

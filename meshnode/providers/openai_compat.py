@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from contextlib import aclosing
 from typing import Any
 
 import aiohttp
@@ -46,8 +45,8 @@ from meshnode.providers.h1 import H1Response
 from meshnode.providers.http import (
     STREAM_ACCEPT,
     HttpUpstream,
+    SseParser,
     as_stream_broken,
-    iter_sse,
     request_id_headers,
 )
 from meshnode.providers.registry import ProviderContext
@@ -91,6 +90,8 @@ OFFER_KINDS: dict[str, frozenset[RequestKind]] = {
 # After `data: [DONE]`, how long to wait for the end of the body so the connection can go
 # back to the pool (it is normally already there); past it the connection is dropped.
 _DRAIN_AFTER_DONE_S = 0.5
+# A stream's chunks are counted for a usage estimate this many at a time (see `stream`).
+_COUNT_EVERY = 64
 
 
 class OpenAICompatProvider(Provider):
@@ -220,29 +221,55 @@ class OpenAICompatProvider(Provider):
         started = False
         usage: Usage | None = None
         out_chars = 0
+        # Chunks whose text is not counted yet: counted (for an estimate) only while no usage
+        # has come, in batches, so a stream whose upstream reports usage skips the count.
+        uncounted: list[dict[str, Any]] = []
         last: dict[str, Any] | None = None
+        loads = orjson.loads
         try:
             async with http.stream(
                 path, payload, deadline=request.deadline, timeouts=timeouts,
                 headers={**STREAM_ACCEPT, **request_id_headers(request.request_id)},
             ) as resp:
+                # The events of each read, parsed once each; no generator per layer.
+                parser = SseParser()
+                read = resp.content.read_any
                 done = False
-                async with aclosing(iter_sse(resp)) as events:
-                    async for event in events:
-                        data = event.data
-                        if data == "[DONE]":
+                while True:
+                    data = await read()
+                    for _, raw in parser.feed_raw(data) if data else parser.close_raw():
+                        if raw == b"[DONE]":
                             done = True
                             break
-                        chunk = self._parse_chunk(data)
+                        try:
+                            chunk = loads(raw)
+                        except orjson.JSONDecodeError:
+                            chunk = self._parse_text(raw)
+                            text: bytes | None = None
+                        else:
+                            # relayed as it came, when it is one line of valid UTF-8
+                            text = None if b"\n" in raw or b"\r" in raw else raw
+                        if type(chunk) is not dict:
+                            raise UpstreamUnavailable(
+                                f"{self.name} sent a stream event that is not a JSON object",
+                                provider=self.name,
+                            )
+                        if "error" in chunk and "choices" not in chunk:
+                            raise self._error_event(chunk)
                         raw_usage = chunk.get("usage")
                         chunk_usage = parse_usage(raw_usage) if raw_usage else None
                         if chunk_usage is not None:
                             usage = chunk_usage
-                        else:
-                            out_chars += _chunk_chars(chunk)
+                        elif usage is None:
+                            uncounted.append(chunk)
+                            if len(uncounted) >= _COUNT_EVERY:
+                                out_chars += _chunks_chars(uncounted)
+                                uncounted = []
                         last = chunk
-                        yield StreamChunk(chunk, usage=chunk_usage)
+                        yield StreamChunk(chunk, chunk_usage, None, None, text)
                         started = True
+                    if done or not data:
+                        break
                 if done:
                     await _drain(resp)
         except MeshError as err:
@@ -258,7 +285,7 @@ class OpenAICompatProvider(Provider):
             # the upstream ignored stream_options.include_usage (older vLLM, Ollama): estimate
             usage = Usage(
                 prompt_tokens=_prompt_estimate(request),
-                completion_tokens=tokens_for_chars(out_chars),
+                completion_tokens=tokens_for_chars(out_chars + _chunks_chars(uncounted)),
                 estimated=True,
             )
             yield StreamChunk(_usage_chunk(last, usage), usage=usage)
@@ -270,20 +297,15 @@ class OpenAICompatProvider(Provider):
         return drop_extensions(request.body, self.name,
                                also=("top_k",) if self.kind == "openai" else ())
 
-    def _parse_chunk(self, data: str) -> dict[str, Any]:
+    def _parse_text(self, raw: bytes) -> Any:
+        """A stream event that orjson refused as bytes: as text, invalid UTF-8 replaced (as an
+        SSE client decodes it), else UpstreamUnavailable."""
         try:
-            chunk = orjson.loads(data)
+            return orjson.loads(raw.decode("utf-8", "replace"))
         except orjson.JSONDecodeError:
             raise UpstreamUnavailable(
                 f"{self.name} sent a stream event that is not JSON", provider=self.name
             ) from None
-        if not isinstance(chunk, dict):
-            raise UpstreamUnavailable(
-                f"{self.name} sent a stream event that is not a JSON object", provider=self.name
-            )
-        if "error" in chunk and "choices" not in chunk:
-            raise self._error_event(chunk)
-        return chunk
 
     def _error_event(self, data: Mapping[str, Any]) -> UpstreamUnavailable:
         """An error reported inside a 200 answer or a stream (vLLM, OpenAI mid-stream)."""
@@ -357,6 +379,10 @@ def _completion_estimate(data: Mapping[str, Any]) -> int:
         if isinstance(message, dict):
             total += tokens_for_chars(_message_chars(message))
     return total
+
+
+def _chunks_chars(chunks: list[dict[str, Any]]) -> int:
+    return sum(map(_chunk_chars, chunks))
 
 
 def _chunk_chars(chunk: Mapping[str, Any]) -> int:

@@ -143,6 +143,26 @@ async def test_usage_chunk_carries_x_aiproxy_when_asked() -> None:
     assert "x_aiproxy" not in finish
 
 
+async def test_a_chunk_kept_as_it_came_is_relayed_byte_for_byte() -> None:
+    """A chunk with `raw` goes out as those bytes (no second serialization), with or without
+    being held; the one that carries x_aiproxy is serialized with it."""
+    raw = b'{"id": "c",  "object": "chat.completion.chunk", "created": 1, "model": "m", ' \
+          b'"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": null}]}'
+    spaced = StreamChunk(orjson.loads(raw), raw=raw)
+    finish_raw = b'{"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}'
+    finish = StreamChunk(orjson.loads(finish_raw), raw=finish_raw)
+    rec = Recorder()
+    await relay_chat(rec, routed_from([spaced, finish, USAGE]), include_usage=True)
+    wire = b"".join(rec.writes)
+    assert wire.startswith(b"data: " + raw + b"\n\n")
+    assert b"data: " + finish_raw + b"\n\n" in wire  # held, then released as it came
+    assert rec.events()[-2]["x_aiproxy"]["node"] == "n1"
+    rec = Recorder()
+    await relay_chat(rec, routed_from([spaced, finish]), include_usage=False)
+    last = rec.events()[-2]
+    assert last["choices"][0]["finish_reason"] == "stop" and last["x_aiproxy"]["node"] == "n1"
+
+
 async def test_closing_chunk_when_no_finish_and_no_usage() -> None:
     rec = Recorder()
     await relay_chat(rec, routed_from([content("a"), content("b")]),

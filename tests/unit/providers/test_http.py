@@ -227,6 +227,32 @@ def test_sse_parser_byte_by_byte() -> None:
     assert events + parser.close() == EXPECTED
 
 
+@pytest.mark.parametrize("stream", [
+    STREAM,
+    STREAM.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),  # CRLF throughout
+    STREAM.replace(b"two\r\n\r\n", b"two\r\n\n"),  # line ends mixed in one event
+])
+def test_sse_parser_delivers_each_event_with_the_read_that_ends_it(stream: bytes) -> None:
+    # The reference: fed byte by byte, an event comes out with the byte that ends it.
+    ends: list[int] = []
+    reference = SseParser()
+    for i in range(len(stream)):
+        ends += [i + 1] * len(reference.feed(stream[i : i + 1]))
+    for cut in range(len(stream) + 1):
+        parser = SseParser()
+        first = parser.feed(stream[:cut])
+        assert first == EXPECTED[: sum(end <= cut for end in ends)], cut
+        assert first + parser.feed(stream[cut:]) + parser.close() == EXPECTED, cut
+
+
+def test_sse_parser_raw_gives_the_data_undecoded() -> None:
+    parser = SseParser()
+    assert parser.feed_raw(b'data: {"a": "\xc3\xa9"}\n\nevent: e\ndata: x\ndata: y\n\n') == [
+        ("message", b'{"a": "\xc3\xa9"}'), ("e", b"x\ny")]
+    assert parser.feed_raw(b"data: \xff") == []
+    assert parser.close_raw() == [("message", b"\xff")]
+
+
 def test_sse_parser_delivers_an_unterminated_last_event_at_eof() -> None:
     parser = SseParser()
     assert parser.feed(b"data: x\n\ndata: [DONE]") == [SseEvent("message", "x")]

@@ -604,6 +604,33 @@ async def test_stream_without_done_and_with_crlf_still_completes() -> None:
     assert chunks[-1].usage == Usage(prompt_tokens=2, completion_tokens=1)
 
 
+async def test_stream_chunks_keep_the_json_they_came_as_when_it_can_be_relayed() -> None:
+    """`raw` is the event's JSON as it came (what the SSE encoder relays) only when it is one
+    line of valid UTF-8; a multi-line event or one with invalid UTF-8 is parsed (the latter
+    with replacement characters) and re-serialized instead."""
+    spaced = (b'data: {"id": "c", "object": "chat.completion.chunk", "created": 1, '
+              b'"model": "m", "choices": [{"index": 0, "delta": {"content": "a"}, '
+              b'"finish_reason": null}]}\n\n')
+    multi = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",\n'
+             b'data: "choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}]}\n\n')
+    bad_utf8 = CHUNK.replace(b'"hi"', b'"\xff"')
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _sse_handler(request, [spaced, multi, bad_utf8, b"data: [DONE]\n\n"])
+
+    runner, provider = await _raw_provider(handler)
+    try:
+        chunks = await collect(provider, chat(stream=True), offer_for(provider, "gpt-4o"))
+    finally:
+        await provider.close()
+        await runner.cleanup()
+    assert text_of(chunks) == "ab\ufffd"
+    assert chunks[0].raw == spaced[len(b"data: "):-2]
+    assert chunks[1].raw is None and chunks[1].data["choices"][0]["delta"] == {"content": "b"}
+    assert chunks[2].raw is None
+    assert chunks[-1].raw is None and chunks[-1].usage is not None  # the estimate, synthesized
+
+
 async def test_a_200_error_body_is_unavailable() -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"message": "model is loading"}})
