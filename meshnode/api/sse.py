@@ -241,17 +241,6 @@ async def _abandon(step: Generator[Any, Any, Any], waiting: Any) -> None:
 
 
 # --------------------------------------------------------------------------- OpenAI chunks
-def is_finish_chunk(data: dict[str, Any]) -> bool:
-    """True when the chunk has choices and every one of them has finished."""
-    choices = data.get("choices")
-    if not choices:
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict) or choice.get("finish_reason") is None:
-            return False
-    return True
-
-
 def _frame(chunk: StreamChunk) -> bytes:
     """A chunk's event: its JSON as it came when the adapter kept it, else serialized."""
     raw = chunk.raw
@@ -296,24 +285,33 @@ class ChatEvents:
         data = chunk.data
         self._last_seen = data
         choices = data.get("choices")
-        if choices == [] or (choices is None and chunk.usage is not None):
-            # Usage-only chunk: it ends the stream; keep it for x_aiproxy if asked.
-            if not self._include_usage:
-                return b""
-            held, self._held_usage = self._held_usage, chunk
-            return _frame(held) if held is not None else b""
+        if not choices:
+            if choices == [] or (choices is None and chunk.usage is not None):
+                # Usage-only chunk: it ends the stream; keep it for x_aiproxy if asked.
+                if not self._include_usage:
+                    return b""
+                held, self._held_usage = self._held_usage, chunk
+                return _frame(held) if held is not None else b""
+            finished = False
+        else:
+            # a finish chunk: every choice has a finish_reason
+            finished = True
+            for choice in choices:
+                if not isinstance(choice, dict) or choice.get("finish_reason") is None:
+                    finished = False
+                    break
         out = b""
         if self._held_finish is not None:
             # More choice chunks after a finish (n > 1 providers may do this): the held one
             # was not the last after all; release it in order.
             out = _frame(self._held_finish)
             self._held_finish = None
-        if is_finish_chunk(data):
+        if finished:
             self._held_finish = chunk
             return out
         raw = chunk.raw
         if raw is not None:
-            return out + _PREFIX + raw + _SUFFIX
+            return out + _PREFIX + raw + _SUFFIX if out else _PREFIX + raw + _SUFFIX
         return out + encode(data)
 
     def finish(self) -> bytes:

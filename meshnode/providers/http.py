@@ -323,9 +323,9 @@ class SseParser:
     spec, an event not closed by a blank line before EOF is still delivered by `close()`:
     servers that end on `data: [DONE]` without the blank line are common.
 
-    `feed_raw` / `close_raw` give each event's data as the bytes that came (lines joined by
-    b"\\n", not decoded), for a caller that parses them as JSON itself; `feed` / `close`
-    decode them (invalid UTF-8 replaced). A read is split at its blank lines in one pass; an
+    `feed_data` / `close_data` give each event's data alone, as the bytes that came (lines
+    joined by b"\\n", not decoded; the types ignored), for a caller that parses them as JSON
+    itself; `feed` / `close` give whole events, decoded (invalid UTF-8 replaced). A read is split at its blank lines in one pass; an
     event that is one `data: ` line (every OpenAI chunk) is taken whole, without a pass per
     line.
     """
@@ -339,50 +339,63 @@ class SseParser:
         self.last_event_id = ""
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
+        names: list[str] = []
+        datas = self._feed(chunk, names)
         return [SseEvent(name, data.decode("utf-8", "replace"))
-                for name, data in self.feed_raw(chunk)]
+                for name, data in zip(names, datas, strict=True)]
 
     def close(self) -> list[SseEvent]:
         """End of input: the pending event, if any (see the class note)."""
+        names: list[str] = []
+        datas = self._close(names)
         return [SseEvent(name, data.decode("utf-8", "replace"))
-                for name, data in self.close_raw()]
+                for name, data in zip(names, datas, strict=True)]
 
-    def feed_raw(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        """The events completed by `chunk`: (type, data bytes)."""
+    def feed_data(self, chunk: bytes) -> list[bytes]:
+        """The data of the events completed by `chunk`, their types ignored."""
+        return self._feed(chunk, None)
+
+    def close_data(self) -> list[bytes]:
+        """`close`: the pending event's data, its type ignored."""
+        return self._close(None)
+
+    def _feed(self, chunk: bytes, names: list[str] | None) -> list[bytes]:
         buf = self._buffer + chunk if self._buffer else chunk
-        events: list[tuple[str, bytes]] = []
+        events: list[bytes] = []
         if b"\r" in buf or self._data or self._event:
             # CRLF line ends, or an event begun by line (its blank line may start `buf`)
-            self._buffer = self._lines(buf, events)
+            self._buffer = self._lines(buf, events, names)
             return events
         parts = buf.split(b"\n\n")
         rest = parts.pop()
+        append = events.append
         for part in parts:
             if part[:6] == b"data: " and b"\n" not in part:
-                events.append(("message", part[6:]))
+                append(part[6:])
+                if names is not None:
+                    names.append("message")
                 continue
             for line in part.split(b"\n"):
-                self._line(line, events)
-            self._line(b"", events)
+                self._line(line, events, names)
+            self._line(b"", events, names)
         if len(rest) > _SSE_UNSPLIT_MAX:
             # A long event still open: parse its whole lines now rather than rescan them at
             # every read.
-            rest = self._lines(rest, events)
+            rest = self._lines(rest, events, names)
         self._buffer = rest
         return events
 
-    def close_raw(self) -> list[tuple[str, bytes]]:
-        """`close`, with the data as bytes."""
-        events: list[tuple[str, bytes]] = []
+    def _close(self, names: list[str] | None) -> list[bytes]:
+        events: list[bytes] = []
         buf, self._buffer = self._buffer, b""
         if buf:
             if not buf.endswith(b"\n"):
                 buf += b"\n"
-            self._lines(buf, events)
-        self._line(b"", events)
+            self._lines(buf, events, names)
+        self._line(b"", events, names)
         return events
 
-    def _lines(self, buf: bytes, events: list[tuple[str, bytes]]) -> bytes:
+    def _lines(self, buf: bytes, events: list[bytes], names: list[str] | None) -> bytes:
         """Parse every whole line of `buf`; the unfinished last one is returned."""
         start = 0
         while True:
@@ -393,14 +406,16 @@ class SseParser:
             start = end + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
-            self._line(line, events)
+            self._line(line, events, names)
 
-    def _line(self, line: bytes, events: list[tuple[str, bytes]]) -> None:
+    def _line(self, line: bytes, events: list[bytes], names: list[str] | None) -> None:
         if not line:
             if not self._data:
                 self._event = ""
                 return
-            events.append((self._event or "message", b"\n".join(self._data)))
+            events.append(b"\n".join(self._data))
+            if names is not None:
+                names.append(self._event or "message")
             self._data = []
             self._event = ""
             return

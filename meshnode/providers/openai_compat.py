@@ -237,7 +237,7 @@ class OpenAICompatProvider(Provider):
                 done = False
                 while True:
                     data = await read()
-                    for _, raw in parser.feed_raw(data) if data else parser.close_raw():
+                    for raw in parser.feed_data(data) if data else parser.close_data():
                         if raw == b"[DONE]":
                             done = True
                             break

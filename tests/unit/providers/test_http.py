@@ -245,12 +245,12 @@ def test_sse_parser_delivers_each_event_with_the_read_that_ends_it(stream: bytes
         assert first + parser.feed(stream[cut:]) + parser.close() == EXPECTED, cut
 
 
-def test_sse_parser_raw_gives_the_data_undecoded() -> None:
+def test_sse_parser_data_gives_the_data_undecoded() -> None:
     parser = SseParser()
-    assert parser.feed_raw(b'data: {"a": "\xc3\xa9"}\n\nevent: e\ndata: x\ndata: y\n\n') == [
-        ("message", b'{"a": "\xc3\xa9"}'), ("e", b"x\ny")]
-    assert parser.feed_raw(b"data: \xff") == []
-    assert parser.close_raw() == [("message", b"\xff")]
+    assert parser.feed_data(b'data: {"a": "\xc3\xa9"}\n\nevent: e\ndata: x\ndata: y\n\n') == [
+        b'{"a": "\xc3\xa9"}', b"x\ny"]
+    assert parser.feed_data(b"data: \xff") == []
+    assert parser.close_data() == [b"\xff"]
 
 
 def test_sse_parser_delivers_an_unterminated_last_event_at_eof() -> None:
