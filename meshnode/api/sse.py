@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,11 +120,21 @@ async def relay(
     """Write `encoder`'s events for every chunk of `routed` to the prepared `response`, end
     the response, and return how it ended (also set on `ctx`: `ttft_s`, `error_code`)."""
     report = StreamReport()
-    iterator = routed.__aiter__()
+    # A RoutedStream as such: its source driven here, each chunk accounted with `take` (no
+    # generator step per chunk); anything else (the cache's recording stream) iterated.
+    direct = type(routed) is RoutedStream
+    iterator: AsyncIterator[StreamChunk] = routed.rest if direct else routed.__aiter__()
+    take = routed.take if direct else None
     out = bytearray(encoder.start())
     head_sent = False
     try:
         try:
+            if direct:
+                data = encoder.feed(routed.begin())
+                if data:
+                    if ctx.ttft_s is None:
+                        ctx.ttft_s = time.perf_counter() - ctx.started
+                    out += data
             next_step = iterator.__anext__
             while True:
                 # The next chunk, driven by hand for one step: when the source hands it over
@@ -149,7 +159,17 @@ async def relay(
                             head_sent = True
                         chunk = await _Resume(step, waiting)
                 except StopAsyncIteration:
+                    if take is not None:
+                        routed.end(None)
                     break
+                except _ClientGone:
+                    raise
+                except BaseException as exc:
+                    if take is not None:
+                        routed.end(exc)  # what the iteration records for a failed source
+                    raise
+                if take is not None and not take(chunk):
+                    continue
                 data = encoder.feed(chunk)
                 if data:
                     if ctx.ttft_s is None:

@@ -47,7 +47,7 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
@@ -832,6 +832,9 @@ class _Origin:
     header_error: str | None = None  # a header of ours holds a line break: ValueError per call
     url_auth: bool = False  # credentials in the URL (sent as Basic auth)
     url_auth_conflict: bool = False  # ... and an Authorization header of ours: never sent
+    # `block` with some of its headers replaced by a call's, by the replacing (name, value)s
+    replaced: dict[tuple[tuple[str, str], ...], bytes] = field(
+        default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def of(cls, base_url: str, headers: Mapping[str, str]) -> _Origin:
@@ -876,15 +879,28 @@ class _Origin:
 
     def with_headers(self, headers: Mapping[str, str]) -> bytes:
         names = self.names
-        for name in headers:
-            if name.lower() in names:
-                break
-        else:  # none replaces one of ours (the common case: the request id)
-            return self.block + _encode_lines(headers.items())
-        merged = {name.lower(): (name, value) for name, value in self.lines}
+        replacing: list[tuple[str, str]] | None = None
         for name, value in headers.items():
-            merged[name.lower()] = (name, value)
-        return _encode_lines(merged.values())
+            if name.lower() in names:
+                if replacing is None:
+                    replacing = []
+                replacing.append((name, value))
+        if replacing is None:
+            return self.block + _encode_lines(headers.items())
+        # Ours with some replaced (a stream's Accept): the same few every call, encoded once.
+        key = tuple(replacing)
+        block = self.replaced.get(key)
+        if block is None:
+            merged = {name.lower(): (name, value) for name, value in self.lines}
+            for name, value in replacing:
+                merged[name.lower()] = (name, value)
+            block = _encode_lines(merged.values())
+            if len(self.replaced) < _MAX_TARGETS:
+                self.replaced[key] = block
+        if len(replacing) == len(headers):
+            return block
+        return block + _encode_lines(
+            [(name, value) for name, value in headers.items() if name.lower() not in names])
 
 
 def _encode_lines(lines: Iterable[tuple[str, str]]) -> bytes:

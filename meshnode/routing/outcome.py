@@ -81,6 +81,11 @@ class RoutedStream:
 
     Iterate it for the chunks (the first one included); after the iteration ends, `served` holds
     the final usage, cost and latency. `aclose()` cancels the upstream call (client went away).
+
+    A consumer that drives the source itself (the SSE relay: no generator step per chunk) does
+    what the iteration does: `begin()` for the first chunk, `take(chunk)` for each chunk of
+    `rest` (False: not one to relay), `end(error)` when `rest` ended or raised. Only for this
+    class exactly: a subclass may iterate differently.
     """
 
     def __init__(
@@ -91,35 +96,50 @@ class RoutedStream:
         on_finish: Any,
     ) -> None:
         self.first = first
-        self._rest = rest
+        self.rest = rest
         self.served = served
         self._on_finish = on_finish  # callable(served, error | None) -> None, called once
         self._finished = False
 
     async def __aiter__(self) -> AsyncIterator[StreamChunk]:
         error: BaseException | None = None
-        served = self.served
+        take = self.take
         try:
-            if self.first.usage is not None:
-                served.usage = self.first.usage
-            served.chunks = 1
-            yield self.first
-            async for chunk in self._rest:
-                if chunk.reported_cost is not None and not chunk.data:
-                    # A peer's trailer: its charge, which the settlement uses; not a chunk.
-                    served.reported_cost = chunk.reported_cost
-                    if chunk.usage is not None:
-                        served.usage = chunk.usage
-                    continue
-                if chunk.usage is not None:
-                    served.usage = chunk.usage
-                served.chunks += 1
-                yield chunk
+            yield self.begin()
+            async for chunk in self.rest:
+                if take(chunk):
+                    yield chunk
         except BaseException as exc:  # noqa: BLE001 - re-raised; recorded for stats
             error = exc
             raise
         finally:
             self._finish(error)
+
+    def begin(self) -> StreamChunk:
+        """The first chunk, accounted."""
+        first = self.first
+        if first.usage is not None:
+            self.served.usage = first.usage
+        self.served.chunks = 1
+        return first
+
+    def take(self, chunk: StreamChunk) -> bool:
+        """Account one chunk after the first; False for a peer's trailer (its charge, which
+        the settlement uses; not a chunk)."""
+        served = self.served
+        if chunk.reported_cost is not None and not chunk.data:
+            served.reported_cost = chunk.reported_cost
+            if chunk.usage is not None:
+                served.usage = chunk.usage
+            return False
+        if chunk.usage is not None:
+            served.usage = chunk.usage
+        served.chunks += 1
+        return True
+
+    def end(self, error: BaseException | None) -> None:
+        """The source ended (None) or raised `error`: settle the route (once)."""
+        self._finish(error)
 
     def _finish(self, error: BaseException | None) -> None:
         if not self._finished:
@@ -127,7 +147,7 @@ class RoutedStream:
             self._on_finish(self.served, error)
 
     async def aclose(self) -> None:
-        aclose = getattr(self._rest, "aclose", None)
+        aclose = getattr(self.rest, "aclose", None)
         try:
             if aclose is not None:
                 await aclose()

@@ -494,13 +494,18 @@ async def test_a_stream_read_to_its_end_gives_the_connection_back(
 
     async with RawServer(stream) as server:
         http = http_factory(server.url)
-        for _ in range(3):
-            async with http.stream("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS) as resp:
+        for i in range(3):
+            async with http.stream("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS,
+                                   headers={"Accept": "text/event-stream", "x-n": str(i)}
+                                   ) as resp:
                 assert [e.data async for e in iter_sse(resp)] == ["a", "[DONE]"]
         assert server.connections == 1
-        head = server.requests[0][0].lower()
-        assert [line for line in head.split(b"\r\n") if line.startswith(b"accept:")] == [
-            b"accept: text/event-stream"]  # the stream's Accept replaced the JSON one
+        for i, (head, *_) in enumerate(server.requests):
+            lines = head.lower().split(b"\r\n")
+            # the stream's Accept replaced the JSON one (every call: the merged block is kept)
+            assert [line for line in lines if line.startswith(b"accept:")] == [
+                b"accept: text/event-stream"]
+            assert lines.count(b"x-n: %d" % i) == 1
 
 
 async def test_a_client_that_goes_away_mid_stream_drops_the_connection(
