@@ -45,8 +45,7 @@ import math
 import re
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -757,8 +756,7 @@ class HttpUpstream:
             )
         return data
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self,
         path: str,
         payload: bytes,
@@ -767,8 +765,8 @@ class HttpUpstream:
         timeouts: TimeoutsConfig,
         headers: Mapping[str, str] | None = None,
         method: str = "POST",
-    ) -> AsyncIterator[H1Response]:
-        """Open a streamed call: yields the 2xx response with its body unread.
+    ) -> StreamCall:
+        """Open a streamed call (`async with`): gives the 2xx response with its body unread.
 
         Before the body: failures are MeshErrors (already translated), and a 2xx that is not an
         event stream (a JSON error, a gateway page) is UpstreamUnavailable. On leaving the
@@ -777,6 +775,12 @@ class HttpUpstream:
         Errors while the body is read are `h1`'s (OSErrors, TimeoutErrors): the adapter
         translates them with `error_for_exception`.
         """
+        return StreamCall(self, method, path, payload, deadline, timeouts, headers)
+
+    async def _open_stream(
+        self, method: str, path: str, payload: bytes, deadline: float,
+        timeouts: TimeoutsConfig, headers: Mapping[str, str] | None,
+    ) -> H1Response:
         resp = await self._send(method, path, payload, deadline, timeouts,
                                 headers or STREAM_ACCEPT)
         try:
@@ -798,14 +802,35 @@ class HttpUpstream:
         except BaseException:
             resp.close()
             raise
-        try:
-            yield resp
-        finally:
-            if resp.content.at_eof():
-                resp.release()
-            else:
-                # not read to the end: drop the connection so the upstream stops generating
-                resp.close()
+        return resp
+
+
+class StreamCall:
+    """`HttpUpstream.stream`'s context (a class, not a generator-based context manager: one
+    less generator per stream)."""
+
+    __slots__ = ("_args", "_http", "_resp")
+
+    def __init__(self, http: HttpUpstream, method: str, path: str, payload: bytes,
+                 deadline: float, timeouts: TimeoutsConfig,
+                 headers: Mapping[str, str] | None) -> None:
+        self._http = http
+        self._args = (method, path, payload, deadline, timeouts, headers)
+        self._resp: H1Response | None = None
+
+    async def __aenter__(self) -> H1Response:
+        self._resp = await self._http._open_stream(*self._args)
+        return self._resp
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        resp = self._resp
+        if resp is None:
+            return
+        if resp.content.at_eof():
+            resp.release()
+        else:
+            # not read to the end: drop the connection so the upstream stops generating
+            resp.close()
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
