@@ -268,7 +268,8 @@ class _Connection(asyncio.Protocol):
         if self._body_bytes > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._waiter is not None:  # (_wake, inline: this runs for every chunk of a stream)
+            self._wake()
 
     def on_message_complete(self) -> None:
         if not self._head_done or self.complete:  # an informational answer's end; an extra one

@@ -361,7 +361,7 @@ class SseParser:
     def _feed(self, chunk: bytes, names: list[str] | None) -> list[bytes]:
         buf = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
-        if b"\r" in buf or self._data or self._event:
+        if _CR in buf or self._data or self._event:
             # CRLF line ends, or an event begun by line (its blank line may start `buf`)
             self._buffer = self._lines(buf, events, names)
             return events
@@ -369,7 +369,7 @@ class SseParser:
         rest = parts.pop()
         append = events.append
         for part in parts:
-            if part[:6] == b"data: " and b"\n" not in part:
+            if part[:6] == b"data: " and _LF not in part:
                 append(part[6:])
                 if names is not None:
                     names.append("message")
@@ -432,6 +432,10 @@ class SseParser:
         # "retry" and unknown fields are ignored, as the spec says
 
 
+# Byte values, for `in` on bytes: a one-byte bytes operand costs CPython a TypeError raised and
+# cleared inside (it tries it as an int first), ten times the search itself.
+_LF = 0x0A
+_CR = 0x0D
 # Past this many bytes after the last blank line, `SseParser` parses the lines it holds.
 _SSE_UNSPLIT_MAX = 1 << 16
 

@@ -248,7 +248,8 @@ class OpenAICompatProvider(Provider):
                             text: bytes | None = None
                         else:
                             # relayed as it came, when it is one line of valid UTF-8
-                            text = None if b"\n" in raw or b"\r" in raw else raw
+                            # (byte values: see http._LF)
+                            text = None if 0x0A in raw or 0x0D in raw else raw
                         if type(chunk) is not dict:
                             raise UpstreamUnavailable(
                                 f"{self.name} sent a stream event that is not a JSON object",
