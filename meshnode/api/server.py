@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import resource
 import time
 from typing import Any
@@ -63,6 +64,8 @@ PRIORITY_PREFIXES = ("/health/", "/admin/", "/metrics")
 # A flood displaces connections by the thousand: say so at most once per this many seconds.
 _EVICTION_LOG_INTERVAL_S = 10.0
 _MAX_REASON_CHARS = 200
+# The start of a request line (a method token, one space, a target): where a head begins.
+_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S")
 
 
 def connection_cap(configured: int, reserved: int) -> int:
@@ -170,7 +173,9 @@ class LimitedRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         waiting_for_head = not self._request_in_progress and not self._messages
-        if waiting_for_head and self._header_deadline is None:
+        # Only bytes that begin a request line: the rest of a refused head can still arrive
+        # after aiohttp took its refusal from the queue and before the task answering it ran.
+        if waiting_for_head and self._header_deadline is None and _REQUEST_LINE.match(data):
             self._head_start = data[:64]
         super().data_received(data)
         if self._messages or self._request_in_progress:

@@ -276,3 +276,60 @@ async def test_a_body_after_its_head_is_served_here_or_by_aiohttp_once_the_deadl
         assert status == 200 and orjson.loads(answer)["choices"]
     finally:
         writer.close()
+
+
+class _Transport(asyncio.Transport):
+    """What aiohttp's handler writes, kept (no socket: the test decides when bytes arrive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+async def test_a_malformed_messages_head_is_refused_in_anthropics_envelope_whenever_the_rest_comes(
+    node: Node, turns: int,
+) -> None:
+    # A 100 KB header arrives in several reads; aiohttp refuses it at the first and answers
+    # from a task. Bytes of the same head that arrive before that task runs must not be taken
+    # for a new request's first line (they were: the refusal came in OpenAI's envelope).
+    handler = node.runner.server.make_handler()  # type: ignore[union-attr]
+    transport = _Transport()
+    handler.connection_made(transport)
+    handler.data_received(b"POST /v1/messages HTTP/1.1\r\nX-Huge: " + b"a" * 9000)
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    handler.data_received(b"a" * 4096)
+    await wait_for(lambda: b"\r\n\r\n" in transport.written, "the refusal")
+    head, _, body = bytes(transport.written).partition(b"\r\n\r\n")
+    assert b" 400 " in head.split(b"\r\n")[0], head
+    answer = orjson.loads(body)
+    assert answer["type"] == "error"
+    assert answer["error"]["message"].startswith("malformed HTTP request")
+    handler.connection_lost(None)
