@@ -33,6 +33,10 @@ from multidict import CIMultiDict
 from meshnode.api.fastdoor import FastRequest
 
 JSON = "application/json"
+# The status lines of the statuses our answers use (the reason as aiohttp writes it).
+_STATUS_LINES = {status: f"HTTP/1.1 {status} {REASON_PHRASES[status]}"
+                 for status in (200, 400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 502,
+                                503, 504)}
 # Bodies at least this big go out as two buffers (no copy to join them), as aiohttp does.
 _JOIN_BELOW_BYTES = 16 * 1024
 
@@ -99,3 +103,41 @@ class JsonAnswer(web.Response):
         if protocol.writing_paused:
             await request.writer.drain()
         return None
+
+    def write_whole(self, request: FastRequest) -> bool | None:
+        """The fast door's answer (`meshnode.api.fastdoor`, an app without prepare hooks): the
+        head and the body in ONE `transport.write`, no `prepare`, no `StreamWriter`, the same
+        bytes `prepare` sends. True/False: written, keep the connection or not; None: this answer
+        needs `prepare` (compressed, cookies, no body status, written already)."""
+        body = self._body
+        status = self._status
+        if (self._compression or self._cookies or self._chunked or self._eof_sent
+                or self._payload_writer is not None or type(body) is not bytes
+                or status < 200 or status in (204, 304)):
+            return None
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        headers = self._headers
+        headers[hdrs.CONTENT_LENGTH] = str(len(body))
+        if hdrs.DATE not in headers:
+            headers[hdrs.DATE] = rfc822_formatted_time()
+        if hdrs.SERVER not in headers:
+            headers[hdrs.SERVER] = SERVER_SOFTWARE
+        if not keep_alive and hdrs.CONNECTION not in headers:
+            headers[hdrs.CONNECTION] = "close"
+        line = _STATUS_LINES.get(status)
+        if line is None:
+            line = f"HTTP/1.1 {status} {self._reason}"
+        # aiohttp's serialiser (C): refuses a CR or LF in a header as `prepare` does.
+        block = _serialize_headers(line, headers)
+        transport = request.protocol.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        if len(body) < _JOIN_BELOW_BYTES:
+            transport.write(block + body)
+        else:
+            transport.writelines((block, body))
+        self._eof_sent = True
+        self._body_length = len(body)
+        return keep_alive

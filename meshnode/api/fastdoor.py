@@ -210,6 +210,12 @@ class FastDoor(BaseProtocol):
         self._phase = "idle"  # "idle", "head" (one is arriving) or "busy" (one is served)
         self._closing = False  # shutting down or the client asked to close: no new requests
         self._handed_off = False
+        # An app without prepare hooks (CORS, rate-limit headers) lets `JsonAnswer` write
+        # itself whole (`JsonAnswer.write_whole`); the hooks are frozen with the app.
+        self._plain = not app.on_response_prepare
+        from meshnode.api.answer import JsonAnswer  # imports this module
+
+        self._json_answer = JsonAnswer
 
     # ----------------------------------------------------------------- connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -382,9 +388,17 @@ class FastDoor(BaseProtocol):
         keep = False
         try:
             response = await self._front_door(request, handler)  # type: ignore[arg-type]
-            await response.prepare(request)  # type: ignore[arg-type]
-            await response.write_eof()
-            keep = request.keep_alive and response.keep_alive is not False
+            written = None
+            if self._plain and type(response) is self._json_answer:
+                written = response.write_whole(request)
+            if written is None:
+                await response.prepare(request)  # type: ignore[arg-type]
+                await response.write_eof()
+                keep = request.keep_alive and response.keep_alive is not False
+            else:
+                keep = written and not self._closing
+                if self.writing_paused:
+                    await request.writer.drain()
         except asyncio.CancelledError:
             keep = False
             raise
