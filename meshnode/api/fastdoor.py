@@ -11,11 +11,13 @@ about a quarter of a proxied request's CPU. Every HTTP connection the node accep
 - a head that is plain tokens and values (`_HEAD` matches it whole), under `MAX_HEAD_BYTES`;
 - tracing off;
 
-is served here: the SAME `front_door` (`meshnode.api.app`: request id, connection guard,
-gate, error mapping, metrics and log line) and the same route handler aiohttp would run are
-called with a `FastRequest` (the few parts of `web.Request` they use), and the answer they
-return is written with aiohttp's own response classes (`JsonAnswer` writes itself in one
-write; streams and gzipped answers go through aiohttp's `StreamWriter` on this protocol).
+is served here: the front door's steps (`meshnode.api.app.fast_front_door`: request id,
+connection guard, gate, the same error mapping, metrics and log line, its per-app parts
+resolved once) and the same route handler aiohttp would run are called with a `FastRequest`
+(the few parts of `web.Request` they use). A whole JSON answer writes itself, head and body,
+in one `transport.write` (`JsonAnswer.write_whole`, when the app has no prepare hooks); other
+answers (streams, gzipped answers, an app with hooks) go through aiohttp's response classes
+and a `StreamWriter` on this protocol.
 
 Anything else (another route, `OPTIONS`, a chunked body, HTTP/1.0, an odd head, a body that is
 still arriving when the header deadline passes) hands the connection ONE-WAY to aiohttp's

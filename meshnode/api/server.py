@@ -294,7 +294,7 @@ class LimitedAppRunner(web.AppRunner):
         """What the fast door needs, when it can serve this app: its only middleware is the
         front door (aiohttp's own layer dropped), and the server cancels a handler whose client
         left, as the fast door does."""
-        from meshnode.api.app import front_door
+        from meshnode.api.app import fast_front_door, front_door
         from meshnode.api.fastdoor import fast_routes
 
         app = self.app
@@ -303,7 +303,7 @@ class LimitedAppRunner(web.AppRunner):
                 or not layers or len(layers) != 1 or layers[0][0] is not front_door):
             return None
         routes = fast_routes(app)
-        return (app, routes, front_door) if routes else None
+        return (app, routes, fast_front_door(app)) if routes else None
 
 
 # The layer aiohttp appends to every app's middlewares (`web_middlewares`).
