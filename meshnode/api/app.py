@@ -178,11 +178,12 @@ def fast_front_door(app: web.Application) -> Callable[[Any, Handler],
         else:
             request_id = new_request_id()
         ctx = RequestContext(request_id, time.perf_counter())
-        request[CONTEXT] = ctx
+        request._state[CONTEXT] = ctx
         try:
-            path, protocol = request.path, request.protocol
+            protocol = request.protocol
             if guard is not None:
-                guard.request_started(protocol, path)  # 503 when only the reserved are left
+                # 503 when only the reserved are left (fast paths are never priority ones).
+                guard.general_started(protocol)
             try:
                 settle = gate is not None and await gate.admit(request)
                 try:
@@ -192,7 +193,7 @@ def fast_front_door(app: web.Application) -> Callable[[Any, Handler],
                         gate.settle(request)
             finally:
                 if guard is not None:
-                    guard.request_finished(protocol, path)
+                    guard.general_finished(protocol)
         except asyncio.CancelledError:
             ctx.error_code = "client_closed"
             _finish(state, ctx, request, CLIENT_CLOSED)

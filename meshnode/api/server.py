@@ -132,6 +132,10 @@ class ConnectionGuard:
         if is_priority(path):
             self._busy.add(handler)
             return
+        self.general_started(handler)
+
+    def general_started(self, handler: Any) -> None:
+        """`request_started` for a path known not to be a priority one (the fast door's)."""
         if self._busy_general >= self.general_limit:
             raise NoCapacity(
                 f"this node is serving {self._busy_general} requests, its limit "
@@ -145,6 +149,11 @@ class ConnectionGuard:
         self._busy.discard(handler)
         if not is_priority(path):
             self._busy_general -= 1
+
+    def general_finished(self, handler: Any) -> None:
+        """`request_finished` for a path known not to be a priority one."""
+        self._busy.discard(handler)
+        self._busy_general -= 1
 
     def _log_eviction(self) -> None:
         now = time.monotonic()
