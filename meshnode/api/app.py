@@ -84,12 +84,7 @@ async def front_door(
                 return preflight
     if span is None and tracing.enabled() and request.path.startswith("/v1/"):
         return await _traced(request, handler)
-    incoming = request.headers.get("x-request-id")
-    if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
-        request_id = incoming
-    else:
-        request_id = new_request_id()
-    ctx = RequestContext(request_id=request_id, started=time.perf_counter())
+    ctx = _context(request.headers)
     request[CONTEXT] = ctx
     state = app[STATE]
     try:
@@ -123,19 +118,47 @@ async def front_door(
         raise
     except Exception as exc:  # noqa: BLE001 - mapped in the one place (`_error_answer`)
         response = _error_answer(exc, ctx, request, state)
+    _answered(state, ctx, request, response)
+    return response
+
+
+def _context(headers: Any) -> RequestContext:
+    """A request's context: the client's `x-request-id` when it is sane, else a new one."""
+    incoming = headers.get("x-request-id")
+    if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
+        request_id = incoming
+    else:
+        request_id = new_request_id()
+    return RequestContext(request_id, time.perf_counter())
+
+
+def _answered(state: ApiState, ctx: RequestContext, request: Any,
+              response: web.StreamResponse) -> None:
+    """A request's last steps on either door: an answer not yet sent gets the request id, the
+    node and `openai-processing-ms` (and gzip when it is big and the client accepts it), then
+    the metrics and the log line."""
     # A client gone before its answer was whole (`handlers.open_event_stream`, `sse.relay`) is
     # 499 whichever way its going was noticed, as it is when it cancels the handler.
     status = CLIENT_CLOSED if ctx.error_code == "client_closed" else response.status
-    if not response.prepared:
+    if type(response) is JsonAnswer and response._payload_writer is None \
+            and not response._eof_sent:
+        # The common answer: its headers set directly (`prepared`, `headers` are properties).
+        headers = response._headers
+        stamp = True
+        body = response._body
+        gzip = type(body) is bytes and len(body) >= GZIP_MIN_BYTES
+    else:
         headers = response.headers
-        headers["x-request-id"] = request_id
+        stamp = gzip = not response.prepared
+    if stamp:
+        headers["x-request-id"] = ctx.request_id
         if "x-aiproxy-node" not in headers:
             headers["x-aiproxy-node"] = state.node_id
         if "openai-processing-ms" not in headers:
             headers["openai-processing-ms"] = ctx.processing_ms()
-        _maybe_gzip(request, response)
+        if gzip:
+            _maybe_gzip(request, response)
     _finish(state, ctx, request, status)
-    return response
 
 
 def _error_answer(exc: Exception, ctx: RequestContext, request: web.Request,
@@ -169,15 +192,9 @@ def fast_front_door(app: web.Application) -> Callable[[Any, Handler],
     state = app[STATE]
     guard = app.get(CONNECTIONS)
     gate = app.get(GATE)
-    node_id = state.node_id
 
     async def door(request: Any, handler: Handler) -> web.StreamResponse:
-        incoming = request.headers.get("x-request-id")
-        if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
-            request_id = incoming
-        else:
-            request_id = new_request_id()
-        ctx = RequestContext(request_id, time.perf_counter())
+        ctx = _context(request.headers)
         request._state[CONTEXT] = ctx
         try:
             protocol = request.protocol
@@ -200,27 +217,7 @@ def fast_front_door(app: web.Application) -> Callable[[Any, Handler],
             raise
         except Exception as exc:  # noqa: BLE001 - mapped in the one place (`_error_answer`)
             response = _error_answer(exc, ctx, request, state)
-        status = CLIENT_CLOSED if ctx.error_code == "client_closed" else response.status
-        if (type(response) is JsonAnswer and response._payload_writer is None
-                and not response._eof_sent):
-            headers = response._headers
-            headers["x-request-id"] = request_id
-            if "x-aiproxy-node" not in headers:
-                headers["x-aiproxy-node"] = node_id
-            if "openai-processing-ms" not in headers:
-                headers["openai-processing-ms"] = ctx.processing_ms()
-            body = response._body
-            if type(body) is bytes and len(body) >= GZIP_MIN_BYTES:
-                _maybe_gzip(request, response)
-        elif not response.prepared:
-            headers = response.headers
-            headers["x-request-id"] = request_id
-            if "x-aiproxy-node" not in headers:
-                headers["x-aiproxy-node"] = node_id
-            if "openai-processing-ms" not in headers:
-                headers["openai-processing-ms"] = ctx.processing_ms()
-            _maybe_gzip(request, response)
-        _finish(state, ctx, request, status)
+        _answered(state, ctx, request, response)
         return response
 
     return door
