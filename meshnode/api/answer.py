@@ -19,6 +19,7 @@ the plain path's.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from aiohttp import hdrs, web
@@ -89,16 +90,7 @@ class JsonAnswer(web.Response):
             await hooks.send(request, self)  # CORS, rate-limit headers
         block = _serialize_headers(f"HTTP/1.1 {status} {self._reason}", headers)
         protocol = request.protocol
-        transport = protocol.transport
-        if transport is None or transport.is_closing():
-            # As aiohttp's writer: the client left; the server drops the answer quietly.
-            raise ConnectionResetError("Cannot write to closing transport")
-        if len(body) < _JOIN_BELOW_BYTES:
-            transport.write(block + body)
-        else:
-            transport.writelines((block, body))
-        self._eof_sent = True
-        self._body_length = len(body)
+        self._send(protocol.transport, block, body)
         self._req = None
         if protocol.writing_paused:
             await request.writer.drain()
@@ -131,8 +123,13 @@ class JsonAnswer(web.Response):
             line = f"HTTP/1.1 {status} {self._reason}"
         # aiohttp's serialiser (C): refuses a CR or LF in a header as `prepare` does.
         block = _serialize_headers(line, headers)
-        transport = request.protocol.transport
+        self._send(request.protocol.transport, block, body)
+        return keep_alive
+
+    def _send(self, transport: asyncio.Transport | None, block: bytes, body: bytes) -> None:
+        """The head and the body in one write (two buffers for a big body, not copied)."""
         if transport is None or transport.is_closing():
+            # As aiohttp's writer: the client left; the server drops the answer quietly.
             raise ConnectionResetError("Cannot write to closing transport")
         if len(body) < _JOIN_BELOW_BYTES:
             transport.write(block + body)
@@ -140,4 +137,3 @@ class JsonAnswer(web.Response):
             transport.writelines((block, body))
         self._eof_sent = True
         self._body_length = len(body)
-        return keep_alive
