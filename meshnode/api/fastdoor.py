@@ -358,7 +358,9 @@ class FastDoor(BaseProtocol):
             self._hand_off()
             return
         block = head.group(2)
-        if b" \r\n" in block or b"\t\r\n" in block:
+        # `.find`, not `in`: `bytes in bytes` first tries the needle as an int (a TypeError
+        # raised and cleared on every call).
+        if block.find(b" \r\n") >= 0 or block.find(b"\t\r\n") >= 0:
             self._hand_off()
             return
         # Decoded as aiohttp decodes them.
