@@ -67,10 +67,10 @@ def require_model(state: ApiState, model: str, kind: RequestKind) -> None:
 
 
 # --------------------------------------------------------------------------- inference
-async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
+async def _infer(request: web.Request, kind: RequestKind, kind_value: str) -> web.StreamResponse:
     state = request.app[STATE]
     ctx = request[CONTEXT]
-    ctx.kind = kind.value
+    ctx.kind = kind_value  # `kind.value`, given by the route (an enum property per request)
     raw = await request.read()
     inference = parse_request(
         kind, raw, request_id=ctx.request_id, timeout_s=state.timeout_s,
@@ -104,9 +104,12 @@ async def _infer(request: web.Request, kind: RequestKind) -> web.StreamResponse:
 
 # The routes' handlers: `_infer` itself (a partial is a coroutine function to aiohttp), not a
 # coroutine that awaits it, which cost one more frame on every resumption of the request.
-chat_completions = functools.partial(_infer, kind=RequestKind.CHAT)
-completions = functools.partial(_infer, kind=RequestKind.COMPLETION)
-embeddings = functools.partial(_infer, kind=RequestKind.EMBEDDING)
+chat_completions = functools.partial(
+    _infer, kind=RequestKind.CHAT, kind_value=RequestKind.CHAT.value)
+completions = functools.partial(
+    _infer, kind=RequestKind.COMPLETION, kind_value=RequestKind.COMPLETION.value)
+embeddings = functools.partial(
+    _infer, kind=RequestKind.EMBEDDING, kind_value=RequestKind.EMBEDDING.value)
 
 
 async def open_event_stream(
