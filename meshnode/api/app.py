@@ -195,7 +195,7 @@ def fast_front_door(app: web.Application) -> Callable[[Any, Handler],
 
     async def door(request: Any, handler: Handler) -> web.StreamResponse:
         ctx = _context(request.headers)
-        request._state[CONTEXT] = ctx
+        request[CONTEXT] = ctx  # a dict's item (C): FastRequest is its own mapping
         try:
             protocol = request.protocol
             if guard is not None:

@@ -81,15 +81,25 @@ _LINE = re.compile(r"([^:\r\n]+):[ \t]*([^\r\n]*)\r\n")
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
-class FastRequest:
+class FastRequest(dict[Any, Any]):
     """What the front door, the gate and the inference handlers use of a `web.Request`, for a
-    request whose body is here whole (so `read()` never waits and `content.is_eof()`)."""
+    request whose body is here whole (so `read()` never waits and `content.is_eof()`).
+
+    The request's own mapping (`request[CONTEXT]`, `.get`) is the object itself, a dict: its
+    item access runs in C, not through a Python `__getitem__` per use. Still compared, hashed
+    and true as an object (as `web.Request`), never as a dict."""
 
     __slots__ = ("app", "method", "path", "headers", "protocol", "_keep_alive", "task",
-                 "_body", "_state", "_writer")
+                 "_body", "_writer")
 
     version = HttpVersion11
     query = _EMPTY_QUERY
+    __hash__ = object.__hash__  # type: ignore[assignment]
+    __eq__ = object.__eq__  # type: ignore[assignment]
+    __ne__ = object.__ne__  # type: ignore[assignment]
+
+    def __bool__(self) -> bool:
+        return True
 
     def __init__(self, app: web.Application, path: str, headers: CIMultiDictProxy[str],
                  body: bytes, protocol: FastDoor, keep_alive: bool) -> None:
@@ -101,7 +111,6 @@ class FastRequest:
         self._keep_alive = keep_alive
         self.task: asyncio.Task[None] | None = None
         self._body = body
-        self._state: dict[Any, Any] = {}
         self._writer: StreamWriter | None = None
 
     @property
@@ -109,16 +118,6 @@ class FastRequest:
         """False when the client asked to close, or the node is shutting down (the answer then
         says `Connection: close`)."""
         return self._keep_alive and not self.protocol._closing
-
-    # The request's own mapping (`request[CONTEXT]`).
-    def __getitem__(self, key: Any) -> Any:
-        return self._state[key]
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._state[key] = value
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._state.get(key, default)
 
     @property
     def content_length(self) -> int:
