@@ -366,7 +366,9 @@ class FastDoor(BaseProtocol):
         headers: CIMultiDict[str] = CIMultiDict(
             _LINE.findall(block.decode("utf-8", "surrogateescape")))
         lengths = headers.getall("Content-Length", ())
-        if (len(lengths) != 1 or not lengths[0].isdigit() or "Transfer-Encoding" in headers
+        # ASCII digits only: str.isdigit() is also true for "²" and other scripts' digits.
+        if (len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit())
+                or "Transfer-Encoding" in headers
                 or "Expect" in headers or "Upgrade" in headers):
             self._hand_off()
             return

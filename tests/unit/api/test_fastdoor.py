@@ -333,3 +333,23 @@ async def test_a_malformed_messages_head_is_refused_in_anthropics_envelope_whene
     assert answer["type"] == "error"
     assert answer["error"]["message"].startswith("malformed HTTP request")
     handler.connection_lost(None)
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u0661\u0662", "+5", "5 5", "0x5"])
+async def test_a_content_length_that_is_not_ascii_digits_is_aiohttps_to_refuse(
+    node: Node, length: str,
+) -> None:
+    # str.isdigit() is true for "²" and Arabic-Indic digits, and int() reads the latter: the
+    # fast door must not frame a body by a length aiohttp's parser would refuse.
+    body = b"{}" + b"x" * 10
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: " + length.encode() + b"\r\n\r\n" + body)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(raw)
+        status, _, answer = await read_answer(reader)
+        assert status == 400, answer
+        assert orjson.loads(answer)["error"]["code"] == "malformed_request"
+        assert node.upstream.requests == []  # nothing was framed and forwarded
+    finally:
+        writer.close()
