@@ -353,3 +353,60 @@ async def test_a_content_length_that_is_not_ascii_digits_is_aiohttps_to_refuse(
         assert node.upstream.requests == []  # nothing was framed and forwarded
     finally:
         writer.close()
+
+
+# Header lines (after Host, Content-Type, Content-Length) and whether the fast door serves the
+# request: anything `_HEAD` refuses goes to aiohttp, which refuses the malformed ones and serves
+# the unusual-but-valid ones (no space or several after the colon, an empty value).
+HEADS = [
+    (b"X-A: a: b\r\n", True),
+    (b"X-A: a\tb c\r\n", True),
+    (b"X-A: caf\xc3\xa9\r\n", True),
+    (b"X-A: a\r\n b\r\n", False),  # obs-fold
+    (b"X-A: a\nX-B: b\r\n", False),  # bare LF
+    (b"X-A: a\rb\r\n", False),  # bare CR
+    (b"X-A: a\x00b\r\n", False),  # NUL
+    (b"X-A: a\x01b\r\n", False),  # control byte
+    (b"X-A: a\x7fb\r\n", False),  # DEL
+    (b"X-A : a\r\n", False),  # space before the colon
+    (b"X-A: a \r\n", False),  # trailing whitespace
+    (b"X-A: a\t\r\n", False),
+    (b"X(A): a\r\n", False),  # non-token name characters
+    (b"X@A: a\r\n", False),
+    (b": a\r\n", False),  # empty name
+    (b"X-A\r\n", False),  # no colon
+    (b"X-A:a\r\n", False),  # no space after the colon: aiohttp serves it
+    (b"X-A:  a\r\n", False),  # two
+    (b"X-A:\ta\r\n", False),  # a tab
+    (b"X-A:\r\n", False),  # empty value
+    (b"Transfer-Encoding: chunked\r\n", False),
+]
+
+
+@pytest.mark.parametrize(("extra", "served_here"), HEADS)
+async def test_a_head_is_served_here_only_when_it_is_plain_tokens_and_values(
+    node: Node, extra: bytes, served_here: bool,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(chat_request(extra=extra))
+        status, _, answer = await read_answer(reader)
+        if served_here:
+            assert status == 200, answer
+            assert node.protocols() == [FastDoor]
+        else:
+            assert FastDoor not in node.protocols()  # aiohttp's answer (a 400, or served)
+    finally:
+        writer.close()
+
+
+async def test_a_duplicate_content_length_goes_to_aiohttp(node: Node) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(chat_request(extra=b"Content-Length: %d\r\n" % len(CHAT)))
+        status, _, answer = await read_answer(reader)
+        assert status == 400, answer
+        assert FastDoor not in node.protocols()
+        assert node.upstream.requests == []
+    finally:
+        writer.close()
