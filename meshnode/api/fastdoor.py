@@ -8,7 +8,8 @@ about a quarter of a proxied request's CPU. Every HTTP connection the node accep
 - `POST` to one of `FAST_PATHS` (no query string), `HTTP/1.1`;
 - one `Content-Length` of at most `FAST_BODY_MAX_BYTES` (and within `server.max_body_bytes`),
   no `Transfer-Encoding`, `Expect` or `Upgrade`;
-- a head that is plain tokens and values (`_HEAD` matches it whole), under `MAX_HEAD_BYTES`;
+- a head of `name: value` lines, one space after the colon (`_HEAD` matches it whole), under
+  `MAX_HEAD_BYTES`;
 - tracing off;
 
 is served here: the front door's steps (`meshnode.api.app.fast_front_door`: request id,
