@@ -34,8 +34,8 @@ from multidict import CIMultiDict
 from meshnode.api.fastdoor import FastRequest
 
 JSON = "application/json"
-# The status lines of the statuses our answers use (the reason as aiohttp writes it).
-_STATUS_LINES = {status: f"HTTP/1.1 {status} {REASON_PHRASES[status]}"
+# The status lines of the statuses our answers use, by (status, reason) as aiohttp writes them.
+_STATUS_LINES = {(status, REASON_PHRASES[status]): f"HTTP/1.1 {status} {REASON_PHRASES[status]}"
                  for status in (200, 400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 502,
                                 503, 504)}
 # Bodies at least this big go out as two buffers (no copy to join them), as aiohttp does.
@@ -67,30 +67,17 @@ class JsonAnswer(web.Response):
             return None
         if self._payload_writer is not None:
             return self._payload_writer
-        body = self._body
-        status = self._status
-        if (self._compression or self._cookies or self._chunked or not isinstance(body, bytes)
-                or not isinstance(request, (FastRequest, web.Request)) or request.version != HttpVersion11
-                or request.method == hdrs.METH_HEAD or status < 200 or status in (204, 304)):
+        body = self._one_write_body()
+        if (body is None or not isinstance(request, (FastRequest, web.Request))
+                or request.version != HttpVersion11 or request.method == hdrs.METH_HEAD):
             return await super().prepare(request)
-        keep_alive = self._keep_alive
-        if keep_alive is None:
-            keep_alive = request.keep_alive
-        self._keep_alive = keep_alive
-        headers = self._headers
-        headers[hdrs.CONTENT_LENGTH] = str(len(body))
-        if hdrs.DATE not in headers:
-            headers[hdrs.DATE] = rfc822_formatted_time()
-        headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
-        if not keep_alive and hdrs.CONNECTION not in headers:
-            headers[hdrs.CONNECTION] = "close"
+        self._whole_head(request, body)
         self._req = request
         hooks = request.app.on_response_prepare
         if hooks:
             await hooks.send(request, self)  # CORS, rate-limit headers
-        block = _serialize_headers(f"HTTP/1.1 {status} {self._reason}", headers)
         protocol = request.protocol
-        self._send(protocol.transport, block, body)
+        self._send(protocol.transport, self._serialized_head(), body)
         self._req = None
         if protocol.writing_paused:
             await request.writer.drain()
@@ -101,12 +88,26 @@ class JsonAnswer(web.Response):
         head and the body in ONE `transport.write`, no `prepare`, no `StreamWriter`, the same
         bytes `prepare` sends. True/False: written, keep the connection or not; None: this answer
         needs `prepare` (compressed, cookies, no body status, written already)."""
-        body = self._body
-        status = self._status
-        if (self._compression or self._cookies or self._chunked or self._eof_sent
-                or self._payload_writer is not None or type(body) is not bytes
+        body = None if self._eof_sent or self._payload_writer is not None \
+            else self._one_write_body()
+        if body is None:
+            return None
+        keep_alive = self._whole_head(request, body)
+        self._send(request.protocol.transport, self._serialized_head(), body)
+        return keep_alive
+
+    def _one_write_body(self) -> bytes | None:
+        """The body, when the answer can go out in one write: plain bytes, not compressed,
+        no cookies, not chunked, a status with a body."""
+        body, status = self._body, self._status
+        if (self._compression or self._cookies or self._chunked or not isinstance(body, bytes)
                 or status < 200 or status in (204, 304)):
             return None
+        return body
+
+    def _whole_head(self, request: BaseRequest | FastRequest, body: bytes) -> bool:
+        """The headers aiohttp's `prepare` would set on a whole answer; whether the
+        connection is kept."""
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = self._keep_alive = request.keep_alive
@@ -118,13 +119,16 @@ class JsonAnswer(web.Response):
             headers[hdrs.SERVER] = SERVER_SOFTWARE
         if not keep_alive and hdrs.CONNECTION not in headers:
             headers[hdrs.CONNECTION] = "close"
-        line = _STATUS_LINES.get(status)
-        if line is None:
-            line = f"HTTP/1.1 {status} {self._reason}"
-        # aiohttp's serialiser (C): refuses a CR or LF in a header as `prepare` does.
-        block = _serialize_headers(line, headers)
-        self._send(request.protocol.transport, block, body)
         return keep_alive
+
+    def _serialized_head(self) -> bytes:
+        """The status line and headers, by aiohttp's serialiser (C: refuses a CR or LF in a
+        header as aiohttp's own path does)."""
+        status, reason = self._status, self._reason
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            line = f"HTTP/1.1 {status} {reason}"
+        return _serialize_headers(line, self._headers)
 
     def _send(self, transport: asyncio.Transport | None, block: bytes, body: bytes) -> None:
         """The head and the body in one write (two buffers for a big body, not copied)."""
