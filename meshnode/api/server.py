@@ -146,9 +146,10 @@ class ConnectionGuard:
         self._busy.add(handler)
 
     def request_finished(self, handler: Any, path: str) -> None:
-        self._busy.discard(handler)
-        if not is_priority(path):
-            self._busy_general -= 1
+        if is_priority(path):
+            self._busy.discard(handler)
+            return
+        self.general_finished(handler)
 
     def general_finished(self, handler: Any) -> None:
         """`request_finished` for a path known not to be a priority one."""
