@@ -671,13 +671,20 @@ class HttpUpstream:
         if method != "POST":
             return await self._request_aiohttp(method, path, payload, deadline=deadline,
                                                timeouts=timeouts, headers=headers)
-        resp = await self._send(method, path, payload, deadline, timeouts, headers)
+        return UpstreamResponse(*await self._post(path, payload, deadline, timeouts, headers))
+
+    async def _post(
+        self, path: str, payload: bytes | None, deadline: float, timeouts: TimeoutsConfig,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[int, bytes, str]:
+        """A whole POST over the lean client: a 2xx answer's status, raw body and content
+        type, or a MeshError (already translated)."""
+        resp = await self._send("POST", path, payload, deadline, timeouts, headers)
         try:
             if resp.status >= 300:
                 body = await resp.content.read(MAX_ERROR_BODY_BYTES)
                 raise self.error_for_status(resp.status, body, resp.headers)
-            body = await resp.content.read()
-            return UpstreamResponse(resp.status, body, resp.content_type)
+            return resp.status, await resp.content.read(), resp.content_type
         except (OSError, TimeoutError) as exc:
             raise self.error_for_exception(exc, deadline) from exc
         finally:
@@ -720,30 +727,7 @@ class HttpUpstream:
     ) -> dict[str, Any]:
         """POST a serialized JSON body; the parsed JSON object of a 2xx answer. A 2xx whose body
         is not a JSON object is UpstreamUnavailable (a broken proxy or gateway page)."""
-        # `request`'s POST and `_send`, in this frame (two coroutines less per call, no
-        # UpstreamResponse).
-        if deadline <= time.monotonic():
-            self._check_deadline(deadline)
-        pool = self._pool
-        if pool is None or pool.closed:
-            pool = self._ensure_pool()
-        data = self._wire("POST", path, payload, headers)  # a ValueError as `_send` says
-        try:
-            resp = await pool.request(
-                data, deadline=deadline, connect_timeout=timeouts.connect_ms / 1000.0,
-                read_timeout=timeouts.first_byte_ms / 1000.0,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise self.error_for_exception(exc, deadline) from exc
-        try:
-            if resp.status >= 300:
-                error_body = await resp.content.read(MAX_ERROR_BODY_BYTES)
-                raise self.error_for_status(resp.status, error_body, resp.headers)
-            body = await resp.content.read()
-        except (OSError, TimeoutError) as exc:
-            raise self.error_for_exception(exc, deadline) from exc
-        finally:
-            resp.release()
+        _, body, _ = await self._post(path, payload, deadline, timeouts, headers)
         return self.parse_json_object(body)
 
     def parse_json_object(self, body: bytes) -> dict[str, Any]:
