@@ -319,14 +319,18 @@ class _Connection(asyncio.Protocol):
             self._timer = self._loop.call_at(when, self._on_timer)
 
     async def _wait(self) -> None:
+        await self.waiter()
         if self._exc is not None:
             raise self._exc
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        self._last = self._loop.time()  # a wait starts the read clock
-        await waiter
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future the next data, the end or a failure resolves (the connection's failure
+        raised now, if it has one). A wait starts the read clock."""
         if self._exc is not None:
             raise self._exc
+        waiter = self._waiter = self._loop.create_future()
+        self._last = self._loop.time()
+        return waiter
 
     async def read_any(self) -> bytes:
         """The body bytes buffered now (waiting for some), b"" at the end of the body."""
@@ -560,11 +564,7 @@ class H1Pool:
             conn.send(data, deadline, read_timeout)
             # Wait for the response head, in this frame (one coroutine less per call).
             while not conn._head_done:
-                if conn._exc is not None:
-                    raise conn._exc
-                waiter = conn._waiter = self.loop.create_future()
-                conn._last = self.loop.time()  # a wait starts the read clock
-                await waiter
+                await conn.waiter()
             if conn._exc is not None:
                 raise conn._exc
         except BaseException:
