@@ -56,9 +56,7 @@ class Served:
             "model": self.offer.model,
             "cost": round(self.cost, 8),
             "latency_ms": round(self.latency_ms, 3),
-            # Attempt.to_json, inlined (one call less per attempt)
-            "attempts": [{"provider": a.provider, "node": a.node, "outcome": a.outcome,
-                          "latency_ms": round(a.latency_ms, 3)} for a in self.attempts],
+            "attempts": [a.to_json() for a in self.attempts],
             "strategy": self.strategy,
         }
         if self.usage.estimated:
