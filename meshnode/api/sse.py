@@ -329,10 +329,7 @@ class ChatEvents:
         if finished:
             self._held_finish = chunk
             return out
-        raw = chunk.raw
-        if raw is not None:
-            return out + _PREFIX + raw + _SUFFIX if out else _PREFIX + raw + _SUFFIX
-        return out + encode(data)
+        return out + _frame(chunk)
 
     def finish(self) -> bytes:
         x_aiproxy = self._served.to_json()
