@@ -29,6 +29,7 @@ It never touches HTTP: the front end hands it an `InferenceRequest` and gets bac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -148,6 +149,8 @@ def _abandon(hold: Hold) -> None:
 
 
 _OFFERS = operator.methodcaller("offers")
+# An attempt's span while tracing is off (reusable).
+_NO_SPAN = contextlib.nullcontext()
 
 
 class Router:
@@ -672,16 +675,14 @@ class Router:
                 t0 = self._clock()
                 stats.in_flight += 1
                 try:
-                    if tracing.enabled():
-                        with tracing.attempt_span(offer.provider, offer.model, offer.node,
-                                                  len(attempts) + 1):
-                            result = await self._call_within(call, provider, offer, attempt,
-                                                             request.deadline - t0)
-                    elif provider.enforces_deadline:
-                        result = await call(provider, offer, attempt)
-                    else:
-                        async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                    with (tracing.attempt_span(offer.provider, offer.model, offer.node,
+                                               len(attempts) + 1)
+                          if tracing.enabled() else _NO_SPAN):
+                        if provider.enforces_deadline:
                             result = await call(provider, offer, attempt)
+                        else:
+                            async with asyncio.timeout(max(0.0, request.deadline - t0)):
+                                result = await call(provider, offer, attempt)
                 except TimeoutError:
                     hold.release()
                     stats.in_flight -= 1
@@ -726,18 +727,6 @@ class Router:
             # The log line and metrics of a failed request say what was tried.
             exc.attempts = tuple(attempts)
             raise
-
-    @staticmethod
-    async def _call_within(
-        call: Callable[[Provider, ModelOffer, InferenceRequest], Awaitable[T]],
-        provider: Provider, offer: ModelOffer, attempt: InferenceRequest, left_s: float,
-    ) -> T:
-        """One attempt within the request's deadline (`left_s`), for a provider that does not
-        enforce it itself."""
-        if provider.enforces_deadline:
-            return await call(provider, offer, attempt)
-        async with asyncio.timeout(max(0.0, left_s)):
-            return await call(provider, offer, attempt)
 
     def _stream_finisher(
         self, request: InferenceRequest, stats: CandidateStats, offer: ModelOffer, start: float,
