@@ -92,11 +92,7 @@ class RequestHistory:
     ) -> None:
         if now is None:
             now = time.time()
-        current = self._current  # `_bucket`'s first step, here: once per request
-        if current is not None and current.start <= now < self._current_end:
-            by = current.by
-        else:
-            by = self._bucket(now).by
+        by = self._bucket(now).by
         table = by["provider"]
         series = table.get(provider)
         if series is None:
