@@ -56,6 +56,11 @@ def node_config(upstream: str, *, paid: bool) -> dict[str, Any]:
     }
 
 
+# The soak's nodes: clients enter through A and B; C is the one killed, frozen and restarted.
+NODES = ("a", "b", "c")
+ENTRY_NODES = ("a", "b")
+
+
 @dataclass
 class SoakCluster:
     workdir: Path
@@ -68,7 +73,7 @@ class SoakCluster:
         workdir.mkdir(parents=True, exist_ok=True)
         cluster = cls(workdir, {}, {})
         try:
-            for name in ("a", "b", "c"):
+            for name in NODES:
                 cluster.fakes[name] = FakeOpenAIProcess(models=(CHAT_MODEL, EMBED_MODEL))
                 cluster.fakes[name].start()
             # C's upstream streams slowly, so a kill of C finds streams in flight.

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.soak import invariants as inv
 from bench.soak.chaos import Chaos, ChaosEvent
-from bench.soak.cluster import SoakCluster
+from bench.soak.cluster import ENTRY_NODES, NODES, SoakCluster
 from bench.soak.load import ClientLog, Load, read_log
 from bench.soak.memory import RssSampler, Series
 from bench.soak.report import render
@@ -65,7 +65,7 @@ def _run(settings: SoakSettings, workdir: Path) -> SoakResult:
     codes: dict[str, int | None] = {}
     try:
         result = asyncio.run(_drive(settings, cluster, workdir))
-        result.budgets = {n: cluster.get_json(n, "/admin/budget") for n in ("a", "b", "c")}
+        result.budgets = {n: cluster.get_json(n, "/admin/budget") for n in NODES}
     finally:
         codes = cluster.stop()
     result.workdir = workdir
@@ -104,14 +104,14 @@ async def _drive(settings: SoakSettings, cluster: SoakCluster, workdir: Path) ->
     deadline = started + settings.seconds
     max_requests = settings.max_requests or int(settings.seconds * 400)
     log = ClientLog(workdir / "client.jsonl")
-    load = Load(lambda: {n: cluster.url(n) for n in ("a", "b")}, log,
+    load = Load(lambda: {n: cluster.url(n) for n in ENTRY_NODES}, log,
                 clients=settings.clients, deadline=deadline, max_requests=max_requests)
     chaos = Chaos(cluster, started, until=deadline - settings.settle_s,
                   cycle_s=min(settings.cycle_s, settings.seconds - settings.settle_s))
     sampler = RssSampler(interval_s=max(1.0, settings.seconds / 300))
     stop_sampling = asyncio.Event()
     sampling = asyncio.create_task(
-        sampler.run(lambda: {n: cluster.nodes[n].pid for n in ("a", "b", "c")}, stop_sampling))
+        sampler.run(lambda: {n: cluster.nodes[n].pid for n in NODES}, stop_sampling))
     try:
         await asyncio.gather(load.run(), chaos.run())
         load_s = time.monotonic() - started
@@ -129,11 +129,13 @@ async def _drive(settings: SoakSettings, cluster: SoakCluster, workdir: Path) ->
 
 async def _settle_budgets(cluster: SoakCluster, records: list[dict[str, Any]],
                           timeout_s: float = 20.0) -> None:
-    """Wait (bounded) until gossip has carried every node's spend to A and B."""
+    """Wait (bounded) until gossip has carried every node's spend to every node whose ledger the
+    checks then read (C too: it is read mesh-wide like A and B, and after its restart it learns
+    the others' spend a gossip round later than they learn each other's)."""
     total = inv.client_cost(records)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        spent = [await asyncio.to_thread(cluster.get_json, n, "/admin/budget") for n in ("a", "b")]
+        spent = [await asyncio.to_thread(cluster.get_json, n, "/admin/budget") for n in NODES]
         if all(abs(float(b.get("spent_today", 0.0)) - total) < inv.CENT for b in spent):
             return
         await asyncio.sleep(0.5)
