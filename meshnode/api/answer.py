@@ -42,6 +42,16 @@ _STATUS_LINES = {(status, REASON_PHRASES[status]): f"HTTP/1.1 {status} {REASON_P
 _JOIN_BELOW_BYTES = 16 * 1024
 
 
+def serialized_head(status: int, reason: str, headers: CIMultiDict[str]) -> bytes:
+    """An HTTP/1.1 status line and headers, by aiohttp's serialiser (C: refuses a CR or LF in a
+    header as aiohttp's own path does): the head of a `JsonAnswer` and of a stream written
+    straight to a fast door connection (`meshnode.api.sse.DirectEventStream`)."""
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = f"HTTP/1.1 {status} {reason}"
+    return _serialize_headers(line, headers)
+
+
 class JsonAnswer(web.Response):
     """A whole `application/json` answer of `body` (bytes, already serialised)."""
 
@@ -122,13 +132,7 @@ class JsonAnswer(web.Response):
         return keep_alive
 
     def _serialized_head(self) -> bytes:
-        """The status line and headers, by aiohttp's serialiser (C: refuses a CR or LF in a
-        header as aiohttp's own path does)."""
-        status, reason = self._status, self._reason
-        line = _STATUS_LINES.get((status, reason))
-        if line is None:
-            line = f"HTTP/1.1 {status} {reason}"
-        return _serialize_headers(line, self._headers)
+        return serialized_head(self._status, self._reason, self._headers)
 
     def _send(self, transport: asyncio.Transport | None, block: bytes, body: bytes) -> None:
         """The head and the body in one write (two buffers for a big body, not copied)."""

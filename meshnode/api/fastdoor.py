@@ -16,9 +16,10 @@ is served here: the front door's steps (`meshnode.api.app.fast_front_door`: requ
 connection guard, gate, the same error mapping, metrics and log line, its per-app parts
 resolved once) and the same route handler aiohttp would run are called with a `FastRequest`
 (the few parts of `web.Request` they use). A whole JSON answer writes itself, head and body,
-in one `transport.write` (`JsonAnswer.write_whole`, when the app has no prepare hooks); other
-answers (streams, gzipped answers, an app with hooks) go through aiohttp's response classes
-and a `StreamWriter` on this protocol.
+in one `transport.write` (`JsonAnswer.write_whole`, when the app has no prepare hooks), a
+stream writes itself to the transport (`meshnode.api.sse.DirectEventStream`); other answers
+(gzipped answers, an app with hooks) go through aiohttp's response classes and a
+`StreamWriter` on this protocol.
 
 Anything else (another route, `OPTIONS`, a chunked body, HTTP/1.0, an odd head, a body that is
 still arriving when the header deadline passes) hands the connection ONE-WAY to aiohttp's

@@ -140,7 +140,7 @@ async def open_event_stream(
     if headers:
         head.update(headers)
     # Its head goes out with the first events, in one write.
-    response = sse.EventStreamResponse(status=200, headers=head)
+    response = sse.event_stream(request, head)
     try:
         await response.prepare(request)
     except ConnectionError:

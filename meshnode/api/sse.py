@@ -6,9 +6,9 @@ relay owns what they share:
 - the events of one upstream read go out in one write: encoded events are buffered while the
   source hands over chunks without waiting, and written the moment it is about to wait for
   the upstream (no timer, so no added latency: a chunk that arrives alone is written alone, as
-  it arrives); the response head goes out with the first events (`EventStreamResponse`; at
-  the source's first wait at the latest), and the last events with the end of the body, so a
-  stream that arrived whole is one write;
+  it arrives); the response head goes out with the first events (`EventStreamResponse`, or
+  `DirectEventStream` on a fast door connection; at the source's first wait at the latest),
+  and the last events with the end of the body, so a stream that arrived whole is one write;
 - a failure after the first byte: the encoder's error event, without the normal ending; a
   MeshError keeps its code, anything else (a bug) is logged with its traceback here and ends
   as a generic `internal_error` naming the request id;
@@ -42,9 +42,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
 
+from meshnode.api.answer import serialized_head
 from meshnode.api.errors import stream_error_event
+from meshnode.api.fastdoor import FastDoor, FastRequest
 from meshnode.api.state import RequestContext
 from meshnode.errors import MeshError
 from meshnode.routing.outcome import RoutedStream, Served
@@ -77,6 +81,95 @@ class EventStreamResponse(web.StreamResponse):
     which the relay answers as `client_closed`."""
 
     _send_headers_immediately = False
+
+
+class DirectEventStream(EventStreamResponse):
+    """An `EventStreamResponse` on a fast door connection (`meshnode.api.fastdoor`), written
+    straight to its transport, without aiohttp's `StreamWriter` and the general preparation of
+    `StreamResponse` (which cost ~15 % of a stream's instructions), in the same bytes:
+
+    - `prepare` sets what aiohttp's sets on a chunked answer (`Transfer-Encoding`, `Date`,
+      `Server`, `Connection: close` when the connection will not be kept), runs the app's
+      prepare hooks, and serialises the head (`answer.serialized_head`: aiohttp's serialiser);
+    - the head goes out with the first events in one `transport.write`; each later write is one
+      chunk (`%x\r\n` data `\r\n`); `write_eof` sends the last events and the terminating
+      `0` chunk in one write;
+    - after a write, it waits for the transport to drain while the transport is over its
+      high-water mark (the protocol's `pause_writing`, as aiohttp's writer does);
+    - a write to a client that left raises `ConnectionResetError` (what `relay` answers as
+      `client_closed`).
+
+    The same two methods as aiohttp's (`write`, `write_eof`), so `relay` writes either.
+    Built for a stream's answer only (no cookies, compression or length: `event_stream`)."""
+
+    _head: bytes | None = None  # serialised by `prepare`, sent with the first write
+    _protocol: FastDoor | None = None  # set by `prepare`
+
+    @property
+    def prepared(self) -> bool:
+        return self._eof_sent or self._protocol is not None
+
+    async def prepare(self, request: Any) -> None:  # a `FastRequest`
+        if self._eof_sent or self._protocol is not None:
+            return
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        headers = self._headers
+        headers[hdrs.TRANSFER_ENCODING] = "chunked"
+        if hdrs.DATE not in headers:
+            headers[hdrs.DATE] = rfc822_formatted_time()
+        if hdrs.SERVER not in headers:
+            headers[hdrs.SERVER] = SERVER_SOFTWARE
+        if not keep_alive and hdrs.CONNECTION not in headers:
+            headers[hdrs.CONNECTION] = "close"
+        self._req = request
+        self._protocol = request.protocol
+        hooks = request.app.on_response_prepare
+        if hooks:
+            await hooks.send(request, self)  # CORS, rate-limit headers: after ours, as aiohttp
+        self._head = serialized_head(self._status, self._reason, headers)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        head = self._head
+        if head is not None:
+            self._send(b"".join((head, b"%x\r\n" % len(data), data, b"\r\n")) if data
+                       else head)
+            self._head = None
+        elif data:
+            self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
+        protocol = self._protocol
+        if protocol is not None and protocol._paused:
+            await protocol._drain_helper()
+
+    async def write_eof(self, data: bytes | bytearray | memoryview = b"") -> None:
+        if self._eof_sent:
+            return
+        head = self._head or b""
+        self._send(b"".join((head, b"%x\r\n" % len(data), data, b"\r\n0\r\n\r\n")) if data
+                   else head + b"0\r\n\r\n")
+        self._head = None
+        self._eof_sent = True
+        self._req = None
+        protocol = self._protocol
+        if protocol is not None and protocol._paused:
+            await protocol._drain_helper()
+
+    def _send(self, data: bytes) -> None:
+        protocol = self._protocol
+        transport = protocol.transport if protocol is not None else None
+        if transport is None or transport.is_closing():
+            # As aiohttp's writer: the client left (ClientConnectionResetError is one).
+            raise ConnectionResetError("Cannot write to closing transport")
+        transport.write(data)
+
+
+def event_stream(request: web.Request, headers: dict[str, str]) -> EventStreamResponse:
+    """The response of an event stream: written straight to a fast door connection, else
+    through aiohttp's writer."""
+    if type(request) is FastRequest:
+        return DirectEventStream(status=200, headers=headers)
+    return EventStreamResponse(status=200, headers=headers)
 
 
 class EventEncoder(Protocol):
