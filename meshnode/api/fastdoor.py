@@ -404,8 +404,9 @@ class FastDoor(BaseProtocol):
             if self._plain and type(response) is self._json_answer:
                 written = response.write_whole(request)
             if written is None:
-                await response.prepare(request)  # type: ignore[arg-type]
-                await response.write_eof()
+                if not response._eof_sent:  # (a stream ended itself: `sse.relay`)
+                    await response.prepare(request)  # type: ignore[arg-type]
+                    await response.write_eof()
                 keep = request.keep_alive and response.keep_alive is not False
             else:
                 keep = written and not self._closing
