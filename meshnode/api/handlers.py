@@ -84,7 +84,13 @@ async def _infer(request: web.Request, kind: RequestKind, kind_value: str) -> we
     metrics.in_flight.inc()
     try:
         if inference.stream:
-            return await _stream(request, state, inference)
+            # (Here, not in a coroutine of its own: one frame less on every resumption.)
+            response, stream = await open_event_stream(request, state, inference)
+            if stream is not None:
+                encoder = sse.ChatEvents(stream.served, include_usage=inference.include_usage,
+                                         request_id=ctx.request_id)
+                await sse.relay(response, stream, encoder, ctx)
+            return response
         cache = request.app.get(CACHE)
         if cache is not None:
             routed = await cache.complete(router, inference, request.headers.get("Cache-Control"))
@@ -151,18 +157,6 @@ async def open_event_stream(
         await routed.aclose()
         raise
     return response, routed
-
-
-async def _stream(
-    request: web.Request, state: ApiState, inference: InferenceRequest
-) -> web.StreamResponse:
-    ctx = request[CONTEXT]
-    response, routed = await open_event_stream(request, state, inference)
-    if routed is not None:
-        encoder = sse.ChatEvents(routed.served, include_usage=inference.include_usage,
-                                 request_id=ctx.request_id)
-        await sse.relay(response, routed, encoder, ctx)
-    return response
 
 
 # --------------------------------------------------------------------------- models
