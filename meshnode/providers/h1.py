@@ -469,9 +469,9 @@ class H1Response:
         """The whole body arrived and was read (a broken body is never at its end)."""
         return self._reader.at_eof()
 
-    async def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> Coroutine[Any, Any, bytes]:
         """Up to `n` bytes of the body (all of it when n < 0), less only at its end."""
-        return await self._reader.read(n)
+        return self._reader.read(n)
 
     def read_any(self) -> Coroutine[Any, Any, bytes]:
         """What is buffered now (waiting for some); b"" at the end of the body."""

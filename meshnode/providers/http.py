@@ -45,11 +45,19 @@ import math
 import re
 import ssl
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
@@ -73,6 +81,8 @@ from meshnode.providers import h1
 from meshnode.providers.h1 import ACCEPT_ENCODING, H1Pool, H1Response
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 USER_AGENT = "meshnode/0.1"
 # An upstream error message longer than this is cut: it ends up in a client-visible error.
@@ -631,7 +641,7 @@ class HttpUpstream:
         return b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s" % (
             method.encode(), target, block, len(payload), payload)
 
-    async def _send(
+    def _send(
         self,
         method: str,
         path: str,
@@ -639,8 +649,10 @@ class HttpUpstream:
         deadline: float,
         timeouts: TimeoutsConfig,
         headers: Mapping[str, str] | None,
-    ) -> H1Response:
-        """The response head of one call over the lean client (MeshErrors already)."""
+    ) -> Coroutine[Any, Any, H1Response]:
+        """The lean client's call for the response head of one request: the pool's coroutine
+        itself (no frame of its own on the request's resumptions), awaited by the caller, which
+        translates h1's OSErrors and TimeoutErrors (`error_for_exception`)."""
         if deadline <= time.monotonic():
             self._check_deadline(deadline)
         pool = self._pool
@@ -649,15 +661,12 @@ class HttpUpstream:
         # a ValueError (a header with a line break; credentials in the URL and an
         # Authorization header) is raised as it is, as aiohttp did: the config is wrong
         data = self._wire(method, path, payload, headers)
-        try:
-            return await pool.request(
-                data, deadline=deadline, connect_timeout=timeouts.connect_ms / 1000.0,
-                read_timeout=timeouts.first_byte_ms / 1000.0,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise self.error_for_exception(exc, deadline) from exc
+        return pool.request(
+            data, deadline=deadline, connect_timeout=timeouts.connect_ms / 1000.0,
+            read_timeout=timeouts.first_byte_ms / 1000.0,
+        )
 
-    async def request(
+    def request(
         self,
         method: str,
         path: str,
@@ -666,29 +675,32 @@ class HttpUpstream:
         deadline: float,
         timeouts: TimeoutsConfig,
         headers: Mapping[str, str] | None = None,
-    ) -> UpstreamResponse:
+    ) -> Awaitable[UpstreamResponse]:
         """One whole call: a 2xx answer's raw body, or a MeshError (already translated)."""
         if method != "POST":
-            return await self._request_aiohttp(method, path, payload, deadline=deadline,
-                                               timeouts=timeouts, headers=headers)
-        return UpstreamResponse(*await self._post(path, payload, deadline, timeouts, headers))
+            return self._request_aiohttp(method, path, payload, deadline=deadline,
+                                         timeouts=timeouts, headers=headers)
+        return self._post(path, payload, deadline, timeouts, headers, UpstreamResponse)
 
     async def _post(
         self, path: str, payload: bytes | None, deadline: float, timeouts: TimeoutsConfig,
-        headers: Mapping[str, str] | None,
-    ) -> tuple[int, bytes, str]:
-        """A whole POST over the lean client: a 2xx answer's status, raw body and content
-        type, or a MeshError (already translated)."""
-        resp = await self._send("POST", path, payload, deadline, timeouts, headers)
+        headers: Mapping[str, str] | None, answer: Callable[[int, bytes, str], T],
+    ) -> T:
+        """A whole POST over the lean client: `answer` of a 2xx answer's status, raw body and
+        content type, or a MeshError (already translated). The one coroutine of `request`'s
+        POSTs and `post_json`, which return it (no frame of their own)."""
+        resp: H1Response | None = None
         try:
+            resp = await self._send("POST", path, payload, deadline, timeouts, headers)
             if resp.status >= 300:
                 body = await resp.content.read(MAX_ERROR_BODY_BYTES)
                 raise self.error_for_status(resp.status, body, resp.headers)
-            return resp.status, await resp.content.read(), resp.content_type
+            return answer(resp.status, await resp.content.read(), resp.content_type)
         except (OSError, TimeoutError) as exc:
             raise self.error_for_exception(exc, deadline) from exc
         finally:
-            resp.release()
+            if resp is not None:
+                resp.release()
 
     async def _request_aiohttp(
         self,
@@ -716,7 +728,7 @@ class HttpUpstream:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise self.error_for_exception(exc, deadline) from exc
 
-    async def post_json(
+    def post_json(
         self,
         path: str,
         payload: bytes,
@@ -724,10 +736,12 @@ class HttpUpstream:
         deadline: float,
         timeouts: TimeoutsConfig,
         headers: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
+    ) -> Awaitable[dict[str, Any]]:
         """POST a serialized JSON body; the parsed JSON object of a 2xx answer. A 2xx whose body
         is not a JSON object is UpstreamUnavailable (a broken proxy or gateway page)."""
-        _, body, _ = await self._post(path, payload, deadline, timeouts, headers)
+        return self._post(path, payload, deadline, timeouts, headers, self._json_answer)
+
+    def _json_answer(self, status: int, body: bytes, content_type: str) -> dict[str, Any]:
         return self.parse_json_object(body)
 
     def parse_json_object(self, body: bytes) -> dict[str, Any]:
@@ -769,8 +783,11 @@ class HttpUpstream:
         self, method: str, path: str, payload: bytes, deadline: float,
         timeouts: TimeoutsConfig, headers: Mapping[str, str] | None,
     ) -> H1Response:
-        resp = await self._send(method, path, payload, deadline, timeouts,
-                                headers or STREAM_ACCEPT)
+        try:
+            resp = await self._send(method, path, payload, deadline, timeouts,
+                                    headers or STREAM_ACCEPT)
+        except (OSError, TimeoutError) as exc:
+            raise self.error_for_exception(exc, deadline) from exc
         try:
             if resp.status >= 300:
                 body = await resp.content.read(MAX_ERROR_BODY_BYTES)
