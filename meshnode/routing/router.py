@@ -112,23 +112,19 @@ class _Entry:
 
 @dataclass(frozen=True, slots=True)
 class _Shortlist:
-    """The candidates for one (model, kind, policy, origin constraint, path) while no
-    provider's offers change, and why the others were left out."""
+    """The routing plan for one (model, kind, policy, origin constraint, path) while no
+    provider's offers change: the candidates, why the others were left out, and what follows
+    from the policy alone (the strategy, the policy's name; with at most one candidate, nothing
+    to rank: the attempts themselves)."""
 
     known: bool  # some provider offers the model at all
     entries: tuple[_Entry, ...]
     excluded: tuple[str, ...]
-
-
-@dataclass(slots=True)
-class _Choice:
-    """One request's routing turn: its shortlist, strategy and policy."""
-
-    shortlist: _Shortlist
     strategy: str
-    rule: PolicyConfig | None  # this node's rule that matched
-    policy_name: str | None  # that rule's name, else the origin's
-    now: float
+    policy_name: str | None  # this node's rule's name, else the origin's
+    # The attempts in order when there are fewer than two candidates (one is its own ranking
+    # under every strategy, and no demotion moves it); None: ranked per request (`_order`).
+    fixed_plan: tuple[_Entry, ...] | None
 
 
 DEFAULT_OUTPUT_TOKENS = 256  # for ranking by cost when the client gives no max_tokens
@@ -384,10 +380,14 @@ class Router:
                         continue
                 entries.append(_Entry(provider, offer, offer.key, idx, self._stats_for(offer),
                                       getattr(provider, "max_concurrency", 256)))
-        return _Shortlist(known, tuple(entries), tuple(excluded))
+        strategy = (policy.strategy if policy and policy.strategy else None) or self._config.strategy
+        name = policy.name if policy else (incoming.name if incoming else None)
+        fixed = tuple(self._attempt_plan(entries)) if len(entries) <= 1 else None
+        return _Shortlist(known, tuple(entries), tuple(excluded), strategy, name, fixed)
 
-    def _choose(self, request: InferenceRequest) -> _Choice:
-        """The rule, strategy and shortlist for a request; counts it as a routing turn."""
+    def _choose(self, request: InferenceRequest) -> tuple[_Shortlist, PolicyConfig | None]:
+        """The plan (`_Shortlist`) for a request and this node's rule that matched it (None:
+        none); counts it as a routing turn."""
         policies = self._config.policies
         policy = match_policy(
             policies,
@@ -396,26 +396,23 @@ class Router:
             request.key_name,
             request.prompt_tokens_estimate,
         ) if policies else None
-        incoming = request.policy  # the origin's constraints, when a peer forwarded this
-        strategy = (policy.strategy if policy and policy.strategy else None) or self._config.strategy
-        now = self._clock()
-        shortlist = self._shortlist(request, policy, incoming)
+        # request.policy: the origin's constraints, when a peer forwarded this
+        shortlist = self._shortlist(request, policy, request.policy)
         if not shortlist.known:
             raise self.missing_model(request.model)
-        self._offered_at[request.model] = now
+        self._offered_at[request.model] = self._clock()
         self._turn += 1
-        name = policy.name if policy else (incoming.name if incoming else None)
-        return _Choice(shortlist, strategy, policy, name, now)
+        return shortlist, policy
 
     def _plan(
         self, request: InferenceRequest
     ) -> tuple[list[Ranked], str, str | None, list[str], PolicyConfig | None]:
         """Rank the candidates for a request. Returns (ranking, strategy, policy name, excluded
         with reasons, the rule of this node that matched)."""
-        choice = self._choose(request)
-        ranking, _ = self._rank(request, choice.shortlist.entries, choice.strategy, choice.now)
-        return (ranking, choice.strategy, choice.policy_name, list(choice.shortlist.excluded),
-                choice.rule)
+        shortlist, rule = self._choose(request)
+        ranking, _ = self._rank(request, shortlist.entries, shortlist.strategy, self._clock())
+        return (ranking, shortlist.strategy, shortlist.policy_name, list(shortlist.excluded),
+                rule)
 
     def _rank(
         self, request: InferenceRequest, entries: Sequence[_Entry], strategy: str, now: float
@@ -481,14 +478,11 @@ class Router:
         return ranking, prefix
 
     def _order(
-        self, request: InferenceRequest, choice: _Choice
+        self, request: InferenceRequest, shortlist: _Shortlist
     ) -> tuple[list[_Entry], RequestPrefix | None]:
-        """The candidates best first, for serving. One candidate is its own ranking under every
-        strategy (and no demotion moves it), so only two or more are ranked."""
-        entries = choice.shortlist.entries
-        if len(entries) <= 1:
-            return list(entries), None
-        ranking, prefix = self._rank(request, entries, choice.strategy, choice.now)
+        """The candidates best first, for serving (two or more: fewer have their plan fixed)."""
+        entries = shortlist.entries
+        ranking, prefix = self._rank(request, entries, shortlist.strategy, self._clock())
         by_offer = {id(e.offer): e for e in entries}
         return [by_offer[id(r.candidate.offer)] for r in ranking], prefix
 
@@ -630,13 +624,16 @@ class Router:
     ) -> _Won[T]:
         """The failover loop shared by both verbs: try the ranked candidates until `call`
         returns. The winner comes back still counted in flight, its budget hold open."""
-        choice = self._choose(request)
-        order, prefix = self._order(request, choice)
-        if choice.rule is not None or request.policy is not None:  # else both keep it as it is
-            request = self._bounded_by_policy(request, choice.rule)
-            request = self._carrying_policy(request, choice.rule)
-        plan = self._attempt_plan(order)
-        policy, excluded = choice.policy_name, choice.shortlist.excluded
+        shortlist, rule = self._choose(request)
+        plan: Sequence[_Entry] | None = shortlist.fixed_plan
+        prefix = None
+        if plan is None:
+            order, prefix = self._order(request, shortlist)
+            plan = self._attempt_plan(order)
+        if rule is not None or request.policy is not None:  # else both keep it as it is
+            request = self._bounded_by_policy(request, rule)
+            request = self._carrying_policy(request, rule)
+        policy, excluded = shortlist.policy_name, shortlist.excluded
         if not plan:
             raise self._no_candidates(request, policy, excluded)
         attempts: list[Attempt] = []
@@ -646,8 +643,9 @@ class Router:
             start = self._clock()
             tried: set[tuple[str, str]] = set()
             last: MeshError | None = None
-            unaffordable: set[tuple[str, str]] = set()
-            told_to_wait: set[tuple[str, str]] = set()  # answered 429 with Retry-After
+            # Made only on a failure (a request whose first attempt answers makes neither).
+            unaffordable: frozenset[tuple[str, str]] = frozenset()
+            told_to_wait: frozenset[tuple[str, str]] = frozenset()  # answered 429, Retry-After
             for entry in plan:
                 offer, provider, stats, key = entry.offer, entry.provider, entry.stats, entry.key
                 if key in unaffordable:
@@ -661,7 +659,7 @@ class Router:
                 except BudgetExceeded as exc:
                     # Spent budget: skip paid candidates, free ones may still serve.
                     last = exc
-                    unaffordable.add(key)
+                    unaffordable |= {key}
                     continue
                 tried.add(key)
                 # A peer attempt carries what this node holds for it (the peer's spending cap);
@@ -703,7 +701,7 @@ class Router:
                     if not exc.retryable:
                         raise
                     if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
-                        told_to_wait.add(key)
+                        told_to_wait |= {key}
                     continue
                 except Exception as exc:  # noqa: BLE001 - a provider's bug is a failed attempt
                     hold.release()
@@ -721,7 +719,7 @@ class Router:
                         and self._records(provider)):
                     self._record_prefix(request, prefix)
                 return _Won(result, offer, stats, hold, t0, self._clock(), start, attempts,
-                            choice.strategy, policy)
+                            shortlist.strategy, policy)
             raise self._final_error(last, attempts, request, policy, excluded)
         except MeshError as exc:
             # The log line and metrics of a failed request say what was tried.
