@@ -37,7 +37,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from meshnode.config import PolicyConfig, RoutingConfig
 from meshnode.errors import (
@@ -81,21 +81,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class _Won(Generic[T]):
-    """The attempt that answered, as the failover loop hands it back."""
-
-    result: T
-    offer: ModelOffer
-    stats: CandidateStats
-    hold: Hold
-    t0: float  # when the winning attempt started
-    t1: float  # when it answered (first chunk for a stream)
-    start: float  # when the request's first attempt started
-    attempts: list[Attempt]
-    strategy: str
-    policy: str | None
-
 @dataclass(frozen=True, slots=True)
 class _Entry:
     """A candidate past the filters that change only with the offers: its provider, offer,
@@ -138,6 +123,12 @@ MODEL_GONE_RETRY_AFTER_S = 5.0
 # Shortlists kept at most (one per model, kind, policy, origin constraint and path seen since
 # the offers last changed); past it they are all recomputed.
 MAX_SHORTLISTS = 1024
+
+# The attempt that answered, as the failover loop hands it back (a tuple: no record made and
+# unpacked per request): its result, its candidate, its budget hold (still open), when it
+# started, when it answered (the first chunk for a stream), when the request's first attempt
+# started, the attempts that failed before it, and the plan (strategy, policy name).
+_Won = tuple[T, _Entry, Hold, float, float, float, list[Attempt], _Shortlist]
 
 
 def _abandon(hold: Hold) -> None:
@@ -556,26 +547,22 @@ class Router:
     async def complete(self, request: InferenceRequest) -> RoutedCompletion:
         """Serve a non-stream request with failover. Raises MeshError."""
         # A client gone mid-call: the upstream may finish and bill it anyway.
-        won = await self._failover(request, self._complete_call, "was answering", _abandon)
-        completion, offer = won.result, won.offer
-        latency_ms = (won.t1 - won.t0) * 1000.0
+        completion, entry, hold, t0, t1, start, attempts, plan = await self._failover(
+            request, self._complete_call, "was answering", _abandon)
+        offer, stats = entry.offer, entry.stats
+        latency_ms = (t1 - t0) * 1000.0
         # A peer reports what it charged (docs/security.md); both ledgers settle on it.
         cost = offer.cost(completion.usage) if completion.cost is None else completion.cost
-        won.hold.settle(completion.usage, cost=completion.cost)
-        won.stats.in_flight -= 1
-        won.stats.record_success(latency_ms, completion.usage, cost)
+        hold.settle(completion.usage, cost=completion.cost)
+        stats.in_flight -= 1
+        stats.record_success(latency_ms, completion.usage, cost)
         node = completion.node or offer.node or self.node_id
-        won.attempts.append(Attempt(offer.provider, node, "ok", latency_ms, peer=offer.node))
-        served = Served(
-            offer=offer,
-            node=node,
-            strategy=won.strategy,
-            attempts=won.attempts,
-            usage=completion.usage,
-            cost=cost,
-            latency_ms=(won.t1 - won.start) * 1000.0,
-            policy=won.policy,
-        )
+        # (Records built per request take their fields by position: keywords would cost a
+        # dict each.) Attempt: outcome "ok", not retryable, not cooled, the peer if any.
+        attempts.append(Attempt(offer.provider, node, "ok", latency_ms, False, False, offer.node))
+        # Served: the offer, node, strategy, attempts, usage, cost, latency, cache (none), policy.
+        served = Served(offer, node, plan.strategy, attempts, completion.usage, cost,
+                        (t1 - start) * 1000.0, None, plan.policy_name)
         return RoutedCompletion(completion, served)
 
     async def open_stream(self, request: InferenceRequest) -> RoutedStream:
@@ -597,22 +584,20 @@ class Router:
             return first, agen
 
         # A client gone before the first chunk: the prompt was read, nothing generated.
-        won = await self._failover(
+        (first, agen), entry, hold, t0, t1, start, attempts, plan = await self._failover(
             request, call, "sent a first chunk", lambda hold: hold.settle(None)
         )
-        (first, agen), offer = won.result, won.offer
-        won.stats.record_ttft((won.t1 - won.t0) * 1000.0)
+        offer, stats = entry.offer, entry.stats
+        stats.record_ttft((t1 - t0) * 1000.0)
         node = first.node or offer.node or self.node_id
-        won.attempts.append(Attempt(offer.provider, node, "ok", (won.t1 - won.t0) * 1000.0,
-                                    peer=offer.node))
+        attempts.append(Attempt(offer.provider, node, "ok", (t1 - t0) * 1000.0, peer=offer.node))
         served = Served(
-            offer=offer, node=node, strategy=won.strategy, attempts=won.attempts,
-            policy=won.policy,
+            offer=offer, node=node, strategy=plan.strategy, attempts=attempts,
+            policy=plan.policy_name,
         )
         # in_flight stays counted until the stream ends (the finisher releases it).
         return RoutedStream(
-            first, agen, served,
-            self._stream_finisher(request, won.stats, offer, won.start, won.t0, won.hold),
+            first, agen, served, self._stream_finisher(request, stats, offer, start, t0, hold),
         )
 
     async def _failover(
@@ -718,8 +703,7 @@ class Router:
                 if (offer.node is None and offer.provider_kind == "local"
                         and self._records(provider)):
                     self._record_prefix(request, prefix)
-                return _Won(result, offer, stats, hold, t0, self._clock(), start, attempts,
-                            shortlist.strategy, policy)
+                return (result, entry, hold, t0, self._clock(), start, attempts, shortlist)
             raise self._final_error(last, attempts, request, policy, excluded)
         except MeshError as exc:
             # The log line and metrics of a failed request say what was tried.
