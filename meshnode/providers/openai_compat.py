@@ -201,7 +201,7 @@ class OpenAICompatProvider(Provider):
                 completion_tokens=_completion_estimate(data),
                 estimated=True,
             )
-        return Completion(body=data, usage=usage)
+        return Completion(data, usage)  # (by position: keywords would cost a dict per call)
 
     async def stream(
         self, request: InferenceRequest, offer: ModelOffer, timeouts: TimeoutsConfig
@@ -347,10 +347,9 @@ def parse_usage(raw: Any) -> Usage | None:
     completion = raw.get("completion_tokens")
     if not isinstance(prompt, int) and not isinstance(completion, int):
         return None
-    return Usage(
-        prompt_tokens=prompt if isinstance(prompt, int) else 0,
-        completion_tokens=completion if isinstance(completion, int) else 0,
-    )
+    # (prompt_tokens, completion_tokens) by position: keywords would cost a dict per call
+    return Usage(prompt if isinstance(prompt, int) else 0,
+                 completion if isinstance(completion, int) else 0)
 
 
 def _path(kind: RequestKind) -> str:
