@@ -865,6 +865,10 @@ class _Origin:
     # `block` with some of its headers replaced by a call's, by the replacing (name, value)s
     replaced: dict[tuple[tuple[str, str], ...], bytes] = field(
         default_factory=dict, compare=False, hash=False, repr=False)
+    # A call's header lines as a %-template of their values, by the call's header names when
+    # none of them is one of ours ("": some is, see `with_headers`)
+    templates: dict[tuple[str, ...], str] = field(
+        default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def of(cls, base_url: str, headers: Mapping[str, str]) -> _Origin:
@@ -908,6 +912,20 @@ class _Origin:
         return quote(self.base_path + path, safe=_TARGET_SAFE).encode("ascii")
 
     def with_headers(self, headers: Mapping[str, str]) -> bytes:
+        """`block` with a call's headers: one naming one of ours (whatever its case) replaces
+        it in place, the others follow in their order."""
+        # The common call (a request id, none of ours replaced): its lines are a template of
+        # its names, made once, filled with its values and checked as `_encode_lines` does.
+        call_names = tuple(headers)
+        template = self.templates.get(call_names)
+        if template is None:
+            template = self._template(call_names)
+        if template:
+            text = template % tuple(headers.values())
+            n = len(call_names)
+            if text.count("\n") != n or text.count("\r") != n or "\x00" in text:
+                raise ValueError("a header name or value holds a line break")
+            return self.block + text.encode("utf-8")
         names = self.names
         replacing: list[tuple[str, str]] | None = None
         for name, value in headers.items():
@@ -915,7 +933,7 @@ class _Origin:
                 if replacing is None:
                     replacing = []
                 replacing.append((name, value))
-        if replacing is None:
+        if replacing is None:  # (a name with a line break: no template)
             return self.block + _encode_lines(headers.items())
         # Ours with some replaced (a stream's Accept): the same few every call, encoded once.
         key = tuple(replacing)
@@ -931,6 +949,18 @@ class _Origin:
             return block
         return block + _encode_lines(
             [(name, value) for name, value in headers.items() if name.lower() not in names])
+
+
+    def _template(self, call_names: tuple[str, ...]) -> str:
+        """The %-template of a call's header lines ("" when one of them names one of ours, or
+        holds a line break: `with_headers` takes its general way)."""
+        ours = any(name.lower() in self.names for name in call_names)
+        broken = any("\r" in name or "\n" in name or "\x00" in name for name in call_names)
+        template = "" if ours or broken else "".join(
+            [f"{name.replace('%', '%%')}: %s\r\n" for name in call_names])
+        if len(self.templates) < _MAX_TARGETS:  # the calls' header names come from the code
+            self.templates[call_names] = template
+        return template
 
 
 def _encode_lines(lines: Iterable[tuple[str, str]]) -> bytes:

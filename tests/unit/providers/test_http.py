@@ -33,6 +33,7 @@ from meshnode.providers.http import (
     HttpUpstream,
     SseEvent,
     SseParser,
+    _Origin,
     as_stream_broken,
     error_for_exception,
     error_for_status,
@@ -467,3 +468,20 @@ def test_openai_shaped_upstream_errors_keep_type_and_code(
         assert out["x_aiproxy"] == {"error_type": "invalid_request_error",
                                     "error_code": "upstream_bad_request", "provider": "up"}
     assert error_for_status(401, body, {}, provider="up").upstream_wire is None
+
+
+def test_a_calls_header_lines_follow_ours_as_given() -> None:
+    origin = _Origin.of("http://up:81/v1", {"User-Agent": "u", "Accept": "a"})
+    ours = b"Host: up:81\r\nUser-Agent: u\r\nAccept: a\r\nAccept-Encoding: gzip, deflate\r\n"
+    assert origin.block == ours
+    for _ in range(2):  # its lines' template made, then reused
+        assert origin.with_headers({"x-request-id": "r%s1", "X-Odd%": "{0} %d"}) == (
+            ours + b"x-request-id: r%s1\r\nX-Odd%: {0} %d\r\n")
+    # one of ours replaced in place (whatever its case), the call's others after ours
+    assert origin.with_headers({"accept": "x/y", "x-request-id": "r"}) == (
+        b"Host: up:81\r\nUser-Agent: u\r\naccept: x/y\r\nAccept-Encoding: gzip, deflate\r\n"
+        b"x-request-id: r\r\n")
+    for bad in ({"x-request-id": "a\r\nX-Evil: 1"}, {"x-request-id": "a\nb"},
+                {"x-request-id": "a\x00"}, {"X-Evil\r\nX-More": "1"}):
+        with pytest.raises(ValueError, match="line break"):
+            origin.with_headers(bad)
