@@ -322,7 +322,8 @@ class Metrics:
         found = self._served.get((provider, model, kind, status))
         if found is None:
             found = self._served_series(provider, model, kind, status)
-        found.requests.inc()
+        # (a count by one is bumped in place: no `inc` call, which checks for a negative amount)
+        found.requests.value += 1
         found.latency.observe(latency_s)
         if ttft_s is not None:
             (found.ttft or found.make_ttft(self)).observe(ttft_s)
@@ -336,9 +337,10 @@ class Metrics:
         if cost:
             (found.cost or found.make_cost(self)).inc(cost)
         attempts = served.attempts
-        if len(attempts) == 1 and attempts[0].outcome == "ok" and attempts[0].peer is None \
-                and attempts[0].provider == provider:
-            (found.ok or found.make_ok(self)).inc()  # the common case: one local attempt
+        only = attempts[0] if len(attempts) == 1 else None
+        if only is not None and only.outcome == "ok" and only.peer is None \
+                and only.provider == provider:
+            (found.ok or found.make_ok(self)).value += 1  # the common case: one local attempt
         else:
             self.record_attempts(attempts)
         if error_code is not None:
