@@ -289,7 +289,8 @@ class _Connection(asyncio.Protocol):
                 self._chunks.append(rest)
                 self._body_bytes += len(rest)
         self.complete = True  # the timer stays armed: it finds the call complete, or the next
-        self._wake()
+        if self._waiter is not None:  # (none, when the head already woke the caller)
+            self._wake()
 
     def _body_allowed(self) -> bool:
         return self.status >= 200 and self.status not in (204, 304)
@@ -537,16 +538,12 @@ class H1Pool:
         self._addresses: Sequence[str] = ()
         self._addresses_until = 0.0
         self._sweep: asyncio.TimerHandle | None = None
-        self._closed = False
+        self.closed = False  # close() was called: no new calls (read it, never set it)
         try:
             ipaddress.ip_address(host)
             self._literal = True
         except ValueError:
             self._literal = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def idle(self) -> int:
@@ -574,7 +571,7 @@ class H1Pool:
 
     def release(self, conn: _Connection) -> None:
         conn.busy = False
-        if self._closed or not conn.reusable():
+        if self.closed or not conn.reusable():
             conn.close()
             return
         conn._begin_state()  # noqa: SLF001 - drop the last answer's buffers now
@@ -600,7 +597,7 @@ class H1Pool:
 
     async def close(self) -> None:
         """Close every connection, idle or busy (a busy call fails), and refuse new calls."""
-        self._closed = True
+        self.closed = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
@@ -627,7 +624,7 @@ class H1Pool:
 
     async def _acquire(self, deadline: float, connect_timeout: float) -> _Connection:
         while True:
-            if self._closed:
+            if self.closed:
                 raise ConnectError("the client was closed")
             conn = self._take_idle()
             if conn is not None:
@@ -685,7 +682,7 @@ class H1Pool:
                         last = exc
                         continue
                     conn = cast(_Connection, made)
-                    if self._closed:
+                    if self.closed:
                         conn.close()
                         raise ConnectError("the client was closed")
                     self.opened += 1

@@ -519,6 +519,9 @@ class HttpUpstream:
         self._pool: H1Pool | None = None
         self._origin = _Origin.of(self.base_url, self._headers)
         self._targets: dict[str, bytes] = {}
+        # The last timeouts a call gave and their connect and read bounds in seconds (a config
+        # model's attributes are slow to read: ~500 instructions each)
+        self._seconds: tuple[TimeoutsConfig | None, float, float] = (None, 0.0, 0.0)
 
     # ---- lifecycle
     async def start(self) -> None:
@@ -661,10 +664,12 @@ class HttpUpstream:
         # a ValueError (a header with a line break; credentials in the URL and an
         # Authorization header) is raised as it is, as aiohttp did: the config is wrong
         data = self._wire(method, path, payload, headers)
+        seconds = self._seconds
+        if seconds[0] is not timeouts:  # (the router's config: the same object every call)
+            seconds = self._seconds = (
+                timeouts, timeouts.connect_ms / 1000.0, timeouts.first_byte_ms / 1000.0)
         return pool.request(
-            data, deadline=deadline, connect_timeout=timeouts.connect_ms / 1000.0,
-            read_timeout=timeouts.first_byte_ms / 1000.0,
-        )
+            data, deadline=deadline, connect_timeout=seconds[1], read_timeout=seconds[2])
 
     def request(
         self,

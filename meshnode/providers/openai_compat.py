@@ -87,6 +87,10 @@ OFFER_KINDS: dict[str, frozenset[RequestKind]] = {
     "image": frozenset({RequestKind.IMAGE}),
 }
 
+# The kinds whose answer is a `data` list (the others': `choices`); a module constant, not
+# enum members looked up per request.
+_DATA_KINDS = frozenset({RequestKind.EMBEDDING, RequestKind.IMAGE})
+
 # After `data: [DONE]`, how long to wait for the end of the body so the connection can go
 # back to the pool (it is normally already there); past it the connection is dropped.
 _DRAIN_AFTER_DONE_S = 0.5
@@ -189,7 +193,7 @@ class OpenAICompatProvider(Provider):
         )
         if "error" in data and "choices" not in data and "data" not in data:
             raise self._error_event(data)
-        expected = "data" if request.kind in (RequestKind.EMBEDDING, RequestKind.IMAGE) else "choices"
+        expected = "data" if request.kind in _DATA_KINDS else "choices"
         if not isinstance(data.get(expected), list):
             raise UpstreamUnavailable(
                 f"{self.name} answered without `{expected}`", provider=self.name

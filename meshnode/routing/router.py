@@ -93,6 +93,7 @@ class _Entry:
     chain_index: int
     stats: CandidateStats
     max_concurrency: int  # the provider's bound on calls in flight (least_loaded's divisor)
+    enforces_deadline: bool  # the provider's own (else the loop bounds each call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +155,10 @@ class Router:
         spend: SpendGate | None = None,
     ) -> None:
         self._config = routing
+        # Read per request, kept here: attribute reads on a config model (pydantic) are not
+        # specialised by the interpreter (its __getattr__), ~500 instructions each.
+        self._policies = routing.policies
+        self._timeouts = routing.timeouts
         self._chain = list(chain)
         self._providers: list[Provider] = list(providers)
         self.node_id = node_id
@@ -370,7 +375,8 @@ class Router:
                         excluded.append(f"{label}: max_hops {self._max_hops} reached")
                         continue
                 entries.append(_Entry(provider, offer, offer.key, idx, self._stats_for(offer),
-                                      getattr(provider, "max_concurrency", 256)))
+                                      getattr(provider, "max_concurrency", 256),
+                                      provider.enforces_deadline))
         strategy = (policy.strategy if policy and policy.strategy else None) or self._config.strategy
         name = policy.name if policy else (incoming.name if incoming else None)
         fixed = tuple(self._attempt_plan(entries)) if len(entries) <= 1 else None
@@ -379,7 +385,7 @@ class Router:
     def _choose(self, request: InferenceRequest) -> tuple[_Shortlist, PolicyConfig | None]:
         """The plan (`_Shortlist`) for a request and this node's rule that matched it (None:
         none); counts it as a routing turn."""
-        policies = self._config.policies
+        policies = self._policies
         policy = match_policy(
             policies,
             request.model,
@@ -542,7 +548,7 @@ class Router:
     ) -> Awaitable[Completion]:
         # The provider's coroutine itself (awaited by the failover loop), not one that awaits
         # it: one frame less on every resumption of the request.
-        return provider.complete(req, offer, self._config.timeouts)
+        return provider.complete(req, offer, self._timeouts)
 
     async def complete(self, request: InferenceRequest) -> RoutedCompletion:
         """Serve a non-stream request with failover. Raises MeshError."""
@@ -571,7 +577,7 @@ class Router:
         async def call(
             provider: Provider, offer: ModelOffer, req: InferenceRequest
         ) -> tuple[StreamChunk, AsyncIterator[StreamChunk]]:
-            agen = provider.stream(req, offer, self._config.timeouts)
+            agen = provider.stream(req, offer, self._timeouts)
             try:
                 first = await agen.__anext__()
             except StopAsyncIteration:
@@ -626,6 +632,7 @@ class Router:
         # resumption of the request).
         try:
             start = self._clock()
+            spend = self._spend  # the budget: reserve before each attempt, settle after
             tried: set[tuple[str, str]] = set()
             last: MeshError | None = None
             # Made only on a failure (a request whose first attempt answers makes neither).
@@ -640,7 +647,7 @@ class Router:
                 if key in tried:
                     await self._pause_before(len(attempts), request)
                 try:
-                    hold = self._reserve(request, offer)
+                    hold = UNCAPPED if spend is None else spend.reserve(request, offer)
                 except BudgetExceeded as exc:
                     # Spent budget: skip paid candidates, free ones may still serve.
                     last = exc
@@ -661,7 +668,7 @@ class Router:
                     with (tracing.attempt_span(offer.provider, offer.model, offer.node,
                                                len(attempts) + 1)
                           if tracing.enabled() else _NO_SPAN):
-                        if provider.enforces_deadline:
+                        if entry.enforces_deadline:
                             result = await call(provider, offer, attempt)
                         else:
                             async with asyncio.timeout(max(0.0, request.deadline - t0)):
@@ -739,9 +746,6 @@ class Router:
                 stats.record_failure(str(code), now, self._config.failover.cooldown)
 
         return finish
-
-    def _reserve(self, request: InferenceRequest, offer: ModelOffer) -> Hold:
-        return UNCAPPED if self._spend is None else self._spend.reserve(request, offer)
 
     def _carrying_policy(
         self, request: InferenceRequest, rule: PolicyConfig | None
