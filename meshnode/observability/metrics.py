@@ -349,8 +349,9 @@ class Metrics:
             self._record_key(key, status, prompt, completion, cost)
         # 499: the client went away, nothing failed on our side.
         failed = status != 499 and (error_code is not None or status >= 400)
-        self.history.record(
-            provider=offer.key[0], node=served.node, error=failed,
+        self.history.record(  # the provider as the providers table names it (offer.key's)
+            provider=provider if offer.node is None else f"{provider}:{offer.node}",
+            node=served.node, error=failed,
             tokens=prompt + completion, latency_ms=latency_s * 1000.0,
         )
         if failed:
