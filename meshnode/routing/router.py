@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import operator
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -136,7 +135,6 @@ def _abandon(hold: Hold) -> None:
     hold.abandon()
 
 
-_OFFERS = operator.methodcaller("offers")
 # An attempt's span while tracing is off (reusable).
 _NO_SPAN = contextlib.nullcontext()
 
@@ -248,7 +246,9 @@ class Router:
         """Every provider's offers now; what was derived from them (shortlists, the served
         index) is dropped when some provider's changed: an identity check per offer when
         nothing moved."""
-        offers = tuple(map(tuple, map(_OFFERS, self._providers)))
+        # (a list comprehension: map() over a methodcaller reads `offers` generically and calls
+        # into Python from C, ~1,500 instructions more per provider)
+        offers = tuple([tuple(p.offers()) for p in self._providers])
         if offers != self._offers_seen:
             self._offers_seen = offers
             self._shortlists.clear()
