@@ -685,22 +685,24 @@ class HttpUpstream:
         if method != "POST":
             return self._request_aiohttp(method, path, payload, deadline=deadline,
                                          timeouts=timeouts, headers=headers)
-        return self._post(path, payload, deadline, timeouts, headers, UpstreamResponse)
+        return self._post(path, payload, deadline, timeouts, headers, _raw_answer)
 
     async def _post(
         self, path: str, payload: bytes | None, deadline: float, timeouts: TimeoutsConfig,
-        headers: Mapping[str, str] | None, answer: Callable[[int, bytes, str], T],
+        headers: Mapping[str, str] | None,
+        answer: Callable[[HttpUpstream, int, bytes, str], T],
     ) -> T:
         """A whole POST over the lean client: `answer` of a 2xx answer's status, raw body and
-        content type, or a MeshError (already translated). The one coroutine of `request`'s
-        POSTs and `post_json`, which return it (no frame of their own)."""
+        content type (`_raw_answer`, `_json_answer`), or a MeshError (already translated). The
+        one coroutine of `request`'s POSTs and `post_json`, which return it (no frame of their
+        own)."""
         resp: H1Response | None = None
         try:
             resp = await self._send("POST", path, payload, deadline, timeouts, headers)
             if resp.status >= 300:
                 body = await resp.content.read(MAX_ERROR_BODY_BYTES)
                 raise self.error_for_status(resp.status, body, resp.headers)
-            return answer(resp.status, await resp.content.read(), resp.content_type)
+            return answer(self, resp.status, await resp.content.read(), resp.content_type)
         except (OSError, TimeoutError) as exc:
             raise self.error_for_exception(exc, deadline) from exc
         finally:
@@ -744,10 +746,7 @@ class HttpUpstream:
     ) -> Awaitable[dict[str, Any]]:
         """POST a serialized JSON body; the parsed JSON object of a 2xx answer. A 2xx whose body
         is not a JSON object is UpstreamUnavailable (a broken proxy or gateway page)."""
-        return self._post(path, payload, deadline, timeouts, headers, self._json_answer)
-
-    def _json_answer(self, status: int, body: bytes, content_type: str) -> dict[str, Any]:
-        return self.parse_json_object(body)
+        return self._post(path, payload, deadline, timeouts, headers, _json_answer)
 
     def parse_json_object(self, body: bytes) -> dict[str, Any]:
         try:
@@ -813,6 +812,18 @@ class HttpUpstream:
             resp.close()
             raise
         return resp
+
+
+# What `_post` makes of a 2xx answer (module functions: a bound method read as a value per call
+# is not specialised by the interpreter)
+def _raw_answer(http: HttpUpstream, status: int, body: bytes, content_type: str
+                ) -> UpstreamResponse:
+    return UpstreamResponse(status, body, content_type)
+
+
+def _json_answer(http: HttpUpstream, status: int, body: bytes, content_type: str
+                 ) -> dict[str, Any]:
+    return http.parse_json_object(body)
 
 
 class StreamCall:

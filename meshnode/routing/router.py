@@ -157,6 +157,13 @@ class Router:
         # specialised by the interpreter (its __getattr__), ~500 instructions each.
         self._policies = routing.policies
         self._timeouts = routing.timeouts
+        timeouts = self._timeouts
+        # A non-stream attempt: the provider's coroutine itself (awaited by the failover loop),
+        # not one that awaits it: one frame less on every resumption of the request. Made once
+        # (a bound method read as a value per request is not specialised either).
+        self._complete_call: Callable[[Provider, ModelOffer, InferenceRequest],
+                                      Awaitable[Completion]] = (
+            lambda provider, offer, req: provider.complete(req, offer, timeouts))
         self._chain = list(chain)
         self._providers: list[Provider] = list(providers)
         self.node_id = node_id
@@ -548,13 +555,6 @@ class Router:
         return NoCapacity(f"Nothing can serve '{request.model}' now ({why})", retry_after=1.0)
 
     # ------------------------------------------------------------------ serving
-    def _complete_call(
-        self, provider: Provider, offer: ModelOffer, req: InferenceRequest
-    ) -> Awaitable[Completion]:
-        # The provider's coroutine itself (awaited by the failover loop), not one that awaits
-        # it: one frame less on every resumption of the request.
-        return provider.complete(req, offer, self._timeouts)
-
     async def complete(self, request: InferenceRequest) -> RoutedCompletion:
         """Serve a non-stream request with failover. Raises MeshError."""
         # A client gone mid-call: the upstream may finish and bill it anyway.
