@@ -38,10 +38,15 @@ class Provider(abc.ABC):
     #: client timeout, a gRPC deadline). The router then skips its own timer, which costs a
     #: timer handle per request on the hot path; otherwise the router enforces the deadline.
     enforces_deadline: bool = False
+    #: True when `offers()` gives the same offers for the provider's whole life (made from its
+    #: config when it is built). A router whose providers all say so reads them once, not on
+    #: every routing decision (`Router._offers_now`).
+    fixed_offers: bool = False
 
     @abc.abstractmethod
     def offers(self) -> Sequence[ModelOffer]:
-        """The models this provider serves now. Cheap; called on every routing decision."""
+        """The models this provider serves now. Cheap; called on every routing decision
+        (unless `fixed_offers`)."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Open long-lived resources (client sessions, worker processes). Called once."""

@@ -166,6 +166,7 @@ class Router:
             lambda provider, offer, req: provider.complete(req, offer, timeouts))
         self._chain = list(chain)
         self._providers: list[Provider] = list(providers)
+        self._fixed_offers = self._all_fixed()
         self.node_id = node_id
         self._max_hops = max_hops
         # Called through a local where it runs per request (`clock = self._clock; clock()`):
@@ -195,6 +196,11 @@ class Router:
     def add_provider(self, provider: Provider) -> None:
         """Providers may be added after start (the mesh provider)."""
         self._providers.append(provider)
+        self._fixed_offers = self._all_fixed()
+
+    def _all_fixed(self) -> bool:
+        """Whether every provider's offers are fixed for its life (`Provider.fixed_offers`)."""
+        return all(getattr(p, "fixed_offers", False) for p in self._providers)
 
     @property
     def providers(self) -> Sequence[Provider]:
@@ -252,7 +258,9 @@ class Router:
     def _offers_now(self) -> tuple[tuple[ModelOffer, ...], ...]:
         """Every provider's offers now; what was derived from them (shortlists, the served
         index) is dropped when some provider's changed: an identity check per offer when
-        nothing moved."""
+        nothing moved. Offers that are all fixed (`Provider.fixed_offers`) are read once."""
+        if self._fixed_offers and self._offers_seen:
+            return self._offers_seen
         # (a list comprehension: map() over a methodcaller reads `offers` generically and calls
         # into Python from C, ~1,500 instructions more per provider)
         offers = tuple([tuple(p.offers()) for p in self._providers])
@@ -646,12 +654,13 @@ class Router:
             told_to_wait: frozenset[tuple[str, str]] = frozenset()  # answered 429, Retry-After
             for entry in plan:
                 offer, provider, stats, key = entry.offer, entry.provider, entry.stats, entry.key
-                if key in unaffordable:
-                    continue
-                if key in told_to_wait and stats.cooled_down(clock()):
-                    continue  # never re-sent before its Retry-After; the next one goes now
-                if key in tried:
-                    await self._pause_before(len(attempts), request)
+                if tried or unaffordable:  # (before a first attempt: nothing to skip or wait for)
+                    if key in unaffordable:
+                        continue
+                    if key in told_to_wait and stats.cooled_down(clock()):
+                        continue  # never re-sent before its Retry-After; the next one goes now
+                    if key in tried:
+                        await self._pause_before(len(attempts), request)
                 try:
                     hold = UNCAPPED if spend is None else spend.reserve(request, offer)
                 except BudgetExceeded as exc:

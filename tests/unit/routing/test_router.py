@@ -650,3 +650,32 @@ async def test_a_prompt_the_worker_served_is_named_when_the_index_is_read(monkey
     named.clear()
     assert served and router.prefix_index.names()[:len(served)] == served  # gossip reads it
     assert named == ["m"]
+
+
+class FixedOffers(FakeProvider):
+    """A provider whose offers are fixed for its life, counting how often they are read."""
+
+    fixed_offers = True
+
+    def __init__(self, name: str, **kw) -> None:
+        super().__init__(name, **kw)
+        self.reads = 0
+
+    def offers(self) -> list[ModelOffer]:
+        self.reads += 1
+        return super().offers()
+
+
+async def test_fixed_offers_are_read_once_and_a_changing_provider_is_still_watched() -> None:
+    fixed = FixedOffers("a", cost_per_1k=0.01)
+    router = Router(routing(), ["a", "b"], [fixed], "n1")
+    for _ in range(3):
+        assert router.has_model("m", RequestKind.CHAT)
+        assert (await router.complete(request())).served.offer.provider == "a"
+    assert fixed.reads == 1
+    changing = FakeProvider("b", cost_per_1k=0.001)
+    router.add_provider(changing)  # not fixed: every provider's offers are read again
+    assert (await router.complete(request())).served.offer.provider == "b"
+    changing._offers = []  # its model is gone: seen at the next routing decision
+    assert (await router.complete(request())).served.offer.provider == "a"
+    assert fixed.reads > 1
