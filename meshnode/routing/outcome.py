@@ -54,9 +54,7 @@ class Served:
             "provider": self.offer.provider,
             "node": self.node,
             "model": self.offer.model,
-            # round(0.0, 8) is 0.0 (-0.0 too): a free answer (a local model, a cache hit)
-            # skips round(), ~2,000 instructions (it writes digits out through snprintf)
-            "cost": round(self.cost, 8) if self.cost else self.cost,
+            "cost": round(self.cost, 8),
             "latency_ms": round(self.latency_ms, 3),
             "attempts": [a.to_json() for a in self.attempts],
             "strategy": self.strategy,
