@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,15 +176,19 @@ def start_meshnode(
     timeout_s: float,
     name: str = "meshnode",
     source_dir: Path = REPO,
+    wrapper: Sequence[str] = (),
 ) -> Target:
-    """A node named `name` running the meshnode package in `source_dir` (today's: this checkout)."""
+    """A node named `name` running the meshnode package in `source_dir` (today's: this checkout);
+    `wrapper` runs it under another program (`bench.instructions`: valgrind), as
+    `python -m meshnode` then (an entry-point script's shebang would be the wrapped program)."""
     file_name = slug(name)
     config_path = work_dir / f"{file_name}.yaml"
     config = meshnode_config(backend.base_url, 0, free_port(), work_dir / f"{file_name}-data")
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = node_env(source_dir)
     check_imports_from(source_dir, env)
-    argv = [*meshnode_argv(meshnode_bin), "run", "--config", str(config_path),
+    program = [*wrapper, sys.executable, "-m", "meshnode"] if wrapper else meshnode_argv(meshnode_bin)
+    argv = [*program, "run", "--config", str(config_path),
             "--listen", "127.0.0.1:0"]  # fmt: skip
     managed = procs.start(file_name, argv, cores=cores, env=env, cwd=source_dir)
     # The node binds port 0 and says where it listens.

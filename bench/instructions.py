@@ -1,0 +1,116 @@
+"""`python -m bench.instructions`: instructions per proxied request, counted by callgrind.
+
+Wall-clock CPU figures move ±25 % on a shared box between runs minutes apart; an instruction
+count does not. This runs the instant backend and one node (`bench.targets`' configuration)
+with the node under `valgrind --tool=callgrind`, sends warm-up requests with the counter off,
+then N requests in a row on one keep-alive connection with it on, and prints the node's
+instructions per request (everything the process executes: interpreter, C extensions, libc;
+not the kernel). Run to run the figure moves by about a thousand; `--hash-seed` fixes
+Python's string hashing, which removes most of that.
+
+`--source DIR` measures another checkout's `meshnode` package (a worktree, an older commit's
+`git worktree add`), so a change can be counted before and after on the same box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bench.procs import ProcessSet
+from bench.targets import API_KEY, CHAT_PATH, REPO, chat_body, start_backend, start_meshnode
+
+_TOTALS = re.compile(rb"^totals: (\d+)", re.MULTILINE)
+
+
+def send_requests(url: str, body: bytes, count: int) -> None:
+    """`count` chat requests in a row on one keep-alive connection; each must answer 200."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    try:
+        for _ in range(count):
+            conn.request("POST", CHAT_PATH, body, headers)
+            response = conn.getresponse()
+            answer = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"the node answered {response.status}: {answer[:300]!r}")
+    finally:
+        conn.close()
+
+
+def _control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=120)
+
+
+def count(source: Path, *, stream: bool, requests: int, warmup: int,
+          hash_seed: str | None) -> float:
+    """Instructions the node executes per request, `requests` requests after `warmup`."""
+    work_dir = Path(tempfile.mkdtemp(prefix="meshnode-instructions-"))
+    out = work_dir / "callgrind.out"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={out}"]  # fmt: skip
+    body = chat_body(stream=stream)
+    saved = os.environ.get("PYTHONHASHSEED")
+    try:
+        if hash_seed is not None:
+            os.environ["PYTHONHASHSEED"] = hash_seed  # the node's environment inherits it
+        with ProcessSet(work_dir / "logs") as procs:
+            backend = start_backend(procs, None, 0.0)
+            # Python under valgrind starts ~50x slower: a generous start-up bound.
+            node = start_meshnode(procs, None, backend, work_dir, None, 600.0,
+                                  source_dir=source, wrapper=valgrind)
+            pid = str(node.process.pid)  # valgrind runs the program in its own process
+            send_requests(node.base_url, body, warmup)
+            _control("-i", "on", pid)
+            send_requests(node.base_url, body, requests)
+            _control("-i", "off", pid)
+            _control("-d", pid)
+        dumps = sorted(work_dir.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
+        # The dump made on request (`-d`) holds the counted requests; the exit dump holds none.
+        for dump in dumps:
+            found = _TOTALS.search(dump.read_bytes())
+            if found and int(found.group(1)) > 0:
+                return int(found.group(1)) / requests
+        raise RuntimeError(f"no callgrind dump with counted instructions in {work_dir}")
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONHASHSEED", None)
+        else:
+            os.environ["PYTHONHASHSEED"] = saved
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stream", action="store_true", help="count streamed requests")
+    parser.add_argument("--requests", type=int, default=300, help="counted requests (300)")
+    parser.add_argument("--warmup", type=int, default=50, help="requests before counting (50)")
+    parser.add_argument("--source", type=Path, default=REPO,
+                        help="the checkout whose meshnode package runs (this one)")
+    parser.add_argument("--hash-seed", default="0",
+                        help="PYTHONHASHSEED for the node (0); 'random' for Python's default")
+    args = parser.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: install valgrind (e.g. `apt-get install valgrind`)")
+            return 2
+    seed = None if args.hash_seed == "random" else args.hash_seed
+    per_request = count(args.source.resolve(), stream=args.stream, requests=args.requests,
+                        warmup=args.warmup, hash_seed=seed)
+    kind = "streamed" if args.stream else "non-stream"
+    print(f"{per_request:,.0f} instructions per {kind} request "
+          f"({args.requests} after {args.warmup}, meshnode from {args.source})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
