@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
+from multidict import istr
 
 from meshnode.api import cors, handlers
 from meshnode.api.answer import JsonAnswer
@@ -67,6 +68,11 @@ CLIENT_CLOSED = 499
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 # Whole answers at least this big are gzipped when the client accepts it (about one packet).
 GZIP_MIN_BYTES = 1400
+# The headers the front door reads and sets, as `istr`: a multidict lower-cases and hashes a
+# plain str name anew on every lookup, an `istr` once.
+_REQUEST_ID = istr("x-request-id")
+_NODE = istr("x-aiproxy-node")
+_PROCESSING_MS = istr("openai-processing-ms")
 
 
 @web.middleware
@@ -124,7 +130,7 @@ async def front_door(
 
 def _context(headers: Any) -> RequestContext:
     """A request's context: the client's `x-request-id` when it is sane, else a new one."""
-    incoming = headers.get("x-request-id")
+    incoming = headers.get(_REQUEST_ID)
     if incoming is not None and _SANE_REQUEST_ID.fullmatch(incoming):
         request_id = incoming
     else:
@@ -151,11 +157,11 @@ def _answered(state: ApiState, ctx: RequestContext, request: Any,
         headers = response.headers
         stamp = gzip = not response.prepared
     if stamp:
-        headers["x-request-id"] = ctx.request_id
-        if "x-aiproxy-node" not in headers:
-            headers["x-aiproxy-node"] = state.node_id
-        if "openai-processing-ms" not in headers:
-            headers["openai-processing-ms"] = ctx.processing_ms()
+        headers[_REQUEST_ID] = ctx.request_id
+        if _NODE not in headers:
+            headers[_NODE] = state.node_id
+        if _PROCESSING_MS not in headers:
+            headers[_PROCESSING_MS] = ctx.processing_ms()
         if gzip:
             _maybe_gzip(request, response)
     _finish(state, ctx, request, status)

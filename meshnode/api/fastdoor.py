@@ -44,7 +44,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 from aiohttp.http_writer import StreamWriter
@@ -372,11 +372,13 @@ class FastDoor(BaseProtocol):
             [line.split(": ", 1)  # type: ignore[misc]
              for line in block[:-2].decode("utf-8", "surrogateescape").split("\r\n")]
             if block else ())
-        lengths = headers.getall("Content-Length", ())
+        # Asked by aiohttp's `istr` names: a plain str name is lower-cased and hashed anew on
+        # every lookup.
+        lengths = headers.getall(hdrs.CONTENT_LENGTH, ())
         # ASCII digits only: str.isdigit() is also true for "²" and other scripts' digits.
         if (len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit())
-                or "Transfer-Encoding" in headers
-                or "Expect" in headers or "Upgrade" in headers):
+                or hdrs.TRANSFER_ENCODING in headers
+                or hdrs.EXPECT in headers or hdrs.UPGRADE in headers):
             self._hand_off()
             return
         length = int(lengths[0])
@@ -390,7 +392,7 @@ class FastDoor(BaseProtocol):
         self._phase = "busy"
         body = bytes(buffer[start:start + length])
         del buffer[:start + length]
-        keep_alive = "close" not in headers.get("Connection", "").lower()
+        keep_alive = "close" not in headers.get(hdrs.CONNECTION, "").lower()
         request = FastRequest(self._app, path, CIMultiDictProxy(headers), body, self,
                               keep_alive)
         self._task = task = self._loop.create_task(self._serve(request, handler))
