@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import istr
 
 from meshnode.api import sse
 from meshnode.api.answer import JsonAnswer
@@ -46,12 +47,12 @@ def _aiproxy_headers(request: web.Request) -> dict[str, str]:
     return out
 
 
+# As `istr`: the answer's multidict takes their lower-cased form from them, not anew per answer.
+_PROVIDER, _NODE, _COST = istr("x-aiproxy-provider"), istr("x-aiproxy-node"), istr("x-aiproxy-cost")
+
+
 def _served_headers(served: Served) -> dict[str, str]:
-    return {
-        "x-aiproxy-provider": served.offer.provider,
-        "x-aiproxy-node": served.node,
-        "x-aiproxy-cost": f"{served.cost:.8f}",
-    }
+    return {_PROVIDER: served.offer.provider, _NODE: served.node, _COST: f"{served.cost:.8f}"}
 
 
 def require_model(state: ApiState, model: str, kind: RequestKind) -> None:
