@@ -7,9 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from meshnode.api.protocol import REDIRECT_FIELDS, loads_body, parse_request
+from meshnode.api.protocol import REDIRECT_FIELDS, loads_body, parse_chat, parse_request
 from meshnode.errors import InvalidRequest
-from meshnode.types import RequestKind
+from meshnode.types import InferenceRequest, RequestKind
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -197,3 +197,17 @@ def test_completion_takes_max_tokens_zero_and_chat_does_not() -> None:
     assert req.max_output_tokens == 0
     assert bad(RequestKind.CHAT, chat(max_tokens=0)).param == "max_tokens"
     assert bad(RequestKind.CHAT, chat(max_completion_tokens=0)).param == "max_completion_tokens"
+
+
+def test_each_parsed_value_lands_in_its_own_field() -> None:
+    # `_request` builds the InferenceRequest by position: a field order changed in
+    # meshnode.types must not put a value in a neighbour's field.
+    body = {"model": "m", "messages": [{"role": "user", "content": "abcdefgh"}],
+            "max_tokens": 7, "stream": True}
+    req = parse_chat(body, request_id="rid", deadline=12.5, headers={"x-aiproxy-a": "b"},
+                     key_name="k")
+    assert req == InferenceRequest(
+        kind=RequestKind.CHAT, model="m", body=body, request_id="rid", deadline=12.5,
+        stream=True, include_usage=False, key_name="k", headers={"x-aiproxy-a": "b"},
+        visited=(), prompt_tokens_estimate=3, max_output_tokens=7,
+    )
