@@ -56,7 +56,7 @@ class JsonAnswer(web.Response):
     """A whole `application/json` answer of `body` (bytes, already serialised)."""
 
     def __init__(
-        self, body: bytes, *, status: int = 200, headers: Mapping[str, str] | None = None
+        self, body: bytes, status: int = 200, headers: Mapping[str, str] | None = None
     ) -> None:
         # What `web.Response.__init__` sets for a bytes body and a content type, without its
         # general path (text, charset, payload lookup), which cost more than the rest of the

@@ -34,7 +34,8 @@ _KIND_NAMES = {
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return JsonAnswer(orjson.dumps(data), status=status, headers=headers)
+    # By position: a class called with keywords packs them into a dict for its `__init__`.
+    return JsonAnswer(orjson.dumps(data), status, headers)
 
 
 def _aiproxy_headers(request: web.Request) -> dict[str, str]:
