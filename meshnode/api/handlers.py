@@ -69,7 +69,7 @@ def require_model(state: ApiState, model: str, kind: RequestKind) -> None:
 
 
 # --------------------------------------------------------------------------- inference
-async def _infer(request: web.Request, kind: RequestKind, kind_value: str) -> web.StreamResponse:
+async def _infer(kind: RequestKind, kind_value: str, request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     ctx = request[CONTEXT]
     ctx.kind = kind_value  # `kind.value`, given by the route (an enum property per request)
@@ -111,13 +111,11 @@ async def _infer(request: web.Request, kind: RequestKind, kind_value: str) -> we
 
 
 # The routes' handlers: `_infer` itself (a partial is a coroutine function to aiohttp), not a
-# coroutine that awaits it, which cost one more frame on every resumption of the request.
-chat_completions = functools.partial(
-    _infer, kind=RequestKind.CHAT, kind_value=RequestKind.CHAT.value)
-completions = functools.partial(
-    _infer, kind=RequestKind.COMPLETION, kind_value=RequestKind.COMPLETION.value)
-embeddings = functools.partial(
-    _infer, kind=RequestKind.EMBEDDING, kind_value=RequestKind.EMBEDDING.value)
+# coroutine that awaits it, which cost one more frame on every resumption of the request. Its
+# arguments bound by position, the request last: a partial with keywords calls through a dict.
+chat_completions = functools.partial(_infer, RequestKind.CHAT, RequestKind.CHAT.value)
+completions = functools.partial(_infer, RequestKind.COMPLETION, RequestKind.COMPLETION.value)
+embeddings = functools.partial(_infer, RequestKind.EMBEDDING, RequestKind.EMBEDDING.value)
 
 
 async def open_event_stream(
