@@ -334,18 +334,23 @@ class SseParser:
 
     `feed_data` / `close_data` give each event's data alone, as the bytes that came (lines
     joined by b"\\n", not decoded; the types ignored), for a caller that parses them as JSON
-    itself; `feed` / `close` give whole events, decoded (invalid UTF-8 replaced). A read is split at its blank lines in one pass; an
-    event that is one `data: ` line (every OpenAI chunk) is taken whole, without a pass per
-    line.
+    itself; `feed` / `close` give whole events, decoded (invalid UTF-8 replaced). A read is
+    split at its blank lines in one pass; an event that is one `data: ` line (every OpenAI
+    chunk) is taken whole, without a pass per line. `one_line` says whether every event the
+    last call gave was such a line: no CR or LF in its data (which can then be relayed as one
+    SSE line as it is, without the caller scanning it again).
     """
 
-    __slots__ = ("_buffer", "_data", "_event", "last_event_id")
+    __slots__ = ("_buffer", "_data", "_event", "last_event_id", "one_line")
 
     def __init__(self) -> None:
         self._buffer = b""  # what follows the last blank line seen, not yet parsed
         self._data: list[bytes] = []  # the data lines of an event begun, parsed by line
         self._event = ""
         self.last_event_id = ""
+        # every event of the last feed/close came whole from one `data: ` line without CR
+        # or LF (False as soon as one came through `_line`, which may join lines)
+        self.one_line = True
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         names: list[str] = []
@@ -371,6 +376,7 @@ class SseParser:
     def _feed(self, chunk: bytes, names: list[str] | None) -> list[bytes]:
         buf = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
+        self.one_line = True
         if _CR in buf or self._data or self._event:
             # CRLF line ends, or an event begun by line (its blank line may start `buf`)
             self._buffer = self._lines(buf, events, names)
@@ -379,8 +385,9 @@ class SseParser:
         rest = parts.pop()
         append = events.append
         for part in parts:
-            if part[:6] == b"data: " and _LF not in part:
-                append(part[6:])
+            data = part.removeprefix(b"data: ")  # `part` itself when it is not a data line
+            if data is not part and _LF not in data:
+                append(data)
                 if names is not None:
                     names.append("message")
                 continue
@@ -396,6 +403,7 @@ class SseParser:
 
     def _close(self, names: list[str] | None) -> list[bytes]:
         events: list[bytes] = []
+        self.one_line = True
         buf, self._buffer = self._buffer, b""
         if buf:
             if not buf.endswith(b"\n"):
@@ -423,6 +431,7 @@ class SseParser:
                 self._event = ""
                 return
             events.append(b"\n".join(self._data))
+            self.one_line = False
             if names is not None:
                 names.append(self._event or "message")
             self._data = []

@@ -242,7 +242,9 @@ class OpenAICompatProvider(Provider):
                 done = False
                 while True:
                     data = await read()
-                    for raw in parser.feed_data(data) if data else parser.close_data():
+                    events = parser.feed_data(data) if data else parser.close_data()
+                    one_line = parser.one_line  # (else each event is looked at for CR, LF)
+                    for raw in events:
                         if raw == b"[DONE]":
                             done = True
                             break
@@ -254,7 +256,7 @@ class OpenAICompatProvider(Provider):
                         else:
                             # relayed as it came, when it is one line of valid UTF-8
                             # (byte values: see http._LF)
-                            text = None if 0x0A in raw or 0x0D in raw else raw
+                            text = raw if one_line or not (0x0A in raw or 0x0D in raw) else None
                         if type(chunk) is not dict:
                             raise UpstreamUnavailable(
                                 f"{self.name} sent a stream event that is not a JSON object",

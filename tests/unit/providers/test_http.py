@@ -254,6 +254,21 @@ def test_sse_parser_data_gives_the_data_undecoded() -> None:
     assert parser.close_data() == [b"\xff"]
 
 
+def test_sse_parser_says_when_every_event_was_one_clean_line() -> None:
+    parser = SseParser()
+    assert parser.feed_data(b"data: a\n\ndata: b\n\n") == [b"a", b"b"]
+    assert parser.one_line
+    assert parser.feed_data(b"data: c\ndata: d\n\ndata: e\n\n") == [b"c\nd", b"e"]
+    assert not parser.one_line  # one of them came through the line parser (joined lines)
+    assert parser.feed_data(b"data: f\r\n\r\n") == [b"f"]
+    assert not parser.one_line  # CRLF line ends: each line parsed (a lone CR may remain)
+    assert parser.feed_data(b"data: g\n\n") == [b"g"]
+    assert parser.one_line
+    assert parser.feed_data(b"data: [DONE]") == []
+    assert parser.close_data() == [b"[DONE]"]
+    assert not parser.one_line
+
+
 def test_sse_parser_delivers_an_unterminated_last_event_at_eof() -> None:
     parser = SseParser()
     assert parser.feed(b"data: x\n\ndata: [DONE]") == [SseEvent("message", "x")]

@@ -631,6 +631,27 @@ async def test_stream_chunks_keep_the_json_they_came_as_when_it_can_be_relayed()
     assert chunks[-1].raw is None and chunks[-1].usage is not None  # the estimate, synthesized
 
 
+async def test_stream_chunks_with_a_lone_cr_are_not_relayed_as_they_came() -> None:
+    """With CRLF line ends every line is parsed on its own; a CR inside an event's JSON (valid
+    JSON whitespace, but a line end to an SSE client) keeps the event from being relayed as it
+    came, while its clean neighbours still are."""
+    clean = CHUNK.replace(b"\n", b"\r\n")
+    lone_cr = CHUNK.replace(b'"hi"', b'\r"ho"').replace(b"\n", b"\r\n")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _sse_handler(request, [clean + lone_cr + b"data: [DONE]\r\n\r\n"])
+
+    runner, provider = await _raw_provider(handler)
+    try:
+        chunks = await collect(provider, chat(stream=True), offer_for(provider, "gpt-4o"))
+    finally:
+        await provider.close()
+        await runner.cleanup()
+    assert text_of(chunks) == "hiho"
+    assert chunks[0].raw == CHUNK[len(b"data: "):-2]
+    assert chunks[1].raw is None
+
+
 async def test_a_200_error_body_is_unavailable() -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"message": "model is loading"}})
