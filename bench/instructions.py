@@ -28,16 +28,33 @@ from bench.procs import ProcessSet
 from bench.targets import API_KEY, CHAT_PATH, REPO, chat_body, start_backend, start_meshnode
 
 _TOTALS = re.compile(rb"^totals: (\d+)", re.MULTILINE)
+# The head the official openai Python client (3.57) sends besides Host, Content-Type,
+# Content-Length and Authorization: what a user's SDK costs the node, where wrk's and the
+# default run's four-line head is the least a request can carry.
+SDK_HEADERS = {
+    "Accept-Encoding": "gzip, deflate", "Connection": "keep-alive", "accept": "application/json",
+    "user-agent": "OpenAI/Python 3.57.0", "x-stainless-lang": "python",
+    "x-stainless-package-version": "3.57.0", "x-stainless-os": "Linux",
+    "x-stainless-arch": "x64", "x-stainless-runtime": "CPython",
+    "x-stainless-runtime-version": "3.11.7", "x-stainless-async": "false",
+    "x-stainless-retry-count": "0", "x-stainless-read-timeout": "600",
+}
 
 
-def send_requests(url: str, body: bytes, count: int) -> None:
+def send_requests(url: str, body: bytes, count: int, extra: dict[str, str] | None = None) -> None:
     """`count` chat requests in a row on one keep-alive connection; each must answer 200."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}",
+               **(extra or {})}
     try:
         for _ in range(count):
-            conn.request("POST", CHAT_PATH, body, headers)
+            # No Accept-Encoding of http.client's own: the head is exactly the one chosen.
+            conn.putrequest("POST", CHAT_PATH, skip_accept_encoding=True)
+            for name, value in headers.items():
+                conn.putheader(name, value)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
             response = conn.getresponse()
             answer = response.read()
             if response.status != 200:
@@ -51,13 +68,14 @@ def _control(*args: str) -> None:
 
 
 def count(source: Path, *, stream: bool, requests: int, warmup: int,
-          hash_seed: str | None) -> float:
+          hash_seed: str | None, sdk_headers: bool = False) -> float:
     """Instructions the node executes per request, `requests` requests after `warmup`."""
     work_dir = Path(tempfile.mkdtemp(prefix="meshnode-instructions-"))
     out = work_dir / "callgrind.out"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={out}"]  # fmt: skip
     body = chat_body(stream=stream)
+    extra = SDK_HEADERS if sdk_headers else None
     saved = os.environ.get("PYTHONHASHSEED")
     try:
         if hash_seed is not None:
@@ -68,9 +86,9 @@ def count(source: Path, *, stream: bool, requests: int, warmup: int,
             node = start_meshnode(procs, None, backend, work_dir, None, 600.0,
                                   source_dir=source, wrapper=valgrind)
             pid = str(node.process.pid)  # valgrind runs the program in its own process
-            send_requests(node.base_url, body, warmup)
+            send_requests(node.base_url, body, warmup, extra)
             _control("-i", "on", pid)
-            send_requests(node.base_url, body, requests)
+            send_requests(node.base_url, body, requests, extra)
             _control("-i", "off", pid)
             _control("-d", pid)
         dumps = sorted(work_dir.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
@@ -96,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50, help="requests before counting (50)")
     parser.add_argument("--source", type=Path, default=REPO,
                         help="the checkout whose meshnode package runs (this one)")
+    parser.add_argument("--sdk-headers", action="store_true",
+                        help="send the head the official openai Python client sends (17 lines)")
     parser.add_argument("--hash-seed", default="0",
                         help="PYTHONHASHSEED for the node (0); 'random' for Python's default")
     args = parser.parse_args(argv)
@@ -105,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     seed = None if args.hash_seed == "random" else args.hash_seed
     per_request = count(args.source.resolve(), stream=args.stream, requests=args.requests,
-                        warmup=args.warmup, hash_seed=seed)
+                        warmup=args.warmup, hash_seed=seed, sdk_headers=args.sdk_headers)
     kind = "streamed" if args.stream else "non-stream"
-    print(f"{per_request:,.0f} instructions per {kind} request "
+    head = "the openai SDK's head" if args.sdk_headers else "a four-line head"
+    print(f"{per_request:,.0f} instructions per {kind} request with {head} "
           f"({args.requests} after {args.warmup}, meshnode from {args.source})")
     return 0
 
