@@ -40,10 +40,15 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _aiproxy_headers(request: web.Request) -> dict[str, str]:
     """The client's `x-aiproxy-*` headers, lower-cased (policies match on them)."""
+    headers = request.headers
+    # All the names searched at once first (join, lower and find, in C): most requests carry
+    # none, and an SDK sends 15-20 headers (the openai client's x-stainless-* among them),
+    # which cost ~200 ns each through the loop below (~3 µs a request) and 50 ns here.
+    if "x-aiproxy-" not in "\n".join(headers).lower():
+        return {}
     out: dict[str, str] = {}
-    for name, value in request.headers.items():
-        # The first letter first: most headers are rejected without a slice and a lower().
-        if name[:1] in "xX" and len(name) > 10 and name[:10].lower() == "x-aiproxy-":
+    for name, value in headers.items():
+        if len(name) > 10 and name[:10].lower() == "x-aiproxy-":
             out[name.lower()] = value
     return out
 
