@@ -52,6 +52,25 @@ def serialized_head(status: int, reason: str, headers: CIMultiDict[str]) -> byte
     return _serialize_headers(line, headers)
 
 
+def server_headers(response: web.StreamResponse, request: BaseRequest | FastRequest) -> bool:
+    """What aiohttp's `prepare` adds after an answer's framing header (`Content-Length` or
+    `Transfer-Encoding`): `Date` and `Server` unless set, `Connection: close` when the
+    connection will not be kept; returns whether it is kept (the response's choice, else the
+    request's). For the answers written without aiohttp's writer: `JsonAnswer` and
+    `meshnode.api.sse.DirectEventStream`."""
+    keep_alive = response._keep_alive
+    if keep_alive is None:
+        keep_alive = response._keep_alive = request.keep_alive
+    headers = response._headers
+    if hdrs.DATE not in headers:
+        headers[hdrs.DATE] = rfc822_formatted_time()
+    if hdrs.SERVER not in headers:
+        headers[hdrs.SERVER] = SERVER_SOFTWARE
+    if not keep_alive and hdrs.CONNECTION not in headers:
+        headers[hdrs.CONNECTION] = "close"
+    return keep_alive
+
+
 class JsonAnswer(web.Response):
     """A whole `application/json` answer of `body` (bytes, already serialised)."""
 
@@ -118,18 +137,8 @@ class JsonAnswer(web.Response):
     def _whole_head(self, request: BaseRequest | FastRequest, body: bytes) -> bool:
         """The headers aiohttp's `prepare` would set on a whole answer; whether the
         connection is kept."""
-        keep_alive = self._keep_alive
-        if keep_alive is None:
-            keep_alive = self._keep_alive = request.keep_alive
-        headers = self._headers
-        headers[hdrs.CONTENT_LENGTH] = str(len(body))
-        if hdrs.DATE not in headers:
-            headers[hdrs.DATE] = rfc822_formatted_time()
-        if hdrs.SERVER not in headers:
-            headers[hdrs.SERVER] = SERVER_SOFTWARE
-        if not keep_alive and hdrs.CONNECTION not in headers:
-            headers[hdrs.CONNECTION] = "close"
-        return keep_alive
+        self._headers[hdrs.CONTENT_LENGTH] = str(len(body))
+        return server_headers(self, request)
 
     def _serialized_head(self) -> bytes:
         return serialized_head(self._status, self._reason, self._headers)

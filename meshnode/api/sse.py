@@ -43,10 +43,8 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import hdrs, web
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE
 
-from meshnode.api.answer import serialized_head
+from meshnode.api.answer import serialized_head, server_headers
 from meshnode.api.errors import stream_error_event
 from meshnode.api.fastdoor import FastDoor, FastRequest
 from meshnode.api.state import RequestContext
@@ -112,17 +110,9 @@ class DirectEventStream(EventStreamResponse):
     async def prepare(self, request: Any) -> None:  # a `FastRequest`
         if self._eof_sent or self._protocol is not None:
             return
-        keep_alive = self._keep_alive
-        if keep_alive is None:
-            keep_alive = self._keep_alive = request.keep_alive
         headers = self._headers
         headers[hdrs.TRANSFER_ENCODING] = "chunked"
-        if hdrs.DATE not in headers:
-            headers[hdrs.DATE] = rfc822_formatted_time()
-        if hdrs.SERVER not in headers:
-            headers[hdrs.SERVER] = SERVER_SOFTWARE
-        if not keep_alive and hdrs.CONNECTION not in headers:
-            headers[hdrs.CONNECTION] = "close"
+        server_headers(self, request)
         self._req = request
         self._protocol = request.protocol
         hooks = request.app.on_response_prepare

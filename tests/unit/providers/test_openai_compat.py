@@ -555,6 +555,20 @@ async def _sse_handler(request: web.Request, events: list[bytes]) -> web.StreamR
     return resp
 
 
+async def _stream_of(events: list[bytes]) -> list[StreamChunk]:
+    """The chunks the provider makes of an upstream that streams `events` (each one write)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _sse_handler(request, events)
+
+    runner, provider = await _raw_provider(handler)
+    try:
+        return await collect(provider, chat(stream=True), offer_for(provider, "gpt-4o"))
+    finally:
+        await provider.close()
+        await runner.cleanup()
+
+
 CHUNK = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
          b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n')
 
@@ -589,17 +603,7 @@ async def test_odd_streams(events: list[bytes], first_ok: bool, cls: type[MeshEr
 async def test_stream_without_done_and_with_crlf_still_completes() -> None:
     usage = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
              b'"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}')
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await _sse_handler(request, [CHUNK.replace(b"\n", b"\r\n"), b": keep-alive\n\n",
-                                            usage])
-
-    runner, provider = await _raw_provider(handler)
-    try:
-        chunks = await collect(provider, chat(stream=True), offer_for(provider, "gpt-4o"))
-    finally:
-        await provider.close()
-        await runner.cleanup()
+    chunks = await _stream_of([CHUNK.replace(b"\n", b"\r\n"), b": keep-alive\n\n", usage])
     assert text_of(chunks) == "hi"
     assert chunks[-1].usage == Usage(prompt_tokens=2, completion_tokens=1)
 
@@ -615,15 +619,7 @@ async def test_stream_chunks_keep_the_json_they_came_as_when_it_can_be_relayed()
              b'data: "choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}]}\n\n')
     bad_utf8 = CHUNK.replace(b'"hi"', b'"\xff"')
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await _sse_handler(request, [spaced, multi, bad_utf8, b"data: [DONE]\n\n"])
-
-    runner, provider = await _raw_provider(handler)
-    try:
-        chunks = await collect(provider, chat(stream=True), offer_for(provider, "gpt-4o"))
-    finally:
-        await provider.close()
-        await runner.cleanup()
+    chunks = await _stream_of([spaced, multi, bad_utf8, b"data: [DONE]\n\n"])
     assert text_of(chunks) == "ab\ufffd"
     assert chunks[0].raw == spaced[len(b"data: "):-2]
     assert chunks[1].raw is None and chunks[1].data["choices"][0]["delta"] == {"content": "b"}
@@ -638,15 +634,7 @@ async def test_stream_chunks_with_a_lone_cr_are_not_relayed_as_they_came() -> No
     clean = CHUNK.replace(b"\n", b"\r\n")
     lone_cr = CHUNK.replace(b'"hi"', b'\r"ho"').replace(b"\n", b"\r\n")
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await _sse_handler(request, [clean + lone_cr + b"data: [DONE]\r\n\r\n"])
-
-    runner, provider = await _raw_provider(handler)
-    try:
-        chunks = await collect(provider, chat(stream=True), offer_for(provider, "gpt-4o"))
-    finally:
-        await provider.close()
-        await runner.cleanup()
+    chunks = await _stream_of([clean + lone_cr + b"data: [DONE]\r\n\r\n"])
     assert text_of(chunks) == "hiho"
     assert chunks[0].raw == CHUNK[len(b"data: "):-2]
     assert chunks[1].raw is None
