@@ -84,6 +84,8 @@ _HEAD = re.compile(
     rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++: [!-~\x80-\xff][\t\x20-\x7e\x80-\xff]*+\r\n)*+)"
 )
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+# A head read: its path, the route's handler, its headers, where its body starts, its length.
+_Head = tuple[str, Handler, CIMultiDict[str], int, int]
 
 
 class FastRequest(dict[Any, Any]):
@@ -216,6 +218,7 @@ class FastDoor(BaseProtocol):
         self._phase = "idle"  # "idle", "head" (one is arriving) or "busy" (one is served)
         self._closing = False  # shutting down or the client asked to close: no new requests
         self._handed_off = False
+        self._head: _Head | None = None  # read, its body still arriving (`_next`)
         # An app without prepare hooks (CORS, rate-limit headers) lets `JsonAnswer` write
         # itself whole (`JsonAnswer.write_whole`); the hooks are frozen with the app.
         self._plain = not app.on_response_prepare
@@ -345,28 +348,53 @@ class FastDoor(BaseProtocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        # A head read earlier whose body was still arriving: not parsed again (most clients,
+        # http.client, urllib3 and httpx among them, write the head and the body apart).
+        head = self._head
+        if head is None:
+            head = self._read_head(buffer)
+            if head is None:
+                return
+        path, handler, headers, start, length = head
+        if len(buffer) < start + length:
+            self._head = head
+            self._head_deadline()
+            return
+        self._head = None
+        self._phase = "busy"
+        body = bytes(buffer[start:start + length])
+        del buffer[:start + length]
+        keep_alive = "close" not in headers.get(hdrs.CONNECTION, "").lower()
+        request = FastRequest(self._app, path, CIMultiDictProxy(headers), body, self,
+                              keep_alive)
+        self._task = task = self._loop.create_task(self._serve(request, handler))
+        request.task = task
+
+    def _read_head(self, buffer: bytearray) -> _Head | None:
+        """The head at the start of `buffer` if it is whole and the fast shape; None when it is
+        not whole yet (the head's deadline armed) or not the fast shape (handed to aiohttp)."""
         end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
         if end < 0:
             if len(buffer) > MAX_HEAD_BYTES or not b"POST /v1/".startswith(bytes(buffer[:9])):
                 self._hand_off()
             else:
                 self._head_deadline()
-            return
-        head = _HEAD.fullmatch(buffer, 0, end + 2)
-        if head is None or tracing._tracer is not None:  # tracing.enabled(), without a call
+            return None
+        match = _HEAD.fullmatch(buffer, 0, end + 2)
+        if match is None or tracing._tracer is not None:  # tracing.enabled(), without a call
             self._hand_off()
-            return
-        path = head.group(1).decode("ascii")
+            return None
+        path = match.group(1).decode("ascii")
         handler = self._routes.get(path)
         if handler is None:
             self._hand_off()
-            return
-        block = head.group(2)
+            return None
+        block = match.group(2)
         # `.find`, not `in`: `bytes in bytes` first tries the needle as an int (a TypeError
         # raised and cleared on every call).
         if block.find(b" \r\n") >= 0 or block.find(b"\t\r\n") >= 0:
             self._hand_off()
-            return
+            return None
         # Decoded as aiohttp decodes them; a value with whitespace at its end was left to
         # aiohttp above (which strips it), so each value is the line's rest after ": ". (Lists
         # of two, which CIMultiDict takes as pairs: no tuple() per line.)
@@ -382,23 +410,12 @@ class FastDoor(BaseProtocol):
                 or hdrs.TRANSFER_ENCODING in headers
                 or hdrs.EXPECT in headers or hdrs.UPGRADE in headers):
             self._hand_off()
-            return
+            return None
         length = int(lengths[0])
         if length > self._max_body:
             self._hand_off()  # aiohttp's path: 413 on the length, or the gate before the body
-            return
-        start = end + 4
-        if len(buffer) < start + length:
-            self._head_deadline()
-            return
-        self._phase = "busy"
-        body = bytes(buffer[start:start + length])
-        del buffer[:start + length]
-        keep_alive = "close" not in headers.get(hdrs.CONNECTION, "").lower()
-        request = FastRequest(self._app, path, CIMultiDictProxy(headers), body, self,
-                              keep_alive)
-        self._task = task = self._loop.create_task(self._serve(request, handler))
-        request.task = task
+            return None
+        return path, handler, headers, end + 4, length
 
     async def _serve(self, request: FastRequest, handler: Handler) -> None:
         keep = False

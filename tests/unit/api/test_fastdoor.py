@@ -278,6 +278,39 @@ async def test_a_body_after_its_head_is_served_here_or_by_aiohttp_once_the_deadl
         writer.close()
 
 
+async def test_a_head_whose_body_comes_in_later_writes_is_read_once(
+    node: Node, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads = 0
+    read_head = FastDoor._read_head
+
+    def counted(self: FastDoor, buffer: bytearray) -> Any:
+        nonlocal reads
+        reads += 1
+        return read_head(self, buffer)
+
+    monkeypatch.setattr(FastDoor, "_read_head", counted)
+    head, _, body = chat_request().partition(b"\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(head + b"\r\n\r\n")
+        door = await wait_for(lambda: next(
+            (c for c in node.runner.server.connections  # type: ignore[union-attr]
+             if isinstance(c, FastDoor) and c._head is not None), None), "the head read")
+        # The fixture's header deadline (0.5 s) moved out of the way: this test is about the
+        # parse, not the deadline (the timer re-arms itself for a later deadline).
+        door._deadline = asyncio.get_running_loop().time() + 60.0
+        writer.write(body[:5])
+        await wait_for(lambda: len(door._buffer) > len(head) + 4, "the body's first bytes")
+        writer.write(body[5:])
+        status, _, answer = await read_answer(reader)
+        assert status == 200 and orjson.loads(answer)["choices"]
+        assert reads == 1 and door._head is None
+        assert node.protocols() == [FastDoor]
+    finally:
+        writer.close()
+
+
 class _Transport(asyncio.Transport):
     """What aiohttp's handler writes, kept (no socket: the test decides when bytes arrive)."""
 
