@@ -3,7 +3,7 @@
 Wall-clock CPU figures move ±25 % on a shared box between runs minutes apart; an instruction
 count does not. This runs the instant backend and one node (`bench.targets`' configuration)
 with the node under `valgrind --tool=callgrind`, sends warm-up requests with the counter off,
-then N requests in a row on one keep-alive connection with it on, and prints the node's
+then N requests in a row on one keep-alive connection with it on (each in one write), and prints the node's
 instructions per request (everything the process executes: interpreter, C extensions, libc;
 not the kernel). Run to run the figure moves by about a thousand; `--hash-seed` fixes
 Python's string hashing, which removes most of that.
@@ -19,6 +19,7 @@ import http.client
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -42,25 +43,25 @@ SDK_HEADERS = {
 
 
 def send_requests(url: str, body: bytes, count: int, extra: dict[str, str] | None = None) -> None:
-    """`count` chat requests in a row on one keep-alive connection; each must answer 200."""
+    """`count` chat requests in a row on one keep-alive connection, each head and body in one
+    write (as wrk sends them: a client that writes them apart makes the count depend on
+    whether the node read them in one or two reads); each must answer 200."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}",
-               **(extra or {})}
-    try:
+    headers = {"Host": parts.netloc, "Content-Type": "application/json",
+               "Authorization": f"Bearer {API_KEY}", **(extra or {}),
+               "Content-Length": str(len(body))}
+    request = (f"POST {CHAT_PATH} HTTP/1.1\r\n"
+               + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+               + "\r\n").encode("latin-1") + body
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80),
+                                  timeout=120) as sock:
         for _ in range(count):
-            # No Accept-Encoding of http.client's own: the head is exactly the one chosen.
-            conn.putrequest("POST", CHAT_PATH, skip_accept_encoding=True)
-            for name, value in headers.items():
-                conn.putheader(name, value)
-            conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders(body)
-            response = conn.getresponse()
+            sock.sendall(request)
+            response = http.client.HTTPResponse(sock)  # reads chunked and sized bodies
+            response.begin()
             answer = response.read()
             if response.status != 200:
                 raise RuntimeError(f"the node answered {response.status}: {answer[:300]!r}")
-    finally:
-        conn.close()
 
 
 def _control(*args: str) -> None:
