@@ -197,6 +197,7 @@ class Router:
         """Providers may be added after start (the mesh provider)."""
         self._providers.append(provider)
         self._fixed_offers = self._all_fixed()
+        self._offers_seen = ()  # read again, the new provider's with the rest (fixed or not)
 
     def _all_fixed(self) -> bool:
         """Whether every provider's offers are fixed for its life (`Provider.fixed_offers`)."""

@@ -679,3 +679,10 @@ async def test_fixed_offers_are_read_once_and_a_changing_provider_is_still_watch
     changing._offers = []  # its model is gone: seen at the next routing decision
     assert (await router.complete(request())).served.offer.provider == "a"
     assert fixed.reads > 1
+
+
+async def test_a_fixed_provider_added_later_is_seen() -> None:
+    router = Router(routing(), ["a", "b"], [FixedOffers("a", cost_per_1k=0.01)], "n1")
+    assert (await router.complete(request())).served.offer.provider == "a"
+    router.add_provider(FixedOffers("b", cost_per_1k=0.001))  # all fixed still: read once more
+    assert (await router.complete(request())).served.offer.provider == "b"
