@@ -574,6 +574,7 @@ class AnthropicProvider(Provider):
     """
 
     enforces_deadline = True  # every upstream call carries the request's deadline
+    fixed_offers = True  # made from the config in __init__, never changed
 
     def __init__(self, resolved: ResolvedProvider, ctx: ProviderContext) -> None:
         self.name = resolved.name
