@@ -21,6 +21,7 @@ TARGET_CPU_US_PER_REQUEST = 150.0  # issue 20
 TARGET_CPU_US_PER_STREAM = 250.0  # issue 20
 TARGET_RPS_PER_CORE = 6000.0  # issue 20
 NOW = "meshnode"  # today's node; a baseline node is "meshnode@<rev>"
+RELAY = "relay"  # bench.relay: a byte relay, the floor of a proxy on this placement
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -187,6 +188,18 @@ class Report:
             out["ttft_p99_ms"] = via.ttft.p99_ms - direct.ttft.p99_ms
         return out
 
+    def above_relay(self) -> dict[str, float]:
+        """Per proxy, its 1-client p50 minus the byte relay's (`bench.relay`, ms): the latency of
+        its own work, without what any process in the middle costs on this placement."""
+        relay = self.targets.get(RELAY)
+        if relay is None or relay.latency is None:
+            return {}
+        return {
+            name: result.latency.p50_ms - relay.latency.p50_ms
+            for name, result in self.targets.items()
+            if name not in ("direct", RELAY) and result.latency is not None
+        }
+
     def ratios(self) -> dict[str, float]:
         node, litellm = self.targets.get(NOW), self.targets.get("litellm")
         out: dict[str, float] = {}
@@ -305,6 +318,7 @@ class Report:
             "targets": targets,
             "added": {name: self.added(name) for name in self.targets if name != "direct"},
             "ratios": self.ratios(),
+            "above_relay_p50_ms": self.above_relay(),
             "before_after": [
                 {**asdict(c), "within_spread": c.within_spread} for c in self.before_after()
             ],
@@ -396,6 +410,13 @@ class Report:
             out.append("")
             for key, ratio in ratios.items():
                 out.append(f"{key}: {ratio:.1f}x")
+        floor = self.above_relay()
+        relay = self.targets.get(RELAY)
+        if floor and relay is not None and relay.latency is not None:
+            added = self.added(RELAY).get("p50_ms")
+            out += ["", f"1 client, p50 above the byte relay (which itself adds {_signed(added)} ms: "
+                        "any process in the middle, on this placement):"]  # fmt: skip
+            out += [f"  {name}: {_signed(value)} ms" for name, value in floor.items()]
         comparisons = self._before_after_lines()
         if comparisons:
             out += ["", f"before/after, in this run: {self.baseline} -> {NOW} "

@@ -1,8 +1,9 @@
 """`make bench`: direct vs meshnode before and after vs LiteLLM's proxy, side by side, in one run.
 
 It owns the order of a run and where each process runs:
-1. start the instant backend (`bench.backend`), today's meshnode node (this checkout's code),
-   a node of the baseline revision (`--baseline REV`, default in bench/baseline.rev, unpacked
+1. start the instant backend (`bench.backend`), the byte relay (`bench.relay`: the floor of
+   any proxy on this placement, `--no-relay` skips it), today's meshnode node (this checkout's
+   code), a node of the baseline revision (`--baseline REV`, default in bench/baseline.rev, unpacked
    with `git archive`, run with this venv) and, when `make bench-setup` has installed it,
    LiteLLM's proxy (one worker);
 2. 1 client, sequential non-stream requests, interleaved rounds: p50/p99 and what each proxy adds;
@@ -17,7 +18,7 @@ CPU placement on a 2-core box: the proxy under test (meshnode or LiteLLM) alone 
 backend, the load generator and the 1-client probe share core 1. The proxy is what saturates, so
 it gets a core of its own; the backend answers ~75k req/s on half a core, far above any proxy.
 With more cores the backend and the load generator get separate ones; with one, nothing is pinned.
-Both nodes share the proxy's core; only one of them is under load at any time. Everything listens
+Both nodes and the relay share the proxy's core; only one of them is under load at any time. Everything listens
 on 127.0.0.1, every phase is bounded in count or time, and every process is stopped on exit,
 error or Ctrl-C (the unpacked baseline goes with the run's scratch folder).
 """
@@ -59,6 +60,7 @@ from bench.targets import (
     start_backend,
     start_litellm,
     start_meshnode,
+    start_relay,
 )
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -180,6 +182,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-litellm", action="store_true", help="measure direct and meshnode only"
     )
+    parser.add_argument("--no-relay", action="store_true",
+                        help="skip the byte relay (bench.relay: the floor of a proxy on this "
+                             "placement, measured beside the proxies)")  # fmt: skip
     parser.add_argument("--litellm-venv", type=Path, default=BENCH_VENV)
     parser.add_argument("--meshnode", type=Path, default=None,
                         help="the meshnode executable (default: beside this Python, "
@@ -233,6 +238,16 @@ def measure(args: argparse.Namespace, procs: ProcessSet, report: Report, plan: C
     backend = start_backend(procs, plan.backend, args.chunk_delay_ms)
     report.targets["direct"] = TargetResult("direct", backend.base_url)
     targets: list[Target] = [backend]
+
+    if not args.no_relay:
+        _note("starting the byte relay (the floor of a proxy on this placement)")
+        try:
+            relay = start_relay(procs, plan.proxy, backend)
+            report.targets["relay"] = TargetResult("relay", relay.base_url)
+            targets.append(relay)
+        except BenchProcessError as exc:
+            _note(f"relay unavailable: {exc}")
+            report.targets["relay"] = TargetResult("relay", error=str(exc))
 
     if args.baseline is None:
         _note("no baseline revision (--baseline none): measuring today's node alone")

@@ -47,7 +47,7 @@ _CLOUD_ENV = (
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "direct", "meshnode", "meshnode@0c3eb37", "litellm"
+    name: str  # "direct", "relay", "meshnode", "meshnode@0c3eb37", "litellm"
     base_url: str  # http://127.0.0.1:PORT
     process: Managed  # whose CPU a request through this target costs
 
@@ -95,6 +95,15 @@ def start_backend(procs: ProcessSet, cores: set[int] | None, chunk_delay_ms: flo
     url = managed.wait_for_line(r"^BACKEND_HTTP=(\S+)$", timeout_s=30).group(1)
     _wait_chat_ok(managed, url, 30)
     return Target("direct", url, managed)
+
+
+def start_relay(procs: ProcessSet, cores: set[int] | None, backend: Target) -> Target:
+    """`bench.relay` in front of the backend: the floor of a proxy on `cores` (bench.relay)."""
+    argv = [sys.executable, "-m", "bench.relay", "--upstream", backend.base_url, "--port", "0"]
+    managed = procs.start("relay", argv, cores=cores, env=_clean_env(), cwd=REPO)
+    url = managed.wait_for_line(r"^RELAY_HTTP=(\S+)$", timeout_s=30).group(1)
+    _wait_chat_ok(managed, url, 30)
+    return Target("relay", url, managed)
 
 
 def meshnode_config(backend_url: str, listen_port: int, grpc_port: int, data_dir: Path) -> dict:

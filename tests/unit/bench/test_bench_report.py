@@ -198,3 +198,22 @@ def test_before_after_says_when_the_segments_overlap() -> None:
     one_segment = _report(_target("meshnode", 0.4, 1.5, 260, 280, 3_800),
                           _target(BASELINE, 0.8, 2.5, 510, 560, 1_900))  # fmt: skip
     assert "[low-high]" not in one_segment.text() and "[low-high]" not in one_segment.markdown()
+
+
+def test_what_each_proxy_adds_above_the_byte_relay() -> None:
+    report = _report(_target("meshnode", 0.45, 1.0, 140, 240, 7_000),
+                     _target(BASELINE, 0.90, 2.0, 600, 900, 1_500))  # fmt: skip
+    assert report.above_relay() == {}  # no relay measured: nothing to subtract
+    assert "above the byte relay" not in report.text()
+    report.targets["relay"] = _target("relay", 0.23, 0.4, 40, 50, 30_000)
+    floor = report.above_relay()
+    assert floor.keys() == {BASELINE, "meshnode"}  # the proxies, not direct or the relay
+    assert floor["meshnode"] == pytest.approx(0.22)
+    assert floor[BASELINE] == pytest.approx(0.67)
+    text = report.text()
+    assert "above the byte relay (which itself adds +0.200 ms" in text
+    assert "meshnode: +0.220 ms" in text
+    assert report.to_json()["above_relay_p50_ms"]["meshnode"] == pytest.approx(0.22)
+    # The relay is a reference, not a proxy under test: no check is made of it.
+    assert {c.metric for c in report.checks()} == {c.metric for c in _report(
+        _target("meshnode", 0.45, 1.0, 140, 240, 7_000)).checks()}

@@ -56,8 +56,8 @@ def test_quick_bench_measures_direct_and_meshnode(tmp_path: Path) -> None:
                           text=True, check=True).stdout.strip()  # fmt: skip
     baseline = f"meshnode@{head}"
     assert report["baseline"] == baseline
-    assert set(report["targets"]) == {"direct", baseline, "meshnode"}
-    for name in ("direct", baseline, "meshnode"):
+    assert set(report["targets"]) == {"direct", "relay", baseline, "meshnode"}
+    for name in ("direct", "relay", baseline, "meshnode"):
         target = report["targets"][name]
         assert target["error"] is None
         assert target["latency"]["n"] == 40 and target["latency"]["errors"] == 0
@@ -74,6 +74,9 @@ def test_quick_bench_measures_direct_and_meshnode(tmp_path: Path) -> None:
         assert streams["connections"] == 32
         assert streams["requests"] > 0 and streams["errors"] == 0
         assert streams["cpu_s"] > 0
+
+    # What each proxy adds above the byte relay: every proxy, and only the proxies.
+    assert set(report["above_relay_p50_ms"]) == {baseline, "meshnode"}
 
     node = report["targets"]["meshnode"]
     assert node["throughput"]["cpu_us_per_request"] > 0
