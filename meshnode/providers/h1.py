@@ -7,6 +7,8 @@ Owns, for ONE upstream origin (scheme, host, port):
 - `_Connection`: an `asyncio.Protocol` that parses responses with `httptools` (llhttp, the
   parser uvicorn uses): content-length, chunked and read-until-close bodies, gzip/deflate,
   flow control (reading pauses while a slow consumer leaves too much buffered);
+- `H1Pool.fetch`: one whole call (the request sent, the whole answer read, the connection back
+  in the pool), in one coroutine: the non-stream calls;
 - `H1Response`: the status and headers of an answer whose body is read as bytes arrive
   (`content.iter_any()`, `content.read(n)`, `content.at_eof()`, the calls `iter_sse` and the
   adapters make), then `release()` (back to the pool when the body was read to its end and the
@@ -355,6 +357,11 @@ class _Connection(asyncio.Protocol):
         else:
             while self._body_bytes < n and not self.complete:
                 await self._wait()
+        return self.take(n)
+
+    def take(self, n: int = -1) -> bytes:
+        """`read`'s end, once its waits are over: up to `n` bytes of what is buffered (all of
+        it when n < 0); the connection's failure when nothing is."""
         if self._exc is not None and not self._chunks:
             raise self._exc
         data = b"".join(self._chunks)
@@ -431,6 +438,23 @@ class _Connection(asyncio.Protocol):
         self._pool.discard(self)
 
 
+def header_dict(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """An answer's header lines by lower-case name, repeated ones joined by ", "."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def media_type(raw_content_type: str) -> str:
+    """A Content-Type's media type without parameters (aiohttp's rule: absent is
+    `application/octet-stream`)."""
+    return (raw_content_type.partition(";")[0].strip().lower() if raw_content_type
+            else "application/octet-stream")
+
+
 class H1Response:
     """An answer whose head has arrived. `headers`: lower-case names, repeated ones joined by
     ", "; `content_type`: the media type without parameters (aiohttp's rule: absent is
@@ -449,20 +473,13 @@ class H1Response:
         self.content = self
         self._headers: dict[str, str] | None = None
         self._raw = conn.raw_headers
-        raw_type = conn.raw_content_type
-        self.content_type = (raw_type.partition(";")[0].strip().lower() if raw_type
-                             else "application/octet-stream")
+        self.content_type = media_type(conn.raw_content_type)
 
     @property
     def headers(self) -> dict[str, str]:
         headers = self._headers
         if headers is None:
-            headers = {}
-            for raw_name, raw_value in self._raw:
-                name = raw_name.decode("latin-1").lower()
-                value = raw_value.decode("latin-1")
-                headers[name] = f"{headers[name]}, {value}" if name in headers else value
-            self._headers = headers
+            headers = self._headers = header_dict(self._raw)
         return headers
 
     # ---- the body (`content`)
@@ -503,6 +520,11 @@ class H1Response:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+# `H1Pool.fetch`'s answer: status, body, raw Content-Type ("" when absent; `media_type`),
+# raw header lines (`header_dict`)
+Whole = tuple[int, bytes, str, list[tuple[bytes, bytes]]]
 
 
 class H1Pool:
@@ -568,6 +590,39 @@ class H1Pool:
             conn.close()
             raise
         return H1Response(self, conn)
+
+    async def fetch(
+        self, data: bytes, *, deadline: float, connect_timeout: float, read_timeout: float,
+        error_limit: int,
+    ) -> Whole:
+        """Send one whole request (`data`: head and body) and read its whole answer, in this
+        frame (no `H1Response`, no body reader: one coroutine for the call): its status, body
+        (of a status >= 300, only its first `error_limit` bytes), raw Content-Type and raw
+        header lines. The connection goes back to the pool before this returns, or is closed
+        when the call failed or left part of the answer unread."""
+        conn = self._take_idle()
+        if conn is None:
+            conn = await self._acquire(deadline, connect_timeout)
+        try:
+            conn.send(data, deadline, read_timeout)
+            while not conn._head_done:
+                await conn.waiter()
+            if conn._exc is not None:
+                raise conn._exc
+            status = conn.status
+            limit = -1 if status < 300 else error_limit
+            # (`_Connection.read`'s waits, here: its coroutine would be one more per call)
+            while not conn.complete and (limit < 0 or conn._body_bytes < limit):
+                await conn.waiter()
+                if conn._exc is not None:
+                    raise conn._exc
+            body = conn.take(limit)
+        except BaseException:
+            conn.close()
+            raise
+        answer = (status, body, conn.raw_content_type, conn.raw_headers)
+        self.release(conn)
+        return answer
 
     def release(self, conn: _Connection) -> None:
         conn.busy = False
@@ -731,5 +786,8 @@ __all__ = [
     "ProtocolError",
     "ReadTimeout",
     "ServerDisconnected",
+    "Whole",
     "default_ssl_context",
+    "header_dict",
+    "media_type",
 ]

@@ -628,7 +628,9 @@ class HttpUpstream:
         self, method: str, path: str, payload: bytes | None, headers: Mapping[str, str] | None
     ) -> bytes:
         """The whole request on the wire: request line, headers (ours, then the call's: a
-        call's header replaces ours of the same name), body."""
+        call's header replaces ours of the same name), body. A ValueError (a header with a line
+        break; credentials in the URL and an Authorization header) is raised as it is, as
+        aiohttp did: the config is wrong."""
         target = self._targets.get(path)
         if target is None:
             target = self._origin.target(path)
@@ -662,23 +664,47 @@ class HttpUpstream:
         timeouts: TimeoutsConfig,
         headers: Mapping[str, str] | None,
     ) -> Coroutine[Any, Any, H1Response]:
-        """The lean client's call for the response head of one request: the pool's coroutine
-        itself (no frame of its own on the request's resumptions), awaited by the caller, which
-        translates h1's OSErrors and TimeoutErrors (`error_for_exception`)."""
+        """The lean client's call for the response head of one request (a stream's): the
+        pool's coroutine itself (no frame of its own on the request's resumptions), awaited by
+        the caller, which translates h1's OSErrors and TimeoutErrors (`error_for_exception`)."""
+        pool = self._ready_pool(deadline)
+        data = self._wire(method, path, payload, headers)
+        seconds = self._bounds(timeouts)
+        return pool.request(
+            data, deadline=deadline, connect_timeout=seconds[1], read_timeout=seconds[2])
+
+    def _call(
+        self,
+        path: str,
+        payload: bytes | None,
+        deadline: float,
+        timeouts: TimeoutsConfig,
+        headers: Mapping[str, str] | None,
+    ) -> Coroutine[Any, Any, h1.Whole]:
+        """`_send` for a whole POST: the pool's whole call (`H1Pool.fetch`), an error's body
+        read up to `MAX_ERROR_BODY_BYTES`."""
+        pool = self._ready_pool(deadline)
+        data = self._wire("POST", path, payload, headers)
+        seconds = self._bounds(timeouts)
+        return pool.fetch(data, deadline=deadline, connect_timeout=seconds[1],
+                          read_timeout=seconds[2], error_limit=MAX_ERROR_BODY_BYTES)
+
+    def _ready_pool(self, deadline: float) -> H1Pool:
+        """The pool a call goes through (DeadlineExceeded when no time is left)."""
         if deadline <= time.monotonic():
             self._check_deadline(deadline)
         pool = self._pool
         if pool is None or pool.closed:
             pool = self._ensure_pool()
-        # a ValueError (a header with a line break; credentials in the URL and an
-        # Authorization header) is raised as it is, as aiohttp did: the config is wrong
-        data = self._wire(method, path, payload, headers)
+        return pool
+
+    def _bounds(self, timeouts: TimeoutsConfig) -> tuple[TimeoutsConfig | None, float, float]:
+        """`timeouts` with its connect and read bounds in seconds, kept from the last call."""
         seconds = self._seconds
         if seconds[0] is not timeouts:  # (the router's config: the same object every call)
             seconds = self._seconds = (
                 timeouts, timeouts.connect_ms / 1000.0, timeouts.first_byte_ms / 1000.0)
-        return pool.request(
-            data, deadline=deadline, connect_timeout=seconds[1], read_timeout=seconds[2])
+        return seconds
 
     def request(
         self,
@@ -702,21 +728,17 @@ class HttpUpstream:
         answer: Callable[[HttpUpstream, int, bytes, str], T],
     ) -> T:
         """A whole POST over the lean client: `answer` of a 2xx answer's status, raw body and
-        content type (`_raw_answer`, `_json_answer`), or a MeshError (already translated). The
-        one coroutine of `request`'s POSTs and `post_json`, which return it (no frame of their
-        own)."""
-        resp: H1Response | None = None
+        raw content type (`_raw_answer`, `_json_answer`), or a MeshError (already translated).
+        The one coroutine of `request`'s POSTs and `post_json`, which return it (no frame of
+        their own), over the pool's whole call (`H1Pool.fetch`)."""
         try:
-            resp = await self._send("POST", path, payload, deadline, timeouts, headers)
-            if resp.status >= 300:
-                body = await resp.content.read(MAX_ERROR_BODY_BYTES)
-                raise self.error_for_status(resp.status, body, resp.headers)
-            return answer(self, resp.status, await resp.content.read(), resp.content_type)
+            status, body, raw_type, raw_headers = await self._call(
+                path, payload, deadline, timeouts, headers)
         except (OSError, TimeoutError) as exc:
             raise self.error_for_exception(exc, deadline) from exc
-        finally:
-            if resp is not None:
-                resp.release()
+        if status >= 300:
+            raise self.error_for_status(status, body, h1.header_dict(raw_headers))
+        return answer(self, status, body, raw_type)
 
     async def _request_aiohttp(
         self,
@@ -824,13 +846,13 @@ class HttpUpstream:
 
 
 # What `_post` makes of a 2xx answer (module functions: a bound method read as a value per call
-# is not specialised by the interpreter)
-def _raw_answer(http: HttpUpstream, status: int, body: bytes, content_type: str
+# is not specialised by the interpreter) from its status, body and raw Content-Type
+def _raw_answer(http: HttpUpstream, status: int, body: bytes, raw_type: str
                 ) -> UpstreamResponse:
-    return UpstreamResponse(status, body, content_type)
+    return UpstreamResponse(status, body, h1.media_type(raw_type))
 
 
-def _json_answer(http: HttpUpstream, status: int, body: bytes, content_type: str
+def _json_answer(http: HttpUpstream, status: int, body: bytes, raw_type: str
                  ) -> dict[str, Any]:
     return http.parse_json_object(body)
 

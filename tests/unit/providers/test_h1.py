@@ -374,6 +374,32 @@ async def test_an_error_status_keeps_its_translation_and_retry_after(
         assert server.connections == 1  # the error body was read: the connection stayed
 
 
+async def test_an_error_body_is_read_only_up_to_its_bound(
+        http_factory: Callable[..., HttpUpstream]) -> None:
+    from meshnode.providers.http import MAX_ERROR_BODY_BYTES
+
+    async def flood(exchange: Exchange) -> None:
+        while await exchange.request() is not None:
+            if exchange.number == 1:  # a huge error body, its end never sent
+                message = b"x" * (2 * MAX_ERROR_BODY_BYTES)
+                await exchange.send(b"HTTP/1.1 500 Internal Server Error\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % (len(message) + 1)
+                                    + message)
+                await exchange.client_gone()
+                return
+            await exchange.send(json_answer())
+
+    async with RawServer(flood) as server:
+        http = http_factory(server.url)
+        # The stall is not waited for: the first MAX_ERROR_BODY_BYTES are the message (a wait
+        # for the rest would end in the deadline's error, not this one).
+        with pytest.raises(UpstreamUnavailable, match="HTTP 500"):
+            await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS)
+        await wait_for(lambda: server.hangups == 1, "the unread rest dropped the connection")
+        assert await http.post_json("/c", b"{}", deadline=_soon(), timeouts=TIMEOUTS) == {"ok": 1}
+        assert server.connections == 2
+
+
 # --------------------------------------------------------------------------- timeouts
 async def test_slow_first_byte_times_out_and_hangs_up(
         http_factory: Callable[..., HttpUpstream]) -> None:
