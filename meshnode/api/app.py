@@ -127,7 +127,8 @@ async def front_door(
         raise
     except Exception as exc:  # noqa: BLE001 - mapped in the one place (`_error_answer`)
         response = _error_answer(exc, ctx, request, state)
-    _answered(state, ctx, request, response)
+    # (aiohttp writes the answer after this returns: its bookkeeping cannot wait for the write)
+    _finish(state, ctx, request, _answered(state, ctx, request, response))
     return response
 
 
@@ -142,10 +143,10 @@ def _context(headers: Any) -> RequestContext:
 
 
 def _answered(state: ApiState, ctx: RequestContext, request: Any,
-              response: web.StreamResponse) -> None:
-    """A request's last steps on either door: an answer not yet sent gets the request id, the
-    node and `openai-processing-ms` (and gzip when it is big and the client accepts it), then
-    the metrics and the log line."""
+              response: web.StreamResponse) -> int:
+    """An answer's headers on either door: one not yet sent gets the request id, the node and
+    `openai-processing-ms` (and gzip when it is big and the client accepts it). Returns the
+    status its metrics and log line record (`_finish`)."""
     # A client gone before its answer was whole (`handlers.open_event_stream`, `sse.relay`) is
     # 499 whichever way its going was noticed, as it is when it cancels the handler.
     status = CLIENT_CLOSED if ctx.error_code == "client_closed" else response.status
@@ -167,7 +168,7 @@ def _answered(state: ApiState, ctx: RequestContext, request: Any,
             headers[_PROCESSING_MS] = ctx.processing_ms()
         if gzip:
             _maybe_gzip(request, response)
-    _finish(state, ctx, request, status)
+    return status
 
 
 def _error_answer(exc: Exception, ctx: RequestContext, request: web.Request,
@@ -191,43 +192,66 @@ def _error_answer(exc: Exception, ctx: RequestContext, request: web.Request,
     return unexpected_error_response(exc, request_id, state.node_id)
 
 
-def fast_front_door(app: web.Application) -> Callable[[Any, Handler],
-                                                      Awaitable[web.StreamResponse]]:
+def fast_front_door(app: web.Application) -> Callable[[Any, Handler], Awaitable[
+        tuple[web.StreamResponse, bool | None]]]:
     """`front_door` for the fast door's requests (`meshnode.api.fastdoor.FastRequest`: a POST
     to an inference route whose body, within `server.max_body_bytes`, is here whole; tracing
-    off), with what is per app resolved once (the app is frozen): the same steps in the same
-    order, the same error mapping, log line and metrics, less the ones that are no-ops for such
-    a request (preflight, tracing, the declared-length check, the body's read)."""
+    off), with what is per app resolved once (the app is frozen): the same steps, the same
+    error mapping, log line and metrics, less the ones that are no-ops for such a request
+    (preflight, tracing, the declared-length check, the body's read).
+
+    One step more: a whole JSON answer (`JsonAnswer`, an app without prepare hooks) is written
+    here (`JsonAnswer.write_whole`) as soon as its headers are set, BEFORE the request's
+    bookkeeping (the gate's settle, the guard's count, the metrics and the log line), so the
+    client does not wait for it; the bookkeeping follows in the same step of the event loop
+    (no await between: nothing else runs before it). Its latency includes the write. A client
+    gone when its answer is written (`ConnectionError`) is recorded as 499, `client_closed`.
+    Returns the answer and whether it was written here: True/False (keep the connection or
+    not), None when the caller sends it (compressed, an app with hooks) or it went out
+    already (a stream)."""
     state = app[STATE]
     guard = app.get(CONNECTIONS)
     gate = app.get(GATE)
+    plain = not app.on_response_prepare  # CORS, rate-limit headers: aiohttp's `prepare`
 
-    async def door(request: Any, handler: Handler) -> web.StreamResponse:
+    async def door(request: Any, handler: Handler) -> tuple[web.StreamResponse, bool | None]:
         ctx = _context(request.headers)
         request[CONTEXT] = ctx  # a dict's item (C): FastRequest is its own mapping
+        protocol = request.protocol
+        busy = settle = False
+        status: int | None = None  # None: no answer to record (a bug before it was stamped)
         try:
-            protocol = request.protocol
-            if guard is not None:
-                # 503 when only the reserved are left (fast paths are never priority ones).
-                guard.general_started(protocol)
             try:
-                settle = gate is not None and await gate.admit(request)
-                try:
-                    response = await handler(request)
-                finally:
-                    if settle and gate is not None:
-                        gate.settle(request)
-            finally:
                 if guard is not None:
-                    guard.general_finished(protocol)
-        except asyncio.CancelledError:
-            ctx.error_code = "client_closed"
-            _finish(state, ctx, request, CLIENT_CLOSED)
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped in the one place (`_error_answer`)
-            response = _error_answer(exc, ctx, request, state)
-        _answered(state, ctx, request, response)
-        return response
+                    # 503 when only the reserved are left (fast paths are never priority ones).
+                    guard.general_started(protocol)
+                    busy = True
+                settle = gate is not None and await gate.admit(request)
+                response = await handler(request)
+            except asyncio.CancelledError:
+                ctx.error_code = "client_closed"
+                status = CLIENT_CLOSED
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped in the one place (`_error_answer`)
+                response = _error_answer(exc, ctx, request, state)
+            status = _answered(state, ctx, request, response)
+            written = None
+            if plain and type(response) is JsonAnswer:
+                try:
+                    written = response.write_whole(request)
+                except ConnectionError:
+                    ctx.error_code = "client_closed"  # never got it: 499, as in `_answered`
+                    status = CLIENT_CLOSED
+                    raise
+            return response, written
+        finally:
+            # Once each, on every way out: answered, refused, failed, cancelled.
+            if settle and gate is not None:
+                gate.settle(request)
+            if busy and guard is not None:
+                guard.general_finished(protocol)
+            if status is not None:
+                _finish(state, ctx, request, status)
 
     return door
 

@@ -15,9 +15,10 @@ about a quarter of a proxied request's CPU. Every HTTP connection the node accep
 is served here: the front door's steps (`meshnode.api.app.fast_front_door`: request id,
 connection guard, gate, the same error mapping, metrics and log line, its per-app parts
 resolved once) and the same route handler aiohttp would run are called with a `FastRequest`
-(the few parts of `web.Request` they use). A whole JSON answer writes itself, head and body,
-in one `transport.write` (`JsonAnswer.write_whole`, when the app has no prepare hooks), a
-stream writes itself to the transport (`meshnode.api.sse.DirectEventStream`); other answers
+(the few parts of `web.Request` they use). A whole JSON answer is written, head and body, in
+one `transport.write` by that front door as soon as its headers are set, before the request's
+bookkeeping (`JsonAnswer.write_whole`, when the app has no prepare hooks); a stream writes
+itself to the transport (`meshnode.api.sse.DirectEventStream`); other answers
 (gzipped answers, an app with hooks) go through aiohttp's response classes and a
 `StreamWriter` on this protocol.
 
@@ -59,7 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-FrontDoor = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+# The answer, and True/False when the door wrote it whole (keep the connection or not).
+FrontDoor = Callable[[web.Request, Handler], Awaitable[tuple[web.StreamResponse, bool | None]]]
 
 # The routes served here (when the app has them: their POST handlers are looked up in it).
 FAST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
@@ -219,12 +221,6 @@ class FastDoor(BaseProtocol):
         self._closing = False  # shutting down or the client asked to close: no new requests
         self._handed_off = False
         self._head: _Head | None = None  # read, its body still arriving (`_next`)
-        # An app without prepare hooks (CORS, rate-limit headers) lets `JsonAnswer` write
-        # itself whole (`JsonAnswer.write_whole`); the hooks are frozen with the app.
-        self._plain = not app.on_response_prepare
-        from meshnode.api.answer import JsonAnswer  # imports this module
-
-        self._json_answer = JsonAnswer
 
     # ----------------------------------------------------------------- connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -420,10 +416,8 @@ class FastDoor(BaseProtocol):
     async def _serve(self, request: FastRequest, handler: Handler) -> None:
         keep = False
         try:
-            response = await self._front_door(request, handler)  # type: ignore[arg-type]
-            written = None
-            if self._plain and type(response) is self._json_answer:
-                written = response.write_whole(request)
+            # A whole JSON answer is written by the door, before its bookkeeping (`written`).
+            response, written = await self._front_door(request, handler)  # type: ignore[arg-type]
             if written is None:
                 if not response._eof_sent:  # (a stream ended itself: `sse.relay`)
                     await response.prepare(request)  # type: ignore[arg-type]

@@ -8,8 +8,11 @@ Each test looks at which protocol holds the connection on the server (`FastDoor`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import select
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from meshnode.api import app as app_module
 from meshnode.api.app import create_app
 from meshnode.api.fastdoor import FastDoor
 from meshnode.api.server import (
@@ -27,6 +31,7 @@ from meshnode.api.server import (
     LimitedAppRunner,
     LimitedRequestHandler,
 )
+from meshnode.api.state import CONTEXT, GATE, STATE, Gate
 from meshnode.config import validate
 from meshnode.observability.logging import REQUEST_LOGGER
 from meshnode.providers.registry import ProviderContext, build_providers
@@ -58,6 +63,12 @@ class Node:
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    async with started_node(tmp_path) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def started_node(tmp_path: Path, gate: Gate | None = None) -> AsyncIterator[Node]:
     async with FakeOpenAI() as upstream:
         config = validate({
             "server": {"header_timeout_s": HEADER_TIMEOUT_S, "idle_timeout_s": 30.0,
@@ -71,6 +82,8 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         router = Router(config.routing, config.fallback_chain(), providers, "node-f")
         app = create_app(router, node_id="node-f", server=config.server,
                          timeouts=config.routing.timeouts)
+        if gate is not None:
+            app[GATE] = gate
         runner = LimitedAppRunner(app, handler_cancellation=True, access_log=None,
                                   shutdown_timeout=config.server.shutdown_grace_s)
         await runner.setup()
@@ -443,3 +456,163 @@ async def test_a_duplicate_content_length_goes_to_aiohttp(node: Node) -> None:
         assert node.upstream.requests == []
     finally:
         writer.close()
+
+
+# --------------------------------------------------------------------------- the answer first
+class _Client:
+    """A raw client socket whose received bytes a hook on the node's loop can look at without
+    taking them (MSG_PEEK): what the client has at the moment the hook runs."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setblocking(False)
+
+    def has(self) -> bytes:
+        # The node writes straight to the socket: once written, the bytes are here at once.
+        # (0.2 s: long enough for loopback, short enough for a hook run before the write.)
+        if self.sock.fileno() < 0 or not select.select([self.sock], [], [], 0.2)[0]:
+            return b""
+        return self.sock.recv(1 << 16, socket.MSG_PEEK)
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def read_all(self) -> bytes:
+        loop, out = asyncio.get_running_loop(), bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), 10):
+            out += chunk
+        return bytes(out)
+
+
+class _RecordingGate:
+    """A gate that admits every request with a settle due, recording each step in `events`
+    (with what the client has by then: `_Client.has`)."""
+
+    def __init__(self, events: list[tuple[str, str, bytes]]) -> None:
+        self.events = events
+        self.client: _Client | None = None
+
+    async def admit(self, request: Any) -> bool:
+        self.events.append(("admit", request[CONTEXT].request_id, b""))
+        return True
+
+    def settle(self, request: Any) -> None:
+        assert self.client is not None
+        self.events.append(("settle", request[CONTEXT].request_id, self.client.has()))
+
+
+@contextlib.asynccontextmanager
+async def recorded_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                        caplog: pytest.LogCaptureFixture,
+                        ) -> AsyncIterator[tuple[Node, _RecordingGate]]:
+    """A node whose gate, metrics (`record_served`, `record_failed`) and request log line
+    record what its client has when each runs."""
+    events: list[tuple[str, str, bytes]] = []
+    gate = _RecordingGate(events)
+    async with started_node(tmp_path, gate) as node:
+        metrics = node.runner.app[STATE].metrics
+
+        def recording(name: str) -> Any:
+            real = getattr(metrics, name)
+
+            def record(*args: Any, **kwargs: Any) -> None:
+                assert gate.client is not None
+                events.append((name, kwargs["request_id"], gate.client.has()))
+                real(*args, **kwargs)
+
+            return record
+
+        for name in ("record_served", "record_failed"):
+            monkeypatch.setattr(metrics, name, recording(name))
+
+        class LogHook(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                assert gate.client is not None
+                events.append((f"log {record.__dict__['status']}", record.__dict__["request_id"],
+                               gate.client.has()))
+
+        caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+        hook = LogHook()
+        logging.getLogger(REQUEST_LOGGER).addHandler(hook)
+        try:
+            yield node, gate
+        finally:
+            logging.getLogger(REQUEST_LOGGER).removeHandler(hook)
+
+
+async def test_a_whole_answer_reaches_the_client_before_its_bookkeeping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The gate's settle, the metrics and the log line run after the answer was written (the
+    # client has every byte of it by then), and a pipelined request's admission after all of
+    # its predecessor's bookkeeping.
+    async with recorded_node(tmp_path, monkeypatch, caplog) as (node, gate):
+        client = gate.client = _Client(node.port)
+        try:
+            await client.send(chat_request(extra=b"x-request-id: one\r\n")
+                              + chat_request(b"{nope", b"x-request-id: two\r\n")
+                              + chat_request(extra=b"x-request-id: three\r\n"
+                                             b"Connection: close\r\n"))
+            # (nothing read before the last step: `has` sees every byte from the first)
+            await wait_for(lambda: len(gate.events) == 12, "three requests' bookkeeping")
+            answers = await client.read_all()
+        finally:
+            client.sock.close()
+        one, two, three = (answers.index(b"x-request-id: %s\r\n" % r) for r in
+                           (b"one", b"two", b"three"))
+        assert one < two < three and answers.count(b"HTTP/1.1 ") == 3
+        ends = [answers.index(b"HTTP/1.1 ", two - 200), answers.index(b"HTTP/1.1 ", three - 200),
+                len(answers)]  # where each answer ends: the next one's status line
+        assert [(step, rid) for step, rid, _ in gate.events] == [
+            ("admit", "one"), ("settle", "one"), ("record_served", "one"), ("log 200", "one"),
+            ("admit", "two"), ("settle", "two"), ("record_failed", "two"), ("log 400", "two"),
+            ("admit", "three"), ("settle", "three"), ("record_served", "three"),
+            ("log 200", "three")]
+        for (step, rid, has), end in zip(gate.events, [e for e in ends for _ in range(4)],
+                                         strict=True):
+            if step != "admit":  # each answer whole at the client, the next not yet there
+                assert has == answers[:end], (step, rid)
+        assert node.guard()._busy_general == 0
+
+
+async def test_a_client_gone_when_its_answer_is_written_is_499_and_settled_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The transport closes between the handler's answer and its write (no cancellation came):
+    # the client never got it, so it is recorded as 499, client_closed, the gate settled and
+    # the guard's count released once, no error logged.
+    answered = app_module._answered
+
+    def closing(state: Any, ctx: Any, request: Any, response: Any) -> int:
+        request.protocol.transport.close()
+        return answered(state, ctx, request, response)
+
+    monkeypatch.setattr(app_module, "_answered", closing)
+    async with recorded_node(tmp_path, monkeypatch, caplog) as (node, gate):
+        client = gate.client = _Client(node.port)
+        try:
+            await client.send(chat_request(extra=b"x-request-id: gone\r\n"))
+            assert await client.read_all() == b""
+        finally:
+            client.sock.close()
+        assert [(step, rid) for step, rid, _ in gate.events] == [
+            ("admit", "gone"), ("settle", "gone"), ("record_served", "gone"), ("log 499", "gone")]
+        log_line = next(r for r in caplog.records if r.name == REQUEST_LOGGER)
+        assert log_line.__dict__["error"] == "client_closed"
+        assert node.guard()._busy_general == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_client_gone_mid_request_is_settled_once_and_recorded_499(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with recorded_node(tmp_path, monkeypatch, caplog) as (node, gate):
+        node.upstream.script(Behaviour.hang())
+        client = gate.client = _Client(node.port)
+        await client.send(chat_request(extra=b"x-request-id: left\r\n"))
+        await node.upstream.wait_until(lambda f: f.request_count == 1, "the upstream has it")
+        client.sock.close()
+        await wait_for(lambda: len(gate.events) == 4, "the bookkeeping")
+        assert [(step, rid) for step, rid, _ in gate.events] == [
+            ("admit", "left"), ("settle", "left"), ("record_failed", "left"), ("log 499", "left")]
+        assert node.guard()._busy_general == 0
