@@ -410,9 +410,8 @@ class Report:
             out.append("")
             for key, ratio in ratios.items():
                 out.append(f"{key}: {ratio:.1f}x")
-        floor = self.above_relay()
-        relay = self.targets.get(RELAY)
-        if floor and relay is not None and relay.latency is not None:
+        floor = self.above_relay()  # empty unless the relay's latency was measured
+        if floor:
             added = self.added(RELAY).get("p50_ms")
             out += ["", f"1 client, p50 above the byte relay (which itself adds {_signed(added)} ms: "
                         "any process in the middle, on this placement):"]  # fmt: skip
