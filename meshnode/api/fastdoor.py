@@ -42,10 +42,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion11
 from aiohttp.http_writer import StreamWriter
@@ -86,8 +86,143 @@ _HEAD = re.compile(
     rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++: [!-~\x80-\xff][\t\x20-\x7e\x80-\xff]*+\r\n)*+)"
 )
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
-# A head read: its path, the route's handler, its headers, where its body starts, its length.
-_Head = tuple[str, Handler, CIMultiDict[str], int, int]
+# A head read: its path, the route's handler, its headers, where its body starts, its length,
+# whether the connection may be kept after its answer.
+_Head = tuple[str, Handler, "HeadHeaders", int, int, bool]
+# In a head's lower-cased text (`HeadHeaders`): the headers that decide how a message is framed
+# and whether its connection is kept, with their values, in one pass.
+_FRAMING = re.compile(
+    rb"\r\n(content-length|transfer-encoding|expect|upgrade|connection): ([^\r]*+)")
+# The lookup keys of header names (`header_key`), by the name as the code asks it: names come
+# from our code, not from clients, but the cache is bounded all the same.
+_KEYS: dict[str, bytes] = {}
+_KEYS_MAX = 512
+
+
+def header_key(name: object) -> bytes:
+    """b"\r\n<name lower-cased>: ", what starts a header named `name` in a `HeadHeaders`'
+    lower-cased text; b"" for a name no header can have (not a str, empty, not ASCII once
+    lower-cased, with a CR, LF or colon)."""
+    if not isinstance(name, str):
+        return b""
+    lowered = name.lower()
+    if not lowered or not lowered.isascii() or any(c in lowered for c in "\r\n:"):
+        return b""
+    key = b"\r\n" + lowered.encode("ascii") + b": "
+    if len(_KEYS) < _KEYS_MAX:
+        _KEYS[str(name)] = key  # (an istr hashes and compares as its text: one entry for both)
+    return key
+
+
+class HeadHeaders:
+    """The headers of a head `_HEAD` matched, looked up by name in the head's text; the
+    multidict (`CIMultiDictProxy`, what aiohttp gives a handler) is built only when something
+    asks for more than a lookup by name (iteration, `items()`, `len`, ...).
+
+    Exact because of what `_HEAD` let through: every line is `name: value` CRLF with a token
+    name (ASCII, no colon, no space), one space, a value with no CR or LF in it and no
+    whitespace at either end. So a header named N starts where the lower-cased text has CRLF,
+    N, colon, space (CRLF appears nowhere else: not in a value, and the text starts with the
+    request line's); its value runs from there to the next CRLF. ASCII lower-casing keeps every
+    offset, so the value is cut from the text as it came. Lookups are case-insensitive as a
+    `CIMultiDict`'s (the name asked is `str.lower()`ed, the text's names are ASCII); the first
+    of repeated headers is `get`'s answer, as a multidict's; values are decoded as aiohttp
+    decodes them (UTF-8, `surrogateescape`).
+
+    Building the multidict cost ~4k instructions a header line (a split, two strings and an
+    entry per line) where a request needs a handful of lookups, the door's own done on the
+    text directly (`FastDoor._read_head`)."""
+
+    __slots__ = ("_text", "_lower", "_proxy")
+
+    def __init__(self, text: bytes, lower: bytes) -> None:
+        # The head from the request line's CRLF to the last header line's CRLF, and the same
+        # lower-cased.
+        self._text = text
+        self._lower = lower
+        self._proxy: CIMultiDictProxy[str] | None = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        key = _KEYS.get(name) or header_key(name)
+        at = self._lower.find(key) if key else -1
+        if at < 0:
+            return default
+        text = self._text
+        at += len(key)
+        return text[at:text.index(b"\r\n", at)].decode("utf-8", "surrogateescape")
+
+    def getone(self, name: str, default: Any = ...) -> Any:
+        value = self.get(name, ...)
+        if value is ...:
+            if default is ...:
+                raise KeyError(name)
+            return default
+        return value
+
+    def __getitem__(self, name: str) -> str:
+        return self.getone(name)  # type: ignore[no-any-return]
+
+    def getall(self, name: str, default: Any = ...) -> Any:
+        key = _KEYS.get(name) or header_key(name)
+        out: list[str] = []
+        if key:
+            text, lower, skip = self._text, self._lower, len(key)
+            at = lower.find(key)
+            while at >= 0:
+                at += skip
+                out.append(text[at:text.index(b"\r\n", at)].decode("utf-8", "surrogateescape"))
+                at = lower.find(key, at)
+        if not out:
+            if default is ...:
+                raise KeyError(name)
+            return default
+        return out
+
+    def __contains__(self, name: object) -> bool:
+        key = (_KEYS.get(name) if type(name) is str else None) or header_key(name)
+        return bool(key) and self._lower.find(key) >= 0
+
+    def has_prefix(self, prefix: bytes) -> bool:
+        """Whether a header's lower-cased name starts with `prefix` (lower-case ASCII bytes)."""
+        return self._lower.find(b"\r\n" + prefix) >= 0
+
+    # Everything else, from the multidict.
+    def multidict(self) -> CIMultiDictProxy[str]:
+        proxy = self._proxy
+        if proxy is None:
+            lines = self._text[2:-2].decode("utf-8", "surrogateescape")
+            # (Lists of two, which CIMultiDict takes as pairs: no tuple() per line.)
+            proxy = self._proxy = CIMultiDictProxy(CIMultiDict(
+                [line.split(": ", 1) for line in lines.split("\r\n")]  # type: ignore[misc]
+                if lines else ()))
+        return proxy
+
+    def __getattr__(self, name: str) -> Any:  # keys, values, items, copy, ...
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.multidict(), name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.multidict())
+
+    def __len__(self) -> int:
+        return len(self.multidict())
+
+    def __bool__(self) -> bool:
+        return len(self._text) > 2
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, HeadHeaders):
+            other = other.multidict()
+        return self.multidict() == other
+
+    __hash__ = None  # type: ignore[assignment]  # as a multidict's
+
+    def __repr__(self) -> str:
+        return f"<HeadHeaders({list(self.multidict().items())!r})>"
+
+
+Mapping.register(HeadHeaders)
 
 
 class FastRequest(dict[Any, Any]):
@@ -110,7 +245,7 @@ class FastRequest(dict[Any, Any]):
     def __bool__(self) -> bool:
         return True
 
-    def __init__(self, app: web.Application, path: str, headers: CIMultiDictProxy[str],
+    def __init__(self, app: web.Application, path: str, headers: HeadHeaders,
                  body: bytes, protocol: FastDoor, keep_alive: bool) -> None:
         self.app = app
         self.method = "POST"
@@ -351,7 +486,7 @@ class FastDoor(BaseProtocol):
             head = self._read_head(buffer)
             if head is None:
                 return
-        path, handler, headers, start, length = head
+        path, handler, headers, start, length, keep_alive = head
         if len(buffer) < start + length:
             self._head = head
             self._head_deadline()
@@ -360,9 +495,7 @@ class FastDoor(BaseProtocol):
         self._phase = "busy"
         body = bytes(buffer[start:start + length])
         del buffer[:start + length]
-        keep_alive = "close" not in headers.get(hdrs.CONNECTION, "").lower()
-        request = FastRequest(self._app, path, CIMultiDictProxy(headers), body, self,
-                              keep_alive)
+        request = FastRequest(self._app, path, headers, body, self, keep_alive)
         self._task = task = self._loop.create_task(self._serve(request, handler))
         request.task = task
 
@@ -385,33 +518,40 @@ class FastDoor(BaseProtocol):
         if handler is None:
             self._hand_off()
             return None
-        block = match.group(2)
+        block_start, block_end = match.span(2)
         # `.find`, not `in`: `bytes in bytes` first tries the needle as an int (a TypeError
         # raised and cleared on every call).
-        if block.find(b" \r\n") >= 0 or block.find(b"\t\r\n") >= 0:
+        if buffer.find(b" \r\n", block_start, block_end) >= 0 \
+                or buffer.find(b"\t\r\n", block_start, block_end) >= 0:
+            # A value with whitespace at its end: left to aiohttp (which strips it), so each
+            # value is the line's rest after ": ".
             self._hand_off()
             return None
-        # Decoded as aiohttp decodes them; a value with whitespace at its end was left to
-        # aiohttp above (which strips it), so each value is the line's rest after ": ". (Lists
-        # of two, which CIMultiDict takes as pairs: no tuple() per line.)
-        headers: CIMultiDict[str] = CIMultiDict(
-            [line.split(": ", 1)  # type: ignore[misc]
-             for line in block[:-2].decode("utf-8", "surrogateescape").split("\r\n")]
-            if block else ())
-        # Asked by aiohttp's `istr` names: a plain str name is lower-cased and hashed anew on
-        # every lookup.
-        lengths = headers.getall(hdrs.CONTENT_LENGTH, ())
-        # ASCII digits only: str.isdigit() is also true for "²" and other scripts' digits.
-        if (len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit())
-                or hdrs.TRANSFER_ENCODING in headers
-                or hdrs.EXPECT in headers or hdrs.UPGRADE in headers):
+        # From the request line's CRLF: each header line starts after a CRLF (`HeadHeaders`).
+        text = bytes(buffer[block_start - 2:block_end])
+        lower = text.lower()
+        # One Content-Length of ASCII digits (str.isdigit() is also true for "²" and other
+        # scripts' digits; bytes.isdigit() only for ASCII ones), no other framing; else
+        # aiohttp's to judge. The first Connection header decides, as aiohttp reads it.
+        length = -1
+        keep_alive: bool | None = None
+        for name, value in _FRAMING.findall(lower):
+            if name == b"content-length" and length < 0 and value.isdigit():
+                length = int(value)
+            elif name == b"connection":
+                if keep_alive is None:
+                    keep_alive = value.find(b"close") < 0
+            else:
+                length = -2  # a second length, one not digits, another framing
+                break
+        if length < 0:
             self._hand_off()
             return None
-        length = int(lengths[0])
         if length > self._max_body:
             self._hand_off()  # aiohttp's path: 413 on the length, or the gate before the body
             return None
-        return path, handler, headers, end + 4, length
+        return (path, handler, HeadHeaders(text, lower), end + 4, length,
+                keep_alive is not False)
 
     async def _serve(self, request: FastRequest, handler: Handler) -> None:
         keep = False

@@ -20,11 +20,12 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, istr
 
 from meshnode.api import app as app_module
 from meshnode.api.app import create_app
-from meshnode.api.fastdoor import FastDoor
+from meshnode.api.fastdoor import _HEAD, FastDoor, HeadHeaders
 from meshnode.api.server import (
     CONNECTIONS,
     ConnectionGuard,
@@ -426,6 +427,15 @@ HEADS = [
     (b"X-A:\ta\r\n", False),  # a tab
     (b"X-A:\r\n", False),  # empty value
     (b"Transfer-Encoding: chunked\r\n", False),
+    (b"TRANSFER-ENCODING: chunked\r\n", False),  # names are case-insensitive
+    (b"upgrade: h2c\r\n", False),
+    # Names that contain or are contained in the framing ones, and their text in a value:
+    # other headers (the lookups match whole names at a line's start).
+    (b"X-Transfer-Encoding: chunked\r\n", True),
+    (b"Transfer-Encodings: chunked\r\n", True),
+    (b"X-A: x\r\nX-B: Transfer-Encoding: chunked\r\n", True),
+    (b"Content-Length-Extra: 5\r\n", True),
+    (b"X-Content-Length: 5\r\n", True),
 ]
 
 
@@ -616,3 +626,53 @@ async def test_a_client_gone_mid_request_is_settled_once_and_recorded_499(
         assert [(step, rid) for step, rid, _ in gate.events] == [
             ("admit", "left"), ("settle", "left"), ("record_failed", "left"), ("log 499", "left")]
         assert node.guard()._busy_general == 0
+
+
+# --------------------------------------------------------------------------- HeadHeaders
+LOOKUP_HEADS = [
+    b"",
+    b"Host: x\r\n",
+    b"Host: x\r\nContent-Length: 12\r\ncontent-length: 13\r\nX-A: a: b\r\n",
+    b"Hostx: 1\r\nxHost: 2\r\nHost: 3\r\nHOST: 4\r\n",
+    b"X-AIProxy-Team: Red\r\nAuthorization: Bearer k\r\nX-A: caf\xc3\xa9 \xff\r\n",
+    b"X-B: Transfer-Encoding: chunked\r\nAccept: */*\r\n",
+]
+LOOKUP_NAMES = ["Host", "host", "HOST", istr("Host"), "Hostx", "xhost", "ost", "Content-Length",
+                hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING, "x-aiproxy-team", "X-A", "x-b",
+                "Authorization", "accept", "", "Ho:st", "Host\r\n", "Hést", "\u212aey"]
+
+
+def _reference(block: bytes) -> CIMultiDict[str]:
+    """The multidict the door built before `HeadHeaders`: each line split at its first ': '."""
+    text = block.decode("utf-8", "surrogateescape")
+    return CIMultiDict([line.split(": ", 1) for line in text.split("\r\n")[:-1]])
+
+
+@pytest.mark.parametrize("block", LOOKUP_HEADS)
+def test_head_headers_answers_every_lookup_as_the_multidict_would(block: bytes) -> None:
+    head = b"POST /v1/chat/completions HTTP/1.1\r\n" + block
+    match = _HEAD.fullmatch(head)
+    assert match is not None  # a head the fast door serves
+    start, end = match.span(2)
+    headers = HeadHeaders(head[start - 2:end], head[start - 2:end].lower())
+    reference = _reference(block)
+    for name in LOOKUP_NAMES:
+        assert headers.get(name) == reference.get(name), name
+        assert headers.get(name, "d") == reference.get(name, "d"), name
+        assert headers.getall(name, []) == reference.getall(name, []), name
+        assert (name in headers) == (name in reference), name
+        if name in reference:
+            assert headers[name] == reference[name]
+        else:
+            with pytest.raises(KeyError):
+                headers[name]
+            with pytest.raises(KeyError):
+                headers.getall(name)
+    assert 7 not in headers and None not in headers and b"Host" not in headers
+    # Everything else is the multidict's own answer.
+    assert list(headers.items()) == list(reference.items())
+    assert list(headers) == list(reference) and len(headers) == len(reference)
+    assert bool(headers) == bool(reference) and headers == reference
+    assert dict(headers) == dict(reference)
+    assert headers.has_prefix(b"x-aiproxy-") == any(
+        k.lower().startswith("x-aiproxy-") for k in reference)
